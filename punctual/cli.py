@@ -1,0 +1,86 @@
+"""The `punctual` command: generate, serve, bench, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by every command that builds an engine (names follow vLLM)."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
+    parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV pool, e.g. 2GiB")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--scheduling-policy", default=None, help="fcfs | priority")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                block_size=args.block_size, max_model_len=args.max_model_len,
+                scheduling_policy=args.scheduling_policy, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from punctual import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sampling_seed, n=args.n, stop=args.stop or None,
+                            ignore_eos=args.ignore_eos)
+    outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
+    for output in outputs:
+        for sample in output.outputs:
+            print(f"--- prompt: {output.prompt!r} [{sample.finish_reason}, {len(sample.token_ids)} tokens]")
+            print(output.prompt + sample.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="punctual", description="A latency-first LLM serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
+    gen.add_argument("--model", default="builtin", help="checkpoint directory, or builtin / builtin-tiny")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--stop", action="append", default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="seed of the request's sampler")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from punctual.server.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    try:
+        from punctual.bench.cli import add_bench_parsers
+    except ImportError:
+        pass
+    else:
+        add_bench_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"punctual: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

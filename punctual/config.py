@@ -1,0 +1,84 @@
+"""Engine configuration: one dataclass per concern, validated where the user hands it in."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 1e12, "tb": 1e12}
+
+
+def parse_size(value: int | float | str | None) -> int | None:
+    """'2GiB' -> 2147483648; plain numbers are bytes."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"kv_cache_memory: cannot parse size {value!r} (use bytes or e.g. '2GiB', '512MiB')")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass
+class ModelConfig:
+    model: str = "builtin"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    seed: int = 0  # seed of the engine's sampler for requests that bring none
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | str | None = None  # bytes for the KV pool; None: a fraction of free memory
+    kv_cache_memory_fraction: float = 0.1  # used when kv_cache_memory is None
+    num_kv_blocks: int | None = None  # exact pool size, overrides the two above (tests, simulator)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128  # sequences in one step
+    # Token budget of one step; prefill chunks fill what decodes leave (Sarathi-Serve).
+    max_num_batched_tokens: int = 512
+    scheduling_policy: str = "fcfs"
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, model: str = "builtin", **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments (the offline API and CLI flags); unknown names raise."""
+        parts = {"model": {"model": model}, "cache": {}, "scheduler": {}}
+        owners = {f.name: "model" for f in fields(ModelConfig)}
+        owners.update({f.name: "cache" for f in fields(CacheConfig)})
+        owners.update({f.name: "scheduler" for f in fields(SchedulerConfig)})
+        for name, value in kwargs.items():
+            if name not in owners:
+                raise TypeError(f"unknown engine argument {name!r}")
+            if value is not None:
+                parts[owners[name]][name] = value
+        config = cls(ModelConfig(**parts["model"]), CacheConfig(**parts["cache"]),
+                     SchedulerConfig(**parts["scheduler"]))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}")
+        if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
+        if self.cache.block_size < 1 or self.cache.block_size > 256:
+            raise ValueError(f"block_size must be in [1, 256], got {self.cache.block_size}")
+        self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory)
+        if self.cache.kv_cache_memory is not None and self.cache.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.scheduler.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.scheduler.max_num_seqs}")
+        if self.scheduler.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.scheduler.max_num_batched_tokens}")
+        if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")

@@ -1,0 +1,103 @@
+"""The engine core: the step loop schedule -> execute -> update. No HTTP, no asyncio, no text."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from punctual.config import EngineConfig
+from punctual.kv.manager import KVCacheManager
+from punctual.model.runner import ModelRunner
+from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, RequestStatus
+from punctual.sched.scheduler import Scheduler
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens_computed: int
+    generation_tokens: int
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
+        self.vocab_size = self.runner.arch.vocab_size
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.num_steps = 0
+        self.prompt_tokens_computed = 0
+        self.generation_tokens = 0
+
+    # ---- intake -------------------------------------------------------------------------
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        """Validate against the model's limits and queue; raises ValueError naming the problem."""
+        prompt = core_request.prompt_token_ids
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context window is {self.max_model_len} "
+                             "tokens and must leave room for at least one generated token")
+        params = core_request.sampling_params
+        if not params.eos_token_ids:
+            params.eos_token_ids = self.eos_token_ids
+        self.scheduler.add_request(Request(core_request, self.max_model_len))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            self.runner.forget(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled, logprobs = self.runner.execute(plan)
+        now = time.monotonic()
+        for item in plan.scheduled:
+            is_decode = item.num_new_tokens == 1 and item.samples and item.request.num_output_tokens > 0
+            if not is_decode:  # prompt chunks, and recomputation after a preemption
+                self.prompt_tokens_computed += item.num_new_tokens
+        updates = self.scheduler.update_from_output(plan, sampled)
+        self.num_steps += 1
+        self.generation_tokens += len(updates)
+        outputs = []
+        for update in updates:
+            request = update.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if update.finish_reason is not None:
+                self.runner.forget(request.request_id)
+            lp = logprobs.get(request.request_id)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[update.new_token_id],
+                finish_reason=update.finish_reason, new_logprobs=[lp] if lp is not None else None,
+                num_prompt_tokens=request.num_prompt_tokens, first_token_time=request.first_token_time,
+                arrival_time=request.arrival_time))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_blocks_total=self.kv_manager.num_blocks, kv_blocks_used=self.kv_manager.num_used_blocks,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            prompt_tokens_computed=self.prompt_tokens_computed, generation_tokens=self.generation_tokens)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,131 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2) over the paged KV cache.
+
+Plain tensors and torch.nn.functional rather than nn.Modules: the step is a straight line of
+ops with no module dispatch. Arithmetic follows transformers' order (RMSNorm in float32, RoPE
+tables in float32) so greedy tokens match it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from punctual.model.attention import AttentionMetadata, paged_attention, write_kv
+from punctual.model.loader import ModelArchConfig, inv_freq_for
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k and v projections stacked: one GEMM instead of three
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # gate and up stacked
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype):
+        self.arch = arch
+        self.device = device
+        self.dtype = dtype
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(f"checkpoint is missing tensor {name!r}")
+            return weights.pop(name).to(device=device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in weights else None
+
+        def cat(names: list[str]) -> torch.Tensor | None:
+            tensors = [maybe(n) for n in names]
+            if all(t is None for t in tensors):
+                return None
+            if any(t is None for t in tensors):
+                raise KeyError(f"checkpoint has only some of {names}")
+            return torch.cat(tensors).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(arch.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            self.layers.append(LayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=cat([attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"]),
+                qkv_bias=cat([attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"]),
+                o_proj=take(attn + "o_proj.weight"),
+                o_bias=maybe(attn + "o_proj.bias"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+                gate_up_bias=cat([mlp + "gate_proj.bias", mlp + "up_proj.bias"]),
+                down=take(mlp + "down_proj.weight"),
+                down_bias=maybe(mlp + "down_proj.bias"),
+            ))
+            if self.layers[-1].qkv is None or self.layers[-1].gate_up is None:
+                raise KeyError(f"checkpoint is missing attention or MLP weights of layer {i}")
+        self.norm = take("model.norm.weight")
+        if "lm_head.weight" in weights and not arch.tie_word_embeddings:
+            self.lm_head = take("lm_head.weight")
+        else:
+            self.lm_head = self.embed
+        # RoPE tables in float32 over all positions, as transformers computes them per step.
+        positions = torch.arange(arch.max_position_embeddings, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq_for(arch)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        arch = self.arch
+        num_tokens = input_ids.shape[0]
+        hidden = F.embedding(input_ids, self.embed)
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            residual = hidden
+            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(num_tokens, arch.num_heads, arch.head_dim)
+            k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
+            v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta)
+            hidden = residual + F.linear(attn, layer.o_proj, layer.o_bias)
+            residual = hidden
+            x = rms_norm(hidden, layer.post_norm, arch.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            hidden = residual + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] float32."""
+        return F.linear(hidden, self.lm_head).float()

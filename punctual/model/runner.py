@@ -1,0 +1,182 @@
+"""The model runner: owns the weights and KV tensors, turns a step plan into tensors, logits, tokens."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from punctual.config import CacheConfig, ModelConfig
+from punctual.model.attention import AttentionMetadata
+from punctual.model.llama import LlamaModel
+from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
+from punctual.model.sampler import Sampler
+from punctual.request import TokenLogprobs
+from punctual.sched.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        name = arch.checkpoint_dtype if arch.checkpoint_dtype in DTYPES else "float32"
+        if name == "float16" and device.type == "cpu":
+            name = "bfloat16"  # CPUs have fast bf16 (AVX-512 bf16), not fp16
+    return DTYPES[name]
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int):
+        path = resolve_model_path(model_config.model)
+        self.arch = load_arch_config(path)
+        self.device = pick_device(model_config.device)
+        self.dtype = pick_dtype(model_config.dtype, self.arch, self.device)
+        self.model = LlamaModel(self.arch, load_weights(path, self.dtype), self.device, self.dtype)
+        self.model_path = path
+        self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        self.block_size = cache_config.block_size
+        self.num_blocks = self._num_blocks(cache_config, max_num_seqs)
+        shape = (self.num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        # Zeroed, not empty: masked-out slots must hold finite numbers (0 * NaN is NaN).
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(self.arch.num_layers)]
+        self.sampler = Sampler(self.device, model_config.seed)
+        logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
+                    self.num_blocks, self.block_size)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.arch.num_layers * self.block_size * self.arch.num_kv_heads * self.arch.head_dim * elem
+
+    def _num_blocks(self, cache: CacheConfig, max_num_seqs: int) -> int:
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if cache.kv_cache_memory is not None:
+            budget = int(cache.kv_cache_memory)
+        else:
+            budget = int(available_memory_bytes(self.device) * cache.kv_cache_memory_fraction)
+            # More than every sequence at full length is never used.
+            cap_tokens = max_num_seqs * self.max_model_len
+            budget = min(budget, cap_tokens * self.kv_bytes_per_block // self.block_size)
+        blocks = budget // self.kv_bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block "
+                             f"({self.kv_bytes_per_block} bytes per block of {self.block_size} tokens)")
+        return blocks
+
+    # ---- one step -----------------------------------------------------------------------
+    def execute(self, plan: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
+        """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens."""
+        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids, positions, slots = self._flat_inputs(ordered)
+        meta = self._metadata(decodes, prefills, slots)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+
+        sampling = [i for i, s in enumerate(ordered) if s.samples]
+        if not sampling:
+            return {}, {}
+        last_token_index, offset = [], 0
+        for s in ordered:
+            offset += s.num_new_tokens
+            last_token_index.append(offset - 1)
+        rows = torch.tensor([last_token_index[i] for i in sampling], device=self.device)
+        logits = self.model.logits(hidden[rows])
+        requests = [ordered[i].request for i in sampling]
+        tokens, logprobs = self.sampler.sample(logits, requests)
+        sampled = {r.request_id: t for r, t in zip(requests, tokens)}
+        lp = {r.request_id: l for r, l in zip(requests, logprobs) if l is not None}
+        return sampled, lp
+
+    def forget(self, request_id: str) -> None:
+        self.sampler.forget(request_id)
+
+    def _flat_inputs(self, ordered: list[ScheduledRequest]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in ordered:
+            start, end, table = s.start_position, s.start_position + s.num_new_tokens, s.block_table
+            if s.num_new_tokens == 1:
+                input_ids.append(s.request.token_at(start))
+            else:
+                input_ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor(input_ids), as_tensor(positions), as_tensor(slots)
+
+    def _padded_tables(self, items: list[ScheduledRequest], num_tokens_each: list[int]):
+        bs = self.block_size
+        max_blocks = max(-(-n // bs) for n in num_tokens_each)
+        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - min(len(s.block_table), max_blocks))
+                  for s in items]
+        return torch.tensor(tables, dtype=torch.long, device=self.device), max_blocks * bs
+
+    def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
+                  slots: torch.Tensor) -> AttentionMetadata:
+        window = self.arch.sliding_window
+        dev = self.device
+        decode_tables = decode_mask = None
+        if decodes:
+            ctx_lens = [s.start_position + 1 for s in decodes]
+            decode_tables, ctx = self._padded_tables(decodes, ctx_lens)
+            key_pos = torch.arange(ctx, device=dev)[None, :]
+            lens = torch.tensor(ctx_lens, device=dev)[:, None]
+            visible = key_pos < lens
+            if window:
+                visible &= key_pos > lens - 1 - window
+            decode_mask = visible[:, None, None, :]
+
+        prefill_tables = prefill_mask = pad_index = None
+        max_q, fresh = 0, False
+        if prefills:
+            q_lens = [s.num_new_tokens for s in prefills]
+            starts = [s.start_position for s in prefills]
+            max_q = max(q_lens)
+            fresh = len(prefills) == 1 and starts[0] == 0 and (not window or q_lens[0] <= window)
+            if not fresh:
+                prefill_tables, ctx = self._padded_tables(prefills, [a + b for a, b in zip(starts, q_lens)])
+                pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(dev)
+                key_pos = torch.arange(ctx, device=dev)[None, None, :]
+                q_pos = (torch.tensor(starts, device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :])
+                q_pos = q_pos[:, :, None]  # [Bp, max_q, 1]
+                visible = key_pos <= q_pos
+                if window:
+                    visible &= key_pos > q_pos - window
+                # Padding rows see key 0 only, so softmax stays finite; their output is dropped.
+                is_pad = torch.arange(max_q, device=dev)[None, :] >= torch.tensor(q_lens, device=dev)[:, None]
+                visible |= is_pad[:, :, None] & (key_pos == 0)
+                prefill_mask = visible[:, None, :, :]
+        return AttentionMetadata(
+            slot_mapping=slots, num_decode_tokens=len(decodes), decode_block_tables=decode_tables,
+            decode_mask=decode_mask, prefill_block_tables=prefill_tables, prefill_mask=prefill_mask,
+            prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)

@@ -1,0 +1,134 @@
+"""The state one request carries through the engine core, and the messages at its boundary.
+
+Pure Python (no torch): the scheduler, the simulator and the front end all import it.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from punctual.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class EngineCoreRequest:
+    """What the front end sends the core: tokens in, no text."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower value is served first, as in vLLM
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    user: str | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of a sampled token and the top-k alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class EngineCoreOutput:
+    """What the core sends back per request per step: new tokens, and why it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[TokenLogprobs] | None = None
+    num_prompt_tokens: int = 0
+    # Timing recorded by the core (monotonic seconds), sent with the final output.
+    first_token_time: float | None = None
+    arrival_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Request:
+    """A request inside the core: prompt, generated tokens and how many of them the KV cache holds.
+
+    One scheduling idea covers prefill and decode: the request wants `num_tokens` tokens in the
+    KV cache and has `num_computed_tokens`; the scheduler closes the gap in chunks.
+    """
+
+    def __init__(self, core_request: EngineCoreRequest, max_model_len: int):
+        params = core_request.sampling_params
+        self.request_id = core_request.request_id
+        self.prompt_token_ids = list(core_request.prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.sampling_params = params
+        self.arrival_time = core_request.arrival_time
+        self.priority = core_request.priority
+        self.ttft_slo_ms = core_request.ttft_slo_ms
+        self.tpot_slo_ms = core_request.tpot_slo_ms
+        self.user = core_request.user
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.first_token_time: float | None = None
+        # Generation stops at max_tokens or at the context window, whichever comes first.
+        room = max_model_len - len(self.prompt_token_ids)
+        self.max_output_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self._stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self._stop_ids.update(params.eos_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than the next decode token is missing from the KV cache."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def token_at(self, index: int) -> int:
+        n_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n_prompt else self.output_token_ids[index - n_prompt]
+
+    def append_token(self, token_id: int) -> str | None:
+        """Record a sampled token; returns the finish reason if this token ends the request."""
+        self.output_token_ids.append(token_id)
+        n_out = len(self.output_token_ids)
+        if token_id in self._stop_ids and n_out >= self.sampling_params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED.value
+        if n_out >= self.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH.value
+        return None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed_tokens})")

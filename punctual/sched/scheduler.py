@@ -1,0 +1,199 @@
+"""The scheduler's mechanism: one token budget per step, decodes first, prefill chunks fill the rest.
+
+Every running decode gets its token before any prompt is prefilled, and prompts are cut into
+chunks that fit what is left of the budget, so a long prompt never pauses running streams
+(Sarathi-Serve's stall-free batching). When KV blocks run out, the policy's victim is
+preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it
+already produced, so its output is unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from punctual.config import SchedulerConfig
+from punctual.kv.manager import KVCacheManager
+from punctual.request import Request, RequestStatus
+from punctual.sched.policies import make_policy
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    start_position: int  # num_computed_tokens when the step was planned
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so its last logits are sampled."""
+        return self.start_position + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class FinishedUpdate:
+    request: Request
+    new_token_id: int | None
+    finish_reason: str | None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+        self.config = config
+        self.kv = kv_manager
+        self.policy = make_policy(config.scheduling_policy)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- intake -------------------------------------------------------------------------
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens one request can hold: the whole pool."""
+        return self.kv.num_blocks * self.kv.block_size
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        if request.num_prompt_tokens + 1 > self.max_request_tokens:
+            raise ValueError(
+                f"prompt of {request.num_prompt_tokens} tokens does not fit the KV cache "
+                f"({self.max_request_tokens} tokens)")
+        # A request alone must always fit, or it would preempt itself forever.
+        request.max_output_tokens = min(request.max_output_tokens,
+                                        self.max_request_tokens - request.num_prompt_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- planning -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+
+        # Decodes first: a stalled decode costs TPOT for every running stream.
+        key = self.policy.order_key
+        for request in sorted(self.running, key=lambda r: (r.is_prefilling, key(r))):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, scheduled_ids, out):
+                continue
+            out.scheduled.append(self._plan(request, num_new))
+            scheduled_ids.add(request.request_id)
+            budget -= num_new
+
+        # Admit waiting requests only when nothing had to yield memory in this step.
+        if not out.preempted and self.waiting:
+            self.waiting.sort(key=key)
+            admitted = 0
+            for request in self.waiting:
+                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+                    break  # head of line waits for memory; no overtaking keeps FCFS fair
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                out.scheduled.append(self._plan(request, num_new))
+                budget -= num_new
+                admitted += 1
+            del self.waiting[:admitted]
+        return out
+
+    def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(request, num_new, request.num_computed_tokens,
+                                self.kv.block_table(request.request_id))
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
+                             out: SchedulerOutput) -> bool:
+        while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+            candidates = [r for r in self.running if r.request_id not in scheduled_ids]
+            victim = self.policy.pick_victim(candidates)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        self.running.remove(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(request)
+
+    # ---- results ------------------------------------------------------------------------
+    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, int]) -> list[FinishedUpdate]:
+        """Advance computed counts, append sampled tokens, retire finished requests."""
+        updates = []
+        for item in plan.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            token_id = sampled.get(request.request_id)
+            if token_id is None:
+                continue
+            finish_reason = request.append_token(token_id)
+            if finish_reason is not None:
+                self._finish(request, RequestStatus(finish_reason))
+            updates.append(FinishedUpdate(request, token_id, finish_reason))
+        return updates
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
+                        ) -> list[Request]:
+        """Remove requests (abort, or a stop string the front end saw) and free their blocks."""
+        done = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            self._finish(request, status)
+            done.append(request)
+        return done
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request.request_id)
+        del self.requests[request.request_id]
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        assert len(self.running) + len(self.waiting) == len(self.requests)
+        assert all(r.status is RequestStatus.RUNNING for r in self.running)
+        assert all(r.request_id not in self.kv.block_tables for r in self.waiting)
+        assert len(self.running) <= self.config.max_num_seqs
