@@ -1,0 +1,121 @@
+"""llama.cpp as a peer: build `llama-server` from source and convert a checkpoint to GGUF.
+
+No llama.cpp code lives in this repository. The sources come from the `llama-cpp-python`
+sdist on PyPI (it vendors llama.cpp), fetched with pip; the build and the converted models
+are cached under ~/.cache/punctual/llama.cpp (or $PUNCTUAL_CACHE/llama.cpp).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from punctual.model.builtin import cache_root
+
+# The converter runs in a child process; this bootstrap puts the sources' gguf-py first on
+# sys.path and teaches the converter our tokenizers' pre-tokenizer (see convert_to_gguf).
+_CONVERT_BOOTSTRAP = r"""
+import runpy, sys
+src, pre = sys.argv[1], sys.argv[2]
+sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+sys.path[:0] = [src + "/gguf-py", src]
+import convert_hf_to_gguf as conv
+for module in list(sys.modules.values()):
+    for cls in list(vars(module).values()) if module is not None and getattr(module, "__name__", "").startswith(("convert_hf_to_gguf", "conversion")) else []:
+        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+            original = cls.get_vocab_base_pre
+            def patched(self, tokenizer, _original=original):
+                try:
+                    return _original(self, tokenizer)
+                except NotImplementedError:
+                    return pre
+            cls.get_vocab_base_pre = patched
+sys.exit(conv.main())
+"""
+
+
+def llama_cpp_dir() -> Path:
+    return cache_root() / "llama.cpp"
+
+
+def server_binary() -> Path | None:
+    """The built `llama-server`, or None when it has not been built."""
+    found = sorted(llama_cpp_dir().glob("build/bin/llama-server"))
+    return found[0] if found and os.access(found[0], os.X_OK) else None
+
+
+def source_dir(download: bool = True) -> Path:
+    """The llama.cpp sources, fetched with pip from the llama-cpp-python sdist when absent."""
+    root = llama_cpp_dir() / "src"
+    found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return found[-1].parent
+    if not download:
+        raise FileNotFoundError(f"no llama.cpp sources under {root}; run `punctual bench build-llama-cpp`")
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                    "llama-cpp-python", "-d", str(root)], check=True)
+    sdist = sorted(root.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(sdist) as archive:
+        archive.extractall(root, filter="data")
+    return source_dir(download=False)
+
+
+def build_llama_server(jobs: int = 1, nice: int = 10) -> Path:
+    """Configure and build `llama-server` (CPU, native ISA, no network features, no web UI)."""
+    src = source_dir()
+    build = llama_cpp_dir() / "build"
+    configure = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # the UI would be downloaded
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    subprocess.run(configure, check=True)
+    subprocess.run(["nice", "-n", str(nice), "cmake", "--build", str(build), "--target", "llama-server",
+                    "-j", str(jobs)], check=True)
+    binary = server_binary()
+    if binary is None:
+        raise FileNotFoundError(f"the build finished but no llama-server under {build}")
+    return binary
+
+
+def gguf_path(checkpoint: Path, outtype: str) -> Path:
+    return llama_cpp_dir() / "models" / f"{Path(checkpoint).resolve().name}-{outtype}.gguf"
+
+
+def convert_to_gguf(checkpoint: Path, outtype: str = "bf16", pre_tokenizer: str = "gpt2") -> Path:
+    """Convert a Hugging Face checkpoint to GGUF in the same dtype, cached by directory name.
+
+    The converter recognises BPE pre-tokenizers by hashing how they split a probe text and
+    refuses unknown ones; our built-in tokenizers are unknown to it, so the child process
+    wraps `get_vocab_base_pre` to answer `pre_tokenizer` instead of raising. The sources on
+    disk are not modified.
+    """
+    out = gguf_path(checkpoint, outtype)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    command = [sys.executable, "-c", _CONVERT_BOOTSTRAP, str(source_dir()), pre_tokenizer,
+               str(checkpoint), "--outfile", str(partial), "--outtype", outtype]
+    subprocess.run(command, check=True)
+    partial.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="build llama.cpp's llama-server into the punctual cache")
+    parser.add_argument("-j", "--jobs", type=int, default=1)
+    args = parser.parse_args(argv)
+    print(build_llama_server(jobs=args.jobs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Greedy tokens equal transformers' generate, whatever the batching, chunking or preemption did."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import ARCHS, VOCAB, hf_greedy
+from punctual import LLM, SamplingParams
+
+MAX_NEW = 12
+
+
+def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randrange(3, 70))] for _ in range(count)]
+
+
+PROMPTS = make_prompts(16)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    return {name: hf_greedy(checkpoints[name], PROMPTS, MAX_NEW) for name in ARCHS}
+
+
+def run(path, prompts, **engine_args) -> tuple[list[list[int]], LLM]:
+    llm = LLM(str(path), **engine_args)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.engine.core.check_integrity()
+    assert llm.engine.stats().kv_blocks_used == 0
+    return [o.outputs[0].token_ids for o in outputs], llm
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_one_request_at_a_time(arch, checkpoints, references):
+    llm = LLM(str(checkpoints[arch]), num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for prompt, expected in zip(PROMPTS[:6], references[arch][:6]):
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sixteen_at_once(arch, checkpoints, references):
+    got, _ = run(checkpoints[arch], PROMPTS, num_kv_blocks=256, max_num_batched_tokens=2048)
+    assert got == references[arch]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_chunked_prefill_smaller_than_prompts(arch, checkpoints, references):
+    # A budget of 7 tokens: every prompt longer than 7 is prefilled in several chunks,
+    # mixed in the same steps with other requests' decodes.
+    got, llm = run(checkpoints[arch], PROMPTS, num_kv_blocks=256, max_num_batched_tokens=7, block_size=4)
+    assert got == references[arch]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_preemption_under_tiny_kv_pool(arch, checkpoints, references):
+    # 24 blocks of 4 tokens: the longest request needs 21 blocks, so requests must yield memory.
+    got, llm = run(checkpoints[arch], PROMPTS, num_kv_blocks=24, block_size=4, max_num_batched_tokens=64)
+    assert llm.engine.stats().num_preemptions > 0
+    assert got == references[arch]
+
+
+def test_builtin_tiny_loads_in_transformers_with_same_greedy_tokens():
+    from punctual.model.builtin import builtin_path
+
+    path = builtin_path("builtin-tiny")
+    prompts = make_prompts(3, seed=1)
+    expected = hf_greedy(path, prompts, MAX_NEW)
+    got, _ = run(path, prompts, num_kv_blocks=64)
+    assert got == expected
