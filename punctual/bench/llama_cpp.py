@@ -16,23 +16,40 @@ from pathlib import Path
 from punctual.model.builtin import cache_root
 
 # The converter runs in a child process; this bootstrap puts the sources' gguf-py first on
-# sys.path and teaches the converter our tokenizers' pre-tokenizer (see convert_to_gguf).
+# sys.path, lets BPE checkpoints convert without sentencepiece, and teaches the converter our tokenizers'
+# pre-tokenizer (see convert_to_gguf).
 _CONVERT_BOOTSTRAP = r"""
-import runpy, sys
+import sys
 src, pre = sys.argv[1], sys.argv[2]
 sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[3:]
 sys.path[:0] = [src + "/gguf-py", src]
 import convert_hf_to_gguf as conv
-for module in list(sys.modules.values()):
-    for cls in list(vars(module).values()) if module is not None and getattr(module, "__name__", "").startswith(("convert_hf_to_gguf", "conversion")) else []:
-        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
-            original = cls.get_vocab_base_pre
-            def patched(self, tokenizer, _original=original):
-                try:
-                    return _original(self, tokenizer)
-                except NotImplementedError:
-                    return pre
-            cls.get_vocab_base_pre = patched
+
+def tolerant(original):
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:  # an unknown pre-tokenizer hash
+            return pre
+    return get_vocab_base_pre
+
+def needs_tokenizer_model(original):
+    # The Llama converter imports sentencepiece before it looks for tokenizer.model and falls
+    # back to tokenizer.json only on FileNotFoundError: look first, so BPE needs no sentencepiece.
+    def _create_vocab_sentencepiece(self):
+        if not (self.dir_model / "tokenizer.model").is_file():
+            raise FileNotFoundError(self.dir_model / "tokenizer.model")
+        return original(self)
+    return _create_vocab_sentencepiece
+
+# The method moved from convert_hf_to_gguf into conversion/ in newer sources: patch wherever it is.
+for name, module in list(sys.modules.items()):
+    if name.startswith(("convert_hf_to_gguf", "conversion")):
+        for cls in list(vars(module).values()):
+            if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+                cls.get_vocab_base_pre = tolerant(vars(cls)["get_vocab_base_pre"])
+            if isinstance(cls, type) and "_create_vocab_sentencepiece" in vars(cls):
+                cls._create_vocab_sentencepiece = needs_tokenizer_model(vars(cls)["_create_vocab_sentencepiece"])
 sys.exit(conv.main())
 """
 
@@ -87,7 +104,7 @@ def gguf_path(checkpoint: Path, outtype: str) -> Path:
     return llama_cpp_dir() / "models" / f"{Path(checkpoint).resolve().name}-{outtype}.gguf"
 
 
-def convert_to_gguf(checkpoint: Path, outtype: str = "bf16", pre_tokenizer: str = "gpt2") -> Path:
+def convert_to_gguf(checkpoint: Path, outtype: str = "bf16", pre_tokenizer: str = "gpt-2") -> Path:
     """Convert a Hugging Face checkpoint to GGUF in the same dtype, cached by directory name.
 
     The converter recognises BPE pre-tokenizers by hashing how they split a probe text and

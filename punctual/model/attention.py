@@ -1,8 +1,10 @@
 """Paged attention (torch reference): K and V are read through each sequence's block table.
 
-The batch is split in two groups, each handled by one vectorised call per layer, never a loop
-over sequences: single-token queries (decodes) and multi-token chunks (prefills). Tokens are
-laid out decodes first, so the two outputs concatenate in token order.
+The batch is split in two groups, each handled by vectorised calls, never a loop over
+sequences: single-token queries (decodes) and multi-token chunks (prefills). Decodes are sorted
+by context length and cut into a few buckets (at most MAX_DECODE_BUCKETS), each padded only to
+its own longest context: with long-tailed lengths, one padded batch would gather several times
+the KV that exists. Tokens are laid out decodes first, so the outputs concatenate in token order.
 """
 from __future__ import annotations
 
@@ -12,12 +14,24 @@ import torch
 import torch.nn.functional as F
 
 
+MAX_DECODE_BUCKETS = 4
+
+
+@dataclass
+class DecodeBucket:
+    """Decodes of similar context length, padded to the longest of them (not of the whole batch)."""
+
+    start: int  # first token of the bucket in the step's token order
+    end: int
+    block_tables: torch.Tensor  # [n, max_blocks] long
+    mask: torch.Tensor  # [n, 1, 1, ctx] bool: True where a key is visible
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) of each new token
     num_decode_tokens: int  # the first tokens are one-token queries, one per sequence
-    decode_block_tables: torch.Tensor | None  # [Nd, max_blocks] long
-    decode_mask: torch.Tensor | None  # [Nd, 1, 1, ctx] bool: True where a key is visible
+    decode_buckets: list[DecodeBucket]
     prefill_block_tables: torch.Tensor | None  # [Bp, max_blocks] long
     prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, ctx] bool
     prefill_pad_index: torch.Tensor | None  # [Tp] long: row of each prefill token in the [Bp*max_q] padding
@@ -47,12 +61,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_tokens, num_heads, head_dim = q.shape
     parts = []
     nd = meta.num_decode_tokens
-    if nd:
-        q_dec = q[:nd].unsqueeze(2)  # [Nd, H, 1, D]
-        k_ctx = _gather(k_cache, meta.decode_block_tables)
-        v_ctx = _gather(v_cache, meta.decode_block_tables)
-        out = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=meta.decode_mask, enable_gqa=True)
-        parts.append(out.reshape(nd, num_heads * head_dim))
+    for bucket in meta.decode_buckets:
+        q_dec = q[bucket.start:bucket.end].unsqueeze(2)  # [n, H, 1, D]
+        k_ctx = _gather(k_cache, bucket.block_tables)
+        v_ctx = _gather(v_cache, bucket.block_tables)
+        out = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=bucket.mask, enable_gqa=True)
+        parts.append(out.reshape(bucket.end - bucket.start, num_heads * head_dim))
     if num_tokens > nd:
         q_pre = q[nd:]
         if meta.prefill_fresh_causal:

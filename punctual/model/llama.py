@@ -29,6 +29,15 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. One bf16 row goes through mv: on CPU it reads the weights about 1.4x
+    faster than the GEMM path does for a single row (see BENCHMARKS.md)."""
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        out = torch.mv(weight, x[0]).unsqueeze(0)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.float()
@@ -109,7 +118,7 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(num_tokens, arch.num_heads, arch.head_dim)
             k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
@@ -118,14 +127,14 @@ class LlamaModel:
             k = k * cos + rotate_half(k) * sin
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-            hidden = residual + F.linear(attn, layer.o_proj, layer.o_bias)
+            hidden = residual + linear(attn, layer.o_proj, layer.o_bias)
             residual = hidden
             x = rms_norm(hidden, layer.post_norm, arch.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            hidden = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

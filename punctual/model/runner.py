@@ -7,7 +7,7 @@ import os
 import torch
 
 from punctual.config import CacheConfig, ModelConfig
-from punctual.model.attention import AttentionMetadata
+from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, DecodeBucket
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
 from punctual.model.sampler import Sampler
@@ -46,6 +46,25 @@ def available_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def decode_bucket_bounds(ctx_lens: list[int], max_buckets: int = MAX_DECODE_BUCKETS,
+                         min_bucket: int = 8) -> list[tuple[int, int]]:
+    """Cut ascending context lengths into at most `max_buckets` runs of similar length.
+
+    Greedy: close a bucket once its longest context is more than 1.5x its shortest and it
+    holds at least `min_bucket` sequences; the last bucket takes the rest.
+    """
+    bounds, start = [], 0
+    for i in range(1, len(ctx_lens)):
+        if len(bounds) == max_buckets - 1:
+            break
+        if i - start >= min_bucket and ctx_lens[i] > 1.5 * ctx_lens[start]:
+            bounds.append((start, i))
+            start = i
+    if ctx_lens:
+        bounds.append((start, len(ctx_lens)))
+    return bounds
 
 
 class ModelRunner:
@@ -93,7 +112,8 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------
     def execute(self, plan: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens."""
-        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
+        # Decodes sorted by context length, so that each attention bucket pads little.
+        decodes = sorted((s for s in plan.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
         prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids, positions, slots = self._flat_inputs(ordered)
@@ -145,16 +165,17 @@ class ModelRunner:
                   slots: torch.Tensor) -> AttentionMetadata:
         window = self.arch.sliding_window
         dev = self.device
-        decode_tables = decode_mask = None
-        if decodes:
-            ctx_lens = [s.start_position + 1 for s in decodes]
-            decode_tables, ctx = self._padded_tables(decodes, ctx_lens)
+        buckets = []
+        for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
+            items = decodes[start:end]
+            ctx_lens = [s.start_position + 1 for s in items]
+            tables, ctx = self._padded_tables(items, ctx_lens)
             key_pos = torch.arange(ctx, device=dev)[None, :]
             lens = torch.tensor(ctx_lens, device=dev)[:, None]
             visible = key_pos < lens
             if window:
                 visible &= key_pos > lens - 1 - window
-            decode_mask = visible[:, None, None, :]
+            buckets.append(DecodeBucket(start, end, tables, visible[:, None, None, :]))
 
         prefill_tables = prefill_mask = pad_index = None
         max_q, fresh = 0, False
@@ -177,6 +198,5 @@ class ModelRunner:
                 visible |= is_pad[:, :, None] & (key_pos == 0)
                 prefill_mask = visible[:, None, :, :]
         return AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=len(decodes), decode_block_tables=decode_tables,
-            decode_mask=decode_mask, prefill_block_tables=prefill_tables, prefill_mask=prefill_mask,
+            slot_mapping=slots, num_decode_tokens=len(decodes), decode_buckets=buckets, prefill_block_tables=prefill_tables, prefill_mask=prefill_mask,
             prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)

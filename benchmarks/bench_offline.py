@@ -1,0 +1,187 @@
+"""Offline engine benchmark: Punctual vs transformers' generate, side by side in one run.
+
+1. Single-stream decode tokens/s, against the memory-bandwidth limit (weight bytes read per
+   token over the bandwidth this machine measures with a large torch reduction).
+2. Offline throughput (output tokens/s) for N requests with ShareGPT-like lengths (lognormal,
+   mean prompt ~160 and mean output ~200 tokens), Punctual's continuous batching against
+   transformers' static batches (left-padded, each batch runs to its longest output).
+
+    python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import time
+
+import torch
+
+
+def sharegpt_like_lengths(count: int, seed: int, prompt_mean: float = 160, output_mean: float = 200,
+                          sigma: float = 0.8, max_len: int = 900) -> list[tuple[int, int]]:
+    """Lognormal prompt and output lengths with the given means (ShareGPT's are long-tailed)."""
+    rng = random.Random(seed)
+
+    def draw(mean: float) -> int:
+        mu = math.log(mean) - sigma ** 2 / 2
+        return max(4, min(max_len, int(rng.lognormvariate(mu, sigma))))
+
+    return [(draw(prompt_mean), draw(output_mean)) for _ in range(count)]
+
+
+def random_prompt(length: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(length)]
+
+
+def measure_bandwidth_gbs(repeats: int = 5) -> float:
+    data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB
+    data.sum()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    tensors = {id(t): t for t in [model.embed, model.norm, model.lm_head]}
+    for layer in model.layers:
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor):
+                tensors[id(t)] = t
+    # The embedding table is read one row per token; the LM head reads its whole matrix.
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if model.lm_head is not model.embed:
+        total -= model.embed.numel() * model.embed.element_size()
+    return total
+
+
+def punctual_single_stream(llm, vocab: int, new_tokens: int) -> float:
+    from punctual import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prompt = {"prompt_token_ids": random_prompt(32, vocab, random.Random(0))}
+    engine = llm.engine
+    engine.add_request("single", prompt, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    decode = steps[1:]  # the first step is the prefill
+    return len(decode) / sum(decode)
+
+
+def hf_single_stream(model, vocab: int, new_tokens: int) -> float:
+    prompt = torch.tensor([random_prompt(32, vocab, random.Random(0))])
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return (new_tokens - 1) / (time.perf_counter() - start - prefill)
+
+
+def punctual_throughput(llm, workload, vocab: int) -> float:
+    from punctual import SamplingParams
+
+    rng = random.Random(1)
+    prompts = [{"prompt_token_ids": random_prompt(p, vocab, rng)} for p, _ in workload]
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in workload]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == sum(o for _, o in workload)
+    return produced / elapsed
+
+
+def hf_throughput(model, workload, vocab: int, batch_size: int) -> float:
+    rng = random.Random(1)
+    prompts = [random_prompt(p, vocab, rng) for p, _ in workload]
+    start = time.perf_counter()
+    for i in range(0, len(workload), batch_size):
+        batch = prompts[i:i + batch_size]
+        longest_prompt = max(map(len, batch))
+        ids = torch.tensor([[0] * (longest_prompt - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (longest_prompt - len(p)) + [1] * len(p) for p in batch])
+        new = max(o for _, o in workload[i:i + batch_size])
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    return sum(o for _, o in workload) / elapsed  # only tokens a user asked for count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; the median is reported")
+    parser.add_argument("--single-stream-tokens", type=int, default=128)
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    from punctual import LLM
+    from punctual.model.loader import resolve_model_path
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory="3GiB")
+    model = llm.engine.core.runner.model
+    vocab = llm.engine.core.vocab_size
+    results: dict = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                     "num_requests": args.num_requests, "runs": args.runs}
+    bandwidth = measure_bandwidth_gbs()
+    bytes_per_token = weight_bytes(model)
+    results["bandwidth_gbs"] = bandwidth
+    results["weight_bytes_per_token"] = bytes_per_token
+    results["bandwidth_limit_tok_s"] = bandwidth * 1e9 / bytes_per_token
+
+    hf = None
+    if not args.skip_hf:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(resolve_model_path(args.model)), dtype=getattr(torch, args.dtype)).eval()
+
+    punctual_single_stream(llm, vocab, 8)  # warm-up
+    results["punctual_single_stream_tok_s"] = statistics.median(
+        punctual_single_stream(llm, vocab, args.single_stream_tokens) for _ in range(args.runs))
+    if hf is not None:
+        with torch.inference_mode():
+            results["hf_single_stream_tok_s"] = statistics.median(
+                hf_single_stream(hf, vocab, args.single_stream_tokens) for _ in range(args.runs))
+    print(json.dumps(results, indent=2), flush=True)
+
+    if not args.skip_throughput:
+        workload = sharegpt_like_lengths(args.num_requests, seed=0)
+        results["mean_prompt_tokens"] = statistics.mean(p for p, _ in workload)
+        results["mean_output_tokens"] = statistics.mean(o for _, o in workload)
+        results["punctual_throughput_tok_s"] = statistics.median(
+            punctual_throughput(llm, workload, vocab) for _ in range(args.runs))
+        print("punctual throughput", results["punctual_throughput_tok_s"], flush=True)
+        if hf is not None:
+            with torch.inference_mode():
+                results["hf_throughput_tok_s"] = statistics.median(
+                    hf_throughput(hf, workload, vocab, args.hf_batch_size) for _ in range(args.runs))
+            results["throughput_ratio"] = results["punctual_throughput_tok_s"] / results["hf_throughput_tok_s"]
+    results["single_stream_vs_bandwidth_limit"] = (results["bandwidth_limit_tok_s"]
+                                                   / results["punctual_single_stream_tok_s"])
+    print(json.dumps(results, indent=2))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The FastAPI app: OpenAI routes under /v1, plus /health, /metrics and /version."""
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from punctual import __version__
+from punctual.config import EngineConfig
+from punctual.server.async_engine import AsyncEngine
+from punctual.server.chat import ChatServing
+from punctual.server.completions import CompletionServing
+from punctual.server.config import ServerConfig
+from punctual.server.errors import APIError, install_error_handlers
+from punctual.server.metrics import ServerMetrics
+from punctual.server.protocol import ChatCompletionRequest, CompletionRequest
+
+ARRIVAL_KEY = "punctual.arrival_time"
+
+
+class StampArrival:
+    """ASGI middleware: note when a request arrived, before its body is read or parsed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope[ARRIVAL_KEY] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def arrival_time(request: Request) -> float:
+    return request.scope.get(ARRIVAL_KEY) or time.monotonic()
+
+
+def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
+    """An app that starts the engine core process on start-up and stops it on shutdown."""
+    metrics = ServerMetrics()
+    engine = AsyncEngine(engine_config, metrics)
+    completions = CompletionServing(engine, config)
+    chat = ChatServing(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await engine.start(config.engine_start_timeout_s)
+        metrics.watch_engine(lambda: engine.stats, lambda: engine.is_alive)
+        try:
+            yield
+        finally:
+            await engine.shutdown(config.shutdown_timeout_s)
+
+    app = FastAPI(title="Punctual", version=__version__, lifespan=lifespan,
+                  description="A latency-first LLM serving engine with an OpenAI-compatible API.")
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(StampArrival)
+
+    async def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.post("/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await completions.create(body, request, arrival_time(request))
+
+    @v1.post("/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat.create(body, request, arrival_time(request))
+
+    @v1.get("/models")
+    async def list_models() -> dict:
+        max_model_len = engine.info.max_model_len if engine.info is not None else None
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
+                                            "created": int(app_started), "owned_by": "punctual",
+                                            "max_model_len": max_model_len}]}
+
+    app.include_router(v1)
+    app_started = time.time()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_alive:
+            return JSONResponse({"status": "ok", "engine_pid": engine.core_pid})
+        error = APIError(503, f"the engine is not running: {engine.dead_reason or 'not started'}",
+                         code="engine_unavailable")
+        return JSONResponse({**error.body(), "status": "unavailable", "engine_pid": engine.core_pid},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__, "engine_pid": engine.core_pid}
+
+    return app

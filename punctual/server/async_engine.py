@@ -1,0 +1,190 @@
+"""The server's engine: tokenizer and output processor in the front end, the core in its own process.
+
+Core updates arrive on the asyncio loop; the output processor turns them into text and each
+changed request's waiter is woken. A waiter is an asyncio.Event per HTTP request rather than a
+queue of deltas: a stream that falls behind reads everything new at once when it wakes, so a
+slow client costs one wake-up per step, not one per token.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from punctual.config import EngineConfig
+from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
+from punctual.engine.output_processor import OutputProcessor, ParentState
+from punctual.request import EngineCoreRequest
+from punctual.sampling_params import SamplingParams
+from punctual.server.metrics import ServerMetrics
+from punctual.tokenizer import load_tokenizer
+
+
+class RequestRejected(ValueError):
+    """The core refused the request (e.g. its prompt does not fit the KV pool)."""
+
+
+@dataclass
+class RequestHandle:
+    """One prompt's generation (n samples) as the server sees it."""
+
+    request_id: str
+    state: ParentState
+    waiter: asyncio.Event  # shared by every prompt of one HTTP request
+    child_ids: list[str]
+    error: Exception | None = None
+    # Engine-side timing (monotonic, the core's clock readings): the engine's own TTFT.
+    core_received_time: float | None = None
+    core_first_token_time: float | None = None
+    last_token_time: dict[str, float] = field(default_factory=dict)  # per child, for ITL
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.state.finished
+
+    @property
+    def engine_ttft(self) -> float | None:
+        if self.core_received_time is None or self.core_first_token_time is None:
+            return None
+        return self.core_first_token_time - self.core_received_time
+
+    def fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self.waiter.set()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, metrics: ServerMetrics | None = None):
+        self.client = EngineCoreClient(config)
+        self.metrics = metrics
+        self.info: CoreInfo | None = None
+        self.tokenizer = None
+        self.output_processor: OutputProcessor | None = None
+        self.handles: dict[str, RequestHandle] = {}  # parent request id -> handle
+        self.by_child: dict[str, RequestHandle] = {}  # core request id -> its parent's handle
+
+    async def start(self, timeout: float | None = None) -> None:
+        self.info = await asyncio.to_thread(self.client.start, timeout)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.client.attach(asyncio.get_running_loop(), self._on_update, self._on_death)
+
+    # ---- state the routes read ----------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self.client.is_alive
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.client.dead_reason
+
+    @property
+    def core_pid(self) -> int | None:
+        return self.client.pid
+
+    @property
+    def num_in_flight(self) -> int:
+        """Core requests queued or running, as the front end counts them (no round trip)."""
+        return len(self.by_child)
+
+    @property
+    def stats(self):
+        return self.client.stats
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, waiter: asyncio.Event, *, arrival_time: float, priority: int = 0,
+                    ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None,
+                    user: str | None = None) -> RequestHandle:
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine core is not running")
+        children = self.output_processor.add_request(request_id, prompt, prompt_token_ids, params,
+                                                      arrival_time)
+        handle = RequestHandle(request_id, self.output_processor.parents[request_id], waiter,
+                               [child_id for child_id, _ in children])
+        self.handles[request_id] = handle
+        for child_id, child_params in children:
+            self.by_child[child_id] = handle
+        try:
+            for child_id, child_params in children:
+                self.client.add_request(EngineCoreRequest(child_id, prompt_token_ids, child_params, arrival_time,
+                                                          priority, ttft_slo_ms, tpot_slo_ms, user))
+        except EngineDeadError:
+            self._forget(handle)
+            raise
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(prompt_token_ids) * params.n)
+        return handle
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop a request that is still running (client gone, shutdown); no-op once finished."""
+        if handle.request_id not in self.handles:
+            return
+        core_ids = self.output_processor.abort(handle.request_id)
+        self._forget(handle)
+        if self.metrics is not None and core_ids:
+            self.metrics.requests_finished.labels("abort").inc(len(core_ids))
+        if core_ids and self.is_alive:
+            try:
+                self.client.abort_requests(core_ids)
+            except EngineDeadError:
+                pass  # the dead core holds no blocks worth freeing
+
+    def _forget(self, handle: RequestHandle) -> None:
+        self.handles.pop(handle.request_id, None)
+        for child_id in handle.child_ids:
+            self.by_child.pop(child_id, None)
+
+    # ---- core updates (on the loop) -----------------------------------------------------
+    def _on_update(self, update: CoreUpdate) -> None:
+        now = time.monotonic()
+        for child_id, received in update.received.items():
+            handle = self.by_child.get(child_id)
+            if handle is not None and (handle.core_received_time is None or received < handle.core_received_time):
+                handle.core_received_time = received
+        for child_id, why in update.rejected.items():
+            handle = self.by_child.get(child_id)
+            if handle is not None:
+                self.abort(handle)
+                handle.fail(RequestRejected(why))
+        for output in update.outputs:
+            handle = self.by_child.get(output.request_id)
+            if handle is None:
+                continue
+            if handle.core_first_token_time is None and self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - handle.state.metrics.arrival_time)
+            if output.first_token_time is not None and (
+                    handle.core_first_token_time is None or output.first_token_time < handle.core_first_token_time):
+                handle.core_first_token_time = output.first_token_time
+            if self.metrics is not None:
+                last = handle.last_token_time.get(output.request_id)
+                if last is not None:
+                    self.metrics.inter_token_latency.observe(now - last)
+                self.metrics.generation_tokens.inc(len(output.new_token_ids))
+            handle.last_token_time[output.request_id] = now
+        changed, to_abort = self.output_processor.process(update.outputs)
+        if to_abort:
+            self.client.abort_requests(to_abort)  # stop strings end these in the front end
+        for parent in changed:
+            handle = self.handles.get(parent.request_id)
+            if handle is None:
+                continue
+            if parent.finished:
+                self._forget(handle)
+                if self.metrics is not None:
+                    self.metrics.observe_finished(parent)
+            handle.waiter.set()
+
+    def _on_death(self, reason: str) -> None:
+        error = EngineDeadError(reason)
+        for handle in list(self.handles.values()):
+            self._forget(handle)
+            handle.fail(error)
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Fail whatever is still waiting, then stop the core process."""
+        for handle in list(self.handles.values()):
+            self.abort(handle)
+            handle.fail(EngineDeadError("the server is shutting down"))
+        await asyncio.to_thread(self.client.shutdown, timeout)

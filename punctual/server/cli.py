@@ -1,0 +1,58 @@
+"""`punctual serve`: the OpenAI-compatible server on uvicorn, with a graceful SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+
+def add_serve_parser(subparsers) -> None:
+    from punctual.cli import add_engine_args
+
+    serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", nargs="?", default="builtin", help="checkpoint directory, or builtin / builtin-tiny")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` on /v1 routes (default: $PUNCTUAL_API_KEY)")
+    serve.add_argument("--max-queue-len", type=int, default=1024,
+                       help="queued + running requests beyond which new ones get 429")
+    serve.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO of a request")
+    serve.add_argument("--tpot-slo-ms", type=float, default=None, help="default TPOT SLO of a request")
+    serve.add_argument("--shutdown-timeout", type=float, default=5.0,
+                       help="seconds in-flight requests may run on after SIGTERM before they are aborted")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from punctual.cli import engine_kwargs
+    from punctual.config import EngineConfig
+    from punctual.server.app import build_app
+    from punctual.server.config import ServerConfig
+
+    engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    server_config = ServerConfig(
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key or os.environ.get("PUNCTUAL_API_KEY") or None,
+        max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+        shutdown_timeout_s=args.shutdown_timeout)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(engine_config, server_config)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+        timeout_graceful_shutdown=args.shutdown_timeout))
+    # uvicorn stops gracefully on SIGTERM, then re-raises the signal under the handler it found at
+    # start; a no-op one there makes a clean shutdown exit 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl+C, re-raised the same way once the shutdown is done
+        pass
+    return 0 if server.started else 1

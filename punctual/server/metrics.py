@@ -1,0 +1,96 @@
+"""Prometheus metrics of the server: latency histograms observed in the front end, engine gauges from the core.
+
+Each server owns its registry (no process-wide globals), so several apps can live in one process.
+The engine's numbers (queue, KV blocks, preemptions) are read from the core's latest report at
+scrape time rather than copied into gauges on every step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from punctual.engine.core import EngineStats
+from punctual.engine.output_processor import ParentState
+
+# Seconds. Latency-first: fine resolution below 100 ms, where interactive SLOs live.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineStatsCollector:
+    """Exports the core's latest EngineStats at scrape time."""
+
+    def __init__(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]):
+        self.read_stats = read_stats
+        self.read_alive = read_alive
+
+    def collect(self):
+        alive = GaugeMetricFamily("punctual_engine_alive", "1 while the engine core process is running")
+        alive.add_metric([], 1.0 if self.read_alive() else 0.0)
+        yield alive
+        stats = self.read_stats()
+        if stats is None:
+            return
+        gauges = {
+            "punctual_num_requests_waiting": ("Requests queued in the engine core", stats.num_waiting),
+            "punctual_num_requests_running": ("Requests running in the engine core", stats.num_running),
+            "punctual_kv_blocks_used": ("KV cache blocks in use", stats.kv_blocks_used),
+            "punctual_kv_blocks_free": ("KV cache blocks free", stats.kv_blocks_free),
+            "punctual_kv_blocks_total": ("KV cache blocks in the pool", stats.kv_blocks_total),
+        }
+        for name, (doc, value) in gauges.items():
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], float(value))
+            yield gauge
+        counters = {
+            "punctual_num_preemptions": ("Requests preempted by the scheduler", stats.num_preemptions),
+            "punctual_engine_steps": ("Engine core steps run", stats.num_steps),
+            "punctual_engine_prompt_tokens_computed": (
+                "Prompt tokens the core computed, recomputation after preemption included",
+                stats.prompt_tokens_computed),
+        }
+        for name, (doc, value) in counters.items():
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "punctual_time_to_first_token_seconds", "HTTP arrival to the first token in the front end",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "punctual_time_per_output_token_seconds", "Mean gap between output tokens of a finished request",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "punctual_inter_token_latency_seconds", "Gap between consecutive tokens of a sample",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "punctual_e2e_request_latency_seconds", "HTTP arrival to the last token",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("punctual_prompt_tokens", "Prompt tokens of admitted requests (per sample)",
+                                     registry=r)
+        self.generation_tokens = Counter("punctual_generation_tokens", "Tokens generated", registry=r)
+        self.requests_finished = Counter("punctual_requests_finished", "Requests finished, by reason",
+                                         ["finish_reason"], registry=r)
+
+    def watch_engine(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]) -> None:
+        self.registry.register(EngineStatsCollector(read_stats, read_alive))
+
+    def observe_finished(self, parent: ParentState) -> None:
+        m = parent.metrics
+        if m.finished_time is not None:
+            self.e2e_request_latency.observe(m.finished_time - m.arrival_time)
+        for sample in parent.samples:
+            self.requests_finished.labels(sample.finish_reason or "unknown").inc()
+            if sample.first_token_time is not None and len(sample.token_ids) > 1 and m.finished_time is not None:
+                self.time_per_output_token.observe(
+                    (m.finished_time - sample.first_token_time) / (len(sample.token_ids) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
