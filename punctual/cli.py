@@ -16,13 +16,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--scheduling-policy", default=None, help="fcfs | priority")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse the KV of shared prefixes (on by default)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_model_len=args.max_model_len,
-                scheduling_policy=args.scheduling_policy, seed=args.seed)
+                scheduling_policy=args.scheduling_policy, seed=args.seed,
+                enable_prefix_caching=args.enable_prefix_caching)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

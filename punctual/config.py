@@ -33,6 +33,7 @@ class CacheConfig:
     kv_cache_memory: int | str | None = None  # bytes for the KV pool; None: a fraction of free memory
     kv_cache_memory_fraction: float = 0.1  # used when kv_cache_memory is None
     num_kv_blocks: int | None = None  # exact pool size, overrides the two above (tests, simulator)
+    enable_prefix_caching: bool = True  # reuse KV of shared prefixes (system prompts, documents, history)
 
 
 @dataclass

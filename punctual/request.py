@@ -85,6 +85,7 @@ class Request:
         self.user = core_request.user
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
         self.first_token_time: float | None = None
         # Generation stops at max_tokens or at the context window, whichever comes first.

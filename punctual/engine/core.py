@@ -21,6 +21,14 @@ class EngineStats:
     num_steps: int
     prompt_tokens_computed: int
     generation_tokens: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which were cached
+    prefix_cached_blocks: int = 0
+    prefix_cache_evictions: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def kv_blocks_free(self) -> int:
@@ -34,7 +42,8 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                         config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.num_steps = 0
         self.prompt_tokens_computed = 0
@@ -97,7 +106,10 @@ class EngineCore:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_total=self.kv_manager.num_blocks, kv_blocks_used=self.kv_manager.num_used_blocks,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-            prompt_tokens_computed=self.prompt_tokens_computed, generation_tokens=self.generation_tokens)
+            prompt_tokens_computed=self.prompt_tokens_computed, generation_tokens=self.generation_tokens,
+            prefix_cache_queries=self.kv_manager.prefix_queries, prefix_cache_hits=self.kv_manager.prefix_hits,
+            prefix_cached_blocks=self.kv_manager.pool.num_cached_blocks,
+            prefix_cache_evictions=self.kv_manager.pool.num_evictions)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

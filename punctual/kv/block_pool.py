@@ -1,11 +1,23 @@
-"""A fixed pool of KV blocks with reference counts and a free list.
+"""A fixed pool of KV blocks: reference counts, an LRU free queue, and the prefix-cache index.
 
 Pure Python: the tensors that hold K and V live in the model runner; this module only decides
 which block ids are in use, so the scheduler and the simulator can build it without a device.
+
+A full block whose owners have all finished keeps its contents and its hash: it sits in the
+free queue, reusable by a later request with the same prefix until the pool needs the space.
+The queue is least-recently-freed first; a sequence's blocks are released tail first, so among
+blocks freed together the deepest is evicted first (it is the least likely to be shared).
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+
+BlockHash = int
+
+
+def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...], namespace: int = 0) -> BlockHash:
+    """Hash of a full block, chained over every token before it (and the model's namespace)."""
+    return hash((namespace, parent, token_ids))
 
 
 class BlockPool:
@@ -14,41 +26,78 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self.cached: dict[BlockHash, int] = {}
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks nobody owns, including cached ones that can be evicted."""
         return len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
+
     def allocate(self, count: int) -> list[int]:
-        """Take `count` free blocks with ref count 1; the caller checked there are enough."""
+        """Take `count` free blocks with ref count 1, evicting cached contents least recently used first."""
         if count > len(self._free):
             raise RuntimeError(f"asked for {count} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(count)]
-        for block_id in blocks:
+        blocks = []
+        for _ in range(count):
+            block_id, _ = self._free.popitem(last=False)
+            self._uncache(block_id)
             self.ref_counts[block_id] = 1
+            blocks.append(block_id)
         return blocks
 
-    def share(self, block_id: int) -> None:
-        """One more owner of an allocated block (a shared prefix, a forked sample)."""
-        assert self.ref_counts[block_id] > 0, f"block {block_id} is free"
-        self.ref_counts[block_id] += 1
+    def touch(self, block_ids: list[int]) -> None:
+        """One more owner of each block (a prefix-cache hit); a free cached block leaves the queue."""
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self._free[block_id]
+            self.ref_counts[block_id] += 1
 
     def release(self, block_ids: list[int]) -> None:
-        """Drop one reference to each block; blocks nobody owns go back to the free list."""
+        """Drop one reference to each block; blocks nobody owns go to the back of the free queue."""
         for block_id in block_ids:
             assert self.ref_counts[block_id] > 0, f"double free of block {block_id}"
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self._free.append(block_id)
+                self._free[block_id] = None
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        return self.cached.get(block_hash)
+
+    def cache(self, block_id: int, block_hash: BlockHash) -> None:
+        """Index a full block by its hash; if another block already holds the same content, keep that one."""
+        if block_hash not in self.cached and self.block_hash[block_id] is None:
+            self.cached[block_hash] = block_id
+            self.block_hash[block_id] = block_hash
+
+    def _uncache(self, block_id: int) -> None:
+        block_hash = self.block_hash[block_id]
+        if block_hash is not None:
+            del self.cached[block_hash]
+            self.block_hash[block_id] = None
+            self.num_evictions += 1
+
+    def reset_cache(self) -> None:
+        """Forget every cached block that nobody owns (blocks in use keep their index)."""
+        for block_id in list(self._free):
+            if self.block_hash[block_id] is not None:
+                del self.cached[self.block_hash[block_id]]
+                self.block_hash[block_id] = None
 
     def check_integrity(self) -> None:
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
         for block_id, refs in enumerate(self.ref_counts):
             assert refs >= 0, f"block {block_id} has negative refs"
-            assert (refs == 0) == (block_id in free), f"block {block_id}: refs={refs}, free={block_id in free}"
+            assert (refs == 0) == (block_id in self._free), f"block {block_id}: refs={refs}, free={block_id in self._free}"
+        for block_hash, block_id in self.cached.items():
+            assert self.block_hash[block_id] == block_hash, f"block {block_id} cached under a stale hash"
+        assert sum(h is not None for h in self.block_hash) == len(self.cached)

@@ -1,14 +1,28 @@
-"""Per-request block tables over the block pool: the KV memory each request owns."""
+"""Per-request block tables over the block pool, and automatic prefix caching.
+
+Prefix caching: a full block is identified by a hash chained over all tokens before it, so a
+new request reuses the longest run of cached blocks and prefills only the rest. Shared blocks
+are never written: only full blocks are shared, and a request always computes at least its
+last token itself, into a block of its own.
+"""
 from __future__ import annotations
 
-from punctual.kv.block_pool import BlockPool
+from punctual.kv.block_pool import BlockHash, BlockPool, hash_block
+from punctual.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}  # full-block hashes of each request's tokens
+        self._num_cached: dict[str, int] = {}  # how many of a request's blocks are indexed
+        # Blocks some running request is about to compute: hash -> request id.
+        self.pending: dict[BlockHash, str] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found in the cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -25,33 +39,108 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # ---- prefix lookup ------------------------------------------------------------------
+    def block_hashes(self, request: Request, num_tokens: int) -> list[BlockHash]:
+        """Hashes of the request's full blocks within its first `num_tokens` tokens (memoised)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        wanted = num_tokens // bs
+        if len(hashes) < wanted:
+            tokens = request.all_token_ids
+            parent = hashes[-1] if hashes else None
+            for i in range(len(hashes), wanted):
+                parent = hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]))
+                hashes.append(parent)
+        return hashes[:wanted]
+
+    def computed_prefix(self, request: Request) -> list[int]:
+        """Cached blocks holding the longest prefix of the request's tokens (leaves >= 1 token to compute).
+
+        Does not change the cache: the caller passes the result to `allocate`.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        blocks = []
+        for block_hash in self.block_hashes(request, request.num_tokens - 1):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks
+
+    def first_pending_owner(self, request: Request, num_cached_blocks: int) -> str | None:
+        """If the request's first uncached block is being computed by another request, that request's id."""
+        hashes = self.block_hashes(request, request.num_tokens - 1)
+        if num_cached_blocks < len(hashes):
+            owner = self.pending.get(hashes[num_cached_blocks])
+            if owner is not None and owner != request.request_id:
+                return owner
+        return None
+
+    # ---- allocation ---------------------------------------------------------------------
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
-        """Blocks to add so that the request's table covers `num_tokens` tokens."""
         have = len(self.block_tables.get(request_id, ()))
         return max(0, self.blocks_for(num_tokens) - have)
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.num_new_blocks(request_id, num_tokens) <= self.pool.num_free_blocks
-
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the request's table to cover `num_tokens`; False (and no change) if blocks are short."""
-        need = self.num_new_blocks(request_id, num_tokens)
-        if need > self.pool.num_free_blocks:
-            return False
-        table = self.block_tables.setdefault(request_id, [])
-        if need:
+    def allocate(self, request: Request, num_tokens: int, computed_blocks: list[int] = ()) -> bool:
+        """Grow the request's table to cover `num_tokens`, starting from `computed_blocks` (cache hits)
+        for a request that holds none yet. False, with nothing changed, if blocks are short."""
+        request_id = request.request_id
+        table = self.block_tables.get(request_id)
+        if table is None:
+            # Hits sitting in the free queue stop being free once touched.
+            reclaimed = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+            need = self.blocks_for(num_tokens) - len(computed_blocks)
+            if need > self.pool.num_free_blocks - reclaimed:
+                return False
+            self.pool.touch(list(computed_blocks))
+            table = self.block_tables[request_id] = list(computed_blocks)
+            self._num_cached[request_id] = len(computed_blocks)
+            if self.enable_prefix_caching:
+                self.prefix_queries += request.num_prompt_tokens
+                self.prefix_hits += min(len(computed_blocks) * self.block_size, request.num_prompt_tokens)
+                for block_hash in self.block_hashes(request, request.num_tokens)[len(computed_blocks):]:
+                    self.pending.setdefault(block_hash, request_id)
+        else:
+            need = self.num_new_blocks(request_id, num_tokens)
+            if need > self.pool.num_free_blocks:
+                return False
+        if need > 0:
             table.extend(self.pool.allocate(need))
         return True
 
-    def free(self, request_id: str) -> None:
-        """Release every block of the request (finish, abort or preemption)."""
+    def cache_full_blocks(self, request: Request) -> None:
+        """Index the request's blocks that its computed tokens have filled."""
+        if not self.enable_prefix_caching:
+            return
+        request_id = request.request_id
+        table = self.block_tables[request_id]
+        start = self._num_cached[request_id]
+        hashes = self.block_hashes(request, request.num_computed_tokens)
+        for i in range(start, len(hashes)):
+            self.pool.cache(table[i], hashes[i])
+            if self.pending.get(hashes[i]) == request_id:
+                del self.pending[hashes[i]]
+        self._num_cached[request_id] = max(start, len(hashes))
+
+    def free(self, request: Request) -> None:
+        """Release every block of the request (finish, abort or preemption); cached ones stay indexed."""
+        request_id = request.request_id
         table = self.block_tables.pop(request_id, None)
         if table:
-            # Reverse: the tail blocks are the least likely to be shared, free them first.
+            # Tail first: among blocks freed together, the deepest is evicted first.
             self.pool.release(table[::-1])
+        self._num_cached.pop(request_id, None)
+        for block_hash in self._hashes.pop(request_id, ()):
+            if self.pending.get(block_hash) == request_id:
+                del self.pending[block_hash]
 
     def block_table(self, request_id: str) -> list[int]:
         return self.block_tables[request_id]
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
@@ -61,3 +150,4 @@ class KVCacheManager:
                 owned[block_id] = owned.get(block_id, 0) + 1
         for block_id, refs in enumerate(self.pool.ref_counts):
             assert owned.get(block_id, 0) == refs, f"block {block_id}: {refs} refs, {owned.get(block_id, 0)} owners"
+        assert all(owner in self.block_tables for owner in self.pending.values()), "pending hash of a freed request"

@@ -113,19 +113,27 @@ class Scheduler:
         # Admit waiting requests only when nothing had to yield memory in this step.
         if not out.preempted and self.waiting:
             self.waiting.sort(key=key)
-            admitted = 0
+            admitted: list[Request] = []
             for request in self.waiting:
                 if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                     break
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+                cached_blocks = self.kv.computed_prefix(request)
+                if self.kv.first_pending_owner(request, len(cached_blocks)) is not None:
+                    continue  # its next blocks are being computed by another request: reuse them, later
+                num_cached = len(cached_blocks) * self.kv.block_size
+                num_new = min(request.num_tokens - num_cached, budget)
+                if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
                     break  # head of line waits for memory; no overtaking keeps FCFS fair
+                request.num_computed_tokens = num_cached
+                request.num_cached_tokens = num_cached
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 out.scheduled.append(self._plan(request, num_new))
                 budget -= num_new
-                admitted += 1
-            del self.waiting[:admitted]
+                admitted.append(request)
+            if admitted:
+                taken = {id(r) for r in admitted}
+                self.waiting = [r for r in self.waiting if id(r) not in taken]
         return out
 
     def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -134,7 +142,7 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
                              out: SchedulerOutput) -> bool:
-        while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+        while not self.kv.allocate(request, request.num_computed_tokens + num_new):
             candidates = [r for r in self.running if r.request_id not in scheduled_ids]
             victim = self.policy.pick_victim(candidates)
             self._preempt(victim)
@@ -144,7 +152,8 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        # Recompute later; its full blocks stay in the prefix cache, so the recompute is often a hit.
+        self.kv.free(request)
         self.running.remove(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -161,6 +170,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(request)
             token_id = sampled.get(request.request_id)
             if token_id is None:
                 continue
@@ -188,7 +198,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request.request_id)
+        self.kv.free(request)
         del self.requests[request.request_id]
 
     def check_integrity(self) -> None:

@@ -1,0 +1,72 @@
+"""The command line: flags validated with the field named, tables and plots from results."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from punctual.bench import report
+from punctual.bench.cli import plan_from_args
+from punctual.bench.plots import plot_sweep
+from punctual.cli import build_parser
+
+
+def parse(*argv):
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_bench_and_demo_are_registered():
+    args = build_parser().parse_args(["demo"])
+    assert callable(args.func)
+    args = parse("compare", "--systems", "punctual", "--sweep-rates", "1,2")
+    assert args.func.__name__ == "cmd_compare" and args.model == "builtin"
+    args = parse("--base-url", "http://h:1", "--model", "m")
+    assert args.func.__name__ == "cmd_bench" and args.model == "m"
+
+
+def test_plan_from_flags():
+    plan = plan_from_args(parse("--workload", "chat,shared-prefix", "--sweep-rates", "0.5,1,2",
+                                "--ttft-slo-ms", "1000", "--tpot-slo-ms", "100", "--burstiness", "2"))
+    assert plan.workloads == ("chat", "shared-prefix") and plan.rates == (0.5, 1.0, 2.0)
+    assert plan.slo.ttft_s == 1.0 and plan.slo.tpot_s == 0.1 and plan.burstiness == 2.0
+    assert plan_from_args(parse()).rates == (math.inf,)
+    assert plan_from_args(parse("--sweep-bisect", "1,8", "--ttft-slo-ms", "1", "--tpot-slo-ms", "1")).bisect == (1, 8)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--workload", "chat,nope"], "--workload"),
+    (["--ttft-slo-ms", "100"], "--tpot-slo-ms"),
+    (["--sweep-rates", "1,x"], "--sweep-rates"),
+    (["--sweep-rates", "1,-2"], "--sweep-rates"),
+    (["--sweep-bisect", "4,2"], "--sweep-bisect"),
+    (["--concurrency", "4", "--sweep-rates", "1,2"], "--concurrency"),
+])
+def test_bad_flags_name_the_field(argv, field):
+    with pytest.raises(ValueError, match=field):
+        plan_from_args(parse(*argv))
+
+
+def fake_run(system, rate, ttft, attainment):
+    stats = lambda v: {"mean": v, "median": v, "p90": v * 1.5, "p99": v * 2, "count": 10}  # noqa: E731
+    summary = {"requests": 10, "completed": 10, "failed": 0, "duration_s": 5.0, "request_throughput": 2.0,
+               "output_throughput": 100.0, "ttft_ms": stats(ttft), "tpot_ms": stats(20.0), "itl_ms": stats(19.0),
+               "e2e_ms": stats(ttft + 500), "errors": [],
+               "slo": {"ttft_ms": 1000, "tpot_ms": 100, "attainment": attainment, "fluidity_index": 0.99}}
+    return {"system": system, "workload": "chat", "rate": rate, "concurrency": None, "summary": summary}
+
+
+def test_tables_json_and_plots(tmp_path):
+    runs = [fake_run(s, r, 100 * r * (1 + i), a) for i, s in enumerate(["punctual", "llama.cpp"])
+            for r, a in ((1.0, 1.0), (2.0, 0.95), (4.0, 0.5))]
+    text = report.latency_table(runs[0]["summary"])
+    assert "TTFT (ms)" in text and "attainment 100.0%" in text
+    sweep = report.sweep_table(runs)
+    assert sweep.count("\n") == len(runs) + 1 and "llama.cpp" in sweep
+    assert "below lowest" in report.goodput_table({"a": {"chat": None}, "b": {"chat": 2.0}})
+    out = tmp_path / "r.json"
+    report.write_json(out, {"runs": [fake_run("x", math.inf, 1.0, 1.0)]})
+    assert json.loads(out.read_text())["runs"][0]["rate"] == "inf"
+    files = plot_sweep(runs, tmp_path / "sweep.png")
+    assert files == [tmp_path / "sweep.png"] and files[0].stat().st_size > 10_000
+    assert files[0].read_bytes()[:4] == b"\x89PNG"
