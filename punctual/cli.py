@@ -16,6 +16,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--scheduling-policy", default=None, help="fcfs | priority")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--kv-cache-dtype", default=None, help="auto | int8 (quantized KV, ~2x the tokens of bf16)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV of shared prefixes (on by default)")
 
@@ -25,7 +26,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_model_len=args.max_model_len,
                 scheduling_policy=args.scheduling_policy, seed=args.seed,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ class CacheConfig:
     kv_cache_memory: int | str | None = None  # bytes for the KV pool; None: a fraction of free memory
     kv_cache_memory_fraction: float = 0.1  # used when kv_cache_memory is None
     num_kv_blocks: int | None = None  # exact pool size, overrides the two above (tests, simulator)
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 (quantized per token and head)
     enable_prefix_caching: bool = True  # reuse KV of shared prefixes (system prompts, documents, history)
 
 
@@ -77,6 +78,8 @@ class EngineConfig:
         self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory)
         if self.cache.kv_cache_memory is not None and self.cache.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
+        if self.cache.kv_cache_dtype not in ("auto", "int8", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto|int8|bfloat16|float32, got {self.cache.kv_cache_dtype!r}")
         if self.scheduler.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.scheduler.max_num_seqs}")
         if self.scheduler.max_num_batched_tokens < 1:

@@ -40,31 +40,76 @@ class AttentionMetadata:
     prefill_fresh_causal: bool
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values. cache: [num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim]."""
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+class LayerKVCache:
+    """One layer's paged K and V: [num_blocks, block_size, kv_heads, head_dim].
+
+    With `quantized`, K and V are stored as int8 with one float32 scale per token and head
+    (absmax / 127 over the head dimension, in the direction of KIVI and CacheGen), so the pool
+    holds about 2x (vs bf16) or 4x (vs fp32) the tokens; they are dequantized when gathered.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, quantized: bool = False):
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.dtype = dtype
+        self.quantized = quantized
+        # Zeroed, not empty: masked-out slots must hold finite numbers (0 * NaN is NaN).
+        store = torch.int8 if quantized else dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        if quantized:
+            self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+
+    @staticmethod
+    def bytes_per_token(kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
+        if quantized:
+            return 2 * kv_heads * (head_dim + 4)  # int8 values + a float32 scale per head
+        return 2 * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new keys/values [T, kv_heads, head_dim] at their cache slots."""
+        kv_heads, head_dim = k.shape[1], k.shape[2]
+        if not self.quantized:
+            self.k.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+            self.v.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+            return
+        for values, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, scale = quantize_int8(values)
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
+
+    def gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nb] block tables -> K, V as [B, kv_heads, nb*block_size, head_dim] in the model dtype."""
+        return self._gather(self.k, block_tables, "k_scale"), self._gather(self.v, block_tables, "v_scale")
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, scale_name: str) -> torch.Tensor:
+        batch, num_blocks = block_tables.shape
+        _, block_size, kv_heads, head_dim = cache.shape
+        gathered = cache[block_tables]  # [B, nb, bs, kvh, d]
+        if self.quantized:
+            scale = getattr(self, scale_name)[block_tables]  # [B, nb, bs, kvh]
+            gathered = (gathered.to(torch.float32) * scale.unsqueeze(-1)).to(self.dtype)
+        return gathered.view(batch, num_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, kvh, d] via [B, nb] -> [B, kvh, nb*bs, d]"""
-    batch, num_blocks = block_tables.shape
-    gathered = cache[block_tables]  # [B, nb, bs, kvh, d]
-    return gathered.view(batch, num_blocks * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H, D] -> int8 values and a float32 scale per (token, head)."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    q = torch.round(x32 / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                    meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (already written to the cache). Returns [T, H*D]."""
     num_tokens, num_heads, head_dim = q.shape
     parts = []
     nd = meta.num_decode_tokens
     for bucket in meta.decode_buckets:
         q_dec = q[bucket.start:bucket.end].unsqueeze(2)  # [n, H, 1, D]
-        k_ctx = _gather(k_cache, bucket.block_tables)
-        v_ctx = _gather(v_cache, bucket.block_tables)
+        k_ctx, v_ctx = cache.gather(bucket.block_tables)
         out = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=bucket.mask, enable_gqa=True)
         parts.append(out.reshape(bucket.end - bucket.start, num_heads * head_dim))
     if num_tokens > nd:
@@ -79,8 +124,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             padded = q_pre.new_zeros(batch * meta.prefill_max_q, num_heads, head_dim)
             padded[meta.prefill_pad_index] = q_pre
             padded = padded.view(batch, meta.prefill_max_q, num_heads, head_dim).transpose(1, 2)
-            k_ctx = _gather(k_cache, meta.prefill_block_tables)
-            v_ctx = _gather(v_cache, meta.prefill_block_tables)
+            k_ctx, v_ctx = cache.gather(meta.prefill_block_tables)
             out = F.scaled_dot_product_attention(padded, k_ctx, v_ctx, attn_mask=meta.prefill_mask,
                                                  enable_gqa=True)  # [Bp, H, max_q, D]
             out = out.transpose(1, 2).reshape(batch * meta.prefill_max_q, num_heads * head_dim)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.model.attention import AttentionMetadata, paged_attention, write_kv
+from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
 
 
@@ -108,14 +108,14 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[LayerKVCache]) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         arch = self.arch
         num_tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for layer, cache in zip(self.layers, kv_caches):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
             qkv = linear(x, layer.qkv, layer.qkv_bias)
@@ -125,8 +125,8 @@ class LlamaModel:
             v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta)
+            cache.write(k, v, meta.slot_mapping)
+            attn = paged_attention(q, k, v, cache, meta)
             hidden = residual + linear(attn, layer.o_proj, layer.o_bias)
             residual = hidden
             x = rms_norm(hidden, layer.post_norm, arch.rms_norm_eps)

@@ -7,7 +7,7 @@ import os
 import torch
 
 from punctual.config import CacheConfig, ModelConfig
-from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, DecodeBucket
+from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, DecodeBucket, LayerKVCache
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
 from punctual.model.sampler import Sampler
@@ -33,6 +33,16 @@ def pick_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> torch.
         if name == "float16" and device.type == "cpu":
             name = "bfloat16"  # CPUs have fast bf16 (AVX-512 bf16), not fp16
     return DTYPES[name]
+
+
+def pick_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> bool:
+    """True when the KV cache is stored quantized (int8); otherwise it is kept in the model dtype."""
+    if name == "int8":
+        return True
+    if name in ("auto", {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model_dtype]):
+        return False
+    raise ValueError(f"kv_cache_dtype {name!r} must be auto, int8 or the model dtype "
+                     f"({str(model_dtype).removeprefix('torch.')})")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -78,11 +88,10 @@ class ModelRunner:
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.block_size = cache_config.block_size
+        self.kv_quantized = pick_kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype)
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs)
-        shape = (self.num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        # Zeroed, not empty: masked-out slots must hold finite numbers (0 * NaN is NaN).
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
+                                       self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
                           for _ in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, model_config.seed)
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
@@ -90,8 +99,9 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.arch.num_layers * self.block_size * self.arch.num_kv_heads * self.arch.head_dim * elem
+        per_token = LayerKVCache.bytes_per_token(self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
+                                                 self.kv_quantized)
+        return self.arch.num_layers * self.block_size * per_token
 
     def _num_blocks(self, cache: CacheConfig, max_num_seqs: int) -> int:
         if cache.num_kv_blocks is not None:
