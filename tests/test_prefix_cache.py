@@ -130,3 +130,24 @@ def test_block_pool_rejects_double_free():
     pool.release(blocks)
     with pytest.raises(AssertionError):
         pool.release(blocks)
+
+
+def test_pinned_prefix_survives_pressure_and_is_reused(checkpoints):
+    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=30, block_size=4)
+    core = llm.engine.core
+    document = list(range(100, 141))  # 41 tokens: 10 full blocks
+    core.pin_prefix("doc", document)
+    while core.has_unfinished_requests():
+        assert core.step() == []  # the pin's prefill emits nothing
+    assert core.pinned_tokens("doc") == 40
+    # Fill the pool with unrelated requests: unpinned cached blocks would be evicted.
+    rng = random.Random(3)
+    llm.generate([{"prompt_token_ids": [rng.randrange(VOCAB) for _ in range(30)]} for _ in range(6)],
+                 GREEDY, use_tqdm=False)
+    hits_before = llm.engine.stats().prefix_cache_hits
+    llm.generate({"prompt_token_ids": document + [7, 8, 9]}, GREEDY, use_tqdm=False)
+    assert llm.engine.stats().prefix_cache_hits - hits_before == 40
+    assert core.unpin_prefix("doc") and not core.unpin_prefix("doc")
+    core.check_integrity()
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_used == 0

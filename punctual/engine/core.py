@@ -45,6 +45,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
@@ -64,6 +65,29 @@ class EngineCore:
         if not params.eos_token_ids:
             params.eos_token_ids = self.eos_token_ids
         self.scheduler.add_request(Request(core_request, self.max_model_len))
+
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
+        """Compute a prefix (one prefill, no output) and keep its full blocks cached until unpinned.
+
+        The pin takes effect when its prefill finishes; `pinned_tokens(pin_id)` then tells how many
+        tokens are held. For a document a user knows will be reused (Prompt Cache's prompt modules).
+        """
+        from punctual.sampling_params import SamplingParams
+
+        if pin_id in self.kv_manager.pins or pin_id in self._pins_in_flight:
+            raise ValueError(f"pin_id {pin_id!r} is already pinned")
+        request_id = f"pin:{pin_id}"
+        # One extra token so that every token of the prefix is computed, the last one included.
+        self.add_request(EngineCoreRequest(request_id, list(prompt_token_ids) + [0],
+                                           SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)))
+        self._pins_in_flight[request_id] = pin_id
+
+    def unpin_prefix(self, pin_id: str) -> bool:
+        return self.kv_manager.unpin(pin_id)
+
+    def pinned_tokens(self, pin_id: str) -> int | None:
+        blocks = self.kv_manager.pins.get(pin_id)
+        return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
@@ -89,6 +113,11 @@ class EngineCore:
         outputs = []
         for update in updates:
             request = update.request
+            pin_id = self._pins_in_flight.pop(request.request_id, None)
+            if pin_id is not None:
+                # The prefix is computed and its blocks cached (now free): hold them. Internal, no output.
+                self.kv_manager.pin(pin_id, request)
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
             if update.finish_reason is not None:

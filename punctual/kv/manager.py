@@ -21,6 +21,7 @@ class KVCacheManager:
         self._num_cached: dict[str, int] = {}  # how many of a request's blocks are indexed
         # Blocks some running request is about to compute: hash -> request id.
         self.pending: dict[BlockHash, str] = {}
+        self.pins: dict[str, list[int]] = {}  # pinned prefixes: pin id -> blocks held
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found in the cache
 
@@ -135,6 +136,31 @@ class KVCacheManager:
             if self.pending.get(block_hash) == request_id:
                 del self.pending[block_hash]
 
+    # ---- pinning (Prompt Cache's prompt modules) -------------------------------------------
+    def pin(self, pin_id: str, request: Request) -> int:
+        """Hold an extra reference to the request's cached full blocks so they are never evicted.
+
+        Returns the number of tokens pinned (whole blocks of the request's computed prefix).
+        """
+        if pin_id in self.pins:
+            raise ValueError(f"pin_id {pin_id!r} is already pinned")
+        blocks = []
+        for block_hash in self.block_hashes(request, request.num_computed_tokens):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        self.pool.touch(blocks)
+        self.pins[pin_id] = blocks
+        return len(blocks) * self.block_size
+
+    def unpin(self, pin_id: str) -> bool:
+        blocks = self.pins.pop(pin_id, None)
+        if blocks is None:
+            return False
+        self.pool.release(blocks[::-1])
+        return True
+
     def block_table(self, request_id: str) -> list[int]:
         return self.block_tables[request_id]
 
@@ -145,7 +171,7 @@ class KVCacheManager:
     def check_integrity(self) -> None:
         self.pool.check_integrity()
         owned: dict[int, int] = {}
-        for table in self.block_tables.values():
+        for table in [*self.block_tables.values(), *self.pins.values()]:
             for block_id in table:
                 owned[block_id] = owned.get(block_id, 0) + 1
         for block_id, refs in enumerate(self.pool.ref_counts):
