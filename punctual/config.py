@@ -42,7 +42,19 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # sequences in one step
     # Token budget of one step; prefill chunks fill what decodes leave (Sarathi-Serve).
     max_num_batched_tokens: int = 512
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"  # fcfs | priority | slo | fair | sjf
+    # SLOs for requests that bring none (ms); None: no SLO.
+    default_ttft_slo_ms: float | None = None
+    default_tpot_slo_ms: float | None = None
+    # slo policy under overload: "reject" turns away a request that can no longer meet its TTFT;
+    # "best_effort" keeps it at the lowest priority instead.
+    slo_overload_action: str = "reject"
+    min_prefill_chunk: int = 16  # prompts always progress at least this much per step
+    max_preemptions_per_request: int = 3  # beyond this a request is preempted only as a last resort
+    sjf_aging_tokens_per_s: float = 50.0  # each second waited counts as this much less work
+    fair_prompt_weight: float = 1.0  # VTC service weights (output costs more, as in the VTC paper)
+    fair_output_weight: float = 2.0
+    fair_quantum_tokens: float = 256.0  # within this much service, prefix locality breaks ties
 
 
 @dataclass
@@ -84,5 +96,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.scheduler.max_num_seqs}")
         if self.scheduler.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.scheduler.max_num_batched_tokens}")
+        if self.scheduler.slo_overload_action not in ("reject", "best_effort"):
+            raise ValueError("slo_overload_action must be reject|best_effort, "
+                             f"got {self.scheduler.slo_overload_action!r}")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")

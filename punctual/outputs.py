@@ -13,6 +13,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprobs] | None = None
+    # Final latency record from the core: queue_time_ms, ttft_ms, tpot_ms, SLO met flags.
+    metrics: dict | None = None
 
     @property
     def finished(self) -> bool:

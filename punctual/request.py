@@ -18,10 +18,11 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_REJECTED = "rejected"  # turned away by the scheduler (cannot meet its SLO)
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self.value in ("stop", "length", "abort", "rejected")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class EngineCoreOutput:
     # Timing recorded by the core (monotonic seconds), sent with the final output.
     first_token_time: float | None = None
     arrival_time: float | None = None
+    # With the final output: queue time, TTFT, TPOT (ms) and whether each SLO was met.
+    metrics: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -87,7 +90,10 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
+        self.best_effort = False  # demoted by the slo policy: served after every request with an SLO
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
         # Generation stops at max_tokens or at the context window, whichever comes first.
         room = max_model_len - len(self.prompt_token_ids)
         self.max_output_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -129,6 +135,23 @@ class Request:
         if n_out >= self.max_output_tokens:
             return RequestStatus.FINISHED_LENGTH.value
         return None
+
+    def latency_metrics(self) -> dict:
+        """Per-request latency record (ms) and SLO attainment, for the final output."""
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else (b - a) * 1000.0
+
+        ttft = ms(self.arrival_time, self.first_token_time)
+        tpot = None
+        if self.num_output_tokens > 1 and self.finished_time is not None and self.first_token_time is not None:
+            tpot = ms(self.first_token_time, self.finished_time) / (self.num_output_tokens - 1)
+        return {
+            "queue_time_ms": ms(self.arrival_time, self.first_scheduled_time),
+            "ttft_ms": ttft, "tpot_ms": tpot, "num_preemptions": self.num_preemptions,
+            "num_cached_tokens": self.num_cached_tokens,
+            "ttft_slo_met": None if self.ttft_slo_ms is None or ttft is None else ttft <= self.ttft_slo_ms,
+            "tpot_slo_met": None if self.tpot_slo_ms is None else (tpot is None or tpot <= self.tpot_slo_ms),
+        }
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "

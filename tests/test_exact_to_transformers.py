@@ -72,3 +72,49 @@ def test_builtin_tiny_loads_in_transformers_with_same_greedy_tokens():
     expected = hf_greedy(path, prompts, MAX_NEW)
     got, _ = run(path, prompts, num_kv_blocks=64)
     assert got == expected
+
+
+@pytest.mark.parametrize("policy", ["priority", "slo", "sjf", "fair"])
+def test_every_policy_changes_when_never_what(policy, checkpoints, references):
+    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=40, block_size=4, max_num_batched_tokens=24,
+              scheduling_policy=policy, default_tpot_slo_ms=10_000)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        llm.engine.add_request(str(i), {"prompt_token_ids": prompt}, params, priority=i % 3,
+                               user=f"user{i % 4}", ttft_slo_ms=600_000)
+    finished = {}
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0]
+    assert [finished[str(i)].token_ids for i in range(len(PROMPTS))] == references["llama_gqa"]
+    assert all(finished[str(i)].metrics["ttft_slo_met"] for i in range(len(PROMPTS)))
+    llm.engine.core.check_integrity()
+
+
+def test_long_prompt_arriving_during_decodes_does_not_stall_them(checkpoints):
+    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=256, max_num_batched_tokens=16)
+    engine, core = llm.engine, llm.engine.core
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"d{i}", {"prompt_token_ids": PROMPTS[i][:8]}, params)
+    while any(r.num_output_tokens == 0 for r in core.scheduler.running) or core.scheduler.waiting:
+        engine.step()
+    engine.add_request("long", {"prompt_token_ids": PROMPTS[0] * 4}, params)
+    plans = []
+    original = core.scheduler.schedule
+
+    def recording(now=None):
+        plan = original(now)
+        plans.append(plan)
+        return plan
+
+    core.scheduler.schedule = recording
+    for _ in range(8):
+        engine.step()
+    for plan in plans:
+        by_id = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+        assert all(by_id[f"d{i}"] == 1 for i in range(4)), by_id
+        assert plan.num_batched_tokens <= 16
+    assert any(by_id.get("long", 0) == 12 for by_id in
+               ({s.request.request_id: s.num_new_tokens for s in p.scheduled} for p in plans))

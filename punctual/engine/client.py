@@ -2,35 +2,40 @@
 
 The core runs a busy step loop in a child process (spawned, so CUDA works there), so HTTP,
 tokenizing and detokenizing in the front end never stall a model step (vLLM v1's split). The
-two sides talk over one local socket pair with pickled messages:
+two sides talk over one local socket pair; a message is an 8-byte length and a pickle:
 
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
     core -> front end   CoreInfo once, then a CoreUpdate per step (outputs + stats), or CoreFailure
 
 The core drains every pending command before each step and blocks on the socket when it has
-nothing to do. The front end reads updates from its asyncio loop (no threads: a reader thread
-would wait for the GIL behind the loop, adding up to a switch interval to every token).
+nothing to do. The front end's end of the socket is an asyncio transport: reads wake the loop
+directly (no reader thread waiting for the GIL behind the loop), and writes never block it,
+so a burst of long prompts cannot stall the loop, nor deadlock against a core that is itself
+blocked writing a large update.
 """
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
+import pickle
+import select
 import signal
 import socket
+import struct
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Callable
 
 from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore, EngineStats
 from punctual.request import EngineCoreOutput, EngineCoreRequest
 
-# Bigger socket buffers let a burst of new prompts (or one step's outputs for a large batch)
-# be written without the writer waiting for the reader; the kernel caps this at wmem_max.
+# Bigger kernel buffers let the core write one step's outputs for a large batch without
+# waiting for the front end to read; the kernel caps this at wmem_max.
 SOCKET_BUFFER_BYTES = 4 << 20
+FRAME_HEADER = struct.Struct("!Q")  # payload length in bytes; a pickle follows
 
 
 class EngineDeadError(RuntimeError):
@@ -56,8 +61,6 @@ class CoreUpdate:
 
     outputs: list[EngineCoreOutput]
     stats: EngineStats
-    # When the core took each new request in (monotonic): the start of the engine's own TTFT.
-    received: dict[str, float] = field(default_factory=dict)
     # Requests the core refused in add_request, and why (the front end answers 400).
     rejected: dict[str, str] = field(default_factory=dict)
 
@@ -69,25 +72,87 @@ class CoreFailure:
     reason: str
 
 
+# ---- the wire -----------------------------------------------------------------------------
+def encode_frame(message: object) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+class BlockingChannel:
+    """Frames over a blocking socket: the core's end, and the front end's while the core starts."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        sock.setblocking(True)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(encode_frame(message))
+
+    def poll(self, timeout_s: float = 0.0) -> bool:
+        """True when a message (or EOF) is waiting."""
+        return bool(self._poller.poll(int(timeout_s * 1000)))
+
+    def recv(self) -> object:
+        (size,) = FRAME_HEADER.unpack(self._read_exactly(FRAME_HEADER.size))
+        return pickle.loads(self._read_exactly(size))
+
+    def _read_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("the other end closed the channel")
+            got += n
+        return buffer
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Frames over an asyncio transport: the front end's end once the core is running."""
+
+    def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None]):
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        header = FRAME_HEADER.size
+        while len(self.buffer) >= header:
+            (size,) = FRAME_HEADER.unpack_from(self.buffer)
+            if len(self.buffer) < header + size:
+                return
+            payload = bytes(self.buffer[header:header + size])
+            del self.buffer[:header + size]
+            self.on_message(pickle.loads(payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost()
+
+
 # ---- the core process ---------------------------------------------------------------------
-def run_core_process(config: EngineConfig, conn: Connection) -> None:
+def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
     """Entry point of the core process: load the engine, then step until told to stop."""
     # Ctrl+C reaches the whole process group; the front end decides how to shut the core down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = BlockingChannel(sock)
     try:
         core = EngineCore(config)
-        conn.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
-                           tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats()))
+        channel.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
+                              tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats()))
     except BaseException:
-        conn.send(CoreFailure(traceback.format_exc()))
+        channel.send(CoreFailure(traceback.format_exc()))
         return
     try:
-        CoreLoop(core, conn).run()
+        CoreLoop(core, channel).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front end is gone; nobody is left to answer
     except BaseException:
         try:
-            conn.send(CoreFailure(traceback.format_exc()))
+            channel.send(CoreFailure(traceback.format_exc()))
         finally:
             os._exit(1)
 
@@ -95,36 +160,33 @@ def run_core_process(config: EngineConfig, conn: Connection) -> None:
 class CoreLoop:
     """Drain commands, step, report; block on the socket only when there is no work."""
 
-    def __init__(self, core: EngineCore, conn: Connection):
+    def __init__(self, core: EngineCore, channel: BlockingChannel):
         self.core = core
-        self.conn = conn
+        self.channel = channel
         self.last_stats: EngineStats | None = None
 
     def run(self) -> None:
         while True:
-            received: dict[str, float] = {}
             rejected: dict[str, str] = {}
             # Idle: wait for a command. Busy: take whatever arrived during the last step.
-            if not self.core.has_unfinished_requests() or self.conn.poll():
+            if not self.core.has_unfinished_requests() or self.channel.poll():
                 while True:
-                    if not self.handle(self.conn.recv(), received, rejected):
+                    if not self.handle(self.channel.recv(), rejected):
                         return
-                    if not self.conn.poll():
+                    if not self.channel.poll():
                         break
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
             stats = self.core.stats()
-            if outputs or received or rejected or stats != self.last_stats:
-                self.conn.send(CoreUpdate(outputs, stats, received, rejected))
+            if outputs or rejected or stats != self.last_stats:
+                self.channel.send(CoreUpdate(outputs, stats, rejected))
                 self.last_stats = stats
 
-    def handle(self, commands: list[tuple], received: dict[str, float], rejected: dict[str, str]) -> bool:
+    def handle(self, commands: list[tuple], rejected: dict[str, str]) -> bool:
         """Apply one batch of commands; False when told to shut down."""
-        now = time.monotonic()
         for kind, payload in commands:
             if kind == "add":
                 try:
                     self.core.add_request(payload)
-                    received[payload.request_id] = now
                 except ValueError as exc:
                     rejected[payload.request_id] = str(exc)
             elif kind == "abort":
@@ -144,13 +206,15 @@ class EngineCoreClient:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.process: multiprocessing.process.BaseProcess | None = None
-        self.conn: Connection | None = None
+        self.sock: socket.socket | None = None
         self.info: CoreInfo | None = None
         self.stats: EngineStats | None = None  # the latest the core reported
         self.dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
         self._on_update: Callable[[CoreUpdate], None] | None = None
         self._on_death: Callable[[str], None] | None = None
+        self._outbox: list[tuple] = []
         self._closing = False
 
     @property
@@ -164,68 +228,72 @@ class EngineCoreClient:
     def start(self, timeout: float | None = None) -> CoreInfo:
         """Spawn the core and wait (blocking) until its model is loaded; raises if it fails to start."""
         context = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = context.Pipe(duplex=True)
-        for conn in (parent_conn, child_conn):
-            sock = socket.socket(fileno=os.dup(conn.fileno()))
+        parent_sock, child_sock = socket.socketpair()
+        for sock in (parent_sock, child_sock):
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-            sock.close()
-        self.process = context.Process(target=run_core_process, args=(self.config, child_conn),
+        self.process = context.Process(target=run_core_process, args=(self.config, child_sock),
                                        name="punctual-core", daemon=True)
         self.process.start()
         # Only the child may hold its end, or the front end would never see EOF when it dies.
-        child_conn.close()
-        self.conn = parent_conn
+        child_sock.close()
+        self.sock = parent_sock
+        channel = BlockingChannel(parent_sock)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not parent_conn.poll(0.1):
+        while not channel.poll(0.1):
             if not self.process.is_alive():
                 raise RuntimeError(f"engine core exited during start-up (exit code {self.process.exitcode})")
             if deadline is not None and time.monotonic() > deadline:
-                self.shutdown()
+                self._stop_process(0)
                 raise RuntimeError(f"engine core did not start within {timeout} s")
-        message = parent_conn.recv()
+        try:
+            message = channel.recv()
+        except EOFError:
+            self._stop_process(5.0)
+            raise RuntimeError(f"engine core exited during start-up (exit code {self.process.exitcode})") from None
         if isinstance(message, CoreFailure):
-            self.shutdown()
+            self._stop_process(5.0)
             raise RuntimeError(f"engine core failed to start:\n{message.reason}")
         self.info = message
         self.stats = message.stats
         return message
 
-    def attach(self, loop: asyncio.AbstractEventLoop, on_update: Callable[[CoreUpdate], None],
-               on_death: Callable[[str], None]) -> None:
-        """Deliver updates (and the core's death) to callbacks that run on `loop`."""
-        self._loop, self._on_update, self._on_death = loop, on_update, on_death
-        loop.add_reader(self.conn.fileno(), self._read_updates)
-        loop.add_reader(self.process.sentinel, self._core_exited)
+    async def attach(self, on_update: Callable[[CoreUpdate], None], on_death: Callable[[str], None]) -> None:
+        """Deliver updates (and the core's death) to callbacks on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._on_update, self._on_death = on_update, on_death
+        self._transport, _ = await self._loop.create_unix_connection(
+            lambda: FrameProtocol(self._on_message, self._core_exited), sock=self.sock)
+        # The socket closes when the core dies; the sentinel also catches a core that exits while
+        # something it forked still holds the socket open.
+        self._loop.add_reader(self.process.sentinel, self._core_exited)
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self._send([("add", request)])
+        self._send(("add", request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
-            self._send([("abort", list(request_ids))])
+            self._send(("abort", list(request_ids)))
 
-    def _send(self, commands: list[tuple]) -> None:
+    def _send(self, command: tuple) -> None:
+        """Queue a command; everything queued in one loop iteration goes to the core as one message."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        try:
-            self.conn.send(commands)
-        except OSError as exc:
-            self._mark_dead(f"lost the engine core's socket: {exc}")
-            raise EngineDeadError(self.dead_reason) from exc
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(command)
 
-    def _read_updates(self) -> None:
-        try:
-            while self.conn.poll():
-                message = self.conn.recv()
-                if isinstance(message, CoreUpdate):
-                    self.stats = message.stats
-                    self._on_update(message)
-                elif isinstance(message, CoreFailure):
-                    self._mark_dead(f"engine core crashed:\n{message.reason}")
-                    return
-        except (EOFError, OSError):
-            self._core_exited()
+    def _flush(self) -> None:
+        commands, self._outbox = self._outbox, []
+        if commands and self.dead_reason is None:
+            self._transport.write(encode_frame(commands))
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, CoreUpdate):
+            self.stats = message.stats
+            self._on_update(message)
+        elif isinstance(message, CoreFailure):
+            self._mark_dead(f"engine core crashed:\n{message.reason}")
 
     def _core_exited(self) -> None:
         code = self.process.exitcode if self.process is not None else None
@@ -241,28 +309,27 @@ class EngineCoreClient:
 
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            for fd in (self.conn.fileno(), self.process.sentinel):
-                try:
-                    self._loop.remove_reader(fd)
-                except (ValueError, OSError):
-                    pass
+            self._loop.remove_reader(self.process.sentinel)
+        if self._transport is not None:
+            self._transport.abort()
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the core to abort everything and exit; kill it if it does not within `timeout`."""
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the core to abort everything and exit; kill it if it has not within `timeout`."""
         if self.process is None:
             return
         self._closing = True
-        if self.dead_reason is None and self.conn is not None:
-            try:
-                self.conn.send([("shutdown", None)])
-            except OSError:
-                pass
+        if self.dead_reason is None and self._transport is not None:
+            self._outbox.append(("shutdown", None))
+            self._flush()
+        await asyncio.to_thread(self._stop_process, timeout)
+        if self.dead_reason is None:
+            self.dead_reason = "engine core was shut down"
+            self._detach()
+
+    def _stop_process(self, timeout: float) -> None:
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout)
-        if self.dead_reason is None:
-            self.dead_reason = "engine core was shut down"
-            self._detach()
-        if self.conn is not None:
-            self.conn.close()
+        if self._transport is None and self.sock is not None:
+            self.sock.close()

@@ -98,19 +98,21 @@ class EngineCore:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
+        started = time.monotonic()
+        plan = self.scheduler.schedule(started)
+        outputs = [self._final_output(r, [], None) for r in plan.rejected]
+        if not plan.scheduled:
+            return outputs
         sampled, logprobs = self.runner.execute(plan)
         now = time.monotonic()
+        self.scheduler.record_step_time(plan, now - started)
         for item in plan.scheduled:
             is_decode = item.num_new_tokens == 1 and item.samples and item.request.num_output_tokens > 0
             if not is_decode:  # prompt chunks, and recomputation after a preemption
                 self.prompt_tokens_computed += item.num_new_tokens
-        updates = self.scheduler.update_from_output(plan, sampled)
+        updates = self.scheduler.update_from_output(plan, sampled, now)
         self.num_steps += 1
         self.generation_tokens += len(updates)
-        outputs = []
         for update in updates:
             request = update.request
             pin_id = self._pins_in_flight.pop(request.request_id, None)
@@ -120,15 +122,24 @@ class EngineCore:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
+            lp = logprobs.get(request.request_id)
             if update.finish_reason is not None:
                 self.runner.forget(request.request_id)
-            lp = logprobs.get(request.request_id)
-            outputs.append(EngineCoreOutput(
-                request_id=request.request_id, new_token_ids=[update.new_token_id],
-                finish_reason=update.finish_reason, new_logprobs=[lp] if lp is not None else None,
-                num_prompt_tokens=request.num_prompt_tokens, first_token_time=request.first_token_time,
-                arrival_time=request.arrival_time))
+                outputs.append(self._final_output(request, [update.new_token_id], lp))
+            else:
+                outputs.append(EngineCoreOutput(
+                    request_id=request.request_id, new_token_ids=[update.new_token_id],
+                    new_logprobs=[lp] if lp is not None else None, num_prompt_tokens=request.num_prompt_tokens,
+                    first_token_time=request.first_token_time, arrival_time=request.arrival_time))
         return outputs
+
+    @staticmethod
+    def _final_output(request: Request, new_token_ids: list[int], lp) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=new_token_ids, finish_reason=request.status.value,
+            new_logprobs=[lp] if lp is not None else None, num_prompt_tokens=request.num_prompt_tokens,
+            first_token_time=request.first_token_time, arrival_time=request.arrival_time,
+            metrics=request.latency_metrics())
 
     def stats(self) -> EngineStats:
         return EngineStats(

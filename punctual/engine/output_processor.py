@@ -28,6 +28,7 @@ class SampleState:
     finish_reason: str | None = None
     emitted_chars: int = 0  # how much of `text` has been released to a stream
     first_token_time: float | None = None
+    metrics: dict | None = None  # the core's final latency record
 
     @property
     def releasable_text(self) -> str:
@@ -58,7 +59,8 @@ class ParentState:
 
     def to_output(self) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason,
-                                 list(s.logprobs) if s.logprobs is not None else None) for s in self.samples]
+                                 list(s.logprobs) if s.logprobs is not None else None, s.metrics)
+                for s in self.samples]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.metrics)
 
 
@@ -114,6 +116,8 @@ class OutputProcessor:
                 if parent.metrics.first_token_time is None:
                     parent.metrics.first_token_time = now
             sample.token_ids.extend(out.new_token_ids)
+            if out.metrics is not None:
+                sample.metrics = out.metrics
             if out.new_logprobs and sample.logprobs is not None:
                 sample.logprobs.extend(out.new_logprobs)
             delta = sample.detokenizer.add(out.new_token_ids)

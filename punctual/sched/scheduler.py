@@ -8,12 +8,14 @@ already produced, so its output is unchanged.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.request import Request, RequestStatus
-from punctual.sched.policies import make_policy
+from punctual.sched.cost_model import StepCostModel
+from punctual.sched.policies import Admission, make_policy
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    rejected: list[Request] = field(default_factory=list)  # shed by the policy: finished, never run
 
     @property
     def num_batched_tokens(self) -> int:
@@ -40,7 +43,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.rejected
 
 
 @dataclass
@@ -54,11 +57,18 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
         self.config = config
         self.kv = kv_manager
-        self.policy = make_policy(config.scheduling_policy)
+        self.cost_model = StepCostModel()
+        self.policy = make_policy(config, self.cost_model)
+        self.policy.cached_prefix_tokens = self._cached_prefix_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+
+    def _cached_prefix_tokens(self, request: Request) -> int:
+        if request.num_computed_tokens:
+            return 0
+        return len(self.kv.computed_prefix(request)) * self.kv.block_size
 
     # ---- intake -------------------------------------------------------------------------
     @property
@@ -66,7 +76,7 @@ class Scheduler:
         """The most tokens one request can hold: the whole pool."""
         return self.kv.num_blocks * self.kv.block_size
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, now: float | None = None) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
         if request.num_prompt_tokens + 1 > self.max_request_tokens:
@@ -78,6 +88,7 @@ class Scheduler:
                                         self.max_request_tokens - request.num_prompt_tokens)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.policy.on_arrival(request, time.monotonic() if now is None else now)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -91,28 +102,43 @@ class Scheduler:
         return len(self.running)
 
     # ---- planning -----------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        now = time.monotonic() if now is None else now
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
+        policy = self.policy
 
         # Decodes first: a stalled decode costs TPOT for every running stream.
-        key = self.policy.order_key
-        for request in sorted(self.running, key=lambda r: (r.is_prefilling, key(r))):
+        decodes = sorted((r for r in self.running if not r.is_prefilling), key=lambda r: policy.order_key(r, now))
+        for request in decodes:
+            if budget == 0:
+                break
+            if request.status is RequestStatus.RUNNING and self._allocate_or_preempt(
+                    request, 1, scheduled_ids, out, now):
+                out.scheduled.append(self._plan(request, 1))
+                scheduled_ids.add(request.request_id)
+                budget -= 1
+
+        # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their TPOT SLO).
+        running_decodes = [s.request for s in out.scheduled]
+        budget = min(budget, policy.prefill_budget(running_decodes, budget, now))
+        partial = sorted((r for r in self.running if r.is_prefilling), key=lambda r: policy.order_key(r, now))
+        for request in partial:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+                continue  # preempted earlier in this step
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, scheduled_ids, out):
-                continue
-            out.scheduled.append(self._plan(request, num_new))
-            scheduled_ids.add(request.request_id)
-            budget -= num_new
+            if self._allocate_or_preempt(request, num_new, scheduled_ids, out, now):
+                out.scheduled.append(self._plan(request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
 
+        self._shed(now, out)
         # Admit waiting requests only when nothing had to yield memory in this step.
         if not out.preempted and self.waiting:
-            self.waiting.sort(key=key)
+            self.waiting.sort(key=lambda r: policy.order_key(r, now))
             admitted: list[Request] = []
             for request in self.waiting:
                 if budget == 0 or len(self.running) >= self.config.max_num_seqs:
@@ -123,10 +149,12 @@ class Scheduler:
                 num_cached = len(cached_blocks) * self.kv.block_size
                 num_new = min(request.num_tokens - num_cached, budget)
                 if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
-                    break  # head of line waits for memory; no overtaking keeps FCFS fair
+                    break  # head of line waits for memory; no overtaking keeps the policy's order
                 request.num_computed_tokens = num_cached
                 request.num_cached_tokens = num_cached
                 request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = now
                 self.running.append(request)
                 out.scheduled.append(self._plan(request, num_new))
                 budget -= num_new
@@ -136,15 +164,28 @@ class Scheduler:
                 self.waiting = [r for r in self.waiting if id(r) not in taken]
         return out
 
+    def _shed(self, now: float, out: SchedulerOutput) -> None:
+        """Turn away waiting requests the policy says can no longer be served within their SLO."""
+        shed = [r for r in self.waiting if self.policy.admit(r, now) is Admission.SHED]
+        for request in shed:
+            self._finish(request, RequestStatus.FINISHED_REJECTED, now)
+            out.rejected.append(request)
+
+    def record_step_time(self, plan: SchedulerOutput, seconds: float) -> None:
+        """Feed the measured duration of an executed plan to the cost model the policies use."""
+        self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds)
+
     def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, request.num_computed_tokens,
                                 self.kv.block_table(request.request_id))
 
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
-                             out: SchedulerOutput) -> bool:
+                             out: SchedulerOutput, now: float) -> bool:
         while not self.kv.allocate(request, request.num_computed_tokens + num_new):
             candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-            victim = self.policy.pick_victim(candidates)
+            # Bound preemptions per request so nothing thrashes: spare the often-preempted if possible.
+            spared = [r for r in candidates if r.num_preemptions < self.config.max_preemptions_per_request]
+            victim = self.policy.pick_victim(spared or candidates, now)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is request:
@@ -162,8 +203,10 @@ class Scheduler:
         self.waiting.append(request)
 
     # ---- results ------------------------------------------------------------------------
-    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, int]) -> list[FinishedUpdate]:
+    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, int],
+                           now: float | None = None) -> list[FinishedUpdate]:
         """Advance computed counts, append sampled tokens, retire finished requests."""
+        now = time.monotonic() if now is None else now
         updates = []
         for item in plan.scheduled:
             request = item.request
@@ -172,11 +215,13 @@ class Scheduler:
             request.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(request)
             token_id = sampled.get(request.request_id)
+            is_decode = item.num_new_tokens == 1 and request.num_output_tokens > 0 and token_id is not None
+            self.policy.on_tokens(request, 0 if is_decode else item.num_new_tokens, int(token_id is not None))
             if token_id is None:
                 continue
             finish_reason = request.append_token(token_id)
             if finish_reason is not None:
-                self._finish(request, RequestStatus(finish_reason))
+                self._finish(request, RequestStatus(finish_reason), now)
             updates.append(FinishedUpdate(request, token_id, finish_reason))
         return updates
 
@@ -188,18 +233,20 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            self._finish(request, status)
+            self._finish(request, status, time.monotonic())
             done.append(request)
         return done
 
-    def _finish(self, request: Request, status: RequestStatus) -> None:
+    def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
         request.status = status
+        request.finished_time = now
         self.kv.free(request)
         del self.requests[request.request_id]
+        self.policy.on_finished(request, now)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
