@@ -58,29 +58,58 @@ class SchedulerConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    speculative_method: str | None = None  # ngram (prompt lookup) | draft (not supported yet)
+    speculative_model: str | None = None  # the draft checkpoint, for method draft
+    num_speculative_tokens: int = 0  # most tokens proposed per request and step
+    speculative_length: str = "fixed"  # fixed: always up to K | adaptive: by acceptance and load
+    prompt_lookup_max: int = 3  # longest suffix n-gram matched by prompt lookup
+    prompt_lookup_min: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method is not None and self.num_speculative_tokens > 0
+
+    def validate(self) -> None:
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be ngram or draft, got {self.speculative_method!r}")
+        if self.speculative_method == "draft":
+            raise ValueError("speculative_method 'draft' is not supported yet; use ngram")
+        if self.speculative_length not in ("fixed", "adaptive"):
+            raise ValueError(f"speculative_length must be fixed|adaptive, got {self.speculative_length!r}")
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}")
+        if self.speculative_method is not None and self.num_speculative_tokens == 0:
+            self.num_speculative_tokens = 4  # a method without a length: a common default
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @classmethod
     def from_kwargs(cls, model: str = "builtin", **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments (the offline API and CLI flags); unknown names raise."""
-        parts = {"model": {"model": model}, "cache": {}, "scheduler": {}}
+        parts = {"model": {"model": model}, "cache": {}, "scheduler": {}, "speculative": {}}
         owners = {f.name: "model" for f in fields(ModelConfig)}
         owners.update({f.name: "cache" for f in fields(CacheConfig)})
         owners.update({f.name: "scheduler" for f in fields(SchedulerConfig)})
+        owners.update({f.name: "speculative" for f in fields(SpeculativeConfig)})
         for name, value in kwargs.items():
             if name not in owners:
                 raise TypeError(f"unknown engine argument {name!r}")
             if value is not None:
                 parts[owners[name]][name] = value
         config = cls(ModelConfig(**parts["model"]), CacheConfig(**parts["cache"]),
-                     SchedulerConfig(**parts["scheduler"]))
+                     SchedulerConfig(**parts["scheduler"]), SpeculativeConfig(**parts["speculative"]))
         config.validate()
         return config
 
     def validate(self) -> None:
+        self.speculative.validate()
         if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):

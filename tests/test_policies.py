@@ -30,7 +30,7 @@ def sched_with(policy, num_blocks=10_000, budget=64, max_seqs=64, **config):
 
 def step(sched, now):
     plan = sched.schedule(now)
-    sched.update_from_output(plan, {s.request.request_id: 5 for s in plan.scheduled if s.samples}, now)
+    sched.update_from_output(plan, {s.request.request_id: [5] for s in plan.scheduled if s.samples}, now)
     sched.check_integrity()
     return plan
 

@@ -28,7 +28,7 @@ def make_scheduler(num_blocks=1000, block_size=16, budget=64, max_seqs=64, polic
 def step(sched: Scheduler, token: int = 7):
     """Plan a step and pretend the model sampled `token` wherever a chunk completed."""
     plan = sched.schedule()
-    sampled = {s.request.request_id: token for s in plan.scheduled if s.samples}
+    sampled = {s.request.request_id: [token] for s in plan.scheduled if s.samples}
     sched.update_from_output(plan, sampled)
     sched.check_integrity()
     return plan

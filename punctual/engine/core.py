@@ -9,6 +9,7 @@ from punctual.kv.manager import KVCacheManager
 from punctual.model.runner import ModelRunner
 from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, RequestStatus
 from punctual.sched.scheduler import Scheduler
+from punctual.spec.speculator import Speculator
 
 
 @dataclass
@@ -45,6 +46,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.speculator = Speculator(config.speculative, self.scheduler) if config.speculative.enabled else None
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
         self.num_steps = 0
         self.prompt_tokens_computed = 0
@@ -91,7 +93,12 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
-            self.runner.forget(request.request_id)
+            self._forget(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self.runner.forget(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -99,6 +106,8 @@ class EngineCore:
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         started = time.monotonic()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler)
         plan = self.scheduler.schedule(started)
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not plan.scheduled:
@@ -112,7 +121,9 @@ class EngineCore:
                 self.prompt_tokens_computed += item.num_new_tokens
         updates = self.scheduler.update_from_output(plan, sampled, now)
         self.num_steps += 1
-        self.generation_tokens += len(updates)
+        self.generation_tokens += sum(len(u.new_token_ids) for u in updates)
+        if self.speculator is not None:
+            self.speculator.record(plan, sampled)
         for update in updates:
             request = update.request
             pin_id = self._pins_in_flight.pop(request.request_id, None)
@@ -122,22 +133,23 @@ class EngineCore:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            lp = logprobs.get(request.request_id)
+            lps = logprobs.get(request.request_id)
+            lps = lps[:len(update.new_token_ids)] if lps is not None else None
             if update.finish_reason is not None:
-                self.runner.forget(request.request_id)
-                outputs.append(self._final_output(request, [update.new_token_id], lp))
+                self._forget(request.request_id)
+                outputs.append(self._final_output(request, update.new_token_ids, lps))
             else:
                 outputs.append(EngineCoreOutput(
-                    request_id=request.request_id, new_token_ids=[update.new_token_id],
-                    new_logprobs=[lp] if lp is not None else None, num_prompt_tokens=request.num_prompt_tokens,
-                    first_token_time=request.first_token_time, arrival_time=request.arrival_time))
+                    request_id=request.request_id, new_token_ids=update.new_token_ids, new_logprobs=lps,
+                    num_prompt_tokens=request.num_prompt_tokens, first_token_time=request.first_token_time,
+                    arrival_time=request.arrival_time))
         return outputs
 
     @staticmethod
-    def _final_output(request: Request, new_token_ids: list[int], lp) -> EngineCoreOutput:
+    def _final_output(request: Request, new_token_ids: list[int], lps) -> EngineCoreOutput:
         return EngineCoreOutput(
             request_id=request.request_id, new_token_ids=new_token_ids, finish_reason=request.status.value,
-            new_logprobs=[lp] if lp is not None else None, num_prompt_tokens=request.num_prompt_tokens,
+            new_logprobs=lps, num_prompt_tokens=request.num_prompt_tokens,
             first_token_time=request.first_token_time, arrival_time=request.arrival_time,
             metrics=request.latency_metrics())
 

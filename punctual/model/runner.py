@@ -120,8 +120,9 @@ class ModelRunner:
         return blocks
 
     # ---- one step -----------------------------------------------------------------------
-    def execute(self, plan: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
-        """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens."""
+    def execute(self, plan: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprobs]]]:
+        """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens
+        (and verify speculated tokens): request id -> new tokens, and their logprobs if asked."""
         # Decodes sorted by context length, so that each attention bucket pads little.
         decodes = sorted((s for s in plan.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
         prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
@@ -130,20 +131,36 @@ class ModelRunner:
         meta = self._metadata(decodes, prefills, slots)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
 
-        sampling = [i for i, s in enumerate(ordered) if s.samples]
-        if not sampling:
-            return {}, {}
-        last_token_index, offset = [], 0
+        # Logits rows: the last position of each sampling chunk, or every verified position.
+        rows, offset = [], 0
+        plain: list[tuple[int, ScheduledRequest]] = []
+        spec: list[tuple[int, ScheduledRequest]] = []
         for s in ordered:
             offset += s.num_new_tokens
-            last_token_index.append(offset - 1)
-        rows = torch.tensor([last_token_index[i] for i in sampling], device=self.device)
-        logits = self.model.logits(hidden[rows])
-        requests = [ordered[i].request for i in sampling]
-        tokens, logprobs = self.sampler.sample(logits, requests)
-        sampled = {r.request_id: t for r, t in zip(requests, tokens)}
-        lp = {r.request_id: l for r, l in zip(requests, logprobs) if l is not None}
-        return sampled, lp
+            if s.samples:
+                n_rows = 1 + len(s.spec_token_ids)
+                (spec if s.spec_token_ids else plain).append((len(rows), s))
+                rows.extend(range(offset - n_rows, offset))
+        if not rows:
+            return {}, {}
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list[TokenLogprobs]] = {}
+        if plain:
+            index = torch.tensor([row for row, _ in plain], device=self.device)
+            requests = [s.request for _, s in plain]
+            tokens, lps = self.sampler.sample(logits[index], requests)
+            for request, token, lp in zip(requests, tokens, lps):
+                sampled[request.request_id] = [token]
+                if lp is not None:
+                    logprobs[request.request_id] = [lp]
+        for row, s in spec:
+            n_rows = 1 + len(s.spec_token_ids)
+            tokens, lps = self.sampler.verify(logits[row:row + n_rows], s.request, s.spec_token_ids)
+            sampled[s.request.request_id] = tokens
+            if lps is not None:
+                logprobs[s.request.request_id] = lps
+        return sampled, logprobs
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
@@ -155,7 +172,10 @@ class ModelRunner:
         slots: list[int] = []
         for s in ordered:
             start, end, table = s.start_position, s.start_position + s.num_new_tokens, s.block_table
-            if s.num_new_tokens == 1:
+            if s.spec_token_ids:
+                input_ids.append(s.request.token_at(start))
+                input_ids.extend(s.spec_token_ids)
+            elif s.num_new_tokens == 1:
                 input_ids.append(s.request.token_at(start))
             else:
                 input_ids.extend(s.request.all_token_ids[start:end])

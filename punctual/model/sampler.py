@@ -62,15 +62,57 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                row = raw_logprobs[i]
-                top = []
-                if p.logprobs > 0:
-                    values, ids = row.topk(p.logprobs)
-                    top = list(zip(ids.tolist(), values.tolist()))
-                logprobs[i] = TokenLogprobs(token_list[i], row[token_list[i]].item(), top)
+                if p.logprobs is not None:
+                    logprobs[i] = self._token_logprobs(raw_logprobs[i], token_list[i], p.logprobs)
         return token_list, logprobs
+
+    @torch.inference_mode()
+    def verify(self, logits: torch.Tensor, request: Request, drafts: list[int]
+               ) -> tuple[list[int], list[TokenLogprobs] | None]:
+        """Speculative verification. logits: [len(drafts)+1, V], row i predicts the token after draft i-1.
+
+        Returns the accepted drafts and one more token. Greedy accepts a draft iff it is the argmax.
+        Sampling accepts draft d with probability p(d) and otherwise draws from p with d removed:
+        rejection sampling against a deterministic proposer, so tokens follow p exactly.
+        """
+        params = request.sampling_params
+        tokens: list[int] = []
+        if params.greedy:
+            targets = logits.argmax(dim=-1).tolist()
+            for i, draft in enumerate(drafts):
+                tokens.append(targets[i])
+                if targets[i] != draft:
+                    break
+            else:
+                tokens.append(targets[len(drafts)])
+        else:
+            probs = self._probs([params] * logits.shape[0], logits)
+            gen = self._generator_for(request) if params.seed is not None else self.generator
+            for i, draft in enumerate(drafts):
+                if torch.rand((), generator=gen, device=logits.device) < probs[i, draft]:
+                    tokens.append(draft)
+                    continue
+                residual = probs[i].clone()
+                residual[draft] = 0.0
+                if residual.sum() <= 0:  # p put all its mass on the draft: cannot happen after a reject
+                    residual = probs[i]
+                tokens.append(int(torch.multinomial(residual, 1, generator=gen)[0]))
+                break
+            else:
+                tokens.append(int(torch.multinomial(probs[len(drafts)], 1, generator=gen)[0]))
+        logprobs = None
+        if params.logprobs is not None:
+            raw = torch.log_softmax(logits, dim=-1)
+            logprobs = [self._token_logprobs(raw[i], token, params.logprobs) for i, token in enumerate(tokens)]
+        return tokens, logprobs
+
+    @staticmethod
+    def _token_logprobs(row: torch.Tensor, token: int, top_k: int) -> TokenLogprobs:
+        top = []
+        if top_k > 0:
+            values, ids = row.topk(top_k)
+            top = list(zip(ids.tolist(), values.tolist()))
+        return TokenLogprobs(token, row[token].item(), top)
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, request: Request) -> None:

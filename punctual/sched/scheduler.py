@@ -24,11 +24,13 @@ class ScheduledRequest:
     num_new_tokens: int
     start_position: int  # num_computed_tokens when the step was planned
     block_table: list[int]
+    # Proposed tokens verified in this step, fed after the request's last token (speculative decoding).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so its last logits are sampled."""
-        return self.start_position + self.num_new_tokens == self.request.num_tokens
+        return self.start_position + self.num_new_tokens - len(self.spec_token_ids) == self.request.num_tokens
 
 
 @dataclass
@@ -49,7 +51,7 @@ class SchedulerOutput:
 @dataclass
 class FinishedUpdate:
     request: Request
-    new_token_id: int | None
+    new_token_ids: list[int]
     finish_reason: str | None
 
 
@@ -114,11 +116,14 @@ class Scheduler:
         for request in decodes:
             if budget == 0:
                 break
+            # Speculated tokens ride along when the budget allows and they cannot overshoot max_tokens.
+            room = min(budget - 1, request.max_output_tokens - request.num_output_tokens - 1)
+            spec = request.spec_token_ids[:max(0, room)]
             if request.status is RequestStatus.RUNNING and self._allocate_or_preempt(
-                    request, 1, scheduled_ids, out, now):
-                out.scheduled.append(self._plan(request, 1))
+                    request, 1 + len(spec), scheduled_ids, out, now):
+                out.scheduled.append(self._plan(request, 1 + len(spec), spec))
                 scheduled_ids.add(request.request_id)
-                budget -= 1
+                budget -= 1 + len(spec)
 
         # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their TPOT SLO).
         running_decodes = [s.request for s in out.scheduled]
@@ -175,9 +180,9 @@ class Scheduler:
         """Feed the measured duration of an executed plan to the cost model the policies use."""
         self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds)
 
-    def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _plan(self, request: Request, num_new: int, spec: list[int] | None = None) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, request.num_computed_tokens,
-                                self.kv.block_table(request.request_id))
+                                self.kv.block_table(request.request_id), spec or [])
 
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
                              out: SchedulerOutput, now: float) -> bool:
@@ -203,26 +208,36 @@ class Scheduler:
         self.waiting.append(request)
 
     # ---- results ------------------------------------------------------------------------
-    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, int],
+    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, list[int]],
                            now: float | None = None) -> list[FinishedUpdate]:
-        """Advance computed counts, append sampled tokens, retire finished requests."""
+        """Advance computed counts, append sampled tokens, retire finished requests.
+
+        A speculative step returns the accepted proposals plus one token; the KV written for the
+        rejected ones lies beyond num_computed_tokens and is overwritten later (the rollback).
+        """
         now = time.monotonic() if now is None else now
         updates = []
         for item in plan.scheduled:
             request = item.request
             if request.status is not RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += item.num_new_tokens
+            tokens = sampled.get(request.request_id, [])
+            accepted = max(0, len(tokens) - 1) if item.spec_token_ids else 0
+            request.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids) + accepted
             self.kv.cache_full_blocks(request)
-            token_id = sampled.get(request.request_id)
-            is_decode = item.num_new_tokens == 1 and request.num_output_tokens > 0 and token_id is not None
-            self.policy.on_tokens(request, 0 if is_decode else item.num_new_tokens, int(token_id is not None))
-            if token_id is None:
+            is_decode = item.num_new_tokens - len(item.spec_token_ids) == 1 and request.num_output_tokens > 0
+            self.policy.on_tokens(request, 0 if is_decode else item.num_new_tokens - len(item.spec_token_ids),
+                                  len(tokens))
+            if not tokens:
                 continue
-            finish_reason = request.append_token(token_id)
-            if finish_reason is not None:
-                self._finish(request, RequestStatus(finish_reason), now)
-            updates.append(FinishedUpdate(request, token_id, finish_reason))
+            finish_reason, kept = None, []
+            for token_id in tokens:
+                kept.append(token_id)
+                finish_reason = request.append_token(token_id)
+                if finish_reason is not None:
+                    self._finish(request, RequestStatus(finish_reason), now)
+                    break
+            updates.append(FinishedUpdate(request, kept, finish_reason))
         return updates
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED

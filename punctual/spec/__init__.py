@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers and the choice of how many tokens to speculate (pure Python)."""

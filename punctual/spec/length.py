@@ -1,0 +1,62 @@
+"""How many tokens to speculate per request and step (SmartSpec's goodput criterion).
+
+Each request keeps an estimate `a` of the chance that a proposed token is accepted. The j-th
+proposed token adds a^j expected tokens to the step and costs one more batched token of step
+time (the scheduler's measured cost model). Tokens are added, best first, only while they raise
+the batch's expected tokens per second: at high load a step already yields many tokens per
+second, so speculation switches itself off, and requests whose proposals fail stop proposing.
+"""
+from __future__ import annotations
+
+import heapq
+
+from punctual.sched.cost_model import StepCostModel
+
+
+class AcceptanceTracker:
+    """Exponential average of each request's per-token acceptance rate."""
+
+    def __init__(self, prior: float = 0.6, weight: float = 0.3):
+        self.prior = prior
+        self.weight = weight
+        self.rates: dict[str, float] = {}
+
+    def rate(self, request_id: str) -> float:
+        return self.rates.get(request_id, self.prior)
+
+    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        sample = accepted / proposed
+        old = self.rates.get(request_id, self.prior)
+        self.rates[request_id] = old + self.weight * (sample - old)
+
+    def forget(self, request_id: str) -> None:
+        self.rates.pop(request_id, None)
+
+
+def choose_lengths(proposals: dict[str, int], rates: dict[str, float], cost: StepCostModel,
+                   base_tokens: int, num_seqs: int) -> dict[str, int]:
+    """Per request, how many of its `proposals[id]` drafted tokens to verify this step.
+
+    base_tokens: tokens the step computes anyway (decodes + prompt chunks); num_seqs: sequences.
+    """
+    chosen = {rid: 0 for rid in proposals}
+    expected = float(num_seqs)  # every decoding sequence yields at least one token
+    batched = base_tokens
+    step_time = cost.predict(batched, num_seqs)
+    heap = [(-rates[rid], rid, 1) for rid, n in proposals.items() if n > 0]
+    heapq.heapify(heap)
+    while heap:
+        neg_gain, rid, j = heapq.heappop(heap)
+        gain = -neg_gain
+        new_time = cost.predict(batched + 1, num_seqs)
+        if step_time <= 0 or (expected + gain) / new_time <= expected / step_time:
+            break  # the best remaining token would lower tokens per second: so would every other
+        chosen[rid] = j
+        expected += gain
+        batched += 1
+        step_time = new_time
+        if j < proposals[rid]:
+            heapq.heappush(heap, (-(gain * rates[rid]), rid, j + 1))
+    return chosen

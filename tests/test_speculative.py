@@ -1,0 +1,115 @@
+"""Speculative decoding: greedy output unchanged, sampling exact in distribution, blocks returned."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import VOCAB, hf_greedy
+from punctual import LLM, SamplingParams
+from punctual.model.sampler import Sampler
+from punctual.request import EngineCoreRequest, Request
+from punctual.sched.cost_model import StepCostModel
+from punctual.spec.length import choose_lengths
+from punctual.spec.ngram import NgramProposer
+
+MAX_NEW = 16
+
+
+def repetitive_prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    pattern = [rng.randrange(VOCAB) for _ in range(7)]
+    prompts = [pattern * 6, (pattern * 4)[3:], [rng.randrange(VOCAB) for _ in range(25)]]
+    prompts += [[rng.randrange(VOCAB) for _ in range(rng.randrange(3, 40))] for _ in range(5)]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    return hf_greedy(checkpoints["llama_gqa"], repetitive_prompts(), MAX_NEW)
+
+
+@pytest.mark.parametrize("length", ["fixed", "adaptive"])
+@pytest.mark.parametrize("engine_args", [
+    dict(num_kv_blocks=256, max_num_batched_tokens=512),
+    dict(num_kv_blocks=256, max_num_batched_tokens=9, block_size=4),  # chunked prefill, clipped proposals
+    dict(num_kv_blocks=36, max_num_batched_tokens=64, block_size=4),  # preemption
+], ids=["batched", "chunked", "preempting"])
+def test_greedy_identical_with_speculation(checkpoints, reference, length, engine_args):
+    llm = LLM(str(checkpoints["llama_gqa"]), speculative_method="ngram", num_speculative_tokens=4,
+              speculative_length=length, **engine_args)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in repetitive_prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    core = llm.engine.core
+    core.check_integrity()
+    assert llm.engine.stats().kv_blocks_used == 0
+    if length == "fixed":
+        assert core.speculator.stats.num_proposed_tokens > 0
+    if engine_args["num_kv_blocks"] == 36:
+        assert llm.engine.stats().num_preemptions > 0
+
+
+def test_fixed_speculation_accepts_on_repetitive_text(checkpoints):
+    llm = LLM(str(checkpoints["llama_gqa"]), speculative_method="ngram", num_speculative_tokens=4,
+              num_kv_blocks=256)
+    # Greedy on a random model falls into loops, which prompt lookup then predicts.
+    llm.generate({"prompt_token_ids": repetitive_prompts()[0]},
+                 SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.core.speculator.stats
+    assert stats.num_accepted_tokens > 0 and stats.mean_acceptance_length > 1.0
+    assert llm.engine.stats().generation_tokens == 64
+
+
+def test_verification_is_exact_in_distribution():
+    """Chi-square: the first token out of verification follows the target distribution, whatever the draft."""
+    torch.manual_seed(0)
+    vocab = 5
+    logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3]])
+    target = torch.softmax(logits[0] / 0.8, dim=-1)
+    sampler = Sampler(torch.device("cpu"), seed=1)
+    draws = 20000
+    for draft in (3, 2):  # a likely and an unlikely proposal
+        request = Request(EngineCoreRequest("r", [1], SamplingParams(temperature=0.8, max_tokens=4)), 100)
+        counts = torch.zeros(vocab)
+        for _ in range(draws):
+            tokens, _ = sampler.verify(logits, request, [draft])
+            counts[tokens[0]] += 1
+        expected = target * draws
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 18.47, (draft, counts, expected)  # df=4, p=0.001
+
+
+def test_verification_greedy_accepts_only_argmax_prefix():
+    sampler = Sampler(torch.device("cpu"))
+    request = Request(EngineCoreRequest("g", [1], SamplingParams(temperature=0, max_tokens=8)), 100)
+    logits = torch.full((4, 6), -1.0)
+    for row, best in enumerate([2, 4, 1, 5]):
+        logits[row, best] = 1.0
+    assert sampler.verify(logits, request, [2, 4, 1])[0] == [2, 4, 1, 5]  # all accepted + bonus
+    assert sampler.verify(logits, request, [2, 3, 1])[0] == [2, 4]  # corrected at the first miss
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_match():
+    proposer = NgramProposer(max_ngram=3)
+    assert proposer.propose([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]
+    assert proposer.propose([7, 8, 9], 3) == []
+    assert proposer.propose([1, 2, 1, 2, 1], 2) == [2, 1]
+
+
+def test_adaptive_length_switches_off_under_load_and_for_rejected_requests():
+    cost = StepCostModel(fixed_s=0.030, per_token_s=0.004, per_seq_s=0.0)
+    chosen = choose_lengths({"good": 4, "bad": 4}, {"good": 0.9, "bad": 0.05}, cost, base_tokens=2, num_seqs=2)
+    assert chosen["good"] >= 3 and chosen["bad"] == 0
+    # The same machine under load: a step already yields many tokens per second, so a proposal
+    # that is accepted 90% of the time no longer pays for the time it adds to everyone's step.
+    chosen = choose_lengths({"good": 4}, {"good": 0.9}, cost, base_tokens=128, num_seqs=128)
+    assert chosen["good"] == 0
+
+
+def test_bad_speculative_arguments_are_named():
+    with pytest.raises(ValueError, match="speculative_method"):
+        LLM("builtin-tiny", speculative_method="medusa")
+    with pytest.raises(ValueError, match="speculative_length"):
+        LLM("builtin-tiny", speculative_method="ngram", speculative_length="sometimes")
