@@ -14,9 +14,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV pool, e.g. 2GiB")
     parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--scheduling-policy", default=None, help="fcfs | priority")
+    parser.add_argument("--scheduling-policy", default=None, help="fcfs | priority | slo | fair | sjf")
+    parser.add_argument("--slo-overload-action", default=None, choices=["reject", "best_effort"],
+                        help="slo policy: what to do with a request that can no longer meet its TTFT")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--kv-cache-dtype", default=None, help="auto | int8 (quantized KV, ~2x the tokens of bf16)")
+    parser.add_argument("--speculative-method", default=None, choices=["ngram", "draft"])
+    parser.add_argument("--speculative-model", default=None, help="draft checkpoint (method draft)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, help="most tokens proposed per step")
+    parser.add_argument("--speculative-length", default=None, choices=["fixed", "adaptive"])
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV of shared prefixes (on by default)")
 
@@ -26,7 +32,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_model_len=args.max_model_len,
                 scheduling_policy=args.scheduling_policy, seed=args.seed,
-                enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype)
+                enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+                slo_overload_action=args.slo_overload_action, speculative_method=args.speculative_method,
+                speculative_model=args.speculative_model, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_length=args.speculative_length)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
