@@ -5,6 +5,7 @@ tokenizing and detokenizing in the front end never stall a model step (vLLM v1's
 two sides talk over one local socket pair; a message is an 8-byte length and a pickle:
 
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
+                        | ("pin", (pin_id, token_ids)) | ("unpin", pin_id)
     core -> front end   CoreInfo once, then a CoreUpdate per step (outputs + stats), or CoreFailure
 
 The core drains every pending command before each step and blocks on the socket when it has
@@ -14,6 +15,8 @@ so a burst of long prompts cannot stall the loop, nor deadlock against a core th
 blocked writing a large update.
 """
 from __future__ import annotations
+
+import logging
 
 import asyncio
 import multiprocessing
@@ -36,6 +39,8 @@ from punctual.request import EngineCoreOutput, EngineCoreRequest
 # waiting for the front end to read; the kernel caps this at wmem_max.
 SOCKET_BUFFER_BYTES = 4 << 20
 FRAME_HEADER = struct.Struct("!Q")  # payload length in bytes; a pickle follows
+
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -191,6 +196,13 @@ class CoreLoop:
                     rejected[payload.request_id] = str(exc)
             elif kind == "abort":
                 self.core.abort_requests(payload)
+            elif kind == "pin":
+                try:
+                    self.core.pin_prefix(*payload)
+                except ValueError as exc:
+                    logger.warning("pin %s refused: %s", payload[0], exc)
+            elif kind == "unpin":
+                self.core.unpin_prefix(payload)
             elif kind == "shutdown":
                 self.core.abort_requests(list(self.core.scheduler.requests))
                 return False
@@ -270,6 +282,12 @@ class EngineCoreClient:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(("add", request))
+
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
+        self._send(("pin", (pin_id, list(prompt_token_ids))))
+
+    def unpin_prefix(self, pin_id: str) -> None:
+        self._send(("unpin", pin_id))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:

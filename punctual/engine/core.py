@@ -26,6 +26,10 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which were cached
     prefix_cached_blocks: int = 0
     prefix_cache_evictions: int = 0
+    spec_method: str | None = None  # speculative decoding: proposer name, tokens proposed/accepted
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -161,7 +165,15 @@ class EngineCore:
             prompt_tokens_computed=self.prompt_tokens_computed, generation_tokens=self.generation_tokens,
             prefix_cache_queries=self.kv_manager.prefix_queries, prefix_cache_hits=self.kv_manager.prefix_hits,
             prefix_cached_blocks=self.kv_manager.pool.num_cached_blocks,
-            prefix_cache_evictions=self.kv_manager.pool.num_evictions)
+            prefix_cache_evictions=self.kv_manager.pool.num_evictions,
+            **self._spec_stats())
+
+    def _spec_stats(self) -> dict:
+        if self.speculator is None:
+            return {}
+        spec = self.speculator.stats
+        return dict(spec_method=spec.method, spec_proposed_tokens=spec.num_proposed_tokens,
+                    spec_accepted_tokens=spec.num_accepted_tokens, spec_verifications=spec.num_verifications)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

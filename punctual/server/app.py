@@ -16,7 +16,7 @@ from punctual.server.completions import CompletionServing
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
-from punctual.server.protocol import ChatCompletionRequest, CompletionRequest
+from punctual.server.protocol import ChatCompletionRequest, CompletionRequest, PinRequest, UnpinRequest
 
 ARRIVAL_KEY = "punctual.arrival_time"
 
@@ -57,6 +57,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
                   description="A latency-first LLM serving engine with an OpenAI-compatible API.")
     app.state.engine = engine
     app.state.metrics = metrics
+    started = int(time.time())
     install_error_handlers(app)
     app.add_middleware(StampArrival)
 
@@ -82,11 +83,38 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
     async def list_models() -> dict:
         max_model_len = engine.info.max_model_len if engine.info is not None else None
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
-                                            "created": int(app_started), "owned_by": "punctual",
+                                            "created": started, "owned_by": "punctual",
                                             "max_model_len": max_model_len}]}
 
+    @v1.post("/cache/pin")
+    async def pin_prefix(body: PinRequest) -> dict:
+        if body.model is not None and body.model != config.served_model_name:
+            raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
+        if (body.prompt is None) == (body.prompt_token_ids is None):
+            raise APIError(400, "give exactly one of prompt and prompt_token_ids", param="prompt")
+        token_ids = (engine.tokenizer.encode(body.prompt) if body.prompt is not None
+                     else list(body.prompt_token_ids))
+        max_len = engine.info.max_model_len if engine.info is not None else None
+        if not token_ids or (max_len is not None and len(token_ids) >= max_len):
+            raise APIError(400, f"the prefix must have between 1 and {max_len} tokens, got {len(token_ids)}",
+                           param="prompt")
+        vocab = engine.info.vocab_size if engine.info is not None else None
+        if vocab is not None and any(not 0 <= t < vocab for t in token_ids):
+            raise APIError(400, f"prompt_token_ids must be in [0, {vocab})", param="prompt_token_ids")
+        pin_id = body.pin_id or f"pin-{secrets.token_hex(8)}"
+        try:
+            engine.pin(pin_id, token_ids)
+        except ValueError as exc:
+            raise APIError(409, str(exc), param="pin_id", code="already_pinned") from None
+        return {"object": "cache.pin", "pin_id": pin_id, "num_tokens": len(token_ids)}
+
+    @v1.post("/cache/unpin")
+    async def unpin_prefix(body: UnpinRequest) -> dict:
+        if not engine.unpin(body.pin_id):
+            raise APIError(404, f"no pinned prefix {body.pin_id!r}", param="pin_id", code="pin_not_found")
+        return {"object": "cache.unpin", "pin_id": body.pin_id, "unpinned": True}
+
     app.include_router(v1)
-    app_started = time.time()
 
     @app.get("/health")
     async def health() -> Response:

@@ -8,16 +8,20 @@ slow client costs one wake-up per step, not one per token.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 from punctual.config import EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
+from punctual.engine.core import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics
 from punctual.tokenizer import load_tokenizer
+
+logger = logging.getLogger("punctual.server")
 
 
 class RequestRejected(ValueError):
@@ -33,8 +37,10 @@ class RequestHandle:
     waiter: asyncio.Event  # shared by every prompt of one HTTP request
     child_ids: list[str]
     error: Exception | None = None
-    # Engine-side timing (monotonic, the core's clock readings): the engine's own TTFT.
-    core_received_time: float | None = None
+    # The engine's own TTFT runs from the hand-off to the core (its socket) to the step that
+    # sampled the first token (the core's clock; monotonic time is system-wide on Linux). Time
+    # a request waits in the socket for the running step to end is engine time: the core is busy.
+    handed_off_time: float | None = None
     core_first_token_time: float | None = None
     last_token_time: dict[str, float] = field(default_factory=dict)  # per child, for ITL
 
@@ -44,9 +50,9 @@ class RequestHandle:
 
     @property
     def engine_ttft(self) -> float | None:
-        if self.core_received_time is None or self.core_first_token_time is None:
+        if self.handed_off_time is None or self.core_first_token_time is None:
             return None
-        return self.core_first_token_time - self.core_received_time
+        return self.core_first_token_time - self.handed_off_time
 
     def fail(self, error: Exception) -> None:
         if self.error is None:
@@ -60,6 +66,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.info: CoreInfo | None = None
         self.tokenizer = None
+        self.pins: set[str] = set()
         self.output_processor: OutputProcessor | None = None
         self.handles: dict[str, RequestHandle] = {}  # parent request id -> handle
         self.by_child: dict[str, RequestHandle] = {}  # core request id -> its parent's handle
@@ -68,7 +75,7 @@ class AsyncEngine:
         self.info = await asyncio.to_thread(self.client.start, timeout)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.client.attach(asyncio.get_running_loop(), self._on_update, self._on_death)
+        await self.client.attach(self._on_update, self._on_death)
 
     # ---- state the routes read ----------------------------------------------------------
     @property
@@ -89,7 +96,8 @@ class AsyncEngine:
         return len(self.by_child)
 
     @property
-    def stats(self):
+    def stats(self) -> EngineStats | None:
+        """The core's latest report (it sends one whenever its numbers change)."""
         return self.client.stats
 
     # ---- requests -----------------------------------------------------------------------
@@ -104,7 +112,7 @@ class AsyncEngine:
         handle = RequestHandle(request_id, self.output_processor.parents[request_id], waiter,
                                [child_id for child_id, _ in children])
         self.handles[request_id] = handle
-        for child_id, child_params in children:
+        for child_id, _ in children:
             self.by_child[child_id] = handle
         try:
             for child_id, child_params in children:
@@ -113,9 +121,28 @@ class AsyncEngine:
         except EngineDeadError:
             self._forget(handle)
             raise
+        handle.handed_off_time = time.monotonic()
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(prompt_token_ids) * params.n)
         return handle
+
+    # ---- pinned prefixes ----------------------------------------------------------------
+    def pin(self, pin_id: str, prompt_token_ids: list[int]) -> None:
+        """Ask the core to compute the prefix and hold its blocks; it takes effect within a few steps."""
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine core is not running")
+        if pin_id in self.pins:
+            raise ValueError(f"pin_id {pin_id!r} is already pinned")
+        self.client.pin_prefix(pin_id, prompt_token_ids)
+        self.pins.add(pin_id)
+
+    def unpin(self, pin_id: str) -> bool:
+        if pin_id not in self.pins:
+            return False
+        self.pins.discard(pin_id)
+        if self.is_alive:
+            self.client.unpin_prefix(pin_id)
+        return True
 
     def abort(self, handle: RequestHandle) -> None:
         """Stop a request that is still running (client gone, shutdown); no-op once finished."""
@@ -139,10 +166,6 @@ class AsyncEngine:
     # ---- core updates (on the loop) -----------------------------------------------------
     def _on_update(self, update: CoreUpdate) -> None:
         now = time.monotonic()
-        for child_id, received in update.received.items():
-            handle = self.by_child.get(child_id)
-            if handle is not None and (handle.core_received_time is None or received < handle.core_received_time):
-                handle.core_received_time = received
         for child_id, why in update.rejected.items():
             handle = self.by_child.get(child_id)
             if handle is not None:
@@ -152,12 +175,17 @@ class AsyncEngine:
             handle = self.by_child.get(output.request_id)
             if handle is None:
                 continue
+            if self.metrics is not None and output.metrics is not None:
+                self.metrics.observe_core_metrics(output.metrics)
+            if not output.new_token_ids:
+                continue  # e.g. turned away by the scheduler before its first token
             if handle.core_first_token_time is None and self.metrics is not None:
                 self.metrics.time_to_first_token.observe(now - handle.state.metrics.arrival_time)
             if output.first_token_time is not None and (
                     handle.core_first_token_time is None or output.first_token_time < handle.core_first_token_time):
                 handle.core_first_token_time = output.first_token_time
             if self.metrics is not None:
+                # One observation per delivery: the wait a reader sees (several tokens may come at once).
                 last = handle.last_token_time.get(output.request_id)
                 if last is not None:
                     self.metrics.inter_token_latency.observe(now - last)
@@ -177,8 +205,10 @@ class AsyncEngine:
             handle.waiter.set()
 
     def _on_death(self, reason: str) -> None:
+        logger.error("%s; failing %d in-flight requests", reason, len(self.handles))
         error = EngineDeadError(reason)
         for handle in list(self.handles.values()):
+            self.output_processor.abort(handle.request_id)
             self._forget(handle)
             handle.fail(error)
 
@@ -187,4 +217,4 @@ class AsyncEngine:
         for handle in list(self.handles.values()):
             self.abort(handle)
             handle.fail(EngineDeadError("the server is shutting down"))
-        await asyncio.to_thread(self.client.shutdown, timeout)
+        await self.client.shutdown(timeout)

@@ -9,6 +9,7 @@ from punctual.server.serving import ChoiceCursor, Generation, OpenAIServing, fin
 
 class ChatServing(OpenAIServing):
     id_prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
 
     def prompt_param(self) -> str:
         return "messages"
@@ -66,7 +67,7 @@ class ChatServing(OpenAIServing):
 
     @staticmethod
     def chunk(base: dict, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
-        return {**base, "object": "chat.completion.chunk",
+        return {**base, "object": ChatServing.chunk_object,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
     def full_response(self, generation: Generation, base: dict) -> dict:

@@ -61,7 +61,7 @@ class CompletionServing(OpenAIServing):
             if not text and logprobs is None and sample.finish_reason is None:
                 continue  # held back (a possible stop string) or not yet decodable
             cursor.finish_sent = sample.finish_reason is not None
-            chunks.append({**base, "object": "text_completion", "choices": [
+            chunks.append({**base, "object": self.chunk_object, "choices": [
                 {"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason}]})
         return chunks
 

@@ -39,6 +39,8 @@ class EngineStatsCollector:
             "punctual_kv_blocks_used": ("KV cache blocks in use", stats.kv_blocks_used),
             "punctual_kv_blocks_free": ("KV cache blocks free", stats.kv_blocks_free),
             "punctual_kv_blocks_total": ("KV cache blocks in the pool", stats.kv_blocks_total),
+            "punctual_prefix_cached_blocks": ("Free blocks whose KV the prefix cache still holds",
+                                              stats.prefix_cached_blocks),
         }
         for name, (doc, value) in gauges.items():
             gauge = GaugeMetricFamily(name, doc)
@@ -50,6 +52,14 @@ class EngineStatsCollector:
             "punctual_engine_prompt_tokens_computed": (
                 "Prompt tokens the core computed, recomputation after preemption included",
                 stats.prompt_tokens_computed),
+            "punctual_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache",
+                                              stats.prefix_cache_queries),
+            "punctual_prefix_cache_hits": ("Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+            "punctual_prefix_cache_evictions": ("Cached KV blocks evicted for space", stats.prefix_cache_evictions),
+            "punctual_spec_proposed_tokens": ("Speculative tokens proposed", stats.spec_proposed_tokens),
+            "punctual_spec_accepted_tokens": ("Speculative tokens accepted", stats.spec_accepted_tokens),
+            "punctual_spec_verifications": ("Request-steps that verified speculative tokens",
+                                            stats.spec_verifications),
         }
         for name, (doc, value) in counters.items():
             counter = CounterMetricFamily(name, doc)
@@ -78,6 +88,11 @@ class ServerMetrics:
         self.generation_tokens = Counter("punctual_generation_tokens", "Tokens generated", registry=r)
         self.requests_finished = Counter("punctual_requests_finished", "Requests finished, by reason",
                                          ["finish_reason"], registry=r)
+        self.queue_time = Histogram(
+            "punctual_request_queue_time_seconds", "Arrival to first scheduled in the engine core",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.slo_outcomes = Counter("punctual_slo_outcomes", "Finished requests that met or missed an SLO",
+                                    ["slo", "outcome"], registry=r)
 
     def watch_engine(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]) -> None:
         self.registry.register(EngineStatsCollector(read_stats, read_alive))
@@ -91,6 +106,15 @@ class ServerMetrics:
             if sample.first_token_time is not None and len(sample.token_ids) > 1 and m.finished_time is not None:
                 self.time_per_output_token.observe(
                     (m.finished_time - sample.first_token_time) / (len(sample.token_ids) - 1))
+
+    def observe_core_metrics(self, record: dict) -> None:
+        """The core's latency record of a finished request (ms, and whether each SLO was met)."""
+        if record.get("queue_time_ms") is not None:
+            self.queue_time.observe(record["queue_time_ms"] / 1000)
+        for slo in ("ttft", "tpot"):
+            met = record.get(f"{slo}_slo_met")
+            if met is not None:
+                self.slo_outcomes.labels(slo, "met" if met else "missed").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

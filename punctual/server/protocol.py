@@ -120,3 +120,20 @@ class ChatCompletionRequest(GenerationRequest):
         if not self.logprobs:
             return None
         return 0 if self.top_logprobs is None else self.top_logprobs
+
+
+class PinRequest(BaseModel):
+    """POST /v1/cache/pin: keep a prefix's KV cached (Prompt Cache's prompt modules)."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    pin_id: str | None = None  # default: a new id, returned
+
+
+class UnpinRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    pin_id: str

@@ -36,11 +36,12 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait((work_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait((work_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this task itself is cancelled (shutdown): leave nothing running
         watch_task.cancel()
-    if not work_task.done():
-        work_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task not in done:
         raise ClientDisconnected()
     return work_task.result()
 
@@ -49,14 +50,6 @@ async def _wait_for_disconnect(request: Request) -> None:
     # The body is already read, so the next ASGI message can only be the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def engine_error(exc: Exception) -> APIError:
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, f"the engine is not running: {exc}", code="engine_unavailable")
-    if isinstance(exc, RequestRejected):
-        return bad_request(str(exc), "prompt")
-    return APIError(500, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -123,8 +116,8 @@ class Generation:
         completion_tokens = sum(len(s.token_ids) for s in self.samples())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        # Extensions: TTFT as the engine core saw it (core receipt -> first token), and as the
-        # server saw it (HTTP arrival -> first token detokenized); their gap is the front end's cost.
+        # Extensions: TTFT as the engine saw it (hand-off to the core -> first token sampled), and
+        # as the server saw it (HTTP arrival -> first token detokenized); the gap is the front end's.
         engine_ttfts = [h.engine_ttft for h in self.handles if h.engine_ttft is not None]
         if engine_ttfts:
             usage["engine_ttft_ms"] = round(min(engine_ttfts) * 1000, 3)
@@ -148,6 +141,7 @@ class OpenAIServing:
     """Shared flow of a generation route; subclasses shape prompts and JSON."""
 
     id_prefix = "cmpl"
+    chunk_object = "text_completion"  # the `object` of a streamed chunk
 
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
@@ -177,7 +171,7 @@ class OpenAIServing:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", "model", "model_not_found")
         if not self.engine.is_alive:
-            raise engine_error(EngineDeadError(self.engine.dead_reason or "not started"))
+            raise self.engine_error(EngineDeadError(self.engine.dead_reason or "not started"))
         try:
             params = body.sampling_params()
         except ValueError as exc:
@@ -203,15 +197,23 @@ class OpenAIServing:
             return Response(status_code=499)  # nobody is listening; the status is for logs
         except (EngineDeadError, RequestRejected) as exc:
             generation.abort()
-            raise engine_error(exc) from None
+            raise self.engine_error(exc) from None
         except BaseException:
             generation.abort()
             raise
+        if any(s.finish_reason == "rejected" for s in generation.samples()):
+            generation.abort()
+            raise APIError(429, "the scheduler turned this request away: its latency SLO cannot be met at the "
+                                "current load; retry later", code="slo_unattainable")
         if not body.stream:
             return JSONResponse(self.full_response(generation, base))
-        # The background task runs when the stream ends or the client hangs up: abort if unfinished.
+
+        async def abort_if_unfinished() -> None:  # async: a sync task would run on a worker thread
+            generation.abort()
+
+        # The background task runs when the stream ends or the client hangs up.
         return StreamingResponse(self.stream(generation, base, body.include_usage), media_type="text/event-stream",
-                                 background=BackgroundTask(generation.abort))
+                                 background=BackgroundTask(abort_if_unfinished))
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         param = self.prompt_param()
@@ -247,7 +249,7 @@ class OpenAIServing:
         except (EngineDeadError, ValueError) as exc:
             for handle in handles:
                 self.engine.abort(handle)
-            raise engine_error(exc) if isinstance(exc, EngineDeadError) else from_value_error(exc) from None
+            raise self.engine_error(exc) if isinstance(exc, EngineDeadError) else from_value_error(exc) from None
         return Generation(request_id, self.engine, handles, waiter, arrival_time)
 
     async def stream(self, generation: Generation, base: dict, include_usage: bool) -> AsyncIterator[str]:
@@ -261,15 +263,22 @@ class OpenAIServing:
                 try:
                     await generation.wait()
                 except (EngineDeadError, RequestRejected) as exc:
-                    yield sse(engine_error(exc).body()) + "data: [DONE]\n\n"
+                    yield sse(self.engine_error(exc).body()) + "data: [DONE]\n\n"
                     return
             if include_usage:
-                yield sse({**base, "choices": [], "usage": generation.usage()})
+                yield sse({**base, "object": self.chunk_object, "choices": [], "usage": generation.usage()})
             yield "data: [DONE]\n\n"
         finally:
             generation.abort()
 
-    # ---- helpers for subclasses ---------------------------------------------------------
+    # ---- helpers ------------------------------------------------------------------------
+    def engine_error(self, exc: Exception) -> APIError:
+        if isinstance(exc, EngineDeadError):
+            return APIError(503, f"the engine is not running: {exc}", code="engine_unavailable")
+        if isinstance(exc, RequestRejected):
+            return bad_request(str(exc), self.prompt_param())
+        return APIError(500, f"{type(exc).__name__}: {exc}")
+
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:

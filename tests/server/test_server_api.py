@@ -185,3 +185,21 @@ def test_raw_sse_framing_ends_with_done(server):
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     assert json.loads(lines[0][len("data: "):])["object"] == "text_completion"
+
+
+def test_pin_prefix_is_reused_and_unpinned(server):
+    document = "The quarterly report covers revenue, costs and the outlook for the next year. " * 4
+    pinned = httpx.post(f"{server.url}/v1/cache/pin", json={"prompt": document, "pin_id": "report"}, timeout=10)
+    assert pinned.status_code == 200 and pinned.json()["pin_id"] == "report"
+    again = httpx.post(f"{server.url}/v1/cache/pin", json={"prompt": document, "pin_id": "report"}, timeout=10)
+    assert again.status_code == 409 and again.json()["error"]["param"] == "pin_id"
+    hits_before = server.metric("punctual_prefix_cache_hits_total")
+    response = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                          json={"model": MODEL, "prompt": document + " Summary:", "max_tokens": 2})
+    assert response.status_code == 200
+    assert server.metric("punctual_prefix_cache_hits_total") - hits_before >= 16  # at least one block reused
+    assert httpx.post(f"{server.url}/v1/cache/unpin", json={"pin_id": "report"}, timeout=10).json()["unpinned"]
+    missing = httpx.post(f"{server.url}/v1/cache/unpin", json={"pin_id": "report"}, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "pin_not_found"
+    bad = httpx.post(f"{server.url}/v1/cache/pin", json={"prompt": "x", "prompt_token_ids": [1]}, timeout=10)
+    assert bad.status_code == 400

@@ -107,11 +107,11 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             assert response.status_code == 200
+            # Hold the iterator: dropping it mid-stream would close the connection right away.
+            lines = response.iter_lines()
             events = 0
-            for line in response.iter_lines():
-                events += line.startswith("data: ")
-                if events >= 3:
-                    break
+            while events < 3:
+                events += next(lines).startswith("data: ")
             assert server.metric("punctual_kv_blocks_used") > 0
     wait_for_blocks_freed(server)
     assert aborted(server) == before + 1

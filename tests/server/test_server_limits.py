@@ -16,7 +16,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(launch_server):
     # The key comes from the environment, as a deployment would pass a secret.
-    return launch_server("--max-queue-len", "2", env={"PUNCTUAL_API_KEY": KEY})
+    return launch_server("--max-queue-len", "2", "--scheduling-policy", "slo", env={"PUNCTUAL_API_KEY": KEY})
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
@@ -51,9 +51,9 @@ def test_queue_full_answers_429_at_once(server):
             if response.status_code != 200:
                 await response.aread()
                 return response.status_code, time.monotonic() - start, response.json()
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    break
+            lines = response.aiter_lines()  # held: dropping it mid-stream would close the connection
+            while not (await anext(lines)).startswith("data: "):
+                pass
             await release.wait()  # hold the seat until every rejection is in
             return 200, time.monotonic() - start, None
 
@@ -86,3 +86,16 @@ def test_queue_full_answers_429_at_once(server):
     too_many = httpx.post(f"{server.url}/v1/completions", headers=AUTH, timeout=30,
                           json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 3})
     assert too_many.status_code == 429
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_whose_slo_cannot_be_met_gets_429(server, stream):
+    # A TTFT SLO of a microsecond is already missed on arrival: the slo policy sheds the request.
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "ttft_slo_ms": 0.001, "stream": stream}
+    response = httpx.post(f"{server.url}/v1/completions", headers=AUTH, json=body, timeout=30)
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "slo_unattainable"
+    relaxed = httpx.post(f"{server.url}/v1/completions", headers=AUTH, timeout=30,
+                         json={**body, "ttft_slo_ms": 60_000})
+    assert relaxed.status_code == 200
+    assert server.metric('punctual_slo_outcomes_total{outcome="met",slo="ttft"}') >= 1
