@@ -30,9 +30,11 @@ def add_bench_parsers(subparsers) -> None:
                          help="comma-separated, from punctual, llama.cpp, hf-static")
     compare.add_argument("--max-num-seqs", type=int, default=32,
                          help="Punctual's batch cap, llama.cpp's slots, the static batch size")
-    compare.add_argument("--threads", type=int, default=None, help="compute threads of each system (default: all cores)")
+    compare.add_argument("--threads", type=int, default=None,
+                         help="compute threads of each system (default: all cores)")
     compare.add_argument("--kv-cache-memory", default=None, help="Punctual's KV pool, e.g. 2GiB")
-    compare.add_argument("--slot-context", type=int, default=None, help="llama.cpp context per slot (default: the model's)")
+    compare.add_argument("--slot-context", type=int, default=None,
+                         help="llama.cpp context per slot (default: the model's)")
     compare.add_argument("--punctual-args", default="", help="extra `punctual serve` flags, quoted")
     compare.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
     compare.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
@@ -68,11 +70,13 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--num-requests", type=int, default=100, help="requests per run")
     load.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals")
     load.add_argument("--length-scale", type=float, default=1.0, help="multiply every prompt and output length")
-    load.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (default inf: all at once)")
+    load.add_argument("--request-rate", type=float, default=math.inf,
+                      help="requests per second (default inf: all at once)")
     load.add_argument("--burstiness", type=float, default=1.0,
                       help="squared CV of the gaps: 1 Poisson, >1 burstier (gamma shape = 1/burstiness)")
     load.add_argument("--concurrency", type=int, default=None, help="closed loop with this many clients instead")
-    load.add_argument("--trace", default=None, help="replay a JSONL trace (timestamp, prompt or prompt_len, output_len)")
+    load.add_argument("--trace", default=None,
+                      help="replay a JSONL trace (timestamp, prompt or prompt_len, output_len)")
     load.add_argument("--sweep-rates", default=None, help="comma-separated rates, one run each, e.g. 0.5,1,2,4")
     load.add_argument("--sweep-bisect", default=None, help="LOW,HIGH: bisect the goodput between these rates")
     load.add_argument("--bisect-steps", type=int, default=4)
@@ -174,6 +178,9 @@ def finish(args: argparse.Namespace, plan, runs: list[dict], skipped: dict) -> i
     print()
     if len(runs) == 1:
         print(report.latency_table(runs[0]["summary"]))
+        if "per_user" in runs[0]["summary"]:
+            print()
+            print(report.per_user_table(runs[0]["summary"]))
     else:
         print(report.sweep_table(runs))
     goodput = goodputs(runs, plan.target) if plan.slo is not None else {}
@@ -196,9 +203,16 @@ def finish(args: argparse.Namespace, plan, runs: list[dict], skipped: dict) -> i
 
 
 def cmd_build_llama_cpp(args: argparse.Namespace) -> int:
+    import subprocess
+
     from punctual.bench.llama_cpp import build_llama_server
 
-    print(build_llama_server(jobs=args.jobs))
+    try:
+        print(build_llama_server(jobs=args.jobs))
+    except subprocess.CalledProcessError as exc:
+        print(f"build-llama-cpp: {' '.join(map(str, exc.cmd[:3]))} ... failed with exit code {exc.returncode}; "
+              "the output above says why (no network for pip? no cmake or compiler?)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -232,6 +246,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = summarize(result, slo)
     print()
     print(report.latency_table(summary))
+    print("\nnext: `punctual bench --help` to load a server of your own, "
+          "`punctual bench compare --help` to race the peers")
     return 0 if summary["completed"] == summary["requests"] else 1
 
 

@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
 _DONE = object()  # the end-of-stream marker on a job's queue
@@ -48,6 +50,11 @@ class Job:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def usage(self) -> dict:
+        prompt, completion = len(self.prompt_ids), len(self.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -141,8 +148,6 @@ class StaticBatcher:
 
 
 def build_app(model_path: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int | None = None):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -174,31 +179,30 @@ def build_app(model_path: str, max_batch_size: int = 32, batch_wait_s: float = 0
         batcher.submit(job)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        usage = lambda: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.token_ids),  # noqa: E731
-                         "total_tokens": len(job.prompt_ids) + len(job.token_ids)}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(job, base, include_usage, usage), media_type="text/event-stream")
+            return StreamingResponse(_stream(job, base, include_usage), media_type="text/event-stream")
         text = []
         while (item := await job.events.get()) is not _DONE:
             if isinstance(item, Exception):
                 return _error(500, str(item))
             text.append(item)
         return {**base, "choices": [{"index": 0, "text": "".join(text), "finish_reason": job.finish_reason}],
-                "usage": usage()}
+                "usage": job.usage}
 
     def _error(status: int, message: str):
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
-    async def _stream(job: Job, base: dict, include_usage: bool, usage):
+    async def _stream(job: Job, base: dict, include_usage: bool):
         while (item := await job.events.get()) is not _DONE:
             if isinstance(item, Exception):
                 yield f"data: {json.dumps({'error': {'message': str(item)}})}\n\n"
                 return
             yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'text': item, 'finish_reason': None}]})}\n\n"
-        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'text': '', 'finish_reason': job.finish_reason}]})}\n\n"
+        last = {"index": 0, "text": "", "finish_reason": job.finish_reason}
+        yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
         if include_usage:
-            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage()})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': job.usage})}\n\n"
         yield "data: [DONE]\n\n"
 
     return app
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch gathers after its first request")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a batch gathers after its first request")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     app = build_app(str(resolve_checkpoint(args.model)), args.max_batch_size, args.batch_wait_ms / 1000, args.threads)

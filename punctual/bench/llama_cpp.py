@@ -6,6 +6,7 @@ are cached under ~/.cache/punctual/llama.cpp (or $PUNCTUAL_CACHE/llama.cpp).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -101,11 +102,13 @@ def build_llama_server(jobs: int = 1, nice: int = 10) -> Path:
 
 
 def gguf_path(checkpoint: Path, outtype: str) -> Path:
-    return llama_cpp_dir() / "models" / f"{Path(checkpoint).resolve().name}-{outtype}.gguf"
+    resolved = Path(checkpoint).resolve()
+    key = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]  # two checkpoints may share a name
+    return llama_cpp_dir() / "models" / f"{resolved.name}-{key}-{outtype}.gguf"
 
 
 def convert_to_gguf(checkpoint: Path, outtype: str = "bf16", pre_tokenizer: str = "gpt-2") -> Path:
-    """Convert a Hugging Face checkpoint to GGUF in the same dtype, cached by directory name.
+    """Convert a Hugging Face checkpoint to GGUF in `outtype` (f32, bf16, f16), cached by path.
 
     The converter recognises BPE pre-tokenizers by hashing how they split a probe text and
     refuses unknown ones; our built-in tokenizers are unknown to it, so the child process

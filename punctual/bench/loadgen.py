@@ -180,19 +180,21 @@ async def resolve_model(client: httpx.AsyncClient, endpoint: Endpoint) -> str | 
         return None
 
 
-def make_client(endpoint: Endpoint, timeout_s: float) -> httpx.AsyncClient:
+def make_client(endpoint: Endpoint, timeout_s: float,
+                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     host = urlparse(endpoint.base_url).hostname or ""
     loopback = host in ("localhost", "127.0.0.1", "::1")
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0),
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), transport=transport,
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
                              trust_env=not loopback)  # no proxy between us and a local server
 
 
 async def run_requests(endpoint: Endpoint, requests: list[BenchRequest], *, offsets: list[float] | None = None,
                        concurrency: int | None = None, progress: bool = True, desc: str | None = None,
-                       timeout_s: float = 600.0) -> LoadResult:
+                       timeout_s: float = 600.0, transport: httpx.AsyncBaseTransport | None = None) -> LoadResult:
     """Send `requests` open loop at `offsets` (seconds from start; else each request's
-    arrival_s), or closed loop with `concurrency` clients; wait for every answer."""
+    arrival_s), or closed loop with `concurrency` clients; wait for every answer.
+    `transport` replaces the network (tests)."""
     if concurrency is not None:
         if concurrency < 1:
             raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
@@ -204,7 +206,7 @@ async def run_requests(endpoint: Endpoint, requests: list[BenchRequest], *, offs
         raise ValueError(f"offsets: {len(offsets)} for {len(requests)} requests")
     records = [RequestRecord(i, r.prompt_len, r.output_len, r.user) for i, r in enumerate(requests)]
     bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
-    async with make_client(endpoint, timeout_s) as client:
+    async with make_client(endpoint, timeout_s, transport) as client:
         model = await resolve_model(client, endpoint)
         start = time.perf_counter()
 

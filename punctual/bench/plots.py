@@ -42,6 +42,10 @@ def plot_workload(runs: list[dict], workload: str, out: Path, target: float) -> 
         if has_slo:
             attainment = [s["slo"]["attainment"] * 100 if "slo" in s else math.nan for _, s in points]
             axes[-1].plot(rates, attainment, marker="o", color=color, label=system)
+    slo = next((r["summary"]["slo"] for r in runs if "slo" in r["summary"]), None)
+    if slo is not None:  # the SLO lines on the panels they bound
+        axes[0].axhline(slo["ttft_ms"], color="gray", linestyle=":", label="SLO")
+        axes[1].axhline(slo["tpot_ms"], color="gray", linestyle=":", label="SLO")
     for ax in axes:
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)

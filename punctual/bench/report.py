@@ -37,6 +37,17 @@ def latency_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def per_user_table(summary: dict) -> str:
+    """Service per tenant (multi-tenant runs), for fairness."""
+    rows = []
+    for user, row in summary["per_user"].items():
+        ttft = row["ttft_ms"] or {}
+        rows.append([user, f"{row['completed']}/{row['requests']}", f"{row['output_throughput']:.1f}",
+                     _ms(ttft.get("median")), _ms(ttft.get("p90")),
+                     f"{row['attainment']:.0%}" if "attainment" in row else "-"])
+    return table(["user", "ok", "tok/s", "TTFT p50", "TTFT p90", "SLO"], rows)
+
+
 def sweep_table(runs: list[dict]) -> str:
     """Many runs, one row each."""
     rows = []
@@ -57,17 +68,24 @@ def sweep_table(runs: list[dict]) -> str:
 
 
 def goodput_table(goodputs: dict) -> str:
+    """Goodput per system and workload, from sweep.goodputs."""
     workloads = sorted({w for per_system in goodputs.values() for w in per_system})
-    rows = [[system] + [_rate(per_system.get(w)) for w in workloads] for system, per_system in goodputs.items()]
+    rows = [[system] + [_goodput(per_system.get(w)) for w in workloads] for system, per_system in goodputs.items()]
     return table(["goodput (req/s)"] + workloads, rows)
 
 
-def _rate(rate: float | None) -> str:
-    return "below lowest" if rate is None else f"{rate:g}"
+def _goodput(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    rate, rates = entry["goodput"], entry["rates"]
+    if rate is None:
+        return f"< {min(rates):g}"
+    return f">= {rate:g}" if rate == max(rates) else f"{rate:g}"  # every rate passed: a lower bound
 
 
 def write_json(path: str | Path, payload: dict) -> None:
     # json writes infinity as Infinity, which strict readers reject: a burst rate becomes "inf".
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(_finite(payload), indent=1))
 
 

@@ -8,6 +8,7 @@ that passes and one that fails.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -72,6 +73,10 @@ class BenchPlan:
     warmup_requests: int = 2
     keep_records: bool = True
 
+    def __post_init__(self) -> None:
+        if self.bisect is not None and self.slo is None:
+            raise ValueError("--sweep-bisect: a goodput search needs --ttft-slo-ms and --tpot-slo-ms")
+
 
 def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "server",
                    progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
@@ -93,42 +98,49 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
         return run
 
     for workload in (("trace",) if plan.trace else plan.workloads):
-        if plan.trace:
-            requests = load_trace(plan.trace, plan.seed, plan.length_scale)
-        else:
-            requests = generate_workload(workload, plan.num_requests, plan.seed, plan.length_scale)
         warm_up(endpoint, workload, plan, progress)
         if plan.trace:
-            run_once(workload, requests, "trace")
-        elif plan.concurrency is not None:
-            run_once(workload, requests, f"concurrency {plan.concurrency}", concurrency=plan.concurrency)
-        else:
-            def at_rate(rate: float) -> float:
-                run = run_once(workload, requests, f"{rate:g} req/s", rate=rate)
-                return run["summary"].get("slo", {}).get("attainment", 0.0)
+            run_once(workload, load_trace(plan.trace, plan.seed, plan.length_scale), "trace")
+            continue
+        salts = itertools.count(1)
 
-            if plan.bisect is not None:
-                if plan.slo is None:
-                    raise ValueError("bisect: a goodput search needs --ttft-slo-ms and --tpot-slo-ms")
-                bisect_goodput(at_rate, *plan.bisect, steps=plan.bisect_steps, target=plan.target)
-            else:
-                for rate in plan.rates:
-                    at_rate(rate)
+        def fresh_requests():
+            # Each run its own salt: same lengths, other words, so no run hits the prefix cache
+            # another left behind (shared-prefix keeps its shared documents, by design).
+            return generate_workload(workload, plan.num_requests, plan.seed, plan.length_scale, next(salts))
+
+        if plan.concurrency is not None:
+            run_once(workload, fresh_requests(), f"concurrency {plan.concurrency}", concurrency=plan.concurrency)
+            continue
+
+        def at_rate(rate: float) -> float:
+            run = run_once(workload, fresh_requests(), f"{rate:g} req/s", rate=rate)
+            return run["summary"].get("slo", {}).get("attainment", 0.0)
+
+        if plan.bisect is not None:
+            bisect_goodput(at_rate, *plan.bisect, steps=plan.bisect_steps, target=plan.target)
+        else:
+            for rate in plan.rates:
+                at_rate(rate)
     return runs
 
 
 def warm_up(endpoint: loadgen.Endpoint, workload: str, plan: BenchPlan, progress: bool) -> None:
-    """A few requests first, unmeasured, so one-time costs (lazy init, first allocations) stay out."""
+    """A few requests first, unmeasured, so one-time costs (lazy init, first allocations) stay out.
+
+    Salt 0, which no measured run uses: the warm-up leaves no measured prompt in a prefix
+    cache, except shared-prefix's shared documents, which a server in steady state holds.
+    """
     if plan.warmup_requests <= 0:
         return
-    # Another seed, so a shared-prefix warm-up does not fill the cache with the measured prefixes.
     requests = generate_workload("chat" if workload == "trace" else workload, plan.warmup_requests,
-                                 plan.seed + 7919, plan.length_scale)
+                                 plan.seed, plan.length_scale, salt=0)
     loadgen.run(endpoint, requests, concurrency=len(requests), progress=progress, desc="warm-up")
 
 
 def goodputs(runs: list[dict], target: float = DEFAULT_ATTAINMENT_TARGET) -> dict:
-    """{system: {workload: goodput or None}} from rate runs that carry SLO attainment."""
+    """{system: {workload: {"goodput": rate or None, "rates": rates measured}}} from rate runs
+    that carry SLO attainment. A goodput equal to the highest rate measured is a lower bound."""
     points: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for run in runs:
         if run.get("rate") is not None and "slo" in run["summary"]:
@@ -136,7 +148,8 @@ def goodputs(runs: list[dict], target: float = DEFAULT_ATTAINMENT_TARGET) -> dic
                 (run["rate"], run["summary"]["slo"]["attainment"]))
     table: dict[str, dict] = {}
     for (system, workload), pts in points.items():
-        table.setdefault(system, {})[workload] = goodput_from_points(pts, target)
+        table.setdefault(system, {})[workload] = {"goodput": goodput_from_points(pts, target),
+                                                  "rates": sorted(rate for rate, _ in pts)}
     return table
 
 

@@ -8,6 +8,10 @@ prompt of N words is about N tokens. Outputs are forced to their sampled length 
 Every length is multiplied by `length_scale` (then rounded, at least 1 prompt token and 2
 output tokens) so that a slow CPU can run the same shape at a fraction of the cost.
 
+Lengths (and shared prefixes, and tenants) come from `seed`; the words of the rest of each
+prompt come from `seed` and `salt`. A rate sweep gives each run its own salt: the same
+lengths, but prompts that the previous run did not leave in a prefix cache.
+
 The workloads, and the statistics each follows:
 
 - chat: ShareGPT-like. Lognormal prompt and output lengths whose means match the ShareGPT
@@ -94,14 +98,14 @@ def scaled(length: int, scale: float, minimum: int) -> int:
     return max(minimum, int(round(length * scale)))
 
 
-def _independent(rng, num_requests, scale, prompt, output, user=None):
+def _independent(rng, text_rng, num_requests, scale, prompt, output, user=None):
     """Requests with independent prompt and output lengths: (mean, sigma, low, high) for each."""
     prompt_lens = lognormal_lengths(rng, num_requests, *prompt)
     output_lens = lognormal_lengths(rng, num_requests, *output)
     requests = []
     for i in range(num_requests):
         n_in, n_out = scaled(prompt_lens[i], scale, 1), scaled(output_lens[i], scale, 2)
-        requests.append(BenchRequest(words(rng, n_in), n_in, n_out, None if user is None else user[i]))
+        requests.append(BenchRequest(words(text_rng, n_in), n_in, n_out, None if user is None else user[i]))
     return requests
 
 
@@ -109,25 +113,31 @@ CHAT_PROMPT = (161, 1.0, 4, 1024)
 CHAT_OUTPUT = (338, 0.8, 4, 1024)
 
 
-def chat(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
-    return _independent(rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT)
+# Each workload: (num_requests, rng for lengths, rng for prompt words, length scale) -> requests.
+
+def chat(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+         scale: float) -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT)
 
 
-def summarize(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
-    return _independent(rng, num_requests, scale, (1400, 0.2, 1000, 1700), (100, 0.5, 16, 256))
+def summarize(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+              scale: float) -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, (1400, 0.2, 1000, 1700), (100, 0.5, 16, 256))
 
 
-def code(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
-    return _independent(rng, num_requests, scale, (400, 0.5, 64, 1024), (600, 0.4, 64, 1024))
+def code(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+         scale: float) -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, (400, 0.5, 64, 1024), (600, 0.4, 64, 1024))
 
 
 SHARED_PREFIXES = 4
 SHARED_PREFIX_LEN = 1024
 
 
-def shared_prefix(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
+def shared_prefix(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+                  scale: float) -> list[BenchRequest]:
     prefix_len = scaled(SHARED_PREFIX_LEN, scale, 1)
-    prefixes = [words(rng, prefix_len) for _ in range(SHARED_PREFIXES)]
+    prefixes = [words(rng, prefix_len) for _ in range(SHARED_PREFIXES)]  # from the seed alone: shared across salts
     popularity = 1.0 / np.arange(1, SHARED_PREFIXES + 1)  # Zipf(1)
     choice = rng.choice(SHARED_PREFIXES, size=num_requests, p=popularity / popularity.sum())
     question_lens = lognormal_lengths(rng, num_requests, 64, 0.5, 8, 256)
@@ -135,7 +145,7 @@ def shared_prefix(num_requests: int, rng: np.random.Generator, scale: float = 1.
     requests = []
     for i in range(num_requests):
         n_question = scaled(question_lens[i], scale, 1)
-        prompt = prefixes[choice[i]] + "\n\n" + words(rng, n_question)
+        prompt = prefixes[choice[i]] + "\n\n" + words(text_rng, n_question)
         requests.append(BenchRequest(prompt, prefix_len + n_question, scaled(output_lens[i], scale, 2)))
     return requests
 
@@ -143,7 +153,8 @@ def shared_prefix(num_requests: int, rng: np.random.Generator, scale: float = 1.
 MAX_HISTORY = 1536
 
 
-def multi_turn(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
+def multi_turn(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+               scale: float) -> list[BenchRequest]:
     max_history = scaled(MAX_HISTORY, scale, 1)
     conversations: list[list[BenchRequest]] = []
     total = 0
@@ -152,11 +163,11 @@ def multi_turn(num_requests: int, rng: np.random.Generator, scale: float = 1.0) 
         history: list[str] = []  # words so far, user and assistant turns alternating
         conversation = []
         for _ in range(min(turns, num_requests - total)):
-            history += words(rng, scaled(lognormal_lengths(rng, 1, 64, 0.8, 4, 512)[0], scale, 1)).split()
+            history += words(text_rng, scaled(lognormal_lengths(rng, 1, 64, 0.8, 4, 512)[0], scale, 1)).split()
             history = history[-max_history:]
             n_out = scaled(lognormal_lengths(rng, 1, 128, 0.8, 4, 512)[0], scale, 2)
             conversation.append(BenchRequest(" ".join(history), len(history), n_out))
-            history += words(rng, n_out).split()  # the reply the next turn carries in its history
+            history += words(text_rng, n_out).split()  # the reply the next turn carries in its history
         conversations.append(conversation)
         total += len(conversation)
     # Turn by turn across conversations, so each turn follows the one before it.
@@ -167,10 +178,11 @@ def multi_turn(num_requests: int, rng: np.random.Generator, scale: float = 1.0) 
 TENANT_RATE_SHARES = (4, 2, 1, 1)
 
 
-def multi_tenant(num_requests: int, rng: np.random.Generator, scale: float = 1.0) -> list[BenchRequest]:
+def multi_tenant(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
+                 scale: float) -> list[BenchRequest]:
     shares = np.array(TENANT_RATE_SHARES, dtype=float)
     tenants = rng.choice(len(shares), size=num_requests, p=shares / shares.sum())
-    return _independent(rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT,
+    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT,
                         user=[f"tenant-{t}" for t in tenants])
 
 
@@ -178,15 +190,18 @@ WORKLOADS = {"chat": chat, "summarize": summarize, "code": code, "shared-prefix"
              "multi-turn": multi_turn, "multi-tenant": multi_tenant}
 
 
-def generate_workload(name: str, num_requests: int, seed: int = 0, length_scale: float = 1.0) -> list[BenchRequest]:
-    """The requests of workload `name`; the same arguments always give the same requests."""
+def generate_workload(name: str, num_requests: int, seed: int = 0, length_scale: float = 1.0,
+                      salt: int = 0) -> list[BenchRequest]:
+    """The requests of workload `name`; the same arguments always give the same requests, and
+    another `salt` the same lengths with other words."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown {name!r}; choose from {', '.join(WORKLOADS)}")
     if num_requests < 1:
         raise ValueError(f"num_requests: must be at least 1, got {num_requests}")
     if not length_scale > 0:
         raise ValueError(f"length_scale: must be positive, got {length_scale}")
-    return WORKLOADS[name](num_requests, np.random.default_rng(seed), length_scale)
+    return WORKLOADS[name](num_requests, np.random.default_rng(seed), np.random.default_rng([seed, salt, 1]),
+                           length_scale)
 
 
 def load_trace(path: str | Path, seed: int = 0, length_scale: float = 1.0) -> list[BenchRequest]:

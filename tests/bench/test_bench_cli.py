@@ -41,6 +41,7 @@ def test_plan_from_flags():
     (["--sweep-rates", "1,-2"], "--sweep-rates"),
     (["--sweep-bisect", "4,2"], "--sweep-bisect"),
     (["--concurrency", "4", "--sweep-rates", "1,2"], "--concurrency"),
+    (["--sweep-bisect", "1,4"], "--sweep-bisect"),
 ])
 def test_bad_flags_name_the_field(argv, field):
     with pytest.raises(ValueError, match=field):
@@ -63,10 +64,26 @@ def test_tables_json_and_plots(tmp_path):
     assert "TTFT (ms)" in text and "attainment 100.0%" in text
     sweep = report.sweep_table(runs)
     assert sweep.count("\n") == len(runs) + 1 and "llama.cpp" in sweep
-    assert "below lowest" in report.goodput_table({"a": {"chat": None}, "b": {"chat": 2.0}})
+    goodput = report.goodput_table({"a": {"chat": {"goodput": None, "rates": [1.0, 2.0]}},
+                                    "b": {"chat": {"goodput": 2.0, "rates": [1.0, 2.0]}},
+                                    "c": {"chat": {"goodput": 1.0, "rates": [1.0, 2.0]}}})
+    assert "< 1" in goodput and ">= 2" in goodput and goodput.splitlines()[-1].split() == ["c", "1"]
     out = tmp_path / "r.json"
     report.write_json(out, {"runs": [fake_run("x", math.inf, 1.0, 1.0)]})
     assert json.loads(out.read_text())["runs"][0]["rate"] == "inf"
     files = plot_sweep(runs, tmp_path / "sweep.png")
     assert files == [tmp_path / "sweep.png"] and files[0].stat().st_size > 10_000
     assert files[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unavailable_peer_says_why(monkeypatch):
+    from punctual.bench import llama_cpp, peers
+
+    monkeypatch.setattr(llama_cpp, "server_binary", lambda: None)
+    with pytest.raises(peers.PeerUnavailable, match="build-llama-cpp"):
+        peers.peer_spec("llama.cpp", "builtin-tiny", peers.PeerOptions())
+    monkeypatch.setattr(peers, "find_spec", lambda name: None)
+    with pytest.raises(peers.PeerUnavailable, match="punctual.server"):
+        peers.peer_spec("punctual", "builtin-tiny", peers.PeerOptions())
+    with pytest.raises(ValueError, match="systems"):
+        peers.peer_spec("vllm", "builtin-tiny", peers.PeerOptions())

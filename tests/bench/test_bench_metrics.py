@@ -6,6 +6,7 @@ import pytest
 from punctual.bench.loadgen import LoadResult, RequestRecord
 from punctual.bench.metrics import (SLO, distribution_ms, fluidity_index, meets_slo, percentile, slo_attainment,
                                     summarize, token_deadlines_met)
+from punctual.bench.report import per_user_table
 from punctual.bench.sweep import bisect_goodput, goodput_from_points, goodputs
 
 
@@ -95,6 +96,7 @@ def test_summarize_throughput_and_per_user():
     assert summary["per_user"]["b"]["requests"] == 2
     assert summary["per_user"]["a"]["attainment"] == 1.0
     assert summary["errors"] == ["HTTP 429: busy"]
+    assert per_user_table(summary).splitlines()[-1].split()[:2] == ["b", "1/2"]
 
 
 def test_goodput_from_a_rate_sweep():
@@ -120,4 +122,5 @@ def test_goodputs_groups_runs_by_system_and_workload():
     def run(system, rate, attainment):
         return {"system": system, "workload": "chat", "rate": rate, "summary": {"slo": {"attainment": attainment}}}
     runs = [run("a", 1, 1.0), run("a", 2, 0.95), run("a", 4, 0.5), run("b", 1, 0.8), run("b", 2, 0.2)]
-    assert goodputs(runs) == {"a": {"chat": 2}, "b": {"chat": None}}
+    assert goodputs(runs) == {"a": {"chat": {"goodput": 2, "rates": [1, 2, 4]}},
+                              "b": {"chat": {"goodput": None, "rates": [1, 2]}}}

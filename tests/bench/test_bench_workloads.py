@@ -147,3 +147,14 @@ def test_arrival_pattern_scales_with_rate_and_burst_is_at_once():
     assert np.allclose(np.diff(arrival_offsets(5, 2.0, burstiness=0)), 0.5)
     with pytest.raises(ValueError, match="request_rate"):
         arrival_offsets(5, 0)
+
+
+@pytest.mark.parametrize("name", ["chat", "shared-prefix", "multi-turn", "multi-tenant"])
+def test_salt_changes_words_but_not_lengths(name):
+    a = generate_workload(name, 40, seed=5, length_scale=0.3, salt=1)
+    b = generate_workload(name, 40, seed=5, length_scale=0.3, salt=2)
+    assert [(r.prompt_len, r.output_len, r.user) for r in a] == [(r.prompt_len, r.output_len, r.user) for r in b]
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    if name == "shared-prefix":  # the shared documents stay shared across salts
+        prefix = lambda r: r.prompt.split("\n\n")[0]  # noqa: E731
+        assert {prefix(r) for r in a} == {prefix(r) for r in b}

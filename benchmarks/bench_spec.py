@@ -1,0 +1,100 @@
+"""Speculative decoding: off vs fixed K vs adaptive, single stream and under load, side by side.
+
+Two prompt sets: `repetitive` (text that repeats, so prompt lookup finds what comes next; a
+random-weight model also falls into loops, which lookup then predicts) and `random` (random
+tokens: proposals rarely match). For each concurrency, all requests start together and run to
+a fixed length; reported: TPOT (ms per output token per stream, median over streams) and the
+engine's output tokens/s, the median of several runs.
+
+    python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+MODES = {"off": {}, "fixed-4": dict(speculative_method="ngram", num_speculative_tokens=4),
+         "adaptive-4": dict(speculative_method="ngram", num_speculative_tokens=4, speculative_length="adaptive")}
+
+
+def prompts(kind: str, count: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        if kind == "repetitive":
+            line = [rng.randrange(100, vocab) for _ in range(12)]
+            out.append((line + [rng.randrange(100, vocab)]) * 8)
+        else:
+            out.append([rng.randrange(100, vocab) for _ in range(96)])
+    return out
+
+
+def run_once(llm, batch: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    from punctual import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    first, last = {}, {}
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"s{i}-{start}", {"prompt_token_ids": prompt}, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+    elapsed = time.perf_counter() - start
+    tpots = [(last[r] - first[r]) / (max_tokens - 1) for r in first]
+    return statistics.median(tpots) * 1000, len(batch) * max_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+
+    from punctual import LLM
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results = []
+    for mode, spec_args in MODES.items():
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="2GiB", max_num_batched_tokens=512, **spec_args)
+        vocab = llm.engine.core.vocab_size
+        run_once(llm, prompts("random", 1, vocab, 99), 8)  # warm-up
+        for kind in ("repetitive", "random"):
+            for level in levels:
+                runs = [run_once(llm, prompts(kind, level, vocab, seed), args.max_tokens) for seed in range(args.runs)]
+                row = {"mode": mode, "prompts": kind, "concurrency": level,
+                       "tpot_ms": statistics.median(r[0] for r in runs),
+                       "tokens_per_s": statistics.median(r[1] for r in runs)}
+                spec = llm.engine.stats()
+                if spec.spec_proposed_tokens:
+                    row["acceptance_rate"] = spec.spec_accepted_tokens / spec.spec_proposed_tokens
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        del llm
+    print(f"\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in MODES) + " |")
+    print("|---|---|" + "---|" * len(MODES))
+    for kind in ("repetitive", "random"):
+        for level in levels:
+            cells = []
+            for mode in MODES:
+                row = next(r for r in results if r["mode"] == mode and r["prompts"] == kind
+                           and r["concurrency"] == level)
+                cells.append(f"{row['tpot_ms']:.1f} ({row['tokens_per_s']:.0f})")
+            print(f"| {kind} | {level} | " + " | ".join(cells) + " |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
