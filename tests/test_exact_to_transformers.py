@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import ARCHS, VOCAB, hf_greedy
+from hf_models import ARCHS, VOCAB, hf_greedy
 from punctual import LLM, SamplingParams
 
 MAX_NEW = 12

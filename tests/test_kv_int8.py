@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB
+from hf_models import VOCAB
 from punctual import LLM, SamplingParams
 from punctual.model.attention import quantize_int8
 

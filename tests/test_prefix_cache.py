@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import VOCAB
+from hf_models import VOCAB
 from punctual import LLM, SamplingParams
 from punctual.kv.block_pool import BlockPool, hash_block
 from punctual.kv.manager import KVCacheManager

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, hf_greedy
+from hf_models import VOCAB, hf_greedy
 from punctual import LLM, SamplingParams
 from punctual.model.sampler import Sampler
 from punctual.request import EngineCoreRequest, Request

@@ -1,0 +1,56 @@
+"""Tiny random Hugging Face checkpoints written with transformers, and transformers' greedy reference."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+VOCAB = 2048  # the builtin-tiny tokenizer's size, reused by every test checkpoint
+
+ARCHS = {
+    "llama_gqa": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2),
+    "llama_mqa_untied": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=1,
+                             tie_word_embeddings=False),
+    "llama3_rope": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        rope_theta=500000.0),
+    "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
+    "qwen2_bias": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def build_hf_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    from punctual.model.builtin import builtin_path
+
+    spec = dict(ARCHS[name])
+    config_cls = getattr(transformers, spec.pop("cls"))
+    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
+                        max_position_embeddings=512, initializer_range=0.05, eos_token_id=None,
+                        bos_token_id=None, pad_token_id=None, **spec)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer_dir = builtin_path("builtin-tiny")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / file, path / file)
+    return path
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one at a time (no padding)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(gen[0, len(prompt):].tolist())
+    return outs
