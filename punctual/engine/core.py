@@ -8,6 +8,7 @@ from punctual.config import EngineConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.model.runner import ModelRunner
 from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, RequestStatus
+from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec.speculator import Speculator
 
@@ -78,8 +79,6 @@ class EngineCore:
         The pin takes effect when its prefill finishes; `pinned_tokens(pin_id)` then tells how many
         tokens are held. For a document a user knows will be reused (Prompt Cache's prompt modules).
         """
-        from punctual.sampling_params import SamplingParams
-
         if pin_id in self.kv_manager.pins or pin_id in self._pins_in_flight:
             raise ValueError(f"pin_id {pin_id!r} is already pinned")
         request_id = f"pin:{pin_id}"

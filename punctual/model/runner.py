@@ -35,11 +35,11 @@ def pick_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> torch.
     return DTYPES[name]
 
 
-def pick_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> bool:
-    """True when the KV cache is stored quantized (int8); otherwise it is kept in the model dtype."""
+def kv_cache_is_quantized(name: str, model_dtype: torch.dtype) -> bool:
+    """True for an int8 KV cache; otherwise the cache is kept in the model dtype."""
     if name == "int8":
         return True
-    if name in ("auto", {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model_dtype]):
+    if name == "auto" or DTYPES.get(name) == model_dtype:
         return False
     raise ValueError(f"kv_cache_dtype {name!r} must be auto, int8 or the model dtype "
                      f"({str(model_dtype).removeprefix('torch.')})")
@@ -88,7 +88,7 @@ class ModelRunner:
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.block_size = cache_config.block_size
-        self.kv_quantized = pick_kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype)
+        self.kv_quantized = kv_cache_is_quantized(cache_config.kv_cache_dtype, self.dtype)
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs)
         self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
