@@ -59,7 +59,7 @@ class SchedulerConfig:
 
 @dataclass
 class SpeculativeConfig:
-    speculative_method: str | None = None  # ngram (prompt lookup) | draft (not supported yet)
+    speculative_method: str | None = None  # ngram (prompt lookup) | draft (a smaller model)
     speculative_model: str | None = None  # the draft checkpoint, for method draft
     num_speculative_tokens: int = 0  # most tokens proposed per request and step
     speculative_length: str = "fixed"  # fixed: always up to K | adaptive: by acceptance and load
@@ -73,8 +73,11 @@ class SpeculativeConfig:
     def validate(self) -> None:
         if self.speculative_method not in (None, "ngram", "draft"):
             raise ValueError(f"speculative_method must be ngram or draft, got {self.speculative_method!r}")
-        if self.speculative_method == "draft":
-            raise ValueError("speculative_method 'draft' is not supported yet; use ngram")
+        if self.speculative_method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method 'draft' needs speculative_model: a smaller checkpoint with the "
+                             "same tokenizer (e.g. builtin-draft for builtin)")
+        if self.speculative_model and self.speculative_method != "draft":
+            raise ValueError("speculative_model is given but speculative_method is not 'draft'")
         if self.speculative_length not in ("fixed", "adaptive"):
             raise ValueError(f"speculative_length must be fixed|adaptive, got {self.speculative_length!r}")
         if not 0 <= self.num_speculative_tokens <= 16:

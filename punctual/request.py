@@ -91,6 +91,9 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
         self.spec_token_ids: list[int] = []  # proposals to verify in the next step
+        # The proposer's distribution for each proposal ([k, vocab] tensor, opaque here), or None
+        # for a deterministic proposer (prompt lookup).
+        self.spec_draft_probs = None
         self.best_effort = False  # demoted by the slo policy: served after every request with an SLO
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

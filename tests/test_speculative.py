@@ -51,6 +51,61 @@ def test_greedy_identical_with_speculation(checkpoints, reference, length, engin
         assert llm.engine.stats().num_preemptions > 0
 
 
+@pytest.mark.parametrize("draft", ["self", "other"])
+@pytest.mark.parametrize("length", ["fixed", "adaptive"])
+@pytest.mark.parametrize("engine_args", [
+    dict(num_kv_blocks=256, max_num_batched_tokens=512),
+    dict(num_kv_blocks=256, max_num_batched_tokens=9, block_size=4),  # chunked prefill, clipped proposals
+    dict(num_kv_blocks=36, max_num_batched_tokens=64, block_size=4),  # preemption
+], ids=["batched", "chunked", "preempting"])
+def test_greedy_identical_with_draft_model(checkpoints, reference, draft, length, engine_args):
+    """A draft model (the target itself: every proposal right; another model: most wrong) never
+    changes greedy output, and its own KV blocks all come back."""
+    draft_path = checkpoints["llama_gqa" if draft == "self" else "llama_mqa_untied"]
+    llm = LLM(str(checkpoints["llama_gqa"]), speculative_method="draft", speculative_model=str(draft_path),
+              num_speculative_tokens=3, speculative_length=length, **engine_args)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in repetitive_prompts()], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    core = llm.engine.core
+    core.check_integrity()
+    assert llm.engine.stats().kv_blocks_used == 0
+    proposer = core.speculator.proposer
+    assert not proposer.states and proposer.num_free_blocks == proposer.runner.num_blocks
+    stats = core.speculator.stats
+    if length == "fixed":
+        assert stats.num_proposed_tokens > 0
+        if draft == "self":
+            # Same weights: a wrong proposal would mean the draft's cache or rollback is stale.
+            assert stats.acceptance_rate > 0.99, stats
+    if engine_args["num_kv_blocks"] == 36:
+        assert llm.engine.stats().num_preemptions > 0
+
+
+def test_draft_model_sampling_hands_its_distribution_to_the_verifier(checkpoints):
+    """Draft = target at temperature 1: q equals p, so min(1, p/q) accepts every proposal. A q
+    that belonged to another position or request would reject often."""
+    path = str(checkpoints["llama_gqa"])
+    llm = LLM(path, speculative_method="draft", speculative_model=path, num_speculative_tokens=4, num_kv_blocks=256)
+    params = SamplingParams(temperature=1.0, top_k=50, max_tokens=20, ignore_eos=True, seed=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in repetitive_prompts()], params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
+    stats = llm.engine.core.speculator.stats
+    assert stats.num_proposed_tokens > 50 and stats.acceptance_rate > 0.97, stats
+
+
+def test_draft_model_must_share_the_vocabulary(tmp_path):
+    from punctual.model.builtin import write_checkpoint
+
+    write_checkpoint(tmp_path, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=64, vocab_size=1024, max_position_embeddings=256,
+                     tie_word_embeddings=True, dtype="float32")
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM("builtin-tiny", speculative_method="draft", speculative_model=str(tmp_path), num_kv_blocks=64)
+    with pytest.raises(ValueError, match="speculative_model"):
+        LLM("builtin-tiny", speculative_method="draft")
+
+
 def test_fixed_speculation_accepts_on_repetitive_text(checkpoints):
     llm = LLM(str(checkpoints["llama_gqa"]), speculative_method="ngram", num_speculative_tokens=4,
               num_kv_blocks=256)
@@ -79,6 +134,28 @@ def test_verification_is_exact_in_distribution():
         expected = target * draws
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < 18.47, (draft, counts, expected)  # df=4, p=0.001
+
+
+def test_verification_with_a_draft_distribution_is_exact():
+    """Chi-square: with a draft distribution q (accept min(1, p/q), else draw from max(0, p - q)),
+    the first token follows p, for a q close to p and for one that favours unlikely tokens."""
+    torch.manual_seed(0)
+    vocab = 5
+    logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3]])
+    target = torch.softmax(logits[0], dim=-1)
+    sampler = Sampler(torch.device("cpu"), seed=2)
+    draws = 20000
+    gen = torch.Generator().manual_seed(4)
+    for q in (torch.tensor([0.2, 0.1, 0.05, 0.6, 0.05]), torch.tensor([0.05, 0.3, 0.5, 0.05, 0.1])):
+        request = Request(EngineCoreRequest("r", [1], SamplingParams(temperature=1.0, max_tokens=4)), 100)
+        counts = torch.zeros(vocab)
+        for _ in range(draws):
+            draft = int(torch.multinomial(q, 1, generator=gen))
+            tokens, _ = sampler.verify(logits, request, [draft], q[None, :])
+            counts[tokens[0]] += 1
+        expected = target * draws
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 18.47, (q, counts, expected)  # df=4, p=0.001
 
 
 def test_verification_greedy_accepts_only_argmax_prefix():

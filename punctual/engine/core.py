@@ -51,11 +51,22 @@ class EngineCore:
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.speculator = Speculator(config.speculative, self.scheduler) if config.speculative.enabled else None
+        self.speculator = self._make_speculator() if config.speculative.enabled else None
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
+
+    def _make_speculator(self) -> Speculator:
+        spec = self.config.speculative
+        proposer = None
+        if spec.speculative_method == "draft":
+            from punctual.spec.draft import DraftModelProposer  # loads a second model: only when asked
+
+            proposer = DraftModelProposer(spec.speculative_model, self.runner, self.config.scheduler.max_num_seqs,
+                                          spec.num_speculative_tokens, seed=self.config.model.seed,
+                                          catch_up_tokens=self.config.scheduler.max_num_batched_tokens)
+        return Speculator(spec, self.scheduler, proposer)
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:
@@ -108,9 +119,10 @@ class EngineCore:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        started = time.monotonic()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler)
+        # Timed from here: the cost model learns the target's step, not the draft model's.
+        started = time.monotonic()
         plan = self.scheduler.schedule(started)
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not plan.scheduled:

@@ -19,6 +19,12 @@ BUILTIN_SHAPES = {
     "builtin": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
                     tie_word_embeddings=True, dtype="bfloat16"),
+    # `builtin` cut to its first 4 layers: the weights are drawn in the same order from the same
+    # seed, so embeddings, the 4 layers and the tied head are exactly builtin's (an early-exit
+    # draft, as in LayerSkip), with the same tokenizer. For speculative decoding demos.
+    "builtin-draft": dict(hidden_size=576, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3,
+                          intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
+                          tie_word_embeddings=True, dtype="bfloat16"),
     "builtin-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=2048, max_position_embeddings=1024,
                          tie_word_embeddings=True, dtype="float32"),

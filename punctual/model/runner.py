@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -75,6 +76,20 @@ def decode_bucket_bounds(ctx_lens: list[int], max_buckets: int = MAX_DECODE_BUCK
     if ctx_lens:
         bounds.append((start, len(ctx_lens)))
     return bounds
+
+
+@dataclass
+class TokenChunk:
+    """Tokens to feed at consecutive positions from `start_position`, outside a scheduler plan
+    (a draft model's catch-up and its proposals)."""
+
+    token_ids: list[int]
+    start_position: int
+    block_table: list[int]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class ModelRunner:
@@ -156,7 +171,9 @@ class ModelRunner:
                     logprobs[request.request_id] = [lp]
         for row, s in spec:
             n_rows = 1 + len(s.spec_token_ids)
-            tokens, lps = self.sampler.verify(logits[row:row + n_rows], s.request, s.spec_token_ids)
+            q = s.request.spec_draft_probs  # a draft model's distributions; None for prompt lookup
+            q = None if q is None else q[:len(s.spec_token_ids)]
+            tokens, lps = self.sampler.verify(logits[row:row + n_rows], s.request, s.spec_token_ids, q)
             sampled[s.request.request_id] = tokens
             if lps is not None:
                 logprobs[s.request.request_id] = lps
@@ -164,6 +181,33 @@ class ModelRunner:
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
+
+    @torch.inference_mode()
+    def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
+        """Feed each chunk (writing its KV through its block table) and return the logits at each
+        chunk's last token, [len(chunks), vocab], in the order given."""
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_new_tokens > 1, chunks[i].start_position))
+        decodes = [chunks[i] for i in order if chunks[i].num_new_tokens == 1]
+        prefills = [chunks[i] for i in order if chunks[i].num_new_tokens > 1]
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_rows: list[int] = []
+        for c in decodes + prefills:
+            start, end, table = c.start_position, c.start_position + c.num_new_tokens, c.block_table
+            input_ids.extend(c.token_ids)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            last_rows.append(len(input_ids) - 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        slot_tensor = as_tensor(slots)
+        meta = self._metadata(decodes, prefills, slot_tensor)
+        hidden = self.model.forward(as_tensor(input_ids), as_tensor(positions), meta, self.kv_caches)
+        ordered_logits = self.model.logits(hidden[as_tensor(last_rows)])
+        logits = torch.empty_like(ordered_logits)
+        logits[as_tensor(order)] = ordered_logits
+        return logits
 
     def _flat_inputs(self, ordered: list[ScheduledRequest]):
         bs = self.block_size

@@ -67,13 +67,16 @@ class Sampler:
         return token_list, logprobs
 
     @torch.inference_mode()
-    def verify(self, logits: torch.Tensor, request: Request, drafts: list[int]
-               ) -> tuple[list[int], list[TokenLogprobs] | None]:
+    def verify(self, logits: torch.Tensor, request: Request, drafts: list[int],
+               draft_probs: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprobs] | None]:
         """Speculative verification. logits: [len(drafts)+1, V], row i predicts the token after draft i-1.
 
         Returns the accepted drafts and one more token. Greedy accepts a draft iff it is the argmax.
-        Sampling accepts draft d with probability p(d) and otherwise draws from p with d removed:
-        rejection sampling against a deterministic proposer, so tokens follow p exactly.
+        Sampling is rejection sampling (Leviathan et al., Chen et al.): draft d, drawn from the
+        proposer's distribution q (row i of `draft_probs`; None for a deterministic proposer such
+        as prompt lookup, i.e. q is a point mass on d), is accepted with probability
+        min(1, p(d) / q(d)); on rejection the token is drawn from max(0, p - q), renormalised.
+        Either way the token follows p exactly.
         """
         params = request.sampling_params
         tokens: list[int] = []
@@ -89,12 +92,17 @@ class Sampler:
             probs = self._probs([params] * logits.shape[0], logits)
             gen = self._generator_for(request) if params.seed is not None else self.generator
             for i, draft in enumerate(drafts):
-                if torch.rand((), generator=gen, device=logits.device) < probs[i, draft]:
+                q = None if draft_probs is None else draft_probs[i].to(probs.dtype)
+                accept = probs[i, draft] if q is None else (probs[i, draft] / q[draft]).clamp(max=1.0)
+                if torch.rand((), generator=gen, device=logits.device) < accept:
                     tokens.append(draft)
                     continue
-                residual = probs[i].clone()
-                residual[draft] = 0.0
-                if residual.sum() <= 0:  # p put all its mass on the draft: cannot happen after a reject
+                if q is None:
+                    residual = probs[i].clone()
+                    residual[draft] = 0.0
+                else:
+                    residual = (probs[i] - q).clamp(min=0.0)
+                if residual.sum() <= 0:  # p == q where it matters: cannot happen after a reject
                     residual = probs[i]
                 tokens.append(int(torch.multinomial(residual, 1, generator=gen)[0]))
                 break

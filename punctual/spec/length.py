@@ -36,26 +36,31 @@ class AcceptanceTracker:
 
 
 def choose_lengths(proposals: dict[str, int], rates: dict[str, float], cost: StepCostModel,
-                   base_tokens: int, num_seqs: int) -> dict[str, int]:
+                   base_tokens: int, num_seqs: int, depth_cost_s: float = 0.0) -> dict[str, int]:
     """Per request, how many of its `proposals[id]` drafted tokens to verify this step.
 
     base_tokens: tokens the step computes anyway (decodes + prompt chunks); num_seqs: sequences.
+    depth_cost_s: the time of drafting one more token for the whole batch (a draft model's
+    forward; 0 for prompt lookup), paid when the deepest proposal grows by one.
     """
     chosen = {rid: 0 for rid in proposals}
     expected = float(num_seqs)  # every decoding sequence yields at least one token
     batched = base_tokens
-    step_time = cost.predict(batched, num_seqs)
+    base_time = cost.predict(batched, num_seqs)
+    step_time = base_time
+    depth = 0
     heap = [(-rates[rid], rid, 1) for rid, n in proposals.items() if n > 0]
     heapq.heapify(heap)
     while heap:
         neg_gain, rid, j = heapq.heappop(heap)
         gain = -neg_gain
-        new_time = cost.predict(batched + 1, num_seqs)
+        new_time = cost.predict(batched + 1, num_seqs) + depth_cost_s * max(depth, j)
         if step_time <= 0 or (expected + gain) / new_time <= expected / step_time:
             break  # the best remaining token would lower tokens per second: so would every other
         chosen[rid] = j
         expected += gain
         batched += 1
+        depth = max(depth, j)
         step_time = new_time
         if j < proposals[rid]:
             heapq.heappush(heap, (-(gain * rates[rid]), rid, j + 1))

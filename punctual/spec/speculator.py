@@ -31,53 +31,79 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, scheduler: Scheduler):
-        if config.speculative_method != "ngram":
-            raise ValueError(f"speculative_method {config.speculative_method!r} is not supported: use ngram")
+    """Chooses what each decoding request verifies in the next step.
+
+    `proposer` is the prompt-lookup proposer (built here) or a draft-model proposer (built by
+    the engine, since it owns a model). Prompt lookup proposes first and the length is chosen
+    from what it found; a draft model costs a forward per drafted token, so the length is
+    chosen first and only that much is drafted.
+    """
+
+    def __init__(self, config: SpeculativeConfig, scheduler: Scheduler, proposer=None):
+        if proposer is None:
+            if config.speculative_method != "ngram":
+                raise ValueError(f"speculative_method {config.speculative_method!r} needs its proposer")
+            proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
         self.config = config
         self.scheduler = scheduler
-        self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
+        self.proposer = proposer
         self.tracker = AcceptanceTracker()
         self.stats = SpecStats(config.speculative_method)
 
     def propose(self, scheduler: Scheduler) -> None:
         """Set `spec_token_ids` on every decoding request: proposals, cut to the chosen length."""
         max_k = self.config.num_speculative_tokens
-        proposals: dict[str, list[int]] = {}
+        room: dict[str, int] = {}
         decoding = []
         for request in scheduler.running:
             request.spec_token_ids = []
+            request.spec_draft_probs = None
             if request.is_prefilling:
                 continue
             decoding.append(request)
             # Penalties depend on every earlier token, verified positions included: no speculation.
             if request.sampling_params.needs_penalties:
                 continue
-            room = min(max_k, request.max_output_tokens - request.num_output_tokens - 1)
-            if room > 0:
-                draft = self.proposer.propose(request.all_token_ids, room)
+            k = min(max_k, request.max_output_tokens - request.num_output_tokens - 1)
+            if k > 0:
+                room[request.request_id] = k
+        if self.proposer.name == "draft":
+            self.proposer.retain({r.request_id for r in scheduler.running})
+            lengths = self._lengths(room, decoding, self.proposer.step_time_s)
+            wanted = [(r, lengths[r.request_id]) for r in decoding if lengths.get(r.request_id, 0) > 0]
+            for request_id, proposal in self.proposer.propose(wanted).items():
+                request = scheduler.requests[request_id]
+                request.spec_token_ids = proposal.token_ids
+                request.spec_draft_probs = proposal.probs
+            return
+        proposals = {}
+        for request in decoding:
+            if request.request_id in room:
+                draft = self.proposer.propose(request.all_token_ids, room[request.request_id])
                 if draft:
                     proposals[request.request_id] = draft
-        if not proposals:
-            return
-        if self.config.speculative_length == "adaptive":
-            budget = scheduler.config.max_num_batched_tokens
-            prefill = sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running if r.is_prefilling)
-            prefill += sum(r.num_tokens for r in scheduler.waiting)
-            base = min(budget, len(decoding) + prefill)
-            lengths = choose_lengths({rid: len(d) for rid, d in proposals.items()},
-                                     {rid: self.tracker.rate(rid) for rid in proposals},
-                                     scheduler.cost_model, base, len(decoding))
-        else:
-            lengths = {rid: len(d) for rid, d in proposals.items()}
+        lengths = self._lengths({rid: len(d) for rid, d in proposals.items()}, decoding, 0.0)
         for request in decoding:
             k = lengths.get(request.request_id, 0)
             if k:
                 request.spec_token_ids = proposals[request.request_id][:k]
 
+    def _lengths(self, available: dict[str, int], decoding: list, depth_cost_s: float) -> dict[str, int]:
+        """Tokens to verify per request: all that is available (fixed), or SmartSpec's choice."""
+        if self.config.speculative_length != "adaptive" or not available:
+            return dict(available)
+        scheduler = self.scheduler
+        budget = scheduler.config.max_num_batched_tokens
+        prefill = sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running if r.is_prefilling)
+        prefill += sum(r.num_tokens for r in scheduler.waiting)
+        base = min(budget, len(decoding) + prefill)
+        return choose_lengths(available, {rid: self.tracker.rate(rid) for rid in available},
+                              scheduler.cost_model, base, len(decoding), depth_cost_s)
+
     def record(self, plan: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         for item in plan.scheduled:
             item.request.spec_token_ids = []
+            item.request.spec_draft_probs = None
             if not item.spec_token_ids:
                 continue
             proposed = len(item.spec_token_ids)
@@ -89,3 +115,5 @@ class Speculator:
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)
+        if self.proposer.name == "draft":
+            self.proposer.forget(request_id)
