@@ -17,7 +17,9 @@ import statistics
 import time
 
 MODES = {"off": {}, "fixed-4": dict(speculative_method="ngram", num_speculative_tokens=4),
-         "adaptive-4": dict(speculative_method="ngram", num_speculative_tokens=4, speculative_length="adaptive")}
+         "adaptive-4": dict(speculative_method="ngram", num_speculative_tokens=4, speculative_length="adaptive"),
+         "draft-fixed-4": dict(speculative_method="draft", num_speculative_tokens=4),
+         "draft-adaptive-4": dict(speculative_method="draft", num_speculative_tokens=4, speculative_length="adaptive")}
 
 
 def prompts(kind: str, count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--draft-model", default="builtin-draft",
+                        help="draft checkpoint of the draft-* modes ('' skips them)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -65,7 +69,11 @@ def main() -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     results = []
-    for mode, spec_args in MODES.items():
+    modes = {m: dict(a) for m, a in MODES.items() if args.draft_model or not m.startswith("draft")}
+    for spec_args in modes.values():
+        if spec_args.get("speculative_method") == "draft":
+            spec_args["speculative_model"] = args.draft_model
+    for mode, spec_args in modes.items():
         llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="2GiB", max_num_batched_tokens=512, **spec_args)
         vocab = llm.engine.core.vocab_size
         run_once(llm, prompts("random", 1, vocab, 99), 8)  # warm-up
@@ -81,12 +89,12 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), flush=True)
         del llm
-    print(f"\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in MODES) + " |")
-    print("|---|---|" + "---|" * len(MODES))
+    print(f"\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in modes) + " |")
+    print("|---|---|" + "---|" * len(modes))
     for kind in ("repetitive", "random"):
         for level in levels:
             cells = []
-            for mode in MODES:
+            for mode in modes:
                 row = next(r for r in results if r["mode"] == mode and r["prompts"] == kind
                            and r["concurrency"] == level)
                 cells.append(f"{row['tpot_ms']:.1f} ({row['tokens_per_s']:.0f})")

@@ -39,11 +39,20 @@ for flag in enable no-enable; do
     > "$out/multi-turn-$flag.txt" 2>&1
 done
 
+log "4b/6 second KV tier: a pool too small for the documents, without and with the tier"
+for tier in 0 1GiB; do
+  punctual bench compare --model builtin --systems punctual --max-num-seqs 4 \
+    --punctual-args "--kv-cache-memory 72MiB --kv-tier-memory $tier" \
+    --workload shared-prefix --num-requests 24 --request-rate 0.5 $slo --seed 0 \
+    --output "$out/tier-$tier.json" --log-dir "$out/logs-tier-$tier" --no-progress > "$out/tier-$tier.txt" 2>&1
+done
+python benchmarks/bench_kv_int8.py --model builtin --dtype bfloat16 > "$out/kv-int8.txt" 2>&1
+
 log "5/6 scheduling policies"
 for policy in fcfs slo sjf; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
     --punctual-args "--scheduling-policy $policy $slo" \
-    --workload chat --length-scale 0.5 --burstiness 4 --num-requests 40 --sweep-rates 1,2,3 $slo --seed 0 \
+    --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8 $slo --seed 0 \
     --output "$out/policy-chat-$policy.json" --log-dir "$out/logs-policy-$policy" --no-progress \
     > "$out/policy-chat-$policy.txt" 2>&1
 done
@@ -56,6 +65,6 @@ for policy in fcfs fair; do
 done
 
 log "6/6 speculative decoding"
-python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 2 --output "$out/spec.json" \
+python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3 --output "$out/spec.json" \
   > "$out/spec.txt" 2>&1
 log "done"

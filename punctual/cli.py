@@ -25,6 +25,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-length", default=None, choices=["fixed", "adaptive"])
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV of shared prefixes (on by default)")
+    parser.add_argument("--kv-tier-memory", default=None,
+                        help="bytes of a second tier for evicted prefix blocks, e.g. 4GiB (off by default)")
+    parser.add_argument("--kv-tier-dtype", default=None, choices=["auto", "int8", "cache"],
+                        help="auto: int8 (compressed) on CPU, the cache's format on CUDA")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -35,7 +39,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                 slo_overload_action=args.slo_overload_action, speculative_method=args.speculative_method,
                 speculative_model=args.speculative_model, num_speculative_tokens=args.num_speculative_tokens,
-                speculative_length=args.speculative_length)
+                speculative_length=args.speculative_length, kv_tier_memory=args.kv_tier_memory,
+                kv_tier_dtype=args.kv_tier_dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ def parse_size(value: int | float | str | None) -> int | None:
         return None if value is None else int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"kv_cache_memory: cannot parse size {value!r} (use bytes or e.g. '2GiB', '512MiB')")
+        raise ValueError(f"cannot parse the memory size {value!r} (use bytes or e.g. '2GiB', '512MiB')")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
@@ -35,6 +35,10 @@ class CacheConfig:
     num_kv_blocks: int | None = None  # exact pool size, overrides the two above (tests, simulator)
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 (quantized per token and head)
     enable_prefix_caching: bool = True  # reuse KV of shared prefixes (system prompts, documents, history)
+    # Second tier for evicted prefix-cache blocks (bytes; None or 0: off): host memory on CUDA,
+    # a compressed store on CPU. Blocks come back from it on a hit instead of being recomputed.
+    kv_tier_memory: int | str | None = None
+    kv_tier_dtype: str = "auto"  # auto (int8 on CPU, the cache's format on CUDA) | int8 | cache
 
 
 @dataclass
@@ -122,6 +126,11 @@ class EngineConfig:
         self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory)
         if self.cache.kv_cache_memory is not None and self.cache.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
+        self.cache.kv_tier_memory = parse_size(self.cache.kv_tier_memory)
+        if self.cache.kv_tier_memory is not None and self.cache.kv_tier_memory < 0:
+            raise ValueError("kv_tier_memory must be >= 0")
+        if self.cache.kv_tier_dtype not in ("auto", "int8", "cache"):
+            raise ValueError(f"kv_tier_dtype must be auto|int8|cache, got {self.cache.kv_tier_dtype!r}")
         if self.cache.kv_cache_dtype not in ("auto", "int8", "float32", "bfloat16", "float16"):
             raise ValueError(f"kv_cache_dtype must be auto|int8|bfloat16|float32, got {self.cache.kv_cache_dtype!r}")
         if self.scheduler.max_num_seqs < 1:

@@ -117,10 +117,10 @@ def test_hit_touches_free_cached_block_and_leaves_last_token_to_compute():
     kv.free(a)
     b = _request("b", [1, 2, 3, 4])  # the whole prompt is cached: the last block is recomputed
     hits = kv.computed_prefix(b)
-    assert hits == [kv.pool.lookup(hash_block(None, (1, 2)))]
+    assert hits.blocks == [kv.pool.lookup(hash_block(None, (1, 2)))] and not hits.tier_hashes
     free_before = kv.num_free_blocks
     assert kv.allocate(b, 4, hits)
-    assert kv.num_free_blocks == free_before - 2 and kv.pool.ref_counts[hits[0]] == 1
+    assert kv.num_free_blocks == free_before - 2 and kv.pool.ref_counts[hits.blocks[0]] == 1
     kv.check_integrity()
 
 

@@ -27,6 +27,10 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which were cached
     prefix_cached_blocks: int = 0
     prefix_cache_evictions: int = 0
+    prefix_cache_tier_hits: int = 0  # prompt tokens restored from the second tier
+    kv_tier_blocks: int = 0  # blocks the second tier holds
+    kv_tier_stored: int = 0  # blocks copied out to the tier
+    kv_tier_restored: int = 0  # blocks copied back from the tier
     spec_method: str | None = None  # speculative decoding: proposer name, tokens proposed/accepted
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -49,7 +53,7 @@ class EngineCore:
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching)
+                                         config.cache.enable_prefix_caching, self.runner.num_tier_slots)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.speculator = self._make_speculator() if config.speculative.enabled else None
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
@@ -67,6 +71,13 @@ class EngineCore:
                                           spec.num_speculative_tokens, seed=self.config.model.seed,
                                           catch_up_tokens=self.config.scheduler.max_num_batched_tokens)
         return Speculator(spec, self.scheduler, proposer)
+
+    def _weigh_tier(self) -> None:
+        """Use tier hits only while copying a block back is faster than recomputing its tokens."""
+        restore = self.runner.tier_store.restore_s_per_block
+        cost = self.scheduler.cost_model
+        if restore > 0 and cost.num_observations >= cost.min_observations:
+            self.kv_manager.restore_from_tier = restore < cost.per_token_s * self.kv_manager.block_size
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:
@@ -124,6 +135,11 @@ class EngineCore:
         # Timed from here: the cost model learns the target's step, not the draft model's.
         started = time.monotonic()
         plan = self.scheduler.schedule(started)
+        transfers = self.kv_manager.take_tier_transfers()
+        if transfers:
+            # Evicted blocks are saved before this step overwrites them; tier hits are filled in.
+            self.runner.transfer_tier(transfers)
+            self._weigh_tier()
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not plan.scheduled:
             return outputs
@@ -177,7 +193,15 @@ class EngineCore:
             prefix_cache_queries=self.kv_manager.prefix_queries, prefix_cache_hits=self.kv_manager.prefix_hits,
             prefix_cached_blocks=self.kv_manager.pool.num_cached_blocks,
             prefix_cache_evictions=self.kv_manager.pool.num_evictions,
+            prefix_cache_tier_hits=self.kv_manager.prefix_tier_hits,
+            **self._tier_stats(),
             **self._spec_stats())
+
+    def _tier_stats(self) -> dict:
+        tier = self.kv_manager.tier
+        if tier is None:
+            return {}
+        return dict(kv_tier_blocks=len(tier), kv_tier_stored=tier.num_stored, kv_tier_restored=tier.num_restored)
 
     def _spec_stats(self) -> dict:
         if self.speculator is None:

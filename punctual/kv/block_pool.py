@@ -11,6 +11,7 @@ blocks freed together the deepest is evicted first (it is the least likely to be
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 BlockHash = int
 
@@ -30,6 +31,8 @@ class BlockPool:
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self.cached: dict[BlockHash, int] = {}
         self.num_evictions = 0
+        # Called with (block id, hash) when a cached block is evicted, before its reuse (the KV tier).
+        self.on_evict: Callable[[int, BlockHash], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,6 +89,8 @@ class BlockPool:
             del self.cached[block_hash]
             self.block_hash[block_id] = None
             self.num_evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(block_id, block_hash)
 
     def reset_cache(self) -> None:
         """Forget every cached block that nobody owns (blocks in use keep their index)."""

@@ -7,15 +7,39 @@ last token itself, into a block of its own.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from punctual.kv.block_pool import BlockHash, BlockPool, hash_block
+from punctual.kv.tier import SecondaryTier
 from punctual.request import Request
 
 
+@dataclass
+class CachedPrefix:
+    """The longest cached prefix of a request: blocks still in the pool, then blocks that only
+    the second tier holds (to be copied back into fresh blocks)."""
+
+    blocks: list[int] = field(default_factory=list)
+    tier_hashes: list[BlockHash] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.blocks) + len(self.tier_hashes)
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_tier_slots: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        # Evicted cached blocks go to a second tier and come back from it on a hit.
+        self.tier = SecondaryTier(num_tier_slots) if num_tier_slots and enable_prefix_caching else None
+        if self.tier is not None:
+            self.pool.on_evict = self.tier.store
+        # Set by the engine from measured costs: False when copying a block back is slower than
+        # recomputing it, so tier hits are ignored.
+        self.restore_from_tier = True
+        self.prefix_tier_hits = 0  # prompt tokens found only in the tier
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # full-block hashes of each request's tokens
         self._num_cached: dict[str, int] = {}  # how many of a request's blocks are indexed
@@ -54,20 +78,27 @@ class KVCacheManager:
                 hashes.append(parent)
         return hashes[:wanted]
 
-    def computed_prefix(self, request: Request) -> list[int]:
-        """Cached blocks holding the longest prefix of the request's tokens (leaves >= 1 token to compute).
+    def computed_prefix(self, request: Request) -> CachedPrefix:
+        """Cached blocks holding the longest prefix of the request's tokens (leaves >= 1 token to
+        compute): those in the pool, then those only the second tier holds.
 
         Does not change the cache: the caller passes the result to `allocate`.
         """
+        prefix = CachedPrefix()
         if not self.enable_prefix_caching:
-            return []
-        blocks = []
-        for block_hash in self.block_hashes(request, request.num_tokens - 1):
+            return prefix
+        hashes = self.block_hashes(request, request.num_tokens - 1)
+        for block_hash in hashes:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
-            blocks.append(block_id)
-        return blocks
+            prefix.blocks.append(block_id)
+        if self.tier is not None and self.restore_from_tier:
+            for block_hash in hashes[len(prefix.blocks):]:
+                if self.tier.lookup(block_hash) is None:
+                    break
+                prefix.tier_hashes.append(block_hash)
+        return prefix
 
     def first_pending_owner(self, request: Request, num_cached_blocks: int) -> str | None:
         """If the request's first uncached block is being computed by another request, that request's id."""
@@ -83,12 +114,15 @@ class KVCacheManager:
         have = len(self.block_tables.get(request_id, ()))
         return max(0, self.blocks_for(num_tokens) - have)
 
-    def allocate(self, request: Request, num_tokens: int, computed_blocks: list[int] = ()) -> bool:
-        """Grow the request's table to cover `num_tokens`, starting from `computed_blocks` (cache hits)
+    def allocate(self, request: Request, num_tokens: int, computed: CachedPrefix | list[int] = ()) -> bool:
+        """Grow the request's table to cover `num_tokens`, starting from `computed` (cache hits)
         for a request that holds none yet. False, with nothing changed, if blocks are short."""
         request_id = request.request_id
         table = self.block_tables.get(request_id)
         if table is None:
+            if not isinstance(computed, CachedPrefix):
+                computed = CachedPrefix(list(computed))
+            computed_blocks, tier_hashes = computed.blocks, computed.tier_hashes
             # Hits sitting in the free queue stop being free once touched.
             reclaimed = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
             need = self.blocks_for(num_tokens) - len(computed_blocks)
@@ -96,11 +130,20 @@ class KVCacheManager:
                 return False
             self.pool.touch(list(computed_blocks))
             table = self.block_tables[request_id] = list(computed_blocks)
-            self._num_cached[request_id] = len(computed_blocks)
+            if tier_hashes:
+                # Fresh blocks, filled from the tier before the step runs, then indexed as cached.
+                restored = self.pool.allocate(len(tier_hashes))
+                for block_id, block_hash in zip(restored, tier_hashes):
+                    self.tier.restore(block_hash, block_id)
+                    self.pool.cache(block_id, block_hash)
+                table.extend(restored)
+                need -= len(restored)
+            self._num_cached[request_id] = len(table)
             if self.enable_prefix_caching:
                 self.prefix_queries += request.num_prompt_tokens
-                self.prefix_hits += min(len(computed_blocks) * self.block_size, request.num_prompt_tokens)
-                for block_hash in self.block_hashes(request, request.num_tokens)[len(computed_blocks):]:
+                self.prefix_hits += min(len(table) * self.block_size, request.num_prompt_tokens)
+                self.prefix_tier_hits += min(len(tier_hashes) * self.block_size, request.num_prompt_tokens)
+                for block_hash in self.block_hashes(request, request.num_tokens)[len(table):]:
                     self.pending.setdefault(block_hash, request_id)
         else:
             need = self.num_new_blocks(request_id, num_tokens)
@@ -168,8 +211,14 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
+    def take_tier_transfers(self):
+        """The copies between the pool and the tier that the runner must make before this step."""
+        return self.tier.take_transfers() if self.tier is not None else None
+
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+        if self.tier is not None:
+            self.tier.check_integrity()
         owned: dict[int, int] = {}
         for table in [*self.block_tables.values(), *self.pins.values()]:
             for block_id in table:

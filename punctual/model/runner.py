@@ -12,6 +12,7 @@ from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, Deco
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
 from punctual.model.sampler import Sampler
+from punctual.model.tier_store import TierStore
 from punctual.request import TokenLogprobs
 from punctual.sched.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -108,6 +109,17 @@ class ModelRunner:
         self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
                           for _ in range(self.arch.num_layers)]
+        self.tier_store = None
+        if cache_config.kv_tier_memory and cache_config.enable_prefix_caching:
+            compressed = cache_config.kv_tier_dtype == "int8" or (
+                cache_config.kv_tier_dtype == "auto" and self.device.type == "cpu")
+            per_block = TierStore.bytes_per_block(self.arch.num_layers, self.block_size, self.arch.num_kv_heads,
+                                                  self.arch.head_dim, self.dtype, compressed or self.kv_quantized)
+            num_slots = int(cache_config.kv_tier_memory) // per_block
+            if num_slots < 1:
+                raise ValueError(f"kv_tier_memory of {cache_config.kv_tier_memory} bytes holds no KV block "
+                                 f"({per_block} bytes per block)")
+            self.tier_store = TierStore(self.kv_caches, num_slots, compressed)
         self.sampler = Sampler(self.device, model_config.seed)
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
@@ -133,6 +145,19 @@ class ModelRunner:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block "
                              f"({self.kv_bytes_per_block} bytes per block of {self.block_size} tokens)")
         return blocks
+
+    @property
+    def num_tier_slots(self) -> int:
+        return self.tier_store.num_slots if self.tier_store is not None else 0
+
+    def transfer_tier(self, transfers) -> None:
+        """Make the step's copies between the KV pool and the second tier: every copy out first."""
+        if transfers.swap_out:
+            blocks, slots = zip(*transfers.swap_out)
+            self.tier_store.copy_out(self.kv_caches, list(blocks), list(slots))
+        if transfers.swap_in:
+            slots, blocks = zip(*transfers.swap_in)
+            self.tier_store.copy_in(self.kv_caches, list(slots), list(blocks))
 
     # ---- one step -----------------------------------------------------------------------
     def execute(self, plan: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprobs]]]:

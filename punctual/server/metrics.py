@@ -41,6 +41,7 @@ class EngineStatsCollector:
             "punctual_kv_blocks_total": ("KV cache blocks in the pool", stats.kv_blocks_total),
             "punctual_prefix_cached_blocks": ("Free blocks whose KV the prefix cache still holds",
                                               stats.prefix_cached_blocks),
+            "punctual_kv_tier_blocks": ("Evicted KV blocks held by the second tier", stats.kv_tier_blocks),
         }
         for name, (doc, value) in gauges.items():
             gauge = GaugeMetricFamily(name, doc)
@@ -56,6 +57,11 @@ class EngineStatsCollector:
                                               stats.prefix_cache_queries),
             "punctual_prefix_cache_hits": ("Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
             "punctual_prefix_cache_evictions": ("Cached KV blocks evicted for space", stats.prefix_cache_evictions),
+            "punctual_prefix_cache_tier_hits": ("Prompt tokens restored from the second KV tier",
+                                                stats.prefix_cache_tier_hits),
+            "punctual_kv_tier_stored_blocks": ("KV blocks copied out to the second tier", stats.kv_tier_stored),
+            "punctual_kv_tier_restored_blocks": ("KV blocks copied back from the second tier",
+                                                 stats.kv_tier_restored),
             "punctual_spec_proposed_tokens": ("Speculative tokens proposed", stats.spec_proposed_tokens),
             "punctual_spec_accepted_tokens": ("Speculative tokens accepted", stats.spec_accepted_tokens),
             "punctual_spec_verifications": ("Request-steps that verified speculative tokens",
