@@ -12,13 +12,13 @@ mkdir -p "$out"
 slo="--ttft-slo-ms 1000 --tpot-slo-ms 100"
 for policy in fcfs slo sjf; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args "--scheduling-policy $policy $slo" \
+    --punctual-args="--scheduling-policy $policy $slo" \
     --workload chat --burstiness 4 --num-requests 48 --sweep-rates 1,2,3,4 $slo --seed 0 \
     --output "$out/chat-$policy.json" --log-dir "$out/logs-$policy" --no-progress "$@"
 done
 for policy in fcfs fair; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args "--scheduling-policy $policy" \
+    --punctual-args="--scheduling-policy $policy" \
     --workload multi-tenant --num-requests 64 --request-rate 3 $slo --seed 0 \
     --output "$out/tenants-$policy.json" --log-dir "$out/logs-tenants-$policy" --no-progress "$@"
 done

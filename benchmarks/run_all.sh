@@ -27,13 +27,13 @@ python benchmarks/bench_frontend_overhead.py --model builtin --concurrency 1,64 
 
 log "4/6 prefix cache off (the 'on' runs are in step 2), and multi-turn on vs off"
 punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-  --punctual-args "--no-enable-prefix-caching" \
+  --punctual-args="--no-enable-prefix-caching" \
   --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
   --output "$out/shared-prefix-cache-off.json" --log-dir "$out/logs-sp-off" --no-progress \
   > "$out/shared-prefix-cache-off.txt" 2>&1
 for flag in enable no-enable; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args "--$flag-prefix-caching" \
+    --punctual-args="--$flag-prefix-caching" \
     --workload multi-turn --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2 $slo --seed 0 \
     --output "$out/multi-turn-$flag.json" --log-dir "$out/logs-mt-$flag" --no-progress \
     > "$out/multi-turn-$flag.txt" 2>&1
@@ -42,7 +42,7 @@ done
 log "4b/6 second KV tier: a pool too small for the documents, without and with the tier"
 for tier in 0 1GiB; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 4 \
-    --punctual-args "--kv-cache-memory 72MiB --kv-tier-memory $tier" \
+    --punctual-args="--kv-cache-memory 72MiB --kv-tier-memory $tier" \
     --workload shared-prefix --num-requests 24 --request-rate 0.5 $slo --seed 0 \
     --output "$out/tier-$tier.json" --log-dir "$out/logs-tier-$tier" --no-progress > "$out/tier-$tier.txt" 2>&1
 done
@@ -51,14 +51,14 @@ python benchmarks/bench_kv_int8.py --model builtin --dtype bfloat16 > "$out/kv-i
 log "5/6 scheduling policies"
 for policy in fcfs slo sjf; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args "--scheduling-policy $policy $slo" \
+    --punctual-args="--scheduling-policy $policy $slo" \
     --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8 $slo --seed 0 \
     --output "$out/policy-chat-$policy.json" --log-dir "$out/logs-policy-$policy" --no-progress \
     > "$out/policy-chat-$policy.txt" 2>&1
 done
 for policy in fcfs fair; do
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args "--scheduling-policy $policy" \
+    --punctual-args="--scheduling-policy $policy" \
     --workload multi-tenant --length-scale 0.5 --num-requests 48 --request-rate 3 $slo --seed 0 \
     --output "$out/policy-tenants-$policy.json" --log-dir "$out/logs-tenants-$policy" --no-progress \
     > "$out/policy-tenants-$policy.txt" 2>&1

@@ -163,7 +163,13 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, model: str
                 apply_event(record, data, time.perf_counter() - start)
         record.e2e_s = time.perf_counter() - start
         if record.ok and not record.token_times_s:
-            record.error = "the stream carried no tokens"
+            if record.finish_reason is not None and (record.usage_output_tokens or 0) > 0:
+                # Tokens were generated but none decoded to visible text (special tokens, or
+                # bytes of an unfinished character): the user saw the answer only at the end.
+                record.token_times_s.append(record.e2e_s)
+                record.ttft_s = record.e2e_s
+            else:
+                record.error = "the stream carried no tokens"
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
 

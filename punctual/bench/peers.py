@@ -108,8 +108,10 @@ def llama_cpp_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
         raise PeerUnavailable(f"llama.cpp: converting {checkpoint} to GGUF failed: {exc}") from None
     slot_context = options.slot_context or int(config.get("max_position_embeddings", 2048))
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               # One KV stream per slot (llama.cpp's default with an explicit -np): with
+               # --kv-unified every decode attends over the whole shared buffer, other slots'
+               # cells included (masked), which slows decoding as the buffer fills.
                "-np", str(options.max_num_seqs), "-c", str(slot_context * options.max_num_seqs),
-               "--kv-unified",  # one KV pool shared by the slots, like a paged cache
                "-t", str(options.threads), "-tb", str(options.threads), "--no-webui"]
     return PeerSpec("llama.cpp", command, port, style="llama.cpp")
 

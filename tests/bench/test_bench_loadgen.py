@@ -130,3 +130,27 @@ def test_run_validates_its_arrival_arguments():
         run(Endpoint("http://127.0.0.1:9"), requests(2), progress=False)
     with pytest.raises(ValueError, match="style"):
         Endpoint("http://x", style="vllm")
+
+
+def _serve_once(body_text: str) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "fake-model"}]})
+        return httpx.Response(200, content=body_text.encode(), headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handler)
+
+
+def test_tokens_without_visible_text_are_an_answer_seen_at_the_end():
+    """Generated tokens that all decode to nothing (special tokens) are not a failed request:
+    the user saw the answer only when it ended, so that is its first token."""
+    silent = chunk("") + chunk("", "length") + USAGE + "data: [DONE]\n\n"
+    result = run(Endpoint("http://127.0.0.1:9"), requests(1), concurrency=1, progress=False,
+                 transport=_serve_once(silent))
+    record = result.records[0]
+    assert record.ok and record.output_tokens == 4 and record.ttft_s == record.e2e_s
+    # A stream that ends with neither text nor a usage count is still an error.
+    broken = chunk("") + "data: [DONE]\n\n"
+    result = run(Endpoint("http://127.0.0.1:9"), requests(1), concurrency=1, progress=False,
+                 transport=_serve_once(broken))
+    assert result.records[0].error == "the stream carried no tokens"
