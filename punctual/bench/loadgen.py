@@ -53,8 +53,11 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def body(self, request: BenchRequest, model: str | None) -> dict:
+        # skip_special_tokens false (a vLLM extension; others ignore it): every token is timed
+        # as it arrives, even one a random-weight model draws from the special tokens.
         body = {"prompt": request.prompt, "max_tokens": request.output_len, "ignore_eos": True,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+                "skip_special_tokens": False}
         if model is not None:
             body["model"] = model
         if request.user is not None:

@@ -102,6 +102,7 @@ def test_open_loop_times_every_token_and_phrases_the_request():
     body = bodies[0]
     assert body["model"] == "fake-model" and body["stream"] is True and body["ignore_eos"] is True
     assert body["stream_options"] == {"include_usage": True} and body["max_tokens"] == 4 and body["user"] == "t1"
+    assert body["skip_special_tokens"] is False
     assert "n_predict" not in body
     assert result.duration_s >= 0.1
 
