@@ -8,13 +8,13 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 1e12, "tb": 1e12}
 
 
-def parse_size(value: int | float | str | None) -> int | None:
-    """'2GiB' -> 2147483648; plain numbers are bytes."""
+def parse_size(value: int | float | str | None, name: str = "memory size") -> int | None:
+    """'2GiB' -> 2147483648; plain numbers are bytes. `name` is the field the error names."""
     if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
         return None if value is None else int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot parse the memory size {value!r} (use bytes or e.g. '2GiB', '512MiB')")
+        raise ValueError(f"{name}: cannot parse {value!r} as a size (use bytes or e.g. '2GiB', '512MiB')")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
@@ -123,10 +123,10 @@ class EngineConfig:
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:
             raise ValueError(f"block_size must be in [1, 256], got {self.cache.block_size}")
-        self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory)
+        self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory, "kv_cache_memory")
         if self.cache.kv_cache_memory is not None and self.cache.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
-        self.cache.kv_tier_memory = parse_size(self.cache.kv_tier_memory)
+        self.cache.kv_tier_memory = parse_size(self.cache.kv_tier_memory, "kv_tier_memory")
         if self.cache.kv_tier_memory is not None and self.cache.kv_tier_memory < 0:
             raise ValueError("kv_tier_memory must be >= 0")
         if self.cache.kv_tier_dtype not in ("auto", "int8", "cache"):
