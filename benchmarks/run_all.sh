@@ -1,70 +1,105 @@
 #!/usr/bin/env bash
-# Every figure in BENCHMARKS.md, one after another on a quiet machine (about 80 minutes on 2 cores).
+# Every figure in BENCHMARKS.md, one after another on a quiet machine (about 90 minutes on 2 cores; 65 without step 1).
 #
 #   benchmarks/run_all.sh [OUT_DIR]
+#   STEPS="2 5" benchmarks/run_all.sh OUT_DIR     # only some steps (1, 2, 3, 4, 4b, 5, 6, 6b)
 set -uo pipefail
 out="${1:-bench-results}"
 mkdir -p "$out"
 slo="--ttft-slo-ms 1000 --tpot-slo-ms 100"
+steps=" ${STEPS:-1 2 3 4 4b 5 6 6b} "
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/progress.log"; }
+want() { [[ "$steps" == *" $1 "* ]]; }
 
-log "1/6 offline engine vs transformers"
-python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --num-requests 256 --runs 3 \
-  --throughput-runs 1 --output "$out/offline.json" > "$out/offline.txt" 2>&1
+if want 1; then
+  log "1/6 offline engine vs transformers"
+  python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --num-requests 256 --runs 3 \
+    --throughput-runs 1 --output "$out/offline.json" > "$out/offline.txt" 2>&1
+fi
 
-log "2/6 peers side by side: chat (lengths x0.5) and shared-prefix (1,024-token documents)"
-punctual bench build-llama-cpp -j 2 > /dev/null 2>&1 || log "llama.cpp build failed: compare will skip it"
-punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
-  --workload chat --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2,4 $slo --seed 0 \
-  --output "$out/compare-chat.json" --log-dir "$out/logs-chat" --no-progress > "$out/compare-chat.txt" 2>&1
-punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
-  --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
-  --output "$out/compare-shared-prefix.json" --log-dir "$out/logs-sp" --no-progress > "$out/compare-shared-prefix.txt" 2>&1
+if want 2; then
+  log "2/6 peers side by side: chat (lengths x0.5) and shared-prefix (1,024-token documents)"
+  punctual bench build-llama-cpp -j 2 > /dev/null 2>&1 || log "llama.cpp build failed: compare will skip it"
+  punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
+    --workload chat --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2,4 $slo --seed 0 \
+    --output "$out/compare-chat.json" --log-dir "$out/logs-chat" --no-progress > "$out/compare-chat.txt" 2>&1
+  punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
+    --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
+    --output "$out/compare-shared-prefix.json" --log-dir "$out/logs-sp" --no-progress > "$out/compare-shared-prefix.txt" 2>&1
+fi
 
-log "3/6 front-end overhead"
-python benchmarks/bench_frontend_overhead.py --model builtin --concurrency 1,64 --requests 64 \
-  > "$out/frontend.txt" 2>&1
+if want 3; then
+  log "3/6 front-end overhead"
+  python benchmarks/bench_frontend_overhead.py --model builtin --concurrency 1,64 --requests 64 \
+    > "$out/frontend.txt" 2>&1
+fi
 
-log "4/6 prefix cache off (the 'on' runs are in step 2), and multi-turn on vs off"
-punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-  --punctual-args="--no-enable-prefix-caching" \
-  --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
-  --output "$out/shared-prefix-cache-off.json" --log-dir "$out/logs-sp-off" --no-progress \
-  > "$out/shared-prefix-cache-off.txt" 2>&1
-for flag in enable no-enable; do
+if want 4; then
+  log "4/6 prefix cache off (the 'on' runs are in step 2), and multi-turn on vs off"
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args="--$flag-prefix-caching" \
-    --workload multi-turn --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2 $slo --seed 0 \
-    --output "$out/multi-turn-$flag.json" --log-dir "$out/logs-mt-$flag" --no-progress \
-    > "$out/multi-turn-$flag.txt" 2>&1
-done
+    --punctual-args="--no-enable-prefix-caching" \
+    --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
+    --output "$out/shared-prefix-cache-off.json" --log-dir "$out/logs-sp-off" --no-progress \
+    > "$out/shared-prefix-cache-off.txt" 2>&1
+  for flag in enable no-enable; do
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+      --punctual-args="--$flag-prefix-caching" \
+      --workload multi-turn --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2 $slo --seed 0 \
+      --output "$out/multi-turn-$flag.json" --log-dir "$out/logs-mt-$flag" --no-progress \
+      > "$out/multi-turn-$flag.txt" 2>&1
+  done
+fi
 
-log "4b/6 second KV tier: a pool too small for the documents, without and with the tier"
-for tier in 0 1GiB; do
-  punctual bench compare --model builtin --systems punctual --max-num-seqs 4 \
-    --punctual-args="--kv-cache-memory 72MiB --kv-tier-memory $tier" \
-    --workload shared-prefix --num-requests 24 --request-rate 0.5 $slo --seed 0 \
-    --output "$out/tier-$tier.json" --log-dir "$out/logs-tier-$tier" --no-progress > "$out/tier-$tier.txt" 2>&1
-done
-python benchmarks/bench_kv_int8.py --model builtin --dtype bfloat16 > "$out/kv-int8.txt" 2>&1
+if want 4b; then
+  log "4b/6 second KV tier: a pool too small for the documents, without and with the tier"
+  for tier in 0 1GiB; do
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 4 \
+      --punctual-args="--kv-cache-memory 72MiB --kv-tier-memory $tier" \
+      --workload shared-prefix --num-requests 24 --request-rate 0.5 $slo --seed 0 \
+      --output "$out/tier-$tier.json" --log-dir "$out/logs-tier-$tier" --no-progress > "$out/tier-$tier.txt" 2>&1
+  done
+  python benchmarks/bench_kv_int8.py --model builtin --dtype bfloat16 > "$out/kv-int8.txt" 2>&1
+fi
 
-log "5/6 scheduling policies"
-for policy in fcfs slo sjf; do
-  punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args="--scheduling-policy $policy $slo" \
-    --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8 $slo --seed 0 \
-    --output "$out/policy-chat-$policy.json" --log-dir "$out/logs-policy-$policy" --no-progress \
-    > "$out/policy-chat-$policy.txt" 2>&1
-done
-for policy in fcfs fair; do
-  punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-    --punctual-args="--scheduling-policy $policy" \
-    --workload multi-tenant --length-scale 0.5 --num-requests 48 --request-rate 3 $slo --seed 0 \
-    --output "$out/policy-tenants-$policy.json" --log-dir "$out/logs-tenants-$policy" --no-progress \
-    > "$out/policy-tenants-$policy.txt" 2>&1
-done
+if want 5; then
+  log "5/6 scheduling policies"
+  for policy in fcfs slo sjf; do
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+      --punctual-args="--scheduling-policy $policy $slo" \
+      --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8 $slo --seed 0 \
+      --output "$out/policy-chat-$policy.json" --log-dir "$out/logs-policy-$policy" --no-progress \
+      > "$out/policy-chat-$policy.txt" 2>&1
+  done
+  for policy in fcfs fair; do
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+      --punctual-args="--scheduling-policy $policy" \
+      --workload multi-tenant --length-scale 0.5 --num-requests 48 --request-rate 3 $slo --seed 0 \
+      --output "$out/policy-tenants-$policy.json" --log-dir "$out/logs-tenants-$policy" --no-progress \
+      > "$out/policy-tenants-$policy.txt" 2>&1
+  done
+fi
 
-log "6/6 speculative decoding"
-python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3 --output "$out/spec.json" \
-  > "$out/spec.txt" 2>&1
+if want 6; then
+  log "6/6 speculative decoding"
+  python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3 --output "$out/spec.json" \
+    > "$out/spec.txt" 2>&1
+fi
+
+if want 6b; then
+  log "6b/6 speculative decoding under load: goodput off / fixed / adaptive on code and chat"
+  for mode in off fixed adaptive; do
+    case $mode in
+      off) spec="" ;;
+      fixed) spec="--speculative-method ngram --num-speculative-tokens 4" ;;
+      adaptive) spec="--speculative-method ngram --num-speculative-tokens 4 --speculative-length adaptive" ;;
+    esac
+    for workload in code chat; do
+      punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+        --punctual-args="$spec" \
+        --workload $workload --length-scale 0.25 --num-requests 32 --sweep-rates 1,2,4,8 $slo --seed 0 \
+        --output "$out/spec-$workload-$mode.json" --log-dir "$out/logs-spec-$workload-$mode" --no-progress \
+        > "$out/spec-$workload-$mode.txt" 2>&1
+    done
+  done
+fi
 log "done"
