@@ -35,6 +35,8 @@ class EngineStats:
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_verifications: int = 0
+    # sjf: Spearman rank correlation of predicted vs actual output lengths (None: not sjf, or too few yet)
+    output_length_rank_correlation: float | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -194,8 +196,13 @@ class EngineCore:
             prefix_cached_blocks=self.kv_manager.pool.num_cached_blocks,
             prefix_cache_evictions=self.kv_manager.pool.num_evictions,
             prefix_cache_tier_hits=self.kv_manager.prefix_tier_hits,
+            output_length_rank_correlation=self._rank_correlation(),
             **self._tier_stats(),
             **self._spec_stats())
+
+    def _rank_correlation(self) -> float | None:
+        predictor = getattr(self.scheduler.policy, "predictor", None)
+        return None if predictor is None else predictor.rank_correlation()
 
     def _tier_stats(self) -> dict:
         tier = self.kv_manager.tier

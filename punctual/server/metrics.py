@@ -43,6 +43,10 @@ class EngineStatsCollector:
                                               stats.prefix_cached_blocks),
             "punctual_kv_tier_blocks": ("Evicted KV blocks held by the second tier", stats.kv_tier_blocks),
         }
+        if stats.output_length_rank_correlation is not None:
+            gauges["punctual_sjf_output_length_rank_correlation"] = (
+                "Spearman rank correlation of predicted vs actual output lengths (sjf policy)",
+                stats.output_length_rank_correlation)
         for name, (doc, value) in gauges.items():
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], float(value))
