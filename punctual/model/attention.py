@@ -5,6 +5,10 @@ sequences: single-token queries (decodes) and multi-token chunks (prefills). Dec
 by context length and cut into a few buckets (at most MAX_DECODE_BUCKETS), each padded only to
 its own longest context: with long-tailed lengths, one padded batch would gather several times
 the KV that exists. Tokens are laid out decodes first, so the outputs concatenate in token order.
+
+Decodes hand SDPA their query heads grouped by KV head (see decode_attention): PyTorch's CPU
+flash-attention kernel with enable_gqa took 7.4 ms a layer for 16 sequences x 1,104 tokens in
+bf16, and 1.0 ms with the same numbers grouped.
 """
 from __future__ import annotations
 
@@ -103,6 +107,20 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence. q: [n, H, D]; k, v: [n, KVH, ctx, D]; mask: [n, 1, 1, ctx] bool.
+
+    The G = H / KVH query heads that share a KV head (GQA) go in as G query rows of that KV
+    head, so each K/V row is read once per KV head; query head h reads KV head h // G, as in
+    transformers' repeat_kv. The same kernel as SDPA with enable_gqa (scores and softmax in
+    float32), equal to rounding, and about 7x faster on CPU for one-row queries. Returns [n, H, D].
+    """
+    n, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.view(n, kv_heads, num_heads // kv_heads, head_dim)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(n, num_heads, head_dim)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (already written to the cache). Returns [T, H*D]."""
@@ -110,9 +128,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     parts = []
     nd = meta.num_decode_tokens
     for bucket in meta.decode_buckets:
-        q_dec = q[bucket.start:bucket.end].unsqueeze(2)  # [n, H, 1, D]
         k_ctx, v_ctx = cache.gather(bucket.block_tables)
-        out = F.scaled_dot_product_attention(q_dec, k_ctx, v_ctx, attn_mask=bucket.mask, enable_gqa=True)
+        out = decode_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket.mask)
         parts.append(out.reshape(bucket.end - bucket.start, num_heads * head_dim))
     if num_tokens > nd:
         q_pre = q[nd:]

@@ -6,6 +6,7 @@ tables in float32) so greedy tokens match it exactly.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +30,31 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. One bf16 row goes through mv: on CPU it reads the weights about 1.4x
-    faster than the GEMM path does for a single row (see BENCHMARKS.md)."""
-    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           single_row_mv: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias; with `single_row_mv`, one row goes through torch.mv instead of GEMM."""
+    if single_row_mv and x.shape[0] == 1:
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def mv_is_faster(weight: torch.Tensor, repeats: int = 20) -> bool:
+    """Time one row through mv and through GEMM on `weight`. Which wins depends on the CPU and the
+    PyTorch build: mv read bf16 weights 1.4x faster on an AVX-512-bf16 EPYC, and 2x slower than
+    GEMM on the lm_head of the Xeon that BENCHMARKS.md was run on."""
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+
+    def best_of(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_of(lambda: torch.mv(weight, x[0])) < best_of(lambda: F.linear(x, weight))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,6 +124,8 @@ class LlamaModel:
         self.sin = emb.sin().to(device=device, dtype=dtype)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
+        # Single-token steps (one decode) are weight-read bound: take whichever path reads faster here.
+        self.single_row_mv = device.type == "cpu" and dtype == torch.bfloat16 and mv_is_faster(self.lm_head)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -112,13 +133,14 @@ class LlamaModel:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         arch = self.arch
         num_tokens = input_ids.shape[0]
+        mv = self.single_row_mv
         hidden = F.embedding(input_ids, self.embed)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         for layer, cache in zip(self.layers, kv_caches):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
-            qkv = linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias, mv)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(num_tokens, arch.num_heads, arch.head_dim)
             k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
@@ -127,14 +149,14 @@ class LlamaModel:
             k = k * cos + rotate_half(k) * sin
             cache.write(k, v, meta.slot_mapping)
             attn = paged_attention(q, k, v, cache, meta)
-            hidden = residual + linear(attn, layer.o_proj, layer.o_bias)
+            hidden = residual + linear(attn, layer.o_proj, layer.o_bias, mv)
             residual = hidden
             x = rms_norm(hidden, layer.post_norm, arch.rms_norm_eps)
-            gate, up = linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            hidden = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = linear(x, layer.gate_up, layer.gate_up_bias, mv).chunk(2, dim=-1)
+            hidden = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias, mv)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32."""
-        return linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head, single_row_mv=self.single_row_mv).float()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from punctual.config import CacheConfig, ModelConfig
+from punctual.model.allocator import keep_step_buffers_mapped
 from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, DecodeBucket, LayerKVCache
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
@@ -98,6 +99,8 @@ class ModelRunner:
         path = resolve_model_path(model_config.model)
         self.arch = load_arch_config(path)
         self.device = pick_device(model_config.device)
+        if self.device.type == "cpu":
+            keep_step_buffers_mapped()
         self.dtype = pick_dtype(model_config.dtype, self.arch, self.device)
         self.model = LlamaModel(self.arch, load_weights(path, self.dtype), self.device, self.dtype)
         self.model_path = path
