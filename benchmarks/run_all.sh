@@ -2,7 +2,7 @@
 # Every figure in BENCHMARKS.md, one after another on a quiet machine (about 90 minutes on 2 cores; 65 without step 1).
 #
 #   benchmarks/run_all.sh [OUT_DIR]
-#   STEPS="2 5" benchmarks/run_all.sh OUT_DIR     # only some steps (1, 2, 3, 4, 4b, 5, 6, 6b)
+#   STEPS="2 5" benchmarks/run_all.sh OUT_DIR     # only some steps (1 or its quick form 1q, 2, 3, 4, 4b, 5, 6, 6b)
 set -uo pipefail
 out="${1:-bench-results}"
 mkdir -p "$out"
@@ -17,14 +17,22 @@ if want 1; then
     --throughput-runs 1 --output "$out/offline.json" > "$out/offline.txt" 2>&1
 fi
 
+if want 1q; then
+  log "1q/6 offline, quick: single-stream decode vs transformers, and Punctual's throughput alone"
+  python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --runs 3 --skip-throughput \
+    --output "$out/offline-single.json" > "$out/offline-single.txt" 2>&1
+  python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --num-requests 256 --runs 1 --skip-hf \
+    --output "$out/offline-throughput.json" > "$out/offline-throughput.txt" 2>&1
+fi
+
 if want 2; then
   log "2/6 peers side by side: chat (lengths x0.5) and shared-prefix (1,024-token documents)"
   punctual bench build-llama-cpp -j 2 > /dev/null 2>&1 || log "llama.cpp build failed: compare will skip it"
   punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
-    --workload chat --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2,4 $slo --seed 0 \
+    --workload chat --length-scale 0.5 --num-requests 32 --sweep-rates 0.5,1,2,4,8 $slo --seed 0 \
     --output "$out/compare-chat.json" --log-dir "$out/logs-chat" --no-progress > "$out/compare-chat.txt" 2>&1
   punctual bench compare --model builtin --systems punctual,llama.cpp,hf-static --max-num-seqs 32 \
-    --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
+    --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2,4 $slo --seed 0 \
     --output "$out/compare-shared-prefix.json" --log-dir "$out/logs-sp" --no-progress > "$out/compare-shared-prefix.txt" 2>&1
 fi
 
