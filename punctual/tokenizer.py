@@ -18,10 +18,14 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding the whole output.
 
     Decodes a small window (a few tokens of context before the unread ones) and emits only what
-    is new; a window ending in an incomplete UTF-8 sequence ("\ufffd") waits for the next token.
+    is new; a window ending in an incomplete UTF-8 sequence ("\ufffd") waits for the next token,
+    but only for MAX_HELD_TOKENS: a character is at most 4 bytes, so beyond that the bytes are
+    invalid, not incomplete, and go out as "\ufffd" (otherwise a model stuck on stray bytes
+    streams nothing at all until it finishes).
     """
 
     CONTEXT_TOKENS = 5
+    MAX_HELD_TOKENS = 4
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -37,7 +41,8 @@ class IncrementalDetokenizer:
         self.token_ids.extend(new_token_ids)
         prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset:])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        held = len(self.token_ids) - self.read_offset
+        if len(full_text) > len(prefix_text) and (not full_text.endswith("\ufffd") or held >= self.MAX_HELD_TOKENS):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.token_ids)
             return full_text[len(prefix_text):]

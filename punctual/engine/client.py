@@ -42,6 +42,8 @@ FRAME_HEADER = struct.Struct("!Q")  # payload length in bytes; a pickle follows
 
 logger = logging.getLogger(__name__)
 
+SLOW_SEND_S = 0.5  # the socket was full that long: the front end is not keeping up
+
 
 class EngineDeadError(RuntimeError):
     """The core process is gone; nothing sent to it will be answered."""
@@ -183,7 +185,10 @@ class CoreLoop:
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
             stats = self.core.stats()
             if outputs or rejected or stats != self.last_stats:
+                started = time.monotonic()
                 self.channel.send(CoreUpdate(outputs, stats, rejected))
+                if time.monotonic() - started > SLOW_SEND_S:
+                    logger.warning("the front end took %.2f s to take a step's outputs", time.monotonic() - started)
                 self.last_stats = stats
 
     def handle(self, commands: list[tuple], rejected: dict[str, str]) -> bool:

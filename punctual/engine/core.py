@@ -1,6 +1,7 @@
 """The engine core: the step loop schedule -> execute -> update. No HTTP, no asyncio, no text."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,11 @@ from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, Reque
 from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec.speculator import Speculator
+
+logger = logging.getLogger(__name__)
+
+# A step this long stalls every running stream past any interactive TPOT SLO: say so in the log.
+SLOW_STEP_S = 1.0
 
 
 @dataclass
@@ -148,6 +154,10 @@ class EngineCore:
         sampled, logprobs = self.runner.execute(plan)
         now = time.monotonic()
         self.scheduler.record_step_time(plan, now - started)
+        if now - started > SLOW_STEP_S:
+            logger.warning("slow step: %.2f s for %d sequences, %d batched tokens (predicted %.2f s)",
+                           now - started, len(plan.scheduled), plan.num_batched_tokens,
+                           self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled)))
         for item in plan.scheduled:
             is_decode = item.num_new_tokens == 1 and item.samples and item.request.num_output_tokens > 0
             if not is_decode:  # prompt chunks, and recomputation after a preemption
