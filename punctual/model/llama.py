@@ -40,9 +40,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def mv_is_faster(weight: torch.Tensor, repeats: int = 20) -> bool:
-    """Time one row through mv and through GEMM on `weight`. Which wins depends on the CPU and the
-    PyTorch build: mv read bf16 weights 1.4x faster on an AVX-512-bf16 EPYC, and 2x slower than
-    GEMM on the lm_head of the Xeon that BENCHMARKS.md was run on."""
+    """Time one row through mv and through GEMM on `weight`. Which wins depends on the CPU: mv
+    read bf16 weights 1.4x faster on the Xeon of an earlier session, and took 2x longer than
+    GEMM on the lm_head of the AMD EPYC (AVX-512 bf16) that BENCHMARKS.md was last run on."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def best_of(fn) -> float:
