@@ -58,6 +58,13 @@ if want 4; then
   done
 fi
 
+if want 4; then
+  punctual bench compare --model builtin --systems punctual,llama.cpp --max-num-seqs 32 \
+    --workload multi-turn --length-scale 0.5 --num-requests 32 --sweep-rates 1,2,4 $slo --seed 0 \
+    --output "$out/compare-multi-turn.json" --log-dir "$out/logs-mt-compare" --no-progress \
+    > "$out/compare-multi-turn.txt" 2>&1
+fi
+
 if want 4b; then
   log "4b/6 second KV tier: a pool too small for the documents, without and with the tier"
   for tier in 0 1GiB; do
@@ -74,7 +81,7 @@ if want 5; then
   for policy in fcfs slo sjf; do
     punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
       --punctual-args="--scheduling-policy $policy $slo" \
-      --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8 $slo --seed 0 \
+      --workload chat --length-scale 0.5 --burstiness 4 --num-requests 48 --sweep-rates 2,3,4,6,8,12,16 $slo --seed 0 \
       --output "$out/policy-chat-$policy.json" --log-dir "$out/logs-policy-$policy" --no-progress \
       > "$out/policy-chat-$policy.txt" 2>&1
   done
@@ -94,20 +101,18 @@ if want 6; then
 fi
 
 if want 6b; then
-  log "6b/6 speculative decoding under load: goodput off / fixed / adaptive on code and chat"
+  log "6b/6 speculative decoding under load: goodput off / fixed / adaptive on code"
   for mode in off fixed adaptive; do
     case $mode in
       off) spec="" ;;
       fixed) spec="--speculative-method ngram --num-speculative-tokens 4" ;;
       adaptive) spec="--speculative-method ngram --num-speculative-tokens 4 --speculative-length adaptive" ;;
     esac
-    for workload in code chat; do
-      punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-        --punctual-args="$spec" \
-        --workload $workload --length-scale 0.25 --num-requests 32 --sweep-rates 1,2,4,8 $slo --seed 0 \
-        --output "$out/spec-$workload-$mode.json" --log-dir "$out/logs-spec-$workload-$mode" --no-progress \
-        > "$out/spec-$workload-$mode.txt" 2>&1
-    done
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+      --punctual-args="$spec" \
+      --workload code --length-scale 0.25 --num-requests 32 --sweep-rates 1,2,4,8 $slo --seed 0 \
+      --output "$out/spec-code-$mode.json" --log-dir "$out/logs-spec-code-$mode" --no-progress \
+      > "$out/spec-code-$mode.txt" 2>&1
   done
 fi
 log "done"
