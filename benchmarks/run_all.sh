@@ -43,7 +43,7 @@ if want 3; then
 fi
 
 if want 4; then
-  log "4/6 prefix cache off (the 'on' runs are in step 2), and multi-turn on vs off"
+  log "4/6 prefix cache off (the 'on' runs are in step 2), multi-turn on vs off, and multi-turn vs llama.cpp"
   punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
     --punctual-args="--no-enable-prefix-caching" \
     --workload shared-prefix --num-requests 32 --sweep-rates 0.25,0.5,1,2 $slo --seed 0 \
@@ -56,9 +56,6 @@ if want 4; then
       --output "$out/multi-turn-$flag.json" --log-dir "$out/logs-mt-$flag" --no-progress \
       > "$out/multi-turn-$flag.txt" 2>&1
   done
-fi
-
-if want 4; then
   punctual bench compare --model builtin --systems punctual,llama.cpp --max-num-seqs 32 \
     --workload multi-turn --length-scale 0.5 --num-requests 32 --sweep-rates 1,2,4 $slo --seed 0 \
     --output "$out/compare-multi-turn.json" --log-dir "$out/logs-mt-compare" --no-progress \

@@ -26,14 +26,9 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's ceiling for this parameter on 64-bit
 
 
-_tuned = False
-
-
 def keep_step_buffers_mapped() -> bool:
-    """Tune glibc malloc for the step loop (once per process); False where it is not glibc."""
-    global _tuned
-    if _tuned:
-        return True
+    """Tune glibc malloc for the step loop (idempotent: the settings are process-wide); False
+    where it is not glibc or a setting was refused."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -42,10 +37,9 @@ def keep_step_buffers_mapped() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = all(mallopt(param, value) == 1 for param, value in (
-        (M_TOP_PAD, TOP_PAD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)))
+    settings = ((M_TOP_PAD, TOP_PAD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+                (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    ok = all([mallopt(param, value) == 1 for param, value in settings])  # a list: try every setting
     if not ok:
         logger.info("mallopt refused a setting; step buffers may be returned to the OS between steps")
-    _tuned = ok
     return ok

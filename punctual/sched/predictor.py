@@ -19,6 +19,8 @@ class OutputLengthPredictor:
         self.user_mean: dict[str, float] = {}
         self._sums = [0.0] * 5  # decayed n, sum x, sum y, sum xx, sum xy for y ~ a + b x
         self._pairs: deque[tuple[float, float]] = deque(maxlen=history)  # (predicted, actual)
+        # The engine reports it after every step; it changes only when a request finishes.
+        self._rank_correlation: float | None = None
 
     def _global(self, prompt_len: int) -> float:
         n, sx, sy, sxx, sxy = self._sums
@@ -42,12 +44,12 @@ class OutputLengthPredictor:
             s[i] = s[i] * d + value
         if predicted is not None:
             self._pairs.append((predicted, float(output_len)))
+            if len(self._pairs) >= 3:
+                self._rank_correlation = spearman([p for p, _ in self._pairs], [a for _, a in self._pairs])
 
     def rank_correlation(self) -> float | None:
-        """Spearman's rho between recent predictions and actual output lengths."""
-        if len(self._pairs) < 3:
-            return None
-        return spearman([p for p, _ in self._pairs], [a for _, a in self._pairs])
+        """Spearman's rho between recent predictions and actual output lengths (None below 3 pairs)."""
+        return self._rank_correlation
 
 
 def _ranks(values: list[float]) -> list[float]:
