@@ -175,6 +175,15 @@ def test_prompt_lookup_proposes_what_followed_the_last_match():
     assert proposer.propose([1, 2, 1, 2, 1], 2) == [2, 1]
 
 
+def test_prompt_lookup_continues_a_repeating_period():
+    proposer = NgramProposer(max_ngram=3)
+    # The latest match is 2 tokens back: the text repeats with period 2, so the proposal does too.
+    assert proposer.propose([1, 2, 1, 2, 1], 5) == [2, 1, 2, 1, 2]
+    assert proposer.propose([4, 9, 5, 5, 5], 4) == [5, 5, 5, 5]
+    # A match far enough back is copied as written.
+    assert proposer.propose([1, 2, 3, 4, 5, 6, 1, 2], 3) == [3, 4, 5]
+
+
 def test_adaptive_length_switches_off_under_load_and_for_rejected_requests():
     cost = StepCostModel(fixed_s=0.030, per_token_s=0.004, per_seq_s=0.0)
     chosen = choose_lengths({"good": 4, "bad": 4}, {"good": 0.9, "bad": 0.05}, cost, base_tokens=2, num_seqs=2)
@@ -183,6 +192,69 @@ def test_adaptive_length_switches_off_under_load_and_for_rejected_requests():
     # that is accepted 90% of the time no longer pays for the time it adds to everyone's step.
     chosen = choose_lengths({"good": 4}, {"good": 0.9}, cost, base_tokens=128, num_seqs=128)
     assert chosen["good"] == 0
+
+
+def test_adaptive_length_counts_a_prompt_chunk_as_work_and_never_displaces_it():
+    cost = StepCostModel(fixed_s=0.020, per_token_s=0.0005, per_seq_s=0.0)
+    alone = choose_lengths({"r": 4}, {"r": 0.7}, cost, base_tokens=4, num_seqs=4)
+    assert alone["r"] >= 2
+    # The same decodes sharing a step with a 200-token prompt chunk: the step already does
+    # ~200 tokens of work, and a token accepted 70% of the time no longer adds to that rate.
+    with_prompt = choose_lengths({"r": 4}, {"r": 0.7}, cost, base_tokens=204, num_seqs=4, prompt_tokens=200)
+    assert with_prompt["r"] < alone["r"]
+    # Proposals only fill the room the prompt chunks leave.
+    capped = choose_lengths({"a": 4, "b": 4, "c": 4}, {"a": 1.0, "b": 1.0, "c": 1.0}, cost, base_tokens=3,
+                            num_seqs=3, max_total=5)
+    assert sum(capped.values()) == 5
+    assert sum(choose_lengths({"a": 4}, {"a": 1.0}, cost, base_tokens=3, num_seqs=3, max_total=0).values()) == 0
+
+
+def test_adaptive_speculation_leaves_the_budget_to_waiting_prompts():
+    from punctual.config import SchedulerConfig, SpeculativeConfig
+    from punctual.kv.manager import KVCacheManager
+    from punctual.sched.scheduler import Scheduler
+    from punctual.spec.speculator import Speculator
+
+    budget = 64
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget), KVCacheManager(200, 16))
+    speculator = Speculator(SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=4,
+                                              speculative_length="adaptive"), scheduler)
+
+    def add(rid: str, prompt: list[int]) -> None:
+        core = EngineCoreRequest(rid, prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+        scheduler.add_request(Request(core, max_model_len=10_000))
+
+    def step() -> list:
+        speculator.propose(scheduler)
+        plan = scheduler.schedule()
+        # Pretend the model repeats token 7 and accepts every proposal (all proposals here are 7s).
+        sampled = {s.request.request_id: [7] * (1 + len(s.spec_token_ids)) for s in plan.scheduled if s.samples}
+        scheduler.update_from_output(plan, sampled)
+        speculator.record(plan, sampled)
+        return plan.scheduled
+
+    for i in range(4):
+        add(f"d{i}", [3, 1, 4, 1, 5])
+    for _ in range(3):
+        step()
+    scheduled = step()
+    assert sum(len(s.spec_token_ids) for s in scheduled) > 0, "an idle engine speculates on repeating text"
+
+    add("long", list(range(100, 300)))  # fills the whole budget for several steps
+    scheduled = step()
+    chunk = next(s for s in scheduled if s.request.request_id == "long")
+    assert sum(len(s.spec_token_ids) for s in scheduled) == 0
+    assert chunk.num_new_tokens == budget - 4, "the prompt gets every token the decodes leave"
+
+    long = scheduler.requests["long"]
+    while long.is_prefilling:
+        remaining = long.num_tokens - long.num_computed_tokens
+        scheduled = step()
+        chunk = next(s for s in scheduled if s.request.request_id == "long")
+        assert chunk.num_new_tokens == min(remaining, budget - 4)
+    # Prompt done: the decodes speculate again (the last chunk's leftover room was theirs too).
+    assert sum(len(s.spec_token_ids) for s in step()) > 0
+    scheduler.check_integrity()
 
 
 def test_bad_speculative_arguments_are_named():

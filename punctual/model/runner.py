@@ -9,7 +9,8 @@ import torch
 
 from punctual.config import CacheConfig, ModelConfig
 from punctual.model.allocator import keep_step_buffers_mapped
-from punctual.model.attention import MAX_DECODE_BUCKETS, AttentionMetadata, DecodeBucket, LayerKVCache
+from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
+                                      LayerKVCache)
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
 from punctual.model.sampler import Sampler
@@ -78,6 +79,17 @@ def decode_bucket_bounds(ctx_lens: list[int], max_buckets: int = MAX_DECODE_BUCK
     if ctx_lens:
         bounds.append((start, len(ctx_lens)))
     return bounds
+
+
+def split_by_query_length(num_new_tokens: list[int], start_positions: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Indices of one-token queries, short queries (2..MAX_SHORT_QUERY) and longer chunks; the
+    first two sorted by the context they reach, so that each attention bucket pads little."""
+    reach = lambda i: start_positions[i] + num_new_tokens[i]  # noqa: E731
+    indices = range(len(num_new_tokens))
+    decodes = sorted((i for i in indices if num_new_tokens[i] == 1), key=reach)
+    shorts = sorted((i for i in indices if 1 < num_new_tokens[i] <= MAX_SHORT_QUERY), key=reach)
+    longs = [i for i in indices if num_new_tokens[i] > MAX_SHORT_QUERY]
+    return decodes, shorts, longs
 
 
 @dataclass
@@ -166,12 +178,12 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprobs]]]:
         """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens
         (and verify speculated tokens): request id -> new tokens, and their logprobs if asked."""
-        # Decodes sorted by context length, so that each attention bucket pads little.
-        decodes = sorted((s for s in plan.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
-        prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
+        items = plan.scheduled
+        groups = [[items[i] for i in group] for group in split_by_query_length(
+            [s.num_new_tokens for s in items], [s.start_position for s in items])]
+        ordered = groups[0] + groups[1] + groups[2]
         input_ids, positions, slots = self._flat_inputs(ordered)
-        meta = self._metadata(decodes, prefills, slots)
+        meta = self._metadata(*groups, slots)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
 
         # Logits rows: the last position of each sampling chunk, or every verified position.
@@ -214,15 +226,15 @@ class ModelRunner:
     def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
         """Feed each chunk (writing its KV through its block table) and return the logits at each
         chunk's last token, [len(chunks), vocab], in the order given."""
-        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_new_tokens > 1, chunks[i].start_position))
-        decodes = [chunks[i] for i in order if chunks[i].num_new_tokens == 1]
-        prefills = [chunks[i] for i in order if chunks[i].num_new_tokens > 1]
+        index_groups = split_by_query_length([c.num_new_tokens for c in chunks], [c.start_position for c in chunks])
+        order = [i for group in index_groups for i in group]
+        groups = [[chunks[i] for i in group] for group in index_groups]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         last_rows: list[int] = []
-        for c in decodes + prefills:
+        for c in groups[0] + groups[1] + groups[2]:
             start, end, table = c.start_position, c.start_position + c.num_new_tokens, c.block_table
             input_ids.extend(c.token_ids)
             positions.extend(range(start, end))
@@ -230,7 +242,7 @@ class ModelRunner:
             last_rows.append(len(input_ids) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         slot_tensor = as_tensor(slots)
-        meta = self._metadata(decodes, prefills, slot_tensor)
+        meta = self._metadata(*groups, slot_tensor)
         hidden = self.model.forward(as_tensor(input_ids), as_tensor(positions), meta, self.kv_caches)
         ordered_logits = self.model.logits(hidden[as_tensor(last_rows)])
         logits = torch.empty_like(ordered_logits)
@@ -263,8 +275,10 @@ class ModelRunner:
                   for s in items]
         return torch.tensor(tables, dtype=torch.long, device=self.device), max_blocks * bs
 
-    def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                  slots: torch.Tensor) -> AttentionMetadata:
+    def _metadata(self, decodes: list[ScheduledRequest], shorts: list[ScheduledRequest],
+                  prefills: list[ScheduledRequest], slots: torch.Tensor) -> AttentionMetadata:
+        """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
+        (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window
         dev = self.device
         buckets = []
@@ -278,6 +292,17 @@ class ModelRunner:
             if window:
                 visible &= key_pos > lens - 1 - window
             buckets.append(DecodeBucket(start, end, tables, visible[:, None, None, :]))
+        token = len(decodes)
+        group_size = self.arch.num_heads // self.arch.num_kv_heads
+        for start, end in decode_bucket_bounds([s.start_position + s.num_new_tokens for s in shorts]):
+            items = shorts[start:end]
+            q_lens = [s.num_new_tokens for s in items]
+            tables, ctx = self._padded_tables(items, [s.start_position + s.num_new_tokens for s in items])
+            mask, pad_index, q_len = self._chunk_mask(items, ctx)
+            # Rows repeated per query head of a KV head: the row order of short_query_attention.
+            buckets.append(DecodeBucket(token, token + sum(q_lens), tables, mask.repeat(1, 1, group_size, 1),
+                                        q_len, pad_index))
+            token += sum(q_lens)
 
         prefill_tables = prefill_mask = pad_index = None
         max_q, fresh = 0, False
@@ -288,17 +313,26 @@ class ModelRunner:
             fresh = len(prefills) == 1 and starts[0] == 0 and (not window or q_lens[0] <= window)
             if not fresh:
                 prefill_tables, ctx = self._padded_tables(prefills, [a + b for a, b in zip(starts, q_lens)])
-                pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(dev)
-                key_pos = torch.arange(ctx, device=dev)[None, None, :]
-                q_pos = (torch.tensor(starts, device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :])
-                q_pos = q_pos[:, :, None]  # [Bp, max_q, 1]
-                visible = key_pos <= q_pos
-                if window:
-                    visible &= key_pos > q_pos - window
-                # Padding rows see key 0 only, so softmax stays finite; their output is dropped.
-                is_pad = torch.arange(max_q, device=dev)[None, :] >= torch.tensor(q_lens, device=dev)[:, None]
-                visible |= is_pad[:, :, None] & (key_pos == 0)
-                prefill_mask = visible[:, None, :, :]
+                prefill_mask, pad_index, _ = self._chunk_mask(prefills, ctx)
         return AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=len(decodes), decode_buckets=buckets, prefill_block_tables=prefill_tables, prefill_mask=prefill_mask,
-            prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
+            slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
+            prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
+
+    def _chunk_mask(self, items: list, ctx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Causal mask [B, 1, max_q, ctx] for multi-token queries padded to the longest, the row of
+        each real token in the [B * max_q] padding, and max_q."""
+        dev = self.device
+        window = self.arch.sliding_window
+        q_lens = [s.num_new_tokens for s in items]
+        max_q = max(q_lens)
+        pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(dev)
+        key_pos = torch.arange(ctx, device=dev)[None, None, :]
+        q_pos = torch.tensor([s.start_position for s in items], device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :]
+        q_pos = q_pos[:, :, None]  # [B, max_q, 1]
+        visible = key_pos <= q_pos
+        if window:
+            visible &= key_pos > q_pos - window
+        # Padding rows see key 0 only, so softmax stays finite; their output is dropped.
+        is_pad = torch.arange(max_q, device=dev)[None, :] >= torch.tensor(q_lens, device=dev)[:, None]
+        visible |= is_pad[:, :, None] & (key_pos == 0)
+        return visible[:, None, :, :], pad_index, max_q

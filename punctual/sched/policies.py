@@ -111,9 +111,11 @@ class SLOPolicy(SchedulingPolicy):
         if not tpot_slos:
             return budget
         step_tokens = self.cost_model.tokens_within(min(tpot_slos) / 1000.0, len(decodes) + 1)
+        # Speculated tokens are decode tokens too: they already hold part of the step's time.
+        decode_tokens = len(decodes) + sum(len(r.spec_token_ids) for r in decodes)
         # Always some progress on prompts, or a full decode batch would starve every arrival.
         floor = min(budget, self.config.min_prefill_chunk)
-        return max(floor, min(budget, step_tokens - len(decodes)))
+        return max(floor, min(budget, step_tokens - decode_tokens))
 
 
 class SJFPolicy(SchedulingPolicy):

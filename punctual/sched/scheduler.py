@@ -103,6 +103,21 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def prompt_tokens_next_step(self, now: float) -> int:
+        """Prompt-chunk tokens the next step would take if every decode took one token: what is
+        left of running prompts and of the waiting ones that have a seat, within the budget and
+        the policy's cap. The speculator leaves this much of the budget to prompts."""
+        decodes = [r for r in self.running if not r.is_prefilling]
+        budget = max(0, self.config.max_num_batched_tokens - len(decodes))
+        budget = min(budget, self.policy.prefill_budget(decodes, budget, now))
+        wanted = sum(r.num_tokens - r.num_computed_tokens for r in self.running if r.is_prefilling)
+        seats = self.config.max_num_seqs - len(self.running)
+        for request in self.waiting[:max(0, seats)]:
+            if wanted >= budget:
+                break
+            wanted += max(1, request.num_tokens - self._cached_prefix_tokens(request))
+        return min(budget, wanted)
+
     # ---- planning -----------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         now = time.monotonic() if now is None else now

@@ -3,8 +3,14 @@
 Each request keeps an estimate `a` of the chance that a proposed token is accepted. The j-th
 proposed token adds a^j expected tokens to the step and costs one more batched token of step
 time (the scheduler's measured cost model). Tokens are added, best first, only while they raise
-the batch's expected tokens per second: at high load a step already yields many tokens per
-second, so speculation switches itself off, and requests whose proposals fail stop proposing.
+the step's useful tokens per second: at high load a step already yields many tokens per second,
+so speculation switches itself off, and requests whose proposals fail stop proposing.
+
+Prompt tokens in the step count as useful work, one each, like a generated token: they are as
+certain, and TTFT waits on them. So a step that carries a prompt chunk already does much work
+per second and speculation must be accepted often to join it, and a proposed token never
+takes the place of a prompt token (it would trade a certain token for a^j of one): proposals
+only use the budget the step's prompt chunks leave.
 """
 from __future__ import annotations
 
@@ -36,25 +42,30 @@ class AcceptanceTracker:
 
 
 def choose_lengths(proposals: dict[str, int], rates: dict[str, float], cost: StepCostModel,
-                   base_tokens: int, num_seqs: int, depth_cost_s: float = 0.0) -> dict[str, int]:
+                   base_tokens: int, num_seqs: int, depth_cost_s: float = 0.0, prompt_tokens: int = 0,
+                   max_total: int | None = None) -> dict[str, int]:
     """Per request, how many of its `proposals[id]` drafted tokens to verify this step.
 
-    base_tokens: tokens the step computes anyway (decodes + prompt chunks); num_seqs: sequences.
+    base_tokens: tokens the step computes anyway (decodes + prompt chunks); num_seqs: decoding
+    sequences; prompt_tokens: the prompt-chunk tokens among base_tokens (useful work, one each).
     depth_cost_s: the time of drafting one more token for the whole batch (a draft model's
     forward; 0 for prompt lookup), paid when the deepest proposal grows by one.
+    max_total: the most proposed tokens the step has room for (what its prompt chunks leave).
     """
     chosen = {rid: 0 for rid in proposals}
-    expected = float(num_seqs)  # every decoding sequence yields at least one token
+    room = float("inf") if max_total is None else max_total
+    # Every decoding sequence yields at least one token; every prompt token is work done.
+    expected = float(num_seqs + prompt_tokens)
+    num_seqs_in_step = num_seqs + (1 if prompt_tokens else 0)
     batched = base_tokens
-    base_time = cost.predict(batched, num_seqs)
-    step_time = base_time
+    step_time = cost.predict(batched, num_seqs_in_step)
     depth = 0
     heap = [(-rates[rid], rid, 1) for rid, n in proposals.items() if n > 0]
     heapq.heapify(heap)
-    while heap:
+    while heap and batched - base_tokens < room:
         neg_gain, rid, j = heapq.heappop(heap)
         gain = -neg_gain
-        new_time = cost.predict(batched + 1, num_seqs) + depth_cost_s * max(depth, j)
+        new_time = cost.predict(batched + 1, num_seqs_in_step) + depth_cost_s * max(depth, j)
         if step_time <= 0 or (expected + gain) / new_time <= expected / step_time:
             break  # the best remaining token would lower tokens per second: so would every other
         chosen[rid] = j

@@ -2,6 +2,10 @@
 
 No extra model: outputs that copy from the prompt (code edits, summaries, RAG answers) are
 proposed from the prompt itself. Pure Python, over the request's token list.
+
+When the match lies fewer than `max_tokens` tokens back, the text is repeating with that
+period (a table rule, a list of zeros, a loop), so the proposal continues the period instead
+of stopping at the end of what was written: after `a b a b a`, lookup proposes `b a b a`.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ class NgramProposer:
         self.min_ngram = min_ngram
 
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        """Up to `max_tokens` tokens that followed the most recent earlier match of the longest suffix."""
+        """Up to `max_tokens` tokens that followed the most recent earlier match of the longest suffix,
+        continued periodically when the match is closer than `max_tokens` to the end."""
         if max_tokens <= 0:
             return []
         length = len(token_ids)
@@ -27,6 +32,8 @@ class NgramProposer:
             for start in range(length - n - 1, -1, -1):
                 if token_ids[start] == first and token_ids[start:start + n] == suffix:
                     follow = token_ids[start + n:start + n + max_tokens]
-                    if follow:
-                        return follow
+                    period = len(follow)  # < max_tokens only when the match runs into the suffix
+                    while len(follow) < max_tokens:
+                        follow.append(follow[len(follow) - period])
+                    return follow
         return []

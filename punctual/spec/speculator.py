@@ -5,6 +5,7 @@ in the step's token budget and the model runner verifies them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from punctual.config import SpeculativeConfig
@@ -89,16 +90,16 @@ class Speculator:
                 request.spec_token_ids = proposals[request.request_id][:k]
 
     def _lengths(self, available: dict[str, int], decoding: list, depth_cost_s: float) -> dict[str, int]:
-        """Tokens to verify per request: all that is available (fixed), or SmartSpec's choice."""
+        """Tokens to verify per request: all that is available (fixed), or SmartSpec's choice
+        within the budget the step's prompt chunks leave."""
         if self.config.speculative_length != "adaptive" or not available:
             return dict(available)
         scheduler = self.scheduler
-        budget = scheduler.config.max_num_batched_tokens
-        prefill = sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running if r.is_prefilling)
-        prefill += sum(r.num_tokens for r in scheduler.waiting)
-        base = min(budget, len(decoding) + prefill)
+        prompt_tokens = scheduler.prompt_tokens_next_step(time.monotonic())
+        room = scheduler.config.max_num_batched_tokens - len(decoding) - prompt_tokens
         return choose_lengths(available, {rid: self.tracker.rate(rid) for rid in available},
-                              scheduler.cost_model, base, len(decoding), depth_cost_s)
+                              scheduler.cost_model, len(decoding) + prompt_tokens, len(decoding), depth_cost_s,
+                              prompt_tokens=prompt_tokens, max_total=max(0, room))
 
     def record(self, plan: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         for item in plan.scheduled:
