@@ -1,12 +1,16 @@
 """Speculative decoding: off vs fixed K vs adaptive, single stream and under load, side by side.
 
-Two prompt sets: `repetitive` (text that repeats, so prompt lookup finds what comes next; a
-random-weight model also falls into loops, which lookup then predicts) and `random` (random
-tokens: proposals rarely match). For each concurrency, all requests start together and run to
-a fixed length; reported: TPOT (ms per output token per stream, median over streams) and the
-engine's output tokens/s, the median of several runs.
+Two workloads: `repetitive` (greedy on prompts that repeat a line: prompt lookup finds what
+comes next, and a random-weight model also falls into short loops, which lookup predicts) and
+`sampled` (the same prompts sampled at temperature 1 with top-k 3: lookup still proposes on
+most steps, but the target agrees with about one proposal in ten). For each concurrency, all
+requests start together and run to a fixed length; reported: TPOT (ms per output token per
+stream, median over streams) and the engine's output tokens/s, the median of several runs.
 
-    python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3
+Every mode has its own engine, all loaded at once, and each run goes through the modes in turn
+(rotating who goes first), so a slow minute of the machine lands on every mode alike.
+
+    python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 5
 """
 from __future__ import annotations
 
@@ -22,26 +26,32 @@ MODES = {"off": {}, "fixed-4": dict(speculative_method="ngram", num_speculative_
          "draft-adaptive-4": dict(speculative_method="draft", num_speculative_tokens=4, speculative_length="adaptive")}
 
 
+KINDS = ("repetitive", "sampled")
+
+
 def prompts(kind: str, count: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        if kind == "repetitive":
+        if kind == "random":
+            out.append([rng.randrange(100, vocab) for _ in range(96)])
+        else:
             line = [rng.randrange(100, vocab) for _ in range(12)]
             out.append((line + [rng.randrange(100, vocab)]) * 8)
-        else:
-            out.append([rng.randrange(100, vocab) for _ in range(96)])
     return out
 
 
-def run_once(llm, batch: list[list[int]], max_tokens: int) -> tuple[float, float]:
+def run_once(llm, batch: list[list[int]], max_tokens: int, kind: str = "repetitive") -> tuple[float, float]:
     from punctual import SamplingParams
 
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     first, last = {}, {}
     start = time.perf_counter()
     for i, prompt in enumerate(batch):
+        if kind == "sampled":
+            params = SamplingParams(temperature=1.0, top_k=3, max_tokens=max_tokens, ignore_eos=True, seed=i)
+        else:
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         engine.add_request(f"s{i}-{start}", {"prompt_token_ids": prompt}, params)
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -53,13 +63,18 @@ def run_once(llm, batch: list[list[int]], max_tokens: int) -> tuple[float, float
     return statistics.median(tpots) * 1000, len(batch) * max_tokens / elapsed
 
 
+def _spec_counts(llm) -> tuple[int, int]:
+    stats = llm.engine.stats()
+    return stats.spec_proposed_tokens, stats.spec_accepted_tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--draft-model", default="builtin-draft",
                         help="draft checkpoint of the draft-* modes ('' skips them)")
     parser.add_argument("--output", default=None)
@@ -73,25 +88,34 @@ def main() -> None:
     for spec_args in modes.values():
         if spec_args.get("speculative_method") == "draft":
             spec_args["speculative_model"] = args.draft_model
-    for mode, spec_args in modes.items():
-        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="2GiB", max_num_batched_tokens=512, **spec_args)
-        vocab = llm.engine.core.vocab_size
+    engines = {mode: LLM(args.model, dtype=args.dtype, kv_cache_memory="1GiB", max_num_batched_tokens=512,
+                         **spec_args) for mode, spec_args in modes.items()}
+    vocab = next(iter(engines.values())).engine.core.vocab_size
+    for llm in engines.values():
         run_once(llm, prompts("random", 1, vocab, 99), 8)  # warm-up
-        for kind in ("repetitive", "random"):
-            for level in levels:
-                runs = [run_once(llm, prompts(kind, level, vocab, seed), args.max_tokens) for seed in range(args.runs)]
+    names = list(modes)
+    for kind in KINDS:
+        for level in levels:
+            runs: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
+            counts = {m: _spec_counts(engines[m]) for m in names}
+            for seed in range(args.runs):
+                batch = prompts(kind, level, vocab, seed)
+                for mode in names[seed % len(names):] + names[:seed % len(names)]:
+                    runs[mode].append(run_once(engines[mode], batch, args.max_tokens, kind))
+            for mode in names:
                 row = {"mode": mode, "prompts": kind, "concurrency": level,
-                       "tpot_ms": statistics.median(r[0] for r in runs),
-                       "tokens_per_s": statistics.median(r[1] for r in runs)}
-                spec = llm.engine.stats()
-                if spec.spec_proposed_tokens:
-                    row["acceptance_rate"] = spec.spec_accepted_tokens / spec.spec_proposed_tokens
+                       "tpot_ms": statistics.median(r[0] for r in runs[mode]),
+                       "tokens_per_s": statistics.median(r[1] for r in runs[mode]),
+                       "tpot_ms_runs": [round(r[0], 2) for r in runs[mode]]}
+                proposed, accepted = (a - b for a, b in zip(_spec_counts(engines[mode]), counts[mode]))
+                if proposed:
+                    row["proposed_per_token"] = proposed / (level * args.max_tokens * args.runs)
+                    row["acceptance_rate"] = accepted / proposed
                 results.append(row)
                 print(json.dumps(row), flush=True)
-        del llm
     print(f"\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
-    for kind in ("repetitive", "random"):
+    for kind in KINDS:
         for level in levels:
             cells = []
             for mode in modes:

@@ -45,6 +45,7 @@ def test_greedy_identical_with_speculation(checkpoints, reference, length, engin
     core = llm.engine.core
     core.check_integrity()
     assert llm.engine.stats().kv_blocks_used == 0
+    assert not core.speculator.proposer.indexes, "finished requests keep no n-gram index"
     if length == "fixed":
         assert core.speculator.stats.num_proposed_tokens > 0
     if engine_args["num_kv_blocks"] == 36:
@@ -192,6 +193,30 @@ def test_adaptive_length_switches_off_under_load_and_for_rejected_requests():
     # that is accepted 90% of the time no longer pays for the time it adds to everyone's step.
     chosen = choose_lengths({"good": 4}, {"good": 0.9}, cost, base_tokens=128, num_seqs=128)
     assert chosen["good"] == 0
+
+
+def test_prompt_lookup_index_finds_what_a_scan_finds():
+    """The per-request index, updated as tokens are appended, proposes exactly what scanning the
+    whole list right to left for the latest match proposes."""
+
+    def scan(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
+        for n in range(min(max_n, len(tokens) - 1), 0, -1):
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                    follow = tokens[start + n:start + n + k]
+                    return [follow[i % len(follow)] for i in range(k)]
+        return []
+
+    rng = random.Random(1)
+    proposer = NgramProposer(max_ngram=3)
+    for trial in range(20):
+        tokens = [rng.randrange(4) for _ in range(3)]
+        for _ in range(60):
+            k = rng.randrange(1, 6)
+            assert proposer.propose(tokens, k, f"r{trial}") == scan(tokens, k), tokens
+            tokens.extend(rng.randrange(4) for _ in range(rng.randrange(1, 4)))
+        proposer.forget(f"r{trial}")
+    assert not proposer.indexes
 
 
 def test_adaptive_length_counts_a_prompt_chunk_as_work_and_never_displaces_it():

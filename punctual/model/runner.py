@@ -13,7 +13,7 @@ from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, Atten
                                       LayerKVCache)
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
-from punctual.model.sampler import Sampler
+from punctual.model.sampler import Sampler, accept_greedy
 from punctual.model.tier_store import TierStore
 from punctual.request import TokenLogprobs
 from punctual.sched.scheduler import ScheduledRequest, SchedulerOutput
@@ -209,8 +209,15 @@ class ModelRunner:
                 sampled[request.request_id] = [token]
                 if lp is not None:
                     logprobs[request.request_id] = [lp]
+        # Greedy verification of every request at once: one argmax over all verified rows.
+        greedy_targets = None
+        if any(s.request.sampling_params.greedy for _, s in spec):
+            greedy_targets = logits.argmax(dim=-1).tolist()
         for row, s in spec:
             n_rows = 1 + len(s.spec_token_ids)
+            if s.request.sampling_params.greedy and s.request.sampling_params.logprobs is None:
+                sampled[s.request.request_id] = accept_greedy(greedy_targets[row:row + n_rows], s.spec_token_ids)
+                continue
             q = s.request.spec_draft_probs  # a draft model's distributions; None for prompt lookup
             q = None if q is None else q[:len(s.spec_token_ids)]
             tokens, lps = self.sampler.verify(logits[row:row + n_rows], s.request, s.spec_token_ids, q)

@@ -81,13 +81,7 @@ class Sampler:
         params = request.sampling_params
         tokens: list[int] = []
         if params.greedy:
-            targets = logits.argmax(dim=-1).tolist()
-            for i, draft in enumerate(drafts):
-                tokens.append(targets[i])
-                if targets[i] != draft:
-                    break
-            else:
-                tokens.append(targets[len(drafts)])
+            tokens = accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
         else:
             probs = self._probs([params] * logits.shape[0], logits)
             gen = self._generator_for(request) if params.seed is not None else self.generator
@@ -155,3 +149,12 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
         return logits.softmax(dim=-1)
+
+
+def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:
+    """Greedy verification: targets[i] is the argmax after draft i-1. The drafts that match the
+    argmax are kept, then the first argmax that differs (or the one after the last draft)."""
+    for i, draft in enumerate(drafts):
+        if targets[i] != draft:
+            return targets[:i + 1]
+    return targets[:len(drafts) + 1]

@@ -80,7 +80,7 @@ class Speculator:
         proposals = {}
         for request in decoding:
             if request.request_id in room:
-                draft = self.proposer.propose(request.all_token_ids, room[request.request_id])
+                draft = self.proposer.propose(request.all_token_ids, room[request.request_id], request.request_id)
                 if draft:
                     proposals[request.request_id] = draft
         lengths = self._lengths({rid: len(d) for rid, d in proposals.items()}, decoding, 0.0)
@@ -116,5 +116,4 @@ class Speculator:
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)
-        if self.proposer.name == "draft":
-            self.proposer.forget(request_id)
+        self.proposer.forget(request_id)
