@@ -98,18 +98,24 @@ if want 6; then
 fi
 
 if want 6b; then
-  log "6b/6 speculative decoding under load: goodput off / fixed / adaptive on code"
-  for mode in off fixed adaptive; do
-    case $mode in
-      off) spec="" ;;
-      fixed) spec="--speculative-method ngram --num-speculative-tokens 4" ;;
-      adaptive) spec="--speculative-method ngram --num-speculative-tokens 4 --speculative-length adaptive" ;;
+  log "6b/6 speculative decoding under load: goodput off / fixed / adaptive on code, greedy and sampled"
+  for sampling in greedy sampled; do
+    case $sampling in
+      greedy) samp="" ;;
+      sampled) samp="--temperature 1 --top-k 3" ;;
     esac
-    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
-      --punctual-args="$spec" \
-      --workload code --length-scale 0.25 --num-requests 32 --sweep-rates 1,2,4,8 $slo --seed 0 \
-      --output "$out/spec-code-$mode.json" --log-dir "$out/logs-spec-code-$mode" --no-progress \
-      > "$out/spec-code-$mode.txt" 2>&1
+    for mode in off fixed adaptive; do
+      case $mode in
+        off) spec="" ;;
+        fixed) spec="--speculative-method ngram --num-speculative-tokens 4" ;;
+        adaptive) spec="--speculative-method ngram --num-speculative-tokens 4 --speculative-length adaptive" ;;
+      esac
+      punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+        --punctual-args="$spec" $samp \
+        --workload code --length-scale 0.25 --num-requests 48 --sweep-rates 1,2,4,8,12 $slo --seed 0 \
+        --output "$out/spec-code-$sampling-$mode.json" --log-dir "$out/logs-spec-code-$sampling-$mode" \
+        --no-progress > "$out/spec-code-$sampling-$mode.txt" 2>&1
+    done
   done
 fi
 log "done"

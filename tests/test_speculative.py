@@ -159,6 +159,52 @@ def test_verification_with_a_draft_distribution_is_exact():
         assert chi2 < 18.47, (q, counts, expected)  # df=4, p=0.001
 
 
+def test_batched_verification_is_exact_for_every_request():
+    """Several sampling requests verified in one call (one distribution call for all their rows):
+    each one's first token follows its own target distribution, top-k included."""
+    vocab = 5
+    logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3],  # request a: rows 0-1
+                           [0.5, 1.5, -1.0, 1.0, 0.0], [0.0] * 5, [0.0] * 5,       # request b: rows 2-4
+                           [2.0, 0.0, 1.0, -1.0, 0.5], [0.0] * 5])                 # request c: rows 5-6
+    params = {"a": SamplingParams(temperature=0.8, max_tokens=4),
+              "b": SamplingParams(temperature=1.0, top_k=2, max_tokens=4),
+              "c": SamplingParams(temperature=1.0, top_p=0.7, max_tokens=4, seed=11)}
+    targets = {"a": torch.softmax(logits[0] / 0.8, dim=-1)}
+    top2 = torch.full((vocab,), float("-inf"))
+    top2[[1, 3]] = logits[2, [1, 3]]
+    targets["b"] = torch.softmax(top2, dim=-1)
+    probs_c = torch.softmax(logits[5], dim=-1)  # top-p 0.7 keeps tokens 0 and 2 (0.57 + 0.21)
+    targets["c"] = torch.where(torch.tensor([True, False, True, False, False]), probs_c, 0) / probs_c[[0, 2]].sum()
+    sampler = Sampler(torch.device("cpu"), seed=3)
+    requests = {rid: Request(EngineCoreRequest(rid, [1], p), 100) for rid, p in params.items()}
+    items = [(0, requests["a"], [3], None), (2, requests["b"], [2, 1], None), (5, requests["c"], [0], None)]
+    counts = {rid: torch.zeros(vocab) for rid in params}
+    draws = 12000
+    for _ in range(draws):
+        for (_, request, _, _), (tokens, _) in zip(items, sampler.verify_sampled(logits, items)):
+            counts[request.request_id][tokens[0]] += 1
+    for rid, target in targets.items():
+        assert counts[rid][target == 0].sum() == 0, (rid, counts[rid])
+        kept = target > 0
+        expected = target[kept] * draws
+        chi2 = float(((counts[rid][kept] - expected) ** 2 / expected).sum())
+        assert chi2 < 18.47, (rid, counts[rid], expected)  # df <= 4, p=0.001
+
+
+def test_top_k_without_a_sort_is_the_same_distribution():
+    from punctual.model.sampler import Sampler as S
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2000) * 3
+    rows = [SamplingParams(temperature=0.7, top_k=40), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
+            SamplingParams(temperature=1.3, top_k=100, min_p=0.05)]
+    fast = S._probs(rows, logits)
+    # A row without top-k sends the whole batch through the full sort.
+    slow = S._probs(rows + [SamplingParams(temperature=1.0, top_p=0.5)], torch.cat([logits, logits[:1]]))[:3]
+    torch.testing.assert_close(fast, slow)
+    assert ((fast > 0).sum(dim=-1) <= torch.tensor([40, 5, 100])).all()
+
+
 def test_verification_greedy_accepts_only_argmax_prefix():
     sampler = Sampler(torch.device("cpu"))
     request = Request(EngineCoreRequest("g", [1], SamplingParams(temperature=0, max_tokens=8)), 100)

@@ -80,6 +80,8 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--sweep-rates", default=None, help="comma-separated rates, one run each, e.g. 0.5,1,2,4")
     load.add_argument("--sweep-bisect", default=None, help="LOW,HIGH: bisect the goodput between these rates")
     load.add_argument("--bisect-steps", type=int, default=4)
+    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
+    load.add_argument("--top-k", type=int, default=None, help="top-k sampling of every request (with --temperature)")
     load.add_argument("--ttft-slo-ms", type=float, default=None)
     load.add_argument("--tpot-slo-ms", type=float, default=None)
     load.add_argument("--attainment-target", type=float, default=0.9, help="goodput's SLO attainment bar")
@@ -125,7 +127,7 @@ def plan_from_args(args: argparse.Namespace):
                      length_scale=args.length_scale, rates=rates, burstiness=args.burstiness,
                      concurrency=args.concurrency, trace=args.trace, bisect=bisect, bisect_steps=args.bisect_steps,
                      slo=slo, target=args.attainment_target, warmup_requests=args.warmup_requests,
-                     keep_records=not args.no_records)
+                     keep_records=not args.no_records, temperature=args.temperature, top_k=args.top_k)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

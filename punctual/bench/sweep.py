@@ -8,6 +8,7 @@ that passes and one that fails.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -72,8 +73,14 @@ class BenchPlan:
     target: float = DEFAULT_ATTAINMENT_TARGET
     warmup_requests: int = 2
     keep_records: bool = True
+    temperature: float = 0.0                 # sampling of every request (0: greedy)
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.bisect is not None and self.slo is None:
             raise ValueError("--sweep-bisect: a goodput search needs --ttft-slo-ms and --tpot-slo-ms")
 
@@ -82,6 +89,8 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
                    progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Every run of `plan` against `endpoint`, each as {system, workload, rate, ..., summary, records}."""
     runs: list[dict] = []
+    sampling = {"temperature": plan.temperature, **({"top_k": plan.top_k} if plan.top_k else {})}
+    endpoint = dataclasses.replace(endpoint, extra_body={**sampling, **endpoint.extra_body})
 
     def run_once(workload: str, requests, label: str, rate: float | None = None,
                  concurrency: int | None = None) -> dict:

@@ -209,21 +209,27 @@ class ModelRunner:
                 sampled[request.request_id] = [token]
                 if lp is not None:
                     logprobs[request.request_id] = [lp]
-        # Greedy verification of every request at once: one argmax over all verified rows.
+        # Verification, batched: greedy requests share one argmax, sampling ones one distribution call.
         greedy_targets = None
         if any(s.request.sampling_params.greedy for _, s in spec):
             greedy_targets = logits.argmax(dim=-1).tolist()
+        sampling = []
         for row, s in spec:
             n_rows = 1 + len(s.spec_token_ids)
-            if s.request.sampling_params.greedy and s.request.sampling_params.logprobs is None:
-                sampled[s.request.request_id] = accept_greedy(greedy_targets[row:row + n_rows], s.spec_token_ids)
+            if s.request.sampling_params.greedy:
+                tokens = accept_greedy(greedy_targets[row:row + n_rows], s.spec_token_ids)
+                sampled[s.request.request_id] = tokens
+                lps = self.sampler.verified_logprobs(logits[row:row + n_rows], s.request, tokens)
+                if lps is not None:
+                    logprobs[s.request.request_id] = lps
                 continue
             q = s.request.spec_draft_probs  # a draft model's distributions; None for prompt lookup
-            q = None if q is None else q[:len(s.spec_token_ids)]
-            tokens, lps = self.sampler.verify(logits[row:row + n_rows], s.request, s.spec_token_ids, q)
-            sampled[s.request.request_id] = tokens
-            if lps is not None:
-                logprobs[s.request.request_id] = lps
+            sampling.append((row, s.request, s.spec_token_ids, None if q is None else q[:len(s.spec_token_ids)]))
+        if sampling:
+            for (_, request, _, _), (tokens, lps) in zip(sampling, self.sampler.verify_sampled(logits, sampling)):
+                sampled[request.request_id] = tokens
+                if lps is not None:
+                    logprobs[request.request_id] = lps
         return sampled, logprobs
 
     def forget(self, request_id: str) -> None:

@@ -78,35 +78,82 @@ class Sampler:
         min(1, p(d) / q(d)); on rejection the token is drawn from max(0, p - q), renormalised.
         Either way the token follows p exactly.
         """
-        params = request.sampling_params
-        tokens: list[int] = []
-        if params.greedy:
+        if request.sampling_params.greedy:
             tokens = accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
-        else:
-            probs = self._probs([params] * logits.shape[0], logits)
-            gen = self._generator_for(request) if params.seed is not None else self.generator
+            return tokens, self.verified_logprobs(logits, request, tokens)
+        return self.verify_sampled(logits, [(0, request, drafts, draft_probs)])[0]
+
+    @torch.inference_mode()
+    def verify_sampled(self, logits: torch.Tensor, items: list[tuple[int, Request, list[int], torch.Tensor | None]]
+                       ) -> list[tuple[list[int], list[TokenLogprobs] | None]]:
+        """`verify` for several sampling requests at once: item (row, request, drafts, draft_probs)
+        owns logits rows row..row+len(drafts). The distributions of every row are computed in one
+        call and the p(d) of every draft read in one gather, so a step's cost does not grow by a
+        dozen small vocabulary-wide operations per request."""
+        dev = logits.device
+        rows: list[int] = []
+        row_params = []
+        for first, request, drafts, _ in items:
+            rows.extend(range(first, first + len(drafts) + 1))
+            row_params.extend([request.sampling_params] * (len(drafts) + 1))
+        probs = self._probs(row_params, logits[torch.tensor(rows, device=dev)])
+        draft_rows, draft_tokens, bases, base = [], [], [], 0
+        for _, _, drafts, _ in items:
+            bases.append(base)
+            draft_rows.extend(range(base, base + len(drafts)))
+            draft_tokens.extend(drafts)
+            base += len(drafts) + 1
+        p_drafts = probs[torch.tensor(draft_rows, device=dev), torch.tensor(draft_tokens, device=dev)].tolist() \
+            if draft_rows else []
+
+        accepted: list[list[int]] = []
+        finals: list[torch.Tensor] = []  # per item: the distribution its last token is drawn from
+        offset = 0
+        for (_, request, drafts, q), b in zip(items, bases):
+            gen = self._generator_for(request) if request.sampling_params.seed is not None else self.generator
+            uniforms = torch.rand(len(drafts), generator=gen, device=dev).tolist()
+            tokens: list[int] = []
+            final = probs[b + len(drafts)]  # every draft accepted: the next token is drawn from p
             for i, draft in enumerate(drafts):
-                q = None if draft_probs is None else draft_probs[i].to(probs.dtype)
-                accept = probs[i, draft] if q is None else (probs[i, draft] / q[draft]).clamp(max=1.0)
-                if torch.rand((), generator=gen, device=logits.device) < accept:
+                p_d = p_drafts[offset + i]
+                accept = p_d if q is None else min(1.0, p_d / float(q[i, draft]))
+                if uniforms[i] < accept:
                     tokens.append(draft)
                     continue
                 if q is None:
-                    residual = probs[i].clone()
+                    residual = probs[b + i].clone()
                     residual[draft] = 0.0
                 else:
-                    residual = (probs[i] - q).clamp(min=0.0)
-                if residual.sum() <= 0:  # p == q where it matters: cannot happen after a reject
-                    residual = probs[i]
-                tokens.append(int(torch.multinomial(residual, 1, generator=gen)[0]))
+                    residual = (probs[b + i] - q[i].to(probs.dtype)).clamp(min=0.0)
+                final = residual if residual.sum() > 0 else probs[b + i]  # p == q where it matters: cannot happen
                 break
-            else:
-                tokens.append(int(torch.multinomial(probs[len(drafts)], 1, generator=gen)[0]))
-        logprobs = None
-        if params.logprobs is not None:
-            raw = torch.log_softmax(logits, dim=-1)
-            logprobs = [self._token_logprobs(raw[i], token, params.logprobs) for i, token in enumerate(tokens)]
-        return tokens, logprobs
+            offset += len(drafts)
+            accepted.append(tokens)
+            finals.append(final)
+
+        drawn: list[int] = [0] * len(items)
+        shared = [j for j, (_, r, _, _) in enumerate(items) if r.sampling_params.seed is None]
+        for j, (_, request, _, _) in enumerate(items):
+            if request.sampling_params.seed is not None:
+                drawn[j] = int(torch.multinomial(finals[j], 1, generator=self._generator_for(request))[0])
+        if shared:
+            picks = torch.multinomial(torch.stack([finals[j] for j in shared]), 1, generator=self.generator)[:, 0]
+            for j, token in zip(shared, picks.tolist()):
+                drawn[j] = token
+
+        out = []
+        for (first, request, drafts, _), tokens, token in zip(items, accepted, drawn):
+            tokens.append(token)
+            out.append((tokens, self.verified_logprobs(logits[first:first + len(drafts) + 1], request, tokens)))
+        return out
+
+    def verified_logprobs(self, logits: torch.Tensor, request: Request, tokens: list[int]
+                           ) -> list[TokenLogprobs] | None:
+        top_k = request.sampling_params.logprobs
+        if top_k is None:
+            return None
+        raw = torch.log_softmax(logits[:len(tokens)], dim=-1)
+        return [self._token_logprobs(raw[i], token, top_k) for i, token in enumerate(tokens)]
 
     @staticmethod
     def _token_logprobs(row: torch.Tensor, token: int, top_k: int) -> TokenLogprobs:
@@ -134,21 +181,38 @@ class Sampler:
     def _probs(params: list, logits: torch.Tensor) -> torch.Tensor:
         temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
         logits = logits / temps[:, None]
-        if any(p.needs_top_filters for p in params):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params],
-                                 device=logits.device)
-            top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
-            min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=logits.dtype)
-            # Drop a token when the tokens ranked above it already cover top_p of the mass.
-            drop = (rank >= top_k[:, None]) | (sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None])
-            drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-            drop[:, 0] = False  # the most likely token always survives
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        return logits.softmax(dim=-1)
+        if not any(p.needs_top_filters for p in params):
+            return logits.softmax(dim=-1)
+        top_ks = [p.top_k for p in params]
+        if all(0 < k <= TOP_K_WITHOUT_SORT for k in top_ks):
+            # Every row keeps at most max(k) tokens: rank only those (topk) instead of sorting the
+            # whole vocabulary, which took most of a sampled step (49k entries per row).
+            ranked_logits, order = logits.topk(max(top_ks), dim=-1)
+            ranked_probs = (ranked_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+            kept = ranked_logits.masked_fill(_dropped(params, ranked_probs, logits.shape[-1]), float("-inf"))
+            return torch.zeros_like(logits).scatter_(-1, order, kept.softmax(dim=-1))
+        ranked_logits, order = logits.sort(dim=-1, descending=True)
+        ranked_probs = ranked_logits.softmax(dim=-1)
+        kept = ranked_logits.masked_fill(_dropped(params, ranked_probs, logits.shape[-1]), float("-inf"))
+        return torch.empty_like(logits).scatter_(-1, order, kept).softmax(dim=-1)
+
+
+TOP_K_WITHOUT_SORT = 1024
+
+
+def _dropped(params: list, ranked_probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Which of the ranked tokens (best first; probabilities over the whole vocabulary) top-k,
+    top-p and min-p drop."""
+    dev = ranked_probs.device
+    rank = torch.arange(ranked_probs.shape[-1], device=dev)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=ranked_probs.dtype)
+    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=ranked_probs.dtype)
+    # Drop a token when the tokens ranked above it already cover top_p of the mass.
+    drop = (rank >= top_k[:, None]) | (ranked_probs.cumsum(-1) - ranked_probs >= top_p[:, None])
+    drop |= ranked_probs < min_p[:, None] * ranked_probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    return drop
 
 
 def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:

@@ -42,10 +42,40 @@ def test_plan_from_flags():
     (["--sweep-bisect", "4,2"], "--sweep-bisect"),
     (["--concurrency", "4", "--sweep-rates", "1,2"], "--concurrency"),
     (["--sweep-bisect", "1,4"], "--sweep-bisect"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
 ])
 def test_bad_flags_name_the_field(argv, field):
     with pytest.raises(ValueError, match=field):
         plan_from_args(parse(*argv))
+
+
+def test_sampling_flags_reach_every_request_body(monkeypatch):
+    from punctual.bench import sweep
+    from punctual.bench.loadgen import Endpoint
+    from punctual.bench.workloads import BenchRequest
+
+    plan = plan_from_args(parse("--temperature", "1", "--top-k", "3", "--num-requests", "2",
+                                "--warmup-requests", "0"))
+    assert plan.temperature == 1.0 and plan.top_k == 3
+    bodies = []
+
+    class Sent(Exception):
+        pass
+
+    def fake_run(endpoint, requests, **kwargs):
+        bodies.append(endpoint.body(BenchRequest("hi", 1, 4), "m"))
+        raise Sent
+
+    monkeypatch.setattr(sweep.loadgen, "run", fake_run)
+    with pytest.raises(Sent):
+        sweep.bench_endpoint(Endpoint("http://127.0.0.1:9"), plan, progress=False, log=lambda _: None)
+    assert bodies[0]["temperature"] == 1.0 and bodies[0]["top_k"] == 3
+    greedy = plan_from_args(parse("--num-requests", "2", "--warmup-requests", "0"))
+    bodies.clear()
+    with pytest.raises(Sent):
+        sweep.bench_endpoint(Endpoint("http://127.0.0.1:9"), greedy, progress=False, log=lambda _: None)
+    assert bodies[0]["temperature"] == 0.0 and "top_k" not in bodies[0]
 
 
 def fake_run(system, rate, ttft, attainment):
