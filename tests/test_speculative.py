@@ -191,20 +191,6 @@ def test_batched_verification_is_exact_for_every_request():
         assert chi2 < 18.47, (rid, counts[rid], expected)  # df <= 4, p=0.001
 
 
-def test_top_k_without_a_sort_is_the_same_distribution():
-    from punctual.model.sampler import Sampler as S
-
-    torch.manual_seed(0)
-    logits = torch.randn(3, 2000) * 3
-    rows = [SamplingParams(temperature=0.7, top_k=40), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
-            SamplingParams(temperature=1.3, top_k=100, min_p=0.05)]
-    fast = S._probs(rows, logits)
-    # A row without top-k sends the whole batch through the full sort.
-    slow = S._probs(rows + [SamplingParams(temperature=1.0, top_p=0.5)], torch.cat([logits, logits[:1]]))[:3]
-    torch.testing.assert_close(fast, slow)
-    assert ((fast > 0).sum(dim=-1) <= torch.tensor([40, 5, 100])).all()
-
-
 def test_verification_greedy_accepts_only_argmax_prefix():
     sampler = Sampler(torch.device("cpu"))
     request = Request(EngineCoreRequest("g", [1], SamplingParams(temperature=0, max_tokens=8)), 100)

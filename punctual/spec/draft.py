@@ -21,7 +21,7 @@ import torch
 
 from punctual.config import CacheConfig, ModelConfig
 from punctual.model.runner import ModelRunner, TokenChunk
-from punctual.model.sampler import Sampler
+from punctual.model.sampler import Sampler, draw
 from punctual.request import Request
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,6 @@ class DraftModelProposer:
         for row, i in enumerate(sampled):
             request, state = batch[i]
             gen = state.generator or self.generator
-            token = int(torch.multinomial(q[row], 1, generator=gen)[0])
+            token = int(draw(q[row:row + 1], gen)[0])
             tokens[request.request_id].append(token)
             probs[request.request_id].append(q[row])
