@@ -211,8 +211,25 @@ def test_cost_model_fits_measured_steps():
         model.observe(tokens, seqs, 0.004 + 0.0002 * tokens + 0.0005 * seqs)
     assert model.fixed_s == pytest.approx(0.004, rel=0.05)
     assert model.per_token_s == pytest.approx(0.0002, rel=0.05)
-    assert model.per_seq_s == pytest.approx(0.0005, rel=0.05)
+    # One sampled row per sequence: the per-sequence cost is shared between the two features.
+    assert model.per_seq_s + model.per_row_s == pytest.approx(0.0005, rel=0.05)
+    assert model.predict(300, 20) == pytest.approx(0.004 + 0.0002 * 300 + 0.0005 * 20, rel=0.02)
     assert model.tokens_within(0.004 + 0.0005 * 10 + 0.0002 * 100, 10) == pytest.approx(100, abs=1)
+
+
+def test_cost_model_learns_what_a_speculated_row_costs():
+    """Verified proposals are batched tokens that also pay for logits and sampling."""
+    model = StepCostModel()
+    rng = random.Random(2)
+    truth = lambda t, s, r: 0.004 + 0.0002 * t + 0.0003 * s + 0.0004 * r  # noqa: E731
+    for _ in range(200):
+        seqs = rng.randrange(1, 64)
+        spec = rng.randrange(0, 4 * seqs)
+        tokens = seqs + spec + rng.randrange(0, 256)
+        model.observe(tokens, seqs, truth(tokens, seqs, seqs + spec), sampled_rows=seqs + spec)
+    assert model.per_row_s == pytest.approx(0.0004, rel=0.05)
+    assert model.per_seq_s == pytest.approx(0.0003, rel=0.05)
+    assert model.predict(100, 10, 40) == pytest.approx(truth(100, 10, 40), rel=0.02)
 
 
 def test_scheduling_changes_when_never_what():

@@ -251,6 +251,23 @@ def test_prompt_lookup_index_finds_what_a_scan_finds():
     assert not proposer.indexes
 
 
+def test_a_new_request_starts_from_the_engine_wide_acceptance():
+    from punctual.spec.length import AcceptanceTracker
+
+    tracker = AcceptanceTracker(prior=0.6)
+    assert tracker.rate("new") == 0.6
+    for i in range(100):  # a draft that is almost never right, over many requests
+        tracker.observe(f"r{i}", proposed=4, accepted=0)
+    cost = StepCostModel(fixed_s=0.020, per_token_s=0.0005, per_seq_s=0.0)
+    assert tracker.rate("new") < 0.05
+    # So a fresh request does not pay for drafts that the engine has learned are wasted.
+    assert choose_lengths({"new": 4}, {"new": tracker.rate("new")}, cost, base_tokens=1, num_seqs=1,
+                          depth_cost_s=0.005)["new"] == 0
+    for i in range(100):
+        tracker.observe(f"s{i}", proposed=4, accepted=4)
+    assert tracker.rate("fresh") > 0.9
+
+
 def test_adaptive_length_counts_a_prompt_chunk_as_work_and_never_displaces_it():
     cost = StepCostModel(fixed_s=0.020, per_token_s=0.0005, per_seq_s=0.0)
     alone = choose_lengths({"r": 4}, {"r": 0.7}, cost, base_tokens=4, num_seqs=4)

@@ -152,7 +152,8 @@ class EngineCore:
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not plan.scheduled:
             return outputs
-        predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled))
+        predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled),
+                                                      plan.num_sampled_rows)
         sampled, logprobs = self.runner.execute(plan)
         now = time.monotonic()
         self.scheduler.record_step_time(plan, now - started)

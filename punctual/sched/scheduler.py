@@ -44,6 +44,12 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_sampled_rows(self) -> int:
+        """Positions whose logits the step computes: the last of each sampling chunk, and every
+        verified position."""
+        return sum(1 + len(s.spec_token_ids) for s in self.scheduled if s.samples)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled and not self.rejected
 
@@ -193,7 +199,7 @@ class Scheduler:
 
     def record_step_time(self, plan: SchedulerOutput, seconds: float) -> None:
         """Feed the measured duration of an executed plan to the cost model the policies use."""
-        self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds)
+        self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds, plan.num_sampled_rows)
 
     def _plan(self, request: Request, num_new: int, spec: list[int] | None = None) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, request.num_computed_tokens,

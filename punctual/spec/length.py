@@ -1,8 +1,8 @@
 """How many tokens to speculate per request and step (SmartSpec's goodput criterion).
 
 Each request keeps an estimate `a` of the chance that a proposed token is accepted. The j-th
-proposed token adds a^j expected tokens to the step and costs one more batched token of step
-time (the scheduler's measured cost model). Tokens are added, best first, only while they raise
+proposed token adds a^j expected tokens to the step and costs one more batched token and one
+more sampled row of step time (the scheduler's measured cost model). Tokens are added, best first, only while they raise
 the step's useful tokens per second: at high load a step already yields many tokens per second,
 so speculation switches itself off, and requests whose proposals fail stop proposing.
 
@@ -20,22 +20,31 @@ from punctual.sched.cost_model import StepCostModel
 
 
 class AcceptanceTracker:
-    """Exponential average of each request's per-token acceptance rate."""
+    """Exponential average of each request's per-token acceptance rate, and of all requests'.
 
-    def __init__(self, prior: float = 0.6, weight: float = 0.3):
+    A request that has not proposed yet starts from the engine-wide average, not from a fixed
+    guess: with a draft model that agrees with the target one time in forty, a fresh request
+    would otherwise pay for several rejected drafts (and the draft's catch-up over its whole
+    prompt) before its own average fell far enough to stop it.
+    """
+
+    def __init__(self, prior: float = 0.6, weight: float = 0.3, global_weight: float = 0.05):
         self.prior = prior
         self.weight = weight
+        self.global_weight = global_weight
+        self.global_rate = prior
         self.rates: dict[str, float] = {}
 
     def rate(self, request_id: str) -> float:
-        return self.rates.get(request_id, self.prior)
+        return self.rates.get(request_id, self.global_rate)
 
     def observe(self, request_id: str, proposed: int, accepted: int) -> None:
         if proposed <= 0:
             return
         sample = accepted / proposed
-        old = self.rates.get(request_id, self.prior)
+        old = self.rates.get(request_id, self.global_rate)
         self.rates[request_id] = old + self.weight * (sample - old)
+        self.global_rate += self.global_weight * (sample - self.global_rate)
 
     def forget(self, request_id: str) -> None:
         self.rates.pop(request_id, None)
@@ -58,19 +67,21 @@ def choose_lengths(proposals: dict[str, int], rates: dict[str, float], cost: Ste
     expected = float(num_seqs + prompt_tokens)
     num_seqs_in_step = num_seqs + (1 if prompt_tokens else 0)
     batched = base_tokens
-    step_time = cost.predict(batched, num_seqs_in_step)
+    rows = num_seqs + (1 if prompt_tokens else 0)  # one sampled row per sequence; each proposal adds one
+    step_time = cost.predict(batched, num_seqs_in_step, rows)
     depth = 0
     heap = [(-rates[rid], rid, 1) for rid, n in proposals.items() if n > 0]
     heapq.heapify(heap)
     while heap and batched - base_tokens < room:
         neg_gain, rid, j = heapq.heappop(heap)
         gain = -neg_gain
-        new_time = cost.predict(batched + 1, num_seqs_in_step) + depth_cost_s * max(depth, j)
+        new_time = cost.predict(batched + 1, num_seqs_in_step, rows + 1) + depth_cost_s * max(depth, j)
         if step_time <= 0 or (expected + gain) / new_time <= expected / step_time:
             break  # the best remaining token would lower tokens per second: so would every other
         chosen[rid] = j
         expected += gain
         batched += 1
+        rows += 1
         depth = max(depth, j)
         step_time = new_time
         if j < proposals[rid]:
