@@ -2,12 +2,12 @@
 # Every figure in BENCHMARKS.md, one after another on a quiet machine (about 90 minutes on 2 cores; 65 without step 1).
 #
 #   benchmarks/run_all.sh [OUT_DIR]
-#   STEPS="2 5" benchmarks/run_all.sh OUT_DIR     # only some steps (1 or its quick form 1q, 2, 3, 4, 4b, 5, 6, 6b)
+#   STEPS="2 5" benchmarks/run_all.sh OUT_DIR     # only some steps (1 or its quick form 1q, 2, 3, 4, 4b, 5, 6, 6b, 6c)
 set -uo pipefail
 out="${1:-bench-results}"
 mkdir -p "$out"
 slo="--ttft-slo-ms 1000 --tpot-slo-ms 100"
-steps=" ${STEPS:-1 2 3 4 4b 5 6 6b} "
+steps=" ${STEPS:-1 2 3 4 4b 5 6 6b 6c} "
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/progress.log"; }
 want() { [[ "$steps" == *" $1 "* ]]; }
 
@@ -115,6 +115,19 @@ if want 6b; then
         --workload code --length-scale 0.25 --num-requests 48 --sweep-rates 1,2,4,8,12 $slo --seed 0 \
         --output "$out/spec-code-$sampling-$mode.json" --log-dir "$out/logs-spec-code-$sampling-$mode" \
         --no-progress > "$out/spec-code-$sampling-$mode.txt" 2>&1
+    done
+  done
+fi
+if want 6c; then
+  log "6c/6 speculation off vs adaptive on sampled code, three interleaved repetitions (other seeds)"
+  for rep in 1 2 3; do
+    for mode in off adaptive; do
+      spec=""
+      [ $mode = adaptive ] && spec="--speculative-method ngram --num-speculative-tokens 4 --speculative-length adaptive"
+      punctual bench compare --model builtin --systems punctual --max-num-seqs 32 --punctual-args="$spec" \
+        --temperature 1 --top-k 3 --workload code --length-scale 0.25 --num-requests 48 --sweep-rates 2,4,8,12 \
+        $slo --seed $rep --output "$out/spec-sampled-$mode-$rep.json" --log-dir "$out/logs-spec-sampled-$mode-$rep" \
+        --no-progress > "$out/spec-sampled-$mode-$rep.txt" 2>&1
     done
   done
 fi
