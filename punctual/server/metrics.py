@@ -66,15 +66,37 @@ class EngineStatsCollector:
             "punctual_kv_tier_stored_blocks": ("KV blocks copied out to the second tier", stats.kv_tier_stored),
             "punctual_kv_tier_restored_blocks": ("KV blocks copied back from the second tier",
                                                  stats.kv_tier_restored),
-            "punctual_spec_proposed_tokens": ("Speculative tokens proposed", stats.spec_proposed_tokens),
-            "punctual_spec_accepted_tokens": ("Speculative tokens accepted", stats.spec_accepted_tokens),
-            "punctual_spec_verifications": ("Request-steps that verified speculative tokens",
-                                            stats.spec_verifications),
         }
         for name, (doc, value) in counters.items():
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(value))
             yield counter
+        yield from self._speculation(stats)
+
+    @staticmethod
+    def _speculation(stats: EngineStats):
+        """Speculative decoding, labelled by proposer (ngram or draft); absent when it is off."""
+        if stats.spec_method is None:
+            return
+        method = stats.spec_method
+        for name, doc, value in (
+                ("punctual_spec_proposed_tokens", "Speculative tokens proposed", stats.spec_proposed_tokens),
+                ("punctual_spec_accepted_tokens", "Speculative tokens accepted", stats.spec_accepted_tokens),
+                ("punctual_spec_verifications", "Request-steps that verified speculative tokens",
+                 stats.spec_verifications)):
+            counter = CounterMetricFamily(name, doc, labels=["method"])
+            counter.add_metric([method], float(value))
+            yield counter
+        verifications = stats.spec_verifications
+        for name, doc, value in (
+                ("punctual_spec_acceptance_rate", "Accepted / proposed speculative tokens",
+                 stats.spec_accepted_tokens / stats.spec_proposed_tokens if stats.spec_proposed_tokens else 0.0),
+                ("punctual_spec_mean_acceptance_length",
+                 "Tokens a verifying request-step yields: accepted proposals + the one every step makes",
+                 1.0 + stats.spec_accepted_tokens / verifications if verifications else 0.0)):
+            gauge = GaugeMetricFamily(name, doc, labels=["method"])
+            gauge.add_metric([method], float(value))
+            yield gauge
 
 
 class ServerMetrics:
