@@ -43,8 +43,6 @@ def make_prompts(kind: str, count: int, length: int, vocab: int, tokenizer, seed
 
 def teacher_forced(runners, prompt: list[int], max_tokens: int):
     """Per generated position: (argmax agrees, max |logit diff|, that over the logits' std)."""
-    import torch
-
     from punctual.model.runner import TokenChunk
 
     bs = runners[0].block_size

@@ -113,7 +113,7 @@ def main() -> None:
                     row["acceptance_rate"] = accepted / proposed
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in modes) + " |")
+    print("\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
     for kind in KINDS:
         for level in levels:

@@ -88,12 +88,18 @@ if want 5; then
       --workload multi-tenant --length-scale 0.5 --num-requests 48 --request-rate 3 $slo --seed 0 \
       --output "$out/policy-tenants-$policy.json" --log-dir "$out/logs-tenants-$policy" --no-progress \
       > "$out/policy-tenants-$policy.txt" 2>&1
+    # The same mix under contention: the queue builds, and fairness decides who waits.
+    punctual bench compare --model builtin --systems punctual --max-num-seqs 32 \
+      --punctual-args="--scheduling-policy $policy" \
+      --workload multi-tenant --length-scale 0.5 --num-requests 96 --request-rate 16 $slo --seed 0 \
+      --output "$out/policy-tenants-contended-$policy.json" --log-dir "$out/logs-tenants-contended-$policy" \
+      --no-progress > "$out/policy-tenants-contended-$policy.txt" 2>&1
   done
 fi
 
 if want 6; then
   log "6/6 speculative decoding"
-  python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 3 --output "$out/spec.json" \
+  python benchmarks/bench_spec.py --model builtin --concurrency 1,8,32 --runs 5 --output "$out/spec.json" \
     > "$out/spec.txt" 2>&1
 fi
 

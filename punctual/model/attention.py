@@ -142,7 +142,7 @@ def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buc
     padded to q_len rows; query head h = kv * G + g becomes row g * q_len + i of KV head kv,
     which is the row order of bucket.mask. Returns [tokens, H * D].
     """
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     n, kv_heads = k.shape[0], k.shape[1]
     q_len = bucket.q_len
     padded = q.new_zeros(n * q_len, num_heads, head_dim)
