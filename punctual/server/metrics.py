@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from punctual.engine.core import EngineStats
 from punctual.engine.output_processor import ParentState
+from punctual.spec.speculator import SpecStats
 
 # Seconds. Latency-first: fine resolution below 100 ms, where interactive SLOs live.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -87,13 +88,12 @@ class EngineStatsCollector:
             counter = CounterMetricFamily(name, doc, labels=["method"])
             counter.add_metric([method], float(value))
             yield counter
-        verifications = stats.spec_verifications
+        spec = SpecStats(method, stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_verifications)
         for name, doc, value in (
-                ("punctual_spec_acceptance_rate", "Accepted / proposed speculative tokens",
-                 stats.spec_accepted_tokens / stats.spec_proposed_tokens if stats.spec_proposed_tokens else 0.0),
+                ("punctual_spec_acceptance_rate", "Accepted / proposed speculative tokens", spec.acceptance_rate),
                 ("punctual_spec_mean_acceptance_length",
                  "Tokens a verifying request-step yields: accepted proposals + the one every step makes",
-                 1.0 + stats.spec_accepted_tokens / verifications if verifications else 0.0)):
+                 spec.mean_acceptance_length)):
             gauge = GaugeMetricFamily(name, doc, labels=["method"])
             gauge.add_metric([method], float(value))
             yield gauge
