@@ -96,6 +96,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # The core process checks every stateful part's invariants whenever it goes idle (tests, debugging).
+    check_integrity: bool = False
 
     @classmethod
     def from_kwargs(cls, model: str = "builtin", **kwargs) -> "EngineConfig":
@@ -105,13 +107,15 @@ class EngineConfig:
         owners.update({f.name: "cache" for f in fields(CacheConfig)})
         owners.update({f.name: "scheduler" for f in fields(SchedulerConfig)})
         owners.update({f.name: "speculative" for f in fields(SpeculativeConfig)})
+        check_integrity = bool(kwargs.pop("check_integrity", False))
         for name, value in kwargs.items():
             if name not in owners:
                 raise TypeError(f"unknown engine argument {name!r}")
             if value is not None:
                 parts[owners[name]][name] = value
         config = cls(ModelConfig(**parts["model"]), CacheConfig(**parts["cache"]),
-                     SchedulerConfig(**parts["scheduler"]), SpeculativeConfig(**parts["speculative"]))
+                     SchedulerConfig(**parts["scheduler"]), SpeculativeConfig(**parts["speculative"]),
+                     check_integrity)
         config.validate()
         return config
 

@@ -56,11 +56,9 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprobs] | None = None
-    num_prompt_tokens: int = 0
-    # Timing recorded by the core (monotonic seconds), sent with the final output.
+    # On the output that carries the first token only: the core's clock when it was sampled.
     first_token_time: float | None = None
-    arrival_time: float | None = None
-    # With the final output: queue time, TTFT, TPOT (ms) and whether each SLO was met.
+    # With the final output only: queue time, TTFT, TPOT (ms) and whether each SLO was met.
     metrics: dict | None = None
 
     @property
@@ -78,8 +76,11 @@ class Request:
     def __init__(self, core_request: EngineCoreRequest, max_model_len: int):
         params = core_request.sampling_params
         self.request_id = core_request.request_id
-        self.prompt_token_ids = list(core_request.prompt_token_ids)
-        self.output_token_ids: list[int] = []
+        self.prompt_token_ids: tuple[int, ...] = tuple(core_request.prompt_token_ids)
+        # Prompt then generated tokens, appended in place: per-step readers (prompt lookup, block
+        # hashing) index it instead of rebuilding a list that grows with the context.
+        self.token_ids: list[int] = list(self.prompt_token_ids)
+        self.num_output_tokens = 0
         self.sampling_params = params
         self.arrival_time = core_request.arrival_time
         self.priority = core_request.priority
@@ -90,10 +91,6 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
-        self.spec_token_ids: list[int] = []  # proposals to verify in the next step
-        # The proposer's distribution for each proposal ([k, vocab] tensor, opaque here), or None
-        # for a deterministic proposer (prompt lookup).
-        self.spec_draft_probs = None
         self.best_effort = False  # demoted by the slo policy: served after every request with an SLO
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -111,29 +108,23 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def output_token_ids(self) -> list[int]:
+        """A copy of the generated tokens (O(output): not for per-step use)."""
+        return self.token_ids[len(self.prompt_token_ids):]
 
     @property
     def is_prefilling(self) -> bool:
         """True while more than the next decode token is missing from the KV cache."""
         return self.num_tokens - self.num_computed_tokens > 1
 
-    def token_at(self, index: int) -> int:
-        n_prompt = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n_prompt else self.output_token_ids[index - n_prompt]
-
     def append_token(self, token_id: int) -> str | None:
         """Record a sampled token; returns the finish reason if this token ends the request."""
-        self.output_token_ids.append(token_id)
-        n_out = len(self.output_token_ids)
+        self.token_ids.append(token_id)
+        self.num_output_tokens += 1
+        n_out = self.num_output_tokens
         if token_id in self._stop_ids and n_out >= self.sampling_params.min_tokens:
             return RequestStatus.FINISHED_STOPPED.value
         if n_out >= self.max_output_tokens:

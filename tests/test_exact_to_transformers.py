@@ -104,8 +104,8 @@ def test_long_prompt_arriving_during_decodes_does_not_stall_them(checkpoints):
     plans = []
     original = core.scheduler.schedule
 
-    def recording(now=None):
-        plan = original(now)
+    def recording(now, spec_available=None):
+        plan = original(now, spec_available)
         plans.append(plan)
         return plan
 
@@ -113,8 +113,8 @@ def test_long_prompt_arriving_during_decodes_does_not_stall_them(checkpoints):
     for _ in range(8):
         engine.step()
     for plan in plans:
-        by_id = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+        by_id = {s.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(by_id[f"d{i}"] == 1 for i in range(4)), by_id
         assert plan.num_batched_tokens <= 16
     assert any(by_id.get("long", 0) == 12 for by_id in
-               ({s.request.request_id: s.num_new_tokens for s in p.scheduled} for p in plans))
+               ({s.request_id: s.num_new_tokens for s in p.scheduled} for p in plans))

@@ -7,6 +7,7 @@ import pytest
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
+from punctual.plan import ModelRunnerOutput
 from punctual.request import EngineCoreRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
 from punctual.sched.cost_model import StepCostModel
@@ -30,7 +31,7 @@ def sched_with(policy, num_blocks=10_000, budget=64, max_seqs=64, **config):
 
 def step(sched, now):
     plan = sched.schedule(now)
-    sched.update_from_output(plan, {s.request.request_id: [5] for s in plan.scheduled if s.samples}, now)
+    sched.update_from_output(plan, ModelRunnerOutput({s.request_id: [5] for s in plan.scheduled if s.samples}), now)
     sched.check_integrity()
     return plan
 
@@ -48,7 +49,7 @@ def test_slo_orders_by_ttft_slack():
     sched.add_request(relaxed, now=0.0)
     sched.add_request(urgent, now=1.0)
     plan = step(sched, now=1.01)
-    assert [s.request.request_id for s in plan.scheduled] == ["urgent"]
+    assert [s.request_id for s in plan.scheduled] == ["urgent"]
 
 
 def test_slo_sheds_request_that_cannot_meet_ttft():
@@ -61,7 +62,7 @@ def test_slo_sheds_request_that_cannot_meet_ttft():
     plan = step(sched, now=1.0)  # `late` is 900 ms past its deadline
     assert [r.request_id for r in plan.rejected] == ["late"]
     assert late.status is RequestStatus.FINISHED_REJECTED and late.latency_metrics()["ttft_slo_met"] is None
-    assert [s.request.request_id for s in plan.scheduled] == ["fine"]
+    assert [s.request_id for s in plan.scheduled] == ["fine"]
     assert sched.kv.num_used_blocks > 0 and "late" not in sched.kv.block_tables
 
 
@@ -74,7 +75,7 @@ def test_slo_best_effort_demotes_instead_of_rejecting():
     sched.add_request(fresh, now=1.0)
     plan = step(sched, now=1.0)
     assert not plan.rejected and late.best_effort
-    assert [s.request.request_id for s in plan.scheduled] == ["fresh"]  # SLO requests before best effort
+    assert [s.request_id for s in plan.scheduled] == ["fresh"]  # SLO requests before best effort
 
 
 def test_slo_sizes_prefill_chunks_to_keep_decodes_within_tpot():
@@ -85,7 +86,7 @@ def test_slo_sizes_prefill_chunks_to_keep_decodes_within_tpot():
     step(sched, now=0.0)
     sched.add_request(req(prompt_len=2000, arrival=0.1, ttft=100_000, rid="long"), now=0.1)
     plan = step(sched, now=0.1)
-    chunk = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}["long"]
+    chunk = {s.request_id: s.num_new_tokens for s in plan.scheduled}["long"]
     # 50 ms at 10 ms + 1 ms/token allows 40 tokens a step; 4 go to the decodes.
     assert chunk == 36
     assert sched.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled)) <= 0.050 + 1e-9
@@ -97,7 +98,7 @@ def test_slo_prefill_keeps_progressing_when_decodes_fill_the_tpot():
     sched.add_request(req(prompt_len=8, tpot=20, ttft=10_000), now=0.0)
     step(sched, now=0.0)
     sched.add_request(req(prompt_len=500, ttft=100_000, rid="long"), now=0.0)
-    chunk = {s.request.request_id: s.num_new_tokens for s in step(sched, now=0.0).scheduled}["long"]
+    chunk = {s.request_id: s.num_new_tokens for s in step(sched, now=0.0).scheduled}["long"]
     assert chunk == 16
 
 
@@ -195,12 +196,19 @@ def test_fair_victim_from_user_with_most_service():
 
 # ---- mechanism shared by the policies ---------------------------------------------------------
 def test_preemptions_per_request_are_bounded():
-    sched = sched_with("fcfs", max_preemptions_per_request=2)
-    old, new = req(arrival=0.0), req(arrival=1.0)
-    new.num_preemptions = 2
-    candidates = [old, new]
-    spared = [r for r in candidates if r.num_preemptions < sched.config.max_preemptions_per_request]
-    assert sched.policy.pick_victim(spared or candidates, 2.0) is old
+    """Three decodes each need a new block and one is free: FCFS would preempt the newest, but it
+    has been preempted as often as allowed, so the scheduler spares it and preempts the next."""
+    sched = sched_with("fcfs", num_blocks=4, max_preemptions_per_request=2)
+    old, middle, newest = (req(prompt_len=15, arrival=float(i), rid=name)
+                           for i, name in enumerate(["old", "middle", "newest"]))
+    newest.num_preemptions = 2
+    for request in (old, middle, newest):
+        sched.add_request(request, now=0.0)
+    step(sched, now=0.0)  # the prompts, one block each
+    step(sched, now=0.1)  # position 15 still fits that block
+    plan = step(sched, now=0.2)  # position 16 needs a second block each: one is free
+    assert [r.request_id for r in plan.preempted] == ["middle"]
+    assert {s.request_id for s in plan.scheduled} == {"old", "newest"}
 
 
 def test_cost_model_fits_measured_steps():

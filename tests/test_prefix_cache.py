@@ -147,7 +147,38 @@ def test_pinned_prefix_survives_pressure_and_is_reused(checkpoints):
     hits_before = llm.engine.stats().prefix_cache_hits
     llm.generate({"prompt_token_ids": document + [7, 8, 9]}, GREEDY, use_tqdm=False)
     assert llm.engine.stats().prefix_cache_hits - hits_before == 40
-    assert core.unpin_prefix("doc") and not core.unpin_prefix("doc")
+    assert core.unpin_prefix("doc").ok and not core.unpin_prefix("doc").ok
     core.check_integrity()
     stats = llm.engine.stats()
     assert stats.kv_blocks_used == 0
+
+
+def test_unpin_while_the_pin_is_computing_cancels_it(checkpoints):
+    """The leak the seams issue reproduced: unpinned before its prefill ended, a pin used to
+    complete anyway and hold its blocks forever."""
+    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=64, block_size=4, max_num_batched_tokens=8)
+    core = llm.engine.core
+    assert core.pin_prefix("doc", list(range(100, 141))).ok
+    core.step()  # 8 of 41 tokens computed
+    assert core.has_unfinished_requests() and core.kv_manager.num_used_blocks > 0
+    assert core.unpin_prefix("doc").ok
+    while core.has_unfinished_requests():
+        core.step()
+    assert core.pinned_tokens("doc") is None
+    assert llm.engine.stats().kv_blocks_used == 0
+    core.check_integrity()
+
+
+def test_refused_pins_say_why(checkpoints):
+    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=64, block_size=4, max_model_len=64)
+    core = llm.engine.core
+    too_long = core.pin_prefix("big", list(range(64)))
+    assert not too_long.ok and too_long.status == 400 and "context window is 64" in too_long.error
+    assert core.pin_prefix("doc", list(range(10))).ok
+    twice = core.pin_prefix("doc", list(range(10)))
+    assert not twice.ok and twice.status == 409
+    while core.has_unfinished_requests():
+        core.step()
+    assert core.unpin_prefix("doc").ok
+    assert llm.engine.stats().kv_blocks_used == 0
+    core.check_integrity()

@@ -11,8 +11,8 @@ from punctual import LLM, SamplingParams
 from punctual.model.sampler import Sampler
 from punctual.request import EngineCoreRequest, Request
 from punctual.sched.cost_model import StepCostModel
-from punctual.spec.length import choose_lengths
-from punctual.spec.ngram import NgramProposer
+from punctual.spec_decode.length import choose_lengths
+from punctual.spec_decode.ngram import NgramProposer
 
 MAX_NEW = 16
 
@@ -203,18 +203,18 @@ def test_verification_greedy_accepts_only_argmax_prefix():
 
 def test_prompt_lookup_proposes_what_followed_the_last_match():
     proposer = NgramProposer(max_ngram=3)
-    assert proposer.propose([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]
-    assert proposer.propose([7, 8, 9], 3) == []
-    assert proposer.propose([1, 2, 1, 2, 1], 2) == [2, 1]
+    assert proposer.lookup([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]
+    assert proposer.lookup([7, 8, 9], 3) == []
+    assert proposer.lookup([1, 2, 1, 2, 1], 2) == [2, 1]
 
 
 def test_prompt_lookup_continues_a_repeating_period():
     proposer = NgramProposer(max_ngram=3)
     # The latest match is 2 tokens back: the text repeats with period 2, so the proposal does too.
-    assert proposer.propose([1, 2, 1, 2, 1], 5) == [2, 1, 2, 1, 2]
-    assert proposer.propose([4, 9, 5, 5, 5], 4) == [5, 5, 5, 5]
+    assert proposer.lookup([1, 2, 1, 2, 1], 5) == [2, 1, 2, 1, 2]
+    assert proposer.lookup([4, 9, 5, 5, 5], 4) == [5, 5, 5, 5]
     # A match far enough back is copied as written.
-    assert proposer.propose([1, 2, 3, 4, 5, 6, 1, 2], 3) == [3, 4, 5]
+    assert proposer.lookup([1, 2, 3, 4, 5, 6, 1, 2], 3) == [3, 4, 5]
 
 
 def test_adaptive_length_switches_off_under_load_and_for_rejected_requests():
@@ -245,14 +245,14 @@ def test_prompt_lookup_index_finds_what_a_scan_finds():
         tokens = [rng.randrange(4) for _ in range(3)]
         for _ in range(60):
             k = rng.randrange(1, 6)
-            assert proposer.propose(tokens, k, f"r{trial}") == scan(tokens, k), tokens
+            assert proposer.lookup(tokens, k, f"r{trial}") == scan(tokens, k), tokens
             tokens.extend(rng.randrange(4) for _ in range(rng.randrange(1, 4)))
         proposer.forget(f"r{trial}")
     assert not proposer.indexes
 
 
 def test_a_new_request_starts_from_the_engine_wide_acceptance():
-    from punctual.spec.length import AcceptanceTracker
+    from punctual.spec_decode.length import AcceptanceTracker
 
     tracker = AcceptanceTracker(prior=0.6)
     assert tracker.rate("new") == 0.6
@@ -287,24 +287,28 @@ def test_adaptive_speculation_leaves_the_budget_to_waiting_prompts():
     from punctual.config import SchedulerConfig, SpeculativeConfig
     from punctual.kv.manager import KVCacheManager
     from punctual.sched.scheduler import Scheduler
-    from punctual.spec.speculator import Speculator
+    from punctual.spec_decode.speculator import Speculator
+
+    from punctual.plan import ModelRunnerOutput
 
     budget = 64
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget), KVCacheManager(200, 16))
     speculator = Speculator(SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=4,
-                                              speculative_length="adaptive"), scheduler)
+                                              speculative_length="adaptive"), scheduler.cost_model, budget)
+    scheduler.spec_lengths = speculator.choose_lengths  # the lengths are chosen inside schedule()
 
     def add(rid: str, prompt: list[int]) -> None:
         core = EngineCoreRequest(rid, prompt, SamplingParams(max_tokens=50, ignore_eos=True))
-        scheduler.add_request(Request(core, max_model_len=10_000))
+        scheduler.add_request(Request(core, max_model_len=10_000), now=0.0)
 
     def step() -> list:
-        speculator.propose(scheduler)
-        plan = scheduler.schedule()
+        plan = scheduler.schedule(0.0, speculator.available(scheduler.running))
+        speculator.fill(plan, scheduler.requests)
         # Pretend the model repeats token 7 and accepts every proposal (all proposals here are 7s).
-        sampled = {s.request.request_id: [7] * (1 + len(s.spec_token_ids)) for s in plan.scheduled if s.samples}
-        scheduler.update_from_output(plan, sampled)
-        speculator.record(plan, sampled)
+        output = ModelRunnerOutput({s.request_id: [7] * (1 + len(s.spec_token_ids))
+                                    for s in plan.scheduled if s.samples})
+        scheduler.update_from_output(plan, output, 0.0)
+        speculator.record(plan, output)
         return plan.scheduled
 
     for i in range(4):
@@ -316,7 +320,7 @@ def test_adaptive_speculation_leaves_the_budget_to_waiting_prompts():
 
     add("long", list(range(100, 300)))  # fills the whole budget for several steps
     scheduled = step()
-    chunk = next(s for s in scheduled if s.request.request_id == "long")
+    chunk = next(s for s in scheduled if s.request_id == "long")
     assert sum(len(s.spec_token_ids) for s in scheduled) == 0
     assert chunk.num_new_tokens == budget - 4, "the prompt gets every token the decodes leave"
 
@@ -324,7 +328,7 @@ def test_adaptive_speculation_leaves_the_budget_to_waiting_prompts():
     while long.is_prefilling:
         remaining = long.num_tokens - long.num_computed_tokens
         scheduled = step()
-        chunk = next(s for s in scheduled if s.request.request_id == "long")
+        chunk = next(s for s in scheduled if s.request_id == "long")
         assert chunk.num_new_tokens == min(remaining, budget - 4)
     # Prompt done: the decodes speculate again (the last chunk's leftover room was theirs too).
     assert sum(len(s.spec_token_ids) for s in step()) > 0

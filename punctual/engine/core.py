@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import Callable
 
 from punctual.config import EngineConfig
+from punctual.engine.stats import EngineStats
+from punctual.engine.wire import PinAck
 from punctual.kv.manager import KVCacheManager
 from punctual.model.runner import ModelRunner
+from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
-from punctual.spec.speculator import Speculator
+from punctual.spec_decode.speculator import Speculator
+from punctual.validation import PromptError, PromptLimits, check_prompt
+
+__all__ = ["EngineCore", "EngineStats", "PinAck"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,66 +26,47 @@ logger = logging.getLogger(__name__)
 SLOW_STEP_S = 1.0
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    num_preemptions: int
-    num_steps: int
-    prompt_tokens_computed: int
-    generation_tokens: int
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of which were cached
-    prefix_cached_blocks: int = 0
-    prefix_cache_evictions: int = 0
-    prefix_cache_tier_hits: int = 0  # prompt tokens restored from the second tier
-    kv_tier_blocks: int = 0  # blocks the second tier holds
-    kv_tier_stored: int = 0  # blocks copied out to the tier
-    kv_tier_restored: int = 0  # blocks copied back from the tier
-    spec_method: str | None = None  # speculative decoding: proposer name, tokens proposed/accepted
-    spec_proposed_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_verifications: int = 0
-    # sjf: Spearman rank correlation of predicted vs actual output lengths (None: not sjf, or too few yet)
-    output_length_rank_correlation: float | None = None
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    @property
-    def kv_blocks_free(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_used
-
-
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs)
+        self.clock = clock
+        spec = config.speculative
+        draft_bytes = 0
+        if spec.enabled and spec.speculative_method == "draft":
+            from punctual.spec_decode.draft import draft_kv_bytes_per_block  # only when asked
+
+            draft_bytes = draft_kv_bytes_per_block(spec.speculative_model, config.model, config.cache)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching, self.runner.num_tier_slots)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.speculator = self._make_speculator() if config.speculative.enabled else None
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager,
+                                   PromptLimits(self.vocab_size, self.max_model_len))
+        self.speculator = self._make_speculator() if spec.enabled else None
+        if self.speculator is not None:
+            self.scheduler.spec_lengths = self.speculator.choose_lengths
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
 
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        return self.scheduler.prompt_limits
+
     def _make_speculator(self) -> Speculator:
         spec = self.config.speculative
         proposer = None
         if spec.speculative_method == "draft":
-            from punctual.spec.draft import DraftModelProposer  # loads a second model: only when asked
+            from punctual.spec_decode.draft import DraftModelProposer
 
-            proposer = DraftModelProposer(spec.speculative_model, self.runner, self.config.scheduler.max_num_seqs,
-                                          spec.num_speculative_tokens, seed=self.config.model.seed,
+            proposer = DraftModelProposer(spec.speculative_model, self.runner, self.runner.num_blocks,
+                                          self.config.scheduler.max_num_seqs, spec.num_speculative_tokens,
+                                          clock=self.clock, seed=self.config.model.seed,
                                           catch_up_tokens=self.config.scheduler.max_num_batched_tokens)
-        return Speculator(spec, self.scheduler, proposer)
+        return Speculator(spec, self.scheduler.cost_model, self.config.scheduler.max_num_batched_tokens, proposer)
 
     def _weigh_tier(self) -> None:
         """Use tier hits only while copying a block back is faster than recomputing its tokens."""
@@ -91,112 +78,113 @@ class EngineCore:
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
-        prompt = core_request.prompt_token_ids
-        if not prompt:
-            raise ValueError("prompt is empty: give at least one token")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens; the context window is {self.max_model_len} "
-                             "tokens and must leave room for at least one generated token")
+        check_prompt(core_request.prompt_token_ids, self.prompt_limits)
         params = core_request.sampling_params
         if not params.eos_token_ids:
             params.eos_token_ids = self.eos_token_ids
-        self.scheduler.add_request(Request(core_request, self.max_model_len))
+        self.scheduler.add_request(Request(core_request, self.max_model_len), self.clock())
 
-    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
         """Compute a prefix (one prefill, no output) and keep its full blocks cached until unpinned.
 
         The pin takes effect when its prefill finishes; `pinned_tokens(pin_id)` then tells how many
-        tokens are held. For a document a user knows will be reused (Prompt Cache's prompt modules).
+        tokens are held. Unpinning before that cancels the prefill. For a document a user knows
+        will be reused (Prompt Cache's prompt modules).
         """
-        if pin_id in self.kv_manager.pins or pin_id in self._pins_in_flight:
-            raise ValueError(f"pin_id {pin_id!r} is already pinned")
-        request_id = f"pin:{pin_id}"
-        # One extra token so that every token of the prefix is computed, the last one included.
-        self.add_request(EngineCoreRequest(request_id, list(prompt_token_ids) + [0],
-                                           SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)))
-        self._pins_in_flight[request_id] = pin_id
+        if pin_id in self.kv_manager.pins or pin_id in self._pins_in_flight.values():
+            return PinAck(pin_id, False, 409, f"pin_id {pin_id!r} is already pinned")
+        try:
+            self.add_request(EngineCoreRequest(f"pin:{pin_id}", list(prompt_token_ids),
+                                               SamplingParams(max_tokens=1, ignore_eos=True, temperature=0),
+                                               arrival_time=self.clock()))
+        except PromptError as exc:
+            return PinAck(pin_id, False, 400, str(exc))
+        self._pins_in_flight[f"pin:{pin_id}"] = pin_id
+        return PinAck(pin_id, True, num_tokens=len(prompt_token_ids))
 
-    def unpin_prefix(self, pin_id: str) -> bool:
-        return self.kv_manager.unpin(pin_id)
+    def unpin_prefix(self, pin_id: str) -> PinAck:
+        """Release a pin; one still being computed is cancelled (its blocks are freed at once)."""
+        request_id = f"pin:{pin_id}"
+        if self._pins_in_flight.get(request_id) == pin_id:
+            del self._pins_in_flight[request_id]
+            self.abort_requests([request_id])
+            return PinAck(pin_id, True)
+        if self.kv_manager.unpin(pin_id):
+            return PinAck(pin_id, True)
+        return PinAck(pin_id, False, 404, f"no pinned prefix {pin_id!r}")
 
     def pinned_tokens(self, pin_id: str) -> int | None:
         blocks = self.kv_manager.pins.get(pin_id)
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
     def abort_requests(self, request_ids: list[str]) -> None:
-        for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
-            self._forget(request.request_id)
-
-    def _forget(self, request_id: str) -> None:
-        self.runner.forget(request_id)
-        if self.speculator is not None:
-            self.speculator.forget(request_id)
+        for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED, self.clock()):
+            self._pins_in_flight.pop(request.request_id, None)
+            if self.speculator is not None:
+                self.speculator.forget(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler)
-        # Timed from here: the cost model learns the target's step, not the draft model's.
-        started = time.monotonic()
-        plan = self.scheduler.schedule(started)
-        transfers = self.kv_manager.take_tier_transfers()
-        if transfers:
-            # Evicted blocks are saved before this step overwrites them; tier hits are filled in.
-            self.runner.transfer_tier(transfers)
-            self._weigh_tier()
+        spec = self.speculator
+        offers = spec.available(self.scheduler.running) if spec is not None else None
+        plan = self.scheduler.schedule(self.clock(), offers)
+        plan.kv_copies = self.kv_manager.take_kv_copies()
+        if spec is not None:
+            spec.fill(plan, self.scheduler.requests)  # a draft model drafts here: not the target's step time
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
+        if not (plan.scheduled or plan.kv_copies or plan.finished_request_ids):
+            return outputs
+        started = self.clock()
+        output = self.runner.execute(plan)
+        now = self.clock()
+        if plan.kv_copies:
+            self._weigh_tier()
         if not plan.scheduled:
             return outputs
-        predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled),
-                                                      plan.num_sampled_rows)
-        sampled, logprobs = self.runner.execute(plan)
-        now = time.monotonic()
-        self.scheduler.record_step_time(plan, now - started)
-        if now - started > max(SLOW_STEP_S, 2 * predicted):
-            logger.warning("slow step: %.2f s for %d sequences, %d batched tokens (the cost model expected %.2f s)",
-                           now - started, len(plan.scheduled), plan.num_batched_tokens, predicted)
-        for item in plan.scheduled:
-            is_decode = item.num_new_tokens == 1 and item.samples and item.request.num_output_tokens > 0
-            if not is_decode:  # prompt chunks, and recomputation after a preemption
-                self.prompt_tokens_computed += item.num_new_tokens
-        updates = self.scheduler.update_from_output(plan, sampled, now)
+        self._record_step_time(plan, now - started)
+        self.prompt_tokens_computed += plan.num_prompt_tokens
+        updates = self.scheduler.update_from_output(plan, output, now)
         self.num_steps += 1
         self.generation_tokens += sum(len(u.new_token_ids) for u in updates)
-        if self.speculator is not None:
-            self.speculator.record(plan, sampled)
+        if spec is not None:
+            spec.record(plan, output)
         for update in updates:
             request = update.request
+            if update.finish_reason is not None and spec is not None:
+                spec.forget(request.request_id)
             pin_id = self._pins_in_flight.pop(request.request_id, None)
             if pin_id is not None:
                 # The prefix is computed and its blocks cached (now free): hold them. Internal, no output.
                 self.kv_manager.pin(pin_id, request)
                 continue
+            first_token_time = None
             if request.first_token_time is None:
-                request.first_token_time = now
-            lps = logprobs.get(request.request_id)
+                request.first_token_time = first_token_time = now
+            lps = output.logprobs.get(request.request_id)
             lps = lps[:len(update.new_token_ids)] if lps is not None else None
             if update.finish_reason is not None:
-                self._forget(request.request_id)
-                outputs.append(self._final_output(request, update.new_token_ids, lps))
+                out = self._final_output(request, update.new_token_ids, lps)
             else:
-                outputs.append(EngineCoreOutput(
-                    request_id=request.request_id, new_token_ids=update.new_token_ids, new_logprobs=lps,
-                    num_prompt_tokens=request.num_prompt_tokens, first_token_time=request.first_token_time,
-                    arrival_time=request.arrival_time))
+                out = EngineCoreOutput(request.request_id, update.new_token_ids, new_logprobs=lps)
+            out.first_token_time = first_token_time
+            outputs.append(out)
         return outputs
+
+    def _record_step_time(self, plan: StepPlan, seconds: float) -> None:
+        predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled),
+                                                      plan.num_sampled_rows)
+        self.scheduler.record_step_time(plan, seconds)
+        if seconds > max(SLOW_STEP_S, 2 * predicted):
+            logger.warning("slow step: %.2f s for %d sequences, %d batched tokens (the cost model expected %.2f s)",
+                           seconds, len(plan.scheduled), plan.num_batched_tokens, predicted)
 
     @staticmethod
     def _final_output(request: Request, new_token_ids: list[int], lps) -> EngineCoreOutput:
-        return EngineCoreOutput(
-            request_id=request.request_id, new_token_ids=new_token_ids, finish_reason=request.status.value,
-            new_logprobs=lps, num_prompt_tokens=request.num_prompt_tokens,
-            first_token_time=request.first_token_time, arrival_time=request.arrival_time,
-            metrics=request.latency_metrics())
+        return EngineCoreOutput(request.request_id, new_token_ids, finish_reason=request.status.value,
+                                new_logprobs=lps, metrics=request.latency_metrics())
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -230,4 +218,9 @@ class EngineCore:
                     spec_accepted_tokens=spec.num_accepted_tokens, spec_verifications=spec.num_verifications)
 
     def check_integrity(self) -> None:
+        """Every stateful part's invariants; the core process runs it when idle with --check-integrity."""
         self.scheduler.check_integrity()
+        assert set(self._pins_in_flight) <= set(self.scheduler.requests), "a pin in flight lost its request"
+        # The runner forgets a finished request with the next plan: until then it is pending.
+        stale = set(self.runner.requests) - set(self.scheduler.requests) - set(self.scheduler.pending_finished_ids)
+        assert not stale, f"runner state of requests the scheduler forgot: {sorted(stale)}"

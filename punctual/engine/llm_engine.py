@@ -5,7 +5,8 @@ import time
 from typing import Any
 
 from punctual.config import EngineConfig
-from punctual.engine.core import EngineCore, EngineStats
+from punctual.engine.core import EngineCore
+from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor
 from punctual.outputs import RequestOutput
 from punctual.request import EngineCoreRequest

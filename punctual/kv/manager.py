@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from punctual.kv.block_pool import BlockHash, BlockPool, hash_block
 from punctual.kv.tier import SecondaryTier
+from punctual.plan import KVCopyOrders
 from punctual.request import Request
 
 
@@ -66,17 +67,22 @@ class KVCacheManager:
 
     # ---- prefix lookup ------------------------------------------------------------------
     def block_hashes(self, request: Request, num_tokens: int) -> list[BlockHash]:
-        """Hashes of the request's full blocks within its first `num_tokens` tokens (memoised)."""
+        """Hashes of the request's full blocks, at least those within its first `num_tokens` tokens.
+
+        The memoised list itself, not a copy (it may hold more hashes than asked for): a caller
+        reads `[:num_tokens // block_size]`. New blocks are hashed once, from the request's
+        appended token list, so a step's cost does not grow with the context.
+        """
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         wanted = num_tokens // bs
         if len(hashes) < wanted:
-            tokens = request.all_token_ids
+            tokens = request.token_ids
             parent = hashes[-1] if hashes else None
             for i in range(len(hashes), wanted):
                 parent = hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]))
                 hashes.append(parent)
-        return hashes[:wanted]
+        return hashes
 
     def computed_prefix(self, request: Request) -> CachedPrefix:
         """Cached blocks holding the longest prefix of the request's tokens (leaves >= 1 token to
@@ -87,14 +93,15 @@ class KVCacheManager:
         prefix = CachedPrefix()
         if not self.enable_prefix_caching:
             return prefix
+        num_full = (request.num_tokens - 1) // self.block_size
         hashes = self.block_hashes(request, request.num_tokens - 1)
-        for block_hash in hashes:
-            block_id = self.pool.lookup(block_hash)
+        for i in range(num_full):
+            block_id = self.pool.lookup(hashes[i])
             if block_id is None:
                 break
             prefix.blocks.append(block_id)
         if self.tier is not None and self.restore_from_tier:
-            for block_hash in hashes[len(prefix.blocks):]:
+            for block_hash in hashes[len(prefix.blocks):num_full]:
                 if self.tier.lookup(block_hash) is None:
                     break
                 prefix.tier_hashes.append(block_hash)
@@ -103,7 +110,7 @@ class KVCacheManager:
     def first_pending_owner(self, request: Request, num_cached_blocks: int) -> str | None:
         """If the request's first uncached block is being computed by another request, that request's id."""
         hashes = self.block_hashes(request, request.num_tokens - 1)
-        if num_cached_blocks < len(hashes):
+        if num_cached_blocks < (request.num_tokens - 1) // self.block_size:
             owner = self.pending.get(hashes[num_cached_blocks])
             if owner is not None and owner != request.request_id:
                 return owner
@@ -143,8 +150,9 @@ class KVCacheManager:
                 self.prefix_queries += request.num_prompt_tokens
                 self.prefix_hits += min(len(table) * self.block_size, request.num_prompt_tokens)
                 self.prefix_tier_hits += min(len(tier_hashes) * self.block_size, request.num_prompt_tokens)
-                for block_hash in self.block_hashes(request, request.num_tokens)[len(table):]:
-                    self.pending.setdefault(block_hash, request_id)
+                hashes = self.block_hashes(request, request.num_tokens)
+                for i in range(len(table), request.num_tokens // self.block_size):
+                    self.pending.setdefault(hashes[i], request_id)
         else:
             need = self.num_new_blocks(request_id, num_tokens)
             if need > self.pool.num_free_blocks:
@@ -160,12 +168,15 @@ class KVCacheManager:
         request_id = request.request_id
         table = self.block_tables[request_id]
         start = self._num_cached[request_id]
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= start:
+            return
         hashes = self.block_hashes(request, request.num_computed_tokens)
-        for i in range(start, len(hashes)):
+        for i in range(start, num_full):
             self.pool.cache(table[i], hashes[i])
             if self.pending.get(hashes[i]) == request_id:
                 del self.pending[hashes[i]]
-        self._num_cached[request_id] = max(start, len(hashes))
+        self._num_cached[request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Release every block of the request (finish, abort or preemption); cached ones stay indexed."""
@@ -188,7 +199,8 @@ class KVCacheManager:
         if pin_id in self.pins:
             raise ValueError(f"pin_id {pin_id!r} is already pinned")
         blocks = []
-        for block_hash in self.block_hashes(request, request.num_computed_tokens):
+        num_full = request.num_computed_tokens // self.block_size
+        for block_hash in self.block_hashes(request, request.num_computed_tokens)[:num_full]:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
@@ -211,9 +223,9 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
-    def take_tier_transfers(self):
+    def take_kv_copies(self) -> KVCopyOrders:
         """The copies between the pool and the tier that the runner must make before this step."""
-        return self.tier.take_transfers() if self.tier is not None else None
+        return self.tier.take_transfers() if self.tier is not None else KVCopyOrders()
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
@@ -226,3 +238,8 @@ class KVCacheManager:
         for block_id, refs in enumerate(self.pool.ref_counts):
             assert owned.get(block_id, 0) == refs, f"block {block_id}: {refs} refs, {owned.get(block_id, 0)} owners"
         assert all(owner in self.block_tables for owner in self.pending.values()), "pending hash of a freed request"
+        for pin_id, blocks in self.pins.items():
+            for block_id in blocks:  # a pinned block stays findable by its hash, or the pin is useless
+                block_hash = self.pool.block_hash[block_id]
+                assert block_hash is not None and self.pool.cached.get(block_hash) == block_id, \
+                    f"pin {pin_id!r}: block {block_id} is not in the prefix-cache index"

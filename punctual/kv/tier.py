@@ -14,20 +14,11 @@ to a copy out of the same step.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from punctual.kv.block_pool import BlockHash
+from punctual.plan import KVCopyOrders
 
-
-@dataclass
-class TierTransfers:
-    """Copies the runner must make before the step's forward pass, in this order."""
-
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (block id, tier slot)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (tier slot, block id)
-
-    def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in)
+TierTransfers = KVCopyOrders  # the tier's copies travel in the step plan
 
 
 class SecondaryTier:

@@ -13,10 +13,9 @@ from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, Atten
                                       LayerKVCache)
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
-from punctual.model.sampler import Sampler, accept_greedy
+from punctual.model.sampler import RequestState, Sampler, accept_greedy
 from punctual.model.tier_store import TierStore
-from punctual.request import TokenLogprobs
-from punctual.sched.scheduler import ScheduledRequest, SchedulerOutput
+from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +104,36 @@ class TokenChunk:
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def block_ids(self) -> list[int]:
+        return self.block_table
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return torch.tensor(self.block_table, dtype=torch.long)
+
+
+@dataclass
+class _Chunk:
+    """One request's rows of a step, as the attention metadata sees them."""
+
+    token_ids: list[int]  # known tokens, then proposals
+    start_position: int
+    block_ids: list[int]
+    blocks: torch.Tensor  # block_ids as a tensor (kept per request, so not rebuilt every step)
+    item: ScheduledRequest | None = None
+    state: RequestState | None = None
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int):
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int,
+                 shared_kv_bytes_per_block: int = 0):
+        """`shared_kv_bytes_per_block`: KV bytes another pool (a draft model's) needs beside each
+        of this runner's blocks; both come out of the same `kv_cache_memory`."""
         path = resolve_model_path(model_config.model)
         self.arch = load_arch_config(path)
         self.device = pick_device(model_config.device)
@@ -120,7 +146,7 @@ class ModelRunner:
                                  self.arch.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.kv_quantized = kv_cache_is_quantized(cache_config.kv_cache_dtype, self.dtype)
-        self.num_blocks = self._num_blocks(cache_config, max_num_seqs)
+        self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
         self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
                           for _ in range(self.arch.num_layers)]
@@ -136,6 +162,8 @@ class ModelRunner:
                                  f"({per_block} bytes per block)")
             self.tier_store = TierStore(self.kv_caches, num_slots, compressed)
         self.sampler = Sampler(self.device, model_config.seed)
+        # What the runner keeps across steps per request, updated from the plans (vLLM v1's input batch).
+        self.requests: dict[str, RequestState] = {}
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
 
@@ -145,42 +173,70 @@ class ModelRunner:
                                                  self.kv_quantized)
         return self.arch.num_layers * self.block_size * per_token
 
-    def _num_blocks(self, cache: CacheConfig, max_num_seqs: int) -> int:
+    def _num_blocks(self, cache: CacheConfig, max_num_seqs: int, shared_bytes_per_block: int) -> int:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
+        per_block = self.kv_bytes_per_block + shared_bytes_per_block
         if cache.kv_cache_memory is not None:
             budget = int(cache.kv_cache_memory)
         else:
             budget = int(available_memory_bytes(self.device) * cache.kv_cache_memory_fraction)
             # More than every sequence at full length is never used.
             cap_tokens = max_num_seqs * self.max_model_len
-            budget = min(budget, cap_tokens * self.kv_bytes_per_block // self.block_size)
-        blocks = budget // self.kv_bytes_per_block
+            budget = min(budget, cap_tokens * per_block // self.block_size)
+        blocks = budget // per_block
         if blocks < 1:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block "
-                             f"({self.kv_bytes_per_block} bytes per block of {self.block_size} tokens)")
+                             f"({per_block} bytes per block of {self.block_size} tokens)")
         return blocks
 
     @property
     def num_tier_slots(self) -> int:
         return self.tier_store.num_slots if self.tier_store is not None else 0
 
-    def transfer_tier(self, transfers) -> None:
+    def copy_kv(self, copies: KVCopyOrders) -> None:
         """Make the step's copies between the KV pool and the second tier: every copy out first."""
-        if transfers.swap_out:
-            blocks, slots = zip(*transfers.swap_out)
+        if copies.swap_out:
+            blocks, slots = zip(*copies.swap_out)
             self.tier_store.copy_out(self.kv_caches, list(blocks), list(slots))
-        if transfers.swap_in:
-            slots, blocks = zip(*transfers.swap_in)
+        if copies.swap_in:
+            slots, blocks = zip(*copies.swap_in)
             self.tier_store.copy_in(self.kv_caches, list(slots), list(blocks))
 
+    # ---- per-request state, from the plans ----------------------------------------------
+    def _update_states(self, plan: StepPlan) -> None:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+            self.sampler.forget(request_id)
+        for item in plan.scheduled:
+            if item.new is not None:
+                # Admitted (or re-admitted after a preemption): a new block table. The sampler's
+                # seeded generator lives on, so a preempted request draws what it would have.
+                self.requests[item.request_id] = RequestState(item.request_id, item.new.sampling_params,
+                                                              list(item.new_block_ids),
+                                                              item.new.prompt_token_ids, item.new.output_token_ids,
+                                                              self.arch.vocab_size, self.device)
+            else:
+                self.requests[item.request_id].add_blocks(item.new_block_ids)
+
     # ---- one step -----------------------------------------------------------------------
-    def execute(self, plan: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprobs]]]:
-        """Run the model over the planned chunks; sample where a chunk reaches the end of its tokens
-        (and verify speculated tokens): request id -> new tokens, and their logprobs if asked."""
-        items = plan.scheduled
-        groups = [[items[i] for i in group] for group in split_by_query_length(
-            [s.num_new_tokens for s in items], [s.start_position for s in items])]
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput:
+        """Make the plan's KV copies, run the model over its chunks, sample where a chunk reaches
+        the end of its tokens (and verify speculated tokens)."""
+        self._update_states(plan)
+        if plan.kv_copies:
+            self.copy_kv(plan.kv_copies)
+        output = ModelRunnerOutput()
+        if not plan.scheduled:
+            return output
+        chunks = []
+        for item in plan.scheduled:
+            state = self.requests[item.request_id]
+            chunks.append(_Chunk(item.token_ids + item.spec_token_ids, item.start_position, state.block_ids,
+                                 state.blocks, item, state))
+        groups = [[chunks[i] for i in group] for group in split_by_query_length(
+            [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
         input_ids, positions, slots = self._flat_inputs(ordered)
         meta = self._metadata(*groups, slots)
@@ -188,52 +244,51 @@ class ModelRunner:
 
         # Logits rows: the last position of each sampling chunk, or every verified position.
         rows, offset = [], 0
-        plain: list[tuple[int, ScheduledRequest]] = []
-        spec: list[tuple[int, ScheduledRequest]] = []
-        for s in ordered:
-            offset += s.num_new_tokens
-            if s.samples:
-                n_rows = 1 + len(s.spec_token_ids)
-                (spec if s.spec_token_ids else plain).append((len(rows), s))
+        plain: list[tuple[int, _Chunk]] = []
+        spec: list[tuple[int, _Chunk]] = []
+        for c in ordered:
+            offset += c.num_new_tokens
+            if c.item.samples:
+                n_rows = c.item.num_sampled_rows
+                (spec if c.item.spec_token_ids else plain).append((len(rows), c))
                 rows.extend(range(offset - n_rows, offset))
         if not rows:
-            return {}, {}
+            return output
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        sampled: dict[str, list[int]] = {}
-        logprobs: dict[str, list[TokenLogprobs]] = {}
+        sampled, logprobs = output.sampled_token_ids, output.logprobs
         if plain:
             index = torch.tensor([row for row, _ in plain], device=self.device)
-            requests = [s.request for _, s in plain]
-            tokens, lps = self.sampler.sample(logits[index], requests)
-            for request, token, lp in zip(requests, tokens, lps):
-                sampled[request.request_id] = [token]
+            states = [c.state for _, c in plain]
+            tokens, lps = self.sampler.sample(logits[index], states)
+            for state, token, lp in zip(states, tokens, lps):
+                sampled[state.request_id] = [token]
                 if lp is not None:
-                    logprobs[request.request_id] = [lp]
+                    logprobs[state.request_id] = [lp]
         # Verification, batched: greedy requests share one argmax, sampling ones one distribution call.
         greedy_targets = None
-        if any(s.request.sampling_params.greedy for _, s in spec):
+        if any(c.state.sampling_params.greedy for _, c in spec):
             greedy_targets = logits.argmax(dim=-1).tolist()
         sampling = []
-        for row, s in spec:
-            n_rows = 1 + len(s.spec_token_ids)
-            if s.request.sampling_params.greedy:
-                tokens = accept_greedy(greedy_targets[row:row + n_rows], s.spec_token_ids)
-                sampled[s.request.request_id] = tokens
-                lps = self.sampler.verified_logprobs(logits[row:row + n_rows], s.request, tokens)
+        for row, c in spec:
+            drafts = c.item.spec_token_ids
+            n_rows = 1 + len(drafts)
+            if c.state.sampling_params.greedy:
+                tokens = accept_greedy(greedy_targets[row:row + n_rows], drafts)
+                sampled[c.state.request_id] = tokens
+                lps = self.sampler.verified_logprobs(logits[row:row + n_rows], c.state, tokens)
                 if lps is not None:
-                    logprobs[s.request.request_id] = lps
+                    logprobs[c.state.request_id] = lps
                 continue
-            q = s.request.spec_draft_probs  # a draft model's distributions; None for prompt lookup
-            sampling.append((row, s.request, s.spec_token_ids, None if q is None else q[:len(s.spec_token_ids)]))
+            q = c.item.draft_probs  # a draft model's distributions; None for prompt lookup
+            sampling.append((row, c.state, drafts, None if q is None else q[:len(drafts)]))
         if sampling:
-            for (_, request, _, _), (tokens, lps) in zip(sampling, self.sampler.verify_sampled(logits, sampling)):
-                sampled[request.request_id] = tokens
+            for (_, state, _, _), (tokens, lps) in zip(sampling, self.sampler.verify_sampled(logits, sampling)):
+                sampled[state.request_id] = tokens
                 if lps is not None:
-                    logprobs[request.request_id] = lps
-        return sampled, logprobs
-
-    def forget(self, request_id: str) -> None:
-        self.sampler.forget(request_id)
+                    logprobs[state.request_id] = lps
+        for request_id, tokens in sampled.items():
+            self.requests[request_id].add_output(tokens)
+        return output
 
     @torch.inference_mode()
     def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
@@ -242,54 +297,38 @@ class ModelRunner:
         index_groups = split_by_query_length([c.num_new_tokens for c in chunks], [c.start_position for c in chunks])
         order = [i for group in index_groups for i in group]
         groups = [[chunks[i] for i in group] for group in index_groups]
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows: list[int] = []
-        for c in groups[0] + groups[1] + groups[2]:
-            start, end, table = c.start_position, c.start_position + c.num_new_tokens, c.block_table
-            input_ids.extend(c.token_ids)
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            last_rows.append(len(input_ids) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        slot_tensor = as_tensor(slots)
-        meta = self._metadata(*groups, slot_tensor)
-        hidden = self.model.forward(as_tensor(input_ids), as_tensor(positions), meta, self.kv_caches)
-        ordered_logits = self.model.logits(hidden[as_tensor(last_rows)])
+        input_ids, positions, slots = self._flat_inputs(groups[0] + groups[1] + groups[2])
+        last_rows = torch.cumsum(torch.tensor([c.num_new_tokens for c in groups[0] + groups[1] + groups[2]]), 0) - 1
+        meta = self._metadata(*groups, slots)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        ordered_logits = self.model.logits(hidden[last_rows.to(self.device)])
         logits = torch.empty_like(ordered_logits)
-        logits[as_tensor(order)] = ordered_logits
+        logits[torch.tensor(order, device=self.device)] = ordered_logits
         return logits
 
-    def _flat_inputs(self, ordered: list[ScheduledRequest]):
+    def _flat_inputs(self, ordered: list[_Chunk]):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for s in ordered:
-            start, end, table = s.start_position, s.start_position + s.num_new_tokens, s.block_table
-            if s.spec_token_ids:
-                input_ids.append(s.request.token_at(start))
-                input_ids.extend(s.spec_token_ids)
-            elif s.num_new_tokens == 1:
-                input_ids.append(s.request.token_at(start))
-            else:
-                input_ids.extend(s.request.all_token_ids[start:end])
+        for c in ordered:
+            start, end, table = c.start_position, c.start_position + c.num_new_tokens, c.block_ids
+            input_ids.extend(c.token_ids)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(input_ids), as_tensor(positions), as_tensor(slots)
 
-    def _padded_tables(self, items: list[ScheduledRequest], num_tokens_each: list[int]):
+    def _padded_tables(self, items: list[_Chunk], num_tokens_each: list[int]):
+        """[B, max_blocks] block tables, zero-padded: one C call over per-request tensors, so the
+        Python work grows with the batch, not with the context."""
         bs = self.block_size
         max_blocks = max(-(-n // bs) for n in num_tokens_each)
-        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - min(len(s.block_table), max_blocks))
-                  for s in items]
-        return torch.tensor(tables, dtype=torch.long, device=self.device), max_blocks * bs
+        tables = torch.nn.utils.rnn.pad_sequence([c.blocks[:max_blocks] for c in items], batch_first=True)
+        return tables.to(self.device), max_blocks * bs
 
-    def _metadata(self, decodes: list[ScheduledRequest], shorts: list[ScheduledRequest],
-                  prefills: list[ScheduledRequest], slots: torch.Tensor) -> AttentionMetadata:
+    def _metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
+                  slots: torch.Tensor) -> AttentionMetadata:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window

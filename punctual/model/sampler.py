@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from punctual.request import Request, TokenLogprobs
+from punctual.model.request_state import RequestState
+from punctual.request import TokenLogprobs
+
+__all__ = ["RequestState", "Sampler", "accept_greedy", "draw"]
 
 
 class Sampler:
@@ -19,7 +22,7 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
-    def _generator_for(self, request: Request) -> torch.Generator:
+    def _generator_for(self, request: RequestState) -> torch.Generator:
         gen = self._request_generators.get(request.request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(request.sampling_params.seed)
@@ -27,7 +30,7 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def sample(self, logits: torch.Tensor, requests: list[RequestState]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [S, V] float32, one row per request. Returns token ids and per-row logprobs."""
         params = [r.sampling_params for r in requests]
         want_logprobs = [p.logprobs is not None for p in params]
@@ -71,7 +74,7 @@ class Sampler:
         return token_list, logprobs
 
     @torch.inference_mode()
-    def verify(self, logits: torch.Tensor, request: Request, drafts: list[int],
+    def verify(self, logits: torch.Tensor, request: RequestState, drafts: list[int],
                draft_probs: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprobs] | None]:
         """Speculative verification. logits: [len(drafts)+1, V], row i predicts the token after draft i-1.
 
@@ -88,7 +91,7 @@ class Sampler:
         return self.verify_sampled(logits, [(0, request, drafts, draft_probs)])[0]
 
     @torch.inference_mode()
-    def verify_sampled(self, logits: torch.Tensor, items: list[tuple[int, Request, list[int], torch.Tensor | None]]
+    def verify_sampled(self, logits: torch.Tensor, items: list[tuple[int, RequestState, list[int], torch.Tensor | None]]
                        ) -> list[tuple[list[int], list[TokenLogprobs] | None]]:
         """`verify` for several sampling requests at once: item (row, request, drafts, draft_probs)
         owns logits rows row..row+len(drafts). The distributions of every row are computed in one
@@ -179,7 +182,7 @@ class Sampler:
             out.append((tokens, self.verified_logprobs(logits[first:first + len(drafts) + 1], request, tokens)))
         return out
 
-    def verified_logprobs(self, logits: torch.Tensor, request: Request, tokens: list[int]
+    def verified_logprobs(self, logits: torch.Tensor, request: RequestState, tokens: list[int]
                            ) -> list[TokenLogprobs] | None:
         top_k = request.sampling_params.logprobs
         if top_k is None:
@@ -196,17 +199,15 @@ class Sampler:
         return TokenLogprobs(token, row[token].item(), top)
 
     @staticmethod
-    def _apply_penalties(row: torch.Tensor, request: Request) -> None:
+    def _apply_penalties(row: torch.Tensor, request: RequestState) -> None:
         p = request.sampling_params
         if p.repetition_penalty != 1.0:
             # transformers' rule over prompt and output: shrink positive logits, grow negative ones.
-            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=row.device)
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
+            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row.copy_(torch.where(request.seen, penalised, row))
+        if p.presence_penalty or p.frequency_penalty:
             # OpenAI's rule over generated tokens only.
-            out = torch.tensor(request.output_token_ids, dtype=torch.long, device=row.device)
-            counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
+            counts = request.output_counts.to(row.dtype)
             row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
 
     @staticmethod

@@ -29,7 +29,8 @@ class SchedulingPolicy:
     def __init__(self, config: SchedulerConfig, cost_model: StepCostModel):
         self.config = config
         self.cost_model = cost_model
-        # Set by the scheduler: prompt tokens of a request already in the prefix cache.
+        # Set by the scheduler: prompt tokens of a request already in the prefix cache (memoised
+        # per step, so an order key costs O(1) however often the queue is sorted).
         self.cached_prefix_tokens: Callable[[Request], int] = lambda request: 0
 
     def order_key(self, request: Request, now: float) -> tuple:
@@ -111,11 +112,10 @@ class SLOPolicy(SchedulingPolicy):
         if not tpot_slos:
             return budget
         step_tokens = self.cost_model.tokens_within(min(tpot_slos) / 1000.0, len(decodes) + 1)
-        # Speculated tokens are decode tokens too: they already hold part of the step's time.
-        decode_tokens = len(decodes) + sum(len(r.spec_token_ids) for r in decodes)
         # Always some progress on prompts, or a full decode batch would starve every arrival.
+        # (The scheduler fits speculated tokens within the same cap, after the prompts.)
         floor = min(budget, self.config.min_prefill_chunk)
-        return max(floor, min(budget, step_tokens - decode_tokens))
+        return max(floor, min(budget, step_tokens - len(decodes)))
 
 
 class SJFPolicy(SchedulingPolicy):

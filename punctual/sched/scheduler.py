@@ -8,50 +8,23 @@ already produced, so its output is unchanged.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
+from punctual.plan import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepPlan
 from punctual.request import Request, RequestStatus
 from punctual.sched.cost_model import StepCostModel
 from punctual.sched.policies import Admission, make_policy
+from punctual.validation import PromptLimits, check_prompt
 
+__all__ = ["FinishedUpdate", "ScheduledRequest", "Scheduler", "SchedulerOutput", "StepPlan"]
 
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    start_position: int  # num_computed_tokens when the step was planned
-    block_table: list[int]
-    # Proposed tokens verified in this step, fed after the request's last token (speculative decoding).
-    spec_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so its last logits are sampled."""
-        return self.start_position + self.num_new_tokens - len(self.spec_token_ids) == self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    rejected: list[Request] = field(default_factory=list)  # shed by the policy: finished, never run
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def num_sampled_rows(self) -> int:
-        """Positions whose logits the step computes: the last of each sampling chunk, and every
-        verified position."""
-        return sum(1 + len(s.spec_token_ids) for s in self.scheduled if s.samples)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled and not self.rejected
+# How many proposed tokens to verify per request, given what each decoding request has available
+# (request id -> most tokens), the step's decodes, its prompt tokens and the room left in the
+# budget: request id -> tokens. The speculator's length policy (SmartSpec's criterion).
+SpecLengthChooser = Callable[[dict[str, int], int, int, int], dict[str, int]]
 
 
 @dataclass
@@ -62,9 +35,15 @@ class FinishedUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+    """Plans each step; every time enters as an argument (`now`), so the simulator drives it in
+    virtual time. Reads no clock and imports no torch."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, limits: PromptLimits | None = None,
+                 spec_lengths: SpecLengthChooser | None = None):
         self.config = config
         self.kv = kv_manager
+        self.limits = limits
+        self.spec_lengths = spec_lengths
         self.cost_model = StepCostModel()
         self.policy = make_policy(config, self.cost_model)
         self.policy.cached_prefix_tokens = self._cached_prefix_tokens
@@ -72,11 +51,21 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Requests the runner must forget with the next plan (finished, aborted, preempted).
+        self._finished_ids: list[str] = []
+        # How many of a running request's blocks the runner has been told about.
+        self._blocks_sent: dict[str, int] = {}
+        # Cached-prefix lengths looked up during one schedule() call: order keys read them many
+        # times per step (sorting, shedding), and each lookup walks a hash chain.
+        self._prefix_memo: dict[str, int] = {}
 
     def _cached_prefix_tokens(self, request: Request) -> int:
         if request.num_computed_tokens:
             return 0
-        return len(self.kv.computed_prefix(request)) * self.kv.block_size
+        cached = self._prefix_memo.get(request.request_id)
+        if cached is None:
+            cached = self._prefix_memo[request.request_id] = len(self.kv.computed_prefix(request)) * self.kv.block_size
+        return cached
 
     # ---- intake -------------------------------------------------------------------------
     @property
@@ -84,19 +73,26 @@ class Scheduler:
         """The most tokens one request can hold: the whole pool."""
         return self.kv.num_blocks * self.kv.block_size
 
-    def add_request(self, request: Request, now: float | None = None) -> None:
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        limits = self.limits or PromptLimits(None, None)
+        return PromptLimits(limits.vocab_size, limits.max_model_len, self.max_request_tokens)
+
+    def add_request(self, request: Request, now: float) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
-        if request.num_prompt_tokens + 1 > self.max_request_tokens:
-            raise ValueError(
-                f"prompt of {request.num_prompt_tokens} tokens does not fit the KV cache "
-                f"({self.max_request_tokens} tokens)")
+        check_prompt(request.prompt_token_ids, self.prompt_limits)
         # A request alone must always fit, or it would preempt itself forever.
         request.max_output_tokens = min(request.max_output_tokens,
                                         self.max_request_tokens - request.num_prompt_tokens)
         self.requests[request.request_id] = request
         self.waiting.append(request)
-        self.policy.on_arrival(request, time.monotonic() if now is None else now)
+        self.policy.on_arrival(request, now)
+
+    @property
+    def pending_finished_ids(self) -> list[str]:
+        """Requests the next plan will tell the runner to forget."""
+        return self._finished_ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -109,25 +105,14 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    def prompt_tokens_next_step(self, now: float) -> int:
-        """Prompt-chunk tokens the next step would take if every decode took one token: what is
-        left of running prompts and of the waiting ones that have a seat, within the budget and
-        the policy's cap. The speculator leaves this much of the budget to prompts."""
-        decodes = [r for r in self.running if not r.is_prefilling]
-        budget = max(0, self.config.max_num_batched_tokens - len(decodes))
-        budget = min(budget, self.policy.prefill_budget(decodes, budget, now))
-        wanted = sum(r.num_tokens - r.num_computed_tokens for r in self.running if r.is_prefilling)
-        seats = self.config.max_num_seqs - len(self.running)
-        for request in self.waiting[:max(0, seats)]:
-            if wanted >= budget:
-                break
-            wanted += max(1, request.num_tokens - self._cached_prefix_tokens(request))
-        return min(budget, wanted)
-
     # ---- planning -----------------------------------------------------------------------
-    def schedule(self, now: float | None = None) -> SchedulerOutput:
-        now = time.monotonic() if now is None else now
-        out = SchedulerOutput()
+    def schedule(self, now: float, spec_available: dict[str, int] | None = None) -> StepPlan:
+        """Plan one step at time `now`. `spec_available`: request id -> proposal tokens its
+        proposer can offer (speculative decoding); the lengths are chosen here, from the budget
+        that decodes and prompt chunks leave, and the plan reserves room for them."""
+        self._prefix_memo.clear()
+        plan = StepPlan(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
         policy = self.policy
@@ -137,83 +122,136 @@ class Scheduler:
         for request in decodes:
             if budget == 0:
                 break
-            # Speculated tokens ride along when the budget allows and they cannot overshoot max_tokens.
-            room = min(budget - 1, request.max_output_tokens - request.num_output_tokens - 1)
-            spec = request.spec_token_ids[:max(0, room)]
             if request.status is RequestStatus.RUNNING and self._allocate_or_preempt(
-                    request, 1 + len(spec), scheduled_ids, out, now):
-                out.scheduled.append(self._plan(request, 1 + len(spec), spec))
+                    request, 1, scheduled_ids, plan, now):
+                plan.scheduled.append(self._plan(request, 1))
                 scheduled_ids.add(request.request_id)
-                budget -= 1 + len(spec)
+                budget -= 1
+        num_decodes = len(plan.scheduled)
 
-        # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their TPOT SLO).
-        running_decodes = [s.request for s in out.scheduled]
-        budget = min(budget, policy.prefill_budget(running_decodes, budget, now))
+        # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their
+        # TPOT SLO); the cap covers speculated tokens too, since they also lengthen the step.
+        running_decodes = [self.requests[s.request_id] for s in plan.scheduled]
+        cap = min(budget, policy.prefill_budget(running_decodes, budget, now))
+        prompt_budget = cap
         partial = sorted((r for r in self.running if r.is_prefilling), key=lambda r: policy.order_key(r, now))
         for request in partial:
-            if budget == 0:
+            if prompt_budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new, scheduled_ids, out, now):
-                out.scheduled.append(self._plan(request, num_new))
+            num_new = min(request.num_tokens - request.num_computed_tokens, prompt_budget)
+            if self._allocate_or_preempt(request, num_new, scheduled_ids, plan, now):
+                plan.scheduled.append(self._plan(request, num_new))
                 scheduled_ids.add(request.request_id)
-                budget -= num_new
+                prompt_budget -= num_new
 
-        self._shed(now, out)
+        self._shed(now, plan)
         # Admit waiting requests only when nothing had to yield memory in this step.
-        if not out.preempted and self.waiting:
-            self.waiting.sort(key=lambda r: policy.order_key(r, now))
-            admitted: list[Request] = []
-            for request in self.waiting:
-                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                cached_blocks = self.kv.computed_prefix(request)
-                if self.kv.first_pending_owner(request, len(cached_blocks)) is not None:
-                    continue  # its next blocks are being computed by another request: reuse them, later
-                num_cached = len(cached_blocks) * self.kv.block_size
-                num_new = min(request.num_tokens - num_cached, budget)
-                if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
-                    break  # head of line waits for memory; no overtaking keeps the policy's order
-                request.num_computed_tokens = num_cached
-                request.num_cached_tokens = num_cached
-                request.status = RequestStatus.RUNNING
-                if request.first_scheduled_time is None:
-                    request.first_scheduled_time = now
-                self.running.append(request)
-                out.scheduled.append(self._plan(request, num_new))
-                budget -= num_new
-                admitted.append(request)
-            if admitted:
-                taken = {id(r) for r in admitted}
-                self.waiting = [r for r in self.waiting if id(r) not in taken]
-        return out
+        if not plan.preempted and self.waiting:
+            prompt_budget = self._admit(prompt_budget, plan, now)
+        budget -= cap - prompt_budget
 
-    def _shed(self, now: float, out: SchedulerOutput) -> None:
+        if spec_available:
+            self._reserve_speculation(plan.scheduled[:num_decodes], spec_available, num_decodes,
+                                      prompt_budget, budget, plan)
+        for item in plan.scheduled:
+            self._attach_blocks(item)
+        return plan
+
+    def _admit(self, budget: int, plan: StepPlan, now: float) -> int:
+        self.waiting.sort(key=lambda r: self.policy.order_key(r, now))
+        admitted: list[Request] = []
+        for request in self.waiting:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            cached_blocks = self.kv.computed_prefix(request)  # fresh: earlier admissions may have evicted
+            if self.kv.first_pending_owner(request, len(cached_blocks)) is not None:
+                continue  # its next blocks are being computed by another request: reuse them, later
+            num_cached = len(cached_blocks) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
+                break  # head of line waits for memory; no overtaking keeps the policy's order
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            plan.scheduled.append(self._plan(request, num_new))
+            budget -= num_new
+            admitted.append(request)
+        if admitted:
+            taken = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in taken]
+        return budget
+
+    def _reserve_speculation(self, decode_items: list[ScheduledRequest], available: dict[str, int],
+                             num_decodes: int, cap_left: int, budget_left: int, plan: StepPlan) -> None:
+        """Choose how many proposals each decode verifies, within what prompts left of the budget
+        and of the policy's cap, and reserve their KV (without preempting anyone for them)."""
+        offers = {}
+        for item in decode_items:
+            request = self.requests[item.request_id]
+            # Never past max_tokens: the step's own token is one more.
+            k = min(available.get(item.request_id, 0), request.max_output_tokens - request.num_output_tokens - 1)
+            if k > 0:
+                offers[item.request_id] = k
+        room = max(0, min(budget_left, cap_left))
+        if not offers or room == 0:
+            return
+        if self.spec_lengths is None:
+            lengths = offers
+        else:
+            lengths = self.spec_lengths(offers, num_decodes, plan.num_prompt_tokens, room)
+        for item in decode_items:
+            k = min(lengths.get(item.request_id, 0), room)
+            if k <= 0:
+                continue
+            request = self.requests[item.request_id]
+            if self.kv.allocate(request, request.num_computed_tokens + 1 + k):
+                item.num_spec_reserved = k
+                room -= k
+
+    def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        is_decode = num_new == 1 and request.num_output_tokens > 0 and start == request.num_tokens - 1
+        return ScheduledRequest(request.request_id, request.token_ids[start:start + num_new], start, (),
+                                samples=start + num_new == request.num_tokens, is_decode=is_decode)
+
+    def _attach_blocks(self, item: ScheduledRequest) -> None:
+        """Give the runner the blocks it has not seen: the whole table on admission, else the new tail."""
+        request_id = item.request_id
+        table = self.kv.block_table(request_id)
+        sent = self._blocks_sent.get(request_id)
+        if sent is None:
+            request = self.requests[request_id]
+            item.new = NewRequestData(request.prompt_token_ids, tuple(request.token_ids[request.num_prompt_tokens:]),
+                                      request.sampling_params)
+            sent = 0
+        item.new_block_ids = tuple(table[sent:])
+        self._blocks_sent[request_id] = len(table)
+
+    def _shed(self, now: float, plan: StepPlan) -> None:
         """Turn away waiting requests the policy says can no longer be served within their SLO."""
         shed = [r for r in self.waiting if self.policy.admit(r, now) is Admission.SHED]
         for request in shed:
             self._finish(request, RequestStatus.FINISHED_REJECTED, now)
-            out.rejected.append(request)
+            plan.rejected.append(request)
 
-    def record_step_time(self, plan: SchedulerOutput, seconds: float) -> None:
+    def record_step_time(self, plan: StepPlan, seconds: float) -> None:
         """Feed the measured duration of an executed plan to the cost model the policies use."""
         self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds, plan.num_sampled_rows)
 
-    def _plan(self, request: Request, num_new: int, spec: list[int] | None = None) -> ScheduledRequest:
-        return ScheduledRequest(request, num_new, request.num_computed_tokens,
-                                self.kv.block_table(request.request_id), spec or [])
-
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
-                             out: SchedulerOutput, now: float) -> bool:
+                             plan: StepPlan, now: float) -> bool:
         while not self.kv.allocate(request, request.num_computed_tokens + num_new):
             candidates = [r for r in self.running if r.request_id not in scheduled_ids]
             # Bound preemptions per request so nothing thrashes: spare the often-preempted if possible.
             spared = [r for r in candidates if r.num_preemptions < self.config.max_preemptions_per_request]
             victim = self.policy.pick_victim(spared or candidates, now)
             self._preempt(victim)
-            out.preempted.append(victim)
+            plan.preempted.append(victim)
             if victim is request:
                 return False
         return True
@@ -222,6 +260,9 @@ class Scheduler:
         # Recompute later; its full blocks stay in the prefix cache, so the recompute is often a hit.
         self.kv.free(request)
         self.running.remove(request)
+        # The runner keeps its state (a seeded generator goes on where it was); the request is
+        # re-sent as new, with a new block table, when it is admitted again.
+        self._blocks_sent.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -229,26 +270,21 @@ class Scheduler:
         self.waiting.append(request)
 
     # ---- results ------------------------------------------------------------------------
-    def update_from_output(self, plan: SchedulerOutput, sampled: dict[str, list[int]],
-                           now: float | None = None) -> list[FinishedUpdate]:
+    def update_from_output(self, plan: StepPlan, output: ModelRunnerOutput, now: float) -> list[FinishedUpdate]:
         """Advance computed counts, append sampled tokens, retire finished requests.
 
         A speculative step returns the accepted proposals plus one token; the KV written for the
         rejected ones lies beyond num_computed_tokens and is overwritten later (the rollback).
         """
-        now = time.monotonic() if now is None else now
         updates = []
         for item in plan.scheduled:
-            request = item.request
-            if request.status is not RequestStatus.RUNNING:
-                continue
-            tokens = sampled.get(request.request_id, [])
-            accepted = max(0, len(tokens) - 1) if item.spec_token_ids else 0
-            request.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids) + accepted
+            request = self.requests.get(item.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            tokens = output.sampled_token_ids.get(item.request_id, [])
+            request.num_computed_tokens += len(item.token_ids) + output.num_accepted(item)
             self.kv.cache_full_blocks(request)
-            is_decode = item.num_new_tokens - len(item.spec_token_ids) == 1 and request.num_output_tokens > 0
-            self.policy.on_tokens(request, 0 if is_decode else item.num_new_tokens - len(item.spec_token_ids),
-                                  len(tokens))
+            self.policy.on_tokens(request, item.num_prompt_tokens, len(tokens))
             if not tokens:
                 continue
             finish_reason, kept = None, []
@@ -261,15 +297,14 @@ class Scheduler:
             updates.append(FinishedUpdate(request, kept, finish_reason))
         return updates
 
-    def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
-                        ) -> list[Request]:
+    def finish_requests(self, request_ids: list[str], status: RequestStatus, now: float) -> list[Request]:
         """Remove requests (abort, or a stop string the front end saw) and free their blocks."""
         done = []
         for request_id in request_ids:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            self._finish(request, status, time.monotonic())
+            self._finish(request, status, now)
             done.append(request)
         return done
 
@@ -281,6 +316,8 @@ class Scheduler:
         request.status = status
         request.finished_time = now
         self.kv.free(request)
+        self._blocks_sent.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)  # the runner may hold state even if it waits now
         del self.requests[request.request_id]
         self.policy.on_finished(request, now)
 
@@ -290,3 +327,8 @@ class Scheduler:
         assert all(r.status is RequestStatus.RUNNING for r in self.running)
         assert all(r.request_id not in self.kv.block_tables for r in self.waiting)
         assert len(self.running) <= self.config.max_num_seqs
+        assert set(self._blocks_sent) <= {r.request_id for r in self.running}, "runner state of a request not running"
+        for request in self.running:
+            sent = self._blocks_sent.get(request.request_id)
+            assert sent is None or sent == len(self.kv.block_tables[request.request_id]), \
+                f"{request.request_id}: the runner was told of {sent} blocks"

@@ -17,6 +17,7 @@ from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
 from punctual.server.protocol import ChatCompletionRequest, CompletionRequest, PinRequest, UnpinRequest
+from punctual.validation import PromptError, check_prompt
 
 ARRIVAL_KEY = "punctual.arrival_time"
 
@@ -94,24 +95,23 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
             raise APIError(400, "give exactly one of prompt and prompt_token_ids", param="prompt")
         token_ids = (engine.tokenizer.encode(body.prompt) if body.prompt is not None
                      else list(body.prompt_token_ids))
-        max_len = engine.info.max_model_len if engine.info is not None else None
-        if not token_ids or (max_len is not None and len(token_ids) >= max_len):
-            raise APIError(400, f"the prefix must have between 1 and {max_len} tokens, got {len(token_ids)}",
-                           param="prompt")
-        vocab = engine.info.vocab_size if engine.info is not None else None
-        if vocab is not None and any(not 0 <= t < vocab for t in token_ids):
-            raise APIError(400, f"prompt_token_ids must be in [0, {vocab})", param="prompt_token_ids")
-        pin_id = body.pin_id or f"pin-{secrets.token_hex(8)}"
+        param = "prompt" if body.prompt is not None else "prompt_token_ids"
         try:
-            engine.pin(pin_id, token_ids)
-        except ValueError as exc:
-            raise APIError(409, str(exc), param="pin_id", code="already_pinned") from None
-        return {"object": "cache.pin", "pin_id": pin_id, "num_tokens": len(token_ids)}
+            check_prompt(token_ids, engine.prompt_limits, param=param)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+        pin_id = body.pin_id or f"pin-{secrets.token_hex(8)}"
+        ack = await engine.pin(pin_id, token_ids)
+        if not ack.ok:
+            raise APIError(ack.status, ack.error, param="pin_id" if ack.status == 409 else param,
+                           code="already_pinned" if ack.status == 409 else None)
+        return {"object": "cache.pin", "pin_id": pin_id, "num_tokens": ack.num_tokens}
 
     @v1.post("/cache/unpin")
     async def unpin_prefix(body: UnpinRequest) -> dict:
-        if not engine.unpin(body.pin_id):
-            raise APIError(404, f"no pinned prefix {body.pin_id!r}", param="pin_id", code="pin_not_found")
+        ack = await engine.unpin(body.pin_id)
+        if not ack.ok:
+            raise APIError(ack.status, ack.error, param="pin_id", code="pin_not_found")
         return {"object": "cache.unpin", "pin_id": body.pin_id, "unpinned": True}
 
     app.include_router(v1)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 from punctual.config import EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
-from punctual.engine.core import EngineStats
+from punctual.engine.wire import PinAck
+from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics
 from punctual.tokenizer import load_tokenizer
+from punctual.validation import PromptLimits
 
 logger = logging.getLogger("punctual.server")
 
@@ -66,7 +68,8 @@ class AsyncEngine:
         self.metrics = metrics
         self.info: CoreInfo | None = None
         self.tokenizer = None
-        self.pins: set[str] = set()
+        # Pins and unpins waiting for the core's answer, in the order they were sent.
+        self._pin_waiters: list[asyncio.Future] = []
         self.output_processor: OutputProcessor | None = None
         self.handles: dict[str, RequestHandle] = {}  # parent request id -> handle
         self.by_child: dict[str, RequestHandle] = {}  # core request id -> its parent's handle
@@ -89,6 +92,11 @@ class AsyncEngine:
     @property
     def core_pid(self) -> int | None:
         return self.client.pid
+
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        info = self.info
+        return PromptLimits(info.vocab_size, info.max_model_len, info.max_request_tokens)
 
     @property
     def num_in_flight(self) -> int:
@@ -127,22 +135,22 @@ class AsyncEngine:
         return handle
 
     # ---- pinned prefixes ----------------------------------------------------------------
-    def pin(self, pin_id: str, prompt_token_ids: list[int]) -> None:
-        """Ask the core to compute the prefix and hold its blocks; it takes effect within a few steps."""
+    async def pin(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
+        """Ask the core to compute the prefix and hold its blocks; its answer says whether it took
+        the pin (the prefill then runs within a few steps) or why not."""
+        return await self._ask_core(self.client.pin_prefix, pin_id, list(prompt_token_ids))
+
+    async def unpin(self, pin_id: str) -> PinAck:
+        """Release a pin (cancelling its prefill if it is still running)."""
+        return await self._ask_core(self.client.unpin_prefix, pin_id)
+
+    async def _ask_core(self, send, *args) -> PinAck:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine core is not running")
-        if pin_id in self.pins:
-            raise ValueError(f"pin_id {pin_id!r} is already pinned")
-        self.client.pin_prefix(pin_id, prompt_token_ids)
-        self.pins.add(pin_id)
-
-    def unpin(self, pin_id: str) -> bool:
-        if pin_id not in self.pins:
-            return False
-        self.pins.discard(pin_id)
-        if self.is_alive:
-            self.client.unpin_prefix(pin_id)
-        return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._pin_waiters.append(waiter)
+        send(*args)
+        return await waiter
 
     def abort(self, handle: RequestHandle) -> None:
         """Stop a request that is still running (client gone, shutdown); no-op once finished."""
@@ -166,6 +174,10 @@ class AsyncEngine:
     # ---- core updates (on the loop) -----------------------------------------------------
     def _on_update(self, update: CoreUpdate) -> None:
         now = time.monotonic()
+        for ack in update.pin_acks:  # the core answers pins and unpins in the order they were sent
+            waiter = self._pin_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(ack)
         for child_id, why in update.rejected.items():
             handle = self.by_child.get(child_id)
             if handle is not None:
@@ -207,6 +219,10 @@ class AsyncEngine:
     def _on_death(self, reason: str) -> None:
         logger.error("%s; failing %d in-flight requests", reason, len(self.handles))
         error = EngineDeadError(reason)
+        for waiter in self._pin_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._pin_waiters.clear()
         for handle in list(self.handles.values()):
             self.output_processor.abort(handle.request_id)
             self._forget(handle)

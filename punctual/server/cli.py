@@ -25,6 +25,9 @@ def add_serve_parser(subparsers) -> None:
                        help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.add_argument("--check-integrity", action="store_true",
+                       help="the engine core checks its KV pool, prefix cache and scheduler invariants whenever "
+                            "it goes idle (for tests and debugging; a violation stops the core)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -37,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from punctual.server.app import build_app
     from punctual.server.config import ServerConfig
 
-    engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    engine_config = EngineConfig.from_kwargs(args.model, check_integrity=args.check_integrity, **engine_kwargs(args))
     server_config = ServerConfig(
         served_model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("PUNCTUAL_API_KEY") or None,

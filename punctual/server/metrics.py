@@ -11,9 +11,9 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from punctual.engine.core import EngineStats
+from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import ParentState
-from punctual.spec.speculator import SpecStats
+from punctual.spec_decode.speculator import SpecStats
 
 # Seconds. Latency-first: fine resolution below 100 ms, where interactive SLOs live.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,

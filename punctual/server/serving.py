@@ -23,6 +23,7 @@ from punctual.server.async_engine import AsyncEngine, RequestHandle, RequestReje
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, bad_request, from_value_error
 from punctual.server.protocol import GenerationRequest
+from punctual.validation import PromptError, check_prompt
 
 T = TypeVar("T")
 
@@ -216,23 +217,10 @@ class OpenAIServing:
                                  background=BackgroundTask(abort_if_unfinished))
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        param = self.prompt_param()
-        info = self.engine.info
-        if not token_ids:
-            raise bad_request("the prompt is empty: give at least one token", param)
-        if any(not isinstance(t, int) or not 0 <= t < info.vocab_size for t in token_ids):
-            raise bad_request(f"prompt token ids must be integers in [0, {info.vocab_size})", param)
-        if len(token_ids) >= info.max_model_len:
-            raise bad_request(f"the prompt has {len(token_ids)} tokens; this model's context window is "
-                              f"{info.max_model_len} tokens, and must leave room for at least one generated "
-                              "token", param, "context_length_exceeded")
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > info.max_model_len:
-            raise bad_request(f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
-                              f"{len(token_ids) + params.max_tokens} tokens, beyond this model's context window "
-                              f"of {info.max_model_len} tokens", "max_tokens", "context_length_exceeded")
-        if len(token_ids) + 1 > info.max_request_tokens:
-            raise bad_request(f"the prompt has {len(token_ids)} tokens; the KV cache holds at most "
-                              f"{info.max_request_tokens} tokens per request", param, "context_length_exceeded")
+        try:
+            check_prompt(token_ids, self.engine.prompt_limits, params.max_tokens, self.prompt_param())
+        except PromptError as exc:
+            raise bad_request(str(exc), exc.param, exc.code) from None
 
     def submit(self, body: GenerationRequest, prompts: list[tuple[str | None, list[int]]],
                params: SamplingParams, arrival_time: float) -> Generation:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 
 import pytest
 
@@ -15,8 +14,6 @@ TINY = ["--length-scale", "0.05", "--num-requests", "6", "--no-progress", "--war
 
 @pytest.fixture(scope="module")
 def punctual_server(tmp_path_factory):
-    if find_spec("punctual.server") is None:
-        pytest.skip("punctual.server is not importable yet (the HTTP server is being written in parallel)")
     options = PeerOptions(max_num_seqs=8, threads=1, kv_cache_memory="64MiB")
     spec = punctual_peer("builtin-tiny", free_port(), options)
     with running(spec, tmp_path_factory.mktemp("logs") / "punctual.log", startup_timeout_s=120) as endpoint:

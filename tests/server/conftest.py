@@ -30,7 +30,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="punctual-serve-", suffix=".log", delete=False)
         command = [sys.executable, "-m", "punctual.cli", "serve", MODEL, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--kv-cache-memory", "64MiB", "--log-level", "warning", *args]
+                   "--port", str(self.port), "--kv-cache-memory", "64MiB", "--log-level", "warning",
+                   "--check-integrity", *args]  # the core checks its invariants whenever it goes idle
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
         self.engine_pid: int | None = None
@@ -54,11 +55,16 @@ class ServerProcess:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled (or first labelled) sample of a Prometheus metric."""
+    def metric(self, name: str, default: float | None = None) -> float:
+        """The value of an unlabelled (or first labelled) sample of a Prometheus metric. A metric
+        that is missing fails the test, unless the caller gives a `default` (a labelled counter
+        has no sample until its first event)."""
         text = httpx.get(f"{self.url}/metrics", timeout=5.0).text
         match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        if match is None:
+            assert default is not None, f"metric {name} is missing from /metrics"
+            return default
+        return float(match.group(1))
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.process.poll() is None:

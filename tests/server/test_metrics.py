@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from punctual.engine.core import EngineStats
+from punctual.engine.stats import EngineStats
 from punctual.server.metrics import EngineStatsCollector
 
 

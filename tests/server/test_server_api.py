@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -203,3 +204,26 @@ def test_pin_prefix_is_reused_and_unpinned(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "pin_not_found"
     bad = httpx.post(f"{server.url}/v1/cache/pin", json={"prompt": "x", "prompt_token_ids": [1]}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_pin_then_unpin_at_once_leaks_no_block(launch_server):
+    """The seams issue's reproduction: a 200-token pin prefills over 13 steps of 16 tokens; an
+    unpin sent at once cancels it, and every KV block comes back."""
+    small = launch_server("--max-model-len", "256", "--max-num-batched-tokens", "16")
+    document = list(range(10, 210))
+    pinned = httpx.post(f"{small.url}/v1/cache/pin", json={"prompt_token_ids": document, "pin_id": "doc"}, timeout=10)
+    assert pinned.status_code == 200 and pinned.json()["num_tokens"] == 200
+    unpinned = httpx.post(f"{small.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=10)
+    assert unpinned.status_code == 200 and unpinned.json()["unpinned"]
+    deadline = time.monotonic() + 10
+    while small.metric("punctual_kv_blocks_used") != 0:
+        assert time.monotonic() < deadline, "the cancelled pin kept its blocks"
+        time.sleep(0.05)
+    assert httpx.post(f"{small.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=10).status_code == 404
+    # A prefix the core cannot take is refused with a 4xx that says why, not accepted and dropped.
+    too_long = httpx.post(f"{small.url}/v1/cache/pin", json={"prompt_token_ids": list(range(256))}, timeout=10)
+    assert too_long.status_code == 400 and "context window is 256" in too_long.json()["error"]["message"]
+    fits = httpx.post(f"{small.url}/v1/cache/pin", json={"prompt_token_ids": list(range(255)), "pin_id": "max"},
+                      timeout=10)
+    assert fits.status_code == 200  # the longest prompt the engine takes is the longest prefix it pins
+    assert small.engine_alive()  # --check-integrity held whenever the core went idle

@@ -98,7 +98,7 @@ def wait_for_blocks_freed(server, timeout: float = 5.0) -> float:
 
 
 def aborted(server) -> float:
-    return server.metric('punctual_requests_finished_total{finish_reason="abort"}')
+    return server.metric('punctual_requests_finished_total{finish_reason="abort"}', default=0.0)
 
 
 def test_stream_disconnect_aborts_and_frees_blocks(server):

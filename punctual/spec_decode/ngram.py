@@ -9,6 +9,9 @@ of stopping at the end of what was written: after `a b a b a`, lookup proposes `
 """
 from __future__ import annotations
 
+from punctual.request import Request
+from punctual.spec_decode.proposer import Proposal
+
 
 class NgramIndex:
     """The latest start of every n-gram (n in min_n..max_n) of an append-only token list, among
@@ -34,6 +37,7 @@ class NgramIndex:
 
 class NgramProposer:
     name = "ngram"
+    depth_cost_s = 0.0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -41,8 +45,20 @@ class NgramProposer:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.indexes: dict[str, NgramIndex] = {}
+        self._found: dict[str, list[int]] = {}  # this step's lookups, from `available`
 
-    def propose(self, token_ids: list[int], max_tokens: int, request_id: str | None = None) -> list[int]:
+    def available(self, request: Request, max_tokens: int) -> int:
+        found = self.lookup(request.token_ids, max_tokens, request.request_id)
+        if found:
+            self._found[request.request_id] = found
+        return len(found)
+
+    def propose(self, wanted: list[tuple[Request, int]]) -> dict[str, Proposal]:
+        """The tokens `available` found this step, cut to the chosen lengths."""
+        found, self._found = self._found, {}
+        return {r.request_id: Proposal(found[r.request_id][:k]) for r, k in wanted if r.request_id in found}
+
+    def lookup(self, token_ids: list[int], max_tokens: int, request_id: str | None = None) -> list[int]:
         """Up to `max_tokens` tokens that followed the most recent earlier match of the longest suffix,
         continued periodically when the match is closer than `max_tokens` to the end.
 
@@ -69,3 +85,4 @@ class NgramProposer:
 
     def forget(self, request_id: str) -> None:
         self.indexes.pop(request_id, None)
+        self._found.pop(request_id, None)

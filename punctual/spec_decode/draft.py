@@ -14,8 +14,8 @@ probability min(1, p/q): the output follows the target's distribution exactly.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -23,8 +23,23 @@ from punctual.config import CacheConfig, ModelConfig
 from punctual.model.runner import ModelRunner, TokenChunk
 from punctual.model.sampler import Sampler, draw
 from punctual.request import Request
+from punctual.spec_decode.proposer import Proposal
 
 logger = logging.getLogger(__name__)
+
+
+def draft_kv_bytes_per_block(model: str, target: ModelConfig, cache: CacheConfig) -> int:
+    """KV bytes the draft model needs beside each of the target's blocks: the engine sizes both
+    pools from one `kv_cache_memory`, one draft block per target block (the draft shares no
+    prefixes, but holds only the running requests' tokens)."""
+    from punctual.model.attention import LayerKVCache
+    from punctual.model.loader import load_arch_config, resolve_model_path
+
+    arch = load_arch_config(resolve_model_path(model))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        target.dtype, torch.bfloat16 if (arch.checkpoint_dtype or "") in ("bfloat16", "float16") else torch.float32)
+    return arch.num_layers * cache.block_size * LayerKVCache.bytes_per_token(arch.num_kv_heads, arch.head_dim,
+                                                                             dtype, False)
 
 
 @dataclass
@@ -37,24 +52,15 @@ class DraftState:
     generator: torch.Generator | None = None  # seeded requests draft reproducibly
 
 
-@dataclass
-class Proposal:
-    token_ids: list[int]
-    probs: torch.Tensor | None  # [len(token_ids), vocab] draft distributions; None when greedy
-
-
 class DraftModelProposer:
     name = "draft"
 
-    def __init__(self, model: str, target: ModelRunner, max_num_seqs: int, max_speculative_tokens: int,
-                 seed: int = 0, catch_up_tokens: int = 512):
+    def __init__(self, model: str, target: ModelRunner, num_blocks: int, max_num_seqs: int,
+                 max_speculative_tokens: int, clock: Callable[[], float], seed: int = 0, catch_up_tokens: int = 512):
+        """`num_blocks`: the draft's share of the engine's KV budget (the engine sizes both pools
+        together, see `draft_kv_bytes_per_block`). `clock`: the caller's clock, for the cost of
+        one drafted token."""
         dtype = str(target.dtype).removeprefix("torch.")
-        blocks_per_seq = -(-(target.max_model_len + max_speculative_tokens) // target.block_size)
-        # The draft shares no prefix blocks between requests, so give it room for twice the
-        # target's tokens (a small model's KV is a fraction of the target's), and never more
-        # than every sequence at full length.
-        num_blocks = min(2 * target.num_blocks + max_num_seqs * (max_speculative_tokens // target.block_size + 2),
-                         max_num_seqs * blocks_per_seq)
         self.runner = ModelRunner(ModelConfig(model=model, dtype=dtype, device=str(target.device), seed=seed),
                                   CacheConfig(block_size=target.block_size, num_kv_blocks=num_blocks,
                                               enable_prefix_caching=False), max_num_seqs)
@@ -63,12 +69,18 @@ class DraftModelProposer:
                              f"the target has {target.arch.vocab_size}: a draft model must share the tokenizer")
         self.block_size = target.block_size
         self.catch_up_tokens = catch_up_tokens
+        self.max_speculative_tokens = max_speculative_tokens
         self.max_len = self.runner.max_model_len
+        self.clock = clock
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.states: dict[str, DraftState] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(seed + 1)
-        self.step_time_s = 0.0  # measured time of one batched draft forward (exponential average)
+        self.depth_cost_s = 0.0  # measured time of one batched draft forward (exponential average)
         logger.info("draft model %s: %d KV blocks", self.runner.model_path, num_blocks)
+
+    def available(self, request: Request, max_tokens: int) -> int:
+        """A draft model can always try: it drafts only what the scheduler then chooses."""
+        return max_tokens
 
     @property
     def num_free_blocks(self) -> int:
@@ -78,11 +90,6 @@ class DraftModelProposer:
         state = self.states.pop(request_id, None)
         if state is not None:
             self.free_blocks.extend(state.blocks)
-
-    def retain(self, request_ids: set[str]) -> None:
-        """Free the state of every request not in `request_ids` (finished, aborted or preempted)."""
-        for request_id in [r for r in self.states if r not in request_ids]:
-            self.forget(request_id)
 
     def propose(self, wanted: list[tuple[Request, int]]) -> dict[str, Proposal]:
         """Draft up to k tokens for each (request, k); requests that do not fit are left out.
@@ -111,17 +118,17 @@ class DraftModelProposer:
         # Pass 1 feeds what the draft has not seen; pass j > 1 feeds the (j-1)-th drafted token.
         depth = 1
         batch = [(r, s) for r, _, s in active]
-        chunks = [TokenChunk(r.all_token_ids[len(s.fed):], len(s.fed), s.blocks) for r, s in batch]
-        chunks += [TokenChunk(r.all_token_ids[len(s.fed):len(s.fed) + n], len(s.fed), s.blocks) for r, s, n in partial]
+        chunks = [TokenChunk(r.token_ids[len(s.fed):], len(s.fed), s.blocks) for r, s in batch]
+        chunks += [TokenChunk(r.token_ids[len(s.fed):len(s.fed) + n], len(s.fed), s.blocks) for r, s, n in partial]
         while chunks:
             for chunk, state in zip(chunks, [s for _, s in batch] + [s for _, s, _ in partial]):
                 state.fed.extend(chunk.token_ids)
-            started = time.perf_counter()
+            started = self.clock()
             logits = self.runner.last_logits(chunks)
             self._sample(batch, logits[:len(batch)], tokens, probs)
             if depth > 1:  # the first pass carries prompt tokens: not a per-depth cost
-                elapsed = time.perf_counter() - started
-                self.step_time_s = elapsed if self.step_time_s == 0 else 0.8 * self.step_time_s + 0.2 * elapsed
+                elapsed = self.clock() - started
+                self.depth_cost_s = elapsed if self.depth_cost_s == 0 else 0.8 * self.depth_cost_s + 0.2 * elapsed
             depth += 1
             batch = [(r, s) for r, k, s in active if k >= depth]
             chunks = [TokenChunk([tokens[r.request_id][-1]], len(s.fed), s.blocks) for r, s in batch]
@@ -142,11 +149,10 @@ class DraftModelProposer:
             seed = request.sampling_params.seed
             if seed is not None:
                 state.generator = torch.Generator(device=self.runner.device).manual_seed(seed + 7919)
-        real = request.all_token_ids
+        real = request.token_ids  # read in place: only the unverified tail is compared
         valid = state.verified
-        for fed_token, real_token in zip(state.fed[valid:], real[valid:]):
-            if fed_token != real_token:
-                break
+        end = min(len(state.fed), len(real))
+        while valid < end and state.fed[valid] == real[valid]:
             valid += 1
         # Always feed at least the newest token: its logits predict the first draft.
         valid = min(valid, len(real) - 1)

@@ -1,0 +1,113 @@
+"""The engine core's process: load the engine, then drain commands, step and report until told to stop.
+
+The core runs a busy step loop in a child process (spawned, so CUDA works there), so HTTP,
+tokenizing and detokenizing in the front end never stall a model step (vLLM v1's split). It
+drains every pending command before each step and blocks on the socket when it has nothing to do.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+
+from punctual.config import EngineConfig
+from punctual.engine.core import EngineCore
+from punctual.engine.stats import EngineStats
+from punctual.engine.wire import BlockingChannel, CoreFailure, CoreInfo, CoreUpdate, PinAck
+
+logger = logging.getLogger(__name__)
+
+SLOW_SEND_S = 0.5  # the socket was full that long: the front end is not keeping up
+# Stats ride along with a step's outputs at most this often (and always when the core goes idle):
+# the front end reads them for /metrics, not per token.
+STATS_INTERVAL_S = 0.1
+
+
+def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
+    """Entry point of the core process: load the engine, then step until told to stop."""
+    # Ctrl+C reaches the whole process group; the front end decides how to shut the core down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = BlockingChannel(sock)
+    try:
+        core = EngineCore(config)
+        channel.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
+                              tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats()))
+    except BaseException:
+        channel.send(CoreFailure(traceback.format_exc()))
+        return
+    try:
+        CoreLoop(core, channel, config.check_integrity).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the front end is gone; nobody is left to answer
+    except BaseException:
+        try:
+            channel.send(CoreFailure(traceback.format_exc()))
+        finally:
+            os._exit(1)
+
+
+class CoreLoop:
+    """Drain commands, step, report; block on the socket only when there is no work."""
+
+    def __init__(self, core: EngineCore, channel: BlockingChannel, check_integrity: bool = False):
+        self.core = core
+        self.channel = channel
+        self.check_integrity = check_integrity
+        self.last_stats: EngineStats | None = None
+        self.last_stats_time = 0.0
+
+    def run(self) -> None:
+        while True:
+            rejected: dict[str, str] = {}
+            acks: list[PinAck] = []
+            # Idle: wait for a command. Busy: take whatever arrived during the last step.
+            if not self.core.has_unfinished_requests() or self.channel.poll():
+                if self.check_integrity and not self.core.has_unfinished_requests():
+                    self.core.check_integrity()  # a failure crashes the core: the front end reports it
+                while True:
+                    if not self.handle(self.channel.recv(), rejected, acks):
+                        return
+                    if not self.channel.poll():
+                        break
+            outputs = self.core.step() if self.core.has_unfinished_requests() else []
+            stats = self._stats_to_send()
+            if outputs or rejected or acks or stats is not None:
+                started = time.monotonic()
+                self.channel.send(CoreUpdate(outputs, stats, rejected, acks))
+                if time.monotonic() - started > SLOW_SEND_S:
+                    logger.warning("the front end took %.2f s to take a step's outputs", time.monotonic() - started)
+
+    def _stats_to_send(self) -> EngineStats | None:
+        """The stats, when they changed and either the core is idle or the last were sent a while ago."""
+        now = time.monotonic()
+        if self.core.has_unfinished_requests() and now - self.last_stats_time < STATS_INTERVAL_S:
+            return None
+        stats = self.core.stats()
+        if stats == self.last_stats:
+            return None
+        self.last_stats, self.last_stats_time = stats, now
+        return stats
+
+    def handle(self, commands: list[tuple], rejected: dict[str, str], acks: list[PinAck]) -> bool:
+        """Apply one batch of commands; False when told to shut down."""
+        for kind, payload in commands:
+            if kind == "add":
+                try:
+                    self.core.add_request(payload)
+                except ValueError as exc:
+                    rejected[payload.request_id] = str(exc)
+            elif kind == "abort":
+                self.core.abort_requests(payload)
+            elif kind == "pin":
+                acks.append(self.core.pin_prefix(*payload))
+            elif kind == "unpin":
+                acks.append(self.core.unpin_prefix(payload))
+            elif kind == "shutdown":
+                self.core.abort_requests(list(self.core.scheduler.requests))
+                return False
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+        return True

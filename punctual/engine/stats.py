@@ -1,0 +1,41 @@
+"""What the engine core reports about itself: counters and gauges for /metrics and the admin routes.
+
+Pure Python: the front end imports it without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens_computed: int
+    generation_tokens: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which were cached
+    prefix_cached_blocks: int = 0
+    prefix_cache_evictions: int = 0
+    prefix_cache_tier_hits: int = 0  # prompt tokens restored from the second tier
+    kv_tier_blocks: int = 0  # blocks the second tier holds
+    kv_tier_stored: int = 0  # blocks copied out to the tier
+    kv_tier_restored: int = 0  # blocks copied back from the tier
+    spec_method: str | None = None  # speculative decoding: proposer name, tokens proposed/accepted
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+    # sjf: Spearman rank correlation of predicted vs actual output lengths (None: not sjf, or too few yet)
+    output_length_rank_correlation: float | None = None
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used

@@ -1,0 +1,130 @@
+"""The wire between the front end and the engine core process: message types and framing.
+
+A message is an 8-byte length and a pickle, over one local socket pair:
+
+    front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
+                        | ("pin", (pin_id, token_ids)) | ("unpin", pin_id)
+    core -> front end   CoreInfo once, then a CoreUpdate per step (outputs, pin answers, stats
+                        when they changed), or CoreFailure
+
+Pure Python (no torch): the front end imports it.
+"""
+from __future__ import annotations
+
+import asyncio
+import pickle
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from punctual.engine.stats import EngineStats
+from punctual.request import EngineCoreOutput
+
+# Bigger kernel buffers let the core write one step's outputs for a large batch without
+# waiting for the front end to read; the kernel caps this at wmem_max.
+SOCKET_BUFFER_BYTES = 4 << 20
+FRAME_HEADER = struct.Struct("!Q")  # payload length in bytes; a pickle follows
+
+
+@dataclass
+class CoreInfo:
+    """What the core reports once it has loaded the model: the limits the front end validates against."""
+
+    pid: int
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_request_tokens: int  # the most tokens one request can hold in the KV pool
+    stats: EngineStats
+
+
+@dataclass
+class PinAck:
+    """The core's answer to a pin or an unpin: accepted, or refused with an HTTP status and why."""
+
+    pin_id: str
+    ok: bool
+    status: int = 200
+    error: str | None = None
+    num_tokens: int = 0
+
+
+@dataclass
+class CoreUpdate:
+    """One message per core step (or per batch of commands handled while idle)."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats | None = None  # None: unchanged since the last update that carried them
+    # Requests the core refused in add_request, and why (the front end answers 400).
+    rejected: dict[str, str] = field(default_factory=dict)
+    pin_acks: list[PinAck] = field(default_factory=list)  # answers to pin and unpin commands, in order
+
+
+@dataclass
+class CoreFailure:
+    """The core crashed; its traceback, sent before the process exits."""
+
+    reason: str
+
+
+def encode_frame(message: object) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+class BlockingChannel:
+    """Frames over a blocking socket: the core's end, and the front end's while the core starts."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        sock.setblocking(True)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(encode_frame(message))
+
+    def poll(self, timeout_s: float = 0.0) -> bool:
+        """True when a message (or EOF) is waiting."""
+        return bool(self._poller.poll(int(timeout_s * 1000)))
+
+    def recv(self) -> object:
+        (size,) = FRAME_HEADER.unpack(self._read_exactly(FRAME_HEADER.size))
+        return pickle.loads(self._read_exactly(size))
+
+    def _read_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("the other end closed the channel")
+            got += n
+        return buffer
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Frames over an asyncio transport: the front end's end once the core is running."""
+
+    def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None]):
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        header = FRAME_HEADER.size
+        while len(self.buffer) >= header:
+            (size,) = FRAME_HEADER.unpack_from(self.buffer)
+            if len(self.buffer) < header + size:
+                return
+            payload = bytes(self.buffer[header:header + size])
+            del self.buffer[:header + size]
+            self.on_message(pickle.loads(payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost()
