@@ -120,7 +120,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config["eos_token_id"]}
     for key, name in _SAMPLING_KEYS.items():
         if f"general.sampling.{key}" in meta:
-            generation[name] = meta[f"general.sampling.{key}"]
+            value = meta[f"general.sampling.{key}"]
+            generation[name] = float(f"{value:.7g}") if isinstance(value, float) else value  # float32 -> 0.7
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 

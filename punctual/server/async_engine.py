@@ -16,6 +16,7 @@ from punctual.config import EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
 from punctual.engine.core import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
+from punctual.model.generation_config import generation_defaults
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics
@@ -66,6 +67,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.info: CoreInfo | None = None
         self.tokenizer = None
+        self.generation_defaults: dict = {}  # the checkpoint's sampling defaults (generation_config.json)
         self.pins: set[str] = set()
         self.output_processor: OutputProcessor | None = None
         self.handles: dict[str, RequestHandle] = {}  # parent request id -> handle
@@ -74,6 +76,10 @@ class AsyncEngine:
     async def start(self, timeout: float | None = None) -> None:
         self.info = await asyncio.to_thread(self.client.start, timeout)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
+        self.generation_defaults = generation_defaults(self.info.model_path)
+        if self.generation_defaults:
+            logger.info("sampling defaults from the checkpoint's generation_config.json: %s",
+                        self.generation_defaults)
         self.output_processor = OutputProcessor(self.tokenizer)
         await self.client.attach(self._on_update, self._on_death)
 
