@@ -44,7 +44,7 @@ def resolve_model_path(model: str) -> Path:
     if model == SMOLLM2:
         return gguf_checkpoint(smollm2_file())
     path = Path(model).expanduser()
-    if is_gguf_file(model) and path.is_file():
+    if is_gguf_file(model):
         return gguf_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(
