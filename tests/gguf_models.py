@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,32 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def llama_cpp_rope_factors(scaling: dict, theta: float) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf for llama3 rope scaling: one divisor per rotary frequency."""
+    freqs = 1.0 / (theta ** (np.arange(0, HEAD_DIM, 2, dtype=np.float32) / HEAD_DIM))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            factors.append(1.0)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: int = 0,
-                    sampling: dict | None = None, originals: dict | None = None) -> Path:
+                    sampling: dict | None = None, originals: dict | None = None, rope_theta: float = 10000.0,
+                    llama3_rope: dict | None = None) -> Path:
     """A 2-layer model with the builtin-tiny tokenizer; matrices stored as `qtype`, norms in F32.
 
     `sampling`: general.sampling.* metadata (temp, top_k, ...). `originals`, when given, receives
     each weight as a Hugging Face checkpoint would hold it (before llama.cpp's Q/K permutation).
+    `llama3_rope`: transformers' llama3 rope_scaling, written as llama.cpp does (rope_freqs.weight).
     """
     import gguf
 
@@ -46,7 +67,7 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: i
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(rope_theta)
     if arch == "llama":
         writer.add_rope_dimension_count(HEAD_DIM)
     writer.add_vocab_size(vocab_size)
@@ -79,6 +100,8 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: i
             kind = gguf.GGMLQuantizationType[qtype]
             writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
 
+    if llama3_rope is not None:
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(llama3_rope, rope_theta))
     add("token_embd.weight", (vocab_size, HIDDEN))
     add("output_norm.weight", (HIDDEN,), matrix=False)
     for i in range(LAYERS):

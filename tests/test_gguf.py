@@ -50,6 +50,35 @@ def test_llama_qk_rows_are_unpermuted_and_ties_kept(gguf_dir):
     assert json.loads((checkpoint / "config.json").read_text())["tie_word_embeddings"] is True
 
 
+def test_llama3_rope_factors_become_the_rope_scaling_they_came_from(gguf_dir):
+    import torch
+    import transformers
+
+    from gguf_models import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS
+
+    # high/low of 32 puts three of the 8 frequencies between the thresholds, enough to fit the line.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0,
+               "original_max_position_embeddings": 1024}
+    originals: dict[str, np.ndarray] = {}
+    path = write_tiny_gguf(gguf_dir / "tiny-llama3-rope.gguf", "F32", originals=originals, rope_theta=500000.0,
+                           llama3_rope=scaling)
+    config = json.loads((gguf_checkpoint(path) / "config.json").read_text())
+    assert config["rope_scaling"] == scaling
+    # The Hugging Face checkpoint the file stands for: same weights, llama3 rope scaling.
+    hf_config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=config["vocab_size"], max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=True)
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in originals.items()}, strict=False)
+    reference.tie_weights()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for prompt in PROMPTS:
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert out == hf_greedy(reference.eval(), prompt, MAX_NEW)
+
+
 def test_converted_once_then_reused(gguf_dir):
     path = write_tiny_gguf(gguf_dir / "tiny-cache.gguf", "Q8_0")
     first = resolve_model_path(str(path))

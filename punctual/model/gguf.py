@@ -158,12 +158,51 @@ def _config(reader, meta: dict, arch: str) -> dict:
         config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise ValueError(f"unsupported GGUF rope scaling {scaling!r} (supported: linear)")
-    if "rope_freqs.weight" in tensor_names:  # llama 3.1-style frequency factors
-        raise ValueError("unsupported GGUF tensor rope_freqs.weight (per-frequency RoPE factors)")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:  # Llama 3.1+: llama.cpp stores the scaling as one factor per frequency
+        config["rope_scaling"] = _llama3_rope_scaling([float(f) for f in rope_freqs.data], config)
     for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = meta[f"tokenizer.ggml.{key}"]
     return config
+
+
+def _llama3_rope_scaling(factors: list[float], config: dict) -> dict:
+    """Recover transformers' llama3 rope_scaling from llama.cpp's per-frequency factors.
+
+    Between the two wavelength thresholds, 1/factor is linear in 1/wavelength; the fit gives the
+    line, and every (original length, low, high) on it gives the same frequencies, so low = 1.
+    """
+    import math
+
+    import torch
+
+    from punctual.model.loader import ModelArchConfig, inv_freq_for
+
+    factor = max(factors)
+    if factor <= 1 + 1e-6:
+        return None
+    dim, theta = config["head_dim"], config["rope_theta"]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    middle = [(inv_freq[i].item() / (2 * math.pi), (1 / f - 1 / factor) / (1 - 1 / factor))
+              for i, f in enumerate(factors) if 1 + 1e-4 < f < factor - 1e-4]
+    if len(middle) < 2:
+        raise ValueError("unsupported GGUF rope_freqs.weight: too few frequencies between the thresholds "
+                         "to recover llama3 rope scaling")
+    (x0, y0), (x1, y1) = middle[0], middle[-1]
+    slope = (y1 - y0) / (x1 - x0)
+    intercept = y0 - slope * x0
+    high = 1 - 1 / intercept
+    scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
+               "high_freq_factor": round(high, 4), "original_max_position_embeddings": round(slope * (high - 1))}
+    arch = ModelArchConfig(
+        architecture="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, head_dim=dim,
+        intermediate_size=0, rms_norm_eps=0.0, rope_theta=theta, rope_scaling=scaling, max_position_embeddings=0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, sliding_window=None, checkpoint_dtype=None)
+    expected = inv_freq / torch.tensor(factors)
+    if not torch.allclose(inv_freq_for(arch), expected, rtol=1e-4, atol=0):
+        raise ValueError("unsupported GGUF rope_freqs.weight: the factors are not llama3 rope scaling")
+    return scaling
 
 
 def _checkpoint_dtype(reader) -> str:
@@ -194,6 +233,8 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
 
     weights = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # already in config.json as rope_scaling
+            continue
         name = _hf_name(tensor.name)
         kind = tensor.tensor_type.name
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest first
