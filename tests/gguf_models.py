@@ -135,19 +135,27 @@ def hf_gguf_model(gguf_path: Path):
     """transformers' model of a GGUF file, in float32.
 
     `from_pretrained(..., gguf_file=...)` insists on accelerate, which Punctual does not need, so
-    this makes the calls it makes: the config from the file's metadata, then transformers' own
-    `load_gguf_checkpoint` (its dequantization, Q/K un-permutation and tensor names).
+    this makes the calls it makes, once: transformers' own `load_gguf_checkpoint` reads the file's
+    config and dequantizes, un-permutes and names its tensors. That call wants a model only for
+    the parameter names of the architecture; a skeleton from Punctual's converted config.json
+    gives those, and the reference model itself is built from transformers' parse of the file.
     """
     import torch
     import transformers
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = transformers.AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    with no_init_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    from punctual.model.loader import resolve_model_path
+
+    def skeleton(config):
+        with no_init_weights():
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    names = skeleton(transformers.AutoConfig.from_pretrained(resolve_model_path(str(gguf_path))))
+    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=names)
+    config = transformers.CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(parsed["config"])
+    model = skeleton(config)
+    missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     return model.eval()
@@ -161,3 +169,17 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def hf_greedy_choices(model, prompt: list[int], continuation: list[int]) -> list[int]:
+    """transformers' greedy pick after the prompt and after each token of `continuation`, in one forward.
+
+    Equal to `continuation` exactly when transformers' greedy decoding produces it (by induction
+    over the positions), at the cost of one pass instead of one per token.
+    """
+    import torch
+
+    ids = torch.tensor([prompt + continuation[:-1]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:]
+    return logits.argmax(-1).tolist()
