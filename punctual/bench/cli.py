@@ -231,9 +231,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from punctual.bench.peers import PeerOptions, PeerUnavailable, punctual_peer, free_port, running
     from punctual.bench.workloads import generate_workload
 
+    from punctual.model.loader import resolve_model_path
+
     try:
+        resolve_model_path(args.model)  # here, so a missing model is one clear line and a conversion runs once
         spec = punctual_peer(args.model, free_port(), PeerOptions())
-    except PeerUnavailable as exc:
+    except (PeerUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     log_path = Path(tempfile.mkdtemp(prefix="punctual-demo-")) / "server.log"
