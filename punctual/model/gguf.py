@@ -61,7 +61,8 @@ def smollm2_file() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
         path = Path(location) / SMOLLM2_FILE
         if path.exists():
             return path
@@ -167,7 +168,7 @@ def _config(reader, meta: dict, arch: str) -> dict:
     return config
 
 
-def _llama3_rope_scaling(factors: list[float], config: dict) -> dict:
+def _llama3_rope_scaling(factors: list[float], config: dict) -> dict | None:
     """Recover transformers' llama3 rope_scaling from llama.cpp's per-frequency factors.
 
     Between the two wavelength thresholds, 1/factor is linear in 1/wavelength; the fit gives the
