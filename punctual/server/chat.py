@@ -3,8 +3,20 @@ from __future__ import annotations
 
 from punctual.engine.output_processor import SampleState
 from punctual.server.errors import bad_request
-from punctual.server.protocol import ChatCompletionRequest
+from punctual.server.protocol import ChatCompletionRequest, ChatMessage
 from punctual.server.serving import ChoiceCursor, Generation, OpenAIServing, finite
+
+
+def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+    """The text the chat template makes of `messages`, and its token ids; a 400 if the template fails."""
+    dicts = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # no template, or the template refused these messages
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+    # The template already wrote the special tokens; by default the tokenizer adds no more.
+    return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 class ChatServing(OpenAIServing):
@@ -21,16 +33,7 @@ class ChatServing(OpenAIServing):
     def build_prompts(self, body: ChatCompletionRequest) -> list[tuple[str | None, list[int]]]:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        tokenizer = self.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=body.add_generation_prompt)
-        except Exception as exc:  # no template, or the template refused these messages
-            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-        # The template already wrote the special tokens; do not let the tokenizer add more.
-        return [(text, tokenizer.encode(text, add_special_tokens=False))]
+        return [chat_prompt(self.engine.tokenizer, body.messages, body.add_generation_prompt)]
 
     def logprobs(self, sample: SampleState, start: int, upto: int) -> dict | None:
         if sample.logprobs is None:

@@ -11,7 +11,8 @@ def add_serve_parser(subparsers) -> None:
     from punctual.cli import add_engine_args
 
     serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("model", nargs="?", default="builtin", help="checkpoint directory, or builtin / builtin-tiny")
+    serve.add_argument("model", nargs="?", default="builtin",
+                       help="checkpoint directory, .gguf file, or builtin / builtin-tiny / smollm2")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")

