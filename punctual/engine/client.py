@@ -183,6 +183,9 @@ class CoreLoop:
                     if not self.channel.poll():
                         break
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
+            if self.core.grammar_rejections:  # structured output whose grammar failed: a 400 in the front end
+                rejected.update(self.core.grammar_rejections)
+                self.core.grammar_rejections.clear()
             stats = self.core.stats()
             if outputs or rejected or stats != self.last_stats:
                 started = time.monotonic()

@@ -12,6 +12,7 @@ from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, Reque
 from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec.speculator import Speculator
+from punctual.structured.compiler import GrammarCompiler, GrammarWaitlist
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.speculator = self._make_speculator() if config.speculative.enabled else None
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
+        # Structured output: requests wait here, not in the scheduler, until their grammar compiles.
+        self.grammars = GrammarWaitlist(GrammarCompiler(self._load_tokenizer, self.vocab_size, self.eos_token_ids))
+        self.grammar_rejections: dict[str, str] = {}  # request id -> why its grammar failed; the loop reports them
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
@@ -80,6 +84,19 @@ class EngineCore:
                                           spec.num_speculative_tokens, seed=self.config.model.seed,
                                           catch_up_tokens=self.config.scheduler.max_num_batched_tokens)
         return Speculator(spec, self.scheduler, proposer)
+
+    def _load_tokenizer(self):
+        from punctual.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.runner.model_path)
+
+    def _release_compiled(self) -> None:
+        """Hand requests whose grammar is ready to the runner (their matcher) and the scheduler."""
+        ready, failed = self.grammars.take()
+        for request, matcher in ready:
+            self.runner.guide.start(request.request_id, matcher)
+            self.scheduler.add_request(request)
+        self.grammar_rejections.update(failed)
 
     def _weigh_tier(self) -> None:
         """Use tier hits only while copying a block back is faster than recomputing its tokens."""
@@ -102,6 +119,9 @@ class EngineCore:
         params = core_request.sampling_params
         if not params.eos_token_ids:
             params.eos_token_ids = self.eos_token_ids
+        if params.structured is not None:  # held until its grammar compiles (off the step loop)
+            self.grammars.add(core_request.request_id, params.structured, Request(core_request, self.max_model_len))
+            return
         self.scheduler.add_request(Request(core_request, self.max_model_len))
 
     def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
@@ -126,6 +146,7 @@ class EngineCore:
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.discard(request_ids)
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
             self._forget(request.request_id)
 
@@ -135,10 +156,12 @@ class EngineCore:
             self.speculator.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or len(self.grammars) > 0
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        if len(self.grammars):
+            self._release_compiled()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler)
         # Timed from here: the cost model learns the target's step, not the draft model's.
@@ -151,6 +174,8 @@ class EngineCore:
             self._weigh_tier()
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not plan.scheduled:
+            if len(self.grammars):  # only compiles to wait for: block briefly instead of spinning
+                self.grammars.wait(0.005)
             return outputs
         predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled),
                                                       plan.num_sampled_rows)

@@ -17,6 +17,7 @@ from punctual.model.sampler import Sampler, accept_greedy
 from punctual.model.tier_store import TierStore
 from punctual.request import TokenLogprobs
 from punctual.sched.scheduler import ScheduledRequest, SchedulerOutput
+from punctual.structured.guide import Guide
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class ModelRunner:
                                  f"({per_block} bytes per block)")
             self.tier_store = TierStore(self.kv_caches, num_slots, compressed)
         self.sampler = Sampler(self.device, model_config.seed)
+        self.guide = Guide(self.arch.vocab_size)  # structured output: per-request grammar matchers
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
 
@@ -199,6 +201,8 @@ class ModelRunner:
         if not rows:
             return {}, {}
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        if self.guide.matchers:  # structured output: mask only the rows of guided requests
+            self.guide.mask(logits, [(row, s.request.request_id, s.spec_token_ids) for row, s in plain + spec])
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprobs]] = {}
         if plain:
@@ -230,10 +234,13 @@ class ModelRunner:
                 sampled[request.request_id] = tokens
                 if lps is not None:
                     logprobs[request.request_id] = lps
+        if self.guide.matchers:  # roll back the proposals masking consumed; consume the kept tokens
+            self.guide.advance(sampled)
         return sampled, logprobs
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
+        self.guide.forget(request_id)
 
     @torch.inference_mode()
     def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
