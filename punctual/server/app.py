@@ -17,6 +17,7 @@ from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
 from punctual.server.protocol import ChatCompletionRequest, CompletionRequest, PinRequest, UnpinRequest
+from punctual.server.structured import GrammarValidator
 
 ARRIVAL_KEY = "punctual.arrival_time"
 
@@ -41,8 +42,9 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
     """An app that starts the engine core process on start-up and stops it on shutdown."""
     metrics = ServerMetrics()
     engine = AsyncEngine(engine_config, metrics)
-    completions = CompletionServing(engine, config)
-    chat = ChatServing(engine, config)
+    grammars = GrammarValidator(engine)  # one compile cache for both routes
+    completions = CompletionServing(engine, config, grammars)
+    chat = ChatServing(engine, config, grammars)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import llguidance
+from llguidance.gbnf_to_lark import any_to_lark
 
 from punctual.structured.spec import StructuredOutput
 
@@ -40,8 +41,6 @@ def to_grammar(spec: StructuredOutput) -> str:
         alternatives = " | ".join(json.dumps(o, ensure_ascii=False) for o in dict.fromkeys(options))
         return llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
     if spec.kind == "grammar":
-        text = spec.value
-        if "::=" in text:  # GBNF (llama.cpp, xgrammar's EBNF): llguidance converts it to Lark
-            text = llguidance.gbnf_to_lark(text)
-        return llguidance.LLMatcher.grammar_from_lark(text)
+        # Lark as it is; GBNF (llama.cpp's, xgrammar's EBNF) converted to Lark by llguidance.
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(spec.value))
     raise ValueError(f"unknown structured output kind {spec.kind!r}")
