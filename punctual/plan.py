@@ -24,6 +24,9 @@ class NewRequestData:
     # Tokens generated before a preemption: recomputed now, and part of the penalty history.
     output_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
+    # Structured output: the request's compiled grammar matcher (opaque here), which the runner
+    # keeps and advances; it already holds output_token_ids.
+    grammar: Any = None
 
 
 @dataclass

@@ -91,6 +91,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
+        self.grammar = None  # structured output: the compiled matcher, handed to the runner in the plan
         self.best_effort = False  # demoted by the slo policy: served after every request with an SLO
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

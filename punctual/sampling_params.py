@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from punctual.structured.spec import StructuredOutput
+
 # Cap on top logprobs per token: the OpenAI API allows 20 for chat.
 MAX_LOGPROBS = 20
 MAX_N = 16
@@ -30,6 +32,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = 0
+    # Constrain the output to a JSON schema, regex, choice or grammar (compiled in the core).
+    structured: StructuredOutput | None = None
     # Filled by the front end, not the user: the tokens that end generation (EOS and friends).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

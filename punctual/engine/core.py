@@ -15,6 +15,7 @@ from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, Reque
 from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec_decode.speculator import Speculator
+from punctual.structured.compiler import GrammarCompiler, GrammarWaitlist
 from punctual.validation import PromptError, PromptLimits, check_prompt
 
 __all__ = ["EngineCore", "EngineStats", "PinAck"]
@@ -48,6 +49,9 @@ class EngineCore:
         if self.speculator is not None:
             self.scheduler.spec_lengths = self.speculator.choose_lengths
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
+        # Structured output: requests wait here, not in the scheduler, until their grammar compiles.
+        self.grammars = GrammarWaitlist(GrammarCompiler(self._load_tokenizer, self.vocab_size, self.eos_token_ids))
+        self.grammar_rejections: dict[str, str] = {}  # request id -> why its grammar failed; the loop reports them
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
@@ -68,6 +72,19 @@ class EngineCore:
                                           catch_up_tokens=self.config.scheduler.max_num_batched_tokens)
         return Speculator(spec, self.scheduler.cost_model, self.config.scheduler.max_num_batched_tokens, proposer)
 
+    def _load_tokenizer(self):
+        from punctual.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.runner.model_path)
+
+    def _release_compiled(self) -> None:
+        """Queue requests whose grammar is ready; their matcher reaches the runner in the plan."""
+        ready, failed = self.grammars.take()
+        for request, matcher in ready:
+            request.grammar = matcher
+            self.scheduler.add_request(request, self.clock())
+        self.grammar_rejections.update(failed)
+
     def _weigh_tier(self) -> None:
         """Use tier hits only while copying a block back is faster than recomputing its tokens."""
         restore = self.runner.tier_store.restore_s_per_block
@@ -82,6 +99,9 @@ class EngineCore:
         params = core_request.sampling_params
         if not params.eos_token_ids:
             params.eos_token_ids = self.eos_token_ids
+        if params.structured is not None:  # held until its grammar compiles (off the step loop)
+            self.grammars.add(core_request.request_id, params.structured, Request(core_request, self.max_model_len))
+            return
         self.scheduler.add_request(Request(core_request, self.max_model_len), self.clock())
 
     def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
@@ -118,16 +138,19 @@ class EngineCore:
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.discard(request_ids)
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED, self.clock()):
             self._pins_in_flight.pop(request.request_id, None)
             if self.speculator is not None:
                 self.speculator.forget(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or len(self.grammars) > 0
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        if len(self.grammars):
+            self._release_compiled()
         spec = self.speculator
         offers = spec.available(self.scheduler.running) if spec is not None else None
         plan = self.scheduler.schedule(self.clock(), offers)
@@ -136,6 +159,8 @@ class EngineCore:
             spec.fill(plan, self.scheduler.requests)  # a draft model drafts here: not the target's step time
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
         if not (plan.scheduled or plan.kv_copies or plan.finished_request_ids):
+            if len(self.grammars):  # only compiles to wait for: block briefly instead of spinning
+                self.grammars.wait(0.005)
             return outputs
         started = self.clock()
         output = self.runner.execute(plan)

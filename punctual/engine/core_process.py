@@ -73,6 +73,9 @@ class CoreLoop:
                     if not self.channel.poll():
                         break
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
+            if self.core.grammar_rejections:  # structured output whose grammar failed: a 400 in the front end
+                rejected.update(self.core.grammar_rejections)
+                self.core.grammar_rejections.clear()
             stats = self._stats_to_send()
             if outputs or rejected or acks or stats is not None:
                 started = time.monotonic()

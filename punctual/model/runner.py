@@ -16,6 +16,7 @@ from punctual.model.loader import ModelArchConfig, load_arch_config, load_weight
 from punctual.model.sampler import RequestState, Sampler, accept_greedy
 from punctual.model.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
+from punctual.structured.guide import Guide
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class ModelRunner:
                                  f"({per_block} bytes per block)")
             self.tier_store = TierStore(self.kv_caches, num_slots, compressed)
         self.sampler = Sampler(self.device, model_config.seed)
+        self.guide = Guide(self.arch.vocab_size)  # structured output: per-request grammar matchers
         # What the runner keeps across steps per request, updated from the plans (vLLM v1's input batch).
         self.requests: dict[str, RequestState] = {}
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
@@ -208,8 +210,11 @@ class ModelRunner:
         for request_id in plan.finished_request_ids:
             self.requests.pop(request_id, None)
             self.sampler.forget(request_id)
+            self.guide.forget(request_id)
         for item in plan.scheduled:
             if item.new is not None:
+                if item.new.grammar is not None and item.request_id not in self.guide.matchers:
+                    self.guide.start(item.request_id, item.new.grammar)
                 # Admitted (or re-admitted after a preemption): a new block table. The sampler's
                 # seeded generator lives on, so a preempted request draws what it would have.
                 self.requests[item.request_id] = RequestState(item.request_id, item.new.sampling_params,
@@ -255,6 +260,8 @@ class ModelRunner:
         if not rows:
             return output
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        if self.guide.matchers:  # structured output: mask only the rows of guided requests
+            self.guide.mask(logits, [(row, c.state.request_id, c.item.spec_token_ids) for row, c in plain + spec])
         sampled, logprobs = output.sampled_token_ids, output.logprobs
         if plain:
             index = torch.tensor([row for row, _ in plain], device=self.device)
@@ -288,6 +295,8 @@ class ModelRunner:
                     logprobs[state.request_id] = lps
         for request_id, tokens in sampled.items():
             self.requests[request_id].add_output(tokens)
+        if self.guide.matchers:  # roll back the proposals masking consumed; consume the kept tokens
+            self.guide.advance(sampled)
         return output
 
     @torch.inference_mode()

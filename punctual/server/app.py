@@ -18,6 +18,7 @@ from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
 from punctual.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PinRequest,
                                       TokenizeRequest, UnpinRequest)
+from punctual.server.structured import GrammarValidator
 from punctual.server.tokenize import detokenize, tokenize
 from punctual.validation import PromptError, check_prompt
 
@@ -44,8 +45,9 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
     """An app that starts the engine core process on start-up and stops it on shutdown."""
     metrics = ServerMetrics()
     engine = AsyncEngine(engine_config, metrics)
-    completions = CompletionServing(engine, config)
-    chat = ChatServing(engine, config)
+    grammars = GrammarValidator(engine)  # one compile cache for both routes
+    completions = CompletionServing(engine, config, grammars)
+    chat = ChatServing(engine, config, grammars)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -23,6 +23,8 @@ from punctual.server.async_engine import AsyncEngine, RequestHandle, RequestReje
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, bad_request, from_value_error
 from punctual.server.protocol import GenerationRequest
+from punctual.server.structured import GrammarValidator, requested_structure
+from punctual.structured.spec import StructuredOutput
 from punctual.validation import PromptError, check_prompt
 
 T = TypeVar("T")
@@ -60,6 +62,8 @@ class ChoiceCursor:
     num_tokens: int = 0
     text_offset: int = 0
     finish_sent: bool = False
+    tool_parser: object | None = None  # chat with tools: a ToolCallParser over this choice's text
+    num_tool_calls: int = 0
 
 
 class Generation:
@@ -73,6 +77,7 @@ class Generation:
         self.waiter = waiter
         self.arrival_time = arrival_time
         self.cursors: dict[int, ChoiceCursor] = {}
+        self.tool_parser_factory = None  # chat with tools: makes each choice's ToolCallParser
 
     @property
     def finished(self) -> bool:
@@ -144,9 +149,10 @@ class OpenAIServing:
     id_prefix = "cmpl"
     chunk_object = "text_completion"  # the `object` of a streamed chunk
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, grammars: GrammarValidator | None = None):
         self.engine = engine
         self.config = config
+        self.grammars = grammars or GrammarValidator(engine)
         self._token_text: dict[int, str] = {}
 
     # ---- for subclasses -----------------------------------------------------------------
@@ -159,6 +165,13 @@ class OpenAIServing:
     def param_names(self, body: GenerationRequest) -> dict[str, str]:
         """SamplingParams field -> the request field a client should fix."""
         return {f.name: f.name for f in fields(SamplingParams)}
+
+    def structured_output(self, body: GenerationRequest) -> tuple[StructuredOutput | None, str | None]:
+        """The constraint on the output and the field it came from (chat adds tool calls)."""
+        return requested_structure(body)
+
+    def tool_parser_factory(self, body: GenerationRequest):
+        return None
 
     def stream_chunks(self, generation: Generation, base: dict) -> list[dict]:
         raise NotImplementedError
@@ -180,12 +193,16 @@ class OpenAIServing:
         prompts = self.build_prompts(body)
         for _, token_ids in prompts:
             self.check_prompt(token_ids, params)
+        params.structured, structured_param = self.structured_output(body)
+        if params.structured is not None:  # a 400 now, not a failure in the core later
+            await self.grammars.check(params.structured, structured_param)
         needed = len(prompts) * params.n
         if self.engine.num_in_flight + needed > self.config.max_queue_len:
             raise APIError(429, f"the server is at capacity ({self.engine.num_in_flight} requests queued or "
                                 f"running, limit {self.config.max_queue_len}); retry later",
                            code="queue_full")
         generation = self.submit(body, prompts, params, arrival_time)
+        generation.tool_parser_factory = self.tool_parser_factory(body)
         base = {"id": f"{self.id_prefix}-{generation.request_id}", "created": int(time.time()),
                 "model": self.config.served_model_name}
         try:
