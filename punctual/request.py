@@ -56,6 +56,9 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprobs] | None = None
+    # Logprobs of prompt tokens computed in this step, in order (None for the first token), for
+    # requests that asked for prompt_logprobs.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     # On the output that carries the first token only: the core's clock when it was sampled.
     first_token_time: float | None = None
     # With the final output only: queue time, TTFT, TPOT (ms) and whether each SLO was met.
@@ -81,6 +84,7 @@ class Request:
         # hashing) index it instead of rebuilding a list that grows with the context.
         self.token_ids: list[int] = list(self.prompt_token_ids)
         self.num_output_tokens = 0
+        self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs went out (not again after a preemption)
         self.sampling_params = params
         self.arrival_time = core_request.arrival_time
         self.priority = core_request.priority

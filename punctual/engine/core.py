@@ -171,6 +171,7 @@ class EngineCore:
             return outputs
         self._record_step_time(plan, now - started)
         self.prompt_tokens_computed += plan.num_prompt_tokens
+        prompt_logprobs = self._take_prompt_logprobs(plan, output)
         updates = self.scheduler.update_from_output(plan, output, now)
         self.num_steps += 1
         self.generation_tokens += sum(len(u.new_token_ids) for u in updates)
@@ -178,6 +179,7 @@ class EngineCore:
             spec.record(plan, output)
         for update in updates:
             request = update.request
+            scored = prompt_logprobs.pop(request.request_id, None)
             if update.finish_reason is not None and spec is not None:
                 spec.forget(request.request_id)
             pin_id = self._pins_in_flight.pop(request.request_id, None)
@@ -195,8 +197,30 @@ class EngineCore:
             else:
                 out = EngineCoreOutput(request.request_id, update.new_token_ids, new_logprobs=lps)
             out.first_token_time = first_token_time
+            out.prompt_logprobs = scored
             outputs.append(out)
+        # Prompt chunks that sampled nothing yet still deliver their scores.
+        outputs.extend(EngineCoreOutput(request_id, [], prompt_logprobs=scored)
+                       for request_id, scored in prompt_logprobs.items())
         return outputs
+
+    def _take_prompt_logprobs(self, plan: StepPlan, output) -> dict[str, list]:
+        """The prompt scores this step computed, each position sent once (a recomputation after a
+        preemption scores the same positions again), with None for the first prompt token."""
+        taken = {}
+        for item in plan.scheduled:
+            scored = output.prompt_logprobs.get(item.request_id)
+            request = self.scheduler.requests.get(item.request_id)
+            if scored is None or request is None:
+                continue
+            first = item.start_position + 1  # the prompt position the first score is for
+            lead = [None] if item.start_position == 0 and request.num_prompt_logprobs_sent == 0 else []
+            skip = max(0, request.num_prompt_logprobs_sent - first)
+            scored = lead + scored[skip:]
+            if scored:
+                request.num_prompt_logprobs_sent = max(request.num_prompt_logprobs_sent, 1) + len(scored) - len(lead)
+                taken[item.request_id] = scored
+        return taken
 
     def _record_step_time(self, plan: StepPlan, seconds: float) -> None:
         predicted = self.scheduler.cost_model.predict(plan.num_batched_tokens, len(plan.scheduled),

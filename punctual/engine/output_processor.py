@@ -52,6 +52,8 @@ class ParentState:
     prompt_token_ids: list[int]
     samples: list[SampleState]
     metrics: RequestMetrics
+    # prompt_logprobs, as the first sample's core request scored them (every sample scores the same prompt).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -61,7 +63,8 @@ class ParentState:
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason,
                                  list(s.logprobs) if s.logprobs is not None else None, s.metrics)
                 for s in self.samples]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.metrics)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.metrics,
+                             list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
 
 
 def child_request_id(parent_id: str, index: int, n: int) -> str:
@@ -91,7 +94,8 @@ class OutputProcessor:
             self.children[child_id] = state
             children.append((child_id, child_params))
         self.parents[request_id] = ParentState(request_id, prompt, list(prompt_token_ids), samples,
-                                               RequestMetrics(arrival_time))
+                                               RequestMetrics(arrival_time),
+                                               [] if params.prompt_logprobs is not None else None)
         return children
 
     def child_ids(self, request_id: str) -> list[str]:
@@ -111,6 +115,9 @@ class OutputProcessor:
             if sample is None or sample.finish_reason is not None:
                 continue  # aborted or stopped already; a late output of the core
             parent = self.parents[sample.parent_id]
+            if out.prompt_logprobs and sample.index == 0 and parent.prompt_logprobs is not None:
+                parent.prompt_logprobs.extend(out.prompt_logprobs)
+                changed[parent.request_id] = parent
             if sample.first_token_time is None and out.new_token_ids:
                 sample.first_token_time = now
                 if parent.metrics.first_token_time is None:

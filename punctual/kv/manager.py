@@ -91,7 +91,8 @@ class KVCacheManager:
         Does not change the cache: the caller passes the result to `allocate`.
         """
         prefix = CachedPrefix()
-        if not self.enable_prefix_caching:
+        # A request asking for its prompt's logprobs must compute every prompt position.
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return prefix
         num_full = (request.num_tokens - 1) // self.block_size
         hashes = self.block_hashes(request, request.num_tokens - 1)

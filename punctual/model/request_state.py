@@ -17,6 +17,8 @@ class RequestState:
                  device: torch.device | str = "cpu"):
         self.request_id = request_id
         self.sampling_params = sampling_params
+        # Kept only to score the prompt (prompt_logprobs): the token each position predicts.
+        self.prompt_token_ids = prompt_token_ids if sampling_params.prompt_logprobs is not None else None
         self.block_ids = block_ids
         # The table as a tensor too, grown with it, so building a step's padded tables is one C call.
         self.blocks = torch.tensor(block_ids, dtype=torch.long)

@@ -246,6 +246,7 @@ class ModelRunner:
         input_ids, positions, slots = self._flat_inputs(ordered)
         meta = self._metadata(*groups, slots)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        self._prompt_logprobs(ordered, hidden, output)
 
         # Logits rows: the last position of each sampling chunk, or every verified position.
         rows, offset = [], 0
@@ -314,6 +315,24 @@ class ModelRunner:
         logits = torch.empty_like(ordered_logits)
         logits[torch.tensor(order, device=self.device)] = ordered_logits
         return logits
+
+    def _prompt_logprobs(self, ordered: list[_Chunk], hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        """Score the prompt tokens a chunk's positions predict (prompt_logprobs): position p's
+        logits give the logprob of prompt token p + 1. The last prompt position predicts the first
+        output token, which is sampled, not scored."""
+        offset = 0
+        for c in ordered:
+            prompt = c.state.prompt_token_ids if c.state is not None else None
+            if prompt is not None and c.start_position < len(prompt) - 1:
+                end = min(c.start_position + c.num_new_tokens, len(prompt) - 1)
+                count = end - c.start_position
+                rows = torch.arange(offset, offset + count, device=self.device)
+                logprobs = torch.log_softmax(self.model.logits(hidden[rows]).float(), dim=-1)
+                targets = prompt[c.start_position + 1:end + 1]
+                top_k = c.state.sampling_params.prompt_logprobs
+                output.prompt_logprobs[c.state.request_id] = [
+                    Sampler._token_logprobs(logprobs[i], token, top_k) for i, token in enumerate(targets)]
+            offset += c.num_new_tokens
 
     def _flat_inputs(self, ordered: list[_Chunk]):
         bs = self.block_size

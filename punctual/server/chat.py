@@ -86,6 +86,9 @@ class ChatServing(OpenAIServing):
     def build_prompts(self, body: ChatCompletionRequest) -> list[tuple[str | None, list[int]]]:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is served by /v1/completions (with the chat template applied "
+                              "by /tokenize, if needed)", "prompt_logprobs")
         tools = self.active_tools(body)
         return [chat_prompt(self.engine.tokenizer, body.messages, body.add_generation_prompt, tools=tools)]
 

@@ -78,6 +78,8 @@ class GenerationRequest(BaseModel):
     # Structured output: OpenAI's response_format, or vLLM's structured_outputs.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's extension: logprobs of the prompt's tokens, with this many top alternatives each.
+    prompt_logprobs: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -88,6 +90,9 @@ class GenerationRequest(BaseModel):
 
     def requested_logprobs(self) -> int | None:
         return None
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range.
@@ -109,7 +114,8 @@ class GenerationRequest(BaseModel):
             logprobs=self.requested_logprobs(), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens)
+            skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens,
+            prompt_logprobs=self.requested_prompt_logprobs())
 
 
 class CompletionRequest(GenerationRequest):
@@ -119,11 +125,24 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
 
+    @property
+    def score_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt, generate nothing (how evaluation harnesses
+        compute a loglikelihood). The engine still samples one token, which is not returned."""
+        return self.echo and self.max_tokens == 0
+
     def requested_max_tokens(self) -> int | None:
+        if self.score_only:
+            return 1
         return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        # echo with logprobs returns the prompt's logprobs too, with the same number of alternatives.
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
 
 class TextPart(BaseModel):

@@ -62,6 +62,7 @@ class ChoiceCursor:
     num_tokens: int = 0
     text_offset: int = 0
     finish_sent: bool = False
+    echoed: bool = False  # completions with echo: the prompt went out with the first chunk
     tool_parser: object | None = None  # chat with tools: a ToolCallParser over this choice's text
     num_tool_calls: int = 0
 
@@ -78,6 +79,7 @@ class Generation:
         self.arrival_time = arrival_time
         self.cursors: dict[int, ChoiceCursor] = {}
         self.tool_parser_factory = None  # chat with tools: makes each choice's ToolCallParser
+        self.body = None  # the request, for routes that shape their answer by its fields
 
     @property
     def finished(self) -> bool:
@@ -203,6 +205,7 @@ class OpenAIServing:
                            code="queue_full")
         generation = self.submit(body, prompts, params, arrival_time)
         generation.tool_parser_factory = self.tool_parser_factory(body)
+        generation.body = body
         base = {"id": f"{self.id_prefix}-{generation.request_id}", "created": int(time.time()),
                 "model": self.config.served_model_name}
         try:
