@@ -72,9 +72,12 @@ class KVCopyOrders:
 
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (pool block, tier slot)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (tier slot, pool block)
+    # KV received from another engine (disaggregated prefill, migration): (pool blocks, a KVPayload
+    # holding that many blocks), written after the tier's copies.
+    writes: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in)
+        return bool(self.swap_out or self.swap_in or self.writes)
 
 
 @dataclass

@@ -19,10 +19,11 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_REJECTED = "rejected"  # turned away by the scheduler (cannot meet its SLO)
+    MIGRATED = "migrated"  # moved to another engine, which goes on with it
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "rejected")
+        return self.value in ("stop", "length", "abort", "rejected", "migrated")
 
 
 @dataclass
@@ -37,6 +38,17 @@ class EngineCoreRequest:
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     user: str | None = None
+
+
+@dataclass
+class MigratedRequest:
+    """A running request as it leaves one engine for another: what it asked for, what it has
+    generated, and how many of its tokens the KV that travels with it covers."""
+
+    core_request: EngineCoreRequest
+    output_token_ids: list[int]
+    num_computed_tokens: int
+    num_preemptions: int = 0
 
 
 @dataclass

@@ -11,7 +11,7 @@ from punctual.engine.wire import PinAck
 from punctual.kv.manager import KVCacheManager
 from punctual.model.runner import ModelRunner
 from punctual.plan import StepPlan
-from punctual.request import EngineCoreOutput, EngineCoreRequest, Request, RequestStatus
+from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec_decode.speculator import Speculator
@@ -49,6 +49,8 @@ class EngineCore:
         if self.speculator is not None:
             self.scheduler.spec_lengths = self.speculator.choose_lengths
         self._pins_in_flight: dict[str, str] = {}  # internal request id -> pin id
+        # KV arriving from other engines: its writes wait for the next plan, so none races a step.
+        self._kv_writes: list[tuple[tuple[int, ...], object]] = []
         # Structured output: requests wait here, not in the scheduler, until their grammar compiles.
         self.grammars = GrammarWaitlist(GrammarCompiler(self._load_tokenizer, self.vocab_size, self.eos_token_ids))
         self.grammar_rejections: dict[str, str] = {}  # request id -> why its grammar failed; the loop reports them
@@ -137,6 +139,98 @@ class EngineCore:
         blocks = self.kv_manager.pins.get(pin_id)
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
+    # ---- KV that moves between engines (disaggregated prefill, migration) ----------------
+    def export_kv(self, request_id: str, first_block: int = 0, last_block: int | None = None,
+                  int8: bool = False):
+        """Read blocks [first_block, last_block) of a running request's KV (default: up to its
+        last full block of computed tokens), between steps. Returns the KVPayload."""
+        from punctual.model.kv_transfer import read_blocks
+
+        request = self.scheduler.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            raise ValueError(f"request {request_id!r} is not running here")
+        table = self.kv_manager.block_table(request_id)
+        if last_block is None:
+            last_block = request.num_computed_tokens // self.kv_manager.block_size
+        return read_blocks(self.runner.kv_caches, table[first_block:last_block], int8)
+
+    def migrate_out(self, request_id: str, first_block: int = 0, int8: bool = False):
+        """The stop-and-copy end of a migration: detach the request (no output, blocks freed) and
+        return its state and the KV of its blocks from `first_block` on (the rest was pre-copied)."""
+        from punctual.model.kv_transfer import read_blocks
+
+        request = self.scheduler.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING or request.grammar is not None:
+            raise ValueError(f"request {request_id!r} is not a running request that can move")
+        num_blocks = self.kv_manager.blocks_for(request.num_computed_tokens)
+        payload = read_blocks(self.runner.kv_caches,
+                              self.kv_manager.block_table(request_id)[first_block:num_blocks], int8)
+        core_request = EngineCoreRequest(request_id, list(request.prompt_token_ids), request.sampling_params,
+                                         request.arrival_time, request.priority, request.ttft_slo_ms,
+                                         request.tpot_slo_ms, request.user)
+        state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
+                                request.num_preemptions)
+        self.scheduler.detach(request_id, self.clock())
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
+        return state, payload
+
+    def reserve_import(self, request_id: str, num_blocks: int) -> bool:
+        """Allocate blocks in advance for KV another engine is about to send."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in the engine")
+        return self.kv_manager.reserve(request_id, num_blocks)
+
+    def receive_kv(self, request_id: str, first_block: int, payload) -> None:
+        """KV for blocks [first_block, first_block + payload.num_blocks) of a reserved request;
+        written through the next step's plan."""
+        if not self.kv_manager.reserve(request_id, first_block + payload.num_blocks):
+            raise ValueError(f"no KV blocks free to receive {payload.num_blocks} blocks of {request_id!r}")
+        table = self.kv_manager.block_table(request_id)
+        self._kv_writes.append((tuple(table[first_block:first_block + payload.num_blocks]), payload))
+
+    def commit_import(self, state: MigratedRequest, first_block: int = 0, payload=None) -> bool:
+        """Go on with a request another engine let go: its KV is what was received, plus `payload`
+        from `first_block` on. False, with its blocks released, if it cannot be taken now."""
+        request_id = state.core_request.request_id
+        num_blocks = self.kv_manager.blocks_for(state.num_computed_tokens)
+        if payload is not None:
+            if first_block + payload.num_blocks != num_blocks:
+                raise ValueError(f"{request_id!r}: blocks {first_block}..{first_block + payload.num_blocks} "
+                                 f"do not end at the {num_blocks} its {state.num_computed_tokens} tokens fill")
+            try:
+                self.receive_kv(request_id, first_block, payload)
+            except ValueError:
+                self.abort_import(request_id)
+                return False
+        table = self.kv_manager.block_tables.get(request_id)
+        if table is None or len(table) < num_blocks:
+            self.abort_import(request_id)
+            return False
+        request = Request(state.core_request, self.max_model_len)
+        if not request.sampling_params.eos_token_ids:
+            request.sampling_params.eos_token_ids = self.eos_token_ids
+        for token_id in state.output_token_ids:
+            request.append_token(token_id)
+        request.num_computed_tokens = state.num_computed_tokens
+        request.num_preemptions = state.num_preemptions
+        request.max_output_tokens = min(request.max_output_tokens,
+                                        self.scheduler.max_request_tokens - request.num_prompt_tokens)
+        if not self.scheduler.add_running(request, self.clock()):
+            self.abort_import(request_id)
+            return False
+        return True
+
+    def abort_import(self, request_id: str) -> None:
+        """Give up on KV being received (either side called the migration off): free its blocks."""
+        if request_id in self.scheduler.requests:
+            return  # committed already: it is a request like any other
+        table = self.kv_manager.block_tables.get(request_id)
+        if table is not None:
+            dropped = set(table)
+            self._kv_writes = [(blocks, p) for blocks, p in self._kv_writes if not dropped & set(blocks)]
+        self.kv_manager.release_reservation(request_id)
+
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.discard(request_ids)
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED, self.clock()):
@@ -155,6 +249,7 @@ class EngineCore:
         offers = spec.available(self.scheduler.running) if spec is not None else None
         plan = self.scheduler.schedule(self.clock(), offers)
         plan.kv_copies = self.kv_manager.take_kv_copies()
+        plan.kv_copies.writes, self._kv_writes = self._kv_writes, []
         if spec is not None:
             spec.fill(plan, self.scheduler.requests)  # a draft model drafts here: not the target's step time
         outputs = [self._final_output(r, [], None) for r in plan.rejected]
@@ -165,7 +260,7 @@ class EngineCore:
         started = self.clock()
         output = self.runner.execute(plan)
         now = self.clock()
-        if plan.kv_copies:
+        if plan.kv_copies.swap_in:
             self._weigh_tier()
         if not plan.scheduled:
             return outputs
@@ -270,6 +365,8 @@ class EngineCore:
         """Every stateful part's invariants; the core process runs it when idle with --check-integrity."""
         self.scheduler.check_integrity()
         assert set(self._pins_in_flight) <= set(self.scheduler.requests), "a pin in flight lost its request"
+        held = {b for table in self.kv_manager.block_tables.values() for b in table}
+        assert all(set(blocks) <= held for blocks, _ in self._kv_writes), "a KV write into blocks nobody holds"
         # The runner forgets a finished request with the next plan: until then it is pending.
         stale = set(self.runner.requests) - set(self.scheduler.requests) - set(self.scheduler.pending_finished_ids)
         assert not stale, f"runner state of requests the scheduler forgot: {sorted(stale)}"

@@ -191,6 +191,27 @@ class KVCacheManager:
             if self.pending.get(block_hash) == request_id:
                 del self.pending[block_hash]
 
+    # ---- KV received from another engine ---------------------------------------------------
+    def reserve(self, owner_id: str, num_blocks: int) -> bool:
+        """Grow (or start) a table of fresh blocks for KV that another engine is sending; the
+        table becomes the request's when it is adopted. False, with nothing changed, if short."""
+        table = self.block_tables.get(owner_id)
+        need = num_blocks - (len(table) if table is not None else 0)
+        if need > self.pool.num_free_blocks:
+            return False
+        if table is None:
+            table = self.block_tables[owner_id] = []
+            self._num_cached[owner_id] = 0  # indexed once its tokens are known (cache_full_blocks)
+        if need > 0:
+            table.extend(self.pool.allocate(need))
+        return True
+
+    def release_reservation(self, owner_id: str) -> None:
+        table = self.block_tables.pop(owner_id, None)
+        if table:
+            self.pool.release(table[::-1])
+        self._num_cached.pop(owner_id, None)
+
     # ---- pinning (Prompt Cache's prompt modules) -------------------------------------------
     def pin(self, pin_id: str, request: Request) -> int:
         """Hold an extra reference to the request's cached full blocks so they are never evicted.

@@ -11,6 +11,7 @@ from punctual.config import CacheConfig, ModelConfig
 from punctual.model.allocator import keep_step_buffers_mapped
 from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache)
+from punctual.model.kv_transfer import write_blocks
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
 from punctual.model.sampler import RequestState, Sampler, accept_greedy
@@ -204,6 +205,8 @@ class ModelRunner:
         if copies.swap_in:
             slots, blocks = zip(*copies.swap_in)
             self.tier_store.copy_in(self.kv_caches, list(slots), list(blocks))
+        for block_ids, payload in copies.writes:
+            write_blocks(self.kv_caches, list(block_ids), payload)
 
     # ---- per-request state, from the plans ----------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:

@@ -94,6 +94,32 @@ class Scheduler:
         """Requests the next plan will tell the runner to forget."""
         return self._finished_ids
 
+    def add_running(self, request: Request, now: float) -> bool:
+        """Take a request whose KV arrived from another engine: it already holds a block table
+        covering `num_computed_tokens` and goes on decoding here. False if no seat is free."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        table = self.kv.block_tables.get(request.request_id)
+        assert table is not None and len(table) * self.kv.block_size >= request.num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+        self.requests[request.request_id] = request
+        self.running.append(request)
+        self.policy.on_arrival(request, now)
+        return True
+
+    def detach(self, request_id: str, now: float) -> Request | None:
+        """Let a request go to another engine: it leaves with no output; its blocks are freed
+        (their KV must have been read first)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, RequestStatus.MIGRATED, now)
+        return request
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
