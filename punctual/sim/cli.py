@@ -187,7 +187,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         repeats=args.repeats, log=_log)
     profile.save(args.output)
     fit = profile.fit
-    _log(f"wrote {args.output}: {fit['num_steps']} steps fitted, median |error| {fit['median_abs_rel_error']:.1%}, "
+    _log(f"wrote {args.output}: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, "
+         f"left out), median |error| {fit['median_abs_rel_error']:.1%}, "
          f"p90 {fit['p90_abs_rel_error']:.1%}")
     return 0
 

@@ -144,16 +144,22 @@ def load_profile(path: str | Path) -> StepProfile:
         raise ValueError(f"--profile {path}: not a step-cost profile ({exc})") from None
 
 
-def fit_linear(rows: list[tuple[float, ...]], seconds: list[float]) -> dict[str, float]:
+def fit_linear(rows: list[tuple[float, ...]], seconds: list[float], relative: bool = True) -> dict[str, float]:
     """Least-squares coefficients of FEATURES for step times, none negative (a feature whose free
-    fit comes out negative is dropped and the rest refitted: a cost cannot be a saving)."""
+    fit comes out negative is dropped and the rest refitted: a cost cannot be a saving).
+
+    `relative`: minimise relative rather than absolute errors, so short decode steps weigh as
+    much as long prefills."""
     import numpy as np
 
     if len(rows) < len(FEATURES):
         raise ValueError(f"calibration: {len(rows)} steps cannot fit {len(FEATURES)} coefficients")
     x = np.asarray(rows, dtype=float)
     y = np.asarray(seconds, dtype=float)
-    active = [i for i in range(len(FEATURES)) if i == 0 or x[:, i].any()]
+    if relative:
+        weight = 1.0 / np.maximum(y, 1e-9)
+        x, y = x * weight[:, None], y * weight
+    active = [i for i in range(len(FEATURES)) if x[:, i].any()]
     while True:
         # Scale columns so features of very different sizes (pairs vs rows) condition alike.
         cols = x[:, active]
@@ -161,7 +167,7 @@ def fit_linear(rows: list[tuple[float, ...]], seconds: list[float]) -> dict[str,
         scale[scale == 0] = 1.0
         solution, *_ = np.linalg.lstsq(cols / scale, y, rcond=None)
         solution = solution / scale
-        negative = [a for a, c in zip(active, solution) if c < 0 and a != 0]
+        negative = [a for a, c in zip(active, solution) if c < 0]
         if not negative:
             break
         worst = min(negative, key=lambda a: solution[active.index(a)])
@@ -170,3 +176,20 @@ def fit_linear(rows: list[tuple[float, ...]], seconds: list[float]) -> dict[str,
     for a, c in zip(active, solution):
         coefficients[FEATURES[a]] = float(c)
     return coefficients
+
+
+def fit_robust(rows: list[tuple[float, ...]], seconds: list[float], rounds: int = 3,
+               slack: float = 0.5) -> tuple[dict[str, float], list[int]]:
+    """fit_linear, then again without the steps that took more than (1 + slack) x the fit: on a
+    shared machine interference only ever slows a step, so those are noise, not cost. Returns
+    the coefficients and the indices of the steps kept."""
+    kept = list(range(len(rows)))
+    coefficients = fit_linear(rows, seconds)
+    for _ in range(rounds):
+        profile = StepProfile("linear", coefficients)
+        keep = [i for i in range(len(rows)) if seconds[i] <= (1 + slack) * profile.predict(rows[i])]
+        if keep == kept or len(keep) < 2 * len(FEATURES):
+            break
+        kept = keep
+        coefficients = fit_linear([rows[i] for i in kept], [seconds[i] for i in kept])
+    return coefficients, kept
