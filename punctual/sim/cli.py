@@ -55,6 +55,7 @@ def add_sim_parser(subparsers) -> None:
     plan.add_argument("--policies", default="fcfs,slo", help="comma-separated scheduling policies to try")
     plan.add_argument("--budgets", default="256,512,1024,2048", help="comma-separated token budgets to try")
     plan.add_argument("--max-num-seqs", type=int, default=128)
+    plan.add_argument("--min-replicas", type=int, default=1, help="where the search starts (a lower bound you know)")
     plan.add_argument("--max-replicas", type=int, default=4096)
     plan.add_argument("--router", default="least_loaded")
     plan.add_argument("--block-size", type=int, default=16)

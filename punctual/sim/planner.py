@@ -61,7 +61,7 @@ def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) 
     best: list[dict] = []
     for policy in policies:
         for budget in budgets:
-            low, high = 0, 1  # low fails (0 replicas serve nothing), high is tried
+            low, high = args.min_replicas - 1, args.min_replicas  # low is taken to fail; high is tried
             while not passes(policy, budget, high):
                 low, high = high, high * 2
                 if high > args.max_replicas:

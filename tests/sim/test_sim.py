@@ -158,3 +158,30 @@ def test_unknown_router_names_the_flag(monkeypatch):
     monkeypatch.setitem(sys.modules, "punctual.cluster.router", None)  # not importable: built-ins only
     with pytest.raises(ValueError, match="--router"):
         Simulator(ClusterConfig(SchedulerConfig(), 200, router="nope"), profile())
+
+
+def test_plan_finds_the_fewest_replicas(profile_path, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["sim", "plan", "--profile", str(profile_path), "--request-rate", "40", "--ttft-slo-ms", "300",
+            "--tpot-slo-ms", "60", "--num-requests", "120", "--length-scale", "0.1", "--policies", "fcfs",
+            "--budgets", "64", "--router", "least_loaded", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    cheapest = result["cheapest"]["replicas"]
+    attained = {p["replicas"]: p["attainment"] for p in result["explored"]}
+    assert attained[cheapest] >= 0.9 and (cheapest == 1 or attained[cheapest - 1] < 0.9)
+    assert "explored" in capsys.readouterr().out
+
+
+def test_hardware_profiles_are_estimates(tmp_path):
+    out = tmp_path / "h100.json"
+    assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "h100", "--output", str(out)]) == 0
+    from punctual.sim.profile import load_profile
+
+    h100 = load_profile(out)
+    assert h100.estimate and h100.kind == "roofline" and h100.kv_blocks(16) > 1000
+    # Decode of one sequence is bandwidth-bound: about the weights' bytes over the derated bandwidth.
+    one = h100.predict((1.0, 0, 1, 100, 100, 1))
+    assert 0.005 < one < 0.012
+    assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "l4", "--output", str(out)]) == 0
+    assert load_profile(out).predict((1.0, 0, 1, 100, 100, 1)) > 5 * one
