@@ -68,6 +68,8 @@ def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) 
                     break
             if high > args.max_replicas:
                 continue
+            if high == args.min_replicas:
+                low = 0  # the first count tried passed: fewer may too
             while high - low > 1:
                 mid = (low + high) // 2
                 if passes(policy, budget, mid):
