@@ -33,7 +33,8 @@ def evaluate(args: argparse.Namespace, profile, requests, offsets, slo: SLO, pol
     result = SimSender(simulator, keep_token_times=False, slo=slo)(None, requests, offsets=offsets)
     summary = summarize(result, None)
     ttft, tpot = summary["ttft_ms"] or {}, summary["tpot_ms"] or {}
-    return {"policy": policy, "max_num_batched_tokens": budget, "replicas": replicas,
+    e2e = summary["e2e_ms"] or {}
+    return {"policy": policy, "max_num_batched_tokens": budget, "replicas": replicas, "e2e_p50_ms": e2e.get("median"),
             "attainment": slo_attainment(result.records, slo), "ttft_p90_ms": ttft.get("p90"),
             "tpot_p90_ms": tpot.get("p90"), "completed": summary["completed"]}
 
@@ -96,6 +97,11 @@ def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) 
           f"{profile.machine.get('hardware') or profile.machine.get('cpu')}, policy {cheapest['policy']}, "
           f"--max-num-batched-tokens {cheapest['max_num_batched_tokens']}: attainment {cheapest['attainment']:.1%}"
           f"{cost}{estimate}")
+    traffic_s = offsets[-1]
+    if cheapest["e2e_p50_ms"] and traffic_s < 10 * cheapest["e2e_p50_ms"] / 1000:
+        print(f"warning: {traffic_s:.1f} s of traffic is under 10 median request lifetimes "
+              f"({cheapest['e2e_p50_ms'] / 1000:.1f} s each): the run may end before queues reach steady state, "
+              "so the answer can be too optimistic; raise --num-requests")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "explored": explored,
