@@ -128,7 +128,7 @@ class Simulator:
                     self._push(now, ARRIVAL, following)
 
         heap, replicas = self._heap, self.replicas
-        slo = self.config
+        config = self.config
         while heap:
             now = heap[0][0]
             self.now = now
@@ -150,7 +150,7 @@ class Simulator:
                     request_id = prefix + str(sim_request.index)
                     core = EngineCoreRequest(request_id, sim_request.prompt_token_ids,
                                              self._sampling(sim_request.output_len), arrival_time=now,
-                                             ttft_slo_ms=slo.ttft_slo_ms, tpot_slo_ms=slo.tpot_slo_ms,
+                                             ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                                              user=sim_request.user)
                     outcome = Outcome(sim_request, now, prompt_tokens=len(sim_request.prompt_token_ids))
                     index = self.route(sim_request.prompt_token_ids, sim_request.user, replicas)
