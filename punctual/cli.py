@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parsers(sub)
+    try:
+        from punctual.sim.cli import add_sim_parser
+    except ImportError:
+        pass
+    else:
+        add_sim_parser(sub)
     return parser
 
 

@@ -87,8 +87,13 @@ class BenchPlan:
 
 
 def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "server",
-                   progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Every run of `plan` against `endpoint`, each as {system, workload, rate, ..., summary, records}."""
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   send: Callable[..., loadgen.LoadResult] | None = None) -> list[dict]:
+    """Every run of `plan` against `endpoint`, each as {system, workload, rate, ..., summary, records}.
+
+    `send` replaces `loadgen.run` (same arguments and result): the simulator answers the same
+    requests, warm-ups and sweeps in virtual time."""
+    send = send or loadgen.run
     runs: list[dict] = []
     sampling = {"temperature": plan.temperature, **({"top_k": plan.top_k} if plan.top_k else {})}
     endpoint = dataclasses.replace(endpoint, extra_body={**sampling, **endpoint.extra_body})
@@ -96,7 +101,7 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
     def run_once(workload: str, requests, label: str, rate: float | None = None,
                  concurrency: int | None = None) -> dict:
         offsets = None if rate is None else arrival_offsets(len(requests), rate, plan.burstiness, plan.seed)
-        result = loadgen.run(endpoint, requests, offsets=offsets, concurrency=concurrency, progress=progress,
+        result = send(endpoint, requests, offsets=offsets, concurrency=concurrency, progress=progress,
                              desc=f"{system} {workload} {label}")
         summary = summarize(result, plan.slo)
         run = {"system": system, "workload": workload, "rate": rate, "concurrency": concurrency,
@@ -108,7 +113,7 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
         return run
 
     for workload in (("trace",) if plan.trace else plan.workloads):
-        warm_up(endpoint, workload, plan, progress)
+        warm_up(endpoint, workload, plan, progress, send)
         if plan.trace:
             run_once(workload, load_trace(plan.trace, plan.seed, plan.length_scale), "trace")
             continue
@@ -136,7 +141,8 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
     return runs
 
 
-def warm_up(endpoint: loadgen.Endpoint, workload: str, plan: BenchPlan, progress: bool) -> None:
+def warm_up(endpoint: loadgen.Endpoint, workload: str, plan: BenchPlan, progress: bool,
+            send: Callable[..., loadgen.LoadResult] | None = None) -> None:
     """A few requests first, unmeasured, so one-time costs (lazy init, first allocations) stay out.
 
     Salt 0, which no measured run uses: the warm-up leaves no measured prompt in a prefix
@@ -146,7 +152,7 @@ def warm_up(endpoint: loadgen.Endpoint, workload: str, plan: BenchPlan, progress
         return
     requests = generate_workload("chat" if workload == "trace" else workload, plan.warmup_requests,
                                  plan.seed, plan.length_scale, salt=0, text=plan.text)
-    loadgen.run(endpoint, requests, concurrency=len(requests), progress=progress, desc="warm-up")
+    (send or loadgen.run)(endpoint, requests, concurrency=len(requests), progress=progress, desc="warm-up")
 
 
 def goodputs(runs: list[dict], target: float = DEFAULT_ATTAINMENT_TARGET) -> dict:

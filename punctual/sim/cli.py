@@ -1,0 +1,214 @@
+"""`punctual sim`: run, calibrate, plan, validate."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from punctual.sim.routing import BUILTIN_ROUTERS
+
+
+def add_sim_parser(subparsers) -> None:
+    from punctual.bench.cli import add_load_args
+
+    sim = subparsers.add_parser("sim", help="simulate the scheduler in virtual time: run, calibrate, plan, validate",
+                                description="A discrete-event simulator that runs the shipped scheduler, KV "
+                                            "manager and router with the model replaced by a step-cost profile.")
+    sub = sim.add_subparsers(dest="sim_command", required=True)
+
+    run = sub.add_parser("run", help="simulate `punctual bench` against a cluster; same report, JSON and plots")
+    run.add_argument("--profile", required=True, help="step-cost profile (JSON from `punctual sim calibrate`)")
+    add_cluster_args(run)
+    add_load_args(run)
+    run.set_defaults(func=cmd_run)
+
+    calibrate = sub.add_parser("calibrate", help="profile the real model runner here (or estimate a machine "
+                                                 "with --hardware) and write a step-cost profile")
+    calibrate.add_argument("model", nargs="?", default="builtin",
+                           help="checkpoint directory, builtin / builtin-tiny / smollm2, or (with --hardware) "
+                                "a known shape: " + ", ".join(_known_shapes()))
+    calibrate.add_argument("--output", required=True, help="profile file to write")
+    calibrate.add_argument("--hardware", default=None,
+                           help="derive a roofline estimate for this machine instead of measuring: "
+                                + ", ".join(_hardware_names()))
+    calibrate.add_argument("--max-prompt", type=int, default=512, help="longest prompt chunk profiled")
+    calibrate.add_argument("--max-batch", type=int, default=32, help="largest decode batch profiled")
+    calibrate.add_argument("--repeats", type=int, default=1, help="times each shape is profiled")
+    from punctual.cli import add_engine_args
+
+    add_engine_args(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    plan = sub.add_parser("plan", help="search replicas, token budget and policy for the cheapest "
+                                       "configuration that meets the SLOs at a target rate")
+    plan.add_argument("--profile", required=True)
+    plan.add_argument("--workload", default="chat")
+    plan.add_argument("--request-rate", type=float, required=True, help="target requests per second")
+    plan.add_argument("--ttft-slo-ms", type=float, required=True)
+    plan.add_argument("--tpot-slo-ms", type=float, required=True)
+    plan.add_argument("--attainment-target", type=float, default=0.9)
+    plan.add_argument("--num-requests", type=int, default=None,
+                      help="requests simulated per candidate (default: 60 s of traffic, 500 to 20000)")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--length-scale", type=float, default=1.0)
+    plan.add_argument("--burstiness", type=float, default=1.0)
+    plan.add_argument("--policies", default="fcfs,slo", help="comma-separated scheduling policies to try")
+    plan.add_argument("--budgets", default="256,512,1024,2048", help="comma-separated token budgets to try")
+    plan.add_argument("--max-num-seqs", type=int, default=128)
+    plan.add_argument("--min-replicas", type=int, default=1, help="where the search starts (a lower bound you know)")
+    plan.add_argument("--max-replicas", type=int, default=4096)
+    plan.add_argument("--router", default="least_loaded")
+    plan.add_argument("--block-size", type=int, default=16)
+    plan.add_argument("--kv-cache-memory", default=None)
+    plan.add_argument("--num-kv-blocks", type=int, default=None)
+    plan.add_argument("--cost-per-replica-hour", type=float, default=None,
+                      help="price of one replica (e.g. one GPU) per hour, for the cost column")
+    plan.add_argument("--output", default=None, help="write the explored frontier here as JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    validate = sub.add_parser("validate", help="run a real server and the simulator on the same workloads here "
+                                               "and print the simulator's errors")
+    validate.add_argument("--profile", required=True)
+    validate.add_argument("--model", default="builtin")
+    validate.add_argument("--workload", default="chat,shared-prefix")
+    validate.add_argument("--sweep-rates", default="0.5,1,2")
+    validate.add_argument("--num-requests", type=int, default=40)
+    validate.add_argument("--seed", type=int, default=0)
+    validate.add_argument("--length-scale", type=float, default=0.25)
+    validate.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    validate.add_argument("--tpot-slo-ms", type=float, default=200.0)
+    validate.add_argument("--serve-args", default="", help="extra `punctual serve` flags, quoted (engine flags "
+                                                            "here are given to the simulator too)")
+    validate.add_argument("--output", default=None, help="write both reports and the errors here as JSON")
+    validate.add_argument("--startup-timeout", type=float, default=600.0)
+    validate.set_defaults(func=cmd_validate)
+
+
+def _known_shapes() -> list[str]:
+    from punctual.sim.hardware import KNOWN_SHAPES
+
+    return sorted(KNOWN_SHAPES)
+
+
+def _hardware_names() -> list[str]:
+    from punctual.sim.hardware import HARDWARE
+
+    return sorted(HARDWARE)
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags that shape scheduling (names and defaults as `punctual serve`), and the cluster's."""
+    engine = parser.add_argument_group("engine (as punctual serve)")
+    engine.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
+    engine.add_argument("--scheduling-policy", default=None, help="fcfs | priority | slo | fair | sjf")
+    engine.add_argument("--slo-overload-action", default=None, choices=["reject", "best_effort"])
+    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    engine.add_argument("--kv-cache-memory", default=None, help="bytes for each replica's KV pool, e.g. 2GiB")
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="each replica's KV pool in blocks")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--replicas", type=int, default=1)
+    cluster.add_argument("--router", default="round_robin",
+                         help=f"{', '.join(BUILTIN_ROUTERS)}, or a policy of punctual.cluster.router")
+
+
+def cluster_config(args: argparse.Namespace, profile, slo=None):
+    """The simulated cluster for these flags and this profile (validated, fields named)."""
+    from punctual.config import EngineConfig, parse_size
+    from punctual.sim.engine import ClusterConfig
+
+    engine = EngineConfig.from_kwargs(
+        "sim", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduling_policy=args.scheduling_policy, slo_overload_action=getattr(args, "slo_overload_action", None),
+        block_size=args.block_size, enable_prefix_caching=getattr(args, "enable_prefix_caching", None),
+        max_model_len=getattr(args, "max_model_len", None))
+    from punctual.sched.policies import POLICIES
+
+    if engine.scheduler.scheduling_policy not in POLICIES:
+        raise ValueError(f"--scheduling-policy must be one of {sorted(POLICIES)}, "
+                         f"got {engine.scheduler.scheduling_policy!r}")
+    block_size = engine.cache.block_size
+    num_blocks = args.num_kv_blocks
+    if num_blocks is not None and num_blocks < 1:
+        raise ValueError(f"--num-kv-blocks must be >= 1, got {num_blocks}")
+    if num_blocks is None:
+        memory = parse_size(args.kv_cache_memory, "--kv-cache-memory")
+        num_blocks = profile.kv_blocks(block_size, memory)
+        if num_blocks is None and profile.num_kv_blocks is not None:
+            # The calibrated engine's pool, in this block size.
+            profiled_block = profile.engine.get("block_size", block_size)
+            num_blocks = max(1, profile.num_kv_blocks * profiled_block // block_size)
+    if num_blocks is None:
+        raise ValueError("--num-kv-blocks or --kv-cache-memory: the profile does not say how big the KV pool is")
+    max_model_len = engine.model.max_model_len or profile.max_model_len
+    if profile.max_model_len and max_model_len > profile.max_model_len:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {profile.max_model_len}")
+    return ClusterConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
+                         args.replicas, args.router,
+                         ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
+                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from punctual.bench.cli import finish, plan_from_args
+    from punctual.bench.loadgen import Endpoint
+    from punctual.bench.sweep import bench_endpoint
+    from punctual.sim.engine import Simulator
+    from punctual.sim.loadgen import SimSender
+    from punctual.sim.profile import load_profile
+
+    plan = plan_from_args(args)
+    profile = load_profile(args.profile)
+    simulator = Simulator(cluster_config(args, profile, plan.slo), profile)
+    sender = SimSender(simulator, keep_token_times=plan.keep_records, slo=plan.slo)
+    started = time.perf_counter()
+    runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=_log, send=sender)
+    sender.patch(runs)
+    wall = time.perf_counter() - started
+    _log(f"simulated {simulator.now:.1f} virtual s on {len(simulator.replicas)} replica(s): "
+         f"{simulator.num_events} events, {sum(r.num_steps for r in simulator.replicas)} steps in {wall:.1f} s "
+         f"wall ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
+    return finish(args, plan, runs, {})
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.hardware:
+        from punctual.sim.hardware import roofline_profile
+
+        profile = roofline_profile(args.model, args.hardware, dtype=args.dtype)
+        profile.save(args.output)
+        _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
+        return 0
+    from punctual.cli import engine_kwargs
+    from punctual.sim.calibrate import calibrate
+
+    profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
+                        repeats=args.repeats, log=_log)
+    profile.save(args.output)
+    fit = profile.fit
+    _log(f"wrote {args.output}: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, "
+         f"left out), median |error| {fit['median_abs_rel_error']:.1%}, "
+         f"p90 {fit['p90_abs_rel_error']:.1%}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from punctual.sim.planner import plan_capacity
+
+    return plan_capacity(args, log=_log)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from punctual.sim.validate import validate
+
+    return validate(args, log=_log)
+
+
+def _log(message: str) -> None:
+    if message:
+        print(message, file=sys.stderr, flush=True)
+
+
+__all__ = ["add_sim_parser", "cluster_config"]

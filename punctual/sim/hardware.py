@@ -1,0 +1,114 @@
+"""Roofline estimates of a step's cost on machines not at hand (`punctual sim calibrate --hardware`).
+
+A step reads every weight once and the KV of every context token it attends to, and does two
+FLOPs per weight per token plus attention's; its time is the larger of compute at peak FLOP/s
+and traffic at peak bandwidth, each derated by an efficiency, plus a fixed per-step overhead.
+Every figure below is a vendor peak or a rule of thumb, so the profiles are ESTIMATES: calibrate
+on the real machine when you have one. One model per device (no tensor parallelism).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from punctual.sim.profile import Roofline, StepProfile
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    description: str
+    peak_flops: float  # dense FLOP/s in 16-bit (CPUs: fp32)
+    memory_bandwidth: float  # bytes/s
+    memory_bytes: int
+    flops_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.8
+    overhead_s: float = 0.003  # per step: kernel launches, host scheduling and sampling
+    dtype_bytes: int = 2
+
+
+# Vendor datasheet peaks (dense, no sparsity); CPU classes from cores x clock x FLOPs per cycle.
+HARDWARE = {
+    "h100": Hardware("NVIDIA H100 SXM 80GB: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3", 989e12, 3.35e12, 80 * 10**9),
+    "h200": Hardware("NVIDIA H200 141GB: 989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e", 989e12, 4.8e12, 141 * 10**9),
+    "a100": Hardware("NVIDIA A100 SXM 80GB: 312 TFLOP/s bf16 dense, 2.04 TB/s HBM2e", 312e12, 2.039e12, 80 * 10**9),
+    "l4": Hardware("NVIDIA L4 24GB: 121 TFLOP/s bf16 dense, 300 GB/s GDDR6", 121e12, 300e9, 24 * 10**9),
+    "cpu-2c": Hardware("2 x86 cores, AVX2 at ~2.5 GHz (32 fp32 FLOP/cycle/core), ~20 GB/s",
+                       2 * 2.5e9 * 32, 20e9, 16 * GiB, 0.3, 0.6, 0.01, 4),
+    "cpu-16c": Hardware("16 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~100 GB/s",
+                        16 * 2.5e9 * 64, 100e9, 128 * GiB, 0.3, 0.6, 0.005, 4),
+    "cpu-64c": Hardware("64 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~300 GB/s (8-12 channels)",
+                        64 * 2.5e9 * 64, 300e9, 512 * GiB, 0.3, 0.6, 0.005, 4),
+}
+
+# Shapes of well-known checkpoints (their config.json), for estimates without the weights.
+KNOWN_SHAPES = {
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                       tie_word_embeddings=False),
+    "mistral-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=14336, vocab_size=32768, max_position_embeddings=32768,
+                       tie_word_embeddings=False),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
+                         tie_word_embeddings=True),
+}
+
+
+def model_shape(model: str) -> dict:
+    """config.json fields of a built-in, a known shape, or a checkpoint directory (no weights read)."""
+    from punctual.model.builtin import BUILTIN_SHAPES
+
+    if model in BUILTIN_SHAPES:
+        return dict(BUILTIN_SHAPES[model])
+    if model in KNOWN_SHAPES:
+        return dict(KNOWN_SHAPES[model])
+    config = Path(model).expanduser() / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"model {model!r}: not a built-in, a known shape ({', '.join(sorted(KNOWN_SHAPES))}) "
+                                "or a directory with config.json")
+    return json.loads(config.read_text())
+
+
+def model_costs(shape: dict, dtype_bytes: int) -> dict:
+    """Weights, FLOPs and bytes of the model per unit of each step feature."""
+    h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    heads = shape["num_attention_heads"]
+    kv_heads = shape.get("num_key_value_heads") or heads
+    head_dim = shape.get("head_dim") or h // heads
+    inter, vocab = shape["intermediate_size"], shape["vocab_size"]
+    per_layer = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * inter
+    layer_params = layers * per_layer
+    embed_params = vocab * h * (1 if shape.get("tie_word_embeddings") else 2)
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    return {"layer_params": layer_params, "weight_bytes": (layer_params + embed_params) * dtype_bytes,
+            "kv_bytes_per_token": kv_bytes_per_token,
+            # FEATURES after "fixed": prefill_tokens, decode_rows, context_tokens, attention_pairs, sampled_rows
+            "flops_per": (2.0 * layer_params, 2.0 * layer_params, 0.0, 4.0 * layers * heads * head_dim,
+                          2.0 * vocab * h),
+            "bytes_per": (float(kv_bytes_per_token), float(kv_bytes_per_token), float(kv_bytes_per_token), 0.0,
+                          0.0)}
+
+
+def roofline_profile(model: str, hardware: str, dtype: str = "auto") -> StepProfile:
+    if hardware not in HARDWARE:
+        raise ValueError(f"--hardware: unknown {hardware!r}; choose from {', '.join(sorted(HARDWARE))}")
+    hw = HARDWARE[hardware]
+    shape = model_shape(model)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, hw.dtype_bytes)
+    costs = model_costs(shape, dtype_bytes)
+    kv_memory = int(hw.memory_bytes * 0.9) - costs["weight_bytes"]
+    if kv_memory <= 0:
+        raise ValueError(f"{model} ({costs['weight_bytes'] / 1e9:.1f} GB of weights) does not fit in "
+                         f"{hardware}'s {hw.memory_bytes / 1e9:.0f} GB")
+    roof = Roofline(hw.peak_flops, hw.memory_bandwidth, hw.flops_efficiency, hw.bandwidth_efficiency, hw.overhead_s,
+                    costs["flops_per"], float(costs["weight_bytes"]), costs["bytes_per"])
+    return StepProfile(
+        "roofline", roofline=roof, estimate=True, dtype={4: "float32", 2: "bfloat16"}[dtype_bytes],
+        model={"name": model, "shape": shape, "max_model_len": shape.get("max_position_embeddings"),
+               "kv_bytes_per_token": costs["kv_bytes_per_token"], "weight_bytes": costs["weight_bytes"]},
+        machine={"hardware": hardware, "description": hw.description,
+                 "note": "estimate from peak FLOP/s and bandwidth, derated by the efficiencies; not measured"},
+        kv_memory_bytes=kv_memory)

@@ -1,0 +1,135 @@
+"""The simulator as the bench's load generator: `punctual.bench.sweep.bench_endpoint` runs its
+warm-ups, salts, rate sweeps and bisections unchanged, with `send` answering in virtual time,
+so a simulated report has the same requests and the same JSON as a measured one.
+
+Prompts become token ids word by word: every workload word is one token in the built-in
+tokenizer (and the GPT-2, Llama and SmolLM ones), so lengths and shared prefixes match what a
+server would see; the id is the word's place in the workload's word list.
+
+With per-request records left out (`--no-records`, for huge runs), a record keeps only its
+first and last token time and the simulator folds the rest into streamed statistics (pooled
+inter-token gaps, token deadlines met), which replace the ITL and fluidity figures that
+`summarize` would compute from full records: the same values without a float per token held.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+from punctual.bench.loadgen import LoadResult, RequestRecord
+from punctual.bench.metrics import SLO, token_deadlines_met
+from punctual.bench.workloads import WORDS, BenchRequest
+from punctual.sim.engine import Outcome, Simulator, SimRequest
+
+WORD_IDS = {word: i + 1 for i, word in enumerate(WORDS)}
+UNKNOWN_BASE = len(WORDS) + 1  # words of a trace's own text: a stable id above the list's
+UNKNOWN_SPAN = 30000
+
+
+def token_ids(prompt: str) -> tuple[int, ...]:
+    ids = WORD_IDS
+    return tuple(ids.get(w) or UNKNOWN_BASE + zlib.crc32(w.encode()) % UNKNOWN_SPAN for w in prompt.split())
+
+
+def to_sim_requests(requests: list[BenchRequest]) -> list[SimRequest]:
+    return [SimRequest(i, token_ids(r.prompt), r.output_len, r.user, r.prompt_len) for i, r in enumerate(requests)]
+
+
+@dataclass
+class StreamedStats:
+    """ITL and token deadlines of one run, gathered as requests finish (records left out)."""
+
+    itl: Counter = field(default_factory=Counter)  # gap (s) -> count
+    deadlines_met: int = 0
+    deadline_tokens: int = 0
+
+    def itl_ms(self) -> dict | None:
+        """distribution_ms of the pooled gaps, from counts (the same order statistics)."""
+        n = sum(self.itl.values())
+        if n == 0:
+            return None
+        values = sorted(self.itl.items())
+        total = sum(gap * 1000 * count for gap, count in values)
+
+        def at(q: float) -> float:
+            position = (n - 1) * q / 100
+            low, high = int(position), -int(-position // 1)
+            return _order_stat(values, low) + (_order_stat(values, high) - _order_stat(values, low)) * (position - low)
+        return {"mean": total / n, "median": at(50), "p90": at(90), "p99": at(99), "count": n}
+
+
+def _order_stat(values: list[tuple[float, int]], k: int) -> float:
+    seen = 0
+    for gap, count in values:
+        seen += count
+        if k < seen:
+            return gap * 1000
+    return values[-1][0] * 1000
+
+
+class SimSender:
+    """`send` for bench_endpoint: runs the requests on the simulator and returns a LoadResult."""
+
+    def __init__(self, simulator: Simulator, keep_token_times: bool = True, slo: SLO | None = None):
+        self.simulator = simulator
+        self.keep_token_times = keep_token_times
+        self.slo = slo
+        self.streamed: list[StreamedStats] = []  # one per measured run (not warm-ups), in order
+
+    def __call__(self, endpoint, requests: list[BenchRequest], *, offsets=None, concurrency=None,
+                 progress: bool = False, desc: str | None = None, **_) -> LoadResult:
+        if offsets is None and concurrency is None:
+            offsets = [r.arrival_s for r in requests]
+            if any(o is None for o in offsets):
+                raise ValueError("give offsets, concurrency, or requests with arrival times (a trace)")
+        sim_requests = to_sim_requests(requests)
+        stats = StreamedStats()
+        records: list[RequestRecord] = []
+        start = self.simulator.now
+
+        def on_finish(outcome: Outcome) -> None:
+            records.append(self._record(outcome, start, stats))
+
+        _, duration = self.simulator.run(sim_requests, offsets=offsets, concurrency=concurrency, on_finish=on_finish)
+        if desc != "warm-up":
+            self.streamed.append(stats)
+        records.sort(key=lambda r: r.index)
+        return LoadResult(records, duration)
+
+    def _record(self, outcome: Outcome, start: float, stats: StreamedStats) -> RequestRecord:
+        request, sent = outcome.request, outcome.sent
+        times = [t - sent for t in outcome.token_times]
+        record = RequestRecord(request.index, request.prompt_len or len(request.prompt_token_ids), request.output_len,
+                               request.user, scheduled_s=sent - start, sent_s=sent - start,
+                               prompt_tokens=outcome.prompt_tokens, error=outcome.error)
+        if outcome.error is None:
+            record.e2e_s = outcome.finished - sent
+            record.usage_output_tokens = len(times)
+            record.finish_reason = "length"
+            record.ttft_s = times[0] if times else None
+        if self.keep_token_times:
+            record.token_times_s = times
+            return record
+        if outcome.error is None and times:
+            stats.itl.update(b - a for a, b in zip(times, times[1:]))
+            if self.slo is not None:
+                stats.deadlines_met += token_deadlines_met(times, self.slo)
+                stats.deadline_tokens += len(times)
+            record.token_times_s = [times[0], times[-1]] if len(times) > 1 else times
+        else:
+            stats.deadline_tokens += request.output_len
+        return record
+
+    def patch(self, runs: list[dict]) -> None:
+        """Put the streamed ITL and fluidity into the summaries (records were left out)."""
+        if self.keep_token_times:
+            return
+        for run, stats in zip(runs, self.streamed):
+            summary = run["summary"]
+            summary["itl_ms"] = stats.itl_ms()
+            if "slo" in summary and stats.deadline_tokens:
+                summary["slo"]["fluidity_index"] = stats.deadlines_met / stats.deadline_tokens
+
+
+__all__ = ["SimSender", "StreamedStats", "to_sim_requests", "token_ids"]

@@ -1,0 +1,113 @@
+"""`punctual sim plan`: the cheapest configuration that serves a rate within the SLOs.
+
+For each scheduling policy and token budget, the fewest replicas whose simulated run keeps the
+attainment target (DistServe's placement search, over what this engine has): replicas grow by
+doubling until the target is met, then a bisection finds the smallest count. Every point
+simulated is printed, so the frontier shows what each knob buys. Prefill/decode disaggregation
+is not modelled yet (the cluster has no KV transfer to simulate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Callable
+
+from punctual.bench.arrivals import arrival_offsets
+from punctual.bench.metrics import SLO, slo_attainment, summarize
+from punctual.bench.report import table
+from punctual.bench.workloads import WORKLOADS, generate_workload
+from punctual.sim.engine import Simulator
+from punctual.sim.loadgen import SimSender
+from punctual.sim.profile import load_profile
+
+
+def evaluate(args: argparse.Namespace, profile, requests, offsets, slo: SLO, policy: str, budget: int,
+             replicas: int) -> dict:
+    from punctual.sim.cli import cluster_config
+
+    flags = argparse.Namespace(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+                               scheduling_policy=policy, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                               kv_cache_memory=args.kv_cache_memory, replicas=replicas, router=args.router)
+    simulator = Simulator(cluster_config(flags, profile, slo), profile)
+    result = SimSender(simulator, keep_token_times=False, slo=slo)(None, requests, offsets=offsets)
+    summary = summarize(result, None)
+    ttft, tpot = summary["ttft_ms"] or {}, summary["tpot_ms"] or {}
+    e2e = summary["e2e_ms"] or {}
+    return {"policy": policy, "max_num_batched_tokens": budget, "replicas": replicas, "e2e_p50_ms": e2e.get("median"),
+            "attainment": slo_attainment(result.records, slo), "ttft_p90_ms": ttft.get("p90"),
+            "tpot_p90_ms": tpot.get("p90"), "completed": summary["completed"]}
+
+
+def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    if args.workload not in WORKLOADS:
+        raise ValueError(f"--workload: unknown {args.workload!r}; choose from {', '.join(WORKLOADS)}")
+    if not args.request_rate > 0 or math.isinf(args.request_rate):
+        raise ValueError(f"--request-rate: a finite positive rate, got {args.request_rate}")
+    profile = load_profile(args.profile)
+    slo = SLO(args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    num_requests = args.num_requests or int(min(20000, max(500, 60 * args.request_rate)))
+    requests = generate_workload(args.workload, num_requests, args.seed, args.length_scale, salt=1)
+    offsets = arrival_offsets(num_requests, args.request_rate, args.burstiness, args.seed)
+    explored: list[dict] = []
+
+    def passes(policy: str, budget: int, replicas: int) -> bool:
+        point = evaluate(args, profile, requests, offsets, slo, policy, budget, replicas)
+        explored.append(point)
+        log(f"  {policy} budget {budget} x{replicas}: attainment {point['attainment']:.1%}")
+        return point["attainment"] >= args.attainment_target
+
+    best: list[dict] = []
+    for policy in policies:
+        for budget in budgets:
+            low, high = args.min_replicas - 1, args.min_replicas  # low is taken to fail; high is tried
+            while not passes(policy, budget, high):
+                low, high = high, high * 2
+                if high > args.max_replicas:
+                    break
+            if high > args.max_replicas:
+                continue
+            if high == args.min_replicas:
+                low = 0  # the first count tried passed: fewer may too
+            while high - low > 1:
+                mid = (low + high) // 2
+                if passes(policy, budget, mid):
+                    high = mid
+                else:
+                    low = mid
+            best.append(next(p for p in explored if (p["policy"], p["max_num_batched_tokens"], p["replicas"])
+                             == (policy, budget, high)))
+    hourly = args.cost_per_replica_hour
+    rows = [[p["policy"], str(p["max_num_batched_tokens"]), str(p["replicas"]), f"{p['attainment']:.1%}",
+             _ms(p["ttft_p90_ms"]), _ms(p["tpot_p90_ms"])] + ([f"{p['replicas'] * hourly:.2f}"] if hourly else [])
+            for p in sorted(explored, key=lambda p: (p["policy"], p["max_num_batched_tokens"], p["replicas"]))]
+    header = ["policy", "budget", "replicas", "SLO", "TTFT p90", "TPOT p90"] + (["$/hour"] if hourly else [])
+    print(f"explored ({args.workload} at {args.request_rate:g} req/s, {num_requests} requests simulated per point, "
+          f"TTFT {args.ttft_slo_ms:g} ms, TPOT {args.tpot_slo_ms:g} ms, target {args.attainment_target:.0%}):")
+    print(table(header, rows))
+    if not best:
+        print(f"\nno configuration within {args.max_replicas} replicas meets the target")
+        return 1
+    cheapest = min(best, key=lambda p: (p["replicas"], -p["attainment"]))
+    estimate = " (an ESTIMATE: roofline profile)" if profile.estimate else ""
+    cost = f", {cheapest['replicas'] * hourly:.2f} per hour" if hourly else ""
+    print(f"\ncheapest: {cheapest['replicas']} replica(s) of {profile.model.get('name')} on "
+          f"{profile.machine.get('hardware') or profile.machine.get('cpu')}, policy {cheapest['policy']}, "
+          f"--max-num-batched-tokens {cheapest['max_num_batched_tokens']}: attainment {cheapest['attainment']:.1%}"
+          f"{cost}{estimate}")
+    traffic_s = offsets[-1]
+    if cheapest["e2e_p50_ms"] and traffic_s < 10 * cheapest["e2e_p50_ms"] / 1000:
+        print(f"warning: {traffic_s:.1f} s of traffic is under 10 median request lifetimes "
+              f"({cheapest['e2e_p50_ms'] / 1000:.1f} s each): the run may end before queues reach steady state, "
+              "so the answer can be too optimistic; raise --num-requests")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "explored": explored,
+                       "frontier": best, "cheapest": cheapest}, f, indent=1)
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -1,0 +1,195 @@
+"""A step-cost profile: how many seconds one step plan takes, from the plan's shape alone.
+
+Pure Python (no torch): the simulator charges each replica's step `predict(features(plan))`
+virtual seconds. Two kinds, one interface:
+
+- linear (fitted by `punctual sim calibrate` on the machine at hand):
+  fixed + prefill_tokens + decode_rows + context_tokens + attention_pairs + sampled_rows, each
+  with a least-squares coefficient in seconds per unit.
+- roofline (derived by `--hardware` for a machine not at hand; an estimate):
+  overhead + max(FLOPs / (peak FLOP/s x efficiency), bytes / (bandwidth x efficiency)).
+
+Features of a plan, summed over its scheduled requests:
+  prefill_tokens   prompt work (prompt chunks, recomputation after a preemption)
+  decode_rows      requests decoding one token
+  context_tokens   KV positions read: start_position + new tokens (a decode's whole context)
+  attention_pairs  query-key pairs of attention: new * (start + (new + 1) / 2)
+  sampled_rows     positions whose logits are computed and sampled
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from punctual.plan import StepPlan
+
+FEATURES = ("fixed", "prefill_tokens", "decode_rows", "context_tokens", "attention_pairs", "sampled_rows")
+PROFILE_VERSION = 1
+
+
+def plan_features(plan: StepPlan) -> tuple[float, ...]:
+    """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
+    prefill = decode = context = pairs = rows = 0
+    for item in plan.scheduled:
+        new = len(item.token_ids) + len(item.spec_token_ids)
+        start = item.start_position
+        if item.is_decode:
+            decode += 1
+        else:
+            prefill += len(item.token_ids)
+        context += start + new
+        pairs += new * start + new * (new + 1) // 2
+        if item.samples:
+            rows += 1 + len(item.spec_token_ids)
+    return (1.0, float(prefill), float(decode), float(context), float(pairs), float(rows))
+
+
+@dataclass
+class Roofline:
+    """A machine's peaks applied to a model's FLOPs and bytes per feature (an estimate)."""
+
+    peak_flops: float  # FLOP/s, dense, in the model's dtype
+    memory_bandwidth: float  # bytes/s
+    flops_efficiency: float = 0.6  # fraction of peak a well-tuned engine reaches on large matmuls
+    bandwidth_efficiency: float = 0.8
+    overhead_s: float = 0.003  # per step: launches, scheduling, sampling on the host
+    # The model's work per feature (FEATURES order after "fixed"): FLOPs and bytes.
+    flops_per: tuple[float, ...] = (0.0,) * 5
+    bytes_fixed: float = 0.0  # bytes read once per step: the weights
+    bytes_per: tuple[float, ...] = (0.0,) * 5
+
+    def predict(self, x: tuple[float, ...]) -> float:
+        flops = sum(c * v for c, v in zip(self.flops_per, x[1:]))
+        moved = self.bytes_fixed + sum(c * v for c, v in zip(self.bytes_per, x[1:]))
+        return self.overhead_s + max(flops / (self.peak_flops * self.flops_efficiency),
+                                     moved / (self.memory_bandwidth * self.bandwidth_efficiency))
+
+
+@dataclass
+class StepProfile:
+    kind: str  # "linear" | "roofline"
+    coefficients: dict[str, float] = field(default_factory=dict)  # linear: seconds per unit of each feature
+    roofline: Roofline | None = None
+    model: dict = field(default_factory=dict)  # name, shape, max_model_len, kv_bytes_per_token, weight_bytes
+    machine: dict = field(default_factory=dict)  # what it was measured on, or the hardware it estimates
+    dtype: str = ""
+    num_kv_blocks: int | None = None  # the pool the profiled engine had (its block size in model.block_size)
+    kv_memory_bytes: int | None = None  # memory for the KV pool (derived profiles)
+    estimate: bool = False  # True for roofline profiles: nobody measured them
+    fit: dict = field(default_factory=dict)  # calibration quality: residuals, number of steps
+    engine: dict = field(default_factory=dict)  # engine flags of the calibration run
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "roofline"):
+            raise ValueError(f"profile kind must be linear or roofline, got {self.kind!r}")
+        if self.kind == "roofline" and self.roofline is None:
+            raise ValueError("a roofline profile needs its roofline")
+        self._coef = tuple(float(self.coefficients.get(name, 0.0)) for name in FEATURES)
+
+    def predict(self, x: tuple[float, ...]) -> float:
+        if self.roofline is not None:
+            return self.roofline.predict(x)
+        c = self._coef
+        return max(0.0, c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5])
+
+    def step_seconds(self, plan: StepPlan) -> float:
+        return self.predict(plan_features(plan))
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.model.get("max_model_len")
+
+    def kv_blocks(self, block_size: int, kv_cache_memory: int | None = None) -> int | None:
+        """KV blocks of `block_size` tokens in `kv_cache_memory` bytes (else the profile's memory)."""
+        per_token = self.model.get("kv_bytes_per_token")
+        memory = kv_cache_memory if kv_cache_memory is not None else self.kv_memory_bytes
+        if memory is None or not per_token:
+            return None
+        return max(1, int(memory // (per_token * block_size)))
+
+    def to_json(self) -> dict:
+        out = {"version": PROFILE_VERSION, "kind": self.kind, "estimate": self.estimate,
+               "coefficients": self.coefficients, "model": self.model, "machine": self.machine,
+               "dtype": self.dtype, "num_kv_blocks": self.num_kv_blocks, "kv_memory_bytes": self.kv_memory_bytes,
+               "fit": self.fit, "engine": self.engine}
+        if self.roofline is not None:
+            out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepProfile":
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"profile: version {data.get('version')!r} is not {PROFILE_VERSION}")
+        roof = data.get("roofline")
+        if roof is not None:
+            roof = Roofline(**{k: tuple(v) if isinstance(v, list) else v for k, v in roof.items()})
+        return cls(kind=data["kind"], coefficients=data.get("coefficients", {}), roofline=roof,
+                   model=data.get("model", {}), machine=data.get("machine", {}), dtype=data.get("dtype", ""),
+                   num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
+                   estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def load_profile(path: str | Path) -> StepProfile:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--profile: no file {path} (make one with `punctual sim calibrate`)")
+    try:
+        return StepProfile.from_json(json.loads(path.read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--profile {path}: not a step-cost profile ({exc})") from None
+
+
+def fit_linear(rows: list[tuple[float, ...]], seconds: list[float], relative: bool = True) -> dict[str, float]:
+    """Least-squares coefficients of FEATURES for step times, none negative (a feature whose free
+    fit comes out negative is dropped and the rest refitted: a cost cannot be a saving).
+
+    `relative`: minimise relative rather than absolute errors, so short decode steps weigh as
+    much as long prefills."""
+    import numpy as np
+
+    if len(rows) < len(FEATURES):
+        raise ValueError(f"calibration: {len(rows)} steps cannot fit {len(FEATURES)} coefficients")
+    x = np.asarray(rows, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    if relative:
+        weight = 1.0 / np.maximum(y, 1e-9)
+        x, y = x * weight[:, None], y * weight
+    active = [i for i in range(len(FEATURES)) if x[:, i].any()]
+    while True:
+        # Scale columns so features of very different sizes (pairs vs rows) condition alike.
+        cols = x[:, active]
+        scale = np.abs(cols).max(axis=0)
+        scale[scale == 0] = 1.0
+        solution, *_ = np.linalg.lstsq(cols / scale, y, rcond=None)
+        solution = solution / scale
+        negative = [a for a, c in zip(active, solution) if c < 0]
+        if not negative:
+            break
+        worst = min(negative, key=lambda a: solution[active.index(a)])
+        active.remove(worst)
+    coefficients = {name: 0.0 for name in FEATURES}
+    for a, c in zip(active, solution):
+        coefficients[FEATURES[a]] = float(c)
+    return coefficients
+
+
+def fit_robust(rows: list[tuple[float, ...]], seconds: list[float], rounds: int = 3,
+               slack: float = 0.5) -> tuple[dict[str, float], list[int]]:
+    """fit_linear, then again without the steps that took more than (1 + slack) x the fit: on a
+    shared machine interference only ever slows a step, so those are noise, not cost. Returns
+    the coefficients and the indices of the steps kept."""
+    kept = list(range(len(rows)))
+    coefficients = fit_linear(rows, seconds)
+    for _ in range(rounds):
+        profile = StepProfile("linear", coefficients)
+        keep = [i for i in range(len(rows)) if seconds[i] <= (1 + slack) * profile.predict(rows[i])]
+        if keep == kept or len(keep) < 2 * len(FEATURES):
+            break
+        kept = keep
+        coefficients = fit_linear([rows[i] for i in kept], [seconds[i] for i in kept])
+    return coefficients, kept

@@ -1,0 +1,66 @@
+"""One simulated replica: the shipped scheduler and KV manager, with the model runner replaced
+by the profile's step cost and synthetic sampled tokens.
+
+Drives the scheduler exactly as `punctual.engine.core.EngineCore.step` does: schedule at the
+step's start, charge the plan's cost, then `update_from_output` and `record_step_time` at its
+end. Generation stops by the scheduler's own logic: requests carry `max_tokens` with
+`ignore_eos`, as the real bench sends them, so every synthetic token is as good as any other.
+"""
+from __future__ import annotations
+
+from punctual.config import SchedulerConfig
+from punctual.kv.manager import KVCacheManager
+from punctual.plan import ModelRunnerOutput, StepPlan
+from punctual.request import Request
+from punctual.sched.scheduler import FinishedUpdate, Scheduler
+from punctual.sim.profile import StepProfile
+from punctual.validation import PromptLimits
+
+SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
+
+
+class SimReplica:
+    def __init__(self, replica_id: int, scheduler_config: SchedulerConfig, num_kv_blocks: int, block_size: int,
+                 profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None):
+        self.replica_id = replica_id
+        self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.kv, PromptLimits(None, max_model_len))
+        self.profile = profile
+        self.max_model_len = max_model_len if max_model_len is not None else 1 << 30
+        self.plan: StepPlan | None = None  # the step in flight
+        self.step_started = 0.0
+        self.num_steps = 0
+        self.busy_s = 0.0  # virtual seconds spent in steps
+        self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
+
+    @property
+    def busy(self) -> bool:
+        return self.plan is not None
+
+    def add_request(self, request: Request, now: float) -> None:
+        self.scheduler.add_request(request, now)
+        self.queued_prefill_tokens += request.num_prompt_tokens
+
+    def start_step(self, now: float) -> tuple[float | None, list[Request]]:
+        """Plan a step at `now`: (its duration, or None if nothing runs; requests the policy shed)."""
+        plan = self.scheduler.schedule(now)
+        rejected = plan.rejected
+        for request in rejected:
+            self.queued_prefill_tokens -= request.num_prompt_tokens
+        if not plan.scheduled:
+            return None, rejected
+        self.plan, self.step_started = plan, now
+        return self.profile.step_seconds(plan), rejected
+
+    def finish_step(self, now: float) -> list[FinishedUpdate]:
+        plan, self.plan = self.plan, None
+        seconds = now - self.step_started
+        output = ModelRunnerOutput({item.request_id: [SYNTHETIC_TOKEN] for item in plan.scheduled if item.samples})
+        self.scheduler.record_step_time(plan, seconds)  # the policies' online cost model learns, as in the engine
+        self.num_steps += 1
+        self.busy_s += seconds
+        self.queued_prefill_tokens -= plan.num_prompt_tokens
+        return self.scheduler.update_from_output(plan, output, now)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()

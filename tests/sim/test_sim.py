@@ -1,0 +1,187 @@
+"""The simulator: deterministic, torch-free, the bench's report, and the real scheduler's decisions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from punctual.bench.loadgen import LoadResult, RequestRecord
+from punctual.bench.metrics import SLO, summarize
+from punctual.bench.workloads import generate_workload
+from punctual.cli import main
+from punctual.config import SchedulerConfig
+from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.sim.loadgen import SimSender, to_sim_requests
+from punctual.sim.profile import FEATURES, StepProfile, fit_linear, plan_features
+
+COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
+                "attention_pairs": 2e-8, "sampled_rows": 1e-4}
+
+
+def profile(**extra) -> StepProfile:
+    return StepProfile("linear", dict(COEFFICIENTS), model={"name": "test", "max_model_len": 1024,
+                                                            "kv_bytes_per_token": 1000}, num_kv_blocks=400, **extra)
+
+
+@pytest.fixture
+def profile_path(tmp_path):
+    path = tmp_path / "profile.json"
+    profile().save(path)
+    return path
+
+
+def sim_argv(profile_path, output, *extra):
+    return ["sim", "run", "--profile", str(profile_path), "--num-requests", "30", "--length-scale", "0.1",
+            "--ttft-slo-ms", "500", "--tpot-slo-ms", "60", "--output", str(output), "--no-progress", *extra]
+
+
+def test_run_path_imports_no_torch():
+    code = ("import sys, punctual.sim.engine, punctual.sim.loadgen, punctual.sim.cli, punctual.sim.planner, "
+            "punctual.sim.hardware, punctual.sim.routing; from punctual.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_same_inputs_same_json_byte_for_byte(profile_path, tmp_path):
+    out = tmp_path / "run.json"
+    argv = sim_argv(profile_path, out, "--sweep-rates", "2,8", "--workload", "chat,shared-prefix",
+                    "--scheduling-policy", "slo", "--replicas", "2", "--router", "least_loaded")
+    assert main(argv) == 0
+    first = out.read_bytes()
+    assert main(argv) == 0
+    assert out.read_bytes() == first
+    assert main(sim_argv(profile_path, out, "--sweep-rates", "2,8", "--workload", "chat,shared-prefix",
+                         "--scheduling-policy", "slo", "--replicas", "2", "--router", "least_loaded",
+                         "--seed", "1")) == 0
+    assert out.read_bytes() != first
+
+
+def test_report_has_the_bench_schema_and_plots(profile_path, tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main(sim_argv(profile_path, out, "--sweep-rates", "1,4,64")) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"config", "runs", "goodput", "skipped"}
+    # The keys a measured run has, from the bench's own summarize.
+    record = RequestRecord(0, 4, 3, ttft_s=0.1, e2e_s=0.3, token_times_s=[0.1, 0.2, 0.3], usage_output_tokens=3)
+    measured = summarize(LoadResult([record], 1.0), SLO(0.5, 0.06))
+    for run in payload["runs"]:
+        assert set(run) == {"system", "workload", "rate", "concurrency", "summary", "records"}
+        assert set(run["summary"]) == set(measured) and set(run["summary"]["slo"]) == set(measured["slo"])
+        assert len(run["records"]) == 30 and set(run["records"][0]) == set(record.to_json())
+    assert [r["rate"] for r in payload["runs"]] == [1, 4, 64]
+    assert payload["goodput"]["sim"]["chat"]["rates"] == [1, 4, 64]
+    assert (tmp_path / "sweep.png").exists()
+
+
+def test_same_requests_as_the_real_bench(profile_path, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(sim_argv(profile_path, out, "--request-rate", "4", "--warmup-requests", "0")) == 0
+    records = json.loads(out.read_text())["runs"][0]["records"]
+    bench = generate_workload("chat", 30, 0, 0.1, salt=1)  # the bench's first measured run
+    assert [r["output_len"] for r in records] == [b.output_len for b in bench]
+    assert [r["prompt_tokens"] for r in records] == [b.prompt_len for b in bench]
+    assert all(r["output_tokens"] == r["output_len"] for r in records)
+
+
+def test_streamed_statistics_equal_full_records():
+    requests = generate_workload("chat", 40, 3, 0.1)
+    slo = SLO(0.3, 0.05)
+    results = []
+    for keep in (True, False):
+        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile())
+        sender = SimSender(sim, keep_token_times=keep, slo=slo)
+        offsets = [i * 0.05 for i in range(len(requests))]
+        summary = summarize(sender(None, requests, offsets=offsets), slo)
+        run = {"summary": summary}
+        sender.patch([run])
+        results.append(run["summary"])
+    full, streamed = results
+    for key in ("mean", "median", "p90", "p99", "count"):
+        assert streamed["itl_ms"][key] == pytest.approx(full["itl_ms"][key], rel=1e-9)
+    assert streamed["slo"]["fluidity_index"] == pytest.approx(full["slo"]["fluidity_index"])
+    assert streamed["ttft_ms"] == full["ttft_ms"] and streamed["slo"]["attainment"] == full["slo"]["attainment"]
+
+
+def test_calibration_fits_a_synthetic_cost_exactly():
+    rows = []
+
+    class Recording(StepProfile):
+        def step_seconds(self, plan):
+            rows.append(plan_features(plan))
+            return super().step_seconds(plan)
+
+    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), 400),
+                    Recording("linear", dict(COEFFICIENTS)))
+    requests = to_sim_requests(generate_workload("chat", 60, 1, 0.3))
+    sim.run(requests, offsets=[i * 0.02 for i in range(len(requests))])
+    truth = [sum(COEFFICIENTS[name] * x for name, x in zip(FEATURES, row)) for row in rows]
+    fitted = fit_linear(rows, truth)
+    for name in FEATURES:
+        assert fitted[name] == pytest.approx(COEFFICIENTS[name], rel=1e-6, abs=1e-12)
+
+
+def test_cluster_router_is_used_when_present(monkeypatch):
+    import types
+
+    module = types.ModuleType("punctual.cluster.router")
+    calls = []
+
+    class ReplicaLoad:
+        def __init__(self, replica_id, healthy, num_running, num_waiting, queued_prefill_tokens, kv_blocks_free,
+                     kv_blocks_total):
+            self.replica_id, self.num_waiting = replica_id, num_waiting
+
+    class Last:
+        def route(self, prompt_token_ids, user, replicas):
+            calls.append(len(replicas))
+            return replicas[-1].replica_id
+
+        def on_blocks_stored(self, replica_id, hashes):
+            calls.append(("stored", replica_id))
+
+    module.ReplicaLoad = ReplicaLoad
+    module.make_router = lambda name, block_size: Last()
+    package = types.ModuleType("punctual.cluster")
+    package.router = module
+    monkeypatch.setitem(sys.modules, "punctual.cluster", package)
+    monkeypatch.setitem(sys.modules, "punctual.cluster.router", module)
+    sim = Simulator(ClusterConfig(SchedulerConfig(), 200, replicas=3, router="prefix"), profile())
+    requests = to_sim_requests(generate_workload("chat", 5, 0, 0.1))
+    outcomes, _ = sim.run(requests, offsets=[0.0] * 5)
+    assert {o.replica for o in outcomes} == {2} and calls[0] == 3
+    assert ("stored", 2) in calls
+
+
+def test_unknown_router_names_the_flag(monkeypatch):
+    monkeypatch.setitem(sys.modules, "punctual.cluster.router", None)  # not importable: built-ins only
+    with pytest.raises(ValueError, match="--router"):
+        Simulator(ClusterConfig(SchedulerConfig(), 200, router="nope"), profile())
+
+
+def test_plan_finds_the_fewest_replicas(profile_path, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["sim", "plan", "--profile", str(profile_path), "--request-rate", "40", "--ttft-slo-ms", "300",
+            "--tpot-slo-ms", "60", "--num-requests", "120", "--length-scale", "0.1", "--policies", "fcfs",
+            "--budgets", "64", "--router", "least_loaded", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    cheapest = result["cheapest"]["replicas"]
+    attained = {p["replicas"]: p["attainment"] for p in result["explored"]}
+    assert attained[cheapest] >= 0.9 and (cheapest == 1 or attained[cheapest - 1] < 0.9)
+    assert "explored" in capsys.readouterr().out
+
+
+def test_hardware_profiles_are_estimates(tmp_path):
+    out = tmp_path / "h100.json"
+    assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "h100", "--output", str(out)]) == 0
+    from punctual.sim.profile import load_profile
+
+    h100 = load_profile(out)
+    assert h100.estimate and h100.kind == "roofline" and h100.kv_blocks(16) > 1000
+    # Decode of one sequence is bandwidth-bound: about the weights' bytes over the derated bandwidth.
+    one = h100.predict((1.0, 0, 1, 100, 100, 1))
+    assert 0.005 < one < 0.012
+    assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "l4", "--output", str(out)]) == 0
+    assert load_profile(out).predict((1.0, 0, 1, 100, 100, 1)) > 5 * one
