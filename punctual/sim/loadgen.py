@@ -27,9 +27,22 @@ UNKNOWN_BASE = len(WORDS) + 1  # words of a trace's own text: a stable id above 
 UNKNOWN_SPAN = 30000
 
 
+CHARS_PER_TOKEN = 4  # real text: a word of n characters is about n / 4 tokens (at least one)
+
+
 def token_ids(prompt: str) -> tuple[int, ...]:
-    ids = WORD_IDS
-    return tuple(ids.get(w) or UNKNOWN_BASE + zlib.crc32(w.encode()) % UNKNOWN_SPAN for w in prompt.split())
+    """Stand-in token ids for a prompt, without a tokenizer: one per word of the synthetic word list,
+    and for real text about one per four characters of each word, so lengths come out close to a
+    BPE tokenizer's and equal texts (shared prefixes) get equal ids."""
+    ids: list[int] = []
+    for word in prompt.split():
+        known = WORD_IDS.get(word)
+        if known is not None:
+            ids.append(known)
+            continue
+        for piece in range(max(1, round(len(word) / CHARS_PER_TOKEN))):
+            ids.append(UNKNOWN_BASE + zlib.crc32(f"{word}#{piece}".encode()) % UNKNOWN_SPAN)
+    return tuple(ids)
 
 
 def to_sim_requests(requests: list[BenchRequest]) -> list[SimRequest]:

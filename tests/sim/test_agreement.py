@@ -78,7 +78,8 @@ def test_plans_match_the_engine_step_by_step(workload, policy, rate, scale):
     config = EngineConfig.from_kwargs("builtin-tiny", num_kv_blocks=28, block_size=4, max_num_seqs=6,
                                       max_num_batched_tokens=24, scheduling_policy=policy,
                                       default_ttft_slo_ms=400.0, default_tpot_slo_ms=40.0)
-    requests = to_sim_requests(generate_workload(workload, 12, 7, scale))
+    # Synthetic words: their stand-in ids fall inside builtin-tiny's vocabulary.
+    requests = to_sim_requests(generate_workload(workload, 12, 7, scale, text="synthetic"))
     offsets = arrival_offsets(len(requests), rate, seed=7)
     profile = StepProfile("linear", dict(COEFFICIENTS))
     expected = engine_plans(config, requests, offsets, profile)

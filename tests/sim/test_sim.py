@@ -77,9 +77,10 @@ def test_report_has_the_bench_schema_and_plots(profile_path, tmp_path):
 
 def test_same_requests_as_the_real_bench(profile_path, tmp_path):
     out = tmp_path / "r.json"
-    assert main(sim_argv(profile_path, out, "--request-rate", "4", "--warmup-requests", "0")) == 0
+    assert main(sim_argv(profile_path, out, "--request-rate", "4", "--warmup-requests", "0", "--text", "synthetic")) == 0
     records = json.loads(out.read_text())["runs"][0]["records"]
-    bench = generate_workload("chat", 30, 0, 0.1, salt=1)  # the bench's first measured run
+    # the bench's first measured run; synthetic words are one token each, so prompt lengths are exact
+    bench = generate_workload("chat", 30, 0, 0.1, salt=1, text="synthetic")
     assert [r["output_len"] for r in records] == [b.output_len for b in bench]
     assert [r["prompt_tokens"] for r in records] == [b.prompt_len for b in bench]
     assert all(r["output_tokens"] == r["output_len"] for r in records)
