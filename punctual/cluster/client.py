@@ -174,6 +174,7 @@ class ClusterClient:
         `on_death` is not called: the cluster lives while any replica does."""
         self._loop = asyncio.get_running_loop()
         self._on_update = on_update
+        self.launcher.restore_signal_handlers()  # on the loop: the main thread under uvicorn
         for replica in self.replicas:
             await self._attach(replica)
 

@@ -6,6 +6,8 @@ Everything that imports Ray lives here; the cluster client only calls these bloc
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 
 from punctual.config import ClusterConfig, EngineConfig
@@ -52,6 +54,18 @@ class RayReplicas:
             self.actors.append(actor_class.options(**options).remote(
                 self.engine_config, cluster.threads_per_replica, host))
         self.ray = ray
+
+    @staticmethod
+    def restore_signal_handlers() -> None:
+        """ray.init put Ray's C++ failure handler on SIGTERM and SIGINT, over the server's own: it
+        aborts the process, so the graceful shutdown (drain, stop replicas, stop Ray) never ran.
+        Re-register the Python handlers; only the main thread may."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
 
     def address(self, replica_id: int, timeout: float | None = None,
                 not_pid: int | None = None) -> tuple[str, int, int, str]:
