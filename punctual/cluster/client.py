@@ -273,6 +273,8 @@ class ClusterClient:
         for request_id in update.rejected:
             self._forget(request_id)
         self._on_update(CoreUpdate(update.outputs, None, update.rejected, self._answered_pins()))
+        if self.config.check_integrity:
+            self.check_integrity()
 
     def _forget(self, request_id: str) -> None:
         routed = self.requests.pop(request_id, None)
@@ -325,6 +327,8 @@ class ClusterClient:
             self.num_resumed += 1
         self.num_lost += len(lost)
         self._on_update(CoreUpdate([], None, {}, self._answered_pins(), lost=lost))
+        if self.config.check_integrity:
+            self.check_integrity()
         asyncio.ensure_future(self._rejoin(replica, replica.pid))
 
     async def _rejoin(self, replica: Replica, dead_pid: int | None) -> None:
