@@ -96,6 +96,12 @@ class EngineCoreClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one frame per step: send it now
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        # A dead process closes its socket at once; a lost node does not: keepalive probes notice
+        # that within a few seconds.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         self.sock = sock
         channel = BlockingChannel(sock)
         if not channel.poll(timeout if timeout is not None else 1e9):

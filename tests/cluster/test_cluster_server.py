@@ -87,6 +87,15 @@ def test_serves_and_reports_replicas(cluster):
     assert httpx.get(f"{cluster.url}/health", timeout=5).json()["status"] == "ok"
 
 
+def test_pins_go_to_every_replica(cluster):
+    pin = httpx.post(f"{cluster.url}/v1/cache/pin", json={"prompt": "a document " * 40, "pin_id": "doc"}, timeout=30)
+    assert pin.status_code == 200 and pin.json()["num_tokens"] > 0, pin.text
+    again = httpx.post(f"{cluster.url}/v1/cache/pin", json={"prompt": "a document " * 40, "pin_id": "doc"}, timeout=30)
+    assert again.status_code == 409
+    assert httpx.post(f"{cluster.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=30).status_code == 200
+    assert httpx.post(f"{cluster.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=30).status_code == 404
+
+
 def test_replica_killed_mid_stream_loses_no_token(cluster):
     reference = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
     killed: dict = {}
