@@ -32,10 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def workload(documents: int, doc_tokens: int, question_tokens: int, requests: int, seed: int):
+def workload(documents: int, doc_tokens: int, question_tokens: int, requests: int, seed: int, zipf: float = 0.0):
+    """Each request: a document (uniform, or Zipf(s)-popular with s > 0) and a question of its own."""
     rng = np.random.default_rng(seed)
     docs = [rng.integers(300, 2000, doc_tokens).tolist() for _ in range(documents)]
-    picks = rng.integers(0, documents, requests)
+    popularity = 1.0 / np.arange(1, documents + 1) ** zipf
+    picks = rng.choice(documents, size=requests, p=popularity / popularity.sum())
     return [docs[d] + rng.integers(300, 2000, question_tokens).tolist() for d in picks]
 
 
@@ -78,6 +80,7 @@ def run_router(args, router: str, prompts) -> dict:
     server = subprocess.Popen(
         [sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
          "--replicas", "2", "--threads-per-replica", "1", "--router", router,
+         *[arg for option in args.router_option for arg in ("--router-option", option)],
          "--kv-cache-memory", args.kv_cache_memory, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -100,13 +103,17 @@ def run_router(args, router: str, prompts) -> dict:
     hits, queries = metric_by_replica(text, "punctual_prefix_cache_hits"), metric_by_replica(text, "punctual_prefix_cache_queries")
     computed = metric_by_replica(text, "punctual_engine_prompt_tokens_computed")
     shares = [computed[k] / max(1.0, sum(computed.values())) for k in sorted(computed)]
+    generated = metric_by_replica(text, "punctual_engine_generation_tokens")
+    requests_share = [generated[k] / max(1.0, sum(generated.values())) for k in sorted(generated)]
     return {"router": router, "kv_blocks_per_replica": blocks, "requests": len(results), "wall_s": round(wall, 1),
             "throughput_rps": round(len(results) / wall, 3),
             "goodput_rps": round(float((ttft <= args.ttft_slo_s).sum()) / wall, 3),
             "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
             "ttft_p99_s": round(float(np.percentile(ttft, 99)), 3),
             "prefix_hit_rate": round(sum(hits.values()) / max(1.0, sum(queries.values())), 3),
-            "prompt_token_share": [round(s, 3) for s in shares]}
+            "prompt_token_share": [round(s, 3) for s in shares],
+            "generated_token_share": [round(s, 3) for s in requests_share],
+            "router_options": args.router_option}
 
 
 def router_latency(args) -> dict:
@@ -144,10 +151,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="64MiB", help="per replica: fewer blocks than all documents need")
     parser.add_argument("--ttft-slo-s", type=float, default=1.0, help="goodput counts requests within this TTFT")
     parser.add_argument("--routers", default="cache_aware,round_robin,least_loaded")
+    parser.add_argument("--zipf", type=float, default=0.0, help="document popularity Zipf(s); 0: uniform")
+    parser.add_argument("--router-option", action="append", default=[], help="passed to punctual serve")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    prompts = workload(args.documents, args.doc_tokens, args.question_tokens, args.requests, args.seed)
+    prompts = workload(args.documents, args.doc_tokens, args.question_tokens, args.requests, args.seed, args.zipf)
     results = {"args": vars(args), "routers": [], "router_latency": router_latency(args)}
     print(json.dumps(results["router_latency"]), flush=True)
     for router in args.routers.split(","):

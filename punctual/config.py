@@ -160,6 +160,7 @@ class ClusterConfig:
     num_gpus_per_replica: float = 0  # 1 on a GPU node: each replica its own device
     ray_address: str | None = None  # an existing cluster ("auto", "ray://..."); None: start one here
     router: str = "cache_aware"  # cache_aware | least_loaded | round_robin
+    router_options: dict = field(default_factory=dict)  # the router's knobs (e.g. hot_spot_margin), for experiments
     # A local Ray's ports on loopback and no dashboard, unless the operator asks otherwise.
     ray_host: str = "127.0.0.1"
     ray_dashboard: bool = False

@@ -91,7 +91,7 @@ class ClusterClient:
         self.config = config
         self.cluster = cluster
         self.launcher = RayReplicas(config, cluster)
-        self.router = make_router(cluster.router, config.cache.block_size)
+        self.router = make_router(cluster.router, config.cache.block_size, **cluster.router_options)
         self.replicas = [Replica(i) for i in range(cluster.replicas)]
         self.requests: dict[str, RoutedRequest] = {}
         self.pins: dict[str, list[int]] = {}  # pinned prefixes, re-sent to a restarted replica

@@ -39,9 +39,24 @@ def add_serve_parser(subparsers) -> None:
                               "instance started in this process, on loopback, without its dashboard")
     cluster.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                          help="how requests are spread over replicas")
+    cluster.add_argument("--router-option", action="append", default=[], metavar="NAME=VALUE",
+                         help="a router knob, e.g. hot_spot_margin=1e9 (repeatable; numbers)")
     cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def parse_router_options(items: list[str]) -> dict[str, float]:
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            options[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise SystemExit(f"--router-option: expected NAME=NUMBER, got {item!r}")
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout)
     cluster = ClusterConfig(replicas=args.replicas, threads_per_replica=args.threads_per_replica,
                             num_gpus_per_replica=args.gpus_per_replica, ray_address=args.ray_address,
-                            router=args.router, ray_dashboard=args.ray_dashboard)
+                            router=args.router, ray_dashboard=args.ray_dashboard,
+                            router_options=parse_router_options(args.router_option))
     cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = build_app(engine_config, server_config, cluster)

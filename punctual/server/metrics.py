@@ -76,6 +76,8 @@ class EngineStatsCollector:
         counters = {
             "punctual_num_preemptions": ("Requests preempted by the scheduler", stats.num_preemptions),
             "punctual_engine_steps": ("Engine core steps run", stats.num_steps),
+            "punctual_engine_generation_tokens": ("Tokens the core generated (per replica in a cluster)",
+                                                  stats.generation_tokens),
             "punctual_engine_prompt_tokens_computed": (
                 "Prompt tokens the core computed, recomputation after preemption included",
                 stats.prompt_tokens_computed),
