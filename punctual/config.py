@@ -146,3 +146,31 @@ class EngineConfig:
                              f"got {self.scheduler.slo_overload_action!r}")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")
+
+
+ROUTERS = ("cache_aware", "least_loaded", "round_robin")
+
+
+@dataclass
+class ClusterConfig:
+    """Several engine replicas behind one front end (punctual/cluster): how many, where, how routed."""
+
+    replicas: int = 1  # engine cores; more than one runs them as Ray actors
+    threads_per_replica: int = 1  # CPU threads (and Ray CPUs) each replica's torch may use
+    num_gpus_per_replica: float = 0  # 1 on a GPU node: each replica its own device
+    ray_address: str | None = None  # an existing cluster ("auto", "ray://..."); None: start one here
+    router: str = "cache_aware"  # cache_aware | least_loaded | round_robin
+    router_options: dict = field(default_factory=dict)  # the router's knobs (e.g. hot_spot_margin), for experiments
+    # A local Ray's ports on loopback and no dashboard, unless the operator asks otherwise.
+    ray_host: str = "127.0.0.1"
+    ray_dashboard: bool = False
+    max_restarts: int = 3  # Ray restarts a dead replica this many times
+    start_timeout_s: float | None = None  # None: as long as the model takes to load
+
+    def validate(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.threads_per_replica < 1:
+            raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")

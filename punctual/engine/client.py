@@ -34,7 +34,8 @@ def _run_core(config: EngineConfig, sock: socket.socket) -> None:
 
 
 class EngineCoreClient:
-    """Starts the core process, sends it commands, and hands its updates to the asyncio loop."""
+    """Starts the core process (or connects to one already running elsewhere: a cluster replica),
+    sends it commands, and hands its updates to the asyncio loop."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -52,7 +53,9 @@ class EngineCoreClient:
 
     @property
     def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+        if self.process is not None:
+            return self.process.pid
+        return None if self.info is None else self.info.pid  # a remote core reports its own
 
     @property
     def is_alive(self) -> bool:
@@ -80,12 +83,43 @@ class EngineCoreClient:
                 self._stop_process(0)
                 raise RuntimeError(f"engine core did not start within {timeout} s")
         try:
+            return self._handshake(channel)
+        except RuntimeError:
+            self._stop_process(5.0)
+            raise
+
+    def connect(self, host: str, port: int, timeout: float | None = None) -> CoreInfo:
+        """Connect (blocking) to a core that listens on host:port, e.g. a cluster replica, and read
+        its CoreInfo. Its death shows as EOF on the socket; nothing here owns its process."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one frame per step: send it now
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        # A dead process closes its socket at once; a lost node does not: keepalive probes notice
+        # that within a few seconds.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        self.sock = sock
+        channel = BlockingChannel(sock)
+        if not channel.poll(timeout if timeout is not None else 1e9):
+            sock.close()
+            raise RuntimeError(f"engine core at {host}:{port} sent nothing within {timeout} s")
+        try:
+            return self._handshake(channel)
+        except RuntimeError:
+            sock.close()
+            raise
+
+    def _handshake(self, channel: BlockingChannel) -> CoreInfo:
+        try:
             message = channel.recv()
         except EOFError:
-            self._stop_process(5.0)
-            raise RuntimeError(f"engine core exited during start-up (exit code {self.process.exitcode})") from None
+            code = self.process.exitcode if self.process is not None else None
+            raise RuntimeError(f"engine core exited during start-up (exit code {code})") from None
         if isinstance(message, CoreFailure):
-            self._stop_process(5.0)
             raise RuntimeError(f"engine core failed to start:\n{message.reason}")
         self.info = message
         self.stats = message.stats
@@ -95,11 +129,15 @@ class EngineCoreClient:
         """Deliver updates (and the core's death) to callbacks on the running loop."""
         self._loop = asyncio.get_running_loop()
         self._on_update, self._on_death = on_update, on_death
-        self._transport, _ = await self._loop.create_unix_connection(
-            lambda: FrameProtocol(self._on_message, self._core_exited), sock=self.sock)
-        # The socket closes when the core dies; the sentinel also catches a core that exits while
-        # something it forked still holds the socket open.
-        self._loop.add_reader(self.process.sentinel, self._core_exited)
+        protocol = lambda: FrameProtocol(self._on_message, self._core_exited)  # noqa: E731
+        if self.sock.family == socket.AF_UNIX:
+            self._transport, _ = await self._loop.create_unix_connection(protocol, sock=self.sock)
+        else:
+            self._transport, _ = await self._loop.create_connection(protocol, sock=self.sock)
+        if self.process is not None:
+            # The socket closes when the core dies; the sentinel also catches a core that exits
+            # while something it forked still holds the socket open.
+            self._loop.add_reader(self.process.sentinel, self._core_exited)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(("add", request))
@@ -136,8 +174,10 @@ class EngineCoreClient:
             self._mark_dead(f"engine core crashed:\n{message.reason}")
 
     def _core_exited(self) -> None:
-        code = self.process.exitcode if self.process is not None else None
-        self._mark_dead(f"engine core process exited (exit code {code})")
+        if self.process is None:
+            self._mark_dead(f"the connection to engine core {self.pid} closed (its process died)")
+            return
+        self._mark_dead(f"engine core process exited (exit code {self.process.exitcode})")
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:
@@ -148,20 +188,28 @@ class EngineCoreClient:
             self._on_death(reason)
 
     def _detach(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
+        if self.process is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.process.sentinel)
         if self._transport is not None:
             self._transport.abort()
 
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the core to abort everything and exit; kill it if it has not within `timeout`."""
-        if self.process is None:
+        """Ask the core to abort everything and exit; kill it if it has not within `timeout`.
+        A remote core is only told: its owner (the cluster) stops its process."""
+        if self.process is None and self.sock is None:
             return
         self._closing = True
         if self.dead_reason is None and self._transport is not None:
             self._outbox.append(("shutdown", None))
             self._flush()
-        await asyncio.to_thread(self._stop_process, timeout)
+        if self.process is not None:
+            await asyncio.to_thread(self._stop_process, timeout)
+        elif self._transport is not None:  # the core closes the connection once it has aborted everything
+            deadline = time.monotonic() + timeout
+            while self.dead_reason is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        else:
+            self.sock.close()
         if self.dead_reason is None:
             self.dead_reason = "engine core was shut down"
             self._detach()

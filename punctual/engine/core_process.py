@@ -77,9 +77,10 @@ class CoreLoop:
                 rejected.update(self.core.grammar_rejections)
                 self.core.grammar_rejections.clear()
             stats = self._stats_to_send()
-            if outputs or rejected or acks or stats is not None:
+            stored, evicted = self.core.kv_manager.pool.take_events()
+            if outputs or rejected or acks or stats is not None or stored or evicted:
                 started = time.monotonic()
-                self.channel.send(CoreUpdate(outputs, stats, rejected, acks))
+                self.channel.send(CoreUpdate(outputs, stats, rejected, acks, stored, evicted))
                 if time.monotonic() - started > SLOW_SEND_S:
                     logger.warning("the front end took %.2f s to take a step's outputs", time.monotonic() - started)
 

@@ -61,6 +61,13 @@ class CoreUpdate:
     # Requests the core refused in add_request, and why (the front end answers 400).
     rejected: dict[str, str] = field(default_factory=dict)
     pin_acks: list[PinAck] = field(default_factory=list)  # answers to pin and unpin commands, in order
+    # Prefix-cache block hashes indexed / evicted during the step, when the core records them (a
+    # replica of a cluster: its router learns where each prefix lives). Empty otherwise.
+    blocks_stored: list[int] = field(default_factory=list)
+    blocks_evicted: list[int] = field(default_factory=list)
+    # Requests the engine lost and cannot resume (a cluster whose replica died), and why: the
+    # front end ends them with an error. Never set by a core itself.
+    lost: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,7 +17,14 @@ BlockHash = int
 
 
 def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...], namespace: int = 0) -> BlockHash:
-    """Hash of a full block, chained over every token before it (and the model's namespace)."""
+    """Hash of a full block, chained over every token before it (and the model's namespace).
+
+    The same in every process: a router in the front end matches prompts against the hashes the
+    replicas report. Tuples of ints hash alike everywhere, but hash(None) is an address before
+    Python 3.12, so the first block of a chain leaves the parent out instead.
+    """
+    if parent is None:
+        return hash((namespace, token_ids))
     return hash((namespace, parent, token_ids))
 
 
@@ -33,6 +40,12 @@ class BlockPool:
         self.num_evictions = 0
         # Called with (block id, hash) when a cached block is evicted, before its reuse (the KV tier).
         self.on_evict: Callable[[int, BlockHash], None] | None = None
+        # Hashes indexed and dropped since the last take_events(): a cluster router learns from
+        # them which replica holds which prefix (vLLM's KV events). One append per block, and
+        # only when asked: nothing drains them in a single engine.
+        self.record_events = False
+        self.stored_events: list[BlockHash] = []
+        self.evicted_events: list[BlockHash] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +95,8 @@ class BlockPool:
         if block_hash not in self.cached and self.block_hash[block_id] is None:
             self.cached[block_hash] = block_id
             self.block_hash[block_id] = block_hash
+            if self.record_events:
+                self.stored_events.append(block_hash)
 
     def _uncache(self, block_id: int) -> None:
         block_hash = self.block_hash[block_id]
@@ -89,6 +104,8 @@ class BlockPool:
             del self.cached[block_hash]
             self.block_hash[block_id] = None
             self.num_evictions += 1
+            if self.record_events:
+                self.evicted_events.append(block_hash)
             if self.on_evict is not None:
                 self.on_evict(block_id, block_hash)
 
@@ -97,7 +114,15 @@ class BlockPool:
         for block_id in list(self._free):
             if self.block_hash[block_id] is not None:
                 del self.cached[self.block_hash[block_id]]
+                if self.record_events:
+                    self.evicted_events.append(self.block_hash[block_id])
                 self.block_hash[block_id] = None
+
+    def take_events(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """The hashes stored into and evicted from the index since the last call, in order."""
+        events = self.stored_events, self.evicted_events
+        self.stored_events, self.evicted_events = [], []
+        return events
 
     def check_integrity(self) -> None:
         for block_id, refs in enumerate(self.ref_counts):

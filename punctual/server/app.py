@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from punctual import __version__
-from punctual.config import EngineConfig
+from punctual.config import ClusterConfig, EngineConfig
 from punctual.server.async_engine import AsyncEngine
 from punctual.server.chat import ChatServing
 from punctual.server.completions import CompletionServing
@@ -41,10 +41,11 @@ def arrival_time(request: Request) -> float:
     return request.scope.get(ARRIVAL_KEY) or time.monotonic()
 
 
-def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
-    """An app that starts the engine core process on start-up and stops it on shutdown."""
+def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: ClusterConfig | None = None) -> FastAPI:
+    """An app that starts the engine core process (or a cluster of replicas) on start-up and
+    stops it on shutdown."""
     metrics = ServerMetrics()
-    engine = AsyncEngine(engine_config, metrics)
+    engine = AsyncEngine(engine_config, metrics, cluster)
     grammars = GrammarValidator(engine)  # one compile cache for both routes
     completions = CompletionServing(engine, config, grammars)
     chat = ChatServing(engine, config, grammars)
@@ -52,7 +53,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await engine.start(config.engine_start_timeout_s)
-        metrics.watch_engine(lambda: engine.stats, lambda: engine.is_alive)
+        metrics.watch_engine(lambda: engine.replica_stats or engine.stats, lambda: engine.is_alive)
         try:
             yield
         finally:
@@ -138,12 +139,16 @@ def build_app(engine_config: EngineConfig, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.is_alive:
-            return JSONResponse({"status": "ok", "engine_pid": engine.core_pid})
+        if engine.is_alive:  # a cluster serves while any replica does
+            return JSONResponse({"status": "degraded" if engine.degraded else "ok", "engine_pid": engine.core_pid})
         error = APIError(503, f"the engine is not running: {engine.dead_reason or 'not started'}",
                          code="engine_unavailable")
         return JSONResponse({**error.body(), "status": "unavailable", "engine_pid": engine.core_pid},
                             status_code=503)
+
+    @app.get("/admin/replicas", dependencies=[Depends(check_api_key)])
+    async def list_replicas() -> list[dict]:
+        return engine.replica_info()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

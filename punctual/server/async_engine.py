@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from punctual.config import EngineConfig
+from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
 from punctual.engine.wire import PinAck
 from punctual.engine.stats import EngineStats
@@ -64,8 +64,16 @@ class RequestHandle:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, metrics: ServerMetrics | None = None):
-        self.client = EngineCoreClient(config)
+    def __init__(self, config: EngineConfig, metrics: ServerMetrics | None = None,
+                 cluster: ClusterConfig | None = None):
+        # Several replicas: one client over all of them, with the same surface (cluster/client.py).
+        self.cluster = cluster if cluster is not None and cluster.replicas > 1 else None
+        if self.cluster is not None:
+            from punctual.cluster.client import ClusterClient  # imports Ray only when asked
+
+            self.client = ClusterClient(config, self.cluster)
+        else:
+            self.client = EngineCoreClient(config)
         self.metrics = metrics
         self.info: CoreInfo | None = None
         self.tokenizer = None
@@ -98,6 +106,27 @@ class AsyncEngine:
     @property
     def core_pid(self) -> int | None:
         return self.client.pid
+
+    @property
+    def degraded(self) -> bool:
+        """A cluster with a replica down (it still serves while one lives)."""
+        return self.cluster is not None and self.client.degraded
+
+    @property
+    def replica_stats(self) -> dict[str, EngineStats] | None:
+        """Each replica's latest report, by replica id; None for a single engine."""
+        return self.client.replica_stats if self.cluster is not None else None
+
+    def replica_info(self) -> list[dict]:
+        """GET /admin/replicas: one item per replica (a single engine is replica 0)."""
+        if self.cluster is not None:
+            return self.client.replica_info()
+        stats = self.stats
+        return [{"id": 0, "pid": self.core_pid, "node": "127.0.0.1",
+                 "state": "ready" if self.is_alive else "dead",
+                 "running": stats.num_running if stats else 0, "waiting": stats.num_waiting if stats else 0,
+                 "kv_blocks_used": stats.kv_blocks_used if stats else 0,
+                 "kv_blocks_total": stats.kv_blocks_total if stats else 0}]
 
     @property
     def prompt_limits(self) -> PromptLimits:
@@ -189,6 +218,11 @@ class AsyncEngine:
             if handle is not None:
                 self.abort(handle)
                 handle.fail(RequestRejected(why))
+        for child_id, why in update.lost.items():  # a cluster could not resume it after a replica died
+            handle = self.by_child.get(child_id)
+            if handle is not None:
+                self.abort(handle)
+                handle.fail(EngineDeadError(why))
         for output in update.outputs:
             handle = self.by_child.get(output.request_id)
             if handle is None:

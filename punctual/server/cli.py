@@ -29,15 +29,41 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--check-integrity", action="store_true",
                        help="the engine core checks its KV pool, prefix cache and scheduler invariants whenever "
                             "it goes idle (for tests and debugging; a violation stops the core)")
+    cluster = serve.add_argument_group("replicas (Ray)")
+    cluster.add_argument("--replicas", type=int, default=1,
+                         help="engine replicas, each a Ray actor with its own process; every engine flag applies to each")
+    cluster.add_argument("--threads-per-replica", type=int, default=1, help="CPU threads (Ray CPUs) of each replica")
+    cluster.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs of each replica (1 on a GPU node)")
+    cluster.add_argument("--ray-address", default=None,
+                         help="join this Ray cluster (e.g. auto, or ray://head:10001); default: a local Ray "
+                              "instance started in this process, on loopback, without its dashboard")
+    cluster.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
+                         help="how requests are spread over replicas")
+    cluster.add_argument("--router-option", action="append", default=[], metavar="NAME=VALUE",
+                         help="a router knob, e.g. hot_spot_margin=1e9 (repeatable; numbers)")
+    cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def parse_router_options(items: list[str]) -> dict[str, float]:
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            options[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise SystemExit(f"--router-option: expected NAME=NUMBER, got {item!r}")
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from punctual.cli import engine_kwargs
-    from punctual.config import EngineConfig
+    from punctual.config import ClusterConfig, EngineConfig
     from punctual.server.app import build_app
     from punctual.server.config import ServerConfig
 
@@ -47,8 +73,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("PUNCTUAL_API_KEY") or None,
         max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
         shutdown_timeout_s=args.shutdown_timeout)
+    cluster = ClusterConfig(replicas=args.replicas, threads_per_replica=args.threads_per_replica,
+                            num_gpus_per_replica=args.gpus_per_replica, ray_address=args.ray_address,
+                            router=args.router, ray_dashboard=args.ray_dashboard,
+                            router_options=parse_router_options(args.router_option))
+    cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = build_app(engine_config, server_config)
+    app = build_app(engine_config, server_config, cluster)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
         timeout_graceful_shutdown=args.shutdown_timeout))

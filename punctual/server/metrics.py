@@ -21,9 +21,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
 
 
 class EngineStatsCollector:
-    """Exports the core's latest EngineStats at scrape time."""
+    """Exports the core's latest EngineStats at scrape time; a cluster's per replica, labelled `replica`."""
 
-    def __init__(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]):
+    def __init__(self, read_stats: Callable[[], EngineStats | dict[str, EngineStats] | None],
+                 read_alive: Callable[[], bool]):
         self.read_stats = read_stats
         self.read_alive = read_alive
 
@@ -31,9 +32,31 @@ class EngineStatsCollector:
         alive = GaugeMetricFamily("punctual_engine_alive", "1 while the engine core process is running")
         alive.add_metric([], 1.0 if self.read_alive() else 0.0)
         yield alive
-        stats = self.read_stats()
-        if stats is None:
+        reports = self.read_stats()
+        if reports is None:
             return
+        # One engine: unlabelled, as before clusters. Replicas: one sample per replica.
+        labelled = isinstance(reports, dict)
+        reports = reports if labelled else {"": reports}
+        families: dict[str, object] = {}
+        for replica, stats in reports.items():
+            for kind, name, doc, value in self._samples(stats):
+                family = families.get(name)
+                if family is None:
+                    labels = ["replica"] if labelled else []
+                    family = families[name] = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                        name, doc, labels=labels)
+                family.add_metric([replica] if labelled else [], float(value))
+            for family in self._speculation(stats, replica if labelled else None):
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+
+    @staticmethod
+    def _samples(stats: EngineStats):
+        """(kind, name, help, value) of each engine gauge and counter."""
         gauges = {
             "punctual_num_requests_waiting": ("Requests queued in the engine core", stats.num_waiting),
             "punctual_num_requests_running": ("Requests running in the engine core", stats.num_running),
@@ -49,12 +72,12 @@ class EngineStatsCollector:
                 "Spearman rank correlation of predicted vs actual output lengths (sjf policy)",
                 stats.output_length_rank_correlation)
         for name, (doc, value) in gauges.items():
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], float(value))
-            yield gauge
+            yield "gauge", name, doc, value
         counters = {
             "punctual_num_preemptions": ("Requests preempted by the scheduler", stats.num_preemptions),
             "punctual_engine_steps": ("Engine core steps run", stats.num_steps),
+            "punctual_engine_generation_tokens": ("Tokens the core generated (per replica in a cluster)",
+                                                  stats.generation_tokens),
             "punctual_engine_prompt_tokens_computed": (
                 "Prompt tokens the core computed, recomputation after preemption included",
                 stats.prompt_tokens_computed),
@@ -69,24 +92,22 @@ class EngineStatsCollector:
                                                  stats.kv_tier_restored),
         }
         for name, (doc, value) in counters.items():
-            counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], float(value))
-            yield counter
-        yield from self._speculation(stats)
+            yield "counter", name, doc, value
 
     @staticmethod
-    def _speculation(stats: EngineStats):
+    def _speculation(stats: EngineStats, replica: str | None = None):
         """Speculative decoding, labelled by proposer (ngram or draft); absent when it is off."""
         if stats.spec_method is None:
             return
         method = stats.spec_method
+        labels, values = (["method"], [method]) if replica is None else (["method", "replica"], [method, replica])
         for name, doc, value in (
                 ("punctual_spec_proposed_tokens", "Speculative tokens proposed", stats.spec_proposed_tokens),
                 ("punctual_spec_accepted_tokens", "Speculative tokens accepted", stats.spec_accepted_tokens),
                 ("punctual_spec_verifications", "Request-steps that verified speculative tokens",
                  stats.spec_verifications)):
-            counter = CounterMetricFamily(name, doc, labels=["method"])
-            counter.add_metric([method], float(value))
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric(values, float(value))
             yield counter
         spec = SpecStats(method, stats.spec_proposed_tokens, stats.spec_accepted_tokens, stats.spec_verifications)
         for name, doc, value in (
@@ -94,8 +115,8 @@ class EngineStatsCollector:
                 ("punctual_spec_mean_acceptance_length",
                  "Tokens a verifying request-step yields: accepted proposals + the one every step makes",
                  spec.mean_acceptance_length)):
-            gauge = GaugeMetricFamily(name, doc, labels=["method"])
-            gauge.add_metric([method], float(value))
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric(values, float(value))
             yield gauge
 
 

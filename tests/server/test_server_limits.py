@@ -42,6 +42,12 @@ def test_right_key_is_served_and_ops_routes_stay_open(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_admin_routes_need_the_key(server):
+    assert httpx.get(f"{server.url}/admin/replicas", timeout=10).status_code == 401
+    replicas = httpx.get(f"{server.url}/admin/replicas", headers=AUTH, timeout=10).json()
+    assert [(r["id"], r["pid"], r["state"]) for r in replicas] == [(0, server.engine_pid, "ready")]
+
+
 def test_queue_full_answers_429_at_once(server):
     body = {"model": MODEL, "prompt": "A long story", "max_tokens": 1000, "ignore_eos": True, "stream": True}
 

@@ -1,0 +1,1 @@
+"""Several engine replicas behind one front end, on Ray: replicas, the router, failover."""

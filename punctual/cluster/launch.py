@@ -1,0 +1,104 @@
+"""Ray: start or join a cluster, place one ReplicaServer actor per replica, and stop them.
+
+Everything that imports Ray lives here; the cluster client only calls these blocking methods
+(from threads, off the asyncio loop).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from punctual.config import ClusterConfig, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# A local Ray's object store: replicas pass no tensors through it, only small method results.
+LOCAL_OBJECT_STORE_BYTES = 80 << 20
+
+
+class RayReplicas:
+    """The replicas' actors; a local Ray instance is started here when no address is given."""
+
+    def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig):
+        self.engine_config = engine_config
+        self.cluster = cluster
+        self.actors: list = []
+        self.started_ray = False
+
+    def start(self) -> None:
+        """Connect to (or start) Ray and create every replica's actor; does not wait for them."""
+        import ray
+
+        from punctual.cluster.replica import ReplicaServer
+
+        cluster = self.cluster
+        if not ray.is_initialized():
+            if cluster.ray_address is None:
+                # Loopback, no dashboard, a small object store: a laptop or a test, not a service.
+                ray.init(num_cpus=cluster.replicas * cluster.threads_per_replica,
+                         num_gpus=int(cluster.replicas * cluster.num_gpus_per_replica) or None,
+                         include_dashboard=cluster.ray_dashboard, _node_ip_address=cluster.ray_host,
+                         dashboard_host=cluster.ray_host, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                         log_to_driver=False, configure_logging=False)
+                self.started_ray = True
+            else:
+                ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
+        # Replicas on this machine listen on loopback; on a cluster, on their node's address.
+        host = cluster.ray_host if self.started_ray else None
+        actor_class = ray.remote(ReplicaServer)
+        for replica_id in range(cluster.replicas):
+            options = dict(num_cpus=cluster.threads_per_replica, num_gpus=cluster.num_gpus_per_replica,
+                           max_restarts=cluster.max_restarts)
+            self.actors.append(actor_class.options(**options).remote(
+                self.engine_config, cluster.threads_per_replica, host))
+        self.ray = ray
+
+    @staticmethod
+    def restore_signal_handlers() -> None:
+        """ray.init put Ray's C++ failure handler on SIGTERM and SIGINT, over the server's own: it
+        aborts the process, so the graceful shutdown (drain, stop replicas, stop Ray) never ran.
+        Re-register the Python handlers; only the main thread may."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    def address(self, replica_id: int, timeout: float | None = None,
+                not_pid: int | None = None) -> tuple[str, int, int, str]:
+        """(host, port, pid) of a replica once its engine has loaded; waits through a
+        restart (`not_pid`: the pid of the process that died). Raises when it is gone for good."""
+        ray = self.ray
+        actor = self.actors[replica_id]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                host, port, pid = ray.get(actor.address.remote(), timeout=5.0)
+                if pid != not_pid:
+                    break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            except ray.exceptions.ActorDiedError:
+                raise  # out of restarts, or killed by us
+            except ray.exceptions.RayActorError:
+                pass  # dead and not yet restarted: Ray is on it
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"replica {replica_id} did not come up within {timeout} s")
+            time.sleep(0.2)
+        return host, port, pid
+
+    def shutdown(self) -> None:
+        """Kill every actor (no restart) and stop Ray if it was started here."""
+        ray = self.ray if hasattr(self, "ray") else None
+        if ray is None:
+            return
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        if self.started_ray:
+            ray.shutdown()

@@ -1,0 +1,77 @@
+"""One replica of a cluster: an EngineCore in a Ray actor's process, served over TCP.
+
+The replica speaks the same framed protocol as a local core process (engine/wire.py): it listens
+on its node's address, and each connection gets a CoreInfo and then the CoreLoop, run in a thread
+so the actor's own methods (address, pid) still answer. The front end connects with
+EngineCoreClient.connect. When the process dies, the kernel closes the socket and the front end
+sees EOF at once; Ray restarts the actor (max_restarts), which loads the model again.
+
+Ray is imported by the launcher (cluster/launch.py), not here: this class is plain Python and
+Ray wraps it with ray.remote.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+
+from punctual.config import EngineConfig
+from punctual.engine.wire import SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure, CoreInfo
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaServer:
+    """Loads the engine (in the actor's constructor, so a restart reloads it) and serves it."""
+
+    def __init__(self, config: EngineConfig, num_threads: int, host: str | None):
+        """`host`: where to listen; None: this node's address as Ray knows it (a multi-node cluster)."""
+        import torch
+
+        from punctual.engine.core import EngineCore
+
+        torch.set_num_threads(num_threads)  # Ray reserved num_cpus for us; more threads would fight
+        self.config = config
+        self.core = EngineCore(config)
+        self.core.kv_manager.pool.record_events = True  # the router learns where prefixes live
+        if host is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        self.listener = socket.create_server((host, 0))
+        self.host = host
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, name="punctual-replica", daemon=True).start()
+
+    def address(self) -> tuple[str, int, int]:
+        """(host, port, pid): where to connect, and the process that holds the engine."""
+        return self.host, self.port, os.getpid()
+
+    def _serve(self) -> None:
+        from punctual.engine.core_process import CoreLoop
+
+        core = self.core
+        while True:
+            conn, _ = self.listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            channel = BlockingChannel(conn)
+            try:
+                channel.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len,
+                                      core.vocab_size, tuple(core.eos_token_ids),
+                                      core.scheduler.max_request_tokens, core.stats()))
+                CoreLoop(core, channel, self.config.check_integrity).run()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                pass  # the front end went away; the next one starts clean
+            except BaseException:
+                try:
+                    channel.send(CoreFailure(traceback.format_exc()))
+                finally:
+                    os._exit(1)  # a broken core must not serve again: Ray restarts the process
+            finally:
+                conn.close()
+            # Whatever the last front end left running belongs to nobody now.
+            core.abort_requests(list(core.scheduler.requests))
+            core.kv_manager.pool.take_events()

@@ -1,0 +1,143 @@
+"""A real two-replica server (`punctual serve builtin-tiny --replicas 2`) on a local Ray instance."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+# The subprocess server fixture of the server tests, reused as is.
+_spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parent.parent / "server" / "conftest.py")
+server_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(server_conftest)
+
+BODY = {"model": "builtin-tiny", "prompt": "the quick brown fox jumps over", "max_tokens": 160,
+        "temperature": 0, "ignore_eos": True}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid` (Ray's raylet, GCS, workers and our replicas)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    server = server_conftest.ServerProcess("--replicas", "2", "--log-level", "warning")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        spawned = descendants(server.process.pid)
+        server.stop()
+        for pid in spawned:  # never leave Ray behind, even when a test failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def stream_text(url: str, body: dict, on_token=None) -> str:
+    pieces = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            pieces.append(event["choices"][0]["text"])
+            if on_token is not None:
+                on_token(len(pieces))
+    return "".join(pieces)
+
+
+def test_serves_and_reports_replicas(cluster):
+    whole = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=60).json()
+    assert whole["usage"]["completion_tokens"] == 160
+    assert stream_text(cluster.url, BODY) == whole["choices"][0]["text"]
+    replicas = httpx.get(f"{cluster.url}/admin/replicas", timeout=5).json()
+    assert [r["id"] for r in replicas] == [0, 1]
+    assert len({r["pid"] for r in replicas}) == 2 and all(r["state"] == "ready" for r in replicas)
+    assert all(r["kv_blocks_total"] > 0 and {"node", "running", "waiting", "kv_blocks_used"} <= set(r) for r in replicas)
+    metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+    assert 'punctual_kv_blocks_total{replica="0"}' in metrics and 'punctual_kv_blocks_total{replica="1"}' in metrics
+    assert httpx.get(f"{cluster.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_pins_go_to_every_replica(cluster):
+    pin = httpx.post(f"{cluster.url}/v1/cache/pin", json={"prompt": "a document " * 40, "pin_id": "doc"}, timeout=30)
+    assert pin.status_code == 200 and pin.json()["num_tokens"] > 0, pin.text
+    again = httpx.post(f"{cluster.url}/v1/cache/pin", json={"prompt": "a document " * 40, "pin_id": "doc"}, timeout=30)
+    assert again.status_code == 409
+    assert httpx.post(f"{cluster.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=30).status_code == 200
+    assert httpx.post(f"{cluster.url}/v1/cache/unpin", json={"pin_id": "doc"}, timeout=30).status_code == 404
+
+
+def test_replica_killed_mid_stream_loses_no_token(cluster):
+    reference = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+    killed: dict = {}
+
+    def kill_at(count: int) -> None:
+        if count == 8 and not killed:
+            busy = [r for r in httpx.get(f"{cluster.url}/admin/replicas", timeout=5).json() if r["running"] + r["waiting"]]
+            killed.update(busy[0])
+            os.kill(busy[0]["pid"], signal.SIGKILL)
+            killed["at"] = time.monotonic()
+
+    assert stream_text(cluster.url, BODY, kill_at) == reference  # greedy: as if nothing happened
+    assert killed, "no replica was busy"
+    assert "resuming its 1 requests elsewhere" in cluster.output()
+    # Ray restarts the replica (a new process, which loads the model again) and it rejoins;
+    # meanwhile the server is degraded, not down.
+    statuses = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{cluster.url}/health", timeout=5)
+        assert health.status_code == 200, health.text
+        statuses.add(health.json()["status"])
+        replicas = httpx.get(f"{cluster.url}/admin/replicas", timeout=5).json()
+        if all(r["state"] == "ready" for r in replicas) and killed["pid"] not in {r["pid"] for r in replicas}:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the killed replica did not come back: {replicas}")
+    assert "degraded" in statuses
+    assert httpx.get(f"{cluster.url}/health", timeout=5).json()["status"] == "ok"
+    assert stream_text(cluster.url, BODY) == reference
+
+
+def test_sigterm_exits_cleanly_and_leaves_no_ray_process(cluster):
+    spawned = descendants(cluster.process.pid)
+    assert len(spawned) >= 4  # GCS, raylet, two replicas at least
+    started = time.monotonic()
+    assert cluster.stop(timeout=30) == 0
+    took = time.monotonic() - started
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in spawned if alive(pid)]
+    assert not left, f"left behind: {[Path(f'/proc/{p}/cmdline').read_text() for p in left]}"
+    assert took < 20

@@ -1,0 +1,135 @@
+"""The routing policy on hand-built loads: no Ray, no torch, no model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from punctual.cluster.client import RoutedRequest, resumed_request
+from punctual.cluster.router import NoReplicaAvailable, ReplicaLoad, make_router, prompt_block_hashes
+from punctual.kv.manager import KVCacheManager
+from punctual.request import EngineCoreRequest, Request
+from punctual.sampling_params import SamplingParams
+
+BS = 4  # tokens per block
+
+
+def idle(count: int = 2, **overrides) -> list[ReplicaLoad]:
+    return [ReplicaLoad(i, True, 0, 0, 0, 100, 100) for i in range(count)] if not overrides else \
+        [replace(ReplicaLoad(i, True, 0, 0, 0, 100, 100), **overrides) for i in range(count)]
+
+
+def doc(seed: int, blocks: int = 8) -> list[int]:
+    return [seed * 1000 + i for i in range(blocks * BS)]
+
+
+def test_router_imports_no_torch_ray_or_clock():
+    code = ("import sys, punctual.cluster.router; "
+            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'torch or ray imported'; "
+            "src = open(punctual.cluster.router.__file__).read(); "
+            "assert 'import time' not in src and 'monotonic' not in src, 'a clock in the policy'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hash_chain_matches_the_kv_manager():
+    """The router matches prompts against the hashes replicas report: the two chains must agree,
+    across processes too (hash(None) differs per process before Python 3.12)."""
+    tokens = doc(1, 5) + [7, 7]
+    kv = KVCacheManager(64, BS)
+    request = Request(EngineCoreRequest("r", tokens, SamplingParams(max_tokens=1)), 4096)
+    assert prompt_block_hashes(tokens, BS) == kv.block_hashes(request, len(tokens))[:len(tokens) // BS]
+    code = ("from punctual.cluster.router import prompt_block_hashes; "
+            f"print(prompt_block_hashes({tokens!r}, {BS}))")
+    other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert other.strip() == str(prompt_block_hashes(tokens, BS))
+
+
+def test_cache_hit_preferred_and_learned_from_events():
+    # One request more in the queue weighs as 16 prompt tokens: the 32 cached ones outweigh it.
+    router = make_router("cache_aware", BS, tokens_per_load=16)
+    prompt = doc(1) + [1, 2]
+    router.on_blocks_stored(1, prompt_block_hashes(prompt, BS))
+    loads = idle(2)
+    loads[1] = replace(loads[1], num_running=1)  # a little busier, but it holds the document
+    assert router.route(prompt, None, loads) == 1
+    router.on_blocks_evicted(1, prompt_block_hashes(prompt, BS))
+    assert router.matched_blocks(1, prompt_block_hashes(prompt, BS)) == 0
+    assert router.route(prompt, None, loads) == 0  # gone from its cache: the least loaded
+    router.check_integrity()
+
+
+def test_shared_prefix_follows_the_first_request_before_any_event():
+    router = make_router("cache_aware", BS)
+    first = router.route(doc(3) + [1], None, idle(2))
+    assert router.route(doc(3) + [2, 2], None, idle(2)) == first
+
+
+def test_hot_spot_guard_beats_the_cache():
+    router = make_router("cache_aware", BS, hot_spot_margin=2.0, hot_spot_ratio=0.0)
+    prompt = doc(1)
+    router.on_blocks_stored(0, prompt_block_hashes(prompt, BS))
+    loads = idle(3)
+    loads[0] = replace(loads[0], num_running=4, num_waiting=2)  # mean 2, limit 4: replica 0 is hot
+    assert router.route(prompt, None, loads) != 0
+
+
+def test_misses_go_to_the_least_loaded_not_the_cache_holder():
+    """No death spiral: a miss never piles on the loaded replica that holds other documents."""
+    router = make_router("cache_aware", BS)
+    router.on_blocks_stored(0, prompt_block_hashes(doc(1), BS))
+    loads = idle(2)
+    loads[0] = replace(loads[0], num_running=2)
+    for seed in range(10, 20):
+        assert router.route(doc(seed), None, loads) == 1
+        router.remove_replica(1)  # forget the prediction, so every miss stays a miss
+
+
+def test_misses_spread_over_idle_replicas():
+    router = make_router("cache_aware", BS)
+    chosen = set()
+    for seed in range(4):
+        replica = router.route(doc(seed), None, idle(2))
+        router.on_request_routed(replica, 8 * BS)  # the load reports are stale: count it
+        chosen.add(replica)
+    assert chosen == {0, 1}
+
+
+def test_user_sticks_while_balanced_and_moves_when_not():
+    router = make_router("cache_aware", BS)
+    home = router.route([1, 2, 3], "alice", idle(2))
+    assert router.route([9, 8, 7], "alice", idle(2)) == home
+    loads = idle(2)
+    loads[home] = replace(loads[home], num_running=3)
+    assert router.route([5, 5, 5], "alice", loads) != home
+
+
+def test_round_robin_and_least_loaded():
+    rr = make_router("round_robin", BS)
+    assert [rr.route([1], None, idle(3)) for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+    loads = idle(3)
+    loads[1] = replace(loads[1], healthy=False)
+    assert {rr.route([1], None, loads) for _ in range(4)} == {0, 2}
+    ll = make_router("least_loaded", BS)
+    loads = idle(3)
+    loads[0] = replace(loads[0], num_waiting=2)
+    loads[2] = replace(loads[2], queued_prefill_tokens=4096)
+    assert ll.route([1], None, loads) == 1
+
+
+def test_no_healthy_replica_raises():
+    for name in ("cache_aware", "least_loaded", "round_robin"):
+        with pytest.raises(NoReplicaAvailable):
+            make_router(name, BS).route([1], None, idle(2, healthy=False))
+    with pytest.raises(ValueError, match="router"):
+        make_router("random", BS)
+
+
+def test_resumed_request_continues_where_the_stream_stopped():
+    params = SamplingParams(max_tokens=10, min_tokens=4, temperature=0)
+    routed = RoutedRequest(EngineCoreRequest("r", [1, 2, 3], params, arrival_time=5.0), 0, delivered=[7, 8, 9])
+    resumed = resumed_request(routed)
+    assert resumed.prompt_token_ids == [1, 2, 3, 7, 8, 9] and resumed.arrival_time == 5.0
+    assert resumed.sampling_params.max_tokens == 7 and resumed.sampling_params.min_tokens == 1
+    assert routed.request.sampling_params.max_tokens == 10  # the original is untouched
