@@ -27,6 +27,19 @@ MODES = {"off": {}, "fixed-4": dict(speculative_method="ngram", num_speculative_
 
 
 KINDS = ("repetitive", "sampled")
+REAL_KINDS = ("summarize", "code")  # real text (punctual.bench.corpus): where a trained model copies its context
+
+
+def real_prompts(kind: str, count: int, tokenizer, seed: int) -> list[list[int]]:
+    """Greedy prompts of real text: a summary asked through the chat template, or code to continue."""
+    from punctual.bench.workloads import generate_workload
+
+    requests = generate_workload(kind, count, seed=seed, length_scale=0.3 if kind == "summarize" else 0.5)
+    if kind == "code":
+        return [tokenizer.encode(r.prompt) for r in requests]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                           add_generation_prompt=True) for r in requests]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
 def prompts(kind: str, count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -78,7 +91,10 @@ def main() -> None:
     parser.add_argument("--draft-model", default="builtin-draft",
                         help="draft checkpoint of the draft-* modes ('' skips them)")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"prompt kinds, from {', '.join(KINDS + REAL_KINDS)} (real ones want a trained model)")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
 
     from punctual import LLM
 
@@ -91,15 +107,17 @@ def main() -> None:
     engines = {mode: LLM(args.model, dtype=args.dtype, kv_cache_memory="1GiB", max_num_batched_tokens=512,
                          **spec_args) for mode, spec_args in modes.items()}
     vocab = next(iter(engines.values())).engine.core.vocab_size
+    tokenizer = next(iter(engines.values())).engine.tokenizer
     for llm in engines.values():
         run_once(llm, prompts("random", 1, vocab, 99), 8)  # warm-up
     names = list(modes)
-    for kind in KINDS:
+    for kind in kinds:
         for level in levels:
             runs: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
             counts = {m: _spec_counts(engines[m]) for m in names}
             for seed in range(args.runs):
-                batch = prompts(kind, level, vocab, seed)
+                batch = real_prompts(kind, level, tokenizer, seed) if kind in REAL_KINDS else \
+                    prompts(kind, level, vocab, seed)
                 for mode in names[seed % len(names):] + names[:seed % len(names)]:
                     runs[mode].append(run_once(engines[mode], batch, args.max_tokens, kind))
             for mode in names:
@@ -115,7 +133,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     print("\n| prompts | streams | " + " | ".join(f"{m} TPOT ms (tok/s)" for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
-    for kind in KINDS:
+    for kind in kinds:
         for level in levels:
             cells = []
             for mode in modes:
