@@ -87,10 +87,10 @@ class QuantizedWeight:
 
 
 def can_quantize(weight: torch.Tensor, kind: str, group_size: int = INT4_GROUP_SIZE) -> bool:
-    """The CPU kernels' shape rules: int4 needs whole groups along K and an even N."""
+    """The CPU kernels' shape rules: int4 needs whole groups along K and N a multiple of 16."""
     if kind == "int8":
         return True
-    return weight.shape[1] % group_size == 0 and weight.shape[0] % 8 == 0
+    return weight.shape[1] % group_size == 0 and weight.shape[0] % 16 == 0
 
 
 def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
