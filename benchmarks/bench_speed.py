@@ -60,7 +60,8 @@ def prefill_tok_s(llm, prompt_len: int, rng: random.Random) -> float:
 
     engine = llm.engine
     vocab = engine.core.vocab_size
-    engine.add_request(f"p-{rng.random()}", {"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(prompt_len)]},
+    prompt = [rng.randrange(100, vocab) for _ in range(prompt_len)]
+    engine.add_request(f"p-{rng.random()}", {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     start = time.perf_counter()
     while engine.has_unfinished_requests():
