@@ -25,6 +25,9 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     seed: int = 0  # seed of the engine's sampler for requests that bring none
+    # Weight-only quantization of every linear (CPU): none | int8 (per output channel) |
+    # int4 (groups of 32 inputs). Fewer bytes per decode token; see punctual/model/quant.py.
+    quantization: str = "none"
 
 
 @dataclass
@@ -123,6 +126,8 @@ class EngineConfig:
         self.speculative.validate()
         if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}")
+        if self.model.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization must be none|int8|int4, got {self.model.quantization!r}")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
+from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, quantize
 
 
 @dataclass
@@ -30,10 +31,12 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
            single_row_mv: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias. A weight packed by `pack_weight` goes straight to oneDNN; with
-    `single_row_mv`, one row goes through torch.mv instead of GEMM."""
+    """x @ weight.T + bias. A weight packed by `pack_weight` goes straight to oneDNN, a quantized
+    one to its kernel; with `single_row_mv`, one row goes through torch.mv instead of GEMM."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     if single_row_mv and x.shape[0] == 1:
@@ -105,8 +108,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, quantization: str = "none"):
+        """`quantization` (none | int8 | int4): weight-only, for every linear of the layers, and
+        the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for lookups)."""
+        if quantization != "none" and device.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
+                             f"device is {device.type}")
         self.arch = arch
+        self.quantization = quantization
         self.device = device
         self.dtype = dtype
 
@@ -159,7 +168,16 @@ class LlamaModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.packed = packing_is_exact(dtype, device)
-        if self.packed:
+        if quantization != "none":
+            for layer in self.layers:
+                for name in ("qkv", "o_proj", "gate_up", "down"):
+                    setattr(layer, name, quantize(getattr(layer, name), quantization))
+            head = HEAD_QUANTIZATION[quantization]
+            if head != "none":
+                self.lm_head = quantize(self.lm_head, head)
+            elif self.packed:
+                self.lm_head = pack_weight(self.lm_head)
+        elif self.packed:
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
                     setattr(layer, name, pack_weight(getattr(layer, name)))
@@ -167,8 +185,8 @@ class LlamaModel:
             self.lm_head = pack_weight(self.lm_head)
         # Single-token steps (one decode) are weight-read bound: where weights are not packed,
         # take whichever single-row path reads faster here.
-        self.single_row_mv = (not self.packed and device.type == "cpu" and dtype == torch.bfloat16
-                              and mv_is_faster(self.lm_head))
+        self.single_row_mv = (not self.packed and quantization == "none" and device.type == "cpu"
+                              and dtype == torch.bfloat16 and mv_is_faster(self.lm_head))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -1,0 +1,128 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups.
+
+Through PyTorch's own CPU kernels (torchao calls the same ones on CPU): `_weight_int8pack_mm`
+(int8 weights, one scale per output row) and `_weight_int4pack_mm_for_cpu` (4-bit weights in
+groups along the input dimension, a scale and a zero point per group, asymmetric like
+llama.cpp's Q4_1). Measured on the AMD EPYC of PERFORMANCE.md, one thread (us per call,
+bf16 packed oneDNN / int8 / int4):
+
+    rows   qkv 960x576    gate_up 3072x576   down 576x1536   lm_head 49152x576
+    1      27 / 16 / 18   59 / 47 / 52       34 / 23 / 27    1605 / 1665 / 1081
+    8      38 / 63 / 58   88 / 201 / 181     50 / 89 / 89
+    32     94 / 247 / 224 276 / 804 / 717    141 / 348 / 356 6564 / 17281 / 23435
+
+The kernels are GEMV loops: they read half or a quarter of the bytes at one row and lose by
+2.5-3x from 8 rows on, since they do not reuse a dequantized weight across rows. So beyond
+`dequantize_above_rows` rows (prompt chunks) a linear dequantizes its weight to the model dtype
+and runs one GEMM (4.7 against 13.2 ms for 512 rows of gate_up in int8), with the same
+quantized values; only the rounding of the product changes with the path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 block: a dequantized Q4_1 checkpoint re-quantizes exactly
+# The head's quantization for each: int4 keeps an int8 head, as llama.cpp's quantizer keeps the
+# output tensor at 6-8 bits (on smollm2 an int4 head cost 6.5% perplexity, an int8 one 0.1%: BENCHMARKS.md).
+HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
+# Above this many rows the GEMV kernels lose to dequantize-then-GEMM (gate_up, 1 thread, us:
+# int8 kernel 414 / 822 / 3254 against 438 / 616 / 1339 at 16 / 32 / 128 rows; int4's
+# dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
+INT8_DEQUANTIZE_ABOVE = 24
+INT4_DEQUANTIZE_ABOVE = 128
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear weight [out_features, in_features] in int8 or int4, with what its kernel needs.
+
+    int8: `data` int8 [N, K], `scales` [N] in the activation dtype; W = data * scales[:, None].
+    int4: `data` is the kernel's packed layout, `nibbles` the same 4-bit values plainly (uint8
+    [N, K/2], low nibble first) for dequantizing, `scales` [K/g, N, 2] (scale, zero) in the
+    activation dtype; W = (q - 8) * scale + zero per group of g inputs.
+    """
+
+    kind: str
+    data: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+    group_size: int = 0
+    nibbles: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.nibbles.nbytes if self.nibbles is not None else 0
+        return self.data.nbytes + self.scales.nbytes + extra
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the kernels multiply by, [N, K], in `dtype` (default: the scales' dtype)."""
+        dtype = dtype or self.scales.dtype
+        if self.kind == "int8":
+            return (self.data.to(dtype) * self.scales.to(dtype)[:, None])
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n, k // g, g)
+        scale = self.scales[..., 0].t().to(dtype)[:, :, None]  # [N, K/g, 1]
+        zero = self.scales[..., 1].t().to(dtype)[:, :, None]
+        return ((q.to(dtype) - 8) * scale + zero).view(n, k)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
+        rows = x.shape[0]
+        if self.kind == "int8":
+            if rows > INT8_DEQUANTIZE_ABOVE:
+                out = F.linear(x, self.data.to(x.dtype)) * self.scales
+            else:
+                out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.data, self.scales)
+        elif rows > INT4_DEQUANTIZE_ABOVE:
+            out = F.linear(x, self.dequantize(x.dtype))
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size, self.scales)
+        return out if bias is None else out + bias
+
+
+def can_quantize(weight: torch.Tensor, kind: str, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """The CPU kernels' shape rules: int4 needs whole groups along K and N a multiple of 16."""
+    if kind == "int8":
+        return True
+    return weight.shape[1] % group_size == 0 and weight.shape[0] % 16 == 0
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 per output channel: scale = absmax / 127 of each row."""
+    w32 = weight.float()
+    scale = w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    data = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return QuantizedWeight("int8", data, scale.to(weight.dtype), weight.shape[0], weight.shape[1])
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
+    """Asymmetric 4-bit in groups of `group_size` inputs: min and max of each group map to 0 and 15."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    # The kernel computes (q - 8) * scale + zero, so the zero point is the value of q = 8.
+    scale_d, zero_d = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)
+    # Rounded against the scale and zero as stored, so the stored grid is the one searched.
+    q = torch.round((groups - (zero_d.float() - 8 * scale_d.float())) / scale_d.float()).clamp(0, 15)
+    q = q.to(torch.int32).view(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    scales = torch.stack((scale_d.view(n, -1), zero_d.view(n, -1)), dim=-1).transpose(0, 1).contiguous()
+    return QuantizedWeight("int4", packed, scales, n, k, group_size, nibbles)
+
+
+def quantize(weight: torch.Tensor, kind: str) -> torch.Tensor | QuantizedWeight:
+    """`weight` quantized by `kind` (int8 | int4); a weight the int4 kernel cannot take goes int8."""
+    if kind == "int4" and not can_quantize(weight, "int4"):
+        kind = "int8"
+    return quantize_int4(weight) if kind == "int4" else quantize_int8(weight)
+
