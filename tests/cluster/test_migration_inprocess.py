@@ -9,37 +9,13 @@ import pytest
 
 import punctual.cluster.launch
 from punctual.cluster.client import ClusterClient
-from punctual.cluster.replica import ReplicaServer
+from punctual.cluster.inprocess import InProcessReplicas
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 
 PROMPT = list(range(10, 47))
 MAX_TOKENS = 40
-
-
-class InProcessReplicas:
-    """RayReplicas' surface over ReplicaServer objects in this process."""
-
-    servers: list[ReplicaServer] = []
-
-    def __init__(self, engine_config, cluster):
-        self.engine_config, self.cluster = engine_config, cluster
-
-    def start(self):
-        InProcessReplicas.servers = [ReplicaServer(self.engine_config, 1, "127.0.0.1")
-                                     for _ in range(self.cluster.replicas)]
-
-    def address(self, replica_id, timeout=None, not_pid=None):
-        return self.servers[replica_id].address()
-
-    @staticmethod
-    def restore_signal_handlers():
-        pass
-
-    def shutdown(self):
-        for server in self.servers:
-            server.listener.close()
 
 
 @pytest.fixture
