@@ -1,7 +1,7 @@
 """Moving KV between replicas (issue 17): transfer size and time against context length (raw and
 int8), and the stall of a migrated stream against resuming it by recompute.
 
-    python -m punctual.bench.kv_moves [--model builtin] [--contexts 128,512,1024] [--repeats 3]
+    python benchmarks/bench_kv_moves.py [--model builtin] [--contexts 128,512,1024] [--repeats 3]
 
 Replicas run in this process (cluster/inprocess.py), so the numbers are the engine's and the
 front end's own costs over loopback sockets, without Ray's process boundaries.
