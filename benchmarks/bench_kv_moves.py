@@ -78,10 +78,11 @@ def main() -> None:
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--contexts", default="128,512,1024")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="migrate with the KV int8-compressed on the wire")
     args = parser.parse_args()
     punctual.cluster.launch.RayReplicas = InProcessReplicas
     config = EngineConfig.from_kwargs(args.model, kv_cache_memory="256MiB")
-    client = ClusterClient(config, ClusterConfig(replicas=2))
+    client = ClusterClient(config, ClusterConfig(replicas=2, kv_transfer_int8=args.int8))
     results = []
 
     async def run() -> None:

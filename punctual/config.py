@@ -172,6 +172,7 @@ class ClusterConfig:
     decode_replicas: int = 0
     migration: bool = False  # rebalance by moving running requests (Llumnix)
     migration_threshold: int = 2  # ...when the busiest replica runs this many more than the idlest
+    kv_transfer_int8: bool = False  # moved KV crosses the wire int8-compressed (about half the bytes; lossy)
 
     def validate(self) -> None:
         if self.replicas < 1:

@@ -400,6 +400,7 @@ class ClusterClient:
         routed.migrating = True
         reserved = detached = False
         block_size = self.config.cache.block_size
+        int8 = self.cluster.kv_transfer_int8
 
         def still_ours() -> bool:
             return self.requests.get(request_id) is routed and routed.replica_id == source_id
@@ -414,7 +415,7 @@ class ClusterClient:
                 return False
             copied = 0
             for _ in range(policy.MAX_PRECOPY_ROUNDS):  # the request keeps decoding at the source
-                answer = await self._kv(source_id, "kv_export", request_id, copied, None, False)
+                answer = await self._kv(source_id, "kv_export", request_id, copied, None, int8)
                 if not answer.ok or not still_ours():
                     record["error"] = answer.error or "gone meanwhile"
                     return False
@@ -428,7 +429,7 @@ class ClusterClient:
                     break
             record["precopy_blocks"] = copied
             stopped = time.monotonic()
-            out = await self._kv(source_id, "kv_migrate_out", request_id, copied, False)
+            out = await self._kv(source_id, "kv_migrate_out", request_id, copied, int8)
             if not out.ok or not still_ours():  # finished or preempted meanwhile: it stays
                 record["error"] = out.error or "gone meanwhile"
                 return False

@@ -50,6 +50,9 @@ def add_serve_parser(subparsers) -> None:
                          help="move running requests from the busiest replica to the idlest when they differ "
                               "by --migration-threshold requests or more")
     cluster.add_argument("--migration-threshold", type=int, default=2, help="see --migration")
+    cluster.add_argument("--kv-transfer-dtype", choices=["auto", "int8"], default="auto",
+                         help="KV moved between replicas: in the cache's dtype (auto), or int8-compressed "
+                              "(about half the bytes; lossy, so a greedy stream may differ after a move)")
     cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -89,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             router=args.router, ray_dashboard=args.ray_dashboard,
                             router_options=parse_router_options(args.router_option),
                             prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
-                            migration=args.migration == "on", migration_threshold=args.migration_threshold)
+                            migration=args.migration == "on", migration_threshold=args.migration_threshold,
+                            kv_transfer_int8=args.kv_transfer_dtype == "int8")
     cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = build_app(engine_config, server_config, cluster)

@@ -149,3 +149,19 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
     moves = [m for m in client.migrations if m["ok"]]
     assert moves and moves[0]["reason"] == "rebalance" and (moves[0]["source"], moves[0]["target"]) == (0, 1)
     assert tokens["r0"] == tokens["r1"] == tokens["r2"] and len(tokens["r0"]) == MAX_TOKENS
+
+
+def test_int8_transfer_moves_and_leaks_nothing(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2, kv_transfer_int8=True))
+    results = {}
+
+    async def scenario(c: ClusterClient):
+        async def moved(c):
+            results["ok"] = await c.migrate("q", 1 - c.requests["q"].replica_id, "test")
+
+        results["tokens"] = await generate(c, "q", moved)
+
+    run(client, scenario)
+    assert results["ok"] and len(results["tokens"]) == MAX_TOKENS  # lossy: the text may differ
