@@ -303,8 +303,8 @@ class ClusterClient:
                 routed.pd_moved = True  # its first token exists: decoding goes on elsewhere
                 asyncio.ensure_future(self._to_decode(output.request_id))
         for answer in update.kv_answers:
-            _, future = self._kv_ops.pop(answer.op_id)
-            if not future.done():
+            _, future = self._kv_ops.pop(answer.op_id, (None, None))
+            if future is not None and not future.done():  # None: a fire-and-forget kv_abort_import
                 future.set_result(answer)
         if self.cluster.migration and not self._rebalancing and update.outputs:
             self._maybe_rebalance()
@@ -398,7 +398,7 @@ class ClusterClient:
         record = {"request_id": request_id, "source": source_id, "target": target_id, "reason": reason,
                   "ok": False, "precopy_blocks": 0, "final_blocks": 0}
         routed.migrating = True
-        reserved = detached = False
+        reserved = False
         block_size = self.config.cache.block_size
         int8 = self.cluster.kv_transfer_int8
 
@@ -433,11 +433,15 @@ class ClusterClient:
             if not out.ok or not still_ours():  # finished or preempted meanwhile: it stays
                 record["error"] = out.error or "gone meanwhile"
                 return False
-            detached = True
             record["final_blocks"] = out.num_blocks
-            # Every token the source made came before this answer: the target's come next. Map the
-            # request to the target before its first output can arrive.
             source, target = self.replicas[source_id], self.replicas[target_id]
+            if not target.ready:  # it died meanwhile: the source let go, so recompute there
+                record["error"] = f"replica {target_id} died"
+                self._resume_by_recompute(request_id, prefer=source_id)
+                return False
+            # Every token the source made came before this answer: the target's come next. Map the
+            # request to the target before its first output can arrive (a death of the target from
+            # now on finds it there and resumes it like its other requests).
             source.request_ids.discard(request_id)
             target.request_ids.add(request_id)
             routed.replica_id = target_id
@@ -455,13 +459,9 @@ class ClusterClient:
             record.update(ok=True, downtime_s=time.monotonic() - stopped)
             return True
         except EngineDeadError as exc:
-            # The source's death resumes its requests; the target's, those mapped to it already.
+            # A replica died: its death handler resumed whatever it held (the request is mapped to
+            # the source until the commit is sent, to the target after).
             record["error"] = str(exc)
-            if detached and self.requests.get(request_id) is routed and routed.replica_id == target_id \
-                    and not self.replicas[target_id].ready:
-                pass  # _on_replica_death of the target resumed it
-            elif detached and self.requests.get(request_id) is routed and not self.replicas[target_id].ready:
-                self._resume_by_recompute(request_id, prefer=source_id)
             return False
         finally:
             routed.migrating = False
