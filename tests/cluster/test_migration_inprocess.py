@@ -55,7 +55,11 @@ async def generate(client: ClusterClient, request_id: str, move=None) -> list[in
 
 
 def run(cluster: ClusterClient, scenario) -> None:
+    errors = []
+
     async def main():
+        # An exception in a socket callback is only logged by asyncio: make it fail the test.
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
         cluster.start()
         await cluster.attach(lambda update: None, lambda reason: None)
         try:
@@ -65,6 +69,7 @@ def run(cluster: ClusterClient, scenario) -> None:
             await cluster.shutdown()
 
     asyncio.run(main())
+    assert not errors, errors
     time.sleep(0.2)  # each replica's thread aborts what its front end left, then waits for the next
     for server in InProcessReplicas.servers:
         server.core.check_integrity()
