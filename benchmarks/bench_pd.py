@@ -110,12 +110,14 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(300, 2000, args.prompt_tokens).tolist() for _ in range(args.requests)]
     rows = [run_setup(args, name, prompts) for name in args.setups.split(",")]
-    same = all(r["texts"] == rows[0]["texts"] for r in rows)
+    # Greedy texts agree with the first setup's where the batches' numerics allow (a step's batch
+    # differs between setups, and a random-weight model has near ties): counted, not asserted.
+    first = rows[0]["texts"]
+    for row in rows:
+        row["texts_differing_from_first"] = sum(a != b for a, b in zip(row["texts"], first))
     for row in rows:
         row.pop("texts")
         print(json.dumps(row))
-    print(json.dumps({"identical_texts": same}))
-
 
 if __name__ == "__main__":
     main()
