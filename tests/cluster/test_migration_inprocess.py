@@ -170,3 +170,44 @@ def test_int8_transfer_moves_and_leaks_nothing(monkeypatch):
 
     run(client, scenario)
     assert results["ok"] and len(results["tokens"]) == MAX_TOKENS  # lossy: the text may differ
+
+
+def test_concurrent_streams_each_moved_match_their_solo_runs(monkeypatch):
+    """Four streams decoding together, each moved while the others keep going (and moving)."""
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=128, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2))
+    prompts = {f"c{i}": [(i * 31 + 7 * j) % 500 + 3 for j in range(20 + 9 * i)] for i in range(4)}
+    solo: dict[str, list[int]] = {}
+    together: dict[str, list[int]] = {}
+
+    async def scenario(c: ClusterClient):
+        finished = set()
+
+        def on_update(update):
+            for out in update.outputs:
+                target = solo if out.request_id.startswith("solo") else together
+                target.setdefault(out.request_id.removeprefix("solo-"), []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        for request_id, prompt in prompts.items():
+            c.add_request(EngineCoreRequest(f"solo-{request_id}", list(prompt), params, arrival_time=0.0))
+            while f"solo-{request_id}" not in finished:
+                await asyncio.sleep(0.005)
+        for request_id, prompt in prompts.items():
+            c.add_request(EngineCoreRequest(request_id, list(prompt), params, arrival_time=0.0))
+        moves = []
+        while len(finished) < 2 * len(prompts):
+            for request_id in prompts:
+                routed = c.requests.get(request_id)
+                if routed is not None and len(routed.delivered) >= 6 + 3 * int(request_id[1:]) and request_id not in moves:
+                    moves.append(request_id)
+                    asyncio.ensure_future(c.migrate(request_id, 1 - routed.replica_id, "test"))
+            await asyncio.sleep(0.002)
+
+    run(client, scenario)
+    assert sum(m["ok"] for m in client.migrations) == len(prompts), client.migrations
+    assert together == solo
