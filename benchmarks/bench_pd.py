@@ -43,7 +43,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
                 times.append(time.monotonic())
                 text.append(json.loads(line[6:])["choices"][0]["text"])
     tpot = (times[-1] - times[0]) / max(1, len(times) - 1)
-    return {"ttft": times[0] - started, "tpot": tpot, "text": "".join(text)}
+    return {"ttft": times[0] - started, "tpot": tpot, "e2e": time.monotonic() - started, "text": "".join(text)}
 
 
 async def closed_loop(url, prompts, concurrency, max_tokens):
