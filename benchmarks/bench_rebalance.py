@@ -33,7 +33,6 @@ SETUPS = {"off": ["--migration", "off"], "on": ["--migration", "on", "--migratio
 async def burst(url: str, prompts: list[list[int]], lengths: list[int]) -> tuple[list[dict], float]:
     async with httpx.AsyncClient(timeout=600) as client:
         started = time.monotonic()
-        results = []
         tasks = []
         for prompt, length in zip(prompts, lengths):  # in order, so round_robin alternates
             tasks.append(asyncio.ensure_future(bench_pd.one_request(client, url, prompt, length)))

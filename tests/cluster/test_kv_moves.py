@@ -2,15 +2,14 @@
 another replica mid-generation, and prefill/decode disaggregation, both identical to one engine."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
 import pytest
 
 from tests.cluster.test_cluster_server import BODY, alive, descendants, server_conftest, stream_text
-
-import os
-import signal
 
 
 @pytest.fixture(scope="module")
