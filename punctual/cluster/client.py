@@ -505,7 +505,10 @@ class ClusterClient:
         replica.draining = True
         allowed = {"decode"} if replica.role == "decode" else None
         migrated = recomputed = 0
-        for request_id in sorted(replica.request_ids, key=lambda i: self.requests[i].request.arrival_time):
+        # Running requests first: the target's seats go to those whose KV would otherwise be recomputed.
+        order = sorted(replica.request_ids,
+                       key=lambda i: (not self.requests[i].started, self.requests[i].request.arrival_time))
+        for request_id in order:
             routed = self.requests.get(request_id)
             if routed is None or routed.replica_id != rid:
                 continue
@@ -514,9 +517,13 @@ class ClusterClient:
             if routed.replica_id != rid or self.requests.get(request_id) is not routed:
                 continue
             target = policy.least_loaded(self._loads(), allowed, exclude=rid)
-            if routed.started and target is not None and await self.migrate(request_id, target, "drain"):
-                migrated += 1
-                continue
+            if routed.started and target is not None:
+                if await self.migrate(request_id, target, "drain"):
+                    migrated += 1
+                    continue
+                if self.requests.get(request_id) is routed and routed.replica_id != rid:
+                    recomputed += 1  # the source had let it go: the migration resumed it by recompute
+                    continue
             if self.requests.get(request_id) is routed and routed.replica_id == rid and replica.ready:
                 replica.client.abort_requests([request_id])
                 self._resume_by_recompute(request_id)

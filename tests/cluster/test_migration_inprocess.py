@@ -211,3 +211,38 @@ def test_concurrent_streams_each_moved_match_their_solo_runs(monkeypatch):
     run(client, scenario)
     assert sum(m["ok"] for m in client.migrations) == len(prompts), client.migrations
     assert together == solo
+
+
+def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=1)
+    client = ClusterClient(config, ClusterConfig(replicas=2))
+    tokens: dict[str, list[int]] = {}
+    drained = {}
+
+    async def scenario(c: ClusterClient):
+        finished = set()
+
+        def on_update(update):
+            for out in update.outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        real_route = c._route
+        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
+        for i in range(3):
+            c.add_request(request(f"d{i}"))
+        while len(tokens.get("d0", [])) < 6:
+            await asyncio.sleep(0.005)
+        monkeypatch.setattr(c, "_route", real_route)
+        drained.update(await c.drain(0))
+        while len(finished) < 3:
+            await asyncio.sleep(0.01)
+        drained["info"] = c.replica_info()
+
+    run(client, scenario)
+    assert {k: drained[k] for k in ("migrated", "recomputed", "left")} == {"migrated": 1, "recomputed": 2, "left": 0}
+    assert [r["state"] for r in drained["info"]] == ["drained", "ready"]
+    assert tokens["d0"] == tokens["d1"] == tokens["d2"] and len(tokens["d0"]) == MAX_TOKENS
