@@ -31,3 +31,15 @@ def test_least_loaded_and_pick():
     assert least_loaded(loads, allowed={2}) is None
     assert pick_request({"a": 40, "b": 12, "c": 12}) == "b"
     assert pick_request({}) is None
+
+
+def test_cluster_config_checks_the_disaggregation_fields():
+    from punctual.config import ClusterConfig
+
+    ClusterConfig(replicas=3, prefill_replicas=1, decode_replicas=2).validate()
+    with pytest.raises(ValueError, match="prefill_replicas"):
+        ClusterConfig(replicas=3, prefill_replicas=1, decode_replicas=1).validate()
+    with pytest.raises(ValueError, match="decode_replicas"):
+        ClusterConfig(replicas=2, prefill_replicas=2).validate()
+    with pytest.raises(ValueError, match="migration_threshold"):
+        ClusterConfig(replicas=2, migration_threshold=1).validate()
