@@ -9,7 +9,9 @@ evaluation harness scores a text (the sum of each token's logprob given the ones
 
 A variant is NAME=KEY:VALUE,KEY:VALUE of engine keyword arguments (empty: the defaults). The
 text is standard-library documentation (punctual.bench.corpus): real English prose and code
-identifiers, shipped with Python, not downloaded.
+identifiers, shipped with Python, not downloaded. Give every variant a small
+`max_num_batched_tokens` (e.g. 64) to measure a KV cache format: a prompt prefilled in one
+chunk attends to its own fresh K/V, not to the cache, so only later chunks read the cache.
 """
 from __future__ import annotations
 

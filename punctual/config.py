@@ -171,11 +171,26 @@ class ClusterConfig:
     ray_dashboard: bool = False
     max_restarts: int = 3  # Ray restarts a dead replica this many times
     start_timeout_s: float | None = None  # None: as long as the model takes to load
+    # Prefill/decode disaggregation (DistServe): the first `prefill_replicas` replicas take prompts,
+    # the other `decode_replicas` get each request's KV once its first token exists. 0, 0: colocated.
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+    migration: bool = False  # rebalance by moving running requests (Llumnix)
+    migration_threshold: int = 2  # ...when the busiest replica runs this many more than the idlest
+    kv_transfer_int8: bool = False  # moved KV crosses the wire int8-compressed (about half the bytes; lossy)
 
     def validate(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.threads_per_replica < 1:
             raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+        if self.prefill_replicas or self.decode_replicas:
+            if self.prefill_replicas < 1 or self.decode_replicas < 1:
+                raise ValueError("prefill_replicas and decode_replicas must both be >= 1 when either is set, "
+                                 f"got {self.prefill_replicas} and {self.decode_replicas}")
+            if self.replicas != self.prefill_replicas + self.decode_replicas:
+                raise ValueError(f"replicas ({self.replicas}) must be prefill_replicas + decode_replicas")
+        if self.migration_threshold < 2:
+            raise ValueError(f"migration_threshold must be >= 2, got {self.migration_threshold}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")

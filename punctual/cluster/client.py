@@ -13,21 +13,28 @@ would have to be replayed; or no replica left) ends with an error. Ray restarts 
 rejoins when its engine has loaded again, and gets the pins back.
 
 Pins are broadcast: every replica computes and holds the prefix, so any may serve its users.
+
+KV moves between replicas through this front end (migrate): the source's kv_* answers carry the
+payload, already pickled, and the front end sends it on to the target over the target's socket.
+Drain, rebalancing (--migration on) and prefill/decode disaggregation are all migrations.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from punctual.cluster import migration as policy
 from punctual.cluster.router import NoReplicaAvailable, ReplicaLoad, make_router
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import PinAck
+from punctual.engine.wire import KVAnswer, PinAck
 from punctual.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,12 @@ class Replica:
     # Pins and unpins sent to this replica, in order, awaiting its acks (None: a re-pin after a
     # restart, whose ack nobody waits for).
     pin_queue: deque = field(default_factory=deque)
+    role: str = "mixed"  # mixed | prefill | decode
+    draining: bool = False  # no new requests; its running ones were moved off
+
+    @property
+    def routable(self) -> bool:
+        return self.state == "ready" and not self.draining
 
     @property
     def ready(self) -> bool:
@@ -56,6 +69,8 @@ class RoutedRequest:
     replica_id: int
     delivered: list[int] = field(default_factory=list)  # tokens handed to the front end so far
     started: bool = False  # its first token arrived (no longer queued prefill)
+    migrating: bool = False  # a migration of it is under way
+    pd_moved: bool = False  # prefill/decode: its move to a decode replica was tried
 
 
 @dataclass
@@ -102,6 +117,14 @@ class ClusterClient:
         self._closing = False
         self.num_resumed = 0  # requests moved to another replica after a death
         self.num_lost = 0  # requests ended with an error because they could not be moved
+        self.disaggregated = cluster.prefill_replicas > 0
+        if self.disaggregated:
+            for r in self.replicas:
+                r.role = "prefill" if r.replica_id < cluster.prefill_replicas else "decode"
+        self._kv_ops: dict[int, tuple[int, asyncio.Future]] = {}  # op_id -> (replica, answer)
+        self._op_ids = itertools.count()
+        self._rebalancing = False
+        self.migrations: list[dict] = []  # one record per finished migration attempt (GET /admin/migrations)
 
     # ---- EngineCoreClient's surface ---------------------------------------------------------
     @property
@@ -143,7 +166,10 @@ class ClusterClient:
         items = []
         for r in self.replicas:
             stats = r.client.stats if r.ready else None
-            items.append({"id": r.replica_id, "pid": r.pid, "node": r.host, "state": r.state,
+            state = r.state
+            if r.draining and r.ready:
+                state = "draining" if r.request_ids else "drained"
+            items.append({"id": r.replica_id, "pid": r.pid, "node": r.host, "state": state, "role": r.role,
                           "running": stats.num_running if stats else 0,
                           "waiting": stats.num_waiting if stats else 0,
                           "kv_blocks_used": stats.kv_blocks_used if stats else 0,
@@ -193,7 +219,7 @@ class ClusterClient:
         self._send_to(replica, request)
 
     def _route(self, request: EngineCoreRequest) -> Replica:
-        rid = self.router.route(request.prompt_token_ids, request.user, self._loads())
+        rid = self.router.route(request.prompt_token_ids, request.user, self._loads({"mixed", "prefill"}))
         self.router.on_request_routed(rid, len(request.prompt_token_ids))
         return self.replicas[rid]
 
@@ -202,9 +228,10 @@ class ClusterClient:
         self.requests[request.request_id].replica_id = replica.replica_id
         replica.client.add_request(request)
 
-    def _loads(self) -> list[ReplicaLoad]:
+    def _loads(self, roles: set[str] | None = None) -> list[ReplicaLoad]:
         """Each replica's load as the front end counts it (exact and current: no report to wait
-        for), with the KV numbers of its latest report."""
+        for), with the KV numbers of its latest report. Draining replicas, and those whose role is
+        not in `roles`, are unhealthy: nothing is routed there."""
         loads = []
         for r in self.replicas:
             running = waiting = queued = 0
@@ -216,7 +243,8 @@ class ClusterClient:
                     waiting += 1
                     queued += len(routed.request.prompt_token_ids) + len(routed.delivered)
             stats = r.client.stats if r.ready else None
-            loads.append(ReplicaLoad(r.replica_id, r.ready, running, waiting, queued,
+            healthy = r.routable and (roles is None or r.role in roles)
+            loads.append(ReplicaLoad(r.replica_id, healthy, running, waiting, queued,
                                      stats.kv_blocks_free if stats else 0, stats.kv_blocks_total if stats else 0))
         return loads
 
@@ -270,6 +298,16 @@ class ClusterClient:
             routed.delivered.extend(output.new_token_ids)
             if output.finish_reason is not None:
                 self._forget(output.request_id)
+            elif (self.disaggregated and routed.started and not routed.pd_moved
+                  and replica.role == "prefill"):
+                routed.pd_moved = True  # its first token exists: decoding goes on elsewhere
+                asyncio.ensure_future(self._to_decode(output.request_id))
+        for answer in update.kv_answers:
+            _, future = self._kv_ops.pop(answer.op_id, (None, None))
+            if future is not None and not future.done():  # None: a fire-and-forget kv_abort_import
+                future.set_result(answer)
+        if self.cluster.migration and not self._rebalancing and update.outputs:
+            self._maybe_rebalance()
         for request_id in update.rejected:
             self._forget(request_id)
         self._on_update(CoreUpdate(update.outputs, None, update.rejected, self._answered_pins()))
@@ -308,6 +346,11 @@ class ClusterClient:
             if op is not None:
                 op.waiting.discard(rid)
         replica.pin_queue.clear()
+        for op_id, (op_rid, future) in list(self._kv_ops.items()):
+            if op_rid == rid:
+                del self._kv_ops[op_id]
+                if not future.done():
+                    future.set_exception(EngineDeadError(f"replica {rid} died"))
         lost: dict[str, str] = {}
         orphans = sorted(replica.request_ids, key=lambda i: self.requests[i].request.arrival_time)
         replica.request_ids = set()
@@ -330,6 +373,191 @@ class ClusterClient:
         if self.config.check_integrity:
             self.check_integrity()
         asyncio.ensure_future(self._rejoin(replica, replica.pid))
+
+    # ---- moving requests between replicas ---------------------------------------------------
+    async def _kv(self, rid: int, kind: str, *args) -> KVAnswer:
+        """Send one kv_* command to a replica and wait for its answer (EngineDeadError if it dies)."""
+        replica = self.replicas[rid]
+        if not replica.ready:
+            raise EngineDeadError(f"replica {rid} is not running")
+        op_id = next(self._op_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._kv_ops[op_id] = (rid, future)
+        replica.client.kv_command(kind, (op_id, *args))
+        return await future
+
+    async def migrate(self, request_id: str, target_id: int, reason: str = "") -> bool:
+        """Move a running request to `target_id` with its KV (multi-stage pre-copy, then one
+        stop-and-copy). True when it runs there. On a refusal or a failure before the source let it
+        go, it simply goes on at the source; after (the target refused the commit), it is resumed
+        by recompute, on the source if it can take it."""
+        routed = self.requests.get(request_id)
+        if routed is None or routed.migrating or not routed.started or routed.replica_id == target_id:
+            return False
+        source_id = routed.replica_id
+        record = {"request_id": request_id, "source": source_id, "target": target_id, "reason": reason,
+                  "ok": False, "precopy_blocks": 0, "final_blocks": 0}
+        routed.migrating = True
+        reserved = False
+        block_size = self.config.cache.block_size
+        int8 = self.cluster.kv_transfer_int8
+
+        def still_ours() -> bool:
+            return self.requests.get(request_id) is routed and routed.replica_id == source_id
+
+        started = time.monotonic()
+        try:
+            num_tokens = len(routed.request.prompt_token_ids) + len(routed.delivered)
+            answer = await self._kv(target_id, "kv_reserve", request_id, -(-num_tokens // block_size))
+            reserved = True  # a refused reservation holds nothing, and aborting it is harmless
+            if not answer.ok or not still_ours():
+                record["error"] = "the target has no room" if not answer.ok else "gone meanwhile"
+                return False
+            copied = 0
+            for _ in range(policy.MAX_PRECOPY_ROUNDS):  # the request keeps decoding at the source
+                answer = await self._kv(source_id, "kv_export", request_id, copied, None, int8)
+                if not answer.ok or not still_ours():
+                    record["error"] = answer.error or "gone meanwhile"
+                    return False
+                if answer.num_blocks:
+                    received = await self._kv(target_id, "kv_receive", request_id, copied, answer.payload)
+                    if not received.ok or not still_ours():
+                        record["error"] = received.error or "gone meanwhile"
+                        return False
+                    copied += answer.num_blocks
+                if answer.num_blocks <= policy.STOP_AND_COPY_BLOCKS:
+                    break
+            record["precopy_blocks"] = copied
+            stopped = time.monotonic()
+            out = await self._kv(source_id, "kv_migrate_out", request_id, copied, int8)
+            if not out.ok or not still_ours():  # finished or preempted meanwhile: it stays
+                record["error"] = out.error or "gone meanwhile"
+                return False
+            record["final_blocks"] = out.num_blocks
+            source, target = self.replicas[source_id], self.replicas[target_id]
+            if not target.ready:  # it died meanwhile: the source let go, so recompute there
+                record["error"] = f"replica {target_id} died"
+                self._resume_by_recompute(request_id, prefer=source_id)
+                return False
+            # Every token the source made came before this answer: the target's come next. Map the
+            # request to the target before its first output can arrive (a death of the target from
+            # now on finds it there and resumes it like its other requests).
+            source.request_ids.discard(request_id)
+            target.request_ids.add(request_id)
+            routed.replica_id = target_id
+            reserved = False  # commit_import adopts the blocks or releases them
+            committed = await self._kv(target_id, "kv_commit", out.state, copied, out.payload)
+            if self.requests.get(request_id) is not routed:  # the client went away meanwhile
+                if committed.ok:
+                    target.client.abort_requests([request_id])
+                return False
+            if not committed.ok:
+                record["error"] = "the target refused the commit"
+                target.request_ids.discard(request_id)
+                self._resume_by_recompute(request_id, prefer=source_id)
+                return False
+            record.update(ok=True, downtime_s=time.monotonic() - stopped)
+            return True
+        except EngineDeadError as exc:
+            # A replica died: its death handler resumed whatever it held (the request is mapped to
+            # the source until the commit is sent, to the target after).
+            record["error"] = str(exc)
+            return False
+        finally:
+            routed.migrating = False
+            if reserved and self.replicas[target_id].ready:
+                self.replicas[target_id].client.kv_command("kv_abort_import", (next(self._op_ids), request_id))
+            record["seconds"] = time.monotonic() - started
+            self.migrations.append(record)
+            del self.migrations[:-1000]
+            if not record["ok"]:
+                logger.info("migration of %s from %d to %d did not happen: %s", request_id, source_id,
+                            target_id, record.get("error"))
+
+    def _resume_by_recompute(self, request_id: str, prefer: int | None = None) -> None:
+        """Run a request elsewhere as prompt + delivered tokens (failover's way), on `prefer` when it
+        can take it. Its old replica must no longer hold it (aborted, detached or dead)."""
+        routed = self.requests[request_id]
+        self.replicas[routed.replica_id].request_ids.discard(request_id)
+        resumed = resumed_request(routed)
+        try:
+            if resumed is None:
+                raise NoReplicaAvailable("it cannot be resumed on another replica (structured output)")
+            if prefer is not None and self.replicas[prefer].routable:
+                target = self.replicas[prefer]
+            else:
+                target = self._route(resumed)
+        except NoReplicaAvailable as exc:
+            self.requests.pop(request_id, None)
+            self.num_lost += 1
+            self._on_update(CoreUpdate([], None, {}, [], lost={request_id: f"the request could not be moved: {exc}"}))
+            return
+        routed.started = False
+        self._send_to(target, resumed)
+        self.num_resumed += 1
+
+    async def drain(self, rid: int) -> dict:
+        """Stop routing to replica `rid` and move every request off it: running ones with their
+        KV, the others (waiting, or whose migration failed) by recompute elsewhere."""
+        if not 0 <= rid < len(self.replicas):
+            raise ValueError(f"replica_id must be between 0 and {len(self.replicas) - 1}, got {rid}")
+        replica = self.replicas[rid]
+        replica.draining = True
+        allowed = {"decode"} if replica.role == "decode" else None
+        migrated = recomputed = 0
+        # Running requests first: the target's seats go to those whose KV would otherwise be recomputed.
+        order = sorted(replica.request_ids,
+                       key=lambda i: (not self.requests[i].started, self.requests[i].request.arrival_time))
+        for request_id in order:
+            routed = self.requests.get(request_id)
+            if routed is None or routed.replica_id != rid:
+                continue
+            while routed.migrating:  # a P/D or rebalancing move is under way: let it end
+                await asyncio.sleep(0.01)
+            if routed.replica_id != rid or self.requests.get(request_id) is not routed:
+                continue
+            target = policy.least_loaded(self._loads(), allowed, exclude=rid)
+            if routed.started and target is not None:
+                if await self.migrate(request_id, target, "drain"):
+                    migrated += 1
+                    continue
+                if self.requests.get(request_id) is routed and routed.replica_id != rid:
+                    recomputed += 1  # the source had let it go: the migration resumed it by recompute
+                    continue
+            if self.requests.get(request_id) is routed and routed.replica_id == rid and replica.ready:
+                replica.client.abort_requests([request_id])
+                self._resume_by_recompute(request_id)
+                recomputed += 1
+        return {"id": rid, "migrated": migrated, "recomputed": recomputed, "left": len(replica.request_ids)}
+
+    async def _to_decode(self, request_id: str) -> None:
+        """Prefill/decode: move a request whose first token exists to the least busy decode replica."""
+        decode = {r.replica_id for r in self.replicas if r.role == "decode"}
+        target = policy.least_loaded(self._loads(), decode)
+        if target is not None:
+            await self.migrate(request_id, target, "disaggregation")
+
+    def _maybe_rebalance(self) -> None:
+        roles = {"decode"} if self.disaggregated else None
+        pair = policy.rebalance_pair(self._loads(roles), self.cluster.migration_threshold)
+        if pair is None:
+            return
+        source, target = pair
+        candidates = {i: len(self.requests[i].request.prompt_token_ids) + len(self.requests[i].delivered)
+                      for i in self.replicas[source].request_ids
+                      if self.requests[i].started and not self.requests[i].migrating}
+        request_id = policy.pick_request(candidates)
+        if request_id is None:
+            return
+        self._rebalancing = True
+
+        async def move() -> None:
+            try:
+                await self.migrate(request_id, target, "rebalance")
+            finally:
+                self._rebalancing = False
+
+        asyncio.ensure_future(move())
 
     async def _rejoin(self, replica: Replica, dead_pid: int | None) -> None:
         """Wait for Ray to restart the replica, reconnect, and give it the pins back."""

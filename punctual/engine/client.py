@@ -152,6 +152,10 @@ class EngineCoreClient:
         if request_ids:
             self._send(("abort", list(request_ids)))
 
+    def kv_command(self, kind: str, args: tuple) -> None:
+        """A kv_* command (engine/wire.py); its KVAnswer comes back in a CoreUpdate."""
+        self._send((kind, args))
+
     def _send(self, command: tuple) -> None:
         """Queue a command; everything queued in one loop iteration goes to the core as one message."""
         if self.dead_reason is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import socket
 import time
@@ -16,7 +17,7 @@ import traceback
 from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import BlockingChannel, CoreFailure, CoreInfo, CoreUpdate, PinAck
+from punctual.engine.wire import BlockingChannel, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class CoreLoop:
         while True:
             rejected: dict[str, str] = {}
             acks: list[PinAck] = []
+            self.kv_answers: list[KVAnswer] = []
             # Idle: wait for a command. Busy: take whatever arrived during the last step.
             if not self.core.has_unfinished_requests() or self.channel.poll():
                 if self.check_integrity and not self.core.has_unfinished_requests():
@@ -78,9 +80,10 @@ class CoreLoop:
                 self.core.grammar_rejections.clear()
             stats = self._stats_to_send()
             stored, evicted = self.core.kv_manager.pool.take_events()
-            if outputs or rejected or acks or stats is not None or stored or evicted:
+            kv_answers = self.kv_answers
+            if outputs or rejected or acks or stats is not None or stored or evicted or kv_answers:
                 started = time.monotonic()
-                self.channel.send(CoreUpdate(outputs, stats, rejected, acks, stored, evicted))
+                self.channel.send(CoreUpdate(outputs, stats, rejected, acks, stored, evicted, kv_answers=kv_answers))
                 if time.monotonic() - started > SLOW_SEND_S:
                     logger.warning("the front end took %.2f s to take a step's outputs", time.monotonic() - started)
 
@@ -109,9 +112,47 @@ class CoreLoop:
                 acks.append(self.core.pin_prefix(*payload))
             elif kind == "unpin":
                 acks.append(self.core.unpin_prefix(payload))
+            elif kind.startswith("kv_"):
+                self.kv_answers.append(self.handle_kv(kind, payload))
             elif kind == "shutdown":
                 self.core.abort_requests(list(self.core.scheduler.requests))
                 return False
             else:
                 raise ValueError(f"unknown command {kind!r}")
         return True
+
+    def handle_kv(self, kind: str, args: tuple) -> KVAnswer:
+        """One KV transfer command, between steps (this thread is the only one that touches the
+        core). A refusal is an answer, not a crash: the other side calls the migration off."""
+        op_id, *args = args
+        started = time.perf_counter()
+        try:
+            if kind == "kv_export":
+                request_id, first_block, last_block, int8 = args
+                kv = self.core.export_kv(request_id, first_block, last_block, int8)
+                answer = KVAnswer(op_id, True, payload=pickle.dumps(kv, pickle.HIGHEST_PROTOCOL),
+                                  first_block=first_block, num_blocks=kv.num_blocks)
+            elif kind == "kv_migrate_out":
+                request_id, first_block, int8 = args
+                state, kv = self.core.migrate_out(request_id, first_block, int8)
+                answer = KVAnswer(op_id, True, payload=pickle.dumps(kv, pickle.HIGHEST_PROTOCOL),
+                                  first_block=first_block, num_blocks=kv.num_blocks, state=state)
+            elif kind == "kv_reserve":
+                answer = KVAnswer(op_id, self.core.reserve_import(*args))
+            elif kind == "kv_receive":
+                request_id, first_block, payload = args
+                self.core.receive_kv(request_id, first_block, pickle.loads(payload))
+                answer = KVAnswer(op_id, True)
+            elif kind == "kv_commit":
+                state, first_block, payload = args
+                kv = pickle.loads(payload) if payload is not None else None
+                answer = KVAnswer(op_id, self.core.commit_import(state, first_block, kv))
+            elif kind == "kv_abort_import":
+                self.core.abort_import(*args)
+                answer = KVAnswer(op_id, True)
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+        except ValueError as exc:
+            return KVAnswer(op_id, False, str(exc))
+        answer.seconds = time.perf_counter() - started
+        return answer

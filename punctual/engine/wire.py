@@ -4,6 +4,13 @@ A message is an 8-byte length and a pickle, over one local socket pair:
 
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
                         | ("pin", (pin_id, token_ids)) | ("unpin", pin_id)
+                        | KV moves between replicas, each answered by a KVAnswer with its op_id:
+                          ("kv_export", (op_id, request_id, first_block, last_block, int8))
+                          ("kv_migrate_out", (op_id, request_id, first_block, int8))
+                          ("kv_reserve", (op_id, request_id, num_blocks))
+                          ("kv_receive", (op_id, request_id, first_block, payload))
+                          ("kv_commit", (op_id, MigratedRequest, first_block, payload | None))
+                          ("kv_abort_import", (op_id, request_id))
     core -> front end   CoreInfo once, then a CoreUpdate per step (outputs, pin answers, stats
                         when they changed), or CoreFailure
 
@@ -53,6 +60,21 @@ class PinAck:
 
 
 @dataclass
+class KVAnswer:
+    """The core's answer to a kv_* command. `payload` is a pickled KVPayload (bytes), so the
+    front end relays it to the target replica without unpickling tensors (it never imports torch)."""
+
+    op_id: int
+    ok: bool
+    error: str | None = None
+    payload: bytes | None = None
+    first_block: int = 0
+    num_blocks: int = 0  # blocks in the payload
+    state: object = None  # kv_migrate_out: the MigratedRequest
+    seconds: float = 0.0  # time the core spent on it (reading or queueing the KV)
+
+
+@dataclass
 class CoreUpdate:
     """One message per core step (or per batch of commands handled while idle)."""
 
@@ -68,6 +90,7 @@ class CoreUpdate:
     # Requests the engine lost and cannot resume (a cluster whose replica died), and why: the
     # front end ends them with an error. Never set by a core itself.
     lost: dict[str, str] = field(default_factory=dict)
+    kv_answers: list[KVAnswer] = field(default_factory=list)  # answers to kv_* commands, in order
 
 
 @dataclass

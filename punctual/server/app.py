@@ -150,6 +150,17 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
     async def list_replicas() -> list[dict]:
         return engine.replica_info()
 
+    @app.post("/admin/replicas/{replica_id}/drain", dependencies=[Depends(check_api_key)])
+    async def drain_replica(replica_id: int) -> Response:
+        try:
+            return JSONResponse(await engine.drain_replica(replica_id))
+        except ValueError as exc:
+            return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+    @app.get("/admin/migrations", dependencies=[Depends(check_api_key)])
+    async def list_migrations() -> list[dict]:
+        return engine.migrations()
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -128,6 +128,16 @@ class AsyncEngine:
                  "kv_blocks_used": stats.kv_blocks_used if stats else 0,
                  "kv_blocks_total": stats.kv_blocks_total if stats else 0}]
 
+    def migrations(self) -> list[dict]:
+        """GET /admin/migrations: the latest migration attempts (drain, rebalance, P/D), oldest first."""
+        return list(self.client.migrations) if self.cluster is not None else []
+
+    async def drain_replica(self, replica_id: int) -> dict:
+        """POST /admin/replicas/{id}/drain: stop routing to it and move its requests elsewhere."""
+        if self.cluster is None:
+            raise ValueError("draining needs a cluster of replicas (--replicas 2 or more)")
+        return await self.client.drain(replica_id)
+
     @property
     def prompt_limits(self) -> PromptLimits:
         info = self.info

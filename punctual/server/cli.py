@@ -41,6 +41,18 @@ def add_serve_parser(subparsers) -> None:
                          help="how requests are spread over replicas")
     cluster.add_argument("--router-option", action="append", default=[], metavar="NAME=VALUE",
                          help="a router knob, e.g. hot_spot_margin=1e9 (repeatable; numbers)")
+    cluster.add_argument("--prefill-replicas", type=int, default=0,
+                         help="prefill/decode disaggregation: replicas that take prompts (with --decode-replicas; "
+                              "replaces --replicas)")
+    cluster.add_argument("--decode-replicas", type=int, default=0,
+                         help="replicas that a request's KV moves to once its first token exists")
+    cluster.add_argument("--migration", choices=["on", "off"], default="off",
+                         help="move running requests from the busiest replica to the idlest when they differ "
+                              "by --migration-threshold requests or more")
+    cluster.add_argument("--migration-threshold", type=int, default=2, help="see --migration")
+    cluster.add_argument("--kv-transfer-dtype", choices=["auto", "int8"], default="auto",
+                         help="KV moved between replicas: in the cache's dtype (auto), or int8-compressed "
+                              "(about half the bytes; lossy, so a greedy stream may differ after a move)")
     cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -73,10 +85,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("PUNCTUAL_API_KEY") or None,
         max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
         shutdown_timeout_s=args.shutdown_timeout)
-    cluster = ClusterConfig(replicas=args.replicas, threads_per_replica=args.threads_per_replica,
+    replicas = args.prefill_replicas + args.decode_replicas if args.prefill_replicas or args.decode_replicas \
+        else args.replicas
+    cluster = ClusterConfig(replicas=replicas, threads_per_replica=args.threads_per_replica,
                             num_gpus_per_replica=args.gpus_per_replica, ray_address=args.ray_address,
                             router=args.router, ray_dashboard=args.ray_dashboard,
-                            router_options=parse_router_options(args.router_option))
+                            router_options=parse_router_options(args.router_option),
+                            prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
+                            migration=args.migration == "on", migration_threshold=args.migration_threshold,
+                            kv_transfer_int8=args.kv_transfer_dtype == "int8")
     cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = build_app(engine_config, server_config, cluster)

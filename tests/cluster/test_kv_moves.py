@@ -1,0 +1,97 @@
+"""KV that moves between replicas of a real server on a local Ray instance: a stream drained to
+another replica mid-generation, and prefill/decode disaggregation, both identical to one engine."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.cluster.test_cluster_server import BODY, alive, descendants, server_conftest, stream_text
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    """One engine's greedy text for BODY (no replicas, no Ray)."""
+    from punctual import LLM, SamplingParams
+
+    llm = LLM("builtin-tiny")
+    params = SamplingParams(temperature=0, max_tokens=BODY["max_tokens"], ignore_eos=True)
+    return llm.generate([BODY["prompt"]], params, use_tqdm=False)[0].outputs[0].text
+
+
+def start(*args: str):
+    server = server_conftest.ServerProcess(*args, "--log-level", "warning")
+    try:
+        server.wait_ready()
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+def stop(server) -> None:
+    spawned = descendants(server.process.pid)
+    server.stop()
+    for pid in spawned:  # never leave Ray behind, even when a test failed
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_idle(url: str) -> list[dict]:
+    """/admin/replicas once every replica reports no request and no KV block in use."""
+    deadline = time.monotonic() + 10
+    while True:
+        replicas = httpx.get(f"{url}/admin/replicas", timeout=5).json()
+        if all(r["kv_blocks_used"] == 0 and r["running"] + r["waiting"] == 0 for r in replicas):
+            return replicas
+        assert time.monotonic() < deadline, f"KV blocks still in use: {replicas}"
+        time.sleep(0.1)
+
+
+def test_drain_moves_a_stream_mid_generation(reference):
+    server = start("--replicas", "2")
+    try:
+        assert stream_text(server.url, BODY) == reference  # undisturbed, through the cluster
+        drained: dict = {}
+
+        def drain_at(count: int) -> None:
+            if count == 8 and not drained:
+                busy = [r for r in httpx.get(f"{server.url}/admin/replicas", timeout=5).json() if r["running"]]
+                answer = httpx.post(f"{server.url}/admin/replicas/{busy[0]['id']}/drain", timeout=30)
+                assert answer.status_code == 200, answer.text
+                drained.update(answer.json())
+
+        assert stream_text(server.url, BODY, drain_at) == reference  # no token lost or duplicated
+        assert drained["migrated"] == 1 and drained["recomputed"] == 0 and drained["left"] == 0, drained
+        replicas = wait_idle(server.url)
+        assert replicas[drained["id"]]["state"] == "drained"
+        assert replicas[1 - drained["id"]]["state"] == "ready"
+        moves = httpx.get(f"{server.url}/admin/migrations", timeout=5).json()
+        assert [m["reason"] for m in moves if m["ok"]] == ["drain"], moves
+        assert moves[-1]["precopy_blocks"] > 0 and moves[-1]["downtime_s"] < 5
+        # The drained replica gets nothing new.
+        assert stream_text(server.url, BODY) == reference
+        replicas = wait_idle(server.url)
+        bad = httpx.post(f"{server.url}/admin/replicas/7/drain", timeout=5)
+        assert bad.status_code == 400 and "replica_id" in bad.text
+        assert "Traceback" not in server.output()
+    finally:
+        stop(server)
+
+
+def test_prefill_decode_disaggregation_is_identical(reference):
+    server = start("--prefill-replicas", "1", "--decode-replicas", "1")
+    try:
+        assert stream_text(server.url, BODY) == reference
+        whole = httpx.post(f"{server.url}/v1/completions", json=BODY, timeout=60).json()
+        assert whole["choices"][0]["text"] == reference
+        moves = httpx.get(f"{server.url}/admin/migrations", timeout=5).json()
+        assert [(m["reason"], m["source"], m["target"], m["ok"]) for m in moves] == [("disaggregation", 0, 1, True)] * 2
+        replicas = wait_idle(server.url)
+        assert [r["role"] for r in replicas] == ["prefill", "decode"]
+        assert "Traceback" not in server.output()
+    finally:
+        stop(server)

@@ -1,0 +1,248 @@
+"""ClusterClient's migrations on replicas served in this process (ReplicaServer threads, no Ray):
+refusals and failures on either side leave the stream identical and no KV block leaked."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import punctual.cluster.launch
+from punctual.cluster.client import ClusterClient
+from punctual.cluster.inprocess import InProcessReplicas
+from punctual.config import ClusterConfig, EngineConfig
+from punctual.request import EngineCoreRequest
+from punctual.sampling_params import SamplingParams
+
+PROMPT = list(range(10, 47))
+MAX_TOKENS = 40
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    return ClusterClient(config, ClusterConfig(replicas=2))
+
+
+def request(request_id: str) -> EngineCoreRequest:
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return EngineCoreRequest(request_id, list(PROMPT), params, arrival_time=0.0)
+
+
+async def generate(client: ClusterClient, request_id: str, move=None) -> list[int]:
+    """Run one request to the end; `move(client)` is awaited once its 6th token arrived."""
+    tokens: list[int] = []
+    done = asyncio.Event()
+    at_six = asyncio.Event()
+
+    def on_update(update):
+        for out in update.outputs:
+            if out.request_id == request_id:
+                tokens.extend(out.new_token_ids)
+                if len(tokens) >= 6:
+                    at_six.set()
+                if out.finish_reason is not None:
+                    done.set()
+
+    client._on_update = on_update
+    client.add_request(request(request_id))
+    if move is not None:
+        await at_six.wait()
+        await move(client)
+    await asyncio.wait_for(done.wait(), 60)
+    return tokens
+
+
+def run(cluster: ClusterClient, scenario) -> None:
+    errors = []
+
+    async def main():
+        # An exception in a socket callback is only logged by asyncio: make it fail the test.
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        cluster.start()
+        await cluster.attach(lambda update: None, lambda reason: None)
+        try:
+            await scenario(cluster)
+            await asyncio.sleep(0.2)  # the replicas go idle (and check their integrity) meanwhile
+        finally:
+            await cluster.shutdown()
+
+    asyncio.run(main())
+    assert not errors, errors
+    time.sleep(0.2)  # each replica's thread aborts what its front end left, then waits for the next
+    for server in InProcessReplicas.servers:
+        server.core.check_integrity()
+        assert server.core.kv_manager.pool.num_free_blocks == server.core.kv_manager.pool.num_blocks - \
+            len({b for t in server.core.kv_manager.block_tables.values() for b in t}), "a block leaked"
+        assert not server.core.kv_manager.block_tables
+
+
+def test_migrations_and_refusals_keep_the_stream_identical(cluster, monkeypatch):
+    results = {}
+
+    async def scenario(client: ClusterClient):
+        results["reference"] = await generate(client, "ref")
+
+        async def moved(c):
+            source = c.requests["moved"].replica_id
+            results["moved_ok"] = await c.migrate("moved", 1 - source, "test")
+            results["moved_to"] = (source, c.requests["moved"].replica_id)
+
+        results["moved"] = await generate(client, "moved", moved)
+
+        async def refused(c):  # the target has no room: it goes on at the source
+            source = c.requests["refused"].replica_id
+            target_core = InProcessReplicas.servers[1 - source].core
+            monkeypatch.setattr(target_core, "reserve_import", lambda request_id, num_blocks: False)
+            results["refused_ok"] = await c.migrate("refused", 1 - source, "test")
+            results["refused_at"] = (source, c.requests["refused"].replica_id)
+            monkeypatch.undo()
+
+        results["refused"] = await generate(client, "refused", refused)
+
+        async def late(c):  # the target refuses the commit, after the source let go: recompute
+            source = c.requests["late"].replica_id
+            target_core = InProcessReplicas.servers[1 - source].core
+
+            def refuse(state, first_block=0, payload=None):
+                target_core.abort_import(state.core_request.request_id)
+                return False
+
+            monkeypatch.setattr(target_core, "commit_import", refuse)
+            results["late_ok"] = await c.migrate("late", 1 - source, "test")
+            results["late_at"] = (source, c.requests["late"].replica_id)
+            monkeypatch.undo()
+
+        results["late"] = await generate(client, "late", late)
+
+    run(cluster, scenario)
+    reference = results["reference"]
+    assert len(reference) == MAX_TOKENS
+    assert results["moved_ok"] and results["moved_to"][0] != results["moved_to"][1]
+    assert results["moved"] == reference
+    assert not results["refused_ok"] and results["refused_at"][0] == results["refused_at"][1]
+    assert results["refused"] == reference
+    assert not results["late_ok"] and results["late_at"][0] == results["late_at"][1]
+    assert results["late"] == reference
+    assert [m["ok"] for m in cluster.migrations] == [True, False, False]
+    assert cluster.num_resumed == 1
+
+
+def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2, migration=True, migration_threshold=2))
+    tokens: dict[str, list[int]] = {}
+    finished = set()
+
+    async def scenario(c: ClusterClient):
+        def on_update(update):
+            for out in update.outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # a skewed router
+        for i in range(3):
+            c.add_request(request(f"r{i}"))
+        while len(finished) < 3:
+            await asyncio.sleep(0.01)
+
+    run(client, scenario)
+    moves = [m for m in client.migrations if m["ok"]]
+    assert moves and moves[0]["reason"] == "rebalance" and (moves[0]["source"], moves[0]["target"]) == (0, 1)
+    assert tokens["r0"] == tokens["r1"] == tokens["r2"] and len(tokens["r0"]) == MAX_TOKENS
+
+
+def test_int8_transfer_moves_and_leaks_nothing(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2, kv_transfer_int8=True))
+    results = {}
+
+    async def scenario(c: ClusterClient):
+        async def moved(c):
+            results["ok"] = await c.migrate("q", 1 - c.requests["q"].replica_id, "test")
+
+        results["tokens"] = await generate(c, "q", moved)
+
+    run(client, scenario)
+    assert results["ok"] and len(results["tokens"]) == MAX_TOKENS  # lossy: the text may differ
+
+
+def test_concurrent_streams_each_moved_match_their_solo_runs(monkeypatch):
+    """Four streams decoding together, each moved while the others keep going (and moving)."""
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=128, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2))
+    prompts = {f"c{i}": [(i * 31 + 7 * j) % 500 + 3 for j in range(20 + 9 * i)] for i in range(4)}
+    solo: dict[str, list[int]] = {}
+    together: dict[str, list[int]] = {}
+
+    async def scenario(c: ClusterClient):
+        finished = set()
+
+        def on_update(update):
+            for out in update.outputs:
+                target = solo if out.request_id.startswith("solo") else together
+                target.setdefault(out.request_id.removeprefix("solo-"), []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        for request_id, prompt in prompts.items():
+            c.add_request(EngineCoreRequest(f"solo-{request_id}", list(prompt), params, arrival_time=0.0))
+            while f"solo-{request_id}" not in finished:
+                await asyncio.sleep(0.005)
+        for request_id, prompt in prompts.items():
+            c.add_request(EngineCoreRequest(request_id, list(prompt), params, arrival_time=0.0))
+        moves = []
+        while len(finished) < 2 * len(prompts):
+            for request_id in prompts:
+                routed = c.requests.get(request_id)
+                if routed is not None and len(routed.delivered) >= 6 + 3 * int(request_id[1:]) and request_id not in moves:
+                    moves.append(request_id)
+                    asyncio.ensure_future(c.migrate(request_id, 1 - routed.replica_id, "test"))
+            await asyncio.sleep(0.002)
+
+    run(client, scenario)
+    assert sum(m["ok"] for m in client.migrations) == len(prompts), client.migrations
+    assert together == solo
+
+
+def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=1)
+    client = ClusterClient(config, ClusterConfig(replicas=2))
+    tokens: dict[str, list[int]] = {}
+    drained = {}
+
+    async def scenario(c: ClusterClient):
+        finished = set()
+
+        def on_update(update):
+            for out in update.outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        real_route = c._route
+        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
+        for i in range(3):
+            c.add_request(request(f"d{i}"))
+        while len(tokens.get("d0", [])) < 6:
+            await asyncio.sleep(0.005)
+        monkeypatch.setattr(c, "_route", real_route)
+        drained.update(await c.drain(0))
+        while len(finished) < 3:
+            await asyncio.sleep(0.01)
+        drained["info"] = c.replica_info()
+
+    run(client, scenario)
+    assert {k: drained[k] for k in ("migrated", "recomputed", "left")} == {"migrated": 1, "recomputed": 2, "left": 0}
+    assert [r["state"] for r in drained["info"]] == ["drained", "ready"]
+    assert tokens["d0"] == tokens["d1"] == tokens["d2"] and len(tokens["d0"]) == MAX_TOKENS
