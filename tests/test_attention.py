@@ -20,7 +20,7 @@ def metadata_builder(window: int | None):
     fake = types.SimpleNamespace(
         arch=types.SimpleNamespace(sliding_window=window, num_heads=HEADS, num_kv_heads=KV_HEADS),
         device=torch.device("cpu"), block_size=BLOCK)
-    for name in ("_metadata", "_chunk_mask", "_padded_tables"):
+    for name in ("_metadata", "_chunk_mask", "_decode_mask", "_pad_index", "_padded_tables"):
         setattr(fake, name, types.MethodType(getattr(ModelRunner, name), fake))
     return fake
 

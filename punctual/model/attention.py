@@ -17,7 +17,8 @@ a layer instead of well under 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,19 @@ class DecodeBucket:
     start: int  # first token of the bucket in the step's token order
     end: int
     block_tables: torch.Tensor  # [n, max_blocks] long
-    mask: torch.Tensor  # [n, 1, G * q_len (1 for decodes), ctx] bool: True where a key is visible
+    # Builds the [n, 1, G * q_len (1 for decodes), ctx] bool mask (True where a key is visible).
+    # Called by the first layer that attends and kept for the others: the mask is the attention
+    # kernel's own work (a fused paged-attention kernel takes the lengths), O(n * ctx) elements.
+    build_mask: Callable[[], torch.Tensor]
     q_len: int = 1
     pad_index: torch.Tensor | None = None  # [end - start] long: row of each token in the [n * q_len] padding
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = self.build_mask()
+        return self._mask
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The model runner: owns the weights and KV tensors, turns a step plan into tensors, logits, tokens."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -364,28 +365,27 @@ class ModelRunner:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window
-        dev = self.device
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
             ctx_lens = [s.start_position + 1 for s in items]
             tables, ctx = self._padded_tables(items, ctx_lens)
-            key_pos = torch.arange(ctx, device=dev)[None, :]
-            lens = torch.tensor(ctx_lens, device=dev)[:, None]
-            visible = key_pos < lens
-            if window:
-                visible &= key_pos > lens - 1 - window
-            buckets.append(DecodeBucket(start, end, tables, visible[:, None, None, :]))
+            buckets.append(DecodeBucket(start, end, tables, functools.partial(self._decode_mask, ctx_lens, ctx)))
         token = len(decodes)
         group_size = self.arch.num_heads // self.arch.num_kv_heads
         for start, end in decode_bucket_bounds([s.start_position + s.num_new_tokens for s in shorts]):
             items = shorts[start:end]
             q_lens = [s.num_new_tokens for s in items]
             tables, ctx = self._padded_tables(items, [s.start_position + s.num_new_tokens for s in items])
-            mask, pad_index, q_len = self._chunk_mask(items, ctx)
-            # Rows repeated per query head of a KV head: the row order of short_query_attention.
-            buckets.append(DecodeBucket(token, token + sum(q_lens), tables, mask.repeat(1, 1, group_size, 1),
-                                        q_len, pad_index))
+            q_len = max(q_lens)
+            pad_index = self._pad_index(q_lens)
+            starts = [s.start_position for s in items]
+
+            def short_mask(starts=starts, q_lens=q_lens, ctx=ctx) -> torch.Tensor:
+                # Rows repeated per query head of a KV head: the row order of short_query_attention.
+                return self._chunk_mask(starts, q_lens, ctx).repeat(1, 1, group_size, 1)
+
+            buckets.append(DecodeBucket(token, token + sum(q_lens), tables, short_mask, q_len, pad_index))
             token += sum(q_lens)
 
         prefill_tables = prefill_mask = pad_index = None
@@ -397,21 +397,34 @@ class ModelRunner:
             fresh = len(prefills) == 1 and starts[0] == 0 and (not window or q_lens[0] <= window)
             if not fresh:
                 prefill_tables, ctx = self._padded_tables(prefills, [a + b for a, b in zip(starts, q_lens)])
-                prefill_mask, pad_index, _ = self._chunk_mask(prefills, ctx)
+                prefill_mask, pad_index = self._chunk_mask(starts, q_lens, ctx), self._pad_index(q_lens)
         return AttentionMetadata(
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
 
-    def _chunk_mask(self, items: list, ctx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Causal mask [B, 1, max_q, ctx] for multi-token queries padded to the longest, the row of
-        each real token in the [B * max_q] padding, and max_q."""
+    def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
+        """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""
         dev = self.device
         window = self.arch.sliding_window
-        q_lens = [s.num_new_tokens for s in items]
+        key_pos = torch.arange(ctx, device=dev)[None, :]
+        lens = torch.tensor(ctx_lens, device=dev)[:, None]
+        visible = key_pos < lens
+        if window:
+            visible &= key_pos > lens - 1 - window
+        return visible[:, None, None, :]
+
+    def _pad_index(self, q_lens: list[int]) -> torch.Tensor:
+        """The row of each real token when queries are padded to the longest, [sum(q_lens)]."""
         max_q = max(q_lens)
-        pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(dev)
+        return torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(self.device)
+
+    def _chunk_mask(self, starts: list[int], q_lens: list[int], ctx: int) -> torch.Tensor:
+        """Causal mask [B, 1, max_q, ctx] for multi-token queries padded to the longest."""
+        dev = self.device
+        window = self.arch.sliding_window
+        max_q = max(q_lens)
         key_pos = torch.arange(ctx, device=dev)[None, None, :]
-        q_pos = torch.tensor([s.start_position for s in items], device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :]
+        q_pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :]
         q_pos = q_pos[:, :, None]  # [B, max_q, 1]
         visible = key_pos <= q_pos
         if window:
@@ -419,4 +432,4 @@ class ModelRunner:
         # Padding rows see key 0 only, so softmax stays finite; their output is dropped.
         is_pad = torch.arange(max_q, device=dev)[None, :] >= torch.tensor(q_lens, device=dev)[:, None]
         visible |= is_pad[:, :, None] & (key_pos == 0)
-        return visible[:, None, :, :], pad_index, max_q
+        return visible[:, None, :, :]
