@@ -15,13 +15,13 @@ from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 
 PROMPT = list(range(10, 47))
-MAX_TOKENS = 40
+MAX_TOKENS = 160  # long enough that a loaded machine cannot finish a stream before the test moves it
 
 
 @pytest.fixture
 def cluster(monkeypatch):
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
-    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
     return ClusterClient(config, ClusterConfig(replicas=2))
 
 
@@ -131,7 +131,7 @@ def test_migrations_and_refusals_keep_the_stream_identical(cluster, monkeypatch)
 
 def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
-    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
     client = ClusterClient(config, ClusterConfig(replicas=2, migration=True, migration_threshold=2))
     tokens: dict[str, list[int]] = {}
     finished = set()
@@ -158,7 +158,7 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
 
 def test_int8_transfer_moves_and_leaks_nothing(monkeypatch):
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
-    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
     client = ClusterClient(config, ClusterConfig(replicas=2, kv_transfer_int8=True))
     results = {}
 
