@@ -82,14 +82,15 @@ def validity(core: EngineCore, samples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--model", default="builtin", help="builtin (random weights) or smollm2 (a trained model)")
     args = parser.parse_args()
-    core = EngineCore(EngineConfig.from_kwargs("builtin", kv_cache_memory="1GiB"))
+    core = EngineCore(EngineConfig.from_kwargs(args.model, kv_cache_memory="1GiB"))
     tpot_ms(core, 1, 4, LONG, "warm")  # compile LONG, warm the kernels
-    for batch in args.batches:
+    for batch in args.batches:  # --batches with no value: validity only
         plain, guided = [], []
         for r in range(args.repeats):
             plain.append(tpot_ms(core, batch, args.steps, None, f"p{batch}-{r}"))

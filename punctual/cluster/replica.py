@@ -18,7 +18,7 @@ import threading
 import traceback
 
 from punctual.config import EngineConfig
-from punctual.engine.wire import SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure, CoreInfo
+from punctual.engine.wire import SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ReplicaServer:
         return self.host, self.port, os.getpid()
 
     def _serve(self) -> None:
-        from punctual.engine.core_process import CoreLoop
+        from punctual.engine.core_process import CoreLoop, core_info
 
         core = self.core
         while True:
@@ -59,9 +59,7 @@ class ReplicaServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             channel = BlockingChannel(conn)
             try:
-                channel.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len,
-                                      core.vocab_size, tuple(core.eos_token_ids),
-                                      core.scheduler.max_request_tokens, core.stats()))
+                channel.send(core_info(core))
                 CoreLoop(core, channel, self.config.check_integrity).run()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 pass  # the front end went away; the next one starts clean

@@ -27,6 +27,12 @@ SLOW_SEND_S = 0.5  # the socket was full that long: the front end is not keeping
 STATS_INTERVAL_S = 0.1
 
 
+def core_info(core: EngineCore) -> CoreInfo:
+    """What a front end learns once about the core it talks to (its limits, its process)."""
+    return CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
+                     tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats())
+
+
 def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
     """Entry point of the core process: load the engine, then step until told to stop."""
     # Ctrl+C reaches the whole process group; the front end decides how to shut the core down.
@@ -34,8 +40,7 @@ def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
     channel = BlockingChannel(sock)
     try:
         core = EngineCore(config)
-        channel.send(CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
-                              tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats()))
+        channel.send(core_info(core))
     except BaseException:
         channel.send(CoreFailure(traceback.format_exc()))
         return

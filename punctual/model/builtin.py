@@ -48,14 +48,21 @@ def is_builtin(name: str) -> bool:
 
 def builtin_path(name: str) -> Path:
     """The directory of a built-in checkpoint, building it on first use."""
-    target = cache_root() / f"{name}-v{BUILTIN_VERSION}"
+    return build_once(cache_root() / f"{name}-v{BUILTIN_VERSION}",
+                      lambda scratch: write_checkpoint(scratch, **BUILTIN_SHAPES[name]))
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, a checkpoint directory in the cache, made by `build(scratch_dir)` unless it exists.
+
+    Built in a scratch directory and renamed: concurrent processes never see half a checkpoint
+    (the loser of a race finds the winner's and drops its own)."""
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a scratch directory and rename: concurrent processes never see half a checkpoint.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_checkpoint(scratch, **BUILTIN_SHAPES[name])
+        build(scratch)
         try:
             scratch.rename(target)
         except OSError:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from punctual.model.builtin import cache_root
+from punctual.model.builtin import build_once, cache_root
 
 logger = logging.getLogger("punctual.model")
 
@@ -78,8 +78,9 @@ def gguf_checkpoint(gguf_path: Path | str) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}-v{GGUF_VERSION}"
-    if (target / "model.safetensors").exists():
-        return target
+    if not (target / "model.safetensors").exists():
+        logger.info("converting %s to %s (once)", gguf_path, target)
+    return build_once(target, lambda scratch: convert_gguf(gguf_path, scratch))
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert in a scratch directory and rename: concurrent processes never see half a checkpoint.
     scratch = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=target.parent))
