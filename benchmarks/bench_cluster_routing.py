@@ -15,21 +15,15 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from punctual.bench.peers import PeerSpec, free_port, running
 
 
 def workload(documents: int, doc_tokens: int, question_tokens: int, requests: int, seed: int, zipf: float = 0.0):
@@ -75,30 +69,17 @@ def metric_by_replica(text: str, name: str) -> dict[str, float]:
 
 def run_router(args, router: str, prompts) -> dict:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix=f"bench-{router}-", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
-         "--replicas", "2", "--threads-per-replica", "1", "--router", router,
-         *[arg for option in args.router_option for arg in ("--router-option", option)],
-         "--kv-cache-memory", args.kv_cache_memory, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(open(log.name).read()[-3000:])
-            time.sleep(0.5)
+    spec = PeerSpec("punctual", [
+        sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
+        "--replicas", "2", "--threads-per-replica", "1", "--router", router,
+        *[arg for option in args.router_option for arg in ("--router-option", option)],
+        "--kv-cache-memory", args.kv_cache_memory, "--log-level", "warning"], port)
+    url = spec.base_url
+    log = Path(tempfile.mkdtemp(prefix="bench-routing-")) / "server.log"
+    with running(spec, log, startup_timeout_s=300):  # started, healthy, and stopped after
         blocks = httpx.get(f"{url}/admin/replicas").json()[0]["kv_blocks_total"]
         results, wall = asyncio.run(closed_loop(url, prompts, args.concurrency, args.max_tokens))
         text = httpx.get(f"{url}/metrics").text
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     ttft = np.array([r["ttft"] for r in results])
     hits, queries = metric_by_replica(text, "punctual_prefix_cache_hits"), metric_by_replica(text, "punctual_prefix_cache_queries")
     computed = metric_by_replica(text, "punctual_engine_prompt_tokens_computed")

@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from punctual.bench.peers import PeerSpec, free_port, running
 
 _spec = importlib.util.spec_from_file_location("routing", Path(__file__).parent / "bench_cluster_routing.py")
 routing = importlib.util.module_from_spec(_spec)
@@ -61,29 +61,16 @@ async def closed_loop(url, prompts, concurrency, max_tokens):
 
 
 def run_setup(args, name: str, prompts) -> dict:
-    port = routing.free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
-         "--threads-per-replica", "1", *SETUPS[name], "--kv-cache-memory", args.kv_cache_memory,
-         "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(open(log.name).read()[-3000:])
-            time.sleep(0.5)
+    port = free_port()
+    spec = PeerSpec("punctual", [
+        sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
+        "--threads-per-replica", "1", *SETUPS[name], "--kv-cache-memory", args.kv_cache_memory,
+        "--log-level", "warning"], port)
+    url = spec.base_url
+    log = Path(tempfile.mkdtemp(prefix="bench-pd-")) / "server.log"
+    with running(spec, log, startup_timeout_s=300):  # started, healthy, and stopped after
         results, wall = asyncio.run(closed_loop(url, prompts, args.concurrency, args.max_tokens))
         moves = httpx.get(f"{url}/admin/migrations").json()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     ttft = np.array([r["ttft"] for r in results])
     tpot = np.array([r["tpot"] for r in results]) * 1000
     ok = [m for m in moves if m["ok"]]

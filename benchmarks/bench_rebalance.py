@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from punctual.bench.peers import PeerSpec, free_port, running
 
 _spec = importlib.util.spec_from_file_location("bench_pd", Path(__file__).parent / "bench_pd.py")
 bench_pd = importlib.util.module_from_spec(_spec)
@@ -42,29 +42,16 @@ async def burst(url: str, prompts: list[list[int]], lengths: list[int]) -> tuple
 
 
 def run_setup(args, name: str, prompts, lengths) -> dict:
-    port = bench_pd.routing.free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix=f"bench-rebalance-{name}-", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
-         "--replicas", "2", "--threads-per-replica", "1", "--router", "round_robin", *SETUPS[name],
-         "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(open(log.name).read()[-3000:])
-            time.sleep(0.5)
+    port = free_port()
+    spec = PeerSpec("punctual", [
+        sys.executable, "-m", "punctual.cli", "serve", args.model, "--port", str(port), "--served-model-name", "m",
+        "--replicas", "2", "--threads-per-replica", "1", "--router", "round_robin", *SETUPS[name],
+        "--log-level", "warning"], port)
+    url = spec.base_url
+    log = Path(tempfile.mkdtemp(prefix="bench-rebalance-")) / "server.log"
+    with running(spec, log, startup_timeout_s=300):  # started, healthy, and stopped after
         results, wall = asyncio.run(burst(url, prompts, lengths))
         moves = httpx.get(f"{url}/admin/migrations").json()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     long = [r for r, n in zip(results, lengths) if n == args.long_tokens]
     tpot = np.array([r["tpot"] for r in long]) * 1000
     e2e = np.array([r["e2e"] for r in results])

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from punctual.model.builtin import build_once, cache_root
@@ -81,20 +79,6 @@ def gguf_checkpoint(gguf_path: Path | str) -> Path:
     if not (target / "model.safetensors").exists():
         logger.info("converting %s to %s (once)", gguf_path, target)
     return build_once(target, lambda scratch: convert_gguf(gguf_path, scratch))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert in a scratch directory and rename: concurrent processes never see half a checkpoint.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=target.parent))
-    try:
-        logger.info("converting %s to %s (once)", gguf_path, target)
-        convert_gguf(gguf_path, scratch)
-        try:
-            scratch.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
