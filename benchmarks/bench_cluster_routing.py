@@ -48,14 +48,17 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     return {"ttft": first - started, "e2e": time.monotonic() - started}
 
 
-async def closed_loop(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+async def closed_loop(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
+                      request=one_request) -> tuple[list[dict], float]:
+    """`concurrency` clients, each sending the next prompt when its last answer ended; `request`
+    (client, url, prompt, max_tokens) -> its record."""
     queue = list(enumerate(prompts))
     results: list[dict] = [None] * len(prompts)
     async with httpx.AsyncClient(timeout=600) as client:
         async def worker():
             while queue:
                 index, prompt = queue.pop(0)
-                results[index] = await one_request(client, url, prompt, max_tokens)
+                results[index] = await request(client, url, prompt, max_tokens)
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

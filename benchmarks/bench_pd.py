@@ -46,20 +46,6 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     return {"ttft": times[0] - started, "tpot": tpot, "e2e": time.monotonic() - started, "text": "".join(text)}
 
 
-async def closed_loop(url, prompts, concurrency, max_tokens):
-    queue = list(enumerate(prompts))
-    results = [None] * len(prompts)
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def worker():
-            while queue:
-                index, prompt = queue.pop(0)
-                results[index] = await one_request(client, url, prompt, max_tokens)
-
-        started = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return results, time.monotonic() - started
-
-
 def run_setup(args, name: str, prompts) -> dict:
     port = free_port()
     spec = PeerSpec("punctual", [
@@ -69,7 +55,7 @@ def run_setup(args, name: str, prompts) -> dict:
     url = spec.base_url
     log = Path(tempfile.mkdtemp(prefix="bench-pd-")) / "server.log"
     with running(spec, log, startup_timeout_s=300):  # started, healthy, and stopped after
-        results, wall = asyncio.run(closed_loop(url, prompts, args.concurrency, args.max_tokens))
+        results, wall = asyncio.run(routing.closed_loop(url, prompts, args.concurrency, args.max_tokens, one_request))
         moves = httpx.get(f"{url}/admin/migrations").json()
     ttft = np.array([r["ttft"] for r in results])
     tpot = np.array([r["tpot"] for r in results]) * 1000
