@@ -98,13 +98,19 @@ class EngineCore:
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
+        request = self._new_request(core_request)
+        if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
+            self.grammars.add(core_request.request_id, request.sampling_params.structured, request)
+            return
+        self.scheduler.add_request(request, self.clock())
+
+    def _new_request(self, core_request: EngineCoreRequest) -> Request:
+        """The core's state for a request, its stop tokens defaulting to the model's EOS ids (set
+        before the Request is built: it derives its stop set from them)."""
         params = core_request.sampling_params
         if not params.eos_token_ids:
             params.eos_token_ids = self.eos_token_ids
-        if params.structured is not None:  # held until its grammar compiles (off the step loop)
-            self.grammars.add(core_request.request_id, params.structured, Request(core_request, self.max_model_len))
-            return
-        self.scheduler.add_request(Request(core_request, self.max_model_len), self.clock())
+        return Request(core_request, self.max_model_len)
 
     def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
         """Compute a prefix (one prefill, no output) and keep its full blocks cached until unpinned.
@@ -207,15 +213,11 @@ class EngineCore:
         if table is None or len(table) < num_blocks:
             self.abort_import(request_id)
             return False
-        request = Request(state.core_request, self.max_model_len)
-        if not request.sampling_params.eos_token_ids:
-            request.sampling_params.eos_token_ids = self.eos_token_ids
+        request = self._new_request(state.core_request)
         for token_id in state.output_token_ids:
             request.append_token(token_id)
         request.num_computed_tokens = state.num_computed_tokens
         request.num_preemptions = state.num_preemptions
-        request.max_output_tokens = min(request.max_output_tokens,
-                                        self.scheduler.max_request_tokens - request.num_prompt_tokens)
         if not self.scheduler.add_running(request, self.clock()):
             self.abort_import(request_id)
             return False

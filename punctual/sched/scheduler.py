@@ -82,9 +82,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
         check_prompt(request.prompt_token_ids, self.prompt_limits)
-        # A request alone must always fit, or it would preempt itself forever.
-        request.max_output_tokens = min(request.max_output_tokens,
-                                        self.max_request_tokens - request.num_prompt_tokens)
+        self._fit_output(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.policy.on_arrival(request, now)
@@ -93,6 +91,11 @@ class Scheduler:
     def pending_finished_ids(self) -> list[str]:
         """Requests the next plan will tell the runner to forget."""
         return self._finished_ids
+
+    def _fit_output(self, request: Request) -> None:
+        # A request alone must always fit, or it would preempt itself forever.
+        request.max_output_tokens = min(request.max_output_tokens,
+                                        self.max_request_tokens - request.num_prompt_tokens)
 
     def add_running(self, request: Request, now: float) -> bool:
         """Take a request whose KV arrived from another engine: it already holds a block table
@@ -103,6 +106,7 @@ class Scheduler:
             return False
         table = self.kv.block_tables.get(request.request_id)
         assert table is not None and len(table) * self.kv.block_size >= request.num_computed_tokens
+        self._fit_output(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
