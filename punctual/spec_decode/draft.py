@@ -34,10 +34,11 @@ def draft_kv_bytes_per_block(model: str, target: ModelConfig, cache: CacheConfig
     prefixes, but holds only the running requests' tokens)."""
     from punctual.model.attention import LayerKVCache
     from punctual.model.loader import load_arch_config, resolve_model_path
+    from punctual.model.runner import pick_device, pick_dtype
 
     arch = load_arch_config(resolve_model_path(model))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        target.dtype, torch.bfloat16 if (arch.checkpoint_dtype or "") in ("bfloat16", "float16") else torch.float32)
+    # The draft runs in the target's dtype; with `auto`, its own checkpoint's is the estimate.
+    dtype = pick_dtype(target.dtype, arch, pick_device(target.device))
     return arch.num_layers * cache.block_size * LayerKVCache.bytes_per_token(arch.num_kv_heads, arch.head_dim,
                                                                              dtype, False)
 
