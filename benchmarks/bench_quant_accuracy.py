@@ -7,6 +7,10 @@ Also: how often the greedy continuation of each window agrees with bf16's, token
 
     python benchmarks/bench_quant_accuracy.py                      # ~3 minutes on 2 quiet cores
     python benchmarks/bench_quant_accuracy.py --variants none,int8,int4,int4-head4
+    python benchmarks/bench_quant_accuracy.py --variants none-eager,none   # fused kernels against eager
+
+A variant ending in -eager runs with enforce_eager (plain PyTorch ops); the others use the fused
+CPU kernels where they build.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--greedy-tokens", type=int, default=32, help="greedy continuation per window")
     parser.add_argument("--variants", default="none,int8,int4",
-                        help="none | int8 | int4, and int4-head4 / int8-head16 / int4-head16 for other heads")
+                        help="none | int8 | int4, and int4-head4 / int8-head16 / int4-head16 for other heads; "
+                             "a -eager suffix runs without the fused kernels")
     args = parser.parse_args()
     import punctual.model.quant as quant
     from punctual import LLM
@@ -71,13 +76,14 @@ def main() -> None:
     text = corpus()
     results = []
     for variant in args.variants.split(","):
-        kind, _, head = variant.partition("-head")
+        eager = variant.endswith("-eager")
+        kind, _, head = variant.removesuffix("-eager").partition("-head")
         quant.HEAD_QUANTIZATION.update({"int8": "int8", "int4": "int8"})
         if head:
             quant.HEAD_QUANTIZATION[kind] = {"4": "int4", "8": "int8", "16": "none"}[head]
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, quantization=kind, kv_cache_memory="512MiB",
-                  max_num_batched_tokens=2048)
+                  max_num_batched_tokens=2048, enforce_eager=eager)
         prompts = windows(llm.tokenizer, text, args.tokens, args.windows)
         ppl, count, greedy = score(llm, prompts, args.greedy_tokens)
         results.append((variant, ppl, count, greedy, time.perf_counter() - start))

@@ -11,6 +11,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--quantization", default=None, choices=["none", "int8", "int4"],
                         help="weight-only quantization of the linears (CPU): int8 per channel, int4 in groups of 32")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="plain PyTorch ops only: no fused CPU kernels (bf16 on AVX-512 BF16 uses them otherwise)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV pool, e.g. 2GiB")
@@ -34,7 +36,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, quantization=args.quantization, max_num_seqs=args.max_num_seqs,
+    return dict(dtype=args.dtype, device=args.device, quantization=args.quantization,
+                enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_model_len=args.max_model_len,
                 scheduling_policy=args.scheduling_policy, seed=args.seed,

@@ -28,6 +28,10 @@ class ModelConfig:
     # Weight-only quantization of every linear (CPU): none | int8 (per output channel) |
     # int4 (groups of 32 inputs). Fewer bytes per decode token; see punctual/model/quant.py.
     quantization: str = "none"
+    # Run the plain PyTorch ops only. Otherwise bf16 on a CPU with AVX-512 BF16 runs the fused
+    # kernels of punctual/model/csrc (a small-batch GEMM and fused RMSNorm/RoPE/SiLU), built on
+    # first use. Eager is the reference the tests compare against (vLLM's flag of the same name).
+    enforce_eager: bool = False
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from punctual.model import cpu_kernels
 from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
 from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, quantize
@@ -31,11 +32,39 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
+# Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
+# weight once for all rows); more rows (prompt chunks) go to oneDNN's GEMM. Measured here
+# (BENCHMARKS.md section 11): the kernel reads a model's weights 1.3-1.6x faster than oneDNN for
+# 1-32 rows, and reaches ~70% of oneDNN's GEMM peak from 64 rows on.
+FUSED_LINEAR_MAX_ROWS = 32
+
+
+@dataclass
+class FusedWeight:
+    """A bf16 linear weight for the fused CPU kernels: `packed` in the small-batch kernel's layout,
+    `dense` in oneDNN's (for prompt chunks). Both hold the same bf16 values."""
+
+    packed: torch.Tensor
+    dense: torch.Tensor
+    out_features: int
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, kernels) -> "FusedWeight | torch.Tensor":
+        if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape; such a weight stays as it is
+            return pack_weight(weight)
+        return cls(kernels.pack_bf16(weight), pack_weight(weight), weight.shape[0])
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] <= FUSED_LINEAR_MAX_ROWS:
+            return torch.ops.punctual.linear_bf16(x, self.packed, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.dense, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight | FusedWeight, bias: torch.Tensor | None = None,
            single_row_mv: bool = False) -> torch.Tensor:
     """x @ weight.T + bias. A weight packed by `pack_weight` goes straight to oneDNN, a quantized
-    one to its kernel; with `single_row_mv`, one row goes through torch.mv instead of GEMM."""
-    if isinstance(weight, QuantizedWeight):
+    or fused one to its kernel; with `single_row_mv`, one row goes through torch.mv instead of GEMM."""
+    if isinstance(weight, (QuantizedWeight, FusedWeight)):
         return weight.linear(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
@@ -108,9 +137,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, quantization: str = "none"):
+                 dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False):
         """`quantization` (none | int8 | int4): weight-only, for every linear of the layers, and
-        the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for lookups)."""
+        the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for lookups).
+        Unless `enforce_eager`, bf16 on CPU runs the fused kernels where they build (cpu_kernels):
+        RMSNorm, RoPE and SiLU give eager's results bit for bit; the small-batch GEMM rounds its
+        sums once but adds them in another order than oneDNN."""
         if quantization != "none" and device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
                              f"device is {device.type}")
@@ -168,6 +200,9 @@ class LlamaModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.packed = packing_is_exact(dtype, device)
+        self.kernels = None
+        if not enforce_eager and device.type == "cpu" and dtype == torch.bfloat16:
+            self.kernels = cpu_kernels.load()
         if quantization != "none":
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
@@ -177,6 +212,11 @@ class LlamaModel:
                 self.lm_head = quantize(self.lm_head, head)
             elif self.packed:
                 self.lm_head = pack_weight(self.lm_head)
+        elif self.kernels is not None:
+            for layer in self.layers:
+                for name in ("qkv", "o_proj", "gate_up", "down"):
+                    setattr(layer, name, FusedWeight.from_weight(getattr(layer, name), self.kernels))
+            self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels)
         elif self.packed:
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
@@ -192,6 +232,8 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        if self.kernels is not None:
+            return self._forward_fused(input_ids, positions, meta, kv_caches)
         arch = self.arch
         num_tokens = input_ids.shape[0]
         mv = self.single_row_mv
@@ -216,6 +258,32 @@ class LlamaModel:
             gate, up = linear(x, layer.gate_up, layer.gate_up_bias, mv).chunk(2, dim=-1)
             hidden = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias, mv)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """forward() in ~10 kernel calls a layer instead of ~75 eager ops: each residual add is
+        fused into the RMSNorm that follows it, RoPE rotates q and k in place inside qkv, and
+        SiLU * up is one pass."""
+        arch, ops = self.arch, self.kernels
+        num_tokens, eps = input_ids.shape[0], arch.rms_norm_eps
+        q_size, kv_size, head_dim = self.q_size, self.kv_size, arch.head_dim
+        rotated_heads = arch.num_heads + arch.num_kv_heads
+        residual = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        delta = None  # what the last sublayer adds to the residual stream
+        for layer, cache in zip(self.layers, kv_caches):
+            x = ops.rms_norm(residual if delta is None else delta, layer.input_norm, eps,
+                             None if delta is None else residual)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
+            ops.rope_(qkv, cos, sin, rotated_heads, head_dim)
+            q = qkv[:, :q_size].view(num_tokens, arch.num_heads, head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(num_tokens, arch.num_kv_heads, head_dim)
+            v = qkv[:, q_size + kv_size:].view(num_tokens, arch.num_kv_heads, head_dim)
+            cache.write(k, v, meta.slot_mapping)
+            attn = paged_attention(q, k, v, cache, meta)
+            x = ops.rms_norm(linear(attn, layer.o_proj, layer.o_bias), layer.post_norm, eps, residual)
+            delta = linear(ops.silu_mul(linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
+        return ops.rms_norm(delta, self.norm, eps, residual)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ class ModelRunner:
             keep_step_buffers_mapped()
         self.dtype = pick_dtype(model_config.dtype, self.arch, self.device)
         self.model = LlamaModel(self.arch, load_weights(path, self.dtype), self.device, self.dtype,
-                                model_config.quantization)
+                                model_config.quantization, model_config.enforce_eager)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)

@@ -1,0 +1,262 @@
+// Punctual's CPU decode kernels (bf16, AVX-512 BF16), loaded as torch.ops.punctual.*.
+//
+// Why: a one-stream decode step of a small Llama is weight-read bound, and eager PyTorch spends
+// it in two places: oneDNN's bf16 GEMM, which reads weights at a third of the machine's bandwidth
+// for a handful of rows, and ~75 small eager ops per layer (RMSNorm, RoPE, SiLU, adds, casts)
+// at 1-5 us each. This file has one kernel for each: a small-M GEMM over weights packed for it,
+// and fused element-wise kernels that round exactly where eager rounds (bf16 after each op), so
+// that they give eager's results bit for bit (the GEMM does not: its sums are in another order).
+//
+// Built by punctual/model/cpu_kernels.py with the system C++ compiler, cached on disk.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int64_t kBlockN = 16;          // outputs per packed block: one zmm of fp32 sums
+constexpr int64_t kPrefetchElems = 1024; // 2 KiB ahead in the weight stream
+
+// The weight [N, K] as [N/16, K/2, 16, 2]: one 64-byte load is 16 outputs x 2 inputs, the operand
+// shape of vdpbf16ps, and a block of 16 outputs is one contiguous stream.
+at::Tensor pack_bf16(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_bf16: a 2-D bf16 weight");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, "pack_bf16: out features must be a multiple of 16 and in features even, got ",
+              n, "x", k);
+  return weight.contiguous().view({n / kBlockN, kBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+at::Tensor unpack_bf16(const at::Tensor& packed) {
+  const int64_t blocks = packed.size(0), k2 = packed.size(1);
+  return packed.permute({0, 2, 1, 3}).reshape({blocks * kBlockN, k2 * 2});
+}
+
+// M rows (M <= kRowTile) against one block of 16 outputs. Four independent accumulator chains
+// per row (inputs k-pair 0, 4, 8, ... in the first, 1, 5, 9, ... in the second, ...), summed in
+// the same order whatever M is: a row's result does not depend on the rows beside it (so a
+// request's output does not depend on its batch), and one row is not bound by vdpbf16ps's latency.
+constexpr int64_t kRowTile = 4;
+constexpr int kChains = 4;
+
+template <int M>
+inline void block_rows(const uint16_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
+  __m512 acc[M][kChains];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  int64_t kp = 0;
+  for (; kp + kChains <= k2; kp += kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const uint16_t* wp = w + (kp + c) * 2 * kBlockN;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]);
+        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, xv);
+      }
+    }
+  }
+  for (int c = 0; kp < k2; ++kp, ++c) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + kp * 2 * kBlockN);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]);
+      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, xv);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+    _mm512_storeu_ps(out + m * kBlockN, sum);
+  }
+}
+
+void rows_against_block(int64_t rows, const uint16_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
+  switch (rows) {
+    case 1: block_rows<1>(w, x, x_stride, k2, out); break;
+    case 2: block_rows<2>(w, x, x_stride, k2, out); break;
+    case 3: block_rows<3>(w, x, x_stride, k2, out); break;
+    default: block_rows<4>(w, x, x_stride, k2, out); break;
+  }
+}
+
+// x [M, K] @ weight.T (+ bias): fp32 sums, rounded once to bf16. Each thread streams its own
+// blocks of the weight once and applies every row to a block while it is in L1.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_bf16: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 2, "linear_bf16: weight not packed");
+  const auto xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k == k2 * 2, "linear_bf16: x has ", k, " features, the weight ", k2 * 2);
+  const int64_t n = blocks * kBlockN;
+  auto out = at::empty({m_rows, n}, x.options());
+  const float* bias_p = nullptr;
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_bf16: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[kRowTile * kBlockN];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint16_t* wb = w + b * k2 * 2 * kBlockN;
+      const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
+        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
+        rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                              (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The sum of v[0..n) in the order of PyTorch's CPU sum over a contiguous row (cascade_sum in
+// aten/src/ATen/native/cpu/SumKernel.cpp; its reductions run 8-lane vectors even on AVX-512: 4 accumulators, levels of
+// 16 steps), so that RMSNorm's mean rounds exactly as eager's `x.pow(2).mean(-1)`.
+float sum_in_torch_order(const float* v, int64_t n) {
+  constexpr int64_t lanes = 8, ilp = 4, levels = 4;
+  const int64_t vectors = n / lanes, rows = vectors / ilp;
+  int64_t log2_rows = 0;
+  while ((int64_t(1) << log2_rows) < rows) ++log2_rows;
+  const int64_t level_power = std::max<int64_t>(4, log2_rows / levels);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  float acc[levels][ilp][lanes] = {};
+  auto add_row = [&](int64_t i) {
+    for (int64_t k = 0; k < ilp; ++k)
+      for (int64_t l = 0; l < lanes; ++l) acc[0][k][l] += v[(i * ilp + k) * lanes + l];
+  };
+  int64_t i = 0;
+  while (i + level_step <= rows) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int64_t j = 1; j < levels; ++j) {
+      for (int64_t k = 0; k < ilp; ++k)
+        for (int64_t l = 0; l < lanes; ++l) { acc[j][k][l] += acc[j - 1][k][l]; acc[j - 1][k][l] = 0.f; }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i) add_row(i);
+  for (int64_t j = 1; j < levels; ++j)
+    for (int64_t k = 0; k < ilp; ++k)
+      for (int64_t l = 0; l < lanes; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t r = rows * ilp; r < vectors; ++r)
+    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += v[r * lanes + l];
+  for (int64_t k = 1; k < ilp; ++k)
+    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.f;
+  for (int64_t t = vectors * lanes; t < n; ++t) total += v[t];
+  for (int64_t l = 0; l < lanes; ++l) total += acc[0][0][l];
+  return total;
+}
+
+// RMSNorm in eager's order: h = bf16(x + residual) (kept in `residual`), then
+// weight * bf16(h * rsqrt(mean(h^2) + eps)), every product rounded to bf16 as eager rounds it.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm: bf16 only");
+  const auto xc = x.contiguous();
+  const int64_t hidden = xc.size(-1), rows = xc.numel() / hidden;
+  auto out = at::empty_like(xc);
+  bf16* res_p = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == xc.sizes(), "rms_norm: residual must match x");
+    res_p = residual->data_ptr<bf16>();
+  }
+  const bf16* xp = xc.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(hidden), squares(hidden);
+    for (int64_t r = r0; r < r1; ++r) {
+      const bf16* xr = xp + r * hidden;
+      if (res_p) {
+        bf16* rr = res_p + r * hidden;
+        for (int64_t i = 0; i < hidden; ++i) {
+          const bf16 v = bf16(float(xr[i]) + float(rr[i]));
+          rr[i] = v;
+          h[i] = float(v);
+        }
+      } else {
+        for (int64_t i = 0; i < hidden; ++i) h[i] = float(xr[i]);
+      }
+      for (int64_t i = 0; i < hidden; ++i) squares[i] = h[i] * h[i];
+      const float scale = 1.f / std::sqrt(sum_in_torch_order(squares.data(), hidden) / float(hidden) + float(eps));
+      bf16* orow = op + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) orow[i] = bf16(float(wp[i]) * float(bf16(h[i] * scale)));
+    }
+  });
+  return out;
+}
+
+// RoPE in place on the first `heads` heads of each row of qkv [T, >= heads * D] (q's and k's),
+// in eager's rounding: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)). cos, sin: [T, D].
+void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(), "rope_: contiguous bf16 qkv");
+  const int64_t tokens = qkv.size(0), stride = qkv.size(1), half = head_dim / 2;
+  TORCH_CHECK(heads * head_dim <= stride, "rope_: more heads than qkv holds");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  bf16* q = qkv.data_ptr<bf16>();
+  const bf16* cp = cc.data_ptr<bf16>();
+  const bf16* sp = sc.data_ptr<bf16>();
+  at::parallel_for(0, tokens * heads, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<float> x(head_dim);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      bf16* row = q + t * stride + h * head_dim;
+      const bf16* c = cp + t * head_dim;
+      const bf16* s = sp + t * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) x[d] = float(row[d]);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float rotated = d < half ? -x[d + half] : x[d - half];
+        const float a = float(bf16(x[d] * float(c[d])));
+        const float b = float(bf16(rotated * float(s[d])));
+        row[d] = bf16(a + b);
+      }
+    }
+  });
+}
+
+// silu(gate) * up over gate_up [T, 2I] -> [T, I], rounded as eager rounds (silu, then the product).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2, "silu_mul: 2-D bf16");
+  const auto gc = gate_up.contiguous();
+  const int64_t tokens = gc.size(0), inter = gc.size(1) / 2;
+  auto out = at::empty({tokens, inter}, gc.options());
+  const bf16* gp = gc.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, tokens, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const bf16* g = gp + t * 2 * inter;
+      const bf16* u = g + inter;
+      bf16* o = op + t * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gv = float(g[i]);
+        const float s = float(bf16(gv / (1.f + std::exp(-gv))));
+        o[i] = bf16(s * float(u[i]));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(punctual, m) {
+  m.def("pack_bf16(Tensor weight) -> Tensor", pack_bf16);
+  m.def("unpack_bf16(Tensor packed) -> Tensor", unpack_bf16);
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias) -> Tensor", linear_bf16);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual) -> Tensor", rms_norm);
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
+}

@@ -1,0 +1,108 @@
+"""The fused CPU kernels (punctual/model/csrc): what they promise against eager PyTorch.
+
+Element-wise kernels (RMSNorm with its residual add, RoPE, SiLU * up) give eager's bf16 results
+bit for bit, so a prompt's logits do not change; the small-batch GEMM rounds its fp32 sums once,
+like oneDNN, in another order, and gives a row the same result whatever rows share its call.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from punctual import LLM, SamplingParams
+from punctual.model import cpu_kernels
+from punctual.model.llama import FusedWeight, rms_norm, rotate_half
+
+ops = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+BF16 = torch.bfloat16
+
+
+def randn(*shape, scale=1.0, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
+
+
+@pytest.mark.parametrize("hidden", [64, 100, 576, 4096])
+def test_rms_norm_is_eagers_bit_for_bit(hidden):
+    x, residual, weight = randn(37, hidden, scale=4, seed=1), randn(37, hidden, seed=2), randn(hidden, seed=3)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5, None), rms_norm(x, weight, 1e-5))
+    fused_residual = residual.clone()
+    out = ops.rms_norm(x, weight, 1e-5, fused_residual)
+    assert torch.equal(fused_residual, residual + x)  # the add happens in place, rounded as eager's
+    assert torch.equal(out, rms_norm(residual + x, weight, 1e-5))
+
+
+def test_rope_and_silu_mul_are_eagers_bit_for_bit():
+    tokens, heads, kv_heads, dim = 9, 6, 2, 64
+    qkv = randn(tokens, (heads + 2 * kv_heads) * dim, seed=4)
+    cos, sin = randn(tokens, dim, seed=5), randn(tokens, dim, seed=6)
+    q = qkv[:, :heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    want_k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    rotated = qkv.clone()
+    ops.rope_(rotated, cos, sin, heads + kv_heads, dim)
+    assert torch.equal(rotated[:, :heads * dim].view(tokens, heads, dim), want_q)
+    assert torch.equal(rotated[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim), want_k)
+    assert torch.equal(rotated[:, (heads + kv_heads) * dim:], qkv[:, (heads + kv_heads) * dim:])  # v untouched
+
+    gate_up = randn(5, 2 * 1536, scale=3, seed=7)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 40])
+def test_linear_rounds_once_and_does_not_depend_on_its_batch(rows):
+    weight, bias, x = randn(960, 576, scale=0.05, seed=8), randn(960, seed=9), randn(40, 576, seed=10)
+    packed = ops.pack_bf16(weight)
+    assert torch.equal(ops.unpack_bf16(packed), weight)
+    out = ops.linear_bf16(x[:rows], packed, bias)
+    exact = F.linear(x[:rows].double(), weight.double(), bias.double())
+    # One rounding of an fp32 sum: within one bf16 step (2^-8 relative) of the exact product.
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    everything = ops.linear_bf16(x, packed, bias)
+    assert torch.equal(out, everything[:rows])  # a row's result ignores the rows beside it
+    assert torch.equal(ops.linear_bf16(x[rows - 1:rows], packed, bias), everything[rows - 1:rows])
+
+
+def test_kernels_name_bad_input():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack_bf16(randn(10, 64))
+    packed = ops.pack_bf16(randn(32, 64))
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear_bf16(randn(2, 48), packed, None)
+    with pytest.raises(RuntimeError, match="bf16"):
+        ops.linear_bf16(torch.randn(2, 64), packed, None)
+
+
+def greedy(llm: LLM, prompts, max_tokens: int, **extra):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **extra)
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def test_engine_runs_fused_unless_eager_is_enforced():
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(40, 90))] for _ in range(3)]
+    fused = LLM("builtin-tiny", dtype="bfloat16", num_kv_blocks=64, max_num_batched_tokens=512)
+    eager = LLM("builtin-tiny", dtype="bfloat16", num_kv_blocks=64, max_num_batched_tokens=512, enforce_eager=True)
+    assert fused.engine.core.runner.model.kernels is not None
+    assert isinstance(fused.engine.core.runner.model.layers[0].qkv, FusedWeight)
+    assert eager.engine.core.runner.model.kernels is None
+    # A whole prompt in one chunk (> FUSED_LINEAR_MAX_ROWS rows) goes through oneDNN and the
+    # bit-exact element-wise kernels: its prompt logprobs and first token are eager's exactly.
+    a = greedy(fused, prompts, 1, prompt_logprobs=0)
+    b = greedy(eager, prompts, 1, prompt_logprobs=0)
+    for x, y in zip(a, b):
+        assert [lp.logprob for lp in x.prompt_logprobs[1:]] == [lp.logprob for lp in y.prompt_logprobs[1:]]
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+    # Decoding runs the small-batch GEMM: a stream's tokens are the same alone and in a batch.
+    alone = [greedy(fused, [p], 16)[0].outputs[0].token_ids for p in prompts]
+    assert alone == [o.outputs[0].token_ids for o in greedy(fused, prompts, 16)]
+
+
+def test_float32_never_takes_the_fused_path():
+    llm = LLM("builtin-tiny", dtype="float32", num_kv_blocks=32)
+    assert llm.engine.core.runner.model.kernels is None  # float32 stays exact to transformers
