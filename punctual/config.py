@@ -32,6 +32,10 @@ class ModelConfig:
     # kernels of punctual/model/csrc (a small-batch GEMM and fused RMSNorm/RoPE/SiLU), built on
     # first use. Eager is the reference the tests compare against (vLLM's flag of the same name).
     enforce_eager: bool = False
+    # A request's bf16 output does not depend on its batch, its prompt's chunking or speculation:
+    # every linear runs the small-batch GEMM (fixed summation order per row) and every token
+    # attends alone over its unpadded context. Needs the fused kernels and a bf16 KV cache.
+    batch_invariant: bool = False
 
 
 @dataclass
@@ -132,6 +136,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}")
         if self.model.quantization not in ("none", "int8", "int4"):
             raise ValueError(f"quantization must be none|int8|int4, got {self.model.quantization!r}")
+        if self.model.batch_invariant and self.model.enforce_eager:
+            raise ValueError("batch_invariant runs the fused CPU kernels; it cannot be combined with enforce_eager")
+        if self.model.batch_invariant and self.cache.kv_cache_dtype == "int8":
+            raise ValueError("batch_invariant needs a bf16 KV cache (its attention kernel reads bf16), not kv_cache_dtype int8")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:

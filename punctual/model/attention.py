@@ -67,6 +67,14 @@ class AttentionMetadata:
     prefill_max_q: int
     # One prompt from position 0: attend to the chunk's own K/V with a causal mask, no gather.
     prefill_fresh_causal: bool
+    # The first `kernel_tokens` tokens attend through the fused kernel (torch.ops.punctual.
+    # paged_attention), each over its own context read through its sequence's block table: one-token
+    # decodes by default, every token in batch-invariant mode. No bucket covers them.
+    kernel_tokens: int = 0
+    kernel_block_tables: torch.Tensor | None = None  # [S, max_blocks] long
+    kernel_seq_of_token: torch.Tensor | None = None  # [kernel_tokens] long: row of kernel_block_tables
+    kernel_positions: torch.Tensor | None = None  # [kernel_tokens] long
+    kernel_window: int = 0  # sliding window (0: none)
 
 
 class LayerKVCache:
@@ -171,6 +179,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     num_tokens, num_heads, head_dim = q.shape
     parts = []
     nd = meta.num_decode_tokens
+    if meta.kernel_tokens:
+        n = meta.kernel_tokens
+        parts.append(torch.ops.punctual.paged_attention(
+            q[:n], cache.k, cache.v, meta.kernel_block_tables, meta.kernel_seq_of_token, meta.kernel_positions,
+            meta.kernel_window, head_dim ** -0.5))
     for bucket in meta.decode_buckets:
         k_ctx, v_ctx = cache.gather(bucket.block_tables)
         if bucket.q_len == 1:

@@ -6,6 +6,7 @@ tables in float32) so greedy tokens match it exactly.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
+# One-token decodes attend through the fused paged-attention kernel (reads K/V through the block
+# table: no gather, no padding, no mask) rather than SDPA over gathered, padded buckets.
+FUSED_DECODE_ATTENTION = True
+
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
 # weight once for all rows); more rows (prompt chunks) go to oneDNN's GEMM. Measured here
 # (BENCHMARKS.md section 11): the kernel reads a model's weights 1.3-1.6x faster than oneDNN for
@@ -47,15 +52,20 @@ class FusedWeight:
     packed: torch.Tensor
     dense: torch.Tensor
     out_features: int
+    max_rows: float = FUSED_LINEAR_MAX_ROWS  # inf in batch-invariant mode: one summation order for every row
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, kernels) -> "FusedWeight | torch.Tensor":
-        if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape; such a weight stays as it is
+    def from_weight(cls, weight: torch.Tensor, kernels, batch_invariant: bool) -> "FusedWeight | torch.Tensor":
+        if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape
+            if batch_invariant:
+                raise ValueError(f"batch_invariant: a weight of shape {tuple(weight.shape)} does not fit the GEMM "
+                                 "kernel (out features a multiple of 16, in features even)")
             return pack_weight(weight)
-        return cls(kernels.pack_bf16(weight), pack_weight(weight), weight.shape[0])
+        dense = None if batch_invariant else pack_weight(weight)
+        return cls(kernels.pack_bf16(weight), dense, weight.shape[0], math.inf if batch_invariant else FUSED_LINEAR_MAX_ROWS)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] <= FUSED_LINEAR_MAX_ROWS:
+        if x.shape[0] <= self.max_rows:
             return torch.ops.punctual.linear_bf16(x, self.packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.dense, bias, "none", [], "")
 
@@ -137,12 +147,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False):
+                 dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False,
+                 batch_invariant: bool = False):
         """`quantization` (none | int8 | int4): weight-only, for every linear of the layers, and
         the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for lookups).
         Unless `enforce_eager`, bf16 on CPU runs the fused kernels where they build (cpu_kernels):
         RMSNorm, RoPE and SiLU give eager's results bit for bit; the small-batch GEMM rounds its
-        sums once but adds them in another order than oneDNN."""
+        sums once but adds them in another order than oneDNN. `batch_invariant` runs every linear
+        and every token's attention through the kernels, whose order of summation per row is fixed."""
         if quantization != "none" and device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
                              f"device is {device.type}")
@@ -203,6 +215,13 @@ class LlamaModel:
         self.kernels = None
         if not enforce_eager and device.type == "cpu" and dtype == torch.bfloat16:
             self.kernels = cpu_kernels.load()
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            if device.type != "cpu" or dtype != torch.bfloat16 or quantization != "none":
+                raise ValueError("batch_invariant runs on CPU in bfloat16 without weight quantization, got "
+                                 f"{device.type}/{str(dtype).removeprefix('torch.')}/quantization {quantization}")
+            if self.kernels is None:
+                raise ValueError(f"batch_invariant needs the fused CPU kernels: {cpu_kernels.unavailable_reason()}")
         if quantization != "none":
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
@@ -215,8 +234,9 @@ class LlamaModel:
         elif self.kernels is not None:
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
-                    setattr(layer, name, FusedWeight.from_weight(getattr(layer, name), self.kernels))
-            self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels)
+                    setattr(layer, name, FusedWeight.from_weight(getattr(layer, name), self.kernels,
+                                                                        batch_invariant))
+            self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, batch_invariant)
         elif self.packed:
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
@@ -225,6 +245,9 @@ class LlamaModel:
             self.lm_head = pack_weight(self.lm_head)
         # Single-token steps (one decode) are weight-read bound: where weights are not packed,
         # take whichever single-row path reads faster here.
+        # Which tokens attend through the fused kernel (the runner builds their tables): all, decode, none.
+        self.attention_kernel = ("all" if batch_invariant else "decode" if self.kernels is not None
+                                 and FUSED_DECODE_ATTENTION else "none")
         self.single_row_mv = (not self.packed and quantization == "none" and device.type == "cpu"
                               and dtype == torch.bfloat16 and mv_is_faster(self.lm_head))
 

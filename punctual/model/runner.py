@@ -144,12 +144,14 @@ class ModelRunner:
             keep_step_buffers_mapped()
         self.dtype = pick_dtype(model_config.dtype, self.arch, self.device)
         self.model = LlamaModel(self.arch, load_weights(path, self.dtype), self.device, self.dtype,
-                                model_config.quantization, model_config.enforce_eager)
+                                model_config.quantization, model_config.enforce_eager, model_config.batch_invariant)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.kv_quantized = kv_cache_is_quantized(cache_config.kv_cache_dtype, self.dtype)
+        # Tokens that attend through the fused kernel: it reads a bf16 cache, not the int8 one.
+        self.attention_kernel = "none" if self.kv_quantized else self.model.attention_kernel
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
         self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
@@ -365,6 +367,11 @@ class ModelRunner:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window
+        if self.attention_kernel == "all":
+            return self._kernel_metadata(decodes + shorts + prefills, slots, [], 0)
+        if self.attention_kernel == "decode" and decodes:
+            meta = self._metadata([], shorts, prefills, slots[len(decodes):])
+            return self._kernel_metadata(decodes, slots, meta.decode_buckets, len(decodes), meta)
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
@@ -401,6 +408,31 @@ class ModelRunner:
         return AttentionMetadata(
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
+
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, buckets: list[DecodeBucket], shift: int,
+                         rest: AttentionMetadata | None = None) -> AttentionMetadata:
+        """Metadata where the first tokens (those of `items`) attend through the fused kernel; `rest`
+        holds the metadata of the tokens after them, built for a step that starts `shift` tokens later."""
+        dev = self.device
+        q_lens = [c.num_new_tokens for c in items]
+        tables, _ = self._padded_tables(items, [c.start_position + c.num_new_tokens for c in items])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
+        positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
+                                 dtype=torch.long, device=dev)
+        for bucket in buckets:
+            bucket.start += shift
+            bucket.end += shift
+        kernel = dict(kernel_tokens=sum(q_lens), kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
+                      kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
+        if rest is None:
+            return AttentionMetadata(slot_mapping=slots, num_decode_tokens=sum(q_lens), decode_buckets=[],
+                                     prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
+                                     prefill_max_q=0, prefill_fresh_causal=False, **kernel)
+        return AttentionMetadata(
+            slot_mapping=slots, num_decode_tokens=rest.num_decode_tokens + shift, decode_buckets=buckets,
+            prefill_block_tables=rest.prefill_block_tables, prefill_mask=rest.prefill_mask,
+            prefill_pad_index=rest.prefill_pad_index, prefill_max_q=rest.prefill_max_q,
+            prefill_fresh_causal=rest.prefill_fresh_causal, **kernel)
 
     def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
         """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""

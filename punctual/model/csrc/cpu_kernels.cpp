@@ -250,6 +250,104 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Attention of each query token over its own context, read from the paged cache through its
+// sequence's block table: no gather, no padding, no mask. q [T, H, D] (rows may be strided);
+// caches [blocks, block_size, KVH, D]; token t is sequence seq_of_token[t]'s query at
+// positions[t] and sees keys max(0, p - window + 1) .. p (window 0: all). Scores and softmax in
+// fp32, one rounding to bf16 at the end. Each token's result is computed the same way whatever
+// else is in the call (the batch-invariant attention); the query heads of a KV head share its
+// K/V reads (GQA). Returns [T, H * D].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_of_token,
+                           const at::Tensor& positions, int64_t window, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16, "paged_attention: bf16 q and caches");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention: q as [T, H, D] rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: contiguous caches");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_of_token.scalar_type() == at::kLong &&
+              positions.scalar_type() == at::kLong, "paged_attention: int64 tables and indices");
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0 && dim % 16 == 0 && dim <= 256,
+              "paged_attention: head dim must match the cache and be a multiple of 16, at most 256");
+  const int64_t group = heads / kv_heads, q_row = q.stride(0);
+  const auto tables = block_tables.contiguous();
+  const auto seqs = seq_of_token.contiguous();
+  const auto pos = positions.contiguous();
+  const int64_t max_blocks = tables.size(1);
+  auto out = at::empty({tokens, heads * dim}, q.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = seqs.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t token_stride = kv_heads * dim;  // between consecutive slots of the cache
+  const int64_t vec = dim / 32;                // 32 bf16 per zmm...
+  const bool half_vec = dim % 32 != 0;         // ...and 16 more, loaded under a mask
+  const float fscale = float(scale);
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    std::vector<__m512> acc(group * dim / 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / kv_heads, g = i % kv_heads;
+      const int64_t p = pp[t], s = sp[t];
+      TORCH_CHECK(p >= 0 && (p / block_size) < max_blocks, "paged_attention: position beyond the block table");
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const int64_t n = p - lo + 1;
+      scores.resize(group * n);
+      const int64_t* table = tp + s * max_blocks;
+      // Scores: q . k for each key, fp32 sums of bf16 pairs.
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t key = lo + j;
+        const uint16_t* krow = kp + (table[key / block_size] * block_size + key % block_size) * token_stride + g * dim;
+        for (int64_t h = 0; h < group; ++h) {
+          const uint16_t* qrow = qp + t * q_row + (g * group + h) * dim;
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t c = 0; c < vec; ++c)
+            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qrow + c * 32),
+                                   (__m512bh)_mm512_loadu_si512(krow + c * 32));
+          if (half_vec)
+            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qrow + vec * 32),
+                                   (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, krow + vec * 32));
+          scores[h * n + j] = _mm512_reduce_add_ps(dot) * fscale;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* sc = scores.data() + h * n;
+        float peak = sc[0];
+        for (int64_t j = 1; j < n; ++j) peak = std::max(peak, sc[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) { sc[j] = std::exp(sc[j] - peak); total += sc[j]; }
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+      }
+      // Output: the probability-weighted sum of V rows, in fp32.
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      const int64_t lanes = dim / 16;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t key = lo + j;
+        const uint16_t* vrow = vp + (table[key / block_size] * block_size + key % block_size) * token_stride + g * dim;
+        __m512 v[16];
+        for (int64_t c = 0; c < lanes; ++c)
+          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
+        for (int64_t h = 0; h < group; ++h) {
+          const __m512 w = _mm512_set1_ps(scores[h * n + j]);
+          for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        uint16_t* orow = op + t * heads * dim + (g * group + h) * dim;
+        for (int64_t c = 0; c < lanes; ++c)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[h * lanes + c]));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(punctual, m) {
@@ -259,4 +357,6 @@ TORCH_LIBRARY(punctual, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual) -> Tensor", rms_norm);
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
   m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_of_token, "
+        "Tensor positions, int window, float scale) -> Tensor", paged_attention);
 }
