@@ -104,5 +104,6 @@ def test_room_move_picks_the_least_important_and_a_replica_it_fits():
     assert room_move(4, 30, 0, seats, loads) == ("a", 2)
     seats[0][0] = Seat("a", 5, 30, False)  # already moving, or not started: not movable
     assert room_move(0, 30, 0, seats, loads) == ("b", 2)  # the next less important, and its 20 blocks cover 16
-    seats[2] = [Seat("d", 0, 20, True)]  # now no replica has room for b: no move helps
+    seats[1].append(Seat("e", 0, 10, True))
+    seats[2] = [Seat("d", 0, 20, True)]  # now no replica has room for b's 20 (14 and 12 left): no move helps
     assert room_move(0, 30, 0, seats, loads) is None
