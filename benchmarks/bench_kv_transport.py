@@ -9,7 +9,7 @@ six (transport, dtype) pairs moves one running greedy stream (after its 2nd toke
 replica, interleaved so that load drifts hit them alike. Per move, from its /admin/migrations
 record: transfer_s (the copy rounds' wall time at the front end: export on the source, carrying,
 receive on the target, including any wait for a step boundary), the bytes encoded, the blocks
-moved, and downtime_s (the stream's stop-and-copy: migrate_out sent -> the target's commit answered).
+moved, core_s (the two cores' own encode + decode time, a part of transfer_s), and downtime_s (the stream's stop-and-copy: migrate_out sent -> the target's commit answered).
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def summarize(records: list[dict]) -> dict:
     return {"ok": len(ok), "failed": len(records) - len(ok), "blocks": ok[-1]["precopy_blocks"] + ok[-1]["final_blocks"],
             "mb": mb, "transfer_s": transfer, "mb_per_s": mb / transfer if transfer else None,
             "downtime_s": statistics.median(r["downtime_s"] for r in ok),
+            "core_s": statistics.median(r["core_s"] for r in ok),
             "estimate": ok[-1]["estimate"]}
 
 
@@ -100,13 +101,14 @@ def main() -> None:
     asyncio.run(run())
     rows = [{"context": c, "transport": t, "int8": q, **summarize(rs)} for (c, t, q), rs in records.items()]
     print(f"{'context':>7} {'transport':>12} {'wire':>4} {'blocks':>6} {'MB':>6} {'copy ms':>8} {'MB/s':>6} "
-          f"{'downtime ms':>11} {'ok':>3}")
+          f"{'cores ms':>8} {'downtime ms':>11} {'ok':>3}")
     for row in rows:
         if not row.get("ok"):
             print(f"{row['context']:7d} {row['transport']:>12} {'int8' if row['int8'] else 'raw':>4}  every move failed")
             continue
         print(f"{row['context']:7d} {row['transport']:>12} {'int8' if row['int8'] else 'raw':>4} {row['blocks']:6d} "
-              f"{row['mb']:6.2f} {row['transfer_s'] * 1e3:8.1f} {row['mb_per_s']:6.0f} {row['downtime_s'] * 1e3:11.1f} "
+              f"{row['mb']:6.2f} {row['transfer_s'] * 1e3:8.1f} {row['mb_per_s']:6.0f} {row['core_s'] * 1e3:8.1f} "
+              f"{row['downtime_s'] * 1e3:11.1f} "
               f"{row['ok']:3d}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

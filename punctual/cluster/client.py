@@ -440,9 +440,12 @@ class ClusterClient:
 
     def _transport(self, source_id: int, target_id: int) -> str:
         """The transport a move between these two replicas takes: the configured one, except that
-        a shared-memory segment cannot reach another host (relay then)."""
+        a shared-memory segment cannot reach another host, nor the object store replicas that are
+        not Ray actors (cluster/inprocess.py): relay then."""
         transport = self.cluster.kv_transport
         if transport == "direct" and self.replicas[source_id].host != self.replicas[target_id].host:
+            return "relay"
+        if transport == "object-store" and not getattr(self.launcher, "actors", None):
             return "relay"
         return transport
 
@@ -488,7 +491,7 @@ class ClusterClient:
         record = {"request_id": request_id, "source": source_id, "target": target_id, "reason": reason,
                   "ok": False, "precopy_blocks": 0, "final_blocks": 0, "transport": transport,
                   "predicted_transfer_s": self.predicted_transfer_s(source_id, target_id, num_tokens),
-                  "transfer_s": 0.0, "transfer_bytes": 0}
+                  "transfer_s": 0.0, "transfer_bytes": 0, "core_s": 0.0}
         routed.migrating = True
         reserved = False
         block_size = self.config.cache.block_size
@@ -506,6 +509,7 @@ class ClusterClient:
             seconds = time.monotonic() - round_started
             record["transfer_s"] += seconds
             record["transfer_bytes"] += export.nbytes
+            record["core_s"] += export.seconds + answer.seconds  # encoding at the source, decoding at the target
             if export.num_blocks:
                 cost.observe(export.num_blocks, seconds, export.nbytes)
             return answer

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 # A local Ray's object store: replicas pass no tensors through it, only small method results,
 # unless moved KV travels through it (--kv-transport object-store: a few requests' KV at once).
 LOCAL_OBJECT_STORE_BYTES = 80 << 20
-LOCAL_OBJECT_STORE_KV_BYTES = 1 << 30
+LOCAL_OBJECT_STORE_KV_BYTES = 512 << 20
 
 
 class RayReplicas:

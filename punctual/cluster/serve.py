@@ -14,7 +14,7 @@ from __future__ import annotations
 def build_app(model: str = "builtin", *, replicas: int = 2, threads_per_replica: int = 1,
               gpus_per_replica: float = 0, router: str = "cache_aware", api_key: str | None = None,
               served_model_name: str | None = None, prefill_replicas: int = 0, decode_replicas: int = 0,
-              migration: bool = False, kv_transport: str = "relay", **engine_options):
+              migration: bool = False, kv_transport: str = "object-store", **engine_options):
     """A Ray Serve Application serving `model` on `replicas` engine replicas.
     `engine_options` are EngineConfig keywords (kv_cache_memory, max_num_seqs, ...).
     `prefill_replicas` and `decode_replicas` (both or neither) replace `replicas`."""

@@ -11,6 +11,7 @@ per token and head (CacheGen's point: fewer bytes in flight; the quantizer of
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import pickle
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ def write_blocks(caches: list[LayerKVCache], block_ids: list[int], payload: KVPa
 
 # ---- the transports (engine/wire.py names them; cluster/client.py picks one per move) ----------
 TENSOR_FIELDS = ("k", "v", "k_scale", "v_scale")
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory's segments)
 
 
 def _tensors(payload: KVPayload) -> list[tuple[str, int, torch.Tensor]]:
@@ -122,41 +124,38 @@ def to_shared(payload: KVPayload) -> SharedKV:
 
 
 def from_shared(handle: SharedKV) -> KVPayload:
-    """Map the segment, copy it out once (the write into the pool waits for the next step), unlink it."""
-    from multiprocessing import shared_memory
-
-    segment = shared_memory.SharedMemory(name=handle.name)  # unlink() below takes it off the tracker again
+    """Map the segment and unlink its name at once: the payload's tensors read the mapping itself
+    (no copy here; the write into the pool at the next step is the only one), and the memory goes
+    when they do. POSIX shared memory is a file of /dev/shm on Linux."""
+    path = os.path.join(SHM_DIR, handle.name)
+    fd = os.open(path, os.O_RDWR)
     try:
-        data = torch.frombuffer(segment.buf, dtype=torch.uint8, count=handle.nbytes).clone()
+        mapping = mmap.mmap(fd, max(handle.nbytes, 1))
     finally:
-        segment.close()
-        segment.unlink()
+        os.close(fd)
+        os.unlink(path)
+    data = torch.frombuffer(mapping, dtype=torch.uint8, count=handle.nbytes) if handle.nbytes else None
     tensors = []
     for name, layer, dtype, shape, start in handle.layout:
         dtype = getattr(torch, dtype)
-        size = dtype.itemsize
         count = 1
         for dim in shape:
             count *= dim
-        tensors.append((name, layer, data[start:start + count * size].view(dtype).view(shape)))
+        tensors.append((name, layer, data[start:start + count * dtype.itemsize].view(dtype).view(shape)))
     return _assemble(handle.num_blocks, handle.int8, tensors)
 
 
 def discard_shared(handle: SharedKV) -> None:
     """Unlink a segment nobody will read (the move was called off); already gone is fine."""
-    from multiprocessing import shared_memory
-
     try:
-        segment = shared_memory.SharedMemory(name=handle.name)
+        os.unlink(os.path.join(SHM_DIR, handle.name))
     except FileNotFoundError:
-        return
-    segment.close()
-    segment.unlink()
+        pass
 
 
 def _untracked(segment):
     """Python's resource tracker would unlink a segment when the process that made it exits (and
-    warn): here the receiver owns it (its unlink() takes it off the receiver's list)."""
+    warn): the receiver owns it and unlinks it."""
     from multiprocessing import resource_tracker
 
     resource_tracker.unregister(segment._name, "shared_memory")

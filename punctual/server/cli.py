@@ -53,10 +53,10 @@ def add_serve_parser(subparsers) -> None:
     cluster.add_argument("--kv-transfer-dtype", choices=["auto", "int8"], default="auto",
                          help="KV moved between replicas: in the cache's dtype (auto), or int8-compressed "
                               "(about half the bytes; lossy, so a greedy stream may differ after a move)")
-    cluster.add_argument("--kv-transport", choices=["relay", "object-store", "direct"], default="relay",
+    cluster.add_argument("--kv-transport", choices=["relay", "object-store", "direct"], default="object-store",
                          help="how moved KV travels: relayed by the front end over the replicas' sockets, through "
                               "Ray's object store, or directly through shared memory between replicas of one host "
-                              "(relay between hosts)")
+                              "(relay between hosts); see BENCHMARKS.md section 12")
     cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
