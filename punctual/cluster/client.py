@@ -245,8 +245,9 @@ class ClusterClient:
         seats = {r.replica_id: [policy.Seat(i, self.requests[i].request.priority, self._blocks_needed(self.requests[i]),
                                             self.requests[i].started and not self.requests[i].migrating)
                                 for i in r.request_ids] for r in self.replicas}
+        roles = {"decode"} if self.disaggregated else None  # P/D: a request moved off goes on decoding
         return policy.room_move(routed.request.priority, self._blocks_needed(routed), routed.replica_id,
-                                seats, self._loads())
+                                seats, self._loads(roles))
 
     async def _make_room(self, routed: RoutedRequest, victim_id: str, target_id: int) -> None:
         try:
