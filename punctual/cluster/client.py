@@ -529,10 +529,9 @@ class ClusterClient:
             for _ in range(policy.MAX_PRECOPY_ROUNDS):  # the request keeps decoding at the source
                 round_started = time.monotonic()
                 answer = await self._kv(source_id, "kv_export", request_id, copied, None, int8, transport)
-                if answer.ok and not answer.num_blocks:
-                    self._discard(answer.payload, source_id)
+                if not answer.ok or not still_ours() or not answer.num_blocks:
+                    self._discard(answer.payload, source_id)  # off, or an empty payload: nothing to carry
                 if not answer.ok or not still_ours():
-                    self._discard(answer.payload, source_id)
                     record["error"] = answer.error or "gone meanwhile"
                     return False
                 if answer.num_blocks:
@@ -701,10 +700,6 @@ class ClusterClient:
         if limit is None:
             limit = self.info.max_model_len - len(routed.request.prompt_token_ids)
         return max(0, limit - len(routed.delivered))
-
-    def transfer_estimates(self) -> dict[str, dict]:
-        """GET /admin/migrations: each transport's learned copy cost."""
-        return {name: cost.as_dict() for name, cost in self.transfer_costs.items()}
 
     async def _rejoin(self, replica: Replica, dead_pid: int | None) -> None:
         """Wait for Ray to restart the replica, reconnect, and give it the pins back."""
