@@ -182,7 +182,7 @@ class ClusterConfig:
     migration_threshold: int = 2  # ...when the busiest replica runs this many more than the idlest
     kv_transfer_int8: bool = False  # moved KV crosses the wire int8-compressed (about half the bytes; lossy)
     # How moved KV travels (TRANSPORTS): relay (through the front end's sockets), object-store (Ray's;
-    # the default: 3-6x faster than relay from 1k tokens on one host, works across hosts, and Ray frees
+    # the default: 1.6-7x faster than relay from 512 tokens on one host, works across hosts, and Ray frees
     # what a crashed move leaves), direct (a shared-memory segment; between hosts: relay). BENCHMARKS.md 12.
     kv_transport: str = "object-store"
 
