@@ -14,9 +14,13 @@ rejoins when its engine has loaded again, and gets the pins back.
 
 Pins are broadcast: every replica computes and holds the prefix, so any may serve its users.
 
-KV moves between replicas through this front end (migrate): the source's kv_* answers carry the
-payload, already pickled, and the front end sends it on to the target over the target's socket.
-Drain, rebalancing (--migration on) and prefill/decode disaggregation are all migrations.
+KV moves between replicas (migrate) by one of three transports (--kv-transport): relay (the
+source's kv_* answer carries the payload, already pickled, and the front end sends it on over the
+target's socket), object-store (the payload waits in the source actor; the front end has Ray
+carry it to the target actor, handling only the ObjectRef), or direct (a shared-memory segment
+that the target maps; only its name passes through here). Drain, rebalancing and making room for
+a more important request (--migration on) and prefill/decode disaggregation are all migrations;
+each copy round's time feeds the transfer's cost estimate that these decisions weigh.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from punctual.cluster.router import NoReplicaAvailable, ReplicaLoad, make_router
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import KVAnswer, PinAck
+from punctual.engine.wire import KVAnswer, PinAck, StagedKV
 from punctual.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ class Replica:
     pin_queue: deque = field(default_factory=deque)
     role: str = "mixed"  # mixed | prefill | decode
     draining: bool = False  # no new requests; its running ones were moved off
+    step_s: float | None = None  # its decode step time, as seen from here (between output updates)
+    last_output_at: float | None = None
 
     @property
     def routable(self) -> bool:
@@ -71,6 +77,7 @@ class RoutedRequest:
     started: bool = False  # its first token arrived (no longer queued prefill)
     migrating: bool = False  # a migration of it is under way
     pd_moved: bool = False  # prefill/decode: its move to a decode replica was tried
+    held: bool = False  # not sent yet: a less important request is being moved off to make room
 
 
 @dataclass
@@ -125,6 +132,7 @@ class ClusterClient:
         self._op_ids = itertools.count()
         self._rebalancing = False
         self.migrations: list[dict] = []  # one record per finished migration attempt (GET /admin/migrations)
+        self.transfer_costs: dict[str, policy.TransferCost] = {}  # per transport used: one copy round's cost
 
     # ---- EngineCoreClient's surface ---------------------------------------------------------
     @property
@@ -215,8 +223,44 @@ class ClusterClient:
             replica = self._route(request)
         except NoReplicaAvailable as exc:
             raise EngineDeadError(str(exc)) from None
-        self.requests[request.request_id] = RoutedRequest(request, replica.replica_id)
-        self._send_to(replica, request)
+        routed = RoutedRequest(request, replica.replica_id)
+        self.requests[request.request_id] = routed
+        move = self._room_move(routed) if self.cluster.migration else None
+        if move is None:
+            self._send_to(replica, request)
+            return
+        # Hold it until the less important request is gone (or the move failed): sent now, the
+        # scheduler could preempt that one for it before the move ends.
+        routed.held = True
+        replica.request_ids.add(request.request_id)
+        asyncio.ensure_future(self._make_room(routed, *move))
+
+    def _blocks_needed(self, routed: RoutedRequest) -> int:
+        """KV blocks a request holds once done: its prompt and its whole output limit."""
+        limit = routed.request.sampling_params.max_tokens
+        tokens = len(routed.request.prompt_token_ids) + (limit if limit is not None else self.info.max_model_len)
+        return -(-min(tokens, self.info.max_model_len) // self.config.cache.block_size)
+
+    def _room_move(self, routed: RoutedRequest) -> tuple[str, int] | None:
+        seats = {r.replica_id: [policy.Seat(i, self.requests[i].request.priority, self._blocks_needed(self.requests[i]),
+                                            self.requests[i].started and not self.requests[i].migrating)
+                                for i in r.request_ids] for r in self.replicas}
+        roles = {"decode"} if self.disaggregated else None  # P/D: a request moved off goes on decoding
+        return policy.room_move(routed.request.priority, self._blocks_needed(routed), routed.replica_id,
+                                seats, self._loads(roles))
+
+    async def _make_room(self, routed: RoutedRequest, victim_id: str, target_id: int) -> None:
+        try:
+            await self.migrate(victim_id, target_id, "priority")
+        finally:
+            request_id = routed.request.request_id
+            if routed.held and self.requests.get(request_id) is routed:  # not aborted, nor resumed by a death
+                routed.held = False
+                replica = self.replicas[routed.replica_id]
+                if replica.ready:
+                    self._send_to(replica, routed.request)
+                else:
+                    self._resume_by_recompute(request_id)
 
     def _route(self, request: EngineCoreRequest) -> Replica:
         rid = self.router.route(request.prompt_token_ids, request.user, self._loads({"mixed", "prefill"}))
@@ -225,7 +269,8 @@ class ClusterClient:
 
     def _send_to(self, replica: Replica, request: EngineCoreRequest) -> None:
         replica.request_ids.add(request.request_id)
-        self.requests[request.request_id].replica_id = replica.replica_id
+        routed = self.requests[request.request_id]
+        routed.replica_id, routed.held = replica.replica_id, False
         replica.client.add_request(request)
 
     def _loads(self, roles: set[str] | None = None) -> list[ReplicaLoad]:
@@ -256,7 +301,7 @@ class ClusterClient:
                 by_replica.setdefault(routed.replica_id, []).append(request_id)
         for rid, ids in by_replica.items():
             replica = self.replicas[rid]
-            replica.request_ids.difference_update(ids)
+            replica.request_ids.difference_update(ids)  # a held request's abort reaches a core that never had it: a no-op
             if replica.ready:
                 replica.client.abort_requests(ids)
 
@@ -281,6 +326,12 @@ class ClusterClient:
     # ---- replica events (on the loop) -------------------------------------------------------
     def _on_replica_update(self, rid: int, update: CoreUpdate) -> None:
         replica = self.replicas[rid]
+        if update.outputs:
+            now = time.monotonic()
+            if replica.last_output_at is not None and now - replica.last_output_at < policy.MAX_STEP_GAP_S:
+                gap = now - replica.last_output_at  # a step, as the stream sees it
+                replica.step_s = gap if replica.step_s is None else 0.8 * replica.step_s + 0.2 * gap
+            replica.last_output_at = now
         if update.blocks_stored:
             self.router.on_blocks_stored(rid, update.blocks_stored)
         if update.blocks_evicted:
@@ -290,10 +341,12 @@ class ClusterClient:
             if op is not None:
                 op.acks.append(ack)
                 op.waiting.discard(rid)
+        outputs = []  # what the front end gets: nothing from a replica a request has left (moved, resumed)
         for output in update.outputs:
             routed = self.requests.get(output.request_id)
             if routed is None or routed.replica_id != rid:
                 continue
+            outputs.append(output)
             routed.started = routed.started or bool(output.new_token_ids)
             routed.delivered.extend(output.new_token_ids)
             if output.finish_reason is not None:
@@ -310,7 +363,7 @@ class ClusterClient:
             self._maybe_rebalance()
         for request_id in update.rejected:
             self._forget(request_id)
-        self._on_update(CoreUpdate(update.outputs, None, update.rejected, self._answered_pins()))
+        self._on_update(CoreUpdate(outputs, None, update.rejected, self._answered_pins()))
         if self.config.check_integrity:
             self.check_integrity()
 
@@ -386,6 +439,44 @@ class ClusterClient:
         replica.client.kv_command(kind, (op_id, *args))
         return await future
 
+    def _transport(self, source_id: int, target_id: int) -> str:
+        """The transport a move between these two replicas takes: the configured one, except that
+        a shared-memory segment cannot reach another host, nor the object store replicas that are
+        not Ray actors (cluster/inprocess.py): relay then."""
+        transport = self.cluster.kv_transport
+        if transport == "direct" and self.replicas[source_id].host != self.replicas[target_id].host:
+            return "relay"
+        if transport == "object-store" and not getattr(self.launcher, "actors", None):
+            return "relay"
+        return transport
+
+    def transfer_cost(self, transport: str) -> policy.TransferCost:
+        return self.transfer_costs.setdefault(transport, policy.TransferCost())
+
+    def predicted_transfer_s(self, source_id: int, target_id: int, num_tokens: int) -> float:
+        """A whole move's copy time (every block of `num_tokens`), as the estimate stands."""
+        blocks = -(-num_tokens // self.config.cache.block_size)
+        return self.transfer_cost(self._transport(source_id, target_id)).predict(blocks)
+
+    async def _carry(self, source_id: int, target_id: int, payload) -> None:
+        """Object store: have Ray move a staged payload from the source actor to the target actor.
+        The ObjectRef is the front end's (freed when dropped); the arrays never come here."""
+        if not isinstance(payload, StagedKV):
+            return  # relay: it rides in the kv_receive command; direct: only the segment's name does
+        actors = self.launcher.actors
+        try:
+            await actors[target_id].stage_kv.remote(payload.key, actors[source_id].take_kv.remote(payload.key))
+        except Exception as exc:  # an actor died or the store refused: the move is off
+            raise EngineDeadError(f"the object store did not carry the KV: {exc}") from exc
+
+    def _discard(self, payload, *replica_ids: int) -> None:
+        """Drop a payload a called-off move left behind (a segment, a staged entry), on each side."""
+        if payload is None or isinstance(payload, bytes):
+            return
+        for rid in replica_ids:
+            if self.replicas[rid].ready:
+                self.replicas[rid].client.kv_command("kv_discard", (next(self._op_ids), payload))
+
     async def migrate(self, request_id: str, target_id: int, reason: str = "") -> bool:
         """Move a running request to `target_id` with its KV (multi-stage pre-copy, then one
         stop-and-copy). True when it runs there. On a refusal or a failure before the source let it
@@ -395,19 +486,40 @@ class ClusterClient:
         if routed is None or routed.migrating or not routed.started or routed.replica_id == target_id:
             return False
         source_id = routed.replica_id
+        transport = self._transport(source_id, target_id)
+        cost = self.transfer_cost(transport)
+        num_tokens = len(routed.request.prompt_token_ids) + len(routed.delivered)
         record = {"request_id": request_id, "source": source_id, "target": target_id, "reason": reason,
-                  "ok": False, "precopy_blocks": 0, "final_blocks": 0}
+                  "ok": False, "precopy_blocks": 0, "final_blocks": 0, "transport": transport,
+                  "predicted_transfer_s": self.predicted_transfer_s(source_id, target_id, num_tokens),
+                  "transfer_s": 0.0, "transfer_bytes": 0, "core_s": 0.0}
         routed.migrating = True
         reserved = False
         block_size = self.config.cache.block_size
         int8 = self.cluster.kv_transfer_int8
+        in_flight = None  # a payload sent and not yet taken by the target: dropped if the move is off
+
+        async def copy_round(export: KVAnswer, command: str, *args) -> KVAnswer:
+            """Carry one exported payload to the target and hand it over; times the round."""
+            nonlocal in_flight
+            in_flight = export.payload
+            await self._carry(source_id, target_id, export.payload)
+            answer = await self._kv(target_id, command, *args)
+            if answer.ok:
+                in_flight = None
+            seconds = time.monotonic() - round_started
+            record["transfer_s"] += seconds
+            record["transfer_bytes"] += export.nbytes
+            record["core_s"] += export.seconds + answer.seconds  # encoding at the source, decoding at the target
+            if export.num_blocks:
+                cost.observe(export.num_blocks, seconds, export.nbytes)
+            return answer
 
         def still_ours() -> bool:
             return self.requests.get(request_id) is routed and routed.replica_id == source_id
 
         started = time.monotonic()
         try:
-            num_tokens = len(routed.request.prompt_token_ids) + len(routed.delivered)
             answer = await self._kv(target_id, "kv_reserve", request_id, -(-num_tokens // block_size))
             reserved = True  # a refused reservation holds nothing, and aborting it is harmless
             if not answer.ok or not still_ours():
@@ -415,12 +527,15 @@ class ClusterClient:
                 return False
             copied = 0
             for _ in range(policy.MAX_PRECOPY_ROUNDS):  # the request keeps decoding at the source
-                answer = await self._kv(source_id, "kv_export", request_id, copied, None, int8)
+                round_started = time.monotonic()
+                answer = await self._kv(source_id, "kv_export", request_id, copied, None, int8, transport)
+                if not answer.ok or not still_ours() or not answer.num_blocks:
+                    self._discard(answer.payload, source_id)  # off, or an empty payload: nothing to carry
                 if not answer.ok or not still_ours():
                     record["error"] = answer.error or "gone meanwhile"
                     return False
                 if answer.num_blocks:
-                    received = await self._kv(target_id, "kv_receive", request_id, copied, answer.payload)
+                    received = await copy_round(answer, "kv_receive", request_id, copied, answer.payload)
                     if not received.ok or not still_ours():
                         record["error"] = received.error or "gone meanwhile"
                         return False
@@ -428,14 +543,16 @@ class ClusterClient:
                 if answer.num_blocks <= policy.STOP_AND_COPY_BLOCKS:
                     break
             record["precopy_blocks"] = copied
-            stopped = time.monotonic()
-            out = await self._kv(source_id, "kv_migrate_out", request_id, copied, int8)
+            stopped = round_started = time.monotonic()
+            out = await self._kv(source_id, "kv_migrate_out", request_id, copied, int8, transport)
             if not out.ok or not still_ours():  # finished or preempted meanwhile: it stays
+                self._discard(out.payload, source_id)
                 record["error"] = out.error or "gone meanwhile"
                 return False
             record["final_blocks"] = out.num_blocks
             source, target = self.replicas[source_id], self.replicas[target_id]
             if not target.ready:  # it died meanwhile: the source let go, so recompute there
+                self._discard(out.payload, source_id)
                 record["error"] = f"replica {target_id} died"
                 self._resume_by_recompute(request_id, prefer=source_id)
                 return False
@@ -446,7 +563,7 @@ class ClusterClient:
             target.request_ids.add(request_id)
             routed.replica_id = target_id
             reserved = False  # commit_import adopts the blocks or releases them
-            committed = await self._kv(target_id, "kv_commit", out.state, copied, out.payload)
+            committed = await copy_round(out, "kv_commit", out.state, copied, out.payload)
             if self.requests.get(request_id) is not routed:  # the client went away meanwhile
                 if committed.ok:
                     target.client.abort_requests([request_id])
@@ -465,9 +582,11 @@ class ClusterClient:
             return False
         finally:
             routed.migrating = False
+            self._discard(in_flight, source_id, target_id)
             if reserved and self.replicas[target_id].ready:
                 self.replicas[target_id].client.kv_command("kv_abort_import", (next(self._op_ids), request_id))
             record["seconds"] = time.monotonic() - started
+            record["estimate"] = cost.as_dict()  # the copy cost as learned so far, this move included
             self.migrations.append(record)
             del self.migrations[:-1000]
             if not record["ok"]:
@@ -531,11 +650,22 @@ class ClusterClient:
         return {"id": rid, "migrated": migrated, "recomputed": recomputed, "left": len(replica.request_ids)}
 
     async def _to_decode(self, request_id: str) -> None:
-        """Prefill/decode: move a request whose first token exists to the least busy decode replica."""
-        decode = {r.replica_id for r in self.replicas if r.role == "decode"}
-        target = policy.least_loaded(self._loads(), decode)
+        """Prefill/decode: move a request whose first token exists to the decode replica where it
+        goes on soonest (its predicted transfer there, plus that replica's load in decode steps)."""
+        routed = self.requests.get(request_id)
+        if routed is None:
+            return
+        num_tokens = len(routed.request.prompt_token_ids) + len(routed.delivered)
+        decode = [r.replica_id for r in self.replicas if r.role == "decode"]
+        transfer_s = {rid: self.predicted_transfer_s(routed.replica_id, rid, num_tokens) for rid in decode}
+        target = policy.pick_decode(self._loads(), set(decode), transfer_s, self._step_s())
         if target is not None:
             await self.migrate(request_id, target, "disaggregation")
+
+    def _step_s(self) -> float:
+        """The cluster's decode step time (the median of the replicas' latest estimates)."""
+        known = sorted(r.step_s for r in self.replicas if r.step_s is not None)
+        return known[len(known) // 2] if known else policy.PRIOR_STEP_S
 
     def _maybe_rebalance(self) -> None:
         roles = {"decode"} if self.disaggregated else None
@@ -546,7 +676,12 @@ class ClusterClient:
         candidates = {i: len(self.requests[i].request.prompt_token_ids) + len(self.requests[i].delivered)
                       for i in self.replicas[source].request_ids
                       if self.requests[i].started and not self.requests[i].migrating}
-        request_id = policy.pick_request(candidates)
+        loads = {r.replica_id: r for r in self._loads(roles)}
+        transfer_s = {i: self.predicted_transfer_s(source, target, n) for i, n in candidates.items()}
+        gain_s = {i: policy.rebalance_gain_s(self._remaining_tokens(self.requests[i]), self.replicas[source].step_s,
+                                             loads[source].num_running, policy.decode_load(loads[target]))
+                  for i in candidates}
+        request_id = policy.pick_request(candidates, transfer_s, gain_s)
         if request_id is None:
             return
         self._rebalancing = True
@@ -558,6 +693,13 @@ class ClusterClient:
                 self._rebalancing = False
 
         asyncio.ensure_future(move())
+
+    def _remaining_tokens(self, routed: RoutedRequest) -> int:
+        """Tokens a request may still generate (its output limit less what it made: an upper bound)."""
+        limit = routed.request.sampling_params.max_tokens
+        if limit is None:
+            limit = self.info.max_model_len - len(routed.request.prompt_token_ids)
+        return max(0, limit - len(routed.delivered))
 
     async def _rejoin(self, replica: Replica, dead_pid: int | None) -> None:
         """Wait for Ray to restart the replica, reconnect, and give it the pins back."""

@@ -14,8 +14,10 @@ from punctual.config import ClusterConfig, EngineConfig
 
 logger = logging.getLogger(__name__)
 
-# A local Ray's object store: replicas pass no tensors through it, only small method results.
+# A local Ray's object store: replicas pass no tensors through it, only small method results,
+# unless moved KV travels through it (--kv-transport object-store: a few requests' KV at once).
 LOCAL_OBJECT_STORE_BYTES = 80 << 20
+LOCAL_OBJECT_STORE_KV_BYTES = 512 << 20
 
 
 class RayReplicas:
@@ -40,7 +42,9 @@ class RayReplicas:
                 ray.init(num_cpus=cluster.replicas * cluster.threads_per_replica,
                          num_gpus=int(cluster.replicas * cluster.num_gpus_per_replica) or None,
                          include_dashboard=cluster.ray_dashboard, _node_ip_address=cluster.ray_host,
-                         dashboard_host=cluster.ray_host, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                         dashboard_host=cluster.ray_host,
+                         object_store_memory=LOCAL_OBJECT_STORE_KV_BYTES if cluster.kv_transport == "object-store"
+                         else LOCAL_OBJECT_STORE_BYTES,
                          log_to_driver=False, configure_logging=False)
                 self.started_ray = True
             else:

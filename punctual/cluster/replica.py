@@ -19,6 +19,7 @@ import traceback
 
 from punctual.config import EngineConfig
 from punctual.engine.wire import SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure
+from punctual.model.kv_transfer import KVMailbox
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ReplicaServer:
         self.config = config
         self.core = EngineCore(config)
         self.core.kv_manager.pool.record_events = True  # the router learns where prefixes live
+        self.mailbox = KVMailbox()  # KV moving in and out; Ray's methods below reach only this
         if host is None:
             import ray
 
@@ -49,6 +51,19 @@ class ReplicaServer:
         """(host, port, pid): where to connect, and the process that holds the engine."""
         return self.host, self.port, os.getpid()
 
+    def take_kv(self, key: str) -> dict:
+        """Object-store transport, source side: the staged KV, as Ray's return value (its numpy
+        arrays go into the object store; the front end gets only the ObjectRef)."""
+        message = self.mailbox.outbox.pop(key, None)
+        if message is None:
+            raise KeyError(f"no KV staged under {key!r}")
+        return message
+
+    def stage_kv(self, key: str, message: dict) -> None:
+        """Object-store transport, target side: Ray resolved the ObjectRef into `message` (arrays
+        mapped from the store on this host); the next kv_receive or kv_commit takes it."""
+        self.mailbox.inbox[key] = message
+
     def _serve(self) -> None:
         from punctual.engine.core_process import CoreLoop, core_info
 
@@ -60,7 +75,7 @@ class ReplicaServer:
             channel = BlockingChannel(conn)
             try:
                 channel.send(core_info(core))
-                CoreLoop(core, channel, self.config.check_integrity).run()
+                CoreLoop(core, channel, self.config.check_integrity, self.mailbox).run()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 pass  # the front end went away; the next one starts clean
             except BaseException:
@@ -73,3 +88,4 @@ class ReplicaServer:
             # Whatever the last front end left running belongs to nobody now.
             core.abort_requests(list(core.scheduler.requests))
             core.kv_manager.pool.take_events()
+            self.mailbox.clear()

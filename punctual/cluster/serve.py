@@ -14,7 +14,7 @@ from __future__ import annotations
 def build_app(model: str = "builtin", *, replicas: int = 2, threads_per_replica: int = 1,
               gpus_per_replica: float = 0, router: str = "cache_aware", api_key: str | None = None,
               served_model_name: str | None = None, prefill_replicas: int = 0, decode_replicas: int = 0,
-              migration: bool = False, **engine_options):
+              migration: bool = False, kv_transport: str = "object-store", **engine_options):
     """A Ray Serve Application serving `model` on `replicas` engine replicas.
     `engine_options` are EngineConfig keywords (kv_cache_memory, max_num_seqs, ...).
     `prefill_replicas` and `decode_replicas` (both or neither) replace `replicas`."""
@@ -28,7 +28,8 @@ def build_app(model: str = "builtin", *, replicas: int = 2, threads_per_replica:
         replicas = prefill_replicas + decode_replicas
     cluster = ClusterConfig(replicas=replicas, threads_per_replica=threads_per_replica,
                             num_gpus_per_replica=gpus_per_replica, router=router, ray_address="auto",
-                            prefill_replicas=prefill_replicas, decode_replicas=decode_replicas, migration=migration)
+                            prefill_replicas=prefill_replicas, decode_replicas=decode_replicas, migration=migration,
+                            kv_transport=kv_transport)
     cluster.validate()
     server_config = ServerConfig(served_model_name=served_model_name or model, api_key=api_key)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import socket
 import time
@@ -18,6 +17,7 @@ from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
 from punctual.engine.stats import EngineStats
 from punctual.engine.wire import BlockingChannel, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck
+from punctual.model.kv_transfer import KVMailbox
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,10 @@ def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
 class CoreLoop:
     """Drain commands, step, report; block on the socket only when there is no work."""
 
-    def __init__(self, core: EngineCore, channel: BlockingChannel, check_integrity: bool = False):
+    def __init__(self, core: EngineCore, channel: BlockingChannel, check_integrity: bool = False,
+                 mailbox: KVMailbox | None = None):
         self.core = core
+        self.mailbox = mailbox if mailbox is not None else KVMailbox()  # KV moving in and out
         self.channel = channel
         self.check_integrity = check_integrity
         self.last_stats: EngineStats | None = None
@@ -79,6 +81,11 @@ class CoreLoop:
                         return
                     if not self.channel.poll():
                         break
+                if self.kv_answers and self.core.has_unfinished_requests():
+                    # A move waits on each answer: send them now, not after the step (a step
+                    # more of stall per copy round otherwise).
+                    self.channel.send(CoreUpdate([], kv_answers=self.kv_answers))
+                    self.kv_answers = []
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
             if self.core.grammar_rejections:  # structured output whose grammar failed: a 400 in the front end
                 rejected.update(self.core.grammar_rejections)
@@ -133,27 +140,30 @@ class CoreLoop:
         started = time.perf_counter()
         try:
             if kind == "kv_export":
-                request_id, first_block, last_block, int8 = args
+                request_id, first_block, last_block, int8, transport = args
                 kv = self.core.export_kv(request_id, first_block, last_block, int8)
-                answer = KVAnswer(op_id, True, payload=pickle.dumps(kv, pickle.HIGHEST_PROTOCOL),
-                                  first_block=first_block, num_blocks=kv.num_blocks)
+                answer = KVAnswer(op_id, True, payload=self.mailbox.send(kv, transport),
+                                  first_block=first_block, num_blocks=kv.num_blocks, nbytes=kv.nbytes)
             elif kind == "kv_migrate_out":
-                request_id, first_block, int8 = args
+                request_id, first_block, int8, transport = args
                 state, kv = self.core.migrate_out(request_id, first_block, int8)
-                answer = KVAnswer(op_id, True, payload=pickle.dumps(kv, pickle.HIGHEST_PROTOCOL),
-                                  first_block=first_block, num_blocks=kv.num_blocks, state=state)
+                answer = KVAnswer(op_id, True, payload=self.mailbox.send(kv, transport),
+                                  first_block=first_block, num_blocks=kv.num_blocks, state=state, nbytes=kv.nbytes)
             elif kind == "kv_reserve":
                 answer = KVAnswer(op_id, self.core.reserve_import(*args))
             elif kind == "kv_receive":
                 request_id, first_block, payload = args
-                self.core.receive_kv(request_id, first_block, pickle.loads(payload))
+                self.core.receive_kv(request_id, first_block, self.mailbox.receive(payload))
                 answer = KVAnswer(op_id, True)
             elif kind == "kv_commit":
                 state, first_block, payload = args
-                kv = pickle.loads(payload) if payload is not None else None
+                kv = self.mailbox.receive(payload) if payload is not None else None
                 answer = KVAnswer(op_id, self.core.commit_import(state, first_block, kv))
             elif kind == "kv_abort_import":
                 self.core.abort_import(*args)
+                answer = KVAnswer(op_id, True)
+            elif kind == "kv_discard":
+                self.mailbox.discard(*args)
                 answer = KVAnswer(op_id, True)
             else:
                 raise ValueError(f"unknown command {kind!r}")

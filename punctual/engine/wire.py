@@ -5,12 +5,15 @@ A message is an 8-byte length and a pickle, over one local socket pair:
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
                         | ("pin", (pin_id, token_ids)) | ("unpin", pin_id)
                         | KV moves between replicas, each answered by a KVAnswer with its op_id:
-                          ("kv_export", (op_id, request_id, first_block, last_block, int8))
-                          ("kv_migrate_out", (op_id, request_id, first_block, int8))
+                          ("kv_export", (op_id, request_id, first_block, last_block, int8, transport))
+                          ("kv_migrate_out", (op_id, request_id, first_block, int8, transport))
                           ("kv_reserve", (op_id, request_id, num_blocks))
                           ("kv_receive", (op_id, request_id, first_block, payload))
                           ("kv_commit", (op_id, MigratedRequest, first_block, payload | None))
                           ("kv_abort_import", (op_id, request_id))
+                          ("kv_discard", (op_id, payload)): drop a payload a called-off move left
+                        A payload is what the transport carries: pickled bytes (relay), a
+                        SharedKV (direct) or a StagedKV (object-store).
     core -> front end   CoreInfo once, then a CoreUpdate per step (outputs, pin answers, stats
                         when they changed), or CoreFailure
 
@@ -59,19 +62,41 @@ class PinAck:
     num_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class SharedKV:
+    """Direct: a KVPayload laid out in a shared-memory segment of the host both replicas share.
+    The receiver maps it by name, copies it out and unlinks it."""
+
+    name: str
+    nbytes: int
+    num_blocks: int
+    int8: bool
+    layout: tuple  # per tensor: (field, layer, dtype name, shape, byte offset)
+
+
+@dataclass(frozen=True)
+class StagedKV:
+    """Object store: a KVPayload waiting in a replica's KVMailbox under `key`; the front end has Ray
+    carry it from the source's outbox to the target's inbox (ObjectRefs only pass through it)."""
+
+    key: str
+
+
 @dataclass
 class KVAnswer:
-    """The core's answer to a kv_* command. `payload` is a pickled KVPayload (bytes), so the
-    front end relays it to the target replica without unpickling tensors (it never imports torch)."""
+    """The core's answer to a kv_* command. `payload` is what the transport carries (bytes, a
+    SharedKV or a StagedKV), so the front end passes it on without unpickling tensors (it never
+    imports torch)."""
 
     op_id: int
     ok: bool
     error: str | None = None
-    payload: bytes | None = None
+    payload: bytes | SharedKV | StagedKV | None = None
     first_block: int = 0
     num_blocks: int = 0  # blocks in the payload
     state: object = None  # kv_migrate_out: the MigratedRequest
-    seconds: float = 0.0  # time the core spent on it (reading or queueing the KV)
+    seconds: float = 0.0  # time the core spent on it (reading and encoding, or decoding and queueing the KV)
+    nbytes: int = 0  # the KV's size in the transport's encoding
 
 
 @dataclass

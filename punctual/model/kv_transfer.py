@@ -2,16 +2,24 @@
 
 Read between steps from the source's pool and written into blocks the target allocated in
 advance, through a KV copy order of the target's next step plan, so a transfer never races a
-model step. On the wire the blocks are in the cache's own dtype, or int8 with a float32 scale
+model step. Three transports carry them (KVMailbox): pickled bytes relayed by the front end,
+Ray's object store (only an ObjectRef passes the front end), or a shared-memory segment between
+two replicas of one host (only its name passes). On the wire the blocks are in the cache's own dtype, or int8 with a float32 scale
 per token and head (CacheGen's point: fewer bytes in flight; the quantizer of
 `--kv-cache-dtype int8`, so a pool that is already int8 travels verbatim).
 """
 from __future__ import annotations
 
+import itertools
+import mmap
+import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 
+from punctual.config import TRANSPORTS
+from punctual.engine.wire import SharedKV, StagedKV
 from punctual.model.attention import LayerKVCache, quantize_int8
 
 
@@ -74,3 +82,149 @@ def write_blocks(caches: list[LayerKVCache], block_ids: list[int], payload: KVPa
                 getattr(cache, f"{name}_scale").index_copy_(0, blocks, scales.view(shape[:3]).to(device))
                 values = q.view(shape)
             getattr(cache, name).index_copy_(0, blocks, values.to(device=device, dtype=getattr(cache, name).dtype))
+
+
+# ---- the transports (engine/wire.py names them; cluster/client.py picks one per move) ----------
+TENSOR_FIELDS = ("k", "v", "k_scale", "v_scale")
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory's segments)
+
+
+def _tensors(payload: KVPayload) -> list[tuple[str, int, torch.Tensor]]:
+    """(field, layer, tensor) for every tensor of the payload, in a fixed order."""
+    return [(name, layer, t) for name in TENSOR_FIELDS for layer, t in enumerate(getattr(payload, name) or [])]
+
+
+def _assemble(num_blocks: int, int8: bool, tensors: list[tuple[str, int, torch.Tensor]]) -> KVPayload:
+    payload = KVPayload(num_blocks, int8, [], [], [] if int8 else None, [] if int8 else None)
+    for name, _, tensor in tensors:
+        getattr(payload, name).append(tensor)
+    return payload
+
+
+def to_shared(payload: KVPayload) -> SharedKV:
+    """Direct: copy the payload into a new shared-memory segment of this host (one copy, no
+    pickle); the receiver maps it by name and unlinks it."""
+    from multiprocessing import shared_memory
+
+    tensors = _tensors(payload)
+    layout, offset = [], 0
+    for name, layer, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        layout.append((name, layer, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += (nbytes + 63) // 64 * 64  # aligned, so every dtype view is legal
+    segment = _untracked(shared_memory.SharedMemory(create=True, size=max(offset, 1)))
+    try:
+        flat = torch.frombuffer(segment.buf, dtype=torch.uint8)
+        for (_, _, _, _, start), (_, _, t) in zip(layout, tensors):
+            flat[start:start + t.numel() * t.element_size()].copy_(t.contiguous().view(-1).view(torch.uint8))
+        del flat
+    finally:
+        segment.close()
+    return SharedKV(segment.name, offset, payload.num_blocks, payload.int8, tuple(layout))
+
+
+def from_shared(handle: SharedKV) -> KVPayload:
+    """Map the segment and unlink its name at once: the payload's tensors read the mapping itself
+    (no copy here; the write into the pool at the next step is the only one), and the memory goes
+    when they do. POSIX shared memory is a file of /dev/shm on Linux."""
+    path = os.path.join(SHM_DIR, handle.name)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mapping = mmap.mmap(fd, max(handle.nbytes, 1))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    data = torch.frombuffer(mapping, dtype=torch.uint8, count=handle.nbytes) if handle.nbytes else None
+    tensors = []
+    for name, layer, dtype, shape, start in handle.layout:
+        dtype = getattr(torch, dtype)
+        count = 1
+        for dim in shape:
+            count *= dim
+        tensors.append((name, layer, data[start:start + count * dtype.itemsize].view(dtype).view(shape)))
+    return _assemble(handle.num_blocks, handle.int8, tensors)
+
+
+def discard_shared(handle: SharedKV) -> None:
+    """Unlink a segment nobody will read (the move was called off); already gone is fine."""
+    try:
+        os.unlink(os.path.join(SHM_DIR, handle.name))
+    except FileNotFoundError:
+        pass
+
+
+def _untracked(segment):
+    """Python's resource tracker would unlink a segment when the process that made it exits (and
+    warn): the receiver owns it and unlinks it."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.unregister(segment._name, "shared_memory")
+    return segment
+
+
+def to_arrays(payload: KVPayload) -> dict:
+    """Object store: numpy arrays (Ray stores and maps them without a copy on this host); bfloat16,
+    which numpy lacks, travels as its bits in int16."""
+    arrays = []
+    for name, layer, t in _tensors(payload):
+        dtype = str(t.dtype).removeprefix("torch.")
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        arrays.append((name, layer, dtype, bits.numpy()))
+    return {"num_blocks": payload.num_blocks, "int8": payload.int8, "arrays": arrays}
+
+
+def from_arrays(message: dict) -> KVPayload:
+    import warnings
+
+    tensors = []
+    with warnings.catch_warnings():  # Ray's arrays are read-only views of the store: only read here
+        warnings.simplefilter("ignore", UserWarning)
+        for name, layer, dtype, array in message["arrays"]:
+            t = torch.from_numpy(array)
+            tensors.append((name, layer, t.view(torch.bfloat16) if dtype == "bfloat16" else t))
+    return _assemble(message["num_blocks"], message["int8"], tensors)
+
+
+class KVMailbox:
+    """A replica's end of every transport: the KV it sends is encoded for the transport the front
+    end asked for; what it receives is decoded whichever way it came. Object-store payloads wait
+    here until Ray takes them (outbox) or until the core's next kv_receive or kv_commit (inbox);
+    the replica actor's Ray methods touch only these two dicts, never the core."""
+
+    def __init__(self):
+        self.outbox: dict[str, dict] = {}
+        self.inbox: dict[str, dict] = {}
+        self._keys = itertools.count()
+
+    def send(self, payload: KVPayload, transport: str) -> bytes | SharedKV | StagedKV:
+        if transport == "relay":
+            return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+        if transport == "direct":
+            return to_shared(payload)
+        if transport == "object-store":
+            key = f"{os.getpid()}:{next(self._keys)}"
+            self.outbox[key] = to_arrays(payload)
+            return StagedKV(key)
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+
+    def receive(self, handle: bytes | SharedKV | StagedKV) -> KVPayload:
+        if isinstance(handle, SharedKV):
+            return from_shared(handle)
+        if isinstance(handle, StagedKV):
+            message = self.inbox.pop(handle.key, None)
+            if message is None:
+                raise ValueError(f"no KV staged under {handle.key!r}")
+            return from_arrays(message)
+        return pickle.loads(handle)
+
+    def discard(self, handle: bytes | SharedKV | StagedKV) -> None:
+        """Drop what a called-off move left here (safe to call on either side, more than once)."""
+        if isinstance(handle, SharedKV):
+            discard_shared(handle)
+        elif isinstance(handle, StagedKV):
+            self.outbox.pop(handle.key, None)
+            self.inbox.pop(handle.key, None)
+
+    def clear(self) -> None:
+        self.outbox.clear()
+        self.inbox.clear()

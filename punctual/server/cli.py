@@ -53,6 +53,10 @@ def add_serve_parser(subparsers) -> None:
     cluster.add_argument("--kv-transfer-dtype", choices=["auto", "int8"], default="auto",
                          help="KV moved between replicas: in the cache's dtype (auto), or int8-compressed "
                               "(about half the bytes; lossy, so a greedy stream may differ after a move)")
+    cluster.add_argument("--kv-transport", choices=["relay", "object-store", "direct"], default="object-store",
+                         help="how moved KV travels: relayed by the front end over the replicas' sockets, through "
+                              "Ray's object store, or directly through shared memory between replicas of one host "
+                              "(relay between hosts); see BENCHMARKS.md section 12")
     cluster.add_argument("--ray-dashboard", action="store_true", help="start the local Ray's dashboard (loopback)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -93,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             router_options=parse_router_options(args.router_option),
                             prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
                             migration=args.migration == "on", migration_threshold=args.migration_threshold,
-                            kv_transfer_int8=args.kv_transfer_dtype == "int8")
+                            kv_transfer_int8=args.kv_transfer_dtype == "int8", kv_transport=args.kv_transport)
     cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = build_app(engine_config, server_config, cluster)

@@ -1,5 +1,6 @@
 """KV that moves between replicas of a real server on a local Ray instance: a stream drained to
-another replica mid-generation, and prefill/decode disaggregation, both identical to one engine."""
+another replica mid-generation, and prefill/decode disaggregation over each KV transport, all
+identical to one engine."""
 from __future__ import annotations
 
 import os
@@ -82,15 +83,19 @@ def test_drain_moves_a_stream_mid_generation(reference):
         stop(server)
 
 
-def test_prefill_decode_disaggregation_is_identical(reference):
-    server = start("--prefill-replicas", "1", "--decode-replicas", "1")
+@pytest.mark.parametrize("transport", ["relay", "object-store", "direct"])
+def test_prefill_decode_disaggregation_is_identical(reference, transport):
+    segments = {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+    server = start("--prefill-replicas", "1", "--decode-replicas", "1", "--kv-transport", transport)
     try:
         assert stream_text(server.url, BODY) == reference
         whole = httpx.post(f"{server.url}/v1/completions", json=BODY, timeout=60).json()
         assert whole["choices"][0]["text"] == reference
         moves = httpx.get(f"{server.url}/admin/migrations", timeout=5).json()
         assert [(m["reason"], m["source"], m["target"], m["ok"]) for m in moves] == [("disaggregation", 0, 1, True)] * 2
-        replicas = wait_idle(server.url)
+        assert {m["transport"] for m in moves} == {transport} and moves[-1]["estimate"]["observations"] >= 2
+        replicas = wait_idle(server.url)  # every block free again on both (and each core checked its integrity)
+        assert {name for name in os.listdir("/dev/shm") if name.startswith("psm_")} <= segments
         assert [r["role"] for r in replicas] == ["prefill", "decode"]
         assert "Traceback" not in server.output()
     finally:

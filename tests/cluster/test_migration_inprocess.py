@@ -3,6 +3,7 @@ refusals and failures on either side leave the stream identical and no KV block 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -18,11 +19,17 @@ PROMPT = list(range(10, 47))
 MAX_TOKENS = 160  # long enough that a loaded machine cannot finish a stream before the test moves it
 
 
-@pytest.fixture
-def cluster(monkeypatch):
+@pytest.fixture(params=["relay", "direct"])
+def cluster(monkeypatch, request):
+    """Two replicas in this process; KV relayed by the front end, or through shared memory (the
+    object store needs Ray actors: tests/cluster/test_kv_moves.py)."""
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
     config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
-    return ClusterClient(config, ClusterConfig(replicas=2))
+    return ClusterClient(config, ClusterConfig(replicas=2, kv_transport=request.param))
+
+
+def shared_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
 
 
 def request(request_id: str) -> EngineCoreRequest:
@@ -80,6 +87,7 @@ def run(cluster: ClusterClient, scenario) -> None:
 
 def test_migrations_and_refusals_keep_the_stream_identical(cluster, monkeypatch):
     results = {}
+    segments_before = shared_segments()
 
     async def scenario(client: ClusterClient):
         results["reference"] = await generate(client, "ref")
@@ -126,7 +134,59 @@ def test_migrations_and_refusals_keep_the_stream_identical(cluster, monkeypatch)
     assert not results["late_ok"] and results["late_at"][0] == results["late_at"][1]
     assert results["late"] == reference
     assert [m["ok"] for m in cluster.migrations] == [True, False, False]
+    assert {m["transport"] for m in cluster.migrations} == {cluster.cluster.kv_transport}
     assert cluster.num_resumed == 1
+    assert shared_segments() <= segments_before, "a shared-memory segment of a move was left behind"
+    moved = cluster.migrations[0]
+    assert moved["transfer_bytes"] > 0 and moved["estimate"]["observations"] >= 2
+
+
+@pytest.mark.parametrize("migration", [True, False])
+def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatch, migration):
+    """--migration on: a priority-0 request comes to a replica whose KV its priority-5 stream would
+    outgrow; the stream moves to the other replica instead of being preempted for it (off: the
+    scheduler preempts it, which is what the move spares)."""
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4,
+                                      scheduling_policy="priority")
+    # A threshold no load gap reaches: only the room rule moves anything.
+    client = ClusterClient(config, ClusterConfig(replicas=2, migration=migration, migration_threshold=1000))
+    low = list(range(10, 150))  # 140 prompt tokens + 80 generated: 55 of the 64 blocks
+    high = list(range(200, 300))  # 100 + 40: 35 blocks; both together need 90
+    tokens: dict[str, list[int]] = {}
+
+    def make(request_id, prompt, max_tokens, priority):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return EngineCoreRequest(request_id, list(prompt), params, arrival_time=0.0, priority=priority)
+
+    async def scenario(c: ClusterClient):
+        finished = set()
+
+        def on_update(update):
+            for out in update.outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.add(out.request_id)
+
+        c._on_update = on_update
+        for request_id, prompt, max_tokens in (("solo-low", low, 80), ("solo-high", high, 40)):
+            c.add_request(make(request_id, prompt, max_tokens, 0))
+            while request_id not in finished:
+                await asyncio.sleep(0.005)
+        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # both come to replica 0
+        c.add_request(make("low", low, 80, 5))
+        while len(tokens.get("low", [])) < 6:
+            await asyncio.sleep(0.005)
+        c.add_request(make("high", high, 40, 0))
+        while not {"low", "high"} <= finished:
+            await asyncio.sleep(0.01)
+
+    run(client, scenario)
+    moves = [(m["request_id"], m["reason"], m["source"], m["target"], m["ok"]) for m in client.migrations]
+    assert moves == ([("low", "priority", 0, 1, True)] if migration else []), client.migrations
+    assert tokens["low"] == tokens["solo-low"] and tokens["high"] == tokens["solo-high"]
+    preemptions = sum(server.core.scheduler.num_preemptions for server in InProcessReplicas.servers)
+    assert (preemptions == 0) if migration else (preemptions > 0)
 
 
 def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
