@@ -28,7 +28,8 @@ def add_bench_parsers(subparsers) -> None:
     compare.add_argument("--model", default="builtin",
                          help="checkpoint directory, .gguf file, or builtin / builtin-tiny / smollm2")
     compare.add_argument("--systems", default="punctual,llama.cpp,hf-static",
-                         help="comma-separated, from punctual, llama.cpp, hf-static")
+                         help="comma-separated, from punctual, llama.cpp, hf-static; a variant after a colon: "
+                              "punctual:int8|int4|eager|batch-invariant, llama.cpp:bf16|q8_0|q4_0|q4_1|q4_k_m")
     compare.add_argument("--max-num-seqs", type=int, default=32,
                          help="Punctual's batch cap, llama.cpp's slots, the static batch size")
     compare.add_argument("--threads", type=int, default=None,
@@ -148,14 +149,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from punctual.bench.peers import SYSTEMS, PeerOptions, PeerUnavailable, peer_spec, running
+    from punctual.bench.peers import PeerOptions, PeerUnavailable, check_system, peer_spec, running
     from punctual.bench.sweep import bench_endpoint
 
     plan = plan_from_args(args)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for system in systems:
-        if system not in SYSTEMS:
-            raise ValueError(f"--systems: unknown {system!r}; choose from {', '.join(SYSTEMS)}")
+        check_system(system)
     options = PeerOptions(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
                           slot_context=args.slot_context, punctual_args=tuple(shlex.split(args.punctual_args)),
                           **({"threads": args.threads} if args.threads else {}))

@@ -94,7 +94,7 @@ def build_llama_server(jobs: int = 1, nice: int = 10) -> Path:
         configure += ["-G", "Ninja"]
     subprocess.run(configure, check=True)
     subprocess.run(["nice", "-n", str(nice), "cmake", "--build", str(build), "--target", "llama-server",
-                    "-j", str(jobs)], check=True)
+                    "llama-quantize", "-j", str(jobs)], check=True)
     binary = server_binary()
     if binary is None:
         raise FileNotFoundError(f"the build finished but no llama-server under {build}")
@@ -123,6 +123,21 @@ def convert_to_gguf(checkpoint: Path, outtype: str = "bf16", pre_tokenizer: str 
     command = [sys.executable, "-c", _CONVERT_BOOTSTRAP, str(source_dir()), pre_tokenizer,
                str(checkpoint), "--outfile", str(partial), "--outtype", outtype]
     subprocess.run(command, check=True)
+    partial.rename(out)
+    return out
+
+
+def quantize_gguf(source: Path, qtype: str) -> Path:
+    """`source` (a bf16/f32 GGUF) quantized by llama.cpp's own `llama-quantize` to `qtype`
+    (q4_0, q4_1, q4_k_m, ...), cached beside it."""
+    binary = llama_cpp_dir() / "build" / "bin" / "llama-quantize"
+    if not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"no {binary}; run `punctual bench build-llama-cpp` (it builds llama-quantize too)")
+    out = source.with_name(source.name.replace("-bf16.gguf", "").removesuffix(".gguf") + f"-{qtype}.gguf")
+    if out.exists():
+        return out
+    partial = out.with_suffix(".partial")
+    subprocess.run([str(binary), str(source), str(partial), qtype.upper()], check=True, capture_output=True)
     partial.rename(out)
     return out
 

@@ -25,6 +25,13 @@ import httpx
 from punctual.bench.loadgen import Endpoint
 
 SYSTEMS = ("punctual", "llama.cpp", "hf-static")
+# A system may name a variant after a colon: punctual:int8 / punctual:int4 (--quantization),
+# punctual:eager (--enforce-eager); llama.cpp:bf16 / f16 / f32 / q8_0 (its converter's types) /
+# q4_0 / q4_1 / q4_k_m (its quantizer, from the bf16 file). Each variant is its own system in a run.
+PUNCTUAL_VARIANTS = {"int8": ("--quantization", "int8"), "int4": ("--quantization", "int4"),
+                     "eager": ("--enforce-eager",), "batch-invariant": ("--batch-invariant",)}
+LLAMA_CPP_CONVERTER_TYPES = ("bf16", "f16", "f32", "q8_0")
+LLAMA_CPP_QUANTIZER_TYPES = ("q4_0", "q4_1", "q4_k_m")
 
 
 class PeerUnavailable(RuntimeError):
@@ -81,17 +88,20 @@ def thread_env(threads: int) -> dict:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def punctual_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
+def punctual_peer(model: str, port: int, options: PeerOptions, variant: str | None = None) -> PeerSpec:
     if find_spec("punctual.server") is None:
         raise PeerUnavailable("punctual: punctual.server is not importable, so `punctual serve` cannot run")
     command = [sys.executable, "-m", "punctual.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
                "--max-num-seqs", str(options.max_num_seqs), "--log-level", "warning"]
     if options.kv_cache_memory:
         command += ["--kv-cache-memory", options.kv_cache_memory]
-    return PeerSpec("punctual", command + list(options.punctual_args), port, env=thread_env(options.threads))
+    if variant is not None:
+        command += list(PUNCTUAL_VARIANTS[variant])
+    name = "punctual" if variant is None else f"punctual:{variant}"
+    return PeerSpec(name, command + list(options.punctual_args), port, env=thread_env(options.threads))
 
 
-def llama_cpp_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
+def llama_cpp_peer(model: str, port: int, options: PeerOptions, variant: str | None = None) -> PeerSpec:
     from punctual.bench import llama_cpp
 
     binary = llama_cpp.server_binary()
@@ -103,9 +113,12 @@ def llama_cpp_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     outtype = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(dtype, "f32")
     try:
-        gguf = llama_cpp.convert_to_gguf(checkpoint, outtype)
+        if variant in LLAMA_CPP_QUANTIZER_TYPES:
+            gguf = llama_cpp.quantize_gguf(llama_cpp.convert_to_gguf(checkpoint, "bf16"), variant)
+        else:
+            gguf = llama_cpp.convert_to_gguf(checkpoint, variant or outtype)
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        raise PeerUnavailable(f"llama.cpp: converting {checkpoint} to GGUF failed: {exc}") from None
+        raise PeerUnavailable(f"llama.cpp: converting {checkpoint} to GGUF ({variant or outtype}) failed: {exc}") from None
     slot_context = options.slot_context or int(config.get("max_position_embeddings", 2048))
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                # One KV stream per slot (llama.cpp's default with an explicit -np): with
@@ -113,7 +126,7 @@ def llama_cpp_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
                # cells included (masked), which slows decoding as the buffer fills.
                "-np", str(options.max_num_seqs), "-c", str(slot_context * options.max_num_seqs),
                "-t", str(options.threads), "-tb", str(options.threads), "--no-webui"]
-    return PeerSpec("llama.cpp", command, port, style="llama.cpp")
+    return PeerSpec("llama.cpp" if variant is None else f"llama.cpp:{variant}", command, port, style="llama.cpp")
 
 
 def hf_static_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
@@ -125,10 +138,23 @@ def hf_static_peer(model: str, port: int, options: PeerOptions) -> PeerSpec:
 PEER_BUILDERS = {"punctual": punctual_peer, "llama.cpp": llama_cpp_peer, "hf-static": hf_static_peer}
 
 
-def peer_spec(system: str, model: str, options: PeerOptions, port: int | None = None) -> PeerSpec:
-    if system not in PEER_BUILDERS:
+def check_system(system: str) -> None:
+    """Raise ValueError naming what is wrong with a --systems entry."""
+    base, _, variant = system.partition(":")
+    if base not in PEER_BUILDERS:
         raise ValueError(f"systems: unknown {system!r}; choose from {', '.join(SYSTEMS)}")
-    return PEER_BUILDERS[system](model, port or free_port(), options)
+    variants = {"punctual": tuple(PUNCTUAL_VARIANTS), "llama.cpp": LLAMA_CPP_CONVERTER_TYPES + LLAMA_CPP_QUANTIZER_TYPES,
+                "hf-static": ()}[base]
+    if variant and variant not in variants:
+        raise ValueError(f"systems: {base} has no variant {variant!r}; choose from {', '.join(variants) or 'none'}")
+
+
+def peer_spec(system: str, model: str, options: PeerOptions, port: int | None = None) -> PeerSpec:
+    check_system(system)
+    base, _, variant = system.partition(":")
+    if variant:
+        return PEER_BUILDERS[base](model, port or free_port(), options, variant)
+    return PEER_BUILDERS[base](model, port or free_port(), options)
 
 
 @contextmanager

@@ -117,3 +117,15 @@ def test_an_unavailable_peer_says_why(monkeypatch):
         peers.peer_spec("punctual", "builtin-tiny", peers.PeerOptions())
     with pytest.raises(ValueError, match="systems"):
         peers.peer_spec("vllm", "builtin-tiny", peers.PeerOptions())
+
+
+def test_system_variants_become_their_own_systems(monkeypatch):
+    from punctual.bench import peers
+
+    spec = peers.peer_spec("punctual:int8", "builtin-tiny", peers.PeerOptions())
+    assert spec.name == "punctual:int8" and spec.command[-2:] == ["--quantization", "int8"]
+    assert peers.peer_spec("punctual:eager", "builtin-tiny", peers.PeerOptions()).command[-1] == "--enforce-eager"
+    with pytest.raises(ValueError, match="no variant 'int3'"):
+        peers.peer_spec("punctual:int3", "builtin-tiny", peers.PeerOptions())
+    with pytest.raises(ValueError, match="q4_0"):
+        peers.check_system("llama.cpp:q5_9")
