@@ -6,7 +6,7 @@ and prefill tok/s of one 512-token prompt (one step of 512 tokens, prefix cachin
 round measures every variant, so drift in a shared machine's speed hits them alike; the table
 gives medians over rounds and the ratio to the first variant.
 
-    python benchmarks/bench_speed.py                         # smollm2: bf16, int8, int4 (~3 min)
+    python benchmarks/bench_speed.py                         # smollm2: eager, fused bf16, int8, int4, batch-invariant
     python benchmarks/bench_speed.py --threads 1 --rounds 5  # on a busy machine: less noise
     python benchmarks/bench_speed.py --variants bf16=dtype:bfloat16 int8=quantization:int8
 
@@ -21,7 +21,8 @@ import time
 
 import torch
 
-DEFAULT_VARIANTS = ("bf16=dtype:bfloat16", "int8=quantization:int8", "int4=quantization:int4")
+DEFAULT_VARIANTS = ("eager=enforce_eager:true", "bf16=dtype:bfloat16", "int8=quantization:int8",
+                    "int4=quantization:int4", "invariant=batch_invariant:true")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -29,7 +30,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     kwargs = {"dtype": "bfloat16"}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition(":")
-        kwargs[key] = value
+        kwargs[key] = {"true": True, "false": False}.get(value.lower(), value)
     return name, kwargs
 
 
