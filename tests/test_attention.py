@@ -47,13 +47,14 @@ def test_paged_attention_matches_dense_for_mixed_query_lengths(window):
 
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("attention_kernel", ["decode", "all"])
-def test_fused_kernel_attention_matches_dense(window, attention_kernel):
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the specialised loops; 16: the generic one
+def test_fused_kernel_attention_matches_dense(window, attention_kernel, head_dim):
     """The fused paged-attention kernel (bf16) for the decodes only, or for every token."""
     from punctual.model import cpu_kernels
 
     if cpu_kernels.load() is None:
         pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, 16, 2e-2)
+    check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, head_dim, 2e-2)
 
 
 def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype, head_dim: int, tolerance: float):

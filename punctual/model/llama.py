@@ -38,10 +38,10 @@ class LayerWeights:
 FUSED_DECODE_ATTENTION = True
 
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
-# weight once for all rows); more rows (prompt chunks) go to oneDNN's GEMM. Measured here
-# (BENCHMARKS.md section 11): the kernel reads a model's weights 1.3-1.6x faster than oneDNN for
-# 1-32 rows, and reaches ~70% of oneDNN's GEMM peak from 64 rows on.
-FUSED_LINEAR_MAX_ROWS = 32
+# weight once for all rows); more rows (many decodes, prompt chunks) go to oneDNN's GEMM. Measured
+# here (BENCHMARKS.md section 11): the kernel reads weights 1.3-1.8x faster than oneDNN for 1-8
+# rows, breaks even near 16, loses ~10% of a 32-stream step and ~30% at prefill sizes.
+FUSED_LINEAR_MAX_ROWS = 16
 
 
 @dataclass

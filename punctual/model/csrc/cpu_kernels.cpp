@@ -123,9 +123,21 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   return out;
 }
 
+// bf16 <-> fp32 for 16 lanes. fp32 -> bf16 rounds to nearest even, as c10::BFloat16 does.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 round_bf16(__m512 x) {  // x rounded to bf16 and back: eager's rounding after an op
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+inline void store16(bf16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // The sum of v[0..n) in the order of PyTorch's CPU sum over a contiguous row (cascade_sum in
-// aten/src/ATen/native/cpu/SumKernel.cpp; its reductions run 8-lane vectors even on AVX-512: 4 accumulators, levels of
-// 16 steps), so that RMSNorm's mean rounds exactly as eager's `x.pow(2).mean(-1)`.
+// aten/src/ATen/native/cpu/SumKernel.cpp: 8-lane vectors (its reductions run AVX2 code even on
+// AVX-512 machines), 4 accumulators, levels of 16 steps), so RMSNorm's mean rounds exactly as
+// eager's `x.pow(2).mean(-1)`. Lanes add independently, so 8-lane vector adds are that order.
 float sum_in_torch_order(const float* v, int64_t n) {
   constexpr int64_t lanes = 8, ilp = 4, levels = 4;
   const int64_t vectors = n / lanes, rows = vectors / ilp;
@@ -133,31 +145,33 @@ float sum_in_torch_order(const float* v, int64_t n) {
   while ((int64_t(1) << log2_rows) < rows) ++log2_rows;
   const int64_t level_power = std::max<int64_t>(4, log2_rows / levels);
   const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
-  float acc[levels][ilp][lanes] = {};
+  __m256 acc[levels][ilp];
+  for (auto& level : acc)
+    for (auto& a : level) a = _mm256_setzero_ps();
   auto add_row = [&](int64_t i) {
-    for (int64_t k = 0; k < ilp; ++k)
-      for (int64_t l = 0; l < lanes; ++l) acc[0][k][l] += v[(i * ilp + k) * lanes + l];
+    for (int64_t k = 0; k < ilp; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], _mm256_loadu_ps(v + (i * ilp + k) * lanes));
   };
   int64_t i = 0;
   while (i + level_step <= rows) {
     for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
     for (int64_t j = 1; j < levels; ++j) {
-      for (int64_t k = 0; k < ilp; ++k)
-        for (int64_t l = 0; l < lanes; ++l) { acc[j][k][l] += acc[j - 1][k][l]; acc[j - 1][k][l] = 0.f; }
+      for (int64_t k = 0; k < ilp; ++k) {
+        acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = _mm256_setzero_ps();
+      }
       if ((i & (level_mask << (j * level_power))) != 0) break;
     }
   }
   for (; i < rows; ++i) add_row(i);
   for (int64_t j = 1; j < levels; ++j)
-    for (int64_t k = 0; k < ilp; ++k)
-      for (int64_t l = 0; l < lanes; ++l) acc[0][k][l] += acc[j][k][l];
-  for (int64_t r = rows * ilp; r < vectors; ++r)
-    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += v[r * lanes + l];
-  for (int64_t k = 1; k < ilp; ++k)
-    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += acc[0][k][l];
+    for (int64_t k = 0; k < ilp; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+  for (int64_t r = rows * ilp; r < vectors; ++r) acc[0][0] = _mm256_add_ps(acc[0][0], _mm256_loadu_ps(v + r * lanes));
+  for (int64_t k = 1; k < ilp; ++k) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+  alignas(32) float partial[lanes];
+  _mm256_store_ps(partial, acc[0][0]);
   float total = 0.f;
   for (int64_t t = vectors * lanes; t < n; ++t) total += v[t];
-  for (int64_t l = 0; l < lanes; ++l) total += acc[0][0][l];
+  for (int64_t l = 0; l < lanes; ++l) total += partial[l];
   return total;
 }
 
@@ -167,33 +181,49 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, c
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm: bf16 only");
   const auto xc = x.contiguous();
   const int64_t hidden = xc.size(-1), rows = xc.numel() / hidden;
+  TORCH_CHECK(weight.numel() == hidden, "rms_norm: weight has ", weight.numel(), " values for rows of ", hidden);
   auto out = at::empty_like(xc);
   bf16* res_p = nullptr;
   if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == xc.sizes(), "rms_norm: residual must match x");
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == xc.sizes() && residual->scalar_type() == at::kBFloat16,
+                "rms_norm: residual must be a contiguous bf16 tensor shaped like x");
     res_p = residual->data_ptr<bf16>();
   }
   const bf16* xp = xc.data_ptr<bf16>();
-  const bf16* wp = weight.data_ptr<bf16>();
+  const bf16* wp = weight.contiguous().data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  const int64_t full = hidden / 16 * 16;
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> h(hidden), squares(hidden);
     for (int64_t r = r0; r < r1; ++r) {
       const bf16* xr = xp + r * hidden;
-      if (res_p) {
-        bf16* rr = res_p + r * hidden;
-        for (int64_t i = 0; i < hidden; ++i) {
-          const bf16 v = bf16(float(xr[i]) + float(rr[i]));
-          rr[i] = v;
-          h[i] = float(v);
+      bf16* rr = res_p ? res_p + r * hidden : nullptr;
+      int64_t i = 0;
+      for (; i < full; i += 16) {
+        __m512 v = load16(xr + i);
+        if (rr) {
+          v = round_bf16(_mm512_add_ps(v, load16(rr + i)));
+          store16(rr + i, v);
         }
-      } else {
-        for (int64_t i = 0; i < hidden; ++i) h[i] = float(xr[i]);
+        _mm512_storeu_ps(h.data() + i, v);
+        _mm512_storeu_ps(squares.data() + i, _mm512_mul_ps(v, v));
       }
-      for (int64_t i = 0; i < hidden; ++i) squares[i] = h[i] * h[i];
+      for (; i < hidden; ++i) {
+        float v = float(xr[i]);
+        if (rr) {
+          const bf16 sum = bf16(v + float(rr[i]));
+          rr[i] = sum;
+          v = float(sum);
+        }
+        h[i] = v;
+        squares[i] = v * v;
+      }
       const float scale = 1.f / std::sqrt(sum_in_torch_order(squares.data(), hidden) / float(hidden) + float(eps));
       bf16* orow = op + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) orow[i] = bf16(float(wp[i]) * float(bf16(h[i] * scale)));
+      const __m512 sv = _mm512_set1_ps(scale);
+      for (i = 0; i < full; i += 16)
+        store16(orow + i, _mm512_mul_ps(load16(wp + i), round_bf16(_mm512_mul_ps(_mm512_loadu_ps(h.data() + i), sv))));
+      for (; i < hidden; ++i) orow[i] = bf16(float(wp[i]) * float(bf16(h[i] * scale)));
     }
   });
   return out;
@@ -206,9 +236,12 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
   const int64_t tokens = qkv.size(0), stride = qkv.size(1), half = head_dim / 2;
   TORCH_CHECK(heads * head_dim <= stride, "rope_: more heads than qkv holds");
   const auto cc = cos.contiguous(), sc = sin.contiguous();
+  TORCH_CHECK(cc.scalar_type() == at::kBFloat16 && sc.scalar_type() == at::kBFloat16 && cc.size(0) == tokens &&
+              cc.size(-1) == head_dim, "rope_: cos and sin must be bf16 [tokens, head_dim]");
   bf16* q = qkv.data_ptr<bf16>();
   const bf16* cp = cc.data_ptr<bf16>();
   const bf16* sp = sc.data_ptr<bf16>();
+  const bool vectorized = half % 16 == 0 && head_dim <= 256;
   at::parallel_for(0, tokens * heads, 64, [&](int64_t i0, int64_t i1) {
     std::vector<float> x(head_dim);
     for (int64_t i = i0; i < i1; ++i) {
@@ -216,6 +249,19 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
       bf16* row = q + t * stride + h * head_dim;
       const bf16* c = cp + t * head_dim;
       const bf16* s = sp + t * head_dim;
+      if (vectorized) {
+        __m512 xs[16];
+        const int64_t chunks = head_dim / 16, half_chunks = chunks / 2;
+        for (int64_t k = 0; k < chunks; ++k) xs[k] = load16(row + k * 16);
+        const __m512 sign = _mm512_set1_ps(-0.f);
+        for (int64_t k = 0; k < chunks; ++k) {
+          const __m512 rotated = k < half_chunks ? _mm512_xor_ps(xs[k + half_chunks], sign) : xs[k - half_chunks];
+          const __m512 a = round_bf16(_mm512_mul_ps(xs[k], load16(c + k * 16)));
+          const __m512 b = round_bf16(_mm512_mul_ps(rotated, load16(s + k * 16)));
+          store16(row + k * 16, _mm512_add_ps(a, b));
+        }
+        continue;
+      }
       for (int64_t d = 0; d < head_dim; ++d) x[d] = float(row[d]);
       for (int64_t d = 0; d < head_dim; ++d) {
         const float rotated = d < half ? -x[d + half] : x[d - half];
@@ -225,29 +271,6 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
       }
     }
   });
-}
-
-// silu(gate) * up over gate_up [T, 2I] -> [T, I], rounded as eager rounds (silu, then the product).
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2, "silu_mul: 2-D bf16");
-  const auto gc = gate_up.contiguous();
-  const int64_t tokens = gc.size(0), inter = gc.size(1) / 2;
-  auto out = at::empty({tokens, inter}, gc.options());
-  const bf16* gp = gc.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, tokens, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const bf16* g = gp + t * 2 * inter;
-      const bf16* u = g + inter;
-      bf16* o = op + t * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        const float gv = float(g[i]);
-        const float s = float(bf16(gv / (1.f + std::exp(-gv))));
-        o[i] = bf16(s * float(u[i]));
-      }
-    }
-  });
-  return out;
 }
 
 // exp over 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
@@ -267,6 +290,107 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
+}
+
+// silu(gate) * up over gate_up [T, 2I] -> [T, I], rounded where eager rounds (silu, then the
+// product); exp is exp16's, within a few fp32 ulps of PyTorch's, so an output can differ from
+// eager's by one bf16 step where the exact value lies near a rounding boundary.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
+              "silu_mul: 2-D bf16 [tokens, 2 * intermediate]");
+  const auto gc = gate_up.contiguous();
+  const int64_t tokens = gc.size(0), inter = gc.size(1) / 2, full = inter / 16 * 16;
+  auto out = at::empty({tokens, inter}, gc.options());
+  const bf16* gp = gc.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, tokens, 4, [&](int64_t t0, int64_t t1) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const bf16* g = gp + t * 2 * inter;
+      const bf16* u = g + inter;
+      bf16* o = op + t * inter;
+      int64_t i = 0;
+      for (; i < full; i += 16) {
+        const __m512 gv = load16(g + i);
+        const __m512 silu = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+        store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
+      }
+      for (; i < inter; ++i) {
+        const float gv = float(g[i]);
+        o[i] = bf16(float(bf16(gv / (1.f + std::exp(-gv)))) * float(u[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// One KV head's share of a token's attention, with its G query heads' accumulators in registers
+// (D = 32 * VEC): the scores q . k of every key, then the weighted sum of V rows. `rows` holds
+// each key's slot offset in the cache; k and v point at this KV head's row within a slot.
+template <int VEC, int G>
+void scores_group(const uint16_t* q, const uint16_t* k, const int64_t* rows, int64_t n, float scale, float* scores) {
+  __m512i qv[G][VEC];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < VEC; ++c) qv[h][c] = _mm512_loadu_si512(q + (h * VEC + c) * 32);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* krow = k + rows[j];
+    __m512i kv[VEC];
+    for (int c = 0; c < VEC; ++c) kv[c] = _mm512_loadu_si512(krow + c * 32);
+    for (int h = 0; h < G; ++h) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int c = 0; c < VEC; ++c) dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], (__m512bh)kv[c]);
+      scores[h * n + j] = _mm512_reduce_add_ps(dot) * scale;
+    }
+  }
+}
+
+template <int VEC, int G>
+void values_group(const float* probs, const uint16_t* v, const int64_t* rows, int64_t n, uint16_t* out) {
+  constexpr int lanes = 2 * VEC;  // 16 fp32 per zmm
+  __m512 acc[G][lanes];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < lanes; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* vrow = v + rows[j];
+    __m512 vv[lanes];
+    for (int c = 0; c < lanes; ++c)
+      vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
+    for (int h = 0; h < G; ++h) {
+      const __m512 w = _mm512_set1_ps(probs[h * n + j]);
+      for (int c = 0; c < lanes; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < lanes; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (h * lanes + c) * 16), (__m256i)_mm512_cvtneps_pbh(acc[h][c]));
+}
+
+using ScoresFn = void (*)(const uint16_t*, const uint16_t*, const int64_t*, int64_t, float, float*);
+using ValuesFn = void (*)(const float*, const uint16_t*, const int64_t*, int64_t, uint16_t*);
+
+template <int VEC>
+std::pair<ScoresFn, ValuesFn> group_kernels(int64_t group) {
+  switch (group) {
+    case 1: return {scores_group<VEC, 1>, values_group<VEC, 1>};
+    case 2: return {scores_group<VEC, 2>, values_group<VEC, 2>};
+    case 3: return {scores_group<VEC, 3>, values_group<VEC, 3>};
+    case 4: return {scores_group<VEC, 4>, values_group<VEC, 4>};
+    case 5: return {scores_group<VEC, 5>, values_group<VEC, 5>};
+    case 6: return {scores_group<VEC, 6>, values_group<VEC, 6>};
+    case 7: return {scores_group<VEC, 7>, values_group<VEC, 7>};
+    case 8: return {scores_group<VEC, 8>, values_group<VEC, 8>};
+    default: return {nullptr, nullptr};
+  }
+}
+
+// The specialised kernels for this head shape, or nulls (the generic loop then runs).
+std::pair<ScoresFn, ValuesFn> pick_group_kernels(int64_t dim, int64_t group) {
+  switch (dim) {
+    case 64: return group_kernels<2>(group);
+    case 128: return group_kernels<4>(group);
+    default: return {nullptr, nullptr};
+  }
 }
 
 // Attention of each query token over its own context, read from the paged cache through its
@@ -306,40 +430,51 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t vec = dim / 32;                // 32 bf16 per zmm...
   const bool half_vec = dim % 32 != 0;         // ...and 16 more, loaded under a mask
   const float fscale = float(scale);
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+  // One token per work item, all its heads together: a key's slot (every KV head's row, contiguous)
+  // is read once, whole cache lines, and the rows' addresses are found once.
+  const auto fast = pick_group_kernels(dim, group);
+  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    std::vector<__m512> acc(group * dim / 16);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / kv_heads, g = i % kv_heads;
+    std::vector<__m512> acc(heads * dim / 16);
+    const int64_t lanes = dim / 16;
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = pp[t], s = sp[t];
       TORCH_CHECK(p >= 0 && (p / block_size) < max_blocks, "paged_attention: position beyond the block table");
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       const int64_t n = p - lo + 1;
-      scores.resize(group * n);
+      scores.resize(heads * n);
       const int64_t* table = tp + s * max_blocks;
-      // Where each key's row starts in the cache: one division per block, not per key.
+      // Where each key's slot starts in the cache: one division per block, not per key.
       rows.resize(n);
       for (int64_t key = lo; key <= p;) {
         const int64_t base = table[key / block_size] * block_size;
         for (int64_t o = key % block_size; o < block_size && key <= p; ++o, ++key) rows[key - lo] = (base + o) * token_stride;
       }
-      // Scores: q . k for each key, fp32 sums of bf16 pairs.
-      for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* krow = kp + rows[j] + g * dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const uint16_t* qrow = qp + t * q_row + (g * group + h) * dim;
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t c = 0; c < vec; ++c)
-            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qrow + c * 32),
-                                   (__m512bh)_mm512_loadu_si512(krow + c * 32));
-          if (half_vec)
-            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qrow + vec * 32),
-                                   (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, krow + vec * 32));
-          scores[h * n + j] = _mm512_reduce_add_ps(dot) * fscale;
+      const uint16_t* qt = qp + t * q_row;
+      if (fast.first) {
+        for (int64_t g = 0; g < kv_heads; ++g)
+          fast.first(qt + g * group * dim, kp + g * dim, rows.data(), n, fscale, scores.data() + g * group * n);
+      }
+      // Scores: q . k for each key and head, fp32 sums of bf16 pairs.
+      for (int64_t j = 0; !fast.first && j < n; ++j) {
+        const uint16_t* slot = kp + rows[j];
+        for (int64_t g = 0; g < kv_heads; ++g) {
+          const uint16_t* krow = slot + g * dim;
+          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            const uint16_t* qrow = qt + h * dim;
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t c = 0; c < vec; ++c)
+              dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qrow + c * 32),
+                                     (__m512bh)_mm512_loadu_si512(krow + c * 32));
+            if (half_vec)
+              dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qrow + vec * 32),
+                                     (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, krow + vec * 32));
+            scores[h * n + j] = _mm512_reduce_add_ps(dot) * fscale;
+          }
         }
       }
-      for (int64_t h = 0; h < group; ++h) {
+      for (int64_t h = 0; h < heads; ++h) {
         float* sc = scores.data() + h * n;
         const int64_t full = n / 16 * 16;
         const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
@@ -362,25 +497,29 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(sc + j, _mm512_mul_ps(_mm512_loadu_ps(sc + j), inv));
         if (tail) _mm512_mask_storeu_ps(sc + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + full), inv));
       }
+      uint16_t* orow = op + t * heads * dim;
+      if (fast.second) {
+        for (int64_t g = 0; g < kv_heads; ++g)
+          fast.second(scores.data() + g * group * n, vp + g * dim, rows.data(), n, orow + g * group * dim);
+        continue;
+      }
       // Output: the probability-weighted sum of V rows, in fp32.
       for (auto& a : acc) a = _mm512_setzero_ps();
-      const int64_t lanes = dim / 16;
       for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* vrow = vp + rows[j] + g * dim;
-        __m512 v[16];
-        for (int64_t c = 0; c < lanes; ++c)
-          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
-        for (int64_t h = 0; h < group; ++h) {
-          const __m512 w = _mm512_set1_ps(scores[h * n + j]);
-          for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
+        const uint16_t* slot = vp + rows[j];
+        for (int64_t g = 0; g < kv_heads; ++g) {
+          __m512 v[16];
+          for (int64_t c = 0; c < lanes; ++c)
+            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(slot + g * dim + c * 16))), 16));
+          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            const __m512 w = _mm512_set1_ps(scores[h * n + j]);
+            for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
+          }
         }
       }
-      for (int64_t h = 0; h < group; ++h) {
-        uint16_t* orow = op + t * heads * dim + (g * group + h) * dim;
-        for (int64_t c = 0; c < lanes; ++c)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[h * lanes + c]));
-      }
+      for (int64_t i = 0; i < heads * lanes; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i * 16), (__m256i)_mm512_cvtneps_pbh(acc[i]));
     }
   });
   return out;
