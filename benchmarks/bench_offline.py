@@ -47,14 +47,49 @@ def measure_bandwidth_gbs(repeats: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
+def measure_matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's matmul peak in this dtype, measured now: the best of a few size^3 GEMMs."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def workload_gflop(arch, workload) -> float:
+    """FLOPs the workload needs at the least: every prompt and output token through the layers'
+    linears (2 per weight) and attention (2 x 2 x context x heads x head_dim per layer: scores and
+    the weighted sum), and the LM head once per output token. The last output token is never fed."""
+    hidden, heads, kv_heads, dim = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    per_layer = hidden * (heads + 2 * kv_heads) * dim + heads * dim * hidden + 3 * hidden * arch.intermediate_size
+    total = 0.0
+    for prompt, output in workload:
+        fed = prompt + output - 1
+        total += 2 * per_layer * arch.num_layers * fed
+        total += 4 * heads * dim * arch.num_layers * fed * (fed + 1) / 2  # token i attends to i + 1 positions
+        total += 2 * hidden * arch.vocab_size * output
+    return total / 1e9
+
+
 def weight_bytes(model) -> int:
-    tensors = {id(t): t for t in [model.embed, model.norm, model.lm_head]}
-    for layer in model.layers:
+    from punctual.model.llama import FusedWeight
+    from punctual.model.quant import QuantizedWeight
+
+    tensors = {id(t): t for t in [model.embed, model.norm, model.lm_head] if isinstance(t, torch.Tensor)}
+    for layer in [model, *model.layers]:
         for t in vars(layer).values():
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, FusedWeight):  # the decode path reads the packed copy only
+                t = t.packed
+            elif isinstance(t, QuantizedWeight):
+                t = t.data
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
                 tensors[id(t)] = t
     # The embedding table is read one row per token; the LM head reads its whole matrix.
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.numel() * t.element_size() for t in tensors.values() if t is not model.cos and t is not model.sin)
     if model.lm_head is not model.embed:
         total -= model.embed.numel() * model.embed.element_size()
     return total
@@ -131,6 +166,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="plain PyTorch ops (no fused CPU kernels)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -138,7 +174,8 @@ def main() -> None:
     from punctual.model.loader import resolve_model_path
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory="3GiB")
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory="3GiB",
+              enforce_eager=args.enforce_eager)
     model = llm.engine.core.runner.model
     vocab = llm.engine.core.vocab_size
     results: dict = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -174,6 +211,16 @@ def main() -> None:
         results["punctual_throughput_tok_s"] = statistics.median(
             punctual_throughput(llm, workload, vocab) for _ in range(throughput_runs))
         print("punctual throughput", results["punctual_throughput_tok_s"], flush=True)
+        # The compute roofline, in this run: the workload's FLOPs at the matmul peak measured now.
+        peak = measure_matmul_peak_gflops(getattr(torch, args.dtype))
+        gflop = workload_gflop(llm.engine.core.runner.arch, workload)
+        elapsed = sum(o for _, o in workload) / results["punctual_throughput_tok_s"]
+        results["matmul_peak_gflops"] = peak
+        results["workload_gflop"] = gflop
+        results["roofline_s"] = gflop / peak
+        results["punctual_fraction_of_roofline"] = gflop / peak / elapsed
+        print(f"roofline: {gflop:.0f} GFLOP at {peak:.0f} GFLOP/s = {gflop / peak:.2f} s; Punctual took "
+              f"{elapsed:.2f} s = {100 * gflop / peak / elapsed:.0f}% of the roofline", flush=True)
         if hf is not None:
             with torch.inference_mode():
                 results["hf_throughput_tok_s"] = statistics.median(
