@@ -141,3 +141,17 @@ def test_batch_invariant_refuses_what_it_cannot_keep():
         LLM("builtin-tiny", dtype="bfloat16", batch_invariant=True, kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="bfloat16"):
         LLM("builtin-tiny", dtype="float32", batch_invariant=True, num_kv_blocks=32)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
+    from punctual.model.quant import quantize_int8
+
+    weight, bias, x = randn(960, 576, scale=0.05, seed=11), randn(960, seed=12), randn(rows, 576, seed=13)
+    q = quantize_int8(weight)
+    out = ops.linear_int8(x, ops.pack_int8(q.data), q.scales.float(), bias)
+    exact = F.linear(x.double(), q.dequantize(torch.float64), bias.double())
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    # The engine takes this kernel for int8 weights in small batches.
+    q.attach_fused(ops)
+    assert torch.equal(q.linear(x, bias), out)

@@ -229,6 +229,11 @@ class LlamaModel:
             head = HEAD_QUANTIZATION[quantization]
             if head != "none":
                 self.lm_head = quantize(self.lm_head, head)
+            if self.kernels is not None:  # the fused int8 kernel for small batches
+                for weight in [self.lm_head] + [getattr(layer, name) for layer in self.layers
+                                                for name in ("qkv", "o_proj", "gate_up", "down")]:
+                    if isinstance(weight, QuantizedWeight):
+                        weight.attach_fused(self.kernels)
             elif self.packed:
                 self.lm_head = pack_weight(self.lm_head)
         elif self.kernels is not None:

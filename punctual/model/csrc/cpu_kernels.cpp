@@ -84,6 +84,99 @@ void rows_against_block(int64_t rows, const uint16_t* w, const uint32_t* x, int6
   }
 }
 
+// int8 weights [N, K] in the same block layout, [N/16, K/2, 16, 2]: half the bytes of bf16.
+at::Tensor pack_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_int8: a 2-D int8 weight");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, "pack_int8: out features must be a multiple of 16 and in features even, got ",
+              n, "x", k);
+  return weight.contiguous().view({n / kBlockN, kBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// 32 int8 weights (16 outputs x 2 inputs) as 32 bf16: exact, |q| <= 127 fits bf16's 8-bit mantissa.
+inline __m512bh int8_to_bf16(const int8_t* w) {
+  const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(wide)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(wide, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+template <int M>
+inline void block_rows_int8(const int8_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
+  __m512 acc[M][kChains];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  int64_t kp = 0;
+  for (; kp + kChains <= k2; kp += kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const int8_t* wp = w + (kp + c) * 2 * kBlockN;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
+      const __m512bh wv = int8_to_bf16(wp);
+      for (int m = 0; m < M; ++m)
+        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]));
+    }
+  }
+  for (int c = 0; kp < k2; ++kp, ++c) {
+    const __m512bh wv = int8_to_bf16(w + kp * 2 * kBlockN);
+    for (int m = 0; m < M; ++m)
+      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]));
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+    _mm512_storeu_ps(out + m * kBlockN, sum);
+  }
+}
+
+// x [M, K] @ (q * scales[:, None]).T (+ bias): int8 weights widened to bf16 in registers, fp32
+// sums scaled per output channel, rounded once to bf16.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_int8: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 2 && packed.scalar_type() == at::kChar,
+              "linear_int8: weight not packed by pack_int8");
+  const auto xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k == k2 * 2, "linear_int8: x has ", k, " features, the weight ", k2 * 2);
+  const int64_t n = blocks * kBlockN;
+  const auto scale32 = scales.to(at::kFloat).contiguous();
+  TORCH_CHECK(scale32.numel() == n, "linear_int8: ", scale32.numel(), " scales for ", n, " outputs");
+  at::Tensor bias32;
+  const float* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_int8: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  auto out = at::empty({m_rows, n}, x.options());
+  const auto* w = packed.data_ptr<int8_t>();
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const float* sp = scale32.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[kRowTile * kBlockN];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* wb = w + b * k2 * 2 * kBlockN;
+      const __m512 sv = _mm512_loadu_ps(sp + b * kBlockN);
+      const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
+        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
+        switch (rows) {
+          case 1: block_rows_int8<1>(wb, xp + m0 * k2, k2, k2, sums); break;
+          case 2: block_rows_int8<2>(wb, xp + m0 * k2, k2, k2, sums); break;
+          case 3: block_rows_int8<3>(wb, xp + m0 * k2, k2, k2, sums); break;
+          default: block_rows_int8<4>(wb, xp + m0 * k2, k2, k2, sums); break;
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + m * kBlockN), sv, bv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                              (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // x [M, K] @ weight.T (+ bias): fp32 sums, rounded once to bf16. Each thread streams its own
 // blocks of the weight once and applies every row to a block while it is in L1.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -531,6 +624,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("pack_bf16(Tensor weight) -> Tensor", pack_bf16);
   m.def("unpack_bf16(Tensor packed) -> Tensor", unpack_bf16);
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias) -> Tensor", linear_bf16);
+  m.def("pack_int8(Tensor weight) -> Tensor", pack_int8);
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor", linear_int8);
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual) -> Tensor", rms_norm);
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
   m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
