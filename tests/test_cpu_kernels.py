@@ -155,3 +155,15 @@ def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
     # The engine takes this kernel for int8 weights in small batches.
     q.attach_fused(ops)
     assert torch.equal(q.linear(x, bias), out)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_int4_linear_is_the_dequantized_product_rounded_once(rows):
+    from punctual.model.quant import quantize_int4
+
+    weight, bias, x = randn(960, 576, scale=0.05, seed=14), randn(960, seed=15), randn(rows, 576, seed=16)
+    q = quantize_int4(weight)
+    q.attach_fused(ops)
+    out = q.linear(x, bias)  # the fused kernel: few rows
+    exact = F.linear(x.double(), q.dequantize(torch.float64), bias.double())
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 2e-3).all()

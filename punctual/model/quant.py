@@ -32,7 +32,7 @@ HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 # int8 kernel 414 / 822 / 3254 against 438 / 616 / 1339 at 16 / 32 / 128 rows; int4's
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
 INT8_DEQUANTIZE_ABOVE = 24
-FUSED_INT8_MAX_ROWS = 16
+FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int8 and int4
 INT4_DEQUANTIZE_ABOVE = 128
 
 
@@ -53,16 +53,25 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     nibbles: torch.Tensor | None = None
-    # int8 with the fused CPU kernels: `data` again in their block layout, and fp32 scales. Up to
-    # FUSED_INT8_MAX_ROWS rows run torch.ops.punctual.linear_int8 (it widens the int8 values to
-    # bf16 in registers and reads half of bf16's bytes); PyTorch's kernel does not reuse a row's work.
+    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8/int4:
+    # they widen the values to bf16 in registers and read a half / a quarter of bf16's bytes.
+    # int8: `data` again in their block layout, and fp32 scales.
+    # int4: `nibbles` in the block layout [N/16, K/2, 16], scales and zeros as [N/16, K/g, 16] fp32.
     fused: torch.Tensor | None = None
     fused_scales: torch.Tensor | None = None
+    fused_zeros: torch.Tensor | None = None
 
     def attach_fused(self, kernels) -> None:
-        if self.kind == "int8" and self.out_features % 16 == 0 and self.in_features % 2 == 0:
+        n, k = self.out_features, self.in_features
+        if n % 16 or k % 2:
+            return
+        if self.kind == "int8":
             self.fused = kernels.pack_int8(self.data)
             self.fused_scales = self.scales.float().contiguous()
+            return
+        self.fused = self.nibbles.view(n // 16, 16, k // 2).permute(0, 2, 1).contiguous()
+        per_block = lambda t: t.t().float().reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()  # noqa: E731
+        self.fused_scales, self.fused_zeros = per_block(self.scales[..., 0]), per_block(self.scales[..., 1])
 
     @property
     def shape(self) -> torch.Size:
@@ -70,7 +79,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.nbytes for t in (self.nibbles, self.fused, self.fused_scales) if t is not None)
+        extra = sum(t.nbytes for t in (self.nibbles, self.fused, self.fused_scales, self.fused_zeros) if t is not None)
         return self.data.nbytes + self.scales.nbytes + extra
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -87,8 +96,11 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
         rows = x.shape[0]
-        if self.fused is not None and rows <= FUSED_INT8_MAX_ROWS:
-            return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
+        if self.fused is not None and rows <= FUSED_MAX_ROWS:
+            if self.kind == "int8":
+                return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
+            return torch.ops.punctual.linear_int4(x, self.fused, self.fused_scales, self.fused_zeros,
+                                                  self.group_size, bias)
         if self.kind == "int8":
             if rows > INT8_DEQUANTIZE_ABOVE:
                 out = F.linear(x, self.data.to(x.dtype)) * self.scales

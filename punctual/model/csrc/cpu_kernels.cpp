@@ -177,6 +177,113 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
+// int4 weights: q in [0, 15] with W = (q - 8) * scale + zero per group of `group` inputs and output
+// (llama.cpp's Q4_1 shape). Packed as [N/16, K/2, 16] bytes, each byte the two inputs of a pair
+// (low nibble first): 32 weights in 16 bytes. Scales and zeros as [N/16, K/group, 16] fp32.
+// A group's sum of (q - 8) * x runs in bf16 pairs; then total += sum * scale + sum(x) * zero.
+template <int M>
+inline void block_rows_int4(const uint8_t* w, const float* scale, const float* zero, const uint32_t* x,
+                            const float* xsum, int64_t x_stride, int64_t k2, int64_t group_pairs, int64_t groups,
+                            float* out) {
+  // bf16 of q - 8 for q = 0..15, indexed by nibble (vpermw picks from the low 16 of 32 entries).
+  const __m512i table = _mm512_set_epi16(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,
+      (short)0xBF80, (short)0xC000, (short)0xC040, (short)0xC080, (short)0xC0A0, (short)0xC0C0, (short)0xC0E0,
+      (short)0xC100);
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int64_t kp0 = g * group_pairs;
+    auto pair_weights = [&](int64_t kp) {
+      const uint8_t* wp = w + kp * kBlockN;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
+      const __m512i nibbles = _mm512_or_si512(_mm512_and_si512(bytes, low4),
+                                              _mm512_slli_epi32(_mm512_srli_epi32(bytes, 4), 16));
+      return (__m512bh)_mm512_permutexvar_epi16(nibbles, table);
+    };
+    // Two chains (even and odd pairs of the group), unrolled so they stay in registers.
+    for (int64_t i = 0; i < group_pairs; i += 2) {
+      const __m512bh w0 = pair_weights(kp0 + i), w1 = pair_weights(kp0 + i + 1);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp0 + i]));
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp0 + i + 1]));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(scale + g * kBlockN), zv = _mm512_loadu_ps(zero + g * kBlockN);
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), sv, total[m]);
+      total[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), zv, total[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * kBlockN, total[m]);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_int4: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlockN && packed.scalar_type() == at::kByte,
+              "linear_int4: weight not in the [N/16, K/2, 16] nibble layout");
+  const auto xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k == k2 * 2 && group % 4 == 0 && k % group == 0, "linear_int4: x has ", k, " features, the weight ",
+              k2 * 2, ", groups of ", group);
+  const int64_t n = blocks * kBlockN, groups = k / group;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.numel() == n * groups &&
+              zeros.numel() == n * groups, "linear_int4: fp32 scales and zeros [N/16, K/group, 16]");
+  at::Tensor bias32;
+  const float* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_int4: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  // Each row's sum of x over each group (fp32), for the zero points.
+  std::vector<float> xsum(m_rows * groups);
+  const bf16* xb = xc.data_ptr<bf16>();
+  for (int64_t r = 0; r < m_rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < group; ++i) sum += float(xb[r * k + g * group + i]);
+      xsum[r * groups + g] = sum;
+    }
+  auto out = at::empty({m_rows, n}, x.options());
+  const auto* w = packed.data_ptr<uint8_t>();
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  const float* xs = xsum.data();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[kRowTile * kBlockN];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = w + b * k2 * kBlockN;
+      const float* sb = sp + b * groups * kBlockN;
+      const float* zb = zp + b * groups * kBlockN;
+      const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
+        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
+        const uint32_t* xr = xp + m0 * k2;
+        const float* xsr = xs + m0 * groups;
+        switch (rows) {
+          case 1: block_rows_int4<1>(wb, sb, zb, xr, xsr, k2, k2, group / 2, groups, sums); break;
+          case 2: block_rows_int4<2>(wb, sb, zb, xr, xsr, k2, k2, group / 2, groups, sums); break;
+          case 3: block_rows_int4<3>(wb, sb, zb, xr, xsr, k2, k2, group / 2, groups, sums); break;
+          default: block_rows_int4<4>(wb, sb, zb, xr, xsr, k2, k2, group / 2, groups, sums); break;
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv)));
+      }
+    }
+  });
+  return out;
+}
+
 // x [M, K] @ weight.T (+ bias): fp32 sums, rounded once to bf16. Each thread streams its own
 // blocks of the weight once and applies every row to a block while it is in L1.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -625,6 +732,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("unpack_bf16(Tensor packed) -> Tensor", unpack_bf16);
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias) -> Tensor", linear_bf16);
   m.def("pack_int8(Tensor weight) -> Tensor", pack_int8);
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group, Tensor? bias) -> Tensor",
+        linear_int4);
   m.def("linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor", linear_int8);
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual) -> Tensor", rms_norm);
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
