@@ -34,6 +34,17 @@ def add_sim_parser(subparsers) -> None:
     calibrate.add_argument("--max-prompt", type=int, default=512, help="longest prompt chunk profiled")
     calibrate.add_argument("--max-batch", type=int, default=32, help="largest decode batch profiled")
     calibrate.add_argument("--repeats", type=int, default=1, help="times each shape is profiled")
+    server = calibrate.add_argument_group("the serving path (--server)")
+    server.add_argument("--server", action="store_true",
+                        help="also run `punctual serve` here under load and fit the front end's delays and the "
+                             "serving loop's step times (contention included) onto the profile")
+    server.add_argument("--base-profile", default=None,
+                        help="with --server: start from this offline profile instead of calibrating one first")
+    server.add_argument("--server-workload", default="chat")
+    server.add_argument("--server-rates", default="1,2", help="open-loop rates run for loaded steps")
+    server.add_argument("--server-requests", type=int, default=30, help="requests per rate")
+    server.add_argument("--server-length-scale", type=float, default=0.25)
+    server.add_argument("--serve-args", default="", help="extra `punctual serve` flags, quoted")
     from punctual.cli import add_engine_args
 
     add_engine_args(calibrate)
@@ -181,16 +192,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         profile.save(args.output)
         _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
         return 0
-    from punctual.cli import engine_kwargs
-    from punctual.sim.calibrate import calibrate
+    if args.base_profile:
+        if not args.server:
+            raise ValueError("--base-profile: only with --server")
+        from punctual.sim.profile import load_profile
 
-    profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
-                        repeats=args.repeats, log=_log)
+        profile = load_profile(args.base_profile)
+    else:
+        from punctual.cli import engine_kwargs
+        from punctual.sim.calibrate import calibrate
+
+        profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
+                            repeats=args.repeats, log=_log)
+        fit = profile.fit
+        _log(f"offline: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, left out), "
+             f"median |error| {fit['median_abs_rel_error']:.1%}, p90 {fit['p90_abs_rel_error']:.1%}")
+    if args.server:
+        import shlex
+
+        from punctual.sim.calibrate_server import calibrate_server
+        from punctual.sim.validate import engine_flags, serve_command
+
+        flags = engine_flags(argparse.Namespace(serve_args=args.serve_args), profile)
+        serve_args = serve_command(flags) + shlex.split(args.serve_args)
+        rates = tuple(float(r) for r in args.server_rates.split(",") if r.strip())
+        profile = calibrate_server(profile, args.model, serve_args, workload=args.server_workload, rates=rates,
+                                   num_requests=args.server_requests, length_scale=args.server_length_scale,
+                                   max_num_seqs=flags.max_num_seqs or 32, log=_log)
+        server, frontend = profile.fit["server"], profile.frontend
+        _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
+             f"{server['per_row_s'] * 1000:.3f} ms per sampled row, over "
+             f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
+             f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
+             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
+             f"deliver {frontend['deliver_s'] * 1000:.2f} ms")
     profile.save(args.output)
-    fit = profile.fit
-    _log(f"wrote {args.output}: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, "
-         f"left out), median |error| {fit['median_abs_rel_error']:.1%}, "
-         f"p90 {fit['p90_abs_rel_error']:.1%}")
+    _log(f"wrote {args.output}")
     return 0
 
 

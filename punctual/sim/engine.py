@@ -105,14 +105,17 @@ class Simulator:
         pending: Iterator[int] = iter(range(len(requests)))
         last_finish = start
 
+        # The front end's share (the profile's, from a serving run): a request reaches the
+        # scheduler `admit` after its send, and a token the client `deliver` after its step.
+        admit, deliver = self.profile.admit_s, self.profile.deliver_s
         if concurrency is not None:
             for _ in range(min(concurrency, len(requests))):
-                self._push(start, ARRIVAL, next(pending))
+                self._push(start + admit, ARRIVAL, next(pending))
         else:
             if len(offsets) != len(requests):
                 raise ValueError(f"offsets: {len(offsets)} for {len(requests)} requests")
             for i, offset in enumerate(offsets):
-                self._push(start + offset, ARRIVAL, i)
+                self._push(start + offset + admit, ARRIVAL, i)
 
         def finish(outcome: Outcome, now: float) -> None:
             nonlocal last_finish
@@ -125,7 +128,7 @@ class Simulator:
             if concurrency is not None:
                 following = next(pending, None)
                 if following is not None:
-                    self._push(now, ARRIVAL, following)
+                    self._push(now + admit, ARRIVAL, following)
 
         heap, replicas = self._heap, self.replicas
         config = self.config
@@ -140,19 +143,19 @@ class Simulator:
                     replica = replicas[payload]
                     for update in replica.finish_step(now):
                         outcome = in_flight[update.request.request_id]
-                        outcome.token_times.append(now)
+                        outcome.token_times.append(now + deliver)
                         if update.finish_reason is not None:
                             del in_flight[update.request.request_id]
-                            finish(outcome, now)
+                            finish(outcome, now + deliver)
                     dirty[replica.replica_id] = replica
                 else:
                     sim_request = requests[payload]
                     request_id = prefix + str(sim_request.index)
                     core = EngineCoreRequest(request_id, sim_request.prompt_token_ids,
-                                             self._sampling(sim_request.output_len), arrival_time=now,
+                                             self._sampling(sim_request.output_len), arrival_time=now - admit,
                                              ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                                              user=sim_request.user)
-                    outcome = Outcome(sim_request, now, prompt_tokens=len(sim_request.prompt_token_ids))
+                    outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids))
                     index = self.route(sim_request.prompt_token_ids, sim_request.user, replicas)
                     replica = replicas[index]
                     outcome.replica = index
@@ -171,7 +174,7 @@ class Simulator:
                 for request in rejected:
                     outcome = in_flight.pop(request.request_id)
                     outcome.error = "rejected: the scheduler cannot meet this request's SLO"
-                    finish(outcome, now)
+                    finish(outcome, now + deliver)
                 if duration is not None:
                     self._push(now + duration, STEP_DONE, replica.replica_id)
         for request_id, outcome in list(in_flight.items()):  # nothing left to run them: a stuck scheduler

@@ -79,6 +79,10 @@ class StepProfile:
     estimate: bool = False  # True for roofline profiles: nobody measured them
     fit: dict = field(default_factory=dict)  # calibration quality: residuals, number of steps
     engine: dict = field(default_factory=dict)  # engine flags of the calibration run
+    # The front end's share of what a client sees (`calibrate --server`), in seconds:
+    # admit_s   HTTP arrival -> the scheduler has the request (body, tokenizing, the socket)
+    # deliver_s a step's outputs sent -> the client has the token (detokenize, SSE, HTTP)
+    frontend: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -97,6 +101,14 @@ class StepProfile:
         return self.predict(plan_features(plan))
 
     @property
+    def admit_s(self) -> float:
+        return float(self.frontend.get("admit_s", 0.0))
+
+    @property
+    def deliver_s(self) -> float:
+        return float(self.frontend.get("deliver_s", 0.0))
+
+    @property
     def max_model_len(self) -> int | None:
         return self.model.get("max_model_len")
 
@@ -112,7 +124,7 @@ class StepProfile:
         out = {"version": PROFILE_VERSION, "kind": self.kind, "estimate": self.estimate,
                "coefficients": self.coefficients, "model": self.model, "machine": self.machine,
                "dtype": self.dtype, "num_kv_blocks": self.num_kv_blocks, "kv_memory_bytes": self.kv_memory_bytes,
-               "fit": self.fit, "engine": self.engine}
+               "fit": self.fit, "engine": self.engine, "frontend": self.frontend}
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -127,7 +139,8 @@ class StepProfile:
         return cls(kind=data["kind"], coefficients=data.get("coefficients", {}), roofline=roof,
                    model=data.get("model", {}), machine=data.get("machine", {}), dtype=data.get("dtype", ""),
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
-                   estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}))
+                   estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
+                   frontend=data.get("frontend", {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
