@@ -90,11 +90,17 @@ class Simulator:
                                                                temperature=0.0)
         return params
 
+    @property
+    def num_steps(self) -> int:
+        return sum(r.num_steps for r in self.replicas)
+
     def run(self, requests: list[SimRequest], offsets: list[float] | None = None, concurrency: int | None = None,
-            on_finish: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome] | None, float]:
+            on_finish: Callable[[Outcome], None] | None = None,
+            routes: list[int] | None = None) -> tuple[list[Outcome] | None, float]:
         """Send `requests` open loop at `offsets` (seconds from now) or closed loop with
         `concurrency` clients; run until every one is answered. Returns the outcomes (None when
-        `on_finish` consumes them as they finish) and the run's duration in virtual seconds."""
+        `on_finish` consumes them as they finish) and the run's duration in virtual seconds.
+        `routes`: each request's replica, decided outside (a shard of a split cluster)."""
         if (offsets is None) == (concurrency is None):
             raise ValueError("give offsets or concurrency")
         start = self.now
@@ -156,7 +162,8 @@ class Simulator:
                                              ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                                              user=sim_request.user)
                     outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids))
-                    index = self.route(sim_request.prompt_token_ids, sim_request.user, replicas)
+                    index = (self.route(sim_request.prompt_token_ids, sim_request.user, replicas) if routes is None
+                             else routes[payload])
                     replica = replicas[index]
                     outcome.replica = index
                     try:

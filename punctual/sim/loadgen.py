@@ -57,6 +57,11 @@ class StreamedStats:
     deadlines_met: int = 0
     deadline_tokens: int = 0
 
+    def merge(self, other: "StreamedStats") -> None:
+        self.itl.update(other.itl)
+        self.deadlines_met += other.deadlines_met
+        self.deadline_tokens += other.deadline_tokens
+
     def itl_ms(self) -> dict | None:
         """distribution_ms of the pooled gaps, from counts (the same order statistics)."""
         n = sum(self.itl.values())
@@ -96,7 +101,18 @@ class SimSender:
             offsets = [r.arrival_s for r in requests]
             if any(o is None for o in offsets):
                 raise ValueError("give offsets, concurrency, or requests with arrival times (a trace)")
-        sim_requests = to_sim_requests(requests)
+        run_shards = getattr(self.simulator, "run_shards", None)
+        if run_shards is not None:
+            records, stats, duration = run_shards(requests, offsets, concurrency, self.keep_token_times, self.slo)
+        else:
+            records, stats, duration = self.run_local(to_sim_requests(requests), offsets, concurrency)
+        if desc != "warm-up":
+            self.streamed.append(stats)
+        return LoadResult(records, duration)
+
+    def run_local(self, sim_requests: list[SimRequest], offsets=None, concurrency=None,
+                  routes: list[int] | None = None) -> tuple[list[RequestRecord], StreamedStats, float]:
+        """Run on this process's simulator: (records by index, streamed statistics, duration)."""
         stats = StreamedStats()
         records: list[RequestRecord] = []
         start = self.simulator.now
@@ -104,11 +120,10 @@ class SimSender:
         def on_finish(outcome: Outcome) -> None:
             records.append(self._record(outcome, start, stats))
 
-        _, duration = self.simulator.run(sim_requests, offsets=offsets, concurrency=concurrency, on_finish=on_finish)
-        if desc != "warm-up":
-            self.streamed.append(stats)
+        _, duration = self.simulator.run(sim_requests, offsets=offsets, concurrency=concurrency, on_finish=on_finish,
+                                         routes=routes)
         records.sort(key=lambda r: r.index)
-        return LoadResult(records, duration)
+        return records, stats, duration
 
     def _record(self, outcome: Outcome, start: float, stats: StreamedStats) -> RequestRecord:
         request, sent = outcome.request, outcome.sent

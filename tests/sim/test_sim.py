@@ -186,3 +186,16 @@ def test_hardware_profiles_are_estimates(tmp_path):
     assert 0.005 < one < 0.012
     assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "l4", "--output", str(out)]) == 0
     assert load_profile(out).predict((1.0, 0, 1, 100, 100, 1)) > 5 * one
+
+
+def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
+    """round_robin reads no replica state: shards in two processes answer exactly as one process."""
+    runs = []
+    for processes in ("1", "2"):
+        out = tmp_path / f"p{processes}.json"
+        assert main(sim_argv(profile_path, out, "--sweep-rates", "4,64", "--workload", "chat,shared-prefix",
+                             "--replicas", "3", "--sim-processes", processes)) == 0
+        runs.append(json.loads(out.read_text())["runs"])
+    assert runs[0] == runs[1]
+    assert main(sim_argv(profile_path, tmp_path / "x.json", "--replicas", "2", "--router", "least_loaded",
+                         "--sim-processes", "2")) != 0
