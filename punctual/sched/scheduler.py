@@ -54,6 +54,7 @@ class Scheduler:
         # is in each). Otherwise in admission order, sorted each step.
         self.running: list[Request] = []
         self._fixed_order = self.policy.fixed_order
+        self._may_shed = type(self.policy).admit is not SchedulingPolicy.admit  # the base admits everyone
         # The policy's on_tokens, unless it is the base class's no-op (a call per request per step).
         self._on_tokens = None if type(self.policy).on_tokens is SchedulingPolicy.on_tokens else self.policy.on_tokens
         self.requests: dict[str, Request] = {}
@@ -162,9 +163,12 @@ class Scheduler:
         policy = self.policy
 
         # Decodes first: a stalled decode costs TPOT for every running stream.
-        decodes = [r for r in self.running if len(r.token_ids) - r.num_computed_tokens <= 1]  # not is_prefilling
+        decodes, partial = [], []  # one pass: is_prefilling, inlined
+        for request in self.running:
+            (partial if len(request.token_ids) - request.num_computed_tokens > 1 else decodes).append(request)
         if not self._fixed_order:
             decodes.sort(key=lambda r: policy.order_key(r, now))
+            partial.sort(key=lambda r: policy.order_key(r, now))
         tables, block_size, running = self.kv.block_tables, self.kv.block_size, RequestStatus.RUNNING
         scheduled = plan.scheduled
         for request in decodes:
@@ -188,10 +192,7 @@ class Scheduler:
         running_decodes = [self.requests[s.request_id] for s in plan.scheduled]
         cap = min(budget, policy.prefill_budget(running_decodes, budget, now))
         prompt_budget = cap
-        partial = [r for r in self.running if r.is_prefilling]
-        if not self._fixed_order:
-            partial.sort(key=lambda r: policy.order_key(r, now))
-        for request in partial:
+        for request in partial:  # a request preempted above is skipped by its status
             if prompt_budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
@@ -211,8 +212,10 @@ class Scheduler:
         if spec_available:
             self._reserve_speculation(plan.scheduled[:num_decodes], spec_available, num_decodes,
                                       prompt_budget, budget, plan)
+        blocks_sent = self._blocks_sent
         for item in plan.scheduled:
-            self._attach_blocks(item)
+            if blocks_sent.get(item.request_id) != len(tables[item.request_id]):  # else nothing new to send
+                self._attach_blocks(item)
         return plan
 
     def _admit(self, budget: int, plan: StepPlan, now: float) -> int:
@@ -280,8 +283,6 @@ class Scheduler:
         request_id = item.request_id
         table = self.kv.block_tables[request_id]
         sent = self._blocks_sent.get(request_id)
-        if sent == len(table):
-            return  # nothing new (most decodes): new_block_ids stays ()
         if sent is None:
             request = self.requests[request_id]
             item.new = NewRequestData(request.prompt_token_ids, tuple(request.token_ids[request.num_prompt_tokens:]),
@@ -292,6 +293,8 @@ class Scheduler:
 
     def _shed(self, now: float, plan: StepPlan) -> None:
         """Turn away waiting requests the policy says can no longer be served within their SLO."""
+        if not self._may_shed:
+            return
         shed = [r for r in self.waiting if self.policy.admit(r, now) is Admission.SHED]
         for request in shed:
             self._finish(request, RequestStatus.FINISHED_REJECTED, now)

@@ -147,12 +147,14 @@ class Simulator:
                 self.num_events += 1
                 if kind == STEP_DONE:
                     replica = replicas[payload]
+                    delivered = now + deliver
                     for update in replica.finish_step(now):
-                        outcome = in_flight[update.request.request_id]
-                        outcome.token_times.append(now + deliver)
-                        if update.finish_reason is not None:
-                            del in_flight[update.request.request_id]
-                            finish(outcome, now + deliver)
+                        if update.finish_reason is None:
+                            in_flight[update.request.request_id].token_times.append(delivered)
+                        else:
+                            outcome = in_flight.pop(update.request.request_id)
+                            outcome.token_times.append(delivered)
+                            finish(outcome, delivered)
                     dirty[replica.replica_id] = replica
                 else:
                     sim_request = requests[payload]

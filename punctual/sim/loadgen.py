@@ -14,6 +14,7 @@ inter-token gaps, token deadlines met), which replace the ITL and fluidity figur
 from __future__ import annotations
 
 import zlib
+from operator import sub
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,18 +31,31 @@ UNKNOWN_SPAN = 30000
 CHARS_PER_TOKEN = 4  # real text: a word of n characters is about n / 4 tokens (at least one)
 
 
+def _word_ids(word: str) -> tuple[int, ...]:
+    known = WORD_IDS.get(word)
+    if known is not None:
+        return (known,)
+    return tuple(UNKNOWN_BASE + zlib.crc32(f"{word}#{piece}".encode()) % UNKNOWN_SPAN
+                 for piece in range(max(1, round(len(word) / CHARS_PER_TOKEN))))
+
+
+_WORD_CACHE: dict[str, tuple[int, ...]] = {}  # workloads reuse a corpus's words: each is split once
+_WORD_CACHE_MAX = 1 << 20
+
+
 def token_ids(prompt: str) -> tuple[int, ...]:
     """Stand-in token ids for a prompt, without a tokenizer: one per word of the synthetic word list,
     and for real text about one per four characters of each word, so lengths come out close to a
     BPE tokenizer's and equal texts (shared prefixes) get equal ids."""
     ids: list[int] = []
+    cache = _WORD_CACHE
     for word in prompt.split():
-        known = WORD_IDS.get(word)
-        if known is not None:
-            ids.append(known)
-            continue
-        for piece in range(max(1, round(len(word) / CHARS_PER_TOKEN))):
-            ids.append(UNKNOWN_BASE + zlib.crc32(f"{word}#{piece}".encode()) % UNKNOWN_SPAN)
+        pieces = cache.get(word)
+        if pieces is None:
+            pieces = _word_ids(word)
+            if len(cache) < _WORD_CACHE_MAX:
+                cache[word] = pieces
+        ids.extend(pieces)
     return tuple(ids)
 
 
@@ -140,7 +154,7 @@ class SimSender:
             record.token_times_s = times
             return record
         if outcome.error is None and times:
-            stats.itl.update(b - a for a, b in zip(times, times[1:]))
+            stats.itl.update(map(sub, times[1:], times))
             if self.slo is not None:
                 stats.deadlines_met += token_deadlines_met(times, self.slo)
                 stats.deadline_tokens += len(times)
