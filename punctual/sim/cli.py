@@ -124,6 +124,11 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--replicas", type=int, default=1)
+    cluster.add_argument("--prefill-replicas", type=int, default=0,
+                         help="prefill/decode disaggregation, as punctual serve: replicas taking prompts (with "
+                              "--decode-replicas; together they replace --replicas)")
+    cluster.add_argument("--decode-replicas", type=int, default=0,
+                         help="replicas that decode requests whose KV moved from a prefill replica")
     cluster.add_argument("--router", default="round_robin",
                          help=f"{', '.join(BUILTIN_ROUTERS)}, or a policy of punctual.cluster.router")
 
@@ -162,7 +167,9 @@ def cluster_config(args: argparse.Namespace, profile, slo=None):
     return ClusterConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
                          args.replicas, args.router,
                          ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
-                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
+                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000,
+                         prefill_replicas=getattr(args, "prefill_replicas", 0) or 0,
+                         decode_replicas=getattr(args, "decode_replicas", 0) or 0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -196,6 +203,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _log(f"simulated {simulator.now:.1f} virtual s on {config.replicas} replica(s): "
          f"{simulator.num_events} events, {simulator.num_steps} steps in {wall:.1f} s wall, "
          f"{cpu:.1f} s CPU in this process ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
+    if getattr(simulator, "decode_pool", None):
+        _log(f"prefill/decode: {simulator.num_moves} requests moved their KV to the decode pool, "
+             f"{simulator.num_moves_refused} stayed where they were prefilled (no room, or done first)")
     return finish(args, plan, runs, {})
 
 

@@ -83,6 +83,10 @@ class StepProfile:
     # admit_s   HTTP arrival -> the scheduler has the request (body, tokenizing, the socket)
     # deliver_s a step's outputs sent -> the client has the token (detokenize, SSE, HTTP)
     frontend: dict = field(default_factory=dict)
+    # Moving a request's KV between replicas (prefill/decode, migration): seconds = fixed_s +
+    # bytes / bytes_per_s per copy (`calibrate` times the real export/import path; `--hardware`
+    # derives it from the interconnect). None: not known.
+    kv_transfer: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -108,6 +112,12 @@ class StepProfile:
     def deliver_s(self) -> float:
         return float(self.frontend.get("deliver_s", 0.0))
 
+    def transfer_seconds(self, num_blocks: int, block_size: int) -> float:
+        """One copy of `num_blocks` KV blocks between replicas (a copy of none still costs its round trips)."""
+        cost = self.kv_transfer
+        moved = num_blocks * block_size * self.model.get("kv_bytes_per_token", 0)
+        return cost["fixed_s"] + moved / cost["bytes_per_s"]
+
     @property
     def max_model_len(self) -> int | None:
         return self.model.get("max_model_len")
@@ -124,7 +134,7 @@ class StepProfile:
         out = {"version": PROFILE_VERSION, "kind": self.kind, "estimate": self.estimate,
                "coefficients": self.coefficients, "model": self.model, "machine": self.machine,
                "dtype": self.dtype, "num_kv_blocks": self.num_kv_blocks, "kv_memory_bytes": self.kv_memory_bytes,
-               "fit": self.fit, "engine": self.engine, "frontend": self.frontend}
+               "fit": self.fit, "engine": self.engine, "frontend": self.frontend, "kv_transfer": self.kv_transfer}
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -140,7 +150,7 @@ class StepProfile:
                    model=data.get("model", {}), machine=data.get("machine", {}), dtype=data.get("dtype", ""),
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
                    estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
-                   frontend=data.get("frontend", {}))
+                   frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

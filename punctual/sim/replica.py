@@ -33,6 +33,8 @@ class SimReplica:
         self.num_steps = 0
         self.busy_s = 0.0  # virtual seconds spent in steps
         self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
+        self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
+        self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
 
     @property
     def busy(self) -> bool:

@@ -48,6 +48,9 @@ class ShardedSimulator:
         if config.router != "round_robin":
             raise ValueError(f"--sim-processes: only with --router round_robin (routing that reads no replica "
                              f"state), got {config.router!r}")
+        if config.prefill_replicas:
+            raise ValueError("--sim-processes: requests move between prefill and decode replicas; run P/D in "
+                             "one process")
         processes = min(processes, config.replicas)
         self.config = config
         self.num_shards = processes
