@@ -69,6 +69,10 @@ def add_sim_parser(subparsers) -> None:
     plan.add_argument("--policies", default="fcfs,slo", help="comma-separated scheduling policies to try")
     plan.add_argument("--budgets", default="256,512,1024,2048", help="comma-separated token budgets to try")
     plan.add_argument("--max-num-seqs", type=int, default=128)
+    plan.add_argument("--pd-splits", default="0",
+                      help="comma-separated prefill shares of the replicas to try: 0 colocated, e.g. 0.25 for "
+                           "one prefill replica in four (prefill/decode disaggregation; needs a KV transfer cost "
+                           "in the profile)")
     plan.add_argument("--min-replicas", type=int, default=1, help="where the search starts (a lower bound you know)")
     plan.add_argument("--max-replicas", type=int, default=4096)
     plan.add_argument("--router", default="least_loaded")

@@ -249,3 +249,18 @@ def test_prefill_decode_flags_need_both_and_a_transfer_cost(profile_path, tmp_pa
         Simulator(ClusterConfig(SchedulerConfig(), 100, prefill_replicas=1, decode_replicas=1), profile())
     out = tmp_path / "pd.json"
     assert main(sim_argv(profile_path, out, "--prefill-replicas", "1", "--decode-replicas", "1")) != 0
+
+
+def test_plan_searches_the_prefill_decode_split(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    profile(kv_transfer={"fixed_s": 0.002, "bytes_per_s": 1e9}).save(path)
+    out = tmp_path / "plan.json"
+    argv = ["sim", "plan", "--profile", str(path), "--request-rate", "40", "--ttft-slo-ms", "300",
+            "--tpot-slo-ms", "60", "--num-requests", "120", "--length-scale", "0.1", "--policies", "fcfs",
+            "--budgets", "64", "--pd-splits", "0,0.5", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    splits = {(p["prefill_replicas"], p["decode_replicas"]) for p in result["explored"]}
+    assert (0, 0) in splits and any(p > 0 and d > 0 for p, d in splits)
+    assert {f["split"] for f in result["frontier"]} == {0.0, 0.5}
+    assert "P+" in capsys.readouterr().out
