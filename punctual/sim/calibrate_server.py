@@ -78,8 +78,8 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
                 "num_requests": len(trace.adds), "num_sequential": len(deliver)}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
-                      "mean_step_s": sum(trace.seconds) / len(trace.seconds),
-                      "mean_predicted_s": sum(map(fitted.predict, trace.rows)) / len(trace.rows),
+                      "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
+                      "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
                       "workload": workload, "rates": list(rates), "length_scale": length_scale}}
