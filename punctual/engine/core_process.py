@@ -66,14 +66,28 @@ class CoreLoop:
         self.check_integrity = check_integrity
         self.last_stats: EngineStats | None = None
         self.last_stats_time = 0.0
+        # `punctual sim calibrate --server`: the serving loop's own step times (off unless asked).
+        self.trace = None
+        if os.environ.get("PUNCTUAL_STEP_TRACE"):
+            from punctual.sim.trace import StepTrace
+
+            self.trace = StepTrace.from_env(core.scheduler)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self.trace is not None:
+                self.trace.close()
+
+    def _run(self) -> None:
         while True:
             rejected: dict[str, str] = {}
             acks: list[PinAck] = []
             self.kv_answers: list[KVAnswer] = []
+            idle = not self.core.has_unfinished_requests()
             # Idle: wait for a command. Busy: take whatever arrived during the last step.
-            if not self.core.has_unfinished_requests() or self.channel.poll():
+            if idle or self.channel.poll():
                 if self.check_integrity and not self.core.has_unfinished_requests():
                     self.core.check_integrity()  # a failure crashes the core: the front end reports it
                 while True:
@@ -98,6 +112,10 @@ class CoreLoop:
                 self.channel.send(CoreUpdate(outputs, stats, rejected, acks, stored, evicted, kv_answers=kv_answers))
                 if time.monotonic() - started > SLOW_SEND_S:
                     logger.warning("the front end took %.2f s to take a step's outputs", time.monotonic() - started)
+            if self.trace is not None:
+                self.trace.stepped(idle, outputs)
+                if not self.core.has_unfinished_requests():
+                    self.trace.flush()  # idle now: written before the server can be stopped
 
     def _stats_to_send(self) -> EngineStats | None:
         """The stats, when they changed and either the core is idle or the last were sent a while ago."""
@@ -114,6 +132,8 @@ class CoreLoop:
         """Apply one batch of commands; False when told to shut down."""
         for kind, payload in commands:
             if kind == "add":
+                if self.trace is not None:
+                    self.trace.added(payload.request_id, payload.arrival_time)
                 try:
                     self.core.add_request(payload)
                 except ValueError as exc:

@@ -51,6 +51,11 @@ class KVCacheManager:
         self.prefix_hits = 0  # of which found in the cache
 
     @property
+    def indexed_blocks(self) -> dict[str, int]:
+        """Request id -> how many of its leading blocks are in the prefix-cache index (read-only)."""
+        return self._num_cached
+
+    @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 

@@ -25,6 +25,14 @@ class SchedulingPolicy:
     """FCFS: first come, first served; preempt the newest arrival (it has the least work to lose)."""
 
     name = "fcfs"
+    # The order key depends only on what a request arrived with (not on `now`, not on progress):
+    # the scheduler keeps its running list in this order instead of sorting it every step.
+    fixed_order = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "order_key" in vars(cls) and "fixed_order" not in vars(cls):
+            cls.fixed_order = False  # a new key may read the clock or progress: sorted each step
 
     def __init__(self, config: SchedulerConfig, cost_model: StepCostModel):
         self.config = config
@@ -65,6 +73,7 @@ class PriorityPolicy(SchedulingPolicy):
     """Lower `priority` first, FCFS within a level; preempt the least important, newest request."""
 
     name = "priority"
+    fixed_order = True  # (priority, arrival, id): all given at arrival
 
     def order_key(self, request: Request, now: float) -> tuple:
         return (request.priority, request.arrival_time, request.request_id)

@@ -8,6 +8,7 @@ already produced, so its output is unchanged.
 """
 from __future__ import annotations
 
+from bisect import insort
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +17,7 @@ from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepPlan
 from punctual.request import Request, RequestStatus
 from punctual.sched.cost_model import StepCostModel
-from punctual.sched.policies import Admission, make_policy
+from punctual.sched.policies import Admission, SchedulingPolicy, make_policy
 from punctual.validation import PromptLimits, check_prompt
 
 __all__ = ["FinishedUpdate", "ScheduledRequest", "Scheduler", "SchedulerOutput", "StepPlan"]
@@ -27,7 +28,7 @@ __all__ = ["FinishedUpdate", "ScheduledRequest", "Scheduler", "SchedulerOutput",
 SpecLengthChooser = Callable[[dict[str, int], int, int, int], dict[str, int]]
 
 
-@dataclass
+@dataclass(slots=True)
 class FinishedUpdate:
     request: Request
     new_token_ids: list[int]
@@ -48,7 +49,14 @@ class Scheduler:
         self.policy = make_policy(config, self.cost_model)
         self.policy.cached_prefix_tokens = self._cached_prefix_tokens
         self.waiting: list[Request] = []
+        # Under a policy whose order never changes (`fixed_order`: fcfs, priority), kept in that
+        # order, so a step walks it instead of sorting it (order keys are unique: the request id
+        # is in each). Otherwise in admission order, sorted each step.
         self.running: list[Request] = []
+        self._fixed_order = self.policy.fixed_order
+        self._may_shed = type(self.policy).admit is not SchedulingPolicy.admit  # the base admits everyone
+        # The policy's on_tokens, unless it is the base class's no-op (a call per request per step).
+        self._on_tokens = None if type(self.policy).on_tokens is SchedulingPolicy.on_tokens else self.policy.on_tokens
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         # Requests the runner must forget with the next plan (finished, aborted, preempted).
@@ -111,9 +119,16 @@ class Scheduler:
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
         self.requests[request.request_id] = request
-        self.running.append(request)
+        self._add_running(request, now)
         self.policy.on_arrival(request, now)
         return True
+
+    def _add_running(self, request: Request, now: float) -> None:
+        if self._fixed_order:
+            key = self.policy.order_key
+            insort(self.running, request, key=lambda r: key(r, now))
+        else:
+            self.running.append(request)
 
     def detach(self, request_id: str, now: float) -> Request | None:
         """Let a request go to another engine: it leaves with no output; its blocks are freed
@@ -148,24 +163,36 @@ class Scheduler:
         policy = self.policy
 
         # Decodes first: a stalled decode costs TPOT for every running stream.
-        decodes = sorted((r for r in self.running if not r.is_prefilling), key=lambda r: policy.order_key(r, now))
+        decodes, partial = [], []  # one pass: is_prefilling, inlined
+        for request in self.running:
+            (partial if len(request.token_ids) - request.num_computed_tokens > 1 else decodes).append(request)
+        if not self._fixed_order:
+            decodes.sort(key=lambda r: policy.order_key(r, now))
+            partial.sort(key=lambda r: policy.order_key(r, now))
+        tables, block_size, running = self.kv.block_tables, self.kv.block_size, RequestStatus.RUNNING
+        scheduled = plan.scheduled
         for request in decodes:
             if budget == 0:
                 break
-            if request.status is RequestStatus.RUNNING and self._allocate_or_preempt(
+            if request.status is not running:
+                continue  # preempted earlier in this step
+            start = request.num_computed_tokens
+            # The common case first: its next token fits in the blocks it holds.
+            if start + 1 <= len(tables[request.request_id]) * block_size or self._allocate_or_preempt(
                     request, 1, scheduled_ids, plan, now):
-                plan.scheduled.append(self._plan(request, 1))
+                scheduled.append(ScheduledRequest(request.request_id, request.token_ids[start:start + 1], start, (),
+                                                  start + 1 == len(request.token_ids),
+                                                  request.num_output_tokens > 0 and start == len(request.token_ids) - 1))
                 scheduled_ids.add(request.request_id)
                 budget -= 1
-        num_decodes = len(plan.scheduled)
+        num_decodes = len(scheduled)
 
         # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their
         # TPOT SLO); the cap covers speculated tokens too, since they also lengthen the step.
         running_decodes = [self.requests[s.request_id] for s in plan.scheduled]
         cap = min(budget, policy.prefill_budget(running_decodes, budget, now))
         prompt_budget = cap
-        partial = sorted((r for r in self.running if r.is_prefilling), key=lambda r: policy.order_key(r, now))
-        for request in partial:
+        for request in partial:  # a request preempted above is skipped by its status
             if prompt_budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
@@ -185,8 +212,10 @@ class Scheduler:
         if spec_available:
             self._reserve_speculation(plan.scheduled[:num_decodes], spec_available, num_decodes,
                                       prompt_budget, budget, plan)
+        blocks_sent = self._blocks_sent
         for item in plan.scheduled:
-            self._attach_blocks(item)
+            if blocks_sent.get(item.request_id) != len(tables[item.request_id]):  # else nothing new to send
+                self._attach_blocks(item)
         return plan
 
     def _admit(self, budget: int, plan: StepPlan, now: float) -> int:
@@ -207,7 +236,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-            self.running.append(request)
+            self._add_running(request, now)
             plan.scheduled.append(self._plan(request, num_new))
             budget -= num_new
             admitted.append(request)
@@ -252,7 +281,7 @@ class Scheduler:
     def _attach_blocks(self, item: ScheduledRequest) -> None:
         """Give the runner the blocks it has not seen: the whole table on admission, else the new tail."""
         request_id = item.request_id
-        table = self.kv.block_table(request_id)
+        table = self.kv.block_tables[request_id]
         sent = self._blocks_sent.get(request_id)
         if sent is None:
             request = self.requests[request_id]
@@ -264,6 +293,8 @@ class Scheduler:
 
     def _shed(self, now: float, plan: StepPlan) -> None:
         """Turn away waiting requests the policy says can no longer be served within their SLO."""
+        if not self._may_shed:
+            return
         shed = [r for r in self.waiting if self.policy.admit(r, now) is Admission.SHED]
         for request in shed:
             self._finish(request, RequestStatus.FINISHED_REJECTED, now)
@@ -271,7 +302,13 @@ class Scheduler:
 
     def record_step_time(self, plan: StepPlan, seconds: float) -> None:
         """Feed the measured duration of an executed plan to the cost model the policies use."""
-        self.cost_model.observe(plan.num_batched_tokens, len(plan.scheduled), seconds, plan.num_sampled_rows)
+        tokens = rows = 0  # plan.num_batched_tokens and plan.num_sampled_rows, in one pass
+        for item in plan.scheduled:
+            spec = len(item.spec_token_ids)
+            tokens += len(item.token_ids) + spec
+            if item.samples:
+                rows += 1 + spec
+        self.cost_model.observe(tokens, len(plan.scheduled), seconds, rows)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
                              plan: StepPlan, now: float) -> bool:
@@ -307,14 +344,24 @@ class Scheduler:
         rejected ones lies beyond num_computed_tokens and is overwritten later (the rollback).
         """
         updates = []
+        requests, sampled, running = self.requests, output.sampled_token_ids, RequestStatus.RUNNING
+        kv, on_tokens = self.kv, self._on_tokens
+        # Full blocks to index only when the computed tokens crossed a block boundary (checked
+        # here: a call per request per step otherwise).
+        indexed = kv.indexed_blocks if kv.enable_prefix_caching else None
+        block_size = kv.block_size
         for item in plan.scheduled:
-            request = self.requests.get(item.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            request_id = item.request_id
+            request = requests.get(request_id)
+            if request is None or request.status is not running:
                 continue  # aborted while the step ran
-            tokens = output.sampled_token_ids.get(item.request_id, [])
-            request.num_computed_tokens += len(item.token_ids) + output.num_accepted(item)
-            self.kv.cache_full_blocks(request)
-            self.policy.on_tokens(request, item.num_prompt_tokens, len(tokens))
+            tokens = sampled.get(request_id, ())
+            request.num_computed_tokens += len(item.token_ids) + (output.num_accepted(item) if item.spec_token_ids
+                                                                  else 0)
+            if indexed is not None and request.num_computed_tokens // block_size > indexed[request_id]:
+                kv.cache_full_blocks(request)
+            if on_tokens is not None:
+                on_tokens(request, item.num_prompt_tokens, len(tokens))
             if not tokens:
                 continue
             finish_reason, kept = None, []

@@ -91,6 +91,7 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
                 run([(context, 6)] * batch)
         run([(max_prompt, 2), *[(32, 24)] * min(8, max_batch)])  # a prompt chunked beside running decodes
     log(f"calibration: {len(rows)} steps in {time.perf_counter() - started:.1f} s (budget {budget} tokens)")
+    kv_transfer = time_kv_transfer(core, rng, log)
     coefficients, kept = fit_robust(rows, seconds)
     profile = StepProfile("linear", coefficients)
     errors = sorted(abs(profile.predict(rows[i]) - seconds[i]) / seconds[i] for i in kept)
@@ -101,10 +102,70 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
                "num_layers": runner.arch.num_layers, "vocab_size": vocab, "max_model_len": core.max_model_len,
                "kv_bytes_per_token": runner.kv_bytes_per_block // block_size},
         machine={**machine_description(), "device": str(runner.device)},
-        num_kv_blocks=core.kv_manager.num_blocks,
+        num_kv_blocks=core.kv_manager.num_blocks, kv_transfer=kv_transfer,
         fit={"num_steps": len(rows), "num_outliers": len(rows) - len(kept), "features": list(FEATURES),
              "median_abs_rel_error": errors[len(errors) // 2], "p90_abs_rel_error": errors[int(len(errors) * 0.9)],
              "mean_step_s": sum(seconds) / len(seconds)},
         engine={"block_size": block_size, "max_num_batched_tokens": budget,
                 "max_num_seqs": config.scheduler.max_num_seqs, **{k: v for k, v in kwargs.items()
                                                                  if isinstance(v, (int, float, str, bool))}})
+
+
+def time_kv_transfer(core, rng, log: Callable[[str], None] = print, repeats: int = 3) -> dict | None:
+    """Time the real KV transfer path in-process and fit seconds = fixed_s + bytes / bytes_per_s.
+
+    One running request's first n blocks are read with `EngineCore.export_kv` (what the
+    source's core does for `kv_export` / `kv_migrate_out`), pickled and unpickled (the socket
+    or Ray object between them) and written with `write_blocks` into spare blocks (what the
+    target's step does with a received payload). No network and no RPC round trips are in it:
+    between machines, add the link (a `--hardware` profile's interconnect) and the round trips."""
+    import pickle
+
+    import numpy as np
+
+    from punctual.model.kv_transfer import write_blocks
+    from punctual.request import EngineCoreRequest
+    from punctual.sampling_params import SamplingParams
+
+    kv = core.kv_manager
+    block_size = kv.block_size
+    max_blocks = min(64, kv.num_free_blocks // 3, (core.max_model_len - 8) // block_size)
+    if max_blocks < 2:
+        log("calibration: too few KV blocks to time a transfer; the profile has no kv_transfer")
+        return None
+    request_id = "cal-kv-transfer"
+    prompt = rng.integers(1, core.runner.arch.vocab_size, size=max_blocks * block_size + 1).tolist()
+    core.add_request(EngineCoreRequest(request_id, prompt, SamplingParams(max_tokens=64, ignore_eos=True,
+                                                                          temperature=0)))
+    while core.scheduler.requests[request_id].num_output_tokens == 0:
+        core.step()
+    spare = kv.pool.allocate(max_blocks)
+    sizes, seconds = [], []
+    counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max_blocks} | {max_blocks})
+    try:
+        for _ in range(repeats):
+            for n in counts:
+                started = time.perf_counter()
+                payload = pickle.loads(pickle.dumps(core.export_kv(request_id, 0, n), protocol=pickle.HIGHEST_PROTOCOL))
+                write_blocks(core.runner.kv_caches, spare[:n], payload)
+                seconds.append(time.perf_counter() - started)
+                sizes.append(payload.nbytes)
+    finally:
+        kv.pool.release(spare)
+        core.abort_requests([request_id])
+        while core.has_unfinished_requests():
+            core.step()
+    fastest: dict[int, float] = {}  # per size, the fastest copy: interference only ever slows one
+    for size, elapsed in zip(sizes, seconds):
+        fastest[size] = min(elapsed, fastest.get(size, elapsed))
+    x = np.stack([np.ones(len(fastest)), np.asarray(list(fastest), dtype=float)], axis=1)
+    (fixed, per_byte), *_ = np.linalg.lstsq(x, np.asarray(list(fastest.values())), rcond=None)
+    if per_byte <= 0 or fixed < 0:  # too small to see the bandwidth: all of it fixed, the largest at that
+        fixed = min(fastest.values())
+        per_byte = max(fastest.values()) / max(fastest)
+    result = {"fixed_s": max(0.0, float(fixed)), "bytes_per_s": 1.0 / float(per_byte),
+              "source": "measured in-process: export_kv, pickle, write_blocks (no network, no RPC round trips)",
+              "num_copies": len(sizes), "max_bytes": max(sizes)}
+    log(f"calibration: KV transfer {result['fixed_s'] * 1000:.2f} ms + {result['bytes_per_s'] / 1e9:.2f} GB/s "
+        f"over {len(sizes)} copies of 1-{max_blocks} blocks")
+    return result

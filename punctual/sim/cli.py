@@ -19,6 +19,9 @@ def add_sim_parser(subparsers) -> None:
     run = sub.add_parser("run", help="simulate `punctual bench` against a cluster; same report, JSON and plots")
     run.add_argument("--profile", required=True, help="step-cost profile (JSON from `punctual sim calibrate`)")
     add_cluster_args(run)
+    run.add_argument("--sim-processes", type=int, default=1,
+                     help="split the replicas across this many processes (only with --router round_robin, whose "
+                          "choices read no replica state: the results are the same as with one)")
     add_load_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -34,6 +37,17 @@ def add_sim_parser(subparsers) -> None:
     calibrate.add_argument("--max-prompt", type=int, default=512, help="longest prompt chunk profiled")
     calibrate.add_argument("--max-batch", type=int, default=32, help="largest decode batch profiled")
     calibrate.add_argument("--repeats", type=int, default=1, help="times each shape is profiled")
+    server = calibrate.add_argument_group("the serving path (--server)")
+    server.add_argument("--server", action="store_true",
+                        help="also run `punctual serve` here under load and fit the front end's delays and the "
+                             "serving loop's step times (contention included) onto the profile")
+    server.add_argument("--base-profile", default=None,
+                        help="with --server: start from this offline profile instead of calibrating one first")
+    server.add_argument("--server-workload", default="chat")
+    server.add_argument("--server-rates", default="1,2", help="open-loop rates run for loaded steps")
+    server.add_argument("--server-requests", type=int, default=30, help="requests per rate")
+    server.add_argument("--server-length-scale", type=float, default=0.25)
+    server.add_argument("--serve-args", default="", help="extra `punctual serve` flags, quoted")
     from punctual.cli import add_engine_args
 
     add_engine_args(calibrate)
@@ -55,6 +69,10 @@ def add_sim_parser(subparsers) -> None:
     plan.add_argument("--policies", default="fcfs,slo", help="comma-separated scheduling policies to try")
     plan.add_argument("--budgets", default="256,512,1024,2048", help="comma-separated token budgets to try")
     plan.add_argument("--max-num-seqs", type=int, default=128)
+    plan.add_argument("--pd-splits", default="0",
+                      help="comma-separated prefill shares of the replicas to try: 0 colocated, e.g. 0.25 for "
+                           "one prefill replica in four (prefill/decode disaggregation; needs a KV transfer cost "
+                           "in the profile)")
     plan.add_argument("--min-replicas", type=int, default=1, help="where the search starts (a lower bound you know)")
     plan.add_argument("--max-replicas", type=int, default=4096)
     plan.add_argument("--router", default="least_loaded")
@@ -110,6 +128,11 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--replicas", type=int, default=1)
+    cluster.add_argument("--prefill-replicas", type=int, default=0,
+                         help="prefill/decode disaggregation, as punctual serve: replicas taking prompts (with "
+                              "--decode-replicas; together they replace --replicas)")
+    cluster.add_argument("--decode-replicas", type=int, default=0,
+                         help="replicas that decode requests whose KV moved from a prefill replica")
     cluster.add_argument("--router", default="round_robin",
                          help=f"{', '.join(BUILTIN_ROUTERS)}, or a policy of punctual.cluster.router")
 
@@ -148,7 +171,9 @@ def cluster_config(args: argparse.Namespace, profile, slo=None):
     return ClusterConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
                          args.replicas, args.router,
                          ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
-                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
+                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000,
+                         prefill_replicas=getattr(args, "prefill_replicas", 0) or 0,
+                         decode_replicas=getattr(args, "decode_replicas", 0) or 0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -161,15 +186,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     plan = plan_from_args(args)
     profile = load_profile(args.profile)
-    simulator = Simulator(cluster_config(args, profile, plan.slo), profile)
+    config = cluster_config(args, profile, plan.slo)
+    if args.sim_processes < 1:
+        raise ValueError(f"--sim-processes must be >= 1, got {args.sim_processes}")
+    if args.sim_processes > 1:
+        from punctual.sim.shards import ShardedSimulator
+
+        simulator = ShardedSimulator(config, profile, args.sim_processes)
+    else:
+        simulator = Simulator(config, profile)
     sender = SimSender(simulator, keep_token_times=plan.keep_records, slo=plan.slo)
-    started = time.perf_counter()
-    runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=_log, send=sender)
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=_log, send=sender)
+    finally:
+        if args.sim_processes > 1:
+            simulator.close()
     sender.patch(runs)
-    wall = time.perf_counter() - started
-    _log(f"simulated {simulator.now:.1f} virtual s on {len(simulator.replicas)} replica(s): "
-         f"{simulator.num_events} events, {sum(r.num_steps for r in simulator.replicas)} steps in {wall:.1f} s "
-         f"wall ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    _log(f"simulated {simulator.now:.1f} virtual s on {config.replicas} replica(s): "
+         f"{simulator.num_events} events, {simulator.num_steps} steps in {wall:.1f} s wall, "
+         f"{cpu:.1f} s CPU in this process ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
+    if getattr(simulator, "decode_pool", None):
+        _log(f"prefill/decode: {simulator.num_moves} requests moved their KV to the decode pool, "
+             f"{simulator.num_moves_refused} stayed where they were prefilled (no room, or done first)")
     return finish(args, plan, runs, {})
 
 
@@ -181,16 +221,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         profile.save(args.output)
         _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
         return 0
-    from punctual.cli import engine_kwargs
-    from punctual.sim.calibrate import calibrate
+    if args.base_profile:
+        if not args.server:
+            raise ValueError("--base-profile: only with --server")
+        from punctual.sim.profile import load_profile
 
-    profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
-                        repeats=args.repeats, log=_log)
+        profile = load_profile(args.base_profile)
+    else:
+        from punctual.cli import engine_kwargs
+        from punctual.sim.calibrate import calibrate
+
+        profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
+                            repeats=args.repeats, log=_log)
+        fit = profile.fit
+        _log(f"offline: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, left out), "
+             f"median |error| {fit['median_abs_rel_error']:.1%}, p90 {fit['p90_abs_rel_error']:.1%}")
+    if args.server:
+        import shlex
+
+        from punctual.sim.calibrate_server import calibrate_server
+        from punctual.sim.validate import engine_flags, serve_command
+
+        flags = engine_flags(argparse.Namespace(serve_args=args.serve_args), profile)
+        serve_args = serve_command(flags) + shlex.split(args.serve_args)
+        rates = tuple(float(r) for r in args.server_rates.split(",") if r.strip())
+        profile = calibrate_server(profile, args.model, serve_args, workload=args.server_workload, rates=rates,
+                                   num_requests=args.server_requests, length_scale=args.server_length_scale,
+                                   max_num_seqs=flags.max_num_seqs or 32, log=_log)
+        server, frontend = profile.fit["server"], profile.frontend
+        _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
+             f"{server['per_row_s'] * 1000:.3f} ms per sampled row, over "
+             f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
+             f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
+             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
+             f"deliver {frontend['deliver_s'] * 1000:.2f} ms")
     profile.save(args.output)
-    fit = profile.fit
-    _log(f"wrote {args.output}: {fit['num_steps']} steps ({fit['num_outliers']} slowed by interference, "
-         f"left out), median |error| {fit['median_abs_rel_error']:.1%}, "
-         f"p90 {fit['p90_abs_rel_error']:.1%}")
+    _log(f"wrote {args.output}")
     return 0
 
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from punctual.config import SchedulerConfig
-from punctual.request import EngineCoreRequest, Request
+from punctual.request import EngineCoreRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
 from punctual.sim.profile import StepProfile
 from punctual.sim.replica import SimReplica
-from punctual.sim.routing import make_router
+from punctual.sim.routing import least_loaded, make_router
 
-STEP_DONE, ARRIVAL = 0, 1  # at one instant, steps end before new requests are taken in
+STEP_DONE, ARRIVAL, MOVE = 0, 1, 2  # at one instant, steps end before new requests are taken in
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Outcome:
     error: str | None = None
     prompt_tokens: int = 0
     replica: int = -1
+    core: EngineCoreRequest | None = None  # what the front end sent (a move re-creates the request from it)
+    moved_s: float | None = None  # prefill/decode: when its KV reached the decode replica
 
 
 @dataclass
@@ -57,6 +59,18 @@ class ClusterConfig:
     router: str = "round_robin"
     ttft_slo_ms: float | None = None  # carried by every request, as `punctual serve --ttft-slo-ms` sets
     tpot_slo_ms: float | None = None
+    # Prefill/decode disaggregation (as `punctual serve --prefill-replicas P --decode-replicas D`):
+    # replicas [0, P) take prompts; once a request's first token exists its KV moves to the least
+    # loaded of [P, P + D) and it decodes there. 0, 0: colocated.
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_replicas or self.decode_replicas:
+            if self.prefill_replicas < 1 or self.decode_replicas < 1:
+                raise ValueError("--prefill-replicas and --decode-replicas must both be >= 1 when either is set, "
+                                 f"got {self.prefill_replicas} and {self.decode_replicas}")
+            self.replicas = self.prefill_replicas + self.decode_replicas
 
 
 class Simulator:
@@ -71,7 +85,17 @@ class Simulator:
         self.replicas = [SimReplica(i, config.scheduler, config.num_kv_blocks, config.block_size, profile,
                                     config.enable_prefix_caching, config.max_model_len)
                          for i in range(config.replicas)]
-        self.route = make_router(config.router, self.replicas, config.block_size)
+        for replica in self.replicas:
+            if config.prefill_replicas:
+                replica.role = "prefill" if replica.replica_id < config.prefill_replicas else "decode"
+        # Arrivals go to the prefill pool when there is one, else anywhere.
+        self.entry = self.replicas[:config.prefill_replicas] if config.prefill_replicas else self.replicas
+        self.decode_pool = self.replicas[config.prefill_replicas:] if config.prefill_replicas else []
+        if self.decode_pool and profile.kv_transfer is None:
+            raise ValueError("--prefill-replicas/--decode-replicas: the profile has no KV transfer cost "
+                             "(calibrate it again, or derive one with --hardware)")
+        self.route = make_router(config.router, self.entry, config.block_size)
+        self.num_moves = self.num_moves_refused = 0
         self.now = 0.0
         self.num_events = 0
         self._heap: list = []
@@ -90,11 +114,17 @@ class Simulator:
                                                                temperature=0.0)
         return params
 
+    @property
+    def num_steps(self) -> int:
+        return sum(r.num_steps for r in self.replicas)
+
     def run(self, requests: list[SimRequest], offsets: list[float] | None = None, concurrency: int | None = None,
-            on_finish: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome] | None, float]:
+            on_finish: Callable[[Outcome], None] | None = None,
+            routes: list[int] | None = None) -> tuple[list[Outcome] | None, float]:
         """Send `requests` open loop at `offsets` (seconds from now) or closed loop with
         `concurrency` clients; run until every one is answered. Returns the outcomes (None when
-        `on_finish` consumes them as they finish) and the run's duration in virtual seconds."""
+        `on_finish` consumes them as they finish) and the run's duration in virtual seconds.
+        `routes`: each request's replica, decided outside (a shard of a split cluster)."""
         if (offsets is None) == (concurrency is None):
             raise ValueError("give offsets or concurrency")
         start = self.now
@@ -105,14 +135,17 @@ class Simulator:
         pending: Iterator[int] = iter(range(len(requests)))
         last_finish = start
 
+        # The front end's share (the profile's, from a serving run): a request reaches the
+        # scheduler `admit` after its send, and a token the client `deliver` after its step.
+        admit, deliver = self.profile.admit_s, self.profile.deliver_s
         if concurrency is not None:
             for _ in range(min(concurrency, len(requests))):
-                self._push(start, ARRIVAL, next(pending))
+                self._push(start + admit, ARRIVAL, next(pending))
         else:
             if len(offsets) != len(requests):
                 raise ValueError(f"offsets: {len(offsets)} for {len(requests)} requests")
             for i, offset in enumerate(offsets):
-                self._push(start + offset, ARRIVAL, i)
+                self._push(start + offset + admit, ARRIVAL, i)
 
         def finish(outcome: Outcome, now: float) -> None:
             nonlocal last_finish
@@ -125,10 +158,11 @@ class Simulator:
             if concurrency is not None:
                 following = next(pending, None)
                 if following is not None:
-                    self._push(now, ARRIVAL, following)
+                    self._push(now + admit, ARRIVAL, following)
 
         heap, replicas = self._heap, self.replicas
         config = self.config
+        self._in_flight = in_flight
         while heap:
             now = heap[0][0]
             self.now = now
@@ -138,22 +172,42 @@ class Simulator:
                 self.num_events += 1
                 if kind == STEP_DONE:
                     replica = replicas[payload]
+                    delivered = now + deliver
                     for update in replica.finish_step(now):
-                        outcome = in_flight[update.request.request_id]
-                        outcome.token_times.append(now)
-                        if update.finish_reason is not None:
-                            del in_flight[update.request.request_id]
-                            finish(outcome, now)
+                        if update.finish_reason is None:
+                            outcome = in_flight[update.request.request_id]
+                            outcome.token_times.append(delivered)
+                            if replica.role == "prefill" and len(outcome.token_times) == 1:
+                                self._start_move(update.request, replica, now)
+                        else:
+                            outcome = in_flight.pop(update.request.request_id)
+                            outcome.token_times.append(delivered)
+                            finish(outcome, delivered)
+                    for move in replica.pending_moves:  # commands wait for the step to end, as in a core
+                        self._stop_and_copy(*move, now, dirty)
+                    replica.pending_moves.clear()
                     dirty[replica.replica_id] = replica
+                elif kind == MOVE:
+                    stage, *move = payload
+                    if stage == "stop":
+                        source = replicas[move[1]]
+                        if source.busy:
+                            source.pending_moves.append(move)
+                        else:
+                            self._stop_and_copy(*move, now, dirty)
+                    else:
+                        self._commit(*move, in_flight, now, dirty)
                 else:
                     sim_request = requests[payload]
                     request_id = prefix + str(sim_request.index)
                     core = EngineCoreRequest(request_id, sim_request.prompt_token_ids,
-                                             self._sampling(sim_request.output_len), arrival_time=now,
+                                             self._sampling(sim_request.output_len), arrival_time=now - admit,
                                              ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                                              user=sim_request.user)
-                    outcome = Outcome(sim_request, now, prompt_tokens=len(sim_request.prompt_token_ids))
-                    index = self.route(sim_request.prompt_token_ids, sim_request.user, replicas)
+                    outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids),
+                                      core=core)
+                    index = (self.route(sim_request.prompt_token_ids, sim_request.user, self.entry) if routes is None
+                             else routes[payload])
                     replica = replicas[index]
                     outcome.replica = index
                     try:
@@ -171,10 +225,69 @@ class Simulator:
                 for request in rejected:
                     outcome = in_flight.pop(request.request_id)
                     outcome.error = "rejected: the scheduler cannot meet this request's SLO"
-                    finish(outcome, now)
+                    finish(outcome, now + deliver)
                 if duration is not None:
                     self._push(now + duration, STEP_DONE, replica.replica_id)
+        self._in_flight = None
         for request_id, outcome in list(in_flight.items()):  # nothing left to run them: a stuck scheduler
             outcome.error = "never finished: the scheduler stopped scheduling it"
             finish(outcome, self.now)
         return outcomes, last_finish - start
+
+    # ---- prefill/decode: a request's KV moves once its first token exists ----------------------
+    # As the cluster client does it (punctual.cluster.client.migrate): reserve blocks on the
+    # least loaded decode replica; pre-copy the full blocks computed so far while the request
+    # goes on decoding at the source; then, between two of the source's steps, stop it there and
+    # copy the rest; it decodes on at the target once that copy lands. A refused reservation
+    # leaves it decoding at the source; a refused commit resumes it there by recompute.
+    def _start_move(self, request: Request, source: SimReplica, now: float) -> None:
+        target = self.decode_pool[least_loaded(None, None, self.decode_pool)]
+        block_size = self.config.block_size
+        if not target.kv.reserve(request.request_id, -(-request.num_tokens // block_size)):
+            self.num_moves_refused += 1
+            return
+        copied = request.num_computed_tokens // block_size
+        self._push(now + self.profile.transfer_seconds(copied, block_size), MOVE,
+                   ("stop", request.request_id, source.replica_id, target.replica_id, copied))
+
+    def _stop_and_copy(self, request_id: str, source_id: int, target_id: int, copied: int, now: float,
+                       dirty: dict) -> None:
+        source, target = self.replicas[source_id], self.replicas[target_id]
+        request = source.scheduler.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:  # finished or preempted: it stays
+            target.kv.release_reservation(request_id)
+            self.num_moves_refused += 1
+            return
+        state = (request.num_output_tokens, request.num_computed_tokens, request.num_preemptions)
+        source.scheduler.detach(request_id, now)
+        dirty[source_id] = source
+        block_size = self.config.block_size
+        remaining = max(0, -(-request.num_computed_tokens // block_size) - copied)
+        self._push(now + self.profile.transfer_seconds(remaining, block_size), MOVE,
+                   ("commit", request_id, source_id, target_id, state))
+
+    def _commit(self, request_id: str, source_id: int, target_id: int, state: tuple, in_flight: dict,
+                now: float, dirty: dict) -> None:
+        from punctual.sim.replica import SYNTHETIC_TOKEN
+
+        outcome = in_flight[request_id]
+        num_output, num_computed, num_preemptions = state
+        target = self.replicas[target_id]
+        request = Request(outcome.core, target.max_model_len)
+        for _ in range(num_output):
+            request.append_token(SYNTHETIC_TOKEN)
+        request.num_preemptions = num_preemptions
+        block_size = self.config.block_size
+        if target.kv.reserve(request_id, -(-num_computed // block_size)):
+            request.num_computed_tokens = num_computed
+            if target.scheduler.add_running(request, now):
+                outcome.replica, outcome.moved_s = target_id, now
+                self.num_moves += 1
+                dirty[target_id] = target
+                return
+        target.kv.release_reservation(request_id)
+        self.num_moves_refused += 1
+        source = self.replicas[source_id]  # resumed by recompute of its prompt and tokens so far
+        request.num_computed_tokens = 0
+        source.scheduler.add_request(request, now)
+        dirty[source_id] = source

@@ -27,20 +27,29 @@ class Hardware:
     bandwidth_efficiency: float = 0.8
     overhead_s: float = 0.003  # per step: kernel launches, host scheduling and sampling
     dtype_bytes: int = 2
+    # Between replicas (KV transfers): the NIC each one has, at ~80% of its line rate, plus a
+    # fixed cost per copy (RPC round trips through the cluster client, between two steps).
+    interconnect_bytes_per_s: float = 50e9  # 400 Gb/s InfiniBand NDR, one NIC per GPU
+    transfer_fixed_s: float = 0.002
 
 
 # Vendor datasheet peaks (dense, no sparsity); CPU classes from cores x clock x FLOPs per cycle.
 HARDWARE = {
-    "h100": Hardware("NVIDIA H100 SXM 80GB: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3", 989e12, 3.35e12, 80 * 10**9),
-    "h200": Hardware("NVIDIA H200 141GB: 989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e", 989e12, 4.8e12, 141 * 10**9),
-    "a100": Hardware("NVIDIA A100 SXM 80GB: 312 TFLOP/s bf16 dense, 2.04 TB/s HBM2e", 312e12, 2.039e12, 80 * 10**9),
-    "l4": Hardware("NVIDIA L4 24GB: 121 TFLOP/s bf16 dense, 300 GB/s GDDR6", 121e12, 300e9, 24 * 10**9),
-    "cpu-2c": Hardware("2 x86 cores, AVX2 at ~2.5 GHz (32 fp32 FLOP/cycle/core), ~20 GB/s",
-                       2 * 2.5e9 * 32, 20e9, 16 * GiB, 0.3, 0.6, 0.01, 4),
-    "cpu-16c": Hardware("16 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~100 GB/s",
-                        16 * 2.5e9 * 64, 100e9, 128 * GiB, 0.3, 0.6, 0.005, 4),
-    "cpu-64c": Hardware("64 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~300 GB/s (8-12 channels)",
-                        64 * 2.5e9 * 64, 300e9, 512 * GiB, 0.3, 0.6, 0.005, 4),
+    "h100": Hardware("NVIDIA H100 SXM 80GB: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3, 400 Gb/s NDR", 989e12, 3.35e12,
+                     80 * 10**9),
+    "h200": Hardware("NVIDIA H200 141GB: 989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e, 400 Gb/s NDR", 989e12, 4.8e12,
+                     141 * 10**9),
+    "a100": Hardware("NVIDIA A100 SXM 80GB: 312 TFLOP/s bf16 dense, 2.04 TB/s HBM2e, 200 Gb/s HDR", 312e12,
+                     2.039e12, 80 * 10**9, interconnect_bytes_per_s=25e9),
+    "l4": Hardware("NVIDIA L4 24GB: 121 TFLOP/s bf16 dense, 300 GB/s GDDR6, 100 GbE", 121e12, 300e9, 24 * 10**9,
+                   interconnect_bytes_per_s=12.5e9),
+    "cpu-2c": Hardware("2 x86 cores, AVX2 at ~2.5 GHz (32 fp32 FLOP/cycle/core), ~20 GB/s, 10 GbE",
+                       2 * 2.5e9 * 32, 20e9, 16 * GiB, 0.3, 0.6, 0.01, 4, interconnect_bytes_per_s=1.25e9),
+    "cpu-16c": Hardware("16 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~100 GB/s, 25 GbE",
+                        16 * 2.5e9 * 64, 100e9, 128 * GiB, 0.3, 0.6, 0.005, 4, interconnect_bytes_per_s=3e9),
+    "cpu-64c": Hardware("64 x86 cores, AVX-512 at ~2.5 GHz (64 fp32 FLOP/cycle/core), ~300 GB/s (8-12 channels), "
+                        "100 GbE",
+                        64 * 2.5e9 * 64, 300e9, 512 * GiB, 0.3, 0.6, 0.005, 4, interconnect_bytes_per_s=12.5e9),
 }
 
 # Shapes of well-known checkpoints (their config.json), for estimates without the weights.
@@ -111,4 +120,6 @@ def roofline_profile(model: str, hardware: str, dtype: str = "auto") -> StepProf
                "kv_bytes_per_token": costs["kv_bytes_per_token"], "weight_bytes": costs["weight_bytes"]},
         machine={"hardware": hardware, "description": hw.description,
                  "note": "estimate from peak FLOP/s and bandwidth, derated by the efficiencies; not measured"},
-        kv_memory_bytes=kv_memory)
+        kv_memory_bytes=kv_memory,
+        kv_transfer={"fixed_s": hw.transfer_fixed_s, "bytes_per_s": hw.interconnect_bytes_per_s * 0.8,
+                     "source": "estimate: the interconnect's line rate at 80%, plus a fixed cost per copy"})

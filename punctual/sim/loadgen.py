@@ -14,6 +14,7 @@ inter-token gaps, token deadlines met), which replace the ITL and fluidity figur
 from __future__ import annotations
 
 import zlib
+from operator import sub
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,18 +31,31 @@ UNKNOWN_SPAN = 30000
 CHARS_PER_TOKEN = 4  # real text: a word of n characters is about n / 4 tokens (at least one)
 
 
+def _word_ids(word: str) -> tuple[int, ...]:
+    known = WORD_IDS.get(word)
+    if known is not None:
+        return (known,)
+    return tuple(UNKNOWN_BASE + zlib.crc32(f"{word}#{piece}".encode()) % UNKNOWN_SPAN
+                 for piece in range(max(1, round(len(word) / CHARS_PER_TOKEN))))
+
+
+_WORD_CACHE: dict[str, tuple[int, ...]] = {}  # workloads reuse a corpus's words: each is split once
+_WORD_CACHE_MAX = 1 << 20
+
+
 def token_ids(prompt: str) -> tuple[int, ...]:
     """Stand-in token ids for a prompt, without a tokenizer: one per word of the synthetic word list,
     and for real text about one per four characters of each word, so lengths come out close to a
     BPE tokenizer's and equal texts (shared prefixes) get equal ids."""
     ids: list[int] = []
+    cache = _WORD_CACHE
     for word in prompt.split():
-        known = WORD_IDS.get(word)
-        if known is not None:
-            ids.append(known)
-            continue
-        for piece in range(max(1, round(len(word) / CHARS_PER_TOKEN))):
-            ids.append(UNKNOWN_BASE + zlib.crc32(f"{word}#{piece}".encode()) % UNKNOWN_SPAN)
+        pieces = cache.get(word)
+        if pieces is None:
+            pieces = _word_ids(word)
+            if len(cache) < _WORD_CACHE_MAX:
+                cache[word] = pieces
+        ids.extend(pieces)
     return tuple(ids)
 
 
@@ -56,6 +70,11 @@ class StreamedStats:
     itl: Counter = field(default_factory=Counter)  # gap (s) -> count
     deadlines_met: int = 0
     deadline_tokens: int = 0
+
+    def merge(self, other: "StreamedStats") -> None:
+        self.itl.update(other.itl)
+        self.deadlines_met += other.deadlines_met
+        self.deadline_tokens += other.deadline_tokens
 
     def itl_ms(self) -> dict | None:
         """distribution_ms of the pooled gaps, from counts (the same order statistics)."""
@@ -96,7 +115,18 @@ class SimSender:
             offsets = [r.arrival_s for r in requests]
             if any(o is None for o in offsets):
                 raise ValueError("give offsets, concurrency, or requests with arrival times (a trace)")
-        sim_requests = to_sim_requests(requests)
+        run_shards = getattr(self.simulator, "run_shards", None)
+        if run_shards is not None:
+            records, stats, duration = run_shards(requests, offsets, concurrency, self.keep_token_times, self.slo)
+        else:
+            records, stats, duration = self.run_local(to_sim_requests(requests), offsets, concurrency)
+        if desc != "warm-up":
+            self.streamed.append(stats)
+        return LoadResult(records, duration)
+
+    def run_local(self, sim_requests: list[SimRequest], offsets=None, concurrency=None,
+                  routes: list[int] | None = None) -> tuple[list[RequestRecord], StreamedStats, float]:
+        """Run on this process's simulator: (records by index, streamed statistics, duration)."""
         stats = StreamedStats()
         records: list[RequestRecord] = []
         start = self.simulator.now
@@ -104,11 +134,10 @@ class SimSender:
         def on_finish(outcome: Outcome) -> None:
             records.append(self._record(outcome, start, stats))
 
-        _, duration = self.simulator.run(sim_requests, offsets=offsets, concurrency=concurrency, on_finish=on_finish)
-        if desc != "warm-up":
-            self.streamed.append(stats)
+        _, duration = self.simulator.run(sim_requests, offsets=offsets, concurrency=concurrency, on_finish=on_finish,
+                                         routes=routes)
         records.sort(key=lambda r: r.index)
-        return LoadResult(records, duration)
+        return records, stats, duration
 
     def _record(self, outcome: Outcome, start: float, stats: StreamedStats) -> RequestRecord:
         request, sent = outcome.request, outcome.sent
@@ -125,7 +154,7 @@ class SimSender:
             record.token_times_s = times
             return record
         if outcome.error is None and times:
-            stats.itl.update(b - a for a, b in zip(times, times[1:]))
+            stats.itl.update(map(sub, times[1:], times))
             if self.slo is not None:
                 stats.deadlines_met += token_deadlines_met(times, self.slo)
                 stats.deadline_tokens += len(times)

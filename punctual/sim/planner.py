@@ -3,8 +3,9 @@
 For each scheduling policy and token budget, the fewest replicas whose simulated run keeps the
 attainment target (DistServe's placement search, over what this engine has): replicas grow by
 doubling until the target is met, then a bisection finds the smallest count. Every point
-simulated is printed, so the frontier shows what each knob buys. Prefill/decode disaggregation
-is not modelled yet (the cluster has no KV transfer to simulate).
+simulated is printed, so the frontier shows what each knob buys. `--pd-splits` adds
+prefill/decode disaggregation to the search: each split is the prefill pool's share of the
+replicas (0: colocated), and KV moves cost the profile's transfer time.
 """
 from __future__ import annotations
 
@@ -22,19 +23,35 @@ from punctual.sim.loadgen import SimSender
 from punctual.sim.profile import load_profile
 
 
+def pd_split(split: float, replicas: int) -> tuple[int, int]:
+    """(prefill, decode) replicas for a prefill share `split` of `replicas`; (0, 0) colocated."""
+    if split <= 0:
+        return 0, 0
+    prefill = max(1, min(replicas - 1, round(split * replicas)))
+    return prefill, replicas - prefill
+
+
+def split_label(split: float, replicas: int) -> str:
+    prefill, decode = pd_split(split, replicas)
+    return f"{prefill}P+{decode}D" if prefill else "colocated"
+
+
 def evaluate(args: argparse.Namespace, profile, requests, offsets, slo: SLO, policy: str, budget: int,
-             replicas: int) -> dict:
+             replicas: int, split: float = 0.0) -> dict:
     from punctual.sim.cli import cluster_config
 
+    prefill, decode = pd_split(split, replicas)
     flags = argparse.Namespace(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                scheduling_policy=policy, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                               kv_cache_memory=args.kv_cache_memory, replicas=replicas, router=args.router)
+                               kv_cache_memory=args.kv_cache_memory, replicas=replicas, router=args.router,
+                               prefill_replicas=prefill, decode_replicas=decode)
     simulator = Simulator(cluster_config(flags, profile, slo), profile)
     result = SimSender(simulator, keep_token_times=False, slo=slo)(None, requests, offsets=offsets)
     summary = summarize(result, None)
     ttft, tpot = summary["ttft_ms"] or {}, summary["tpot_ms"] or {}
     e2e = summary["e2e_ms"] or {}
-    return {"policy": policy, "max_num_batched_tokens": budget, "replicas": replicas, "e2e_p50_ms": e2e.get("median"),
+    return {"policy": policy, "max_num_batched_tokens": budget, "replicas": replicas, "split": split,
+            "prefill_replicas": prefill, "decode_replicas": decode, "e2e_p50_ms": e2e.get("median"),
             "attainment": slo_attainment(result.records, slo), "ttft_p90_ms": ttft.get("p90"),
             "tpot_p90_ms": tpot.get("p90"), "completed": summary["completed"]}
 
@@ -48,42 +65,52 @@ def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) 
     slo = SLO(args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    splits = [float(x) for x in args.pd_splits.split(",") if x.strip()]
+    if any(not 0 <= x < 1 for x in splits):
+        raise ValueError(f"--pd-splits: prefill shares in [0, 1), got {args.pd_splits!r}")
     num_requests = args.num_requests or int(min(20000, max(500, 60 * args.request_rate)))
     requests = generate_workload(args.workload, num_requests, args.seed, args.length_scale, salt=1)
     offsets = arrival_offsets(num_requests, args.request_rate, args.burstiness, args.seed)
     explored: list[dict] = []
 
-    def passes(policy: str, budget: int, replicas: int) -> bool:
-        point = evaluate(args, profile, requests, offsets, slo, policy, budget, replicas)
-        explored.append(point)
-        log(f"  {policy} budget {budget} x{replicas}: attainment {point['attainment']:.1%}")
+    seen: dict[tuple, dict] = {}
+
+    def passes(policy: str, budget: int, replicas: int, split: float) -> bool:
+        key = (policy, budget, replicas, pd_split(split, replicas))  # two shares may round to one split
+        point = seen.get(key)
+        if point is None:
+            point = seen[key] = evaluate(args, profile, requests, offsets, slo, policy, budget, replicas, split)
+            explored.append(point)
+            log(f"  {policy} budget {budget} x{replicas} {split_label(split, replicas)}: "
+                f"attainment {point['attainment']:.1%}")
         return point["attainment"] >= args.attainment_target
 
     best: list[dict] = []
-    for policy in policies:
-        for budget in budgets:
-            low, high = args.min_replicas - 1, args.min_replicas  # low is taken to fail; high is tried
-            while not passes(policy, budget, high):
-                low, high = high, high * 2
-                if high > args.max_replicas:
-                    break
+    for split, policy, budget in ((x, p, b) for x in splits for p in policies for b in budgets):
+        least = max(args.min_replicas, 2 if split > 0 else 1)  # a split needs a replica on each side
+        low, high = least - 1, least  # low is taken to fail; high is tried
+        while not passes(policy, budget, high, split):
+            low, high = high, high * 2
             if high > args.max_replicas:
-                continue
-            if high == args.min_replicas:
-                low = 0  # the first count tried passed: fewer may too
-            while high - low > 1:
-                mid = (low + high) // 2
-                if passes(policy, budget, mid):
-                    high = mid
-                else:
-                    low = mid
-            best.append(next(p for p in explored if (p["policy"], p["max_num_batched_tokens"], p["replicas"])
-                             == (policy, budget, high)))
+                break
+        if high > args.max_replicas:
+            continue
+        if high == least:
+            low = 1 if split > 0 else 0  # the first count tried passed: fewer may too
+        while high - low > 1:
+            mid = (low + high) // 2
+            if passes(policy, budget, mid, split):
+                high = mid
+            else:
+                low = mid
+        best.append(seen[(policy, budget, high, pd_split(split, high))])
     hourly = args.cost_per_replica_hour
-    rows = [[p["policy"], str(p["max_num_batched_tokens"]), str(p["replicas"]), f"{p['attainment']:.1%}",
-             _ms(p["ttft_p90_ms"]), _ms(p["tpot_p90_ms"])] + ([f"{p['replicas'] * hourly:.2f}"] if hourly else [])
-            for p in sorted(explored, key=lambda p: (p["policy"], p["max_num_batched_tokens"], p["replicas"]))]
-    header = ["policy", "budget", "replicas", "SLO", "TTFT p90", "TPOT p90"] + (["$/hour"] if hourly else [])
+    rows = [[split_label(p["split"], p["replicas"]), p["policy"], str(p["max_num_batched_tokens"]), str(p["replicas"]),
+             f"{p['attainment']:.1%}", _ms(p["ttft_p90_ms"]), _ms(p["tpot_p90_ms"])]
+            + ([f"{p['replicas'] * hourly:.2f}"] if hourly else [])
+            for p in sorted(explored, key=lambda p: (p["split"], p["policy"], p["max_num_batched_tokens"],
+                                                     p["replicas"]))]
+    header = ["split", "policy", "budget", "replicas", "SLO", "TTFT p90", "TPOT p90"] + (["$/hour"] if hourly else [])
     print(f"explored ({args.workload} at {args.request_rate:g} req/s, {num_requests} requests simulated per point, "
           f"TTFT {args.ttft_slo_ms:g} ms, TPOT {args.tpot_slo_ms:g} ms, target {args.attainment_target:.0%}):")
     print(table(header, rows))
@@ -94,7 +121,8 @@ def plan_capacity(args: argparse.Namespace, log: Callable[[str], None] = print) 
     estimate = " (an ESTIMATE: roofline profile)" if profile.estimate else ""
     cost = f", {cheapest['replicas'] * hourly:.2f} per hour" if hourly else ""
     print(f"\ncheapest: {cheapest['replicas']} replica(s) of {profile.model.get('name')} on "
-          f"{profile.machine.get('hardware') or profile.machine.get('cpu')}, policy {cheapest['policy']}, "
+          f"{profile.machine.get('hardware') or profile.machine.get('cpu')}"
+          f" ({split_label(cheapest['split'], cheapest['replicas'])}), policy {cheapest['policy']}, "
           f"--max-num-batched-tokens {cheapest['max_num_batched_tokens']}: attainment {cheapest['attainment']:.1%}"
           f"{cost}{estimate}")
     traffic_s = offsets[-1]

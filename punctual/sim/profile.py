@@ -79,6 +79,14 @@ class StepProfile:
     estimate: bool = False  # True for roofline profiles: nobody measured them
     fit: dict = field(default_factory=dict)  # calibration quality: residuals, number of steps
     engine: dict = field(default_factory=dict)  # engine flags of the calibration run
+    # The front end's share of what a client sees (`calibrate --server`), in seconds:
+    # admit_s   HTTP arrival -> the scheduler has the request (body, tokenizing, the socket)
+    # deliver_s a step's outputs sent -> the client has the token (detokenize, SSE, HTTP)
+    frontend: dict = field(default_factory=dict)
+    # Moving a request's KV between replicas (prefill/decode, migration): seconds = fixed_s +
+    # bytes / bytes_per_s per copy (`calibrate` times the real export/import path; `--hardware`
+    # derives it from the interconnect). None: not known.
+    kv_transfer: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -97,6 +105,20 @@ class StepProfile:
         return self.predict(plan_features(plan))
 
     @property
+    def admit_s(self) -> float:
+        return float(self.frontend.get("admit_s", 0.0))
+
+    @property
+    def deliver_s(self) -> float:
+        return float(self.frontend.get("deliver_s", 0.0))
+
+    def transfer_seconds(self, num_blocks: int, block_size: int) -> float:
+        """One copy of `num_blocks` KV blocks between replicas (a copy of none still costs its round trips)."""
+        cost = self.kv_transfer
+        moved = num_blocks * block_size * self.model.get("kv_bytes_per_token", 0)
+        return cost["fixed_s"] + moved / cost["bytes_per_s"]
+
+    @property
     def max_model_len(self) -> int | None:
         return self.model.get("max_model_len")
 
@@ -112,7 +134,7 @@ class StepProfile:
         out = {"version": PROFILE_VERSION, "kind": self.kind, "estimate": self.estimate,
                "coefficients": self.coefficients, "model": self.model, "machine": self.machine,
                "dtype": self.dtype, "num_kv_blocks": self.num_kv_blocks, "kv_memory_bytes": self.kv_memory_bytes,
-               "fit": self.fit, "engine": self.engine}
+               "fit": self.fit, "engine": self.engine, "frontend": self.frontend, "kv_transfer": self.kv_transfer}
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -127,7 +149,8 @@ class StepProfile:
         return cls(kind=data["kind"], coefficients=data.get("coefficients", {}), roofline=roof,
                    model=data.get("model", {}), machine=data.get("machine", {}), dtype=data.get("dtype", ""),
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
-                   estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}))
+                   estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
+                   frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

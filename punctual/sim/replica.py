@@ -17,6 +17,7 @@ from punctual.sim.profile import StepProfile
 from punctual.validation import PromptLimits
 
 SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
+SAMPLED = (SYNTHETIC_TOKEN,)
 
 
 class SimReplica:
@@ -32,6 +33,8 @@ class SimReplica:
         self.num_steps = 0
         self.busy_s = 0.0  # virtual seconds spent in steps
         self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
+        self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
+        self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
 
     @property
     def busy(self) -> bool:
@@ -55,7 +58,8 @@ class SimReplica:
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None
         seconds = now - self.step_started
-        output = ModelRunnerOutput({item.request_id: [SYNTHETIC_TOKEN] for item in plan.scheduled if item.samples})
+        sampled = SAMPLED  # one list for all: the scheduler only reads it
+        output = ModelRunnerOutput({item.request_id: sampled for item in plan.scheduled if item.samples})
         self.scheduler.record_step_time(plan, seconds)  # the policies' online cost model learns, as in the engine
         self.num_steps += 1
         self.busy_s += seconds

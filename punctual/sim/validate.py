@@ -3,7 +3,8 @@ the simulator with a profile of this machine; prints the simulator's errors per 
 
 Both sides get the same engine flags (the server on its command line, the simulator through
 the same `cluster_config`), the same requests (the bench's seeds and salts) and the same
-warm-ups; only the model runner differs.
+warm-ups; only the model runner differs. The profile should come from `calibrate --server` on
+this machine (its front-end delays and serving-loop cost; its requests use other salts).
 """
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     from punctual.sim.profile import load_profile
 
     profile = load_profile(args.profile)
+    server = profile.fit.get("server")
+    if server is None:
+        log("note: this profile has no serving-path terms (front end, serving loop); "
+            "`punctual sim calibrate --server` measures them, and without them the simulator runs early")
+    else:
+        log(f"profile: front end admit {profile.admit_s * 1000:.1f} ms, deliver {profile.deliver_s * 1000:.1f} ms; "
+            f"serving loop {server['scale']:.2f} x offline + {server['overhead_s'] * 1000:.1f} ms per step")
     plan = plan_from_args(bench_args(args))
     flags = engine_flags(args, profile)
     simulator = Simulator(cluster_config(flags, profile, plan.slo), profile)

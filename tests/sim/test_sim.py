@@ -186,3 +186,81 @@ def test_hardware_profiles_are_estimates(tmp_path):
     assert 0.005 < one < 0.012
     assert main(["sim", "calibrate", "llama-3-8b", "--hardware", "l4", "--output", str(out)]) == 0
     assert load_profile(out).predict((1.0, 0, 1, 100, 100, 1)) > 5 * one
+
+
+def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
+    """round_robin reads no replica state: shards in two processes answer exactly as one process."""
+    runs = []
+    for processes in ("1", "2"):
+        out = tmp_path / f"p{processes}.json"
+        assert main(sim_argv(profile_path, out, "--sweep-rates", "4,64", "--workload", "chat,shared-prefix",
+                             "--replicas", "3", "--sim-processes", processes)) == 0
+        runs.append(json.loads(out.read_text())["runs"])
+    assert runs[0] == runs[1]
+    assert main(sim_argv(profile_path, tmp_path / "x.json", "--replicas", "2", "--router", "least_loaded",
+                         "--sim-processes", "2")) != 0
+
+
+def pd_simulator(prefill: int, decode: int, transfer: dict | None = None, num_kv_blocks: int = 400):
+    kv_transfer = transfer or {"fixed_s": 0.004, "bytes_per_s": 1e8}
+    config = ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), num_kv_blocks,
+                           max_model_len=1024, prefill_replicas=prefill, decode_replicas=decode)
+    return Simulator(config, profile(kv_transfer=kv_transfer))
+
+
+def test_prefill_decode_moves_every_request_to_the_decode_pool():
+    requests = to_sim_requests(generate_workload("chat", 40, 5, 0.1))
+    sim = pd_simulator(1, 2)
+    outcomes, _ = sim.run(requests, offsets=[i * 0.05 for i in range(len(requests))])
+    assert len(outcomes) == 40 and all(o.error is None for o in outcomes)
+    assert all(len(o.token_times) == o.request.output_len for o in outcomes)
+    moved = [o for o in outcomes if o.moved_s is not None]
+    assert sim.num_moves == len(moved) > 0 and sim.num_moves + sim.num_moves_refused >= \
+        sum(o.request.output_len > 1 for o in outcomes) - sim.num_moves_refused
+    assert {o.replica for o in moved} <= {1, 2}  # decoded in the decode pool
+    for o in moved:  # it decoded on during the pre-copy, then paused for the stop-and-copy
+        assert max(b - a for a, b in zip(o.token_times, o.token_times[1:])) >= 0.004
+    for replica in sim.replicas:
+        replica.scheduler.check_integrity()
+        assert not replica.scheduler.requests and replica.kv.num_used_blocks == 0
+
+
+def test_prefill_decode_is_deterministic_and_transfers_cost_time(profile_path, tmp_path):
+    requests = to_sim_requests(generate_workload("chat", 30, 2, 0.1))
+    offsets = [i * 0.05 for i in range(len(requests))]
+    runs = []
+    for transfer in ({"fixed_s": 0.004, "bytes_per_s": 1e8}, {"fixed_s": 0.004, "bytes_per_s": 1e8},
+                     {"fixed_s": 0.05, "bytes_per_s": 1e6}):
+        outcomes, _ = pd_simulator(1, 1, transfer).run(requests, offsets=offsets)
+        runs.append(sorted((o.request.index, o.token_times) for o in outcomes))
+    assert runs[0] == runs[1]
+    def longest_pause(times):
+        return max(b - a for a, b in zip(times, times[1:]))
+    fast = [longest_pause(t) for _, t in runs[0] if len(t) > 2]
+    slow = [longest_pause(t) for _, t in runs[2] if len(t) > 2]
+    assert min(slow) >= 0.05  # the stop-and-copy's fixed cost shows as one pause per request
+    assert sum(slow) / len(slow) > sum(fast) / len(fast) + 0.04
+
+
+def test_prefill_decode_flags_need_both_and_a_transfer_cost(profile_path, tmp_path):
+    with pytest.raises(ValueError, match="both"):
+        ClusterConfig(SchedulerConfig(), 100, prefill_replicas=1)
+    with pytest.raises(ValueError, match="KV transfer"):
+        Simulator(ClusterConfig(SchedulerConfig(), 100, prefill_replicas=1, decode_replicas=1), profile())
+    out = tmp_path / "pd.json"
+    assert main(sim_argv(profile_path, out, "--prefill-replicas", "1", "--decode-replicas", "1")) != 0
+
+
+def test_plan_searches_the_prefill_decode_split(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    profile(kv_transfer={"fixed_s": 0.002, "bytes_per_s": 1e9}).save(path)
+    out = tmp_path / "plan.json"
+    argv = ["sim", "plan", "--profile", str(path), "--request-rate", "40", "--ttft-slo-ms", "300",
+            "--tpot-slo-ms", "60", "--num-requests", "120", "--length-scale", "0.1", "--policies", "fcfs",
+            "--budgets", "64", "--pd-splits", "0,0.5", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    splits = {(p["prefill_replicas"], p["decode_replicas"]) for p in result["explored"]}
+    assert (0, 0) in splits and any(p > 0 and d > 0 for p, d in splits)
+    assert {f["split"] for f in result["frontier"]} == {0.0, 0.5}
+    assert "P+" in capsys.readouterr().out

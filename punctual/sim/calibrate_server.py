@@ -1,0 +1,87 @@
+"""`punctual sim calibrate --server`: fit the serving path's share onto an offline profile.
+
+The offline calibration times the engine's steps in-process, alone on the machine. A server
+adds two things a client sees: the front end (HTTP, tokenizing, the socket to the core on the
+way in; detokenizing and SSE on the way out), and a slower step loop (the core shares the
+cores with the front-end process, and its loop also sends outputs and takes in commands). Both
+are measured from the server's own record (`punctual.sim.trace`, written by its core process):
+
+- admit_s: median of (core received the request - the front end's HTTP arrival stamp);
+- deliver_s: median, over requests sent one at a time, of (the client's TTFT - (the step with
+  the first token sent - arrival stamp));
+- the step loop: the serving loop's period per step over every traced step (under load, so
+  contention is in the fit), fitted as the offline prediction x scale + a fixed overhead + a
+  cost per sampled row (`trace.fit_serving_overhead`); the profile's coefficients are
+  multiplied by the scale, the overhead added to the fixed cost, the row cost to sampled rows.
+
+Its requests use salts of their own, so `sim validate` with the same seed measures other text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from punctual.sim.profile import StepProfile
+from punctual.sim.trace import TRACE_ENV, fit_serving_overhead, median, read_trace
+
+CALIBRATION_SALT = 1000  # above any salt a bench run uses
+
+
+def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, workload: str = "chat",
+                     rates: tuple[float, ...] = (1.0, 2.0), num_requests: int = 30, sequential: int = 12,
+                     seed: int = 0, length_scale: float = 0.25, max_num_seqs: int = 32,
+                     startup_timeout: float = 600.0, log: Callable[[str], None] = print) -> StepProfile:
+    from punctual.bench import loadgen
+    from punctual.bench.arrivals import arrival_offsets
+    from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
+    from punctual.bench.workloads import generate_workload
+
+    workdir = Path(tempfile.mkdtemp(prefix="punctual-calibrate-server-"))
+    trace_path = workdir / "steps.jsonl"
+    spec = punctual_peer(model, free_port(), PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args)))
+    spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: str(trace_path)})
+    log(f"calibrate --server: starting {' '.join(spec.command)}")
+    started = time.perf_counter()
+    with running(spec, workdir / "server.log", startup_timeout) as endpoint:
+        endpoint = dataclasses.replace(endpoint, extra_body={"temperature": 0.0, **endpoint.extra_body})
+        salt = iter(range(CALIBRATION_SALT, CALIBRATION_SALT + 100))
+        warm = generate_workload(workload, 2, seed, length_scale, next(salt))
+        loadgen.run(endpoint, warm, concurrency=1, progress=False)
+        one_at_a_time = generate_workload(workload, sequential, seed, length_scale, next(salt))
+        alone = loadgen.run(endpoint, one_at_a_time, concurrency=1, progress=False)
+        for rate in rates:  # loaded steps: batches as the validation's rates make them
+            requests = generate_workload(workload, num_requests, seed, length_scale, next(salt))
+            loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed), progress=False)
+        time.sleep(0.5)  # the core writes its trace when it goes idle
+    trace = read_trace(str(trace_path))
+    log(f"calibrate --server: {len(trace.rows)} steps, {len(trace.adds)} requests traced in "
+        f"{time.perf_counter() - started:.0f} s")
+    if len(trace.adds) < len(warm) + sequential:
+        raise RuntimeError(f"calibrate --server: the core traced {len(trace.adds)} requests, expected at least "
+                           f"{len(warm) + sequential} (trace {trace_path})")
+
+    deliver = []
+    for record, add in zip(alone.records, trace.adds[len(warm):len(warm) + sequential]):
+        sent = trace.first_token_sent.get(add["add"])
+        if record.ok and record.ttft_s is not None and sent is not None:
+            deliver.append(record.ttft_s - (sent - add["arrival"]))
+    serving, kept = fit_serving_overhead(base.predict, trace.rows, trace.seconds)
+    coefficients = {name: value * serving["scale"] for name, value in base.coefficients.items()}
+    coefficients["fixed"] = coefficients.get("fixed", 0.0) + serving["overhead_s"]
+    coefficients["sampled_rows"] = coefficients.get("sampled_rows", 0.0) + serving["per_row_s"]
+    fitted = StepProfile("linear", coefficients)
+    errors = sorted(abs(fitted.predict(trace.rows[i]) - trace.seconds[i]) / trace.seconds[i] for i in kept)
+    frontend = {"admit_s": max(0.0, median(trace.admit_delays) or 0.0), "deliver_s": max(0.0, median(deliver) or 0.0),
+                "num_requests": len(trace.adds), "num_sequential": len(deliver)}
+    fit = {**base.fit, "offline_coefficients": base.coefficients,
+           "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
+                      "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
+                      "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
+                      "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
+                      "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
+                      "workload": workload, "rates": list(rates), "length_scale": length_scale}}
+    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit,
+                               engine={**base.engine, "serve_args": list(serve_args)})

@@ -1,0 +1,145 @@
+"""A serving core's own record of its steps and requests, for `punctual sim calibrate --server`.
+
+With `PUNCTUAL_STEP_TRACE=FILE` in its environment, the core process of `punctual serve` writes
+one JSON line per step (the plan's features, when it was planned, when its outputs were sent,
+which requests got their first token) and per request taken in (the front end's arrival stamp
+and the time the core received it). The step's cost as the simulator must charge it is the
+serving loop's period, from one plan to the next (scheduling, the model, the update, sending the
+outputs and taking in new requests, on cores the front end shares), not the model call alone.
+
+Pure Python; the core imports it only when the variable is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from punctual.sim.profile import plan_features
+
+TRACE_ENV = "PUNCTUAL_STEP_TRACE"
+FLUSH_EVERY = 256  # lines buffered between writes: the trace must not cost the loop it measures
+
+
+class StepTrace:
+    """Written by the core loop: wraps the scheduler to see each plan; buffered JSON lines."""
+
+    def __init__(self, path: str, scheduler):
+        self.file = open(path, "a", buffering=1 << 16)
+        self.lines: list[str] = []
+        self.plan = None
+        self.planned = 0.0
+        schedule = scheduler.schedule
+
+        def traced(now, *args, **kwargs):
+            self.planned = time.monotonic()
+            self.plan = plan = schedule(now, *args, **kwargs)
+            return plan
+        scheduler.schedule = traced
+
+    @classmethod
+    def from_env(cls, scheduler) -> "StepTrace | None":
+        path = os.environ.get(TRACE_ENV)
+        return cls(path, scheduler) if path else None
+
+    def added(self, request_id: str, arrival_time: float) -> None:
+        self._write({"add": request_id, "arrival": arrival_time, "received": time.monotonic()})
+
+    def stepped(self, idle_before: bool, outputs) -> None:
+        """After a loop iteration's outputs were sent. `idle_before`: the loop blocked for work first."""
+        plan, self.plan = self.plan, None
+        if plan is None or not plan.scheduled:
+            return
+        first = [o.request_id for o in outputs if o.first_token_time is not None]
+        self._write({"step": plan_features(plan), "planned": self.planned, "sent": time.monotonic(),
+                     "idle_before": idle_before, "first": first})
+
+    def _write(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        if len(self.lines) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            self.file.write("\n".join(self.lines) + "\n")
+            self.file.flush()
+            self.lines = []
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+
+
+@dataclass
+class ServerTrace:
+    """A trace read back: step features with the serving loop's period, and request timings."""
+
+    rows: list[tuple[float, ...]]
+    seconds: list[float]
+    adds: list[dict]  # in the order the core received them
+    first_token_sent: dict[str, float]  # request id -> when the step with its first token was sent
+
+    @property
+    def admit_delays(self) -> list[float]:
+        """Front end's arrival stamp -> the core has the request (HTTP body, tokenizing, the socket)."""
+        return [a["received"] - a["arrival"] for a in self.adds]
+
+
+def read_trace(path: str) -> ServerTrace:
+    steps, adds = [], []
+    with open(path) as file:
+        for line in file:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            (steps if "step" in record else adds).append(record)
+    rows, seconds, first = [], [], {}
+    for i, step in enumerate(steps):
+        following = steps[i + 1] if i + 1 < len(steps) else None
+        # Back to back: the step lasted until the next was planned (commands taken in between
+        # are the loop's cost too); after it the loop went idle: until its outputs were sent.
+        end = following["planned"] if following is not None and not following["idle_before"] else step["sent"]
+        rows.append(tuple(step["step"]))
+        seconds.append(end - step["planned"])
+        for request_id in step["first"]:
+            first.setdefault(request_id, step["sent"])
+    return ServerTrace(rows, seconds, adds, first)
+
+
+def fit_serving_overhead(predict, rows: list[tuple[float, ...]], seconds: list[float],
+                         wild: float = 50.0) -> tuple[dict[str, float], list[int]]:
+    """What the serving loop adds to an offline profile's step, by least squares on the traced
+    steps: seconds - predict(x) ~ extra_scale x predict(x) + overhead_s + per_row_s x sampled rows,
+    none negative (serving is never cheaper than the model call alone).
+
+    Absolute, not relative, errors, and no interference filter: the simulator's TPOT is a mean of
+    step times, and the front end's contention with the core is the serving loop's cost, not
+    noise. Only wild steps (over `wild` x the median ratio to the offline prediction: a page
+    fault, a stray process) are left out. Returns ({"scale", "overhead_s", "per_row_s"}, kept)."""
+    import numpy as np
+
+    base = np.asarray([predict(x) for x in rows], dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    sampled = np.asarray([x[5] for x in rows], dtype=float)
+    ratio = y / np.maximum(base, 1e-9)
+    kept = np.nonzero(ratio <= wild * max(float(np.median(ratio)), 1.0))[0]
+    columns = np.stack([base, np.ones_like(base), sampled], axis=1)[kept]
+    residual = (y - base)[kept]
+    active = [0, 1, 2]
+    while True:
+        solution, *_ = np.linalg.lstsq(columns[:, active], residual, rcond=None)
+        negative = [a for a, c in zip(active, solution) if c < 0]
+        if not negative or len(active) == 1:
+            break
+        active.remove(min(negative, key=lambda a: solution[active.index(a)]))
+    coefficients = [0.0, 0.0, 0.0]
+    for a, c in zip(active, solution):
+        coefficients[a] = max(0.0, float(c))
+    return ({"scale": 1.0 + coefficients[0], "overhead_s": coefficients[1], "per_row_s": coefficients[2]},
+            [int(i) for i in kept])
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
