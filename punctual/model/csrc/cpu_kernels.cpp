@@ -21,7 +21,10 @@ namespace {
 using bf16 = c10::BFloat16;
 
 constexpr int64_t kBlockN = 16;          // outputs per packed block: one zmm of fp32 sums
-constexpr int64_t kPrefetchElems = 1024; // 2 KiB ahead in the weight stream
+#ifndef PUNCTUAL_PREFETCH
+#define PUNCTUAL_PREFETCH 1024
+#endif
+constexpr int64_t kPrefetchElems = PUNCTUAL_PREFETCH;  // elements ahead in the weight stream (2 KiB of bf16)
 
 // The weight [N, K] as [N/16, K/2, 16, 2]: one 64-byte load is 16 outputs x 2 inputs, the operand
 // shape of vdpbf16ps, and a block of 16 outputs is one contiguous stream.
