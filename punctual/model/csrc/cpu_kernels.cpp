@@ -198,8 +198,8 @@ inline void block_rows_int4(const uint8_t* w, const float* scale, const float* z
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
     const int64_t kp0 = g * group_pairs;
     auto pair_weights = [&](int64_t kp) {
       const uint8_t* wp = w + kp * kBlockN;
@@ -209,17 +209,23 @@ inline void block_rows_int4(const uint8_t* w, const float* scale, const float* z
                                               _mm512_slli_epi32(_mm512_srli_epi32(bytes, 4), 16));
       return (__m512bh)_mm512_permutexvar_epi16(nibbles, table);
     };
-    // Two chains (even and odd pairs of the group), unrolled so they stay in registers.
-    for (int64_t i = 0; i < group_pairs; i += 2) {
+    // Four chains (pairs i, i+1, i+2, i+3 of the group), unrolled so they stay in registers: with
+    // one row, vdpbf16ps's latency would otherwise bound the loop.
+    for (int64_t i = 0; i < group_pairs; i += 4) {
       const __m512bh w0 = pair_weights(kp0 + i), w1 = pair_weights(kp0 + i + 1);
+      const __m512bh w2 = pair_weights(kp0 + i + 2), w3 = pair_weights(kp0 + i + 3);
       for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp0 + i]));
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp0 + i + 1]));
+        const uint32_t* xr = x + m * x_stride + kp0 + i;
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_set1_epi32(xr[0]));
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_set1_epi32(xr[1]));
+        acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, (__m512bh)_mm512_set1_epi32(xr[2]));
+        acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, (__m512bh)_mm512_set1_epi32(xr[3]));
       }
     }
     const __m512 sv = _mm512_loadu_ps(scale + g * kBlockN), zv = _mm512_loadu_ps(zero + g * kBlockN);
     for (int m = 0; m < M; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), sv, total[m]);
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+      total[m] = _mm512_fmadd_ps(sum, sv, total[m]);
       total[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), zv, total[m]);
     }
   }
@@ -233,7 +239,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
               "linear_int4: weight not in the [N/16, K/2, 16] nibble layout");
   const auto xc = x.contiguous();
   const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
-  TORCH_CHECK(k == k2 * 2 && group % 4 == 0 && k % group == 0, "linear_int4: x has ", k, " features, the weight ",
+  TORCH_CHECK(k == k2 * 2 && group % 8 == 0 && k % group == 0, "linear_int4: x has ", k, " features, the weight ",
               k2 * 2, ", groups of ", group);
   const int64_t n = blocks * kBlockN, groups = k / group;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.numel() == n * groups &&
