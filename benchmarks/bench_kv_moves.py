@@ -117,7 +117,11 @@ def main() -> None:
         core.step() if core.has_unfinished_requests() else None
     for row in results:
         for key in ("migrate_stall_s", "recompute_stall_s"):
-            row[key] = statistics.median(row[key])
+            samples = sorted(row[key])
+            row[key[:-2] + "_samples_s"] = samples
+            row[key] = statistics.median(samples)
+            # p99 by nearest rank: the largest sample below 100 repeats
+            row[key[:-2] + "_p99_s"] = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
     print(json.dumps(results, indent=1))
 
 
