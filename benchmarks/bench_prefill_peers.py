@@ -39,7 +39,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from punctual.bench.peers import PeerOptions, peer_spec, running
-    from punctual.engine.core import EngineCore  # noqa: F401  (fail early if the engine is not importable)
     from punctual.model.loader import load_arch_config, resolve_model_path
 
     vocab = load_arch_config(resolve_model_path(args.model)).vocab_size

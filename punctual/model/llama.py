@@ -229,7 +229,7 @@ class LlamaModel:
             head = HEAD_QUANTIZATION[quantization]
             if head != "none":
                 self.lm_head = quantize(self.lm_head, head)
-            if self.kernels is not None:  # the fused int8 kernel for small batches
+            if self.kernels is not None:  # the fused int8 / int4 kernels for small batches
                 for weight in [self.lm_head] + [getattr(layer, name) for layer in self.layers
                                                 for name in ("qkv", "o_proj", "gate_up", "down")]:
                     if isinstance(weight, QuantizedWeight):
@@ -248,11 +248,11 @@ class LlamaModel:
                     setattr(layer, name, pack_weight(getattr(layer, name)))
             # A tied head stays plain for the embedding lookup; the packed copy is the head's.
             self.lm_head = pack_weight(self.lm_head)
-        # Single-token steps (one decode) are weight-read bound: where weights are not packed,
-        # take whichever single-row path reads faster here.
         # Which tokens attend through the fused kernel (the runner builds their tables): all, decode, none.
         self.attention_kernel = ("all" if batch_invariant else "decode" if self.kernels is not None
                                  and FUSED_DECODE_ATTENTION else "none")
+        # Single-token steps (one decode) are weight-read bound: where weights are not packed,
+        # take whichever single-row path reads faster here.
         self.single_row_mv = (not self.packed and quantization == "none" and device.type == "cpu"
                               and dtype == torch.bfloat16 and mv_is_faster(self.lm_head))
 

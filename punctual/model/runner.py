@@ -1,6 +1,7 @@
 """The model runner: owns the weights and KV tensors, turns a step plan into tensors, logits, tokens."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -368,10 +369,9 @@ class ModelRunner:
         (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window
         if self.attention_kernel == "all":
-            return self._kernel_metadata(decodes + shorts + prefills, slots, [], 0)
+            return self._kernel_metadata(decodes + shorts + prefills, slots)
         if self.attention_kernel == "decode" and decodes:
-            meta = self._metadata([], shorts, prefills, slots[len(decodes):])
-            return self._kernel_metadata(decodes, slots, meta.decode_buckets, len(decodes), meta)
+            return self._kernel_metadata(decodes, slots, self._metadata([], shorts, prefills, slots[len(decodes):]))
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
@@ -409,30 +409,27 @@ class ModelRunner:
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
 
-    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, buckets: list[DecodeBucket], shift: int,
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor,
                          rest: AttentionMetadata | None = None) -> AttentionMetadata:
         """Metadata where the first tokens (those of `items`) attend through the fused kernel; `rest`
-        holds the metadata of the tokens after them, built for a step that starts `shift` tokens later."""
+        holds the metadata of the tokens after them, built as if the step began with them."""
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
         tables, _ = self._padded_tables(items, [c.start_position + c.num_new_tokens for c in items])
         seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
         positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
                                  dtype=torch.long, device=dev)
-        for bucket in buckets:
-            bucket.start += shift
-            bucket.end += shift
-        kernel = dict(kernel_tokens=sum(q_lens), kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
+        shift = sum(q_lens)
+        kernel = dict(kernel_tokens=shift, kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
                       kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
         if rest is None:
-            return AttentionMetadata(slot_mapping=slots, num_decode_tokens=sum(q_lens), decode_buckets=[],
+            return AttentionMetadata(slot_mapping=slots, num_decode_tokens=shift, decode_buckets=[],
                                      prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
                                      prefill_max_q=0, prefill_fresh_causal=False, **kernel)
-        return AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=rest.num_decode_tokens + shift, decode_buckets=buckets,
-            prefill_block_tables=rest.prefill_block_tables, prefill_mask=rest.prefill_mask,
-            prefill_pad_index=rest.prefill_pad_index, prefill_max_q=rest.prefill_max_q,
-            prefill_fresh_causal=rest.prefill_fresh_causal, **kernel)
+        for bucket in rest.decode_buckets:  # the short queries' buckets come after the kernel's tokens
+            bucket.start += shift
+            bucket.end += shift
+        return dataclasses.replace(rest, slot_mapping=slots, num_decode_tokens=rest.num_decode_tokens + shift, **kernel)
 
     def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
         """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""
