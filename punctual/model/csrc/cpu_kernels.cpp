@@ -48,29 +48,35 @@ at::Tensor unpack_bf16(const at::Tensor& packed) {
 constexpr int64_t kRowTile = 4;
 constexpr int kChains = 4;
 
-template <int M>
-inline void block_rows(const uint16_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
+// 32 weights (16 outputs x 2 inputs) of a packed block as bf16 pairs: bf16 as stored; int8
+// widened exactly (|q| <= 127 fits bf16's 8-bit mantissa).
+inline __m512bh load_pair(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
+inline __m512bh load_pair(const int8_t* w) {
+  const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(wide)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(wide, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+template <int M, typename T>
+inline void block_rows(const T* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
   __m512 acc[M][kChains];
   for (int m = 0; m < M; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
   int64_t kp = 0;
   for (; kp + kChains <= k2; kp += kChains) {
     for (int c = 0; c < kChains; ++c) {
-      const uint16_t* wp = w + (kp + c) * 2 * kBlockN;
+      const T* wp = w + (kp + c) * 2 * kBlockN;
       _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]);
-        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, xv);
-      }
+      const __m512bh wv = load_pair(wp);
+      for (int m = 0; m < M; ++m)
+        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]));
     }
   }
-  for (int c = 0; kp < k2; ++kp, ++c) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + kp * 2 * kBlockN);
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]);
-      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, xv);
-    }
+  for (int c = 0; kp < k2; ++kp, ++c) {  // fewer than kChains pairs left: one each in the first chains
+    const __m512bh wv = load_pair(w + kp * 2 * kBlockN);
+    for (int m = 0; m < M; ++m)
+      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]));
   }
   for (int m = 0; m < M; ++m) {
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
@@ -78,7 +84,8 @@ inline void block_rows(const uint16_t* w, const uint32_t* x, int64_t x_stride, i
   }
 }
 
-void rows_against_block(int64_t rows, const uint16_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
+template <typename T>
+void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
   switch (rows) {
     case 1: block_rows<1>(w, x, x_stride, k2, out); break;
     case 2: block_rows<2>(w, x, x_stride, k2, out); break;
@@ -94,40 +101,6 @@ at::Tensor pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, "pack_int8: out features must be a multiple of 16 and in features even, got ",
               n, "x", k);
   return weight.contiguous().view({n / kBlockN, kBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-}
-
-// 32 int8 weights (16 outputs x 2 inputs) as 32 bf16: exact, |q| <= 127 fits bf16's 8-bit mantissa.
-inline __m512bh int8_to_bf16(const int8_t* w) {
-  const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(wide)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(wide, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
-template <int M>
-inline void block_rows_int8(const int8_t* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
-  __m512 acc[M][kChains];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
-  int64_t kp = 0;
-  for (; kp + kChains <= k2; kp += kChains) {
-    for (int c = 0; c < kChains; ++c) {
-      const int8_t* wp = w + (kp + c) * 2 * kBlockN;
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
-      const __m512bh wv = int8_to_bf16(wp);
-      for (int m = 0; m < M; ++m)
-        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]));
-    }
-  }
-  for (int c = 0; kp < k2; ++kp, ++c) {
-    const __m512bh wv = int8_to_bf16(w + kp * 2 * kBlockN);
-    for (int m = 0; m < M; ++m)
-      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]));
-  }
-  for (int m = 0; m < M; ++m) {
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
-    _mm512_storeu_ps(out + m * kBlockN, sum);
-  }
 }
 
 // x [M, K] @ (q * scales[:, None]).T (+ bias): int8 weights widened to bf16 in registers, fp32
@@ -163,12 +136,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
       const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
         const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
-        switch (rows) {
-          case 1: block_rows_int8<1>(wb, xp + m0 * k2, k2, k2, sums); break;
-          case 2: block_rows_int8<2>(wb, xp + m0 * k2, k2, k2, sums); break;
-          case 3: block_rows_int8<3>(wb, xp + m0 * k2, k2, k2, sums); break;
-          default: block_rows_int8<4>(wb, xp + m0 * k2, k2, k2, sums); break;
-        }
+        rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
         for (int64_t m = 0; m < rows; ++m) {
           const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + m * kBlockN), sv, bv);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
