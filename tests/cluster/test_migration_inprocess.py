@@ -37,6 +37,17 @@ def request(request_id: str) -> EngineCoreRequest:
     return EngineCoreRequest(request_id, list(PROMPT), params, arrival_time=0.0)
 
 
+
+def collect_outputs(client: ClusterClient, tokens: dict[str, list[int]], finished: set[str]) -> None:
+    """Route every output of `client` into `tokens` by request id; finished ids go to `finished`."""
+    def on_update(update):
+        for out in update.outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                finished.add(out.request_id)
+
+    client._on_update = on_update
+
 async def generate(client: ClusterClient, request_id: str, move=None) -> list[int]:
     """Run one request to the end; `move(client)` is awaited once its 6th token arrived."""
     tokens: list[int] = []
@@ -162,13 +173,7 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
     async def scenario(c: ClusterClient):
         finished = set()
 
-        def on_update(update):
-            for out in update.outputs:
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-                if out.finish_reason is not None:
-                    finished.add(out.request_id)
-
-        c._on_update = on_update
+        collect_outputs(c, tokens, finished)
         for request_id, prompt, max_tokens in (("solo-low", low, 80), ("solo-high", high, 40)):
             c.add_request(make(request_id, prompt, max_tokens, 0))
             while request_id not in finished:
@@ -197,13 +202,7 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
     finished = set()
 
     async def scenario(c: ClusterClient):
-        def on_update(update):
-            for out in update.outputs:
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-                if out.finish_reason is not None:
-                    finished.add(out.request_id)
-
-        c._on_update = on_update
+        collect_outputs(c, tokens, finished)
         monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # a skewed router
         for i in range(3):
             c.add_request(request(f"r{i}"))
@@ -283,13 +282,7 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
     async def scenario(c: ClusterClient):
         finished = set()
 
-        def on_update(update):
-            for out in update.outputs:
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-                if out.finish_reason is not None:
-                    finished.add(out.request_id)
-
-        c._on_update = on_update
+        collect_outputs(c, tokens, finished)
         real_route = c._route
         monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
         for i in range(3):
