@@ -37,7 +37,6 @@ def request(request_id: str) -> EngineCoreRequest:
     return EngineCoreRequest(request_id, list(PROMPT), params, arrival_time=0.0)
 
 
-
 def collect_outputs(client: ClusterClient, tokens: dict[str, list[int]], finished: set[str]) -> None:
     """Route every output of `client` into `tokens` by request id; finished ids go to `finished`."""
     def on_update(update):
