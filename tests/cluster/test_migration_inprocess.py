@@ -47,6 +47,7 @@ def collect_outputs(client: ClusterClient, tokens: dict[str, list[int]], finishe
 
     client._on_update = on_update
 
+
 async def generate(client: ClusterClient, request_id: str, move=None) -> list[int]:
     """Run one request to the end; `move(client)` is awaited once its 6th token arrived."""
     tokens: list[int] = []
