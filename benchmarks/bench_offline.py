@@ -36,27 +36,28 @@ def random_prompt(length: int, vocab: int, rng: random.Random) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(length)]
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls of fn, after one warm-up call."""
-    fn()
+def measure_bandwidth_gbs(repeats: int = 5) -> float:
+    data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB
+    data.sum()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        data.sum()
         best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure_bandwidth_gbs(repeats: int = 5) -> float:
-    data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB
-    return data.numel() * 4 / best_seconds(data.sum, repeats) / 1e9
+    return data.numel() * 4 / best / 1e9
 
 
 def measure_matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """The machine's matmul peak in this dtype, measured now: the best of a few size^3 GEMMs."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    return 2 * size ** 3 / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
 
 
 def workload_gflop(arch, workload) -> float:

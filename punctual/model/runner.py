@@ -252,7 +252,7 @@ class ModelRunner:
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
         input_ids, positions, slots = self._flat_inputs(ordered)
-        meta = self._metadata(*groups, slots, positions)
+        meta = self._metadata(*groups, slots)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         self._prompt_logprobs(ordered, hidden, output)
 
@@ -317,7 +317,7 @@ class ModelRunner:
         groups = [[chunks[i] for i in group] for group in index_groups]
         input_ids, positions, slots = self._flat_inputs(groups[0] + groups[1] + groups[2])
         last_rows = torch.cumsum(torch.tensor([c.num_new_tokens for c in groups[0] + groups[1] + groups[2]]), 0) - 1
-        meta = self._metadata(*groups, slots, positions)
+        meta = self._metadata(*groups, slots)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         ordered_logits = self.model.logits(hidden[last_rows.to(self.device)])
         logits = torch.empty_like(ordered_logits)
@@ -364,16 +364,14 @@ class ModelRunner:
         return tables.to(self.device), max_blocks * bs
 
     def _metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
-                  slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
+                  slots: torch.Tensor) -> AttentionMetadata:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach)."""
         window = self.arch.sliding_window
         if self.attention_kernel == "all":
-            return self._kernel_metadata(decodes + shorts + prefills, slots, positions)
+            return self._kernel_metadata(decodes + shorts + prefills, slots)
         if self.attention_kernel == "decode" and decodes:
-            n = len(decodes)
-            return self._kernel_metadata(decodes, slots, positions,
-                                         self._metadata([], shorts, prefills, slots[n:], positions[n:]))
+            return self._kernel_metadata(decodes, slots, self._metadata([], shorts, prefills, slots[len(decodes):]))
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
@@ -411,18 +409,19 @@ class ModelRunner:
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
 
-    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor,
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor,
                          rest: AttentionMetadata | None = None) -> AttentionMetadata:
-        """Metadata where the first tokens (those of `items`; `positions` starts with theirs) attend
-        through the fused kernel; `rest` holds the metadata of the tokens after them, built as if the
-        step began with them."""
+        """Metadata where the first tokens (those of `items`) attend through the fused kernel; `rest`
+        holds the metadata of the tokens after them, built as if the step began with them."""
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
         tables, _ = self._padded_tables(items, [c.start_position + c.num_new_tokens for c in items])
         seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
+        positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
+                                 dtype=torch.long, device=dev)
         shift = sum(q_lens)
         kernel = dict(kernel_tokens=shift, kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
-                      kernel_positions=positions[:shift], kernel_window=self.arch.sliding_window or 0)
+                      kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
         if rest is None:
             return AttentionMetadata(slot_mapping=slots, num_decode_tokens=shift, decode_buckets=[],
                                      prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,

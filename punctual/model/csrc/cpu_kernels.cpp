@@ -26,18 +26,15 @@ constexpr int64_t kBlockN = 16;          // outputs per packed block: one zmm of
 #endif
 constexpr int64_t kPrefetchElems = PUNCTUAL_PREFETCH;  // elements ahead in the weight stream (2 KiB of bf16)
 
-// The weight [N, K] as [N/16, K/2, 16, 2]: one 64-byte load (bf16; 32 bytes for int8) is 16
-// outputs x 2 inputs, the operand shape of vdpbf16ps, and a block of 16 outputs is one stream.
-at::Tensor pack_pairs(const at::Tensor& weight, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == dtype, name, ": a 2-D ", c10::toString(dtype), " weight");
+// The weight [N, K] as [N/16, K/2, 16, 2]: one 64-byte load is 16 outputs x 2 inputs, the operand
+// shape of vdpbf16ps, and a block of 16 outputs is one contiguous stream.
+at::Tensor pack_bf16(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_bf16: a 2-D bf16 weight");
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, name, ": out features must be a multiple of 16 and in features even, got ",
+  TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, "pack_bf16: out features must be a multiple of 16 and in features even, got ",
               n, "x", k);
   return weight.contiguous().view({n / kBlockN, kBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
-
-at::Tensor pack_bf16(const at::Tensor& weight) { return pack_pairs(weight, at::kBFloat16, "pack_bf16"); }
-at::Tensor pack_int8(const at::Tensor& weight) { return pack_pairs(weight, at::kChar, "pack_int8"); }
 
 at::Tensor unpack_bf16(const at::Tensor& packed) {
   const int64_t blocks = packed.size(0), k2 = packed.size(1);
@@ -97,12 +94,58 @@ void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_s
   }
 }
 
-// The bias as fp32 (nullptr for none), checked against the n outputs.
-const float* bias_as_float(const c10::optional<at::Tensor>& bias, int64_t n, const char* name, at::Tensor& holder) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  holder = bias->to(at::kFloat).contiguous();
-  TORCH_CHECK(holder.numel() == n, name, ": bias has ", holder.numel(), " values, expected ", n);
-  return holder.data_ptr<float>();
+// int8 weights [N, K] in the same block layout, [N/16, K/2, 16, 2]: half the bytes of bf16.
+at::Tensor pack_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_int8: a 2-D int8 weight");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(n % kBlockN == 0 && k % 2 == 0, "pack_int8: out features must be a multiple of 16 and in features even, got ",
+              n, "x", k);
+  return weight.contiguous().view({n / kBlockN, kBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// x [M, K] @ (q * scales[:, None]).T (+ bias): int8 weights widened to bf16 in registers, fp32
+// sums scaled per output channel, rounded once to bf16.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_int8: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 2 && packed.scalar_type() == at::kChar,
+              "linear_int8: weight not packed by pack_int8");
+  const auto xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k == k2 * 2, "linear_int8: x has ", k, " features, the weight ", k2 * 2);
+  const int64_t n = blocks * kBlockN;
+  const auto scale32 = scales.to(at::kFloat).contiguous();
+  TORCH_CHECK(scale32.numel() == n, "linear_int8: ", scale32.numel(), " scales for ", n, " outputs");
+  at::Tensor bias32;
+  const float* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_int8: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  auto out = at::empty({m_rows, n}, x.options());
+  const auto* w = packed.data_ptr<int8_t>();
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const float* sp = scale32.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[kRowTile * kBlockN];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* wb = w + b * k2 * 2 * kBlockN;
+      const __m512 sv = _mm512_loadu_ps(sp + b * kBlockN);
+      const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
+        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
+        rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + m * kBlockN), sv, bv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                              (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+  });
+  return out;
 }
 
 // int4 weights: q in [0, 15] with W = (q - 8) * scale + zero per group of `group` inputs and output
@@ -170,7 +213,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.numel() == n * groups &&
               zeros.numel() == n * groups, "linear_int4: fp32 scales and zeros [N/16, K/group, 16]");
   at::Tensor bias32;
-  const float* bias_p = bias_as_float(bias, n, "linear_int4", bias32);
+  const float* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_int4: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
   // Each row's sum of x over each group (fp32), for the zero points.
   std::vector<float> xsum(m_rows * groups);
   const bf16* xb = xc.data_ptr<bf16>();
@@ -213,42 +261,36 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-// x [M, K] @ weight.T (+ bias) over weights packed by pack_pairs (T: uint16_t for bf16, int8_t
-// for int8 with `scales`, one per output): fp32 sums, scaled, rounded once to bf16. Each thread
-// streams its own blocks of the weight once and applies every row to a block while it is in L1.
-template <typename T>
-at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* scales,
-                        const c10::optional<at::Tensor>& bias, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, name, ": x must be 2-D bf16");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 2 && packed.scalar_type() == dtype,
-              name, ": weight not packed by pack_pairs as ", c10::toString(dtype));
+// x [M, K] @ weight.T (+ bias): fp32 sums, rounded once to bf16. Each thread streams its own
+// blocks of the weight once and applies every row to a block while it is in L1.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_bf16: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 2, "linear_bf16: weight not packed");
   const auto xc = x.contiguous();
   const int64_t m_rows = xc.size(0), k = xc.size(1), k2 = packed.size(1), blocks = packed.size(0);
-  TORCH_CHECK(k == k2 * 2, name, ": x has ", k, " features, the weight ", k2 * 2);
+  TORCH_CHECK(k == k2 * 2, "linear_bf16: x has ", k, " features, the weight ", k2 * 2);
   const int64_t n = blocks * kBlockN;
-  at::Tensor scale32, bias32;
-  const float* sp = nullptr;
-  if (scales != nullptr) {
-    scale32 = scales->to(at::kFloat).contiguous();
-    TORCH_CHECK(scale32.numel() == n, name, ": ", scale32.numel(), " scales for ", n, " outputs");
-    sp = scale32.data_ptr<float>();
-  }
-  const float* bias_p = bias_as_float(bias, n, name, bias32);
   auto out = at::empty({m_rows, n}, x.options());
-  const auto* w = reinterpret_cast<const T*>(packed.data_ptr());
+  const float* bias_p = nullptr;
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_bf16: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float sums[kRowTile * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
-      const T* wb = w + b * k2 * 2 * kBlockN;
+      const uint16_t* wb = w + b * k2 * 2 * kBlockN;
       const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
       for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
         const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
         rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
         for (int64_t m = 0; m < rows; ++m) {
-          const __m512 sum = _mm512_load_ps(sums + m * kBlockN);
-          const __m512 v = sp ? _mm512_fmadd_ps(sum, _mm512_loadu_ps(sp + b * kBlockN), bv) : _mm512_add_ps(sum, bv);
+          const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
                               (__m256i)_mm512_cvtneps_pbh(v));
         }
@@ -256,16 +298,6 @@ at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, const at:
     }
   });
   return out;
-}
-
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  return linear_pairs<uint16_t>(x, packed, nullptr, bias, at::kBFloat16, "linear_bf16");
-}
-
-// x [M, K] @ (q * scales[:, None]).T (+ bias): int8 weights widened to bf16 in registers.
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias) {
-  return linear_pairs<int8_t>(x, packed, &scales, bias, at::kChar, "linear_int8");
 }
 
 // bf16 <-> fp32 for 16 lanes. fp32 -> bf16 rounds to nearest even, as c10::BFloat16 does.
