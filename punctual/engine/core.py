@@ -92,7 +92,7 @@ class EngineCore:
         restore = self.runner.tier_store.restore_s_per_block
         cost = self.scheduler.cost_model
         if restore > 0 and cost.num_observations >= cost.min_observations:
-            self.kv_manager.restore_from_tier = restore < cost.per_token_s * self.kv_manager.block_size
+            self.kv_manager.restore_from_tier = restore < cost.coefficients()[1] * self.kv_manager.block_size
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:

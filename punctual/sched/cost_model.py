@@ -10,48 +10,78 @@ cost model that saw verification as cheap as prefill. Rows default to one per se
 
 The engine reports each step's wall time; the model keeps exponentially decayed sums for a
 least-squares fit, so it follows the machine as load and context lengths drift. Until it has
-seen enough steps it answers with a prior (a CPU-sized guess), never with nonsense.
+seen enough steps it answers with a prior (a CPU-sized guess), never with nonsense. The fit is
+solved when a prediction is asked for, not per observation: under a policy that never asks
+(fcfs), a step costs one update of the sums.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
-
-@dataclass
 class StepCostModel:
-    fixed_s: float = 0.02  # prior: per-step overhead
-    per_token_s: float = 0.0005  # prior: per batched token
-    per_seq_s: float = 0.0002  # prior: per running sequence
-    per_row_s: float = 0.0  # prior: per sampled row beyond the cost of its token (learned)
-    decay: float = 0.98  # weight of the past per observation (~50-step memory)
-    min_observations: int = 8
-    _sums: list[float] = field(default_factory=lambda: [0.0] * 15, repr=False)
-    num_observations: int = 0
+    """The fit's coefficients read as attributes (`fixed_s`, `per_token_s`, `per_seq_s`,
+    `per_row_s`: the prior until `min_observations` steps were seen); setting one replaces it
+    until the next observation."""
+
+    def __init__(self, fixed_s: float = 0.02, per_token_s: float = 0.0005, per_seq_s: float = 0.0002,
+                 per_row_s: float = 0.0, decay: float = 0.98, min_observations: int = 8):
+        # Priors: per-step overhead, per batched token, per running sequence, per sampled row
+        # beyond the cost of its token (learned).
+        self._coefficients = [fixed_s, per_token_s, per_seq_s, per_row_s]
+        self.decay = decay  # weight of the past per observation (~50-step memory)
+        self.min_observations = min_observations
+        self._sums = [0.0] * 15
+        self.num_observations = 0
+        self._stale = False  # observations since the last fit
+
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """(fixed_s, per_token_s, per_seq_s, per_row_s) as fitted to every observation so far."""
+        if self._stale:
+            self._refit()
+        return tuple(self._coefficients)
+
+    def _coefficient(index: int):  # noqa: N805 (a property factory, used in the class body)
+        def get(self) -> float:
+            return self.coefficients()[index]
+
+        def set_(self, value: float) -> None:
+            if self._stale:
+                self._refit()
+            self._coefficients[index] = value
+        return property(get, set_)
+
+    fixed_s, per_token_s, per_seq_s, per_row_s = _coefficient(0), _coefficient(1), _coefficient(2), _coefficient(3)
+    del _coefficient
+
+    def __repr__(self) -> str:
+        fixed, per_token, per_seq, per_row = self.coefficients()
+        return (f"StepCostModel(fixed_s={fixed:.6g}, per_token_s={per_token:.6g}, per_seq_s={per_seq:.6g}, "
+                f"per_row_s={per_row:.6g}, observations={self.num_observations})")
 
     def predict(self, batched_tokens: int, num_seqs: int, sampled_rows: int | None = None) -> float:
         rows = num_seqs if sampled_rows is None else sampled_rows
-        return max(0.0, self.fixed_s + self.per_token_s * batched_tokens + self.per_seq_s * num_seqs
-                   + self.per_row_s * rows)
+        fixed, per_token, per_seq, per_row = self.coefficients()
+        return max(0.0, fixed + per_token * batched_tokens + per_seq * num_seqs + per_row * rows)
 
     def tokens_within(self, seconds: float, num_seqs: int) -> int:
         """The most batched tokens a step can take and still finish within `seconds`."""
-        room = seconds - self.fixed_s - (self.per_seq_s + self.per_row_s) * num_seqs
-        return max(0, int(room / self.per_token_s)) if self.per_token_s > 0 else 1 << 30
+        fixed, per_token, per_seq, per_row = self.coefficients()
+        room = seconds - fixed - (per_seq + per_row) * num_seqs
+        return max(0, int(room / per_token)) if per_token > 0 else 1 << 30
 
     def observe(self, batched_tokens: int, num_seqs: int, seconds: float, sampled_rows: int | None = None) -> None:
         rows = num_seqs if sampled_rows is None else sampled_rows
-        x = (1.0, float(batched_tokens), float(num_seqs), float(rows))
-        s = self._sums
+        t, q, r = float(batched_tokens), float(num_seqs), float(rows)
         d = self.decay
-        # Decayed sums for the normal equations: X^T X (10 unique entries), X^T y (4), and the count.
-        products = [x[i] * x[j] for i in range(4) for j in range(i, 4)] + [xi * seconds for xi in x] + [1.0]
-        for i, value in enumerate(products):
-            s[i] = s[i] * d + value
+        # Decayed sums for the normal equations: X^T X (10 unique entries, x = 1, t, q, r),
+        # X^T y (4), and the count.
+        products = (1.0, t, q, r, t * t, t * q, t * r, q * q, q * r, r * r,
+                    seconds, t * seconds, q * seconds, r * seconds, 1.0)
+        self._sums = [a * d + b for a, b in zip(self._sums, products)]
         self.num_observations += 1
-        if self.num_observations >= self.min_observations:
-            self._refit()
+        self._stale = self.num_observations >= self.min_observations
 
     def _refit(self) -> None:
+        self._stale = False
         s = self._sums
         gram = [[0.0] * 4 for _ in range(4)]
         k = 0
@@ -70,8 +100,7 @@ class StepCostModel:
         fixed, per_token, per_seq, per_row = solution
         if per_token <= 0:  # degenerate fit (e.g. constant batch size): keep the per-token prior
             return
-        self.fixed_s, self.per_token_s = max(fixed, 0.0), per_token
-        self.per_seq_s, self.per_row_s = max(per_seq, 0.0), max(per_row, 0.0)
+        self._coefficients = [max(fixed, 0.0), per_token, max(per_seq, 0.0), max(per_row, 0.0)]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

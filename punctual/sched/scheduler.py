@@ -159,7 +159,6 @@ class Scheduler:
         plan = StepPlan(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
         policy = self.policy
 
         # Decodes first: a stalled decode costs TPOT for every running stream.
@@ -171,25 +170,33 @@ class Scheduler:
             partial.sort(key=lambda r: policy.order_key(r, now))
         tables, block_size, running = self.kv.block_tables, self.kv.block_size, RequestStatus.RUNNING
         scheduled = plan.scheduled
+        # Without speculation a decode's table is final once it is scheduled, so the runner is
+        # told of its new blocks here (with speculation, after the proposals' room is reserved).
+        blocks_sent = self._blocks_sent
+        attach_now = not spec_available
+        running_decodes = []
         for request in decodes:
             if budget == 0:
                 break
             if request.status is not running:
                 continue  # preempted earlier in this step
             start = request.num_computed_tokens
+            request_id = request.request_id
             # The common case first: its next token fits in the blocks it holds.
-            if start + 1 <= len(tables[request.request_id]) * block_size or self._allocate_or_preempt(
-                    request, 1, scheduled_ids, plan, now):
-                scheduled.append(ScheduledRequest(request.request_id, request.token_ids[start:start + 1], start, (),
-                                                  start + 1 == len(request.token_ids),
-                                                  request.num_output_tokens > 0 and start == len(request.token_ids) - 1))
-                scheduled_ids.add(request.request_id)
+            if start < len(tables[request_id]) * block_size or self._allocate_or_preempt(request, 1, plan, now):
+                token_ids = request.token_ids
+                last = len(token_ids) - 1
+                item = ScheduledRequest(request_id, token_ids[start:start + 1], start, (), start == last,
+                                        start == last and request.num_output_tokens > 0)
+                scheduled.append(item)
+                if attach_now and blocks_sent.get(request_id) != len(tables[request_id]):
+                    self._attach_blocks(item)
+                running_decodes.append(request)
                 budget -= 1
         num_decodes = len(scheduled)
 
         # Prompt chunks fill what is left, within the policy's cap (e.g. to keep decodes in their
         # TPOT SLO); the cap covers speculated tokens too, since they also lengthen the step.
-        running_decodes = [self.requests[s.request_id] for s in plan.scheduled]
         cap = min(budget, policy.prefill_budget(running_decodes, budget, now))
         prompt_budget = cap
         for request in partial:  # a request preempted above is skipped by its status
@@ -198,9 +205,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             num_new = min(request.num_tokens - request.num_computed_tokens, prompt_budget)
-            if self._allocate_or_preempt(request, num_new, scheduled_ids, plan, now):
+            if self._allocate_or_preempt(request, num_new, plan, now):
                 plan.scheduled.append(self._plan(request, num_new))
-                scheduled_ids.add(request.request_id)
                 prompt_budget -= num_new
 
         self._shed(now, plan)
@@ -212,8 +218,7 @@ class Scheduler:
         if spec_available:
             self._reserve_speculation(plan.scheduled[:num_decodes], spec_available, num_decodes,
                                       prompt_budget, budget, plan)
-        blocks_sent = self._blocks_sent
-        for item in plan.scheduled:
+        for item in plan.scheduled[num_decodes if attach_now else 0:]:
             if blocks_sent.get(item.request_id) != len(tables[item.request_id]):  # else nothing new to send
                 self._attach_blocks(item)
         return plan
@@ -310,9 +315,9 @@ class Scheduler:
                 rows += 1 + spec
         self.cost_model.observe(tokens, len(plan.scheduled), seconds, rows)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str],
-                             plan: StepPlan, now: float) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new: int, plan: StepPlan, now: float) -> bool:
         while not self.kv.allocate(request, request.num_computed_tokens + num_new):
+            scheduled_ids = {item.request_id for item in plan.scheduled}  # rare: memory ran out
             candidates = [r for r in self.running if r.request_id not in scheduled_ids]
             # Bound preemptions per request so nothing thrashes: spare the often-preempted if possible.
             spared = [r for r in candidates if r.num_preemptions < self.config.max_preemptions_per_request]
@@ -364,13 +369,19 @@ class Scheduler:
                 on_tokens(request, item.num_prompt_tokens, len(tokens))
             if not tokens:
                 continue
-            finish_reason, kept = None, []
-            for token_id in tokens:
-                kept.append(token_id)
-                finish_reason = request.append_token(token_id)
+            if len(tokens) == 1:  # the common case: one token, kept whatever it ends
+                kept = tokens
+                finish_reason = request.append_token(tokens[0])
                 if finish_reason is not None:
                     self._finish(request, RequestStatus(finish_reason), now)
-                    break
+            else:
+                finish_reason, kept = None, []
+                for token_id in tokens:
+                    kept.append(token_id)
+                    finish_reason = request.append_token(token_id)
+                    if finish_reason is not None:
+                        self._finish(request, RequestStatus(finish_reason), now)
+                        break
             updates.append(FinishedUpdate(request, kept, finish_reason))
         return updates
 

@@ -32,8 +32,14 @@ def plan_features(plan: StepPlan) -> tuple[float, ...]:
     """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
     prefill = decode = context = pairs = rows = 0
     for item in plan.scheduled:
-        new = len(item.token_ids) + len(item.spec_token_ids)
         start = item.start_position
+        if item.is_decode and not item.spec_token_ids:  # the common case: one token, sampled
+            decode += 1
+            context += start + 1
+            pairs += start + 1
+            rows += 1
+            continue
+        new = len(item.token_ids) + len(item.spec_token_ids)
         if item.is_decode:
             decode += 1
         else:
@@ -101,8 +107,9 @@ class StepProfile:
         c = self._coef
         return max(0.0, c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5])
 
-    def step_seconds(self, plan: StepPlan) -> float:
-        return self.predict(plan_features(plan))
+    def step_seconds(self, plan: StepPlan, features: tuple[float, ...] | None = None) -> float:
+        """The plan's duration; `features`: its plan_features, when the caller has them already."""
+        return self.predict(plan_features(plan) if features is None else features)
 
     @property
     def admit_s(self) -> float:

@@ -13,7 +13,7 @@ from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, StepPlan
 from punctual.request import Request
 from punctual.sched.scheduler import FinishedUpdate, Scheduler
-from punctual.sim.profile import StepProfile
+from punctual.sim.profile import StepProfile, plan_features
 from punctual.validation import PromptLimits
 
 SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
@@ -30,6 +30,7 @@ class SimReplica:
         self.max_model_len = max_model_len if max_model_len is not None else 1 << 30
         self.plan: StepPlan | None = None  # the step in flight
         self.step_started = 0.0
+        self.step_prompt_tokens = 0
         self.num_steps = 0
         self.busy_s = 0.0  # virtual seconds spent in steps
         self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
@@ -53,7 +54,9 @@ class SimReplica:
         if not plan.scheduled:
             return None, rejected
         self.plan, self.step_started = plan, now
-        return self.profile.step_seconds(plan), rejected
+        features = plan_features(plan)
+        self.step_prompt_tokens = int(features[1])  # plan.num_prompt_tokens, from the same pass
+        return self.profile.step_seconds(plan, features), rejected
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None
@@ -63,7 +66,7 @@ class SimReplica:
         self.scheduler.record_step_time(plan, seconds)  # the policies' online cost model learns, as in the engine
         self.num_steps += 1
         self.busy_s += seconds
-        self.queued_prefill_tokens -= plan.num_prompt_tokens
+        self.queued_prefill_tokens -= self.step_prompt_tokens
         return self.scheduler.update_from_output(plan, output, now)
 
     def has_work(self) -> bool:

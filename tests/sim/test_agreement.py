@@ -57,9 +57,9 @@ def sim_plans(config: EngineConfig, requests, offsets, profile: StepProfile) -> 
     plans = []
 
     class Recording(StepProfile):
-        def step_seconds(self, plan):
+        def step_seconds(self, plan, features=None):
             plans.append(shape(plan))
-            return profile.step_seconds(plan)
+            return profile.step_seconds(plan, features)
 
     recording = Recording("linear", dict(COEFFICIENTS))
     sim = Simulator(ClusterConfig(config.scheduler, config.cache.num_kv_blocks, config.cache.block_size,

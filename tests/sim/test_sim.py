@@ -109,7 +109,7 @@ def test_calibration_fits_a_synthetic_cost_exactly():
     rows = []
 
     class Recording(StepProfile):
-        def step_seconds(self, plan):
+        def step_seconds(self, plan, features=None):
             rows.append(plan_features(plan))
             return super().step_seconds(plan)
 
