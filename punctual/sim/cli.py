@@ -250,7 +250,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    max_num_seqs=flags.max_num_seqs or 32, log=_log)
         server, frontend = profile.fit["server"], profile.frontend
         _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
-             f"{server['per_row_s'] * 1000:.3f} ms per sampled row, over "
+             f"{server['per_row_s'] * 1000:.3f} ms per sampled row + "
+             f"{server.get('prefill_step_s', 0.0) * 1000:.2f} ms per step with prompt tokens, over "
              f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
              f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
              f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
