@@ -11,7 +11,7 @@ from punctual.config import SchedulerConfig
 from punctual.sim.engine import ClusterConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.trace import StepTrace, fit_serving_overhead, read_trace
+from punctual.sim.trace import StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
                 "attention_pairs": 2e-8, "sampled_rows": 1e-4}
@@ -125,3 +125,34 @@ def test_admit_delay_left_out_when_the_request_waited_for_a_step(tmp_path):
     assert trace.admit_delays == pytest.approx([0.002, 0.016, 0.001])
     assert trace.front_end_delays == pytest.approx([0.002, 0.001])
     assert [a["mid_step"] for a in trace.adds] == [False, True, False]
+
+
+def test_first_token_path_matched_to_client_records(tmp_path):
+    """`sim validate --server-trace`: each client record finds its traced request by lengths (a
+    warm-up the client did not record is skipped), and its TTFT splits into the front end in,
+    the queue, the first step and the delivery."""
+    lines = [{"add": "w", "arrival": 0.5, "received": 0.501, "prompt_tokens": 7, "max_tokens": 2},
+             {"step": [1.0, 7.0, 0.0, 7.0, 28.0, 1.0], "planned": 0.501, "sent": 0.52, "idle_before": True,
+              "first": ["w"]},
+             {"add": "a", "arrival": 1.000, "received": 1.002, "prompt_tokens": 5, "max_tokens": 9},
+             {"step": [1.0, 5.0, 0.0, 5.0, 15.0, 1.0], "planned": 1.003, "sent": 1.020, "idle_before": True,
+              "first": ["a"]},
+             {"add": "b", "arrival": 1.010, "received": 1.021, "prompt_tokens": 3, "max_tokens": 4},
+             {"step": [1.0, 3.0, 1.0, 9.0, 12.0, 2.0], "planned": 1.021, "sent": 1.040, "idle_before": False,
+              "first": ["b"]},
+             {"step": [1.0, 0.0, 2.0, 11.0, 11.0, 2.0], "planned": 1.041, "sent": 1.050, "idle_before": False,
+              "first": []}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    trace = read_trace(str(path))
+    records = [{"sent_s": 0.6, "prompt_tokens": 3, "output_len": 4, "ttft_s": 0.036},
+               {"sent_s": 0.5, "prompt_tokens": 5, "output_len": 9, "ttft_s": 0.025}]
+    matched, end = match_records(trace.adds, records)
+    assert [m["add"] for m in matched] == ["b", "a"] and end == 3
+    a = first_token_path(trace, matched[1], records[1]["ttft_s"])
+    assert a["admit_s"] == pytest.approx(0.002) and a["queued_s"] == pytest.approx(0.001)
+    assert a["first_step_s"] == pytest.approx(0.018) and a["deliver_s"] == pytest.approx(0.005)
+    assert (a["streams"], a["mid_step"]) == (1.0, False)
+    b = first_token_path(trace, matched[0], records[0]["ttft_s"])
+    assert b["first_step_s"] == pytest.approx(0.020) and b["deliver_s"] == pytest.approx(0.006)
+    assert (b["streams"], b["mid_step"]) == (2.0, True)
