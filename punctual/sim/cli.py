@@ -99,6 +99,9 @@ def add_sim_parser(subparsers) -> None:
                                                             "here are given to the simulator too)")
     validate.add_argument("--output", default=None, help="write both reports and the errors here as JSON")
     validate.add_argument("--startup-timeout", type=float, default=600.0)
+    validate.add_argument("--measured", default=None,
+                          help="take the real side from an earlier --output JSON (same plan) instead of running "
+                               "a server: compares a changed profile or simulator with the same measurements")
     validate.add_argument("--server-trace", default=None,
                           help="write the real server core's step trace here and break each measured TTFT down "
                                "(front end in, queued, first step, delivery) into the --output JSON")

@@ -156,3 +156,45 @@ def test_first_token_path_matched_to_client_records(tmp_path):
     b = first_token_path(trace, matched[0], records[0]["ttft_s"])
     assert b["first_step_s"] == pytest.approx(0.020) and b["deliver_s"] == pytest.approx(0.006)
     assert (b["streams"], b["mid_step"]) == (2.0, True)
+
+
+def test_validate_against_earlier_measurements(tmp_path):
+    """`sim validate --measured FILE` runs only the simulator against the measured runs kept in an
+    earlier --output: fed its own simulated runs it agrees exactly, and another plan is refused."""
+    import argparse
+
+    from punctual.sim.validate import validate
+
+    profile = StepProfile("linear", dict(COEFFICIENTS), num_kv_blocks=300, model={"max_model_len": 2048},
+                          frontend={"admit_s": 0.001, "deliver_s": 0.005})
+    profile.save(tmp_path / "p.json")
+    args = argparse.Namespace(profile=str(tmp_path / "p.json"), model="builtin", workload="chat", sweep_rates="1,2",
+                              num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0,
+                              serve_args="", output=str(tmp_path / "first.json"), startup_timeout=1.0,
+                              measured=None, server_trace=None)
+    first = tmp_path / "first.json"
+    # an earlier run's file whose "measured" side is this profile's simulation
+    validate(argparse.Namespace(**{**vars(args), "measured": str(_self_measured(tmp_path, args))}), log=lambda _: None)
+    rows = json.loads(first.read_text())["errors"]
+    assert len(rows) == 8 and all(r["error"] == pytest.approx(0.0) for r in rows)
+    with pytest.raises(ValueError, match="--sweep-rates"):
+        validate(argparse.Namespace(**{**vars(args), "sweep_rates": "1", "measured": str(first)}), log=lambda _: None)
+
+
+def _self_measured(tmp_path, args):
+    from punctual.bench.cli import plan_from_args
+    from punctual.bench.loadgen import Endpoint
+    from punctual.bench.sweep import bench_endpoint
+    from punctual.sim.cli import cluster_config
+    from punctual.sim.loadgen import SimSender
+    from punctual.sim.profile import load_profile
+    from punctual.sim.validate import bench_args, engine_flags
+
+    profile = load_profile(args.profile)
+    plan = plan_from_args(bench_args(args))
+    simulator = Simulator(cluster_config(engine_flags(args, profile), profile, plan.slo), profile)
+    runs = bench_endpoint(Endpoint("sim://"), plan, system="punctual", progress=False, log=lambda _: None,
+                          send=SimSender(simulator, slo=plan.slo))
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"measured": runs}, default=str))
+    return path
