@@ -130,14 +130,16 @@ def first_token_path(trace: ServerTrace, add: dict, client_ttft_s: float | None)
     admit_s (front end: arrival stamp -> core has it), queued_s (-> the step that gave its first
     token was planned; a step in flight or earlier steps of its prompt), first_step_s (that step's
     serving period), deliver_s (the client's TTFT minus arrival -> that step sent: HTTP in and out,
-    detokenizing, SSE), streams (rows sampled in that step). None if it never got a token."""
+    detokenizing, SSE), streams (rows sampled in that step), step (its features). None if it
+    never got a token."""
     index = trace.first_token_step.get(add["add"])
     if index is None:
         return None
     sent = trace.first_token_sent[add["add"]]
     path = {"admit_s": add["received"] - add["arrival"], "queued_s": trace.planned[index] - add["received"],
             "first_step_s": trace.seconds[index], "streams": trace.rows[index][5], "mid_step": add["mid_step"],
-            "prompt_tokens": add.get("prompt_tokens"), "step_prefill_tokens": trace.rows[index][1]}
+            "prompt_tokens": add.get("prompt_tokens"), "step_prefill_tokens": trace.rows[index][1],
+            "step": trace.rows[index]}
     path["deliver_s"] = None if client_ttft_s is None else client_ttft_s - (sent - add["arrival"])
     return path
 

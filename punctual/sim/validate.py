@@ -102,7 +102,7 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
         real_runs = json.loads(Path(args.measured).read_text())["measured"]
         log(f"measured runs from {args.measured}")
     else:
-        real_runs = measure(args, flags, plan, log)
+        real_runs = measure(args, flags, plan, profile, log)
     rows = errors(real_runs, sim_runs)
     print(table(["workload", "rate", "metric", "measured", "simulated", "error"],
                 [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
@@ -124,7 +124,8 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     return 0
 
 
-def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, log: Callable[[str], None]) -> list[dict]:
+def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
+            log: Callable[[str], None]) -> list[dict]:
     """The bench plan against a real `punctual serve` started here with the same engine flags."""
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
     from punctual.bench.sweep import bench_endpoint
@@ -144,12 +145,13 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, log: Call
         if args.server_trace:
             time.sleep(0.5)  # the core writes its trace when it goes idle
     if args.server_trace:
-        first_token_paths(args.server_trace, real_runs, log)
+        first_token_paths(args.server_trace, real_runs, profile, log)
     return real_runs
 
 
-def first_token_paths(trace_path: str, real_runs: list[dict], log: Callable[[str], None] = print) -> None:
-    """Each measured record gets "server": where its TTFT went (`trace.first_token_path`); per run,
+def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Callable[[str], None] = print) -> None:
+    """Each measured record gets "server": where its TTFT went (`trace.first_token_path`), with
+    the profile's cost of that first step beside the traced one ("predicted_step_s"); per run,
     the medians, and over all runs the fit of the delivery delay against the streams in the
     first token's step (does the front end slow down with the streams it serves?)."""
     import numpy as np
@@ -164,6 +166,8 @@ def first_token_paths(trace_path: str, real_runs: list[dict], log: Callable[[str
         paths = []
         for record, add in zip(records, matched):
             path = None if add is None else first_token_path(trace, add, record.get("ttft_s"))
+            if path is not None:
+                path["predicted_step_s"] = profile.predict(tuple(path["step"]))
             record["server"] = path
             if path is not None and path["deliver_s"] is not None:
                 paths.append(path)
@@ -171,7 +175,7 @@ def first_token_paths(trace_path: str, real_runs: list[dict], log: Callable[[str
                 delivers.append(path["deliver_s"])
         if paths:
             part = {k: statistics.median(p[k] for p in paths) * 1000
-                    for k in ("admit_s", "queued_s", "first_step_s", "deliver_s")}
+                    for k in ("admit_s", "queued_s", "first_step_s", "predicted_step_s", "deliver_s")}
             log(f"server trace, {run['workload']} {run['rate']:g} req/s ({len(paths)}/{len(records)} matched): "
                 "TTFT medians " + ", ".join(f"{k[:-2]} {v:.1f} ms" for k, v in part.items()))
     if len(set(streams)) > 1:
