@@ -133,7 +133,8 @@ class CoreLoop:
         for kind, payload in commands:
             if kind == "add":
                 if self.trace is not None:
-                    self.trace.added(payload.request_id, payload.arrival_time)
+                    self.trace.added(payload.request_id, payload.arrival_time, len(payload.prompt_token_ids),
+                                     payload.sampling_params.max_tokens)
                 try:
                     self.core.add_request(payload)
                 except ValueError as exc:

@@ -6,13 +6,17 @@ way in; detokenizing and SSE on the way out), and a slower step loop (the core s
 cores with the front-end process, and its loop also sends outputs and takes in commands). Both
 are measured from the server's own record (`punctual.sim.trace`, written by its core process):
 
-- admit_s: median of (core received the request - the front end's HTTP arrival stamp);
+- admit_s: median of (core received the request - the front end's HTTP arrival stamp) over the
+  requests that found the core between steps: one that arrives mid-step also waits for that
+  step to end, and the simulator charges that wait itself (a quiet builtin trace: 1.25 ms
+  between steps, 2.6 ms over all requests);
 - deliver_s: median, over requests sent one at a time, of (the client's TTFT - (the step with
   the first token sent - arrival stamp));
 - the step loop: the serving loop's period per step over every traced step (under load, so
   contention is in the fit), fitted as the offline prediction x scale + a fixed overhead + a
-  cost per sampled row (`trace.fit_serving_overhead`); the profile's coefficients are
-  multiplied by the scale, the overhead added to the fixed cost, the row cost to sampled rows.
+  cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
+  the profile's coefficients are multiplied by the scale, the overhead added to the fixed cost,
+  the row cost to sampled rows, the prefill-step cost kept as "prefill_steps".
 
 Its requests use salts of their own, so `sim validate` with the same seed measures other text.
 """
@@ -24,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from punctual.sim.profile import StepProfile
-from punctual.sim.trace import TRACE_ENV, fit_serving_overhead, median, read_trace
+from punctual.sim.profile import PREFILL_STEPS, StepProfile
+from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_trace
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 
@@ -68,20 +72,32 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         sent = trace.first_token_sent.get(add["add"])
         if record.ok and record.ttft_s is not None and sent is not None:
             deliver.append(record.ttft_s - (sent - add["arrival"]))
+    meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
+    profile = fit_serving_profile(base, trace, deliver, meta)
+    return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)})
+
+
+def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[float], meta: dict) -> StepProfile:
+    """`base` with the serving path fitted onto it from a server's trace and the delivery delays
+    of requests sent one at a time (the client's TTFT - the core's first-token send - arrival)."""
     serving, kept = fit_serving_overhead(base.predict, trace.rows, trace.seconds)
     coefficients = {name: value * serving["scale"] for name, value in base.coefficients.items()}
     coefficients["fixed"] = coefficients.get("fixed", 0.0) + serving["overhead_s"]
     coefficients["sampled_rows"] = coefficients.get("sampled_rows", 0.0) + serving["per_row_s"]
+    coefficients[PREFILL_STEPS] = coefficients.get(PREFILL_STEPS, 0.0) + serving["prefill_step_s"]
     fitted = StepProfile("linear", coefficients)
     errors = sorted(abs(fitted.predict(trace.rows[i]) - trace.seconds[i]) / trace.seconds[i] for i in kept)
-    frontend = {"admit_s": max(0.0, median(trace.admit_delays) or 0.0), "deliver_s": max(0.0, median(deliver) or 0.0),
-                "num_requests": len(trace.adds), "num_sequential": len(deliver)}
+    admit = median(trace.front_end_delays)
+    if admit is None:  # every request arrived mid-step (not with the one-at-a-time phase): an upper bound
+        admit = median(trace.admit_delays)
+    frontend = {"admit_s": max(0.0, admit or 0.0), "deliver_s": max(0.0, median(deliver) or 0.0),
+                "num_requests": len(trace.adds), "num_between_steps": len(trace.front_end_delays),
+                "num_sequential": len(deliver)}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
                       "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
                       "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
-                      "workload": workload, "rates": list(rates), "length_scale": length_scale}}
-    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit,
-                               engine={**base.engine, "serve_args": list(serve_args)})
+                      **meta}}
+    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit)

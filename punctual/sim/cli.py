@@ -99,6 +99,12 @@ def add_sim_parser(subparsers) -> None:
                                                             "here are given to the simulator too)")
     validate.add_argument("--output", default=None, help="write both reports and the errors here as JSON")
     validate.add_argument("--startup-timeout", type=float, default=600.0)
+    validate.add_argument("--measured", default=None,
+                          help="take the real side from an earlier --output JSON (same plan) instead of running "
+                               "a server: compares a changed profile or simulator with the same measurements")
+    validate.add_argument("--server-trace", default=None,
+                          help="write the real server core's step trace here and break each measured TTFT down "
+                               "(front end in, queued, first step, delivery) into the --output JSON")
     validate.set_defaults(func=cmd_validate)
 
 
@@ -250,7 +256,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    max_num_seqs=flags.max_num_seqs or 32, log=_log)
         server, frontend = profile.fit["server"], profile.frontend
         _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
-             f"{server['per_row_s'] * 1000:.3f} ms per sampled row, over "
+             f"{server['per_row_s'] * 1000:.3f} ms per sampled row + "
+             f"{server.get('prefill_step_s', 0.0) * 1000:.2f} ms per step with prompt tokens, over "
              f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
              f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
              f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "

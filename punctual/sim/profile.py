@@ -15,6 +15,10 @@ Features of a plan, summed over its scheduled requests:
   context_tokens   KV positions read: start_position + new tokens (a decode's whole context)
   attention_pairs  query-key pairs of attention: new * (start + (new + 1) / 2)
   sampled_rows     positions whose logits are computed and sampled
+
+A linear profile from `calibrate --server` may carry one more coefficient, "prefill_steps":
+seconds added to a step with any prompt tokens (in a server, such a step runs while the front
+end sets up the new request's stream on the same cores). Absent: 0.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from punctual.plan import StepPlan
 
 FEATURES = ("fixed", "prefill_tokens", "decode_rows", "context_tokens", "attention_pairs", "sampled_rows")
+PREFILL_STEPS = "prefill_steps"  # optional linear coefficient: seconds per step with prompt tokens
 PROFILE_VERSION = 1
 
 
@@ -100,12 +105,16 @@ class StepProfile:
         if self.kind == "roofline" and self.roofline is None:
             raise ValueError("a roofline profile needs its roofline")
         self._coef = tuple(float(self.coefficients.get(name, 0.0)) for name in FEATURES)
+        self._prefill_step = float(self.coefficients.get(PREFILL_STEPS, 0.0))
 
     def predict(self, x: tuple[float, ...]) -> float:
         if self.roofline is not None:
             return self.roofline.predict(x)
         c = self._coef
-        return max(0.0, c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5])
+        seconds = c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5]
+        if x[1]:
+            seconds += self._prefill_step
+        return max(0.0, seconds)
 
     def step_seconds(self, plan: StepPlan, features: tuple[float, ...] | None = None) -> float:
         """The plan's duration; `features`: its plan_features, when the caller has them already."""

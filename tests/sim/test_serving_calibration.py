@@ -10,8 +10,8 @@ from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
 from punctual.sim.engine import ClusterConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
-from punctual.sim.profile import StepProfile
-from punctual.sim.trace import StepTrace, fit_serving_overhead, read_trace
+from punctual.sim.profile import PREFILL_STEPS, StepProfile
+from punctual.sim.trace import StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
                 "attention_pairs": 2e-8, "sampled_rows": 1e-4}
@@ -78,9 +78,123 @@ def test_serving_overhead_fit_recovers_a_known_one():
     base = StepProfile("linear", dict(COEFFICIENTS))
     rows = [(1.0, float(p), float(d), float(c), float(c * 2), float(d + (p > 0))) for p, d, c in
             [(0, 1, 40), (0, 4, 400), (64, 2, 300), (0, 8, 900), (128, 0, 128), (0, 16, 2000), (32, 3, 100)] * 3]
-    seconds = [1.2 * base.predict(x) + 0.003 + 0.0005 * x[5] for x in rows]
+    seconds = [1.2 * base.predict(x) + 0.003 + 0.0005 * x[5] + 0.004 * (x[1] > 0) for x in rows]
     fitted, kept = fit_serving_overhead(base.predict, rows, seconds)
     assert fitted["scale"] == pytest.approx(1.2, rel=1e-6)
     assert fitted["overhead_s"] == pytest.approx(0.003, rel=1e-6)
     assert fitted["per_row_s"] == pytest.approx(0.0005, rel=1e-6)
+    assert fitted["prefill_step_s"] == pytest.approx(0.004, rel=1e-6)
     assert len(kept) == len(rows)
+
+
+def test_prefill_step_cost_in_the_profile(tmp_path):
+    """A step with prompt tokens costs "prefill_steps" more; a profile without it (older files) 0."""
+    plain = StepProfile("linear", dict(COEFFICIENTS))
+    served = StepProfile("linear", {**COEFFICIENTS, PREFILL_STEPS: 0.004})
+    prefill, decode = (1.0, 32.0, 1.0, 64.0, 600.0, 2.0), (1.0, 0.0, 4.0, 400.0, 400.0, 4.0)
+    assert served.predict(prefill) == pytest.approx(plain.predict(prefill) + 0.004)
+    assert served.predict(decode) == pytest.approx(plain.predict(decode))
+    served.save(tmp_path / "p.json")
+    assert StepProfile.from_json(json.loads((tmp_path / "p.json").read_text())).predict(prefill) == \
+        pytest.approx(served.predict(prefill))
+    # The simulator charges it on each request's prefill step: with requests far apart (no step
+    # shared), each TTFT is exactly 4 ms later and the decodes after it are unchanged.
+    def alone(profile):
+        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
+        requests = to_sim_requests(generate_workload("chat", 8, 2, 0.1))
+        outcomes, _ = sim.run(requests, offsets=[i * 10.0 for i in range(len(requests))])
+        return sorted(outcomes, key=lambda o: o.request.index)
+    for x, y in zip(alone(plain), alone(served)):
+        assert y.token_times[0] - y.sent == pytest.approx(x.token_times[0] - x.sent + 0.004)
+        assert [t - y.token_times[0] for t in y.token_times] == pytest.approx([t - x.token_times[0] for t in x.token_times])
+
+
+def test_admit_delay_left_out_when_the_request_waited_for_a_step(tmp_path):
+    """A request that arrives mid-step waits for that step before the core reads it; the
+    simulator charges that wait itself, so the front end's delay is fitted without it."""
+    lines = [{"add": "a", "arrival": 1.000, "received": 1.002},  # core idle: 2 ms of front end
+             {"step": [1.0, 5.0, 0.0, 5.0, 15.0, 1.0], "planned": 1.002, "sent": 1.020, "idle_before": True,
+              "first": ["a"]},
+             {"add": "b", "arrival": 1.005, "received": 1.021},  # arrived mid-step: 16 ms, mostly the step
+             {"step": [1.0, 3.0, 1.0, 9.0, 12.0, 2.0], "planned": 1.021, "sent": 1.040, "idle_before": False,
+              "first": ["b"]},
+             {"add": "c", "arrival": 1.050, "received": 1.051}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    trace = read_trace(str(path))
+    assert trace.admit_delays == pytest.approx([0.002, 0.016, 0.001])
+    assert trace.front_end_delays == pytest.approx([0.002, 0.001])
+    assert [a["mid_step"] for a in trace.adds] == [False, True, False]
+
+
+def test_first_token_path_matched_to_client_records(tmp_path):
+    """`sim validate --server-trace`: each client record finds its traced request by lengths (a
+    warm-up the client did not record is skipped), and its TTFT splits into the front end in,
+    the queue, the first step and the delivery."""
+    lines = [{"add": "w", "arrival": 0.5, "received": 0.501, "prompt_tokens": 7, "max_tokens": 2},
+             {"step": [1.0, 7.0, 0.0, 7.0, 28.0, 1.0], "planned": 0.501, "sent": 0.52, "idle_before": True,
+              "first": ["w"]},
+             {"add": "a", "arrival": 1.000, "received": 1.002, "prompt_tokens": 5, "max_tokens": 9},
+             {"step": [1.0, 5.0, 0.0, 5.0, 15.0, 1.0], "planned": 1.003, "sent": 1.020, "idle_before": True,
+              "first": ["a"]},
+             {"add": "b", "arrival": 1.010, "received": 1.021, "prompt_tokens": 3, "max_tokens": 4},
+             {"step": [1.0, 3.0, 1.0, 9.0, 12.0, 2.0], "planned": 1.021, "sent": 1.040, "idle_before": False,
+              "first": ["b"]},
+             {"step": [1.0, 0.0, 2.0, 11.0, 11.0, 2.0], "planned": 1.041, "sent": 1.050, "idle_before": False,
+              "first": []}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    trace = read_trace(str(path))
+    records = [{"sent_s": 0.6, "prompt_tokens": 3, "output_len": 4, "ttft_s": 0.036},
+               {"sent_s": 0.5, "prompt_tokens": 5, "output_len": 9, "ttft_s": 0.025}]
+    matched, end = match_records(trace.adds, records)
+    assert [m["add"] for m in matched] == ["b", "a"] and end == 3
+    a = first_token_path(trace, matched[1], records[1]["ttft_s"])
+    assert a["admit_s"] == pytest.approx(0.002) and a["queued_s"] == pytest.approx(0.001)
+    assert a["first_step_s"] == pytest.approx(0.018) and a["deliver_s"] == pytest.approx(0.005)
+    assert (a["streams"], a["mid_step"]) == (1.0, False)
+    b = first_token_path(trace, matched[0], records[0]["ttft_s"])
+    assert b["first_step_s"] == pytest.approx(0.020) and b["deliver_s"] == pytest.approx(0.006)
+    assert (b["streams"], b["mid_step"]) == (2.0, True)
+
+
+def test_validate_against_earlier_measurements(tmp_path):
+    """`sim validate --measured FILE` runs only the simulator against the measured runs kept in an
+    earlier --output: fed its own simulated runs it agrees exactly, and another plan is refused."""
+    import argparse
+
+    from punctual.sim.validate import validate
+
+    profile = StepProfile("linear", dict(COEFFICIENTS), num_kv_blocks=300, model={"max_model_len": 2048},
+                          frontend={"admit_s": 0.001, "deliver_s": 0.005})
+    profile.save(tmp_path / "p.json")
+    args = argparse.Namespace(profile=str(tmp_path / "p.json"), model="builtin", workload="chat", sweep_rates="1,2",
+                              num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0,
+                              serve_args="", output=str(tmp_path / "first.json"), startup_timeout=1.0,
+                              measured=None, server_trace=None)
+    first = tmp_path / "first.json"
+    # an earlier run's file whose "measured" side is this profile's simulation
+    validate(argparse.Namespace(**{**vars(args), "measured": str(_self_measured(tmp_path, args))}), log=lambda _: None)
+    rows = json.loads(first.read_text())["errors"]
+    assert len(rows) == 8 and all(r["error"] == pytest.approx(0.0) for r in rows)
+    with pytest.raises(ValueError, match="--sweep-rates"):
+        validate(argparse.Namespace(**{**vars(args), "sweep_rates": "1", "measured": str(first)}), log=lambda _: None)
+
+
+def _self_measured(tmp_path, args):
+    from punctual.bench.cli import plan_from_args
+    from punctual.bench.loadgen import Endpoint
+    from punctual.bench.sweep import bench_endpoint
+    from punctual.sim.cli import cluster_config
+    from punctual.sim.loadgen import SimSender
+    from punctual.sim.profile import load_profile
+    from punctual.sim.validate import bench_args, engine_flags
+
+    profile = load_profile(args.profile)
+    plan = plan_from_args(bench_args(args))
+    simulator = Simulator(cluster_config(engine_flags(args, profile), profile, plan.slo), profile)
+    runs = bench_endpoint(Endpoint("sim://"), plan, system="punctual", progress=False, log=lambda _: None,
+                          send=SimSender(simulator, slo=plan.slo))
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"measured": runs}, default=str))
+    return path
