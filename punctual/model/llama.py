@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.model import cpu_kernels
+from punctual.model import cpu_kernels, quant
 from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
 from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, quantize
@@ -233,7 +233,7 @@ class LlamaModel:
                 for weight in [self.lm_head] + [getattr(layer, name) for layer in self.layers
                                                 for name in ("qkv", "o_proj", "gate_up", "down")]:
                     if isinstance(weight, QuantizedWeight):
-                        weight.attach_fused(self.kernels)
+                        weight.attach_fused(self.kernels, quant.INT4_INT8_ACTIVATIONS)
             elif self.packed:
                 self.lm_head = pack_weight(self.lm_head)
         elif self.kernels is not None:

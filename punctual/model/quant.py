@@ -33,6 +33,9 @@ HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
 INT8_DEQUANTIZE_ABOVE = 24
 FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int8 and int4
+# int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
+# runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
+INT4_INT8_ACTIVATIONS = True
 INT4_DEQUANTIZE_ABOVE = 128
 
 
@@ -53,15 +56,21 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     nibbles: torch.Tensor | None = None
-    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8/int4:
-    # they widen the values to bf16 in registers and read a half / a quarter of bf16's bytes.
-    # int8: `data` again in their block layout, and fp32 scales.
-    # int4: `nibbles` in the block layout [N/16, K/2, 16], scales and zeros as [N/16, K/g, 16] fp32.
+    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8 or
+    # linear_int4_q8, reading a half / a quarter of bf16's bytes. int8: `data` again in the block
+    # layout, and fp32 scales. int4: `nibbles` as [N/16, K/8, 16, 4] bytes (linear_int4_q8's
+    # layout; [N/16, K/2, 16] for linear_int4 without int8 activations), scales and zeros as
+    # [N/16, K/g, 16] fp32.
     fused: torch.Tensor | None = None
     fused_scales: torch.Tensor | None = None
     fused_zeros: torch.Tensor | None = None
 
-    def attach_fused(self, kernels) -> None:
+    int8_activations: bool = True  # int4: which fused kernel `fused` is packed for
+
+    def attach_fused(self, kernels, int8_activations: bool = True) -> None:
+        """Pack for the fused kernels. int4 with `int8_activations` runs linear_int4_q8 (each row
+        quantized to int8 per group, integer dot products: 2-3x faster at one row), else
+        linear_int4 (the nibbles widened to bf16, x as it is)."""
         n, k = self.out_features, self.in_features
         if n % 16 or k % 2:
             return
@@ -69,7 +78,13 @@ class QuantizedWeight:
             self.fused = kernels.pack_int8(self.data)
             self.fused_scales = self.scales.float().contiguous()
             return
-        self.fused = self.nibbles.view(n // 16, 16, k // 2).permute(0, 2, 1).contiguous()
+        self.int8_activations = int8_activations
+        if int8_activations:
+            # Byte j of each output's 4 per 8 inputs: input j in the low nibble, input 4 + j in the high.
+            q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n // 16, 16, k // 8, 2, 4)
+            self.fused = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+        else:
+            self.fused = self.nibbles.view(n // 16, 16, k // 2).permute(0, 2, 1).contiguous()
         per_block = lambda t: t.t().float().reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()  # noqa: E731
         self.fused_scales, self.fused_zeros = per_block(self.scales[..., 0]), per_block(self.scales[..., 1])
 
@@ -99,8 +114,8 @@ class QuantizedWeight:
         if self.fused is not None and rows <= FUSED_MAX_ROWS:
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
-            return torch.ops.punctual.linear_int4(x, self.fused, self.fused_scales, self.fused_zeros,
-                                                  self.group_size, bias)
+            int4 = torch.ops.punctual.linear_int4_q8 if self.int8_activations else torch.ops.punctual.linear_int4
+            return int4(x, self.fused, self.fused_scales, self.fused_zeros, self.group_size, bias)
         if self.kind == "int8":
             if rows > INT8_DEQUANTIZE_ABOVE:
                 out = F.linear(x, self.data.to(x.dtype)) * self.scales
