@@ -46,7 +46,8 @@ class QuantizedWeight:
     int8: `data` int8 [N, K], `scales` [N] in the activation dtype; W = data * scales[:, None].
     int4: `data` is the kernel's packed layout, `nibbles` the same 4-bit values plainly (uint8
     [N, K/2], low nibble first) for dequantizing, `scales` [K/g, N, 2] (scale, zero) in the
-    activation dtype; W = (q - 8) * scale + zero per group of g inputs.
+    activation dtype, or float32 where they came exact from a GGUF file; W = (q - 8) * scale +
+    zero per group of g inputs.
     """
 
     kind: str
@@ -124,7 +125,8 @@ class QuantizedWeight:
         elif rows > INT4_DEQUANTIZE_ABOVE:
             out = F.linear(x, self.dequantize(x.dtype))
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size, self.scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size,
+                                                             self.scales.to(x.dtype))  # GGUF's may be float32
         return out if bias is None else out + bias
 
 
@@ -153,11 +155,29 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Qu
     scale_d, zero_d = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)
     # Rounded against the scale and zero as stored, so the stored grid is the one searched.
     q = torch.round((groups - (zero_d.float() - 8 * scale_d.float())) / scale_d.float()).clamp(0, 15)
-    q = q.to(torch.int32).view(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return int4_weight(q.to(torch.uint8).view(n, k), scale_d.view(n, -1), zero_d.view(n, -1))
+
+
+def int4_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> QuantizedWeight:
+    """The int4 weight of values q [N, K] in 0..15 with W = (q - 8) * scale + zero, scale and zero
+    [N, K/g] in the dtype they are kept in (the model's, or float32 for GGUF's exact fp16 scales)."""
+    n, k = q.shape
+    group_size = k // scale.shape[1]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    scales = torch.stack((scale_d.view(n, -1), zero_d.view(n, -1)), dim=-1).transpose(0, 1).contiguous()
+    scales = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
     return QuantizedWeight("int4", packed, scales, n, k, group_size, nibbles)
+
+
+def concat_int4(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """int4 weights stacked along the outputs (q, k, v into qkv), as one weight."""
+    def values(w: QuantizedWeight) -> torch.Tensor:
+        return torch.stack((w.nibbles & 15, w.nibbles >> 4), dim=-1).view(w.out_features, w.in_features)
+
+    q = torch.cat([values(w) for w in weights])
+    scale = torch.cat([w.scales[..., 0].t() for w in weights])
+    zero = torch.cat([w.scales[..., 1].t() for w in weights])
+    return int4_weight(q, scale.contiguous(), zero.contiguous())
 
 
 def quantize(weight: torch.Tensor, kind: str) -> torch.Tensor | QuantizedWeight:
