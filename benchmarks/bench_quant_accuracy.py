@@ -8,6 +8,7 @@ Also: how often the greedy continuation of each window agrees with bf16's, token
     python benchmarks/bench_quant_accuracy.py                      # ~3 minutes on 2 quiet cores
     python benchmarks/bench_quant_accuracy.py --variants none,int8,int4,int4-head4
     python benchmarks/bench_quant_accuracy.py --variants none-eager,none   # fused kernels against eager
+    python benchmarks/bench_quant_accuracy.py --variants none,int4-a16,int4 --max-batched-tokens 16  # decode's kernels
 
 A variant ending in -eager runs with enforce_eager (plain PyTorch ops); the others use the fused
 CPU kernels where they build.
@@ -66,9 +67,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per window")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--greedy-tokens", type=int, default=32, help="greedy continuation per window")
+    parser.add_argument("--max-batched-tokens", type=int, default=2048,
+                        help="tokens per engine step; 16 or less scores the prompts through the fused "
+                             "small-batch kernels (decode's path) instead of the prefill GEMMs")
     parser.add_argument("--variants", default="none,int8,int4",
                         help="none | int8 | int4, and int4-head4 / int8-head16 / int4-head16 for other heads; "
-                             "a -eager suffix runs without the fused kernels")
+                             "a -eager suffix runs without the fused kernels; -a16 runs int4's fused kernel on "
+                             "bf16 activations instead of int8")
     args = parser.parse_args()
     import punctual.model.quant as quant
     from punctual import LLM
@@ -77,13 +82,15 @@ def main() -> None:
     results = []
     for variant in args.variants.split(","):
         eager = variant.endswith("-eager")
-        kind, _, head = variant.removesuffix("-eager").partition("-head")
+        bf16_activations = "-a16" in variant
+        kind, _, head = variant.removesuffix("-eager").replace("-a16", "").partition("-head")
         quant.HEAD_QUANTIZATION.update({"int8": "int8", "int4": "int8"})
+        quant.INT4_INT8_ACTIVATIONS = not bf16_activations
         if head:
             quant.HEAD_QUANTIZATION[kind] = {"4": "int4", "8": "int8", "16": "none"}[head]
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, quantization=kind, kv_cache_memory="512MiB",
-                  max_num_batched_tokens=2048, enforce_eager=eager)
+                  max_num_batched_tokens=args.max_batched_tokens, enforce_eager=eager)
         prompts = windows(llm.tokenizer, text, args.tokens, args.windows)
         ppl, count, greedy = score(llm, prompts, args.greedy_tokens)
         results.append((variant, ppl, count, greedy, time.perf_counter() - start))

@@ -163,7 +163,58 @@ def test_int4_linear_is_the_dequantized_product_rounded_once(rows):
 
     weight, bias, x = randn(960, 576, scale=0.05, seed=14), randn(960, seed=15), randn(rows, 576, seed=16)
     q = quantize_int4(weight)
-    q.attach_fused(ops)
-    out = q.linear(x, bias)  # the fused kernel: few rows
+    q.attach_fused(ops, int8_activations=False)
+    out = q.linear(x, bias)  # the fused kernel on bf16 activations: few rows
     exact = F.linear(x.double(), q.dequantize(torch.float64), bias.double())
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 2e-3).all()
+
+
+def int4_q8_reference(x: torch.Tensor, q, bias: torch.Tensor) -> torch.Tensor:
+    """linear_int4_q8's math in float64: x quantized to int8 per group of 32 (d = max|x| / 127,
+    round half to even of x / d), integer sums of (q - 8) * xq, then the scales; the zero points
+    against the exact sum of x."""
+    n, k, g = q.out_features, q.in_features, q.group_size
+    groups = x.float().view(x.shape[0], k // g, g)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(groups * torch.where(d > 0, 1 / d, torch.zeros_like(d)))  # [M, K/g, g]
+    nibbles = torch.stack((q.nibbles & 15, q.nibbles >> 4), dim=-1).view(n, k // g, g).double() - 8
+    dots = torch.einsum("ngi,mgi->mng", nibbles, xq.double())  # exact integers
+    scale, zero = q.scales[..., 0].t().double(), q.scales[..., 1].t().double()  # [N, K/g]
+    per_group = dots * scale * d.double().squeeze(-1)[:, None] + zero * groups.double().sum(-1)[:, None]
+    return per_group.sum(-1) + bias.double()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int4_q8_linear_is_its_int8_activation_math(rows):
+    from punctual.model.quant import quantize_int4
+
+    weight, bias, x = randn(960, 576, scale=0.05, seed=17), randn(960, seed=18), randn(16, 576, seed=19)
+    x[2, 64:96] = 0  # a group of zeros: scale 0, no NaN
+    q = quantize_int4(weight)
+    q.attach_fused(ops)
+    out = q.linear(x[:rows], bias)  # the engine's path for few rows: linear_int4_q8
+    assert torch.equal(out, ops.linear_int4_q8(x[:rows], q.fused, q.fused_scales, q.fused_zeros, 32, bias))
+    # Tightly the same math: one bf16 rounding of fp32 sums (2^-8), far below int8's error (~1e-2).
+    reference = int4_q8_reference(x[:rows], q, bias)
+    assert ((out.double() - reference).abs() <= reference.abs() * 2 ** -8 + 1e-4).all()
+    # Loosely the dequantized product: int8 activations cost ~0.5% of the output's size.
+    exact = F.linear(x[:rows].double(), q.dequantize(torch.float64), bias.double())
+    assert (out.double() - exact).norm() / exact.norm() < 0.01
+    assert ((out.double() - exact).abs() <= exact.abs() * 0.02 + 0.05).all()
+    # Batch invariant and deterministic: a row's result ignores the rows beside it.
+    everything = ops.linear_int4_q8(x, q.fused, q.fused_scales, q.fused_zeros, 32, bias)
+    assert torch.equal(out, everything[:rows])
+    assert torch.equal(q.linear(x[rows - 1:rows], bias), everything[rows - 1:rows])
+
+
+def test_int4_q8_linear_names_bad_input():
+    from punctual.model.quant import quantize_int4
+
+    q = quantize_int4(randn(32, 64, seed=20))
+    q.attach_fused(ops)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear_int4_q8(randn(2, 48), q.fused, q.fused_scales, q.fused_zeros, 32, None)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.linear_int4_q8(randn(2, 64), q.fused, q.fused_scales, q.fused_zeros, 8, None)
+    with pytest.raises(RuntimeError, match="layout"):
+        ops.linear_int4_q8(randn(2, 64), q.nibbles, q.fused_scales, q.fused_zeros, 32, None)

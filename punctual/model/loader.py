@@ -10,6 +10,7 @@ import torch
 
 from punctual.model.builtin import builtin_path, is_builtin
 from punctual.model.gguf import SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
+from punctual.model.quant import QuantizedWeight, int4_weight
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -106,16 +107,31 @@ def _eos_ids(path: Path, cfg: dict) -> list[int]:
     return ids
 
 
-def load_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The checkpoint's tensors in `dtype`. 4-bit matrices of a converted GGUF file (`<name>.q4`,
+    `.q4_scale`, `.q4_min`) become int4 QuantizedWeights with `int4`, else dense weights exactly."""
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
+    q4: dict[str, torch.Tensor] = {}
     for file in files:
         for name, tensor in load_file(str(file)).items():
-            weights[name] = tensor.to(dtype)
+            if name.endswith((".q4", ".q4_scale", ".q4_min")):
+                q4[name] = tensor
+            else:
+                weights[name] = tensor.to(dtype)
+    for name in [n.removesuffix(".q4") for n in q4 if n.endswith(".q4")]:
+        nibbles, scale, minimum = q4[name + ".q4"], q4[name + ".q4_scale"], q4[name + ".q4_min"]
+        q = torch.stack((nibbles & 15, nibbles >> 4), dim=-1).view(nibbles.shape[0], -1)
+        if int4:  # the kernels' form: W = (q - 8) * scale + zero, zero the value of q = 8
+            weights[name] = int4_weight(q, scale, minimum + 8 * scale)
+        else:  # gguf's own dequantization, q * scale + min in fp32: exact
+            group = q.shape[1] // scale.shape[1]
+            dense = q.float().view(q.shape[0], -1, group) * scale[..., None] + minimum[..., None]
+            weights[name] = dense.view(q.shape).to(dtype)
     return weights
 
 

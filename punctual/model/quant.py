@@ -33,6 +33,9 @@ HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
 INT8_DEQUANTIZE_ABOVE = 24
 FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int8 and int4
+# int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
+# runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
+INT4_INT8_ACTIVATIONS = True
 INT4_DEQUANTIZE_ABOVE = 128
 
 
@@ -43,7 +46,8 @@ class QuantizedWeight:
     int8: `data` int8 [N, K], `scales` [N] in the activation dtype; W = data * scales[:, None].
     int4: `data` is the kernel's packed layout, `nibbles` the same 4-bit values plainly (uint8
     [N, K/2], low nibble first) for dequantizing, `scales` [K/g, N, 2] (scale, zero) in the
-    activation dtype; W = (q - 8) * scale + zero per group of g inputs.
+    activation dtype, or float32 where they came exact from a GGUF file; W = (q - 8) * scale +
+    zero per group of g inputs.
     """
 
     kind: str
@@ -53,15 +57,21 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     nibbles: torch.Tensor | None = None
-    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8/int4:
-    # they widen the values to bf16 in registers and read a half / a quarter of bf16's bytes.
-    # int8: `data` again in their block layout, and fp32 scales.
-    # int4: `nibbles` in the block layout [N/16, K/2, 16], scales and zeros as [N/16, K/g, 16] fp32.
+    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8 or
+    # linear_int4_q8, reading a half / a quarter of bf16's bytes. int8: `data` again in the block
+    # layout, and fp32 scales. int4: `nibbles` as [N/16, K/8, 16, 4] bytes (linear_int4_q8's
+    # layout; [N/16, K/2, 16] for linear_int4 without int8 activations), scales and zeros as
+    # [N/16, K/g, 16] fp32.
     fused: torch.Tensor | None = None
     fused_scales: torch.Tensor | None = None
     fused_zeros: torch.Tensor | None = None
 
-    def attach_fused(self, kernels) -> None:
+    int8_activations: bool = True  # int4: which fused kernel `fused` is packed for
+
+    def attach_fused(self, kernels, int8_activations: bool = True) -> None:
+        """Pack for the fused kernels. int4 with `int8_activations` runs linear_int4_q8 (each row
+        quantized to int8 per group, integer dot products: 2-3x faster at one row), else
+        linear_int4 (the nibbles widened to bf16, x as it is)."""
         n, k = self.out_features, self.in_features
         if n % 16 or k % 2:
             return
@@ -69,7 +79,13 @@ class QuantizedWeight:
             self.fused = kernels.pack_int8(self.data)
             self.fused_scales = self.scales.float().contiguous()
             return
-        self.fused = self.nibbles.view(n // 16, 16, k // 2).permute(0, 2, 1).contiguous()
+        self.int8_activations = int8_activations
+        if int8_activations:
+            # Byte j of each output's 4 per 8 inputs: input j in the low nibble, input 4 + j in the high.
+            q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n // 16, 16, k // 8, 2, 4)
+            self.fused = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+        else:
+            self.fused = self.nibbles.view(n // 16, 16, k // 2).permute(0, 2, 1).contiguous()
         per_block = lambda t: t.t().float().reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()  # noqa: E731
         self.fused_scales, self.fused_zeros = per_block(self.scales[..., 0]), per_block(self.scales[..., 1])
 
@@ -99,8 +115,8 @@ class QuantizedWeight:
         if self.fused is not None and rows <= FUSED_MAX_ROWS:
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
-            return torch.ops.punctual.linear_int4(x, self.fused, self.fused_scales, self.fused_zeros,
-                                                  self.group_size, bias)
+            int4 = torch.ops.punctual.linear_int4_q8 if self.int8_activations else torch.ops.punctual.linear_int4
+            return int4(x, self.fused, self.fused_scales, self.fused_zeros, self.group_size, bias)
         if self.kind == "int8":
             if rows > INT8_DEQUANTIZE_ABOVE:
                 out = F.linear(x, self.data.to(x.dtype)) * self.scales
@@ -109,7 +125,8 @@ class QuantizedWeight:
         elif rows > INT4_DEQUANTIZE_ABOVE:
             out = F.linear(x, self.dequantize(x.dtype))
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size, self.scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size,
+                                                             self.scales.to(x.dtype))  # GGUF's may be float32
         return out if bias is None else out + bias
 
 
@@ -138,11 +155,29 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Qu
     scale_d, zero_d = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)
     # Rounded against the scale and zero as stored, so the stored grid is the one searched.
     q = torch.round((groups - (zero_d.float() - 8 * scale_d.float())) / scale_d.float()).clamp(0, 15)
-    q = q.to(torch.int32).view(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return int4_weight(q.to(torch.uint8).view(n, k), scale_d.view(n, -1), zero_d.view(n, -1))
+
+
+def int4_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> QuantizedWeight:
+    """The int4 weight of values q [N, K] in 0..15 with W = (q - 8) * scale + zero, scale and zero
+    [N, K/g] in the dtype they are kept in (the model's, or float32 for GGUF's exact fp16 scales)."""
+    n, k = q.shape
+    group_size = k // scale.shape[1]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    scales = torch.stack((scale_d.view(n, -1), zero_d.view(n, -1)), dim=-1).transpose(0, 1).contiguous()
+    scales = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
     return QuantizedWeight("int4", packed, scales, n, k, group_size, nibbles)
+
+
+def concat_int4(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """int4 weights stacked along the outputs (q, k, v into qkv), as one weight."""
+    def values(w: QuantizedWeight) -> torch.Tensor:
+        return torch.stack((w.nibbles & 15, w.nibbles >> 4), dim=-1).view(w.out_features, w.in_features)
+
+    q = torch.cat([values(w) for w in weights])
+    scale = torch.cat([w.scales[..., 0].t() for w in weights])
+    zero = torch.cat([w.scales[..., 1].t() for w in weights])
+    return int4_weight(q, scale.contiguous(), zero.contiguous())
 
 
 def quantize(weight: torch.Tensor, kind: str) -> torch.Tensor | QuantizedWeight:

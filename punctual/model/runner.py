@@ -144,7 +144,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_step_buffers_mapped()
         self.dtype = pick_dtype(model_config.dtype, self.arch, self.device)
-        self.model = LlamaModel(self.arch, load_weights(path, self.dtype), self.device, self.dtype,
+        # With int4, a GGUF file's 4-bit layers run as the file holds them (not re-quantized from
+        # their dequantized values); otherwise they are dense, as every other checkpoint.
+        int4 = model_config.quantization == "int4"
+        self.model = LlamaModel(self.arch, load_weights(path, self.dtype, int4), self.device, self.dtype,
                                 model_config.quantization, model_config.enforce_eager, model_config.batch_invariant)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,

@@ -15,10 +15,22 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
 using bf16 = c10::BFloat16;
+
+// bf16 <-> fp32 for 16 lanes. fp32 -> bf16 rounds to nearest even, as c10::BFloat16 does.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 round_bf16(__m512 x) {  // x rounded to bf16 and back: eager's rounding after an op
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+inline void store16(bf16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
 
 constexpr int64_t kBlockN = 16;          // outputs per packed block: one zmm of fp32 sums
 #ifndef PUNCTUAL_PREFETCH
@@ -261,6 +273,153 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
+// int4 weights against int8 activations, for decode (llama.cpp's Q4 x Q8_0 scheme). Each row of x
+// is quantized per weight group to int8 with one fp32 scale dx (symmetric, max |x| -> 127, round
+// to nearest even), and a group's sum of q * xq runs in exact int32 with vpdpbusd (unsigned nibble
+// times signed byte, four products per lane): a quarter of the dot instructions of widening the
+// nibbles to bf16, and a mask and a shift instead of a table lookup. Per group and row:
+//   out += scale * dx * (sum q * xq - 8 * sum xq) + zero * sum x
+// The zero point takes the exact fp32 sum of x rather than dx * sum xq: the rounding error of x
+// then meets only (q - 8) * scale, the weight less its zero point, never the zero point itself,
+// and the sum is taken once per row with the quantization, outside the weight loop.
+// The weight is packed as [N/16, K/8, 16, 4] bytes: per 8 inputs, 16 outputs x 4 bytes, byte j of
+// an output holding input j in its low nibble and input 4 + j in its high one; one 64-byte load
+// is two vpdpbusd operands.
+struct Int8Rows {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> scale;   // [M, K/group]: dx
+  std::vector<int32_t> qsum;  // [M, K/group]: sum of q
+  std::vector<float> sum;     // [M, K/group]: sum of x in fp32
+};
+
+// d = max|x| / 127 and q = round_half_even(x * (1 / d)) per group of `group` inputs (a multiple of 16).
+void quantize_rows_int8(const bf16* x, int64_t rows, int64_t k, int64_t group, Int8Rows& out) {
+  const int64_t groups = k / group;
+  out.q.resize(rows * k);
+  out.scale.resize(rows * groups);
+  out.qsum.resize(rows * groups);
+  out.sum.resize(rows * groups);
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const bf16* xg = x + r * k + g * group;
+      __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) {
+        const __m512 v = load16(xg + i);
+        amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, v));
+        sum = _mm512_add_ps(sum, v);
+      }
+      const float d = _mm512_reduce_max_ps(amax) / 127.f;
+      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      __m512i qsum = _mm512_setzero_si512();
+      int8_t* qg = out.q.data() + r * k + g * group;
+      for (int64_t i = 0; i < group; i += 16) {
+        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(xg + i), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        qsum = _mm512_add_epi32(qsum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + i), _mm512_cvtsepi32_epi8(q));
+      }
+      out.scale[r * groups + g] = d;
+      out.qsum[r * groups + g] = _mm512_reduce_add_epi32(qsum);
+      out.sum[r * groups + g] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+constexpr int64_t kRowTileQ8 = 4;
+
+// M rows (M <= kRowTileQ8) of quantized x against one block of 16 outputs. The integer sums are
+// exact, so their two chains (low and high nibbles) cost no order; the fp32 total adds the groups
+// in order, the same for every M: a row's result does not depend on the rows beside it.
+template <int M>
+inline void block_rows_int4_q8(const uint8_t* w, const float* scale, const float* zero, const int8_t* xq,
+                               const float* dx, const int32_t* xqsum, const float* xsum, int64_t k, int64_t group,
+                               int64_t groups, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo_acc[M], hi_acc[M];
+    for (int m = 0; m < M; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
+    for (int64_t i = g * group; i < (g + 1) * group; i += 8) {  // 8 inputs: 64 bytes of the block
+      const uint8_t* wp = w + i * kBlockN / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchElems), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512(wp);
+      const __m512i lo = _mm512_and_si512(bytes, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+      for (int m = 0; m < M; ++m) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(xq + m * k + i);
+        lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(xr[0]));
+        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(xr[1]));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(scale + g * kBlockN), zv = _mm512_loadu_ps(zero + g * kBlockN);
+    for (int m = 0; m < M; ++m) {
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(lo_acc[m], hi_acc[m]),
+                                           _mm512_set1_epi32(8 * xqsum[m * groups + g]));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, _mm512_set1_ps(dx[m * groups + g])),
+                                 total[m]);
+      total[m] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xsum[m * groups + g]), total[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * kBlockN, total[m]);
+}
+
+at::Tensor linear_int4_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t group, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "linear_int4_q8: x must be 2-D bf16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlockN && packed.size(3) == 4 && packed.scalar_type() == at::kByte,
+              "linear_int4_q8: weight not in the [N/16, K/8, 16, 4] nibble layout");
+  const auto xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), blocks = packed.size(0);
+  TORCH_CHECK(k == packed.size(1) * 8 && group % 16 == 0 && k % group == 0, "linear_int4_q8: x has ", k,
+              " features, the weight ", packed.size(1) * 8, ", groups of ", group, " (a multiple of 16)");
+  const int64_t n = blocks * kBlockN, groups = k / group;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.numel() == n * groups &&
+              zeros.numel() == n * groups && scales.is_contiguous() && zeros.is_contiguous(),
+              "linear_int4_q8: fp32 scales and zeros [N/16, K/group, 16]");
+  at::Tensor bias32;
+  const float* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias32 = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias32.numel() == n, "linear_int4_q8: bias has ", bias32.numel(), " values, expected ", n);
+    bias_p = bias32.data_ptr<float>();
+  }
+  Int8Rows xq;
+  quantize_rows_int8(xc.data_ptr<bf16>(), m_rows, k, group, xq);
+  auto out = at::empty({m_rows, n}, x.options());
+  const auto* w = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[kRowTileQ8 * kBlockN];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = w + b * k * kBlockN / 2;
+      const float* sb = sp + b * groups * kBlockN;
+      const float* zb = zp + b * groups * kBlockN;
+      const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTileQ8) {
+        const int64_t rows = std::min<int64_t>(kRowTileQ8, m_rows - m0);
+        const int8_t* xr = xq.q.data() + m0 * k;
+        const int64_t r = m0 * groups;
+        const float* dx = xq.scale.data() + r;
+        const int32_t* qs = xq.qsum.data() + r;
+        const float* xs = xq.sum.data() + r;
+        switch (rows) {
+          case 1: block_rows_int4_q8<1>(wb, sb, zb, xr, dx, qs, xs, k, group, groups, sums); break;
+          case 2: block_rows_int4_q8<2>(wb, sb, zb, xr, dx, qs, xs, k, group, groups, sums); break;
+          case 3: block_rows_int4_q8<3>(wb, sb, zb, xr, dx, qs, xs, k, group, groups, sums); break;
+          default: block_rows_int4_q8<4>(wb, sb, zb, xr, dx, qs, xs, k, group, groups, sums); break;
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          store16(reinterpret_cast<bf16*>(op + (m0 + m) * n + b * kBlockN),
+                  _mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv));
+      }
+    }
+  });
+  return out;
+}
+
 // x [M, K] @ weight.T (+ bias): fp32 sums, rounded once to bf16. Each thread streams its own
 // blocks of the weight once and applies every row to a block while it is in L1.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -298,17 +457,6 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
     }
   });
   return out;
-}
-
-// bf16 <-> fp32 for 16 lanes. fp32 -> bf16 rounds to nearest even, as c10::BFloat16 does.
-inline __m512 load16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 round_bf16(__m512 x) {  // x rounded to bf16 and back: eager's rounding after an op
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-inline void store16(bf16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
 // The sum of v[0..n) in the order of PyTorch's CPU sum over a contiguous row (cascade_sum in
@@ -711,6 +859,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("pack_int8(Tensor weight) -> Tensor", pack_int8);
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group, Tensor? bias) -> Tensor",
         linear_int4);
+  m.def("linear_int4_q8(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group, Tensor? bias) -> Tensor",
+        linear_int4_q8);
   m.def("linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor", linear_int8);
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual) -> Tensor", rms_norm);
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
