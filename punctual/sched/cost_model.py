@@ -70,13 +70,14 @@ class StepCostModel:
 
     def observe(self, batched_tokens: int, num_seqs: int, seconds: float, sampled_rows: int | None = None) -> None:
         rows = num_seqs if sampled_rows is None else sampled_rows
-        t, q, r = float(batched_tokens), float(num_seqs), float(rows)
+        t, q, r, y = float(batched_tokens), float(num_seqs), float(rows), seconds
         d = self.decay
         # Decayed sums for the normal equations: X^T X (10 unique entries, x = 1, t, q, r),
-        # X^T y (4), and the count.
-        products = (1.0, t, q, r, t * t, t * q, t * r, q * q, q * r, r * r,
-                    seconds, t * seconds, q * seconds, r * seconds, 1.0)
-        self._sums = [a * d + b for a, b in zip(self._sums, products)]
+        # X^T y (4), and the count; written out, as this runs once per step of every replica.
+        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14 = self._sums
+        self._sums = [s0 * d + 1.0, s1 * d + t, s2 * d + q, s3 * d + r, s4 * d + t * t, s5 * d + t * q,
+                      s6 * d + t * r, s7 * d + q * q, s8 * d + q * r, s9 * d + r * r, s10 * d + y,
+                      s11 * d + t * y, s12 * d + q * y, s13 * d + r * y, s14 * d + 1.0]
         self.num_observations += 1
         self._stale = self.num_observations >= self.min_observations
 

@@ -8,13 +8,16 @@ server would see; the id is the word's place in the workload's word list.
 
 With per-request records left out (`--no-records`, for huge runs), a record keeps only its
 first and last token time and the simulator folds the rest into streamed statistics (pooled
-inter-token gaps, token deadlines met), which replace the ITL and fluidity figures that
-`summarize` would compute from full records: the same values without a float per token held.
+inter-token gaps counted by the microsecond, token deadlines met), which replace the ITL and
+fluidity figures that `summarize` would compute from full records: the same values to the
+microsecond, without a float per token held (a million requests' gaps are a few thousand
+distinct microsecond counts, where distinct floats were one per simulated step).
 """
 from __future__ import annotations
 
 import zlib
-from operator import sub
+from itertools import repeat
+from operator import mul, sub
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -67,7 +70,7 @@ def to_sim_requests(requests: list[BenchRequest]) -> list[SimRequest]:
 class StreamedStats:
     """ITL and token deadlines of one run, gathered as requests finish (records left out)."""
 
-    itl: Counter = field(default_factory=Counter)  # gap (s) -> count
+    itl: Counter = field(default_factory=Counter)  # gap (whole microseconds) -> count
     deadlines_met: int = 0
     deadline_tokens: int = 0
 
@@ -82,7 +85,7 @@ class StreamedStats:
         if n == 0:
             return None
         values = sorted(self.itl.items())
-        total = sum(gap * 1000 * count for gap, count in values)
+        total = sum(gap * count for gap, count in values) / 1000
 
         def at(q: float) -> float:
             position = (n - 1) * q / 100
@@ -96,8 +99,8 @@ def _order_stat(values: list[tuple[float, int]], k: int) -> float:
     for gap, count in values:
         seen += count
         if k < seen:
-            return gap * 1000
-    return values[-1][0] * 1000
+            return gap / 1000
+    return values[-1][0] / 1000
 
 
 class SimSender:
@@ -154,7 +157,7 @@ class SimSender:
             record.token_times_s = times
             return record
         if outcome.error is None and times:
-            stats.itl.update(map(sub, times[1:], times))
+            stats.itl.update(map(round, map(mul, map(sub, times[1:], times), repeat(1e6))))
             if self.slo is not None:
                 stats.deadlines_met += token_deadlines_met(times, self.slo)
                 stats.deadline_tokens += len(times)

@@ -71,8 +71,11 @@ class Roofline:
     bytes_per: tuple[float, ...] = (0.0,) * 5
 
     def predict(self, x: tuple[float, ...]) -> float:
-        flops = sum(c * v for c, v in zip(self.flops_per, x[1:]))
-        moved = self.bytes_fixed + sum(c * v for c, v in zip(self.bytes_per, x[1:]))
+        _, x1, x2, x3, x4, x5 = x
+        f1, f2, f3, f4, f5 = self.flops_per
+        b1, b2, b3, b4, b5 = self.bytes_per
+        flops = f1 * x1 + f2 * x2 + f3 * x3 + f4 * x4 + f5 * x5
+        moved = self.bytes_fixed + b1 * x1 + b2 * x2 + b3 * x3 + b4 * x4 + b5 * x5
         return self.overhead_s + max(flops / (self.peak_flops * self.flops_efficiency),
                                      moved / (self.memory_bandwidth * self.bandwidth_efficiency))
 

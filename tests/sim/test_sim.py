@@ -99,8 +99,9 @@ def test_streamed_statistics_equal_full_records():
         sender.patch([run])
         results.append(run["summary"])
     full, streamed = results
-    for key in ("mean", "median", "p90", "p99", "count"):
-        assert streamed["itl_ms"][key] == pytest.approx(full["itl_ms"][key], rel=1e-9)
+    assert streamed["itl_ms"]["count"] == full["itl_ms"]["count"]
+    for key in ("mean", "median", "p90", "p99"):  # gaps are counted to the microsecond
+        assert streamed["itl_ms"][key] == pytest.approx(full["itl_ms"][key], abs=0.0005)
     assert streamed["slo"]["fluidity_index"] == pytest.approx(full["slo"]["fluidity_index"])
     assert streamed["ttft_ms"] == full["ttft_ms"] and streamed["slo"]["attainment"] == full["slo"]["attainment"]
 
