@@ -12,15 +12,24 @@ import pytest
 
 from tests.cluster.test_cluster_server import BODY, alive, descendants, server_conftest, stream_text
 
+# A stream to drain: long enough that it is still generating when the drain's last copy round
+# reaches its replica. With BODY's 160 tokens (about 0.15 s of decoding on an idle machine, the
+# drain's rounds about 0.05 s) a loaded machine finished the stream first: "migrated 0".
+LONG_BODY = {**BODY, "max_tokens": 960}  # builtin-tiny's max_model_len is 1024
 
-@pytest.fixture(scope="module")
-def reference() -> str:
-    """One engine's greedy text for BODY (no replicas, no Ray)."""
+
+def greedy_text(body: dict) -> str:
+    """One engine's greedy text for `body` (no replicas, no Ray)."""
     from punctual import LLM, SamplingParams
 
     llm = LLM("builtin-tiny")
-    params = SamplingParams(temperature=0, max_tokens=BODY["max_tokens"], ignore_eos=True)
-    return llm.generate([BODY["prompt"]], params, use_tqdm=False)[0].outputs[0].text
+    params = SamplingParams(temperature=0, max_tokens=body["max_tokens"], ignore_eos=True)
+    return llm.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    return greedy_text(BODY)
 
 
 def start(*args: str):
@@ -52,29 +61,42 @@ def wait_idle(url: str) -> list[dict]:
         time.sleep(0.1)
 
 
-def test_drain_moves_a_stream_mid_generation(reference):
+def busy_replica(url: str) -> int:
+    """The one replica whose core reports a running request (the stream being read: its tokens
+    have arrived, so its replica's report, sent after its first step, shows it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        replicas = httpx.get(f"{url}/admin/replicas", timeout=5).json()
+        busy = [r["id"] for r in replicas if r["running"]]
+        if len(busy) == 1:
+            return busy[0]
+        assert time.monotonic() < deadline, f"not one replica running the stream: {replicas}"
+        time.sleep(0.01)
+
+
+def test_drain_moves_a_stream_mid_generation():
+    reference = greedy_text(LONG_BODY)
     server = start("--replicas", "2")
     try:
-        assert stream_text(server.url, BODY) == reference  # undisturbed, through the cluster
+        assert stream_text(server.url, LONG_BODY) == reference  # undisturbed, through the cluster
         drained: dict = {}
 
         def drain_at(count: int) -> None:
-            if count == 8 and not drained:
-                busy = [r for r in httpx.get(f"{server.url}/admin/replicas", timeout=5).json() if r["running"]]
-                answer = httpx.post(f"{server.url}/admin/replicas/{busy[0]['id']}/drain", timeout=30)
+            if count == 8 and not drained:  # tokens are streaming: the request runs on a replica
+                answer = httpx.post(f"{server.url}/admin/replicas/{busy_replica(server.url)}/drain", timeout=30)
                 assert answer.status_code == 200, answer.text
                 drained.update(answer.json())
 
-        assert stream_text(server.url, BODY, drain_at) == reference  # no token lost or duplicated
-        assert drained["migrated"] == 1 and drained["recomputed"] == 0 and drained["left"] == 0, drained
+        assert stream_text(server.url, LONG_BODY, drain_at) == reference  # no token lost or duplicated
+        moves = httpx.get(f"{server.url}/admin/migrations", timeout=5).json()
+        assert drained["migrated"] == 1 and drained["recomputed"] == 0 and drained["left"] == 0, (drained, moves)
         replicas = wait_idle(server.url)
         assert replicas[drained["id"]]["state"] == "drained"
         assert replicas[1 - drained["id"]]["state"] == "ready"
-        moves = httpx.get(f"{server.url}/admin/migrations", timeout=5).json()
         assert [m["reason"] for m in moves if m["ok"]] == ["drain"], moves
         assert moves[-1]["precopy_blocks"] > 0 and moves[-1]["downtime_s"] < 5
         # The drained replica gets nothing new.
-        assert stream_text(server.url, BODY) == reference
+        assert stream_text(server.url, LONG_BODY) == reference
         replicas = wait_idle(server.url)
         bad = httpx.post(f"{server.url}/admin/replicas/7/drain", timeout=5)
         assert bad.status_code == 400 and "replica_id" in bad.text
