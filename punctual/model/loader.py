@@ -108,8 +108,9 @@ def _eos_ids(path: Path, cfg: dict) -> list[int]:
 
 
 def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """The checkpoint's tensors in `dtype`. 4-bit matrices of a converted GGUF file (`<name>.q4`,
-    `.q4_scale`, `.q4_min`) become int4 QuantizedWeights with `int4`, else dense weights exactly."""
+    """The checkpoint's tensors in `dtype`. With `int4`, the 4-bit matrices a converted GGUF file
+    keeps beside its dense weights (`<name>.q4`, `.q4_scale`, `.q4_min`) replace those as int4
+    QuantizedWeights; without it the dense weights (exact) are what load."""
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
@@ -123,15 +124,13 @@ def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str
                 q4[name] = tensor
             else:
                 weights[name] = tensor.to(dtype)
+    if not int4:
+        return weights
     for name in [n.removesuffix(".q4") for n in q4 if n.endswith(".q4")]:
         nibbles, scale, minimum = q4[name + ".q4"], q4[name + ".q4_scale"], q4[name + ".q4_min"]
         q = torch.stack((nibbles & 15, nibbles >> 4), dim=-1).view(nibbles.shape[0], -1)
-        if int4:  # the kernels' form: W = (q - 8) * scale + zero, zero the value of q = 8
-            weights[name] = int4_weight(q, scale, minimum + 8 * scale)
-        else:  # gguf's own dequantization, q * scale + min in fp32: exact
-            group = q.shape[1] // scale.shape[1]
-            dense = q.float().view(q.shape[0], -1, group) * scale[..., None] + minimum[..., None]
-            weights[name] = dense.view(q.shape).to(dtype)
+        # The kernels' form: W = (q - 8) * scale + zero, zero the value of q = 8.
+        weights[name] = int4_weight(q, scale, minimum + 8 * scale)
     return weights
 
 
