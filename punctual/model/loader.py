@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from punctual.model.builtin import builtin_path, is_builtin
-from punctual.model.gguf import SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
+from punctual.model.gguf import Q4_FILE, SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
 from punctual.model.quant import QuantizedWeight, int4_weight
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -119,6 +119,8 @@ def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     q4: dict[str, torch.Tensor] = {}
     for file in files:
+        if file.name == Q4_FILE and not int4:
+            continue  # the dense weights are in the checkpoint itself
         for name, tensor in load_file(str(file)).items():
             if name.endswith((".q4", ".q4_scale", ".q4_min")):
                 q4[name] = tensor
