@@ -106,6 +106,15 @@ void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_s
   }
 }
 
+// The optional bias as fp32 (nullptr without one), checked against the n outputs of `op`;
+// `holder` keeps the converted copy alive for the kernel.
+static const float* bias_fp32(const c10::optional<at::Tensor>& bias, int64_t n, const char* op, at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  holder = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(holder.numel() == n, op, ": bias has ", holder.numel(), " values, expected ", n);
+  return holder.data_ptr<float>();
+}
+
 // int8 weights [N, K] in the same block layout, [N/16, K/2, 16, 2]: half the bytes of bf16.
 at::Tensor pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_int8: a 2-D int8 weight");
@@ -129,12 +138,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const auto scale32 = scales.to(at::kFloat).contiguous();
   TORCH_CHECK(scale32.numel() == n, "linear_int8: ", scale32.numel(), " scales for ", n, " outputs");
   at::Tensor bias32;
-  const float* bias_p = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias32 = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias32.numel() == n, "linear_int8: bias has ", bias32.numel(), " values, expected ", n);
-    bias_p = bias32.data_ptr<float>();
-  }
+  const float* bias_p = bias_fp32(bias, n, "linear_int8", bias32);
   auto out = at::empty({m_rows, n}, x.options());
   const auto* w = packed.data_ptr<int8_t>();
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
@@ -225,12 +229,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.numel() == n * groups &&
               zeros.numel() == n * groups, "linear_int4: fp32 scales and zeros [N/16, K/group, 16]");
   at::Tensor bias32;
-  const float* bias_p = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias32 = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias32.numel() == n, "linear_int4: bias has ", bias32.numel(), " values, expected ", n);
-    bias_p = bias32.data_ptr<float>();
-  }
+  const float* bias_p = bias_fp32(bias, n, "linear_int4", bias32);
   // Each row's sum of x over each group (fp32), for the zero points.
   std::vector<float> xsum(m_rows * groups);
   const bf16* xb = xc.data_ptr<bf16>();
@@ -378,12 +377,7 @@ at::Tensor linear_int4_q8(const at::Tensor& x, const at::Tensor& packed, const a
               zeros.numel() == n * groups && scales.is_contiguous() && zeros.is_contiguous(),
               "linear_int4_q8: fp32 scales and zeros [N/16, K/group, 16]");
   at::Tensor bias32;
-  const float* bias_p = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias32 = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias32.numel() == n, "linear_int4_q8: bias has ", bias32.numel(), " values, expected ", n);
-    bias_p = bias32.data_ptr<float>();
-  }
+  const float* bias_p = bias_fp32(bias, n, "linear_int4_q8", bias32);
   Int8Rows xq;
   quantize_rows_int8(xc.data_ptr<bf16>(), m_rows, k, group, xq);
   auto out = at::empty({m_rows, n}, x.options());
@@ -430,13 +424,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   TORCH_CHECK(k == k2 * 2, "linear_bf16: x has ", k, " features, the weight ", k2 * 2);
   const int64_t n = blocks * kBlockN;
   auto out = at::empty({m_rows, n}, x.options());
-  const float* bias_p = nullptr;
   at::Tensor bias32;
-  if (bias.has_value() && bias->defined()) {
-    bias32 = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias32.numel() == n, "linear_bf16: bias has ", bias32.numel(), " values, expected ", n);
-    bias_p = bias32.data_ptr<float>();
-  }
+  const float* bias_p = bias_fp32(bias, n, "linear_bf16", bias32);
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
