@@ -104,6 +104,40 @@ def test_engine_runs_fused_unless_eager_is_enforced():
     assert alone == [o.outputs[0].token_ids for o in greedy(fused, prompts, 16)]
 
 
+@pytest.mark.parametrize("model,quantization,int8_activations", [
+    ("builtin-tiny", "none", True), ("builtin-tiny", "int8", True), ("builtin-tiny", "int4", True),
+    ("builtin-tiny", "int4", False), ("qwen2_bias", "none", True)])
+def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization, int8_activations, tmp_path,
+                                                            monkeypatch):
+    """Decode steps run the whole layer stack in one kernel call; its hidden states must be those
+    of the same kernels called layer by layer, bit for bit (every kind of linear, biases too)."""
+    from punctual.model import quant
+    from tests.hf_models import build_hf_checkpoint
+
+    monkeypatch.setattr(quant, "INT4_INT8_ACTIVATIONS", int8_activations)
+    path = model if model.startswith("builtin") else str(build_hf_checkpoint(tmp_path / model, model))
+    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=512)
+    model_ = llm.engine.core.runner.model
+    assert model_._stack is not None
+    rows_compared = []
+    run_stack = model_._run_stack
+
+    def stack_and_layers(input_ids, positions, meta, kv_caches):
+        hidden = run_stack(input_ids, positions, meta, kv_caches)
+        if hidden is not None:  # the layer-by-layer path rewrites the same K/V at the same slots
+            assert torch.equal(hidden, model_._forward_fused(input_ids, positions, meta, kv_caches))
+            rows_compared.append(input_ids.shape[0])
+        return hidden
+
+    model_._run_stack = stack_and_layers
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(20, 60))] for _ in range(3)]
+    together = [o.outputs[0].token_ids for o in greedy(llm, prompts, 12)]
+    alone = greedy(llm, prompts[:1], 12)[0].outputs[0].token_ids
+    assert 1 in rows_compared and 3 in rows_compared, rows_compared
+    assert alone == together[0]
+
+
 def test_float32_never_takes_the_fused_path():
     llm = LLM("builtin-tiny", dtype="float32", num_kv_blocks=32)
     assert llm.engine.core.runner.model.kernels is None  # float32 stays exact to transformers

@@ -44,6 +44,12 @@ FUSED_DECODE_ATTENTION = True
 FUSED_LINEAR_MAX_ROWS = 16
 
 
+# Steps whose every token attends through the fused kernel (decodes) run the whole layer stack in
+# one kernel call (decode_stack): the same kernels in the same order as _forward_fused, without
+# ~10 Python-dispatched calls per layer. False runs them layer by layer (to compare).
+USE_DECODE_STACK = True
+
+
 @dataclass
 class FusedWeight:
     """A bf16 linear weight for the fused CPU kernels: `packed` in the small-batch kernel's layout,
@@ -258,6 +264,8 @@ class LlamaModel:
             # A tied head stays plain for the embedding lookup; the packed copy is the head's.
             if not isinstance(self.lm_head, QuantizedWeight):
                 self.lm_head = pack_weight(self.lm_head)
+        # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
+        self._stack = self._decode_stack_args() if self.kernels is not None else None
         # Which tokens attend through the fused kernel (the runner builds their tables): all, decode, none.
         self.attention_kernel = ("all" if batch_invariant else "decode" if self.kernels is not None
                                  and FUSED_DECODE_ATTENTION else "none")
@@ -266,11 +274,54 @@ class LlamaModel:
         self.single_row_mv = (not self.packed and quantization == "none" and device.type == "cpu"
                               and dtype == torch.bfloat16 and mv_is_faster(self.lm_head))
 
+    def _decode_stack_args(self) -> tuple | None:
+        """decode_stack's weight arguments (per layer the two norms and four slots per linear,
+        their kinds and groups) and the most rows every linear's fused kernel takes; None where
+        a linear has no fused kernel (then the step runs layer by layer)."""
+        slots, kinds, groups, max_rows = [], [], [], math.inf
+        for layer in self.layers:
+            slots += [layer.input_norm, layer.post_norm]
+            for weight, bias in ((layer.qkv, layer.qkv_bias), (layer.o_proj, layer.o_bias),
+                                 (layer.gate_up, layer.gate_up_bias), (layer.down, layer.down_bias)):
+                if isinstance(weight, FusedWeight):
+                    slots += [weight.packed, None, None, bias]
+                    kinds.append(0)
+                    groups.append(0)
+                    max_rows = min(max_rows, weight.max_rows)
+                elif isinstance(weight, QuantizedWeight) and weight.fused is not None:
+                    int4_kind = 2 if weight.int8_activations else 3
+                    slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
+                    kinds.append(1 if weight.kind == "int8" else int4_kind)
+                    groups.append(weight.group_size)
+                    max_rows = min(max_rows, quant.FUSED_MAX_ROWS)
+                else:
+                    return None
+        return slots, kinds, groups, max_rows
+
+    def _run_stack(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   kv_caches: list[LayerKVCache]) -> torch.Tensor | None:
+        """The step through decode_stack when it can take it: every token attends through the
+        fused kernel, no more rows than the linears' kernels take, a bf16 cache. Else None."""
+        slots, kinds, groups, max_rows = self._stack
+        num_tokens = input_ids.shape[0]
+        if meta.kernel_tokens != num_tokens or num_tokens > max_rows or (kv_caches and kv_caches[0].quantized):
+            return None
+        arch = self.arch
+        return self.kernels.decode_stack(
+            input_ids, positions, self.embed, self.cos, self.sin, slots, kinds, groups, self.norm,
+            [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,
+            meta.kernel_seq_of_token, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps,
+            meta.kernel_window, arch.head_dim ** -0.5)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         if self.kernels is not None:
+            if self._stack is not None and USE_DECODE_STACK:
+                hidden = self._run_stack(input_ids, positions, meta, kv_caches)
+                if hidden is not None:
+                    return hidden
             return self._forward_fused(input_ids, positions, meta, kv_caches)
         arch = self.arch
         num_tokens = input_ids.shape[0]

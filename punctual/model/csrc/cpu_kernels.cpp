@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -744,39 +745,44 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t vec = dim / 32;                // 32 bf16 per zmm...
   const bool half_vec = dim % 32 != 0;         // ...and 16 more, loaded under a mask
   const float fscale = float(scale);
-  // One token per work item, all its heads together: a key's slot (every KV head's row, contiguous)
-  // is read once, whole cache lines, and the rows' addresses are found once.
   const auto fast = pick_group_kernels(dim, group);
-  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t lanes = dim / 16;
+  // One work item per (token, KV head): the G query heads of a KV head share its K/V reads (a
+  // key's row of that head is read once), and a single decode token still splits across threads.
+  // Each head's sums run in the same order whatever the split, so results do not depend on it.
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    std::vector<__m512> acc(heads * dim / 16);
-    const int64_t lanes = dim / 16;
-    for (int64_t t = t0; t < t1; ++t) {
+    std::vector<__m512> acc(group * lanes);
+    int64_t rows_token = -1;  // the token whose key rows `rows` holds
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t t = item / kv_heads, g = item % kv_heads;
       const int64_t p = pp[t], s = sp[t];
       TORCH_CHECK(p >= 0 && (p / block_size) < max_blocks, "paged_attention: position beyond the block table");
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       const int64_t n = p - lo + 1;
-      scores.resize(heads * n);
-      const int64_t* table = tp + s * max_blocks;
-      // Where each key's slot starts in the cache: one division per block, not per key.
-      rows.resize(n);
-      for (int64_t key = lo; key <= p;) {
-        const int64_t base = table[key / block_size] * block_size;
-        for (int64_t o = key % block_size; o < block_size && key <= p; ++o, ++key) rows[key - lo] = (base + o) * token_stride;
+      scores.resize(group * n);
+      if (rows_token != t) {
+        // Where each key's slot starts in the cache: one division per block, not per key.
+        const int64_t* table = tp + s * max_blocks;
+        rows.resize(n);
+        for (int64_t key = lo; key <= p;) {
+          const int64_t base = table[key / block_size] * block_size;
+          for (int64_t o = key % block_size; o < block_size && key <= p; ++o, ++key) rows[key - lo] = (base + o) * token_stride;
+        }
+        rows_token = t;
       }
-      const uint16_t* qt = qp + t * q_row;
+      const uint16_t* qg = qp + t * q_row + g * group * dim;  // this KV head's G query heads
+      const uint16_t* kg = kp + g * dim;
+      const uint16_t* vg = vp + g * dim;
       if (fast.first) {
-        for (int64_t g = 0; g < kv_heads; ++g)
-          fast.first(qt + g * group * dim, kp + g * dim, rows.data(), n, fscale, scores.data() + g * group * n);
-      }
-      // Scores: q . k for each key and head, fp32 sums of bf16 pairs.
-      for (int64_t j = 0; !fast.first && j < n; ++j) {
-        const uint16_t* slot = kp + rows[j];
-        for (int64_t g = 0; g < kv_heads; ++g) {
-          const uint16_t* krow = slot + g * dim;
-          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            const uint16_t* qrow = qt + h * dim;
+        fast.first(qg, kg, rows.data(), n, fscale, scores.data());
+      } else {
+        // Scores: q . k for each key and head, fp32 sums of bf16 pairs.
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t* krow = kg + rows[j];
+          for (int64_t h = 0; h < group; ++h) {
+            const uint16_t* qrow = qg + h * dim;
             __m512 dot = _mm512_setzero_ps();
             for (int64_t c = 0; c < vec; ++c)
               dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qrow + c * 32),
@@ -788,7 +794,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
           }
         }
       }
-      for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t h = 0; h < group; ++h) {
         float* sc = scores.data() + h * n;
         const int64_t full = n / 16 * 16;
         const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
@@ -811,32 +817,110 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(sc + j, _mm512_mul_ps(_mm512_loadu_ps(sc + j), inv));
         if (tail) _mm512_mask_storeu_ps(sc + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + full), inv));
       }
-      uint16_t* orow = op + t * heads * dim;
+      uint16_t* og = op + t * heads * dim + g * group * dim;
       if (fast.second) {
-        for (int64_t g = 0; g < kv_heads; ++g)
-          fast.second(scores.data() + g * group * n, vp + g * dim, rows.data(), n, orow + g * group * dim);
+        fast.second(scores.data(), vg, rows.data(), n, og);
         continue;
       }
       // Output: the probability-weighted sum of V rows, in fp32.
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* slot = vp + rows[j];
-        for (int64_t g = 0; g < kv_heads; ++g) {
-          __m512 v[16];
-          for (int64_t c = 0; c < lanes; ++c)
-            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(slot + g * dim + c * 16))), 16));
-          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            const __m512 w = _mm512_set1_ps(scores[h * n + j]);
-            for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
-          }
+        const uint16_t* vrow = vg + rows[j];
+        __m512 v[16];
+        for (int64_t c = 0; c < lanes; ++c)
+          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
+        for (int64_t h = 0; h < group; ++h) {
+          const __m512 w = _mm512_set1_ps(scores[h * n + j]);
+          for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
         }
       }
-      for (int64_t i = 0; i < heads * lanes; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i * 16), (__m256i)_mm512_cvtneps_pbh(acc[i]));
+      for (int64_t i = 0; i < group * lanes; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + i * 16), (__m256i)_mm512_cvtneps_pbh(acc[i]));
     }
   });
   return out;
+}
+
+// ---- the whole layer stack in one call ------------------------------------------------------
+// A decode step of a small model runs ~10 kernels per layer; called one by one from Python, each
+// call pays the interpreter, the dispatcher and its argument checks (~1 ms of a 10 ms step for
+// 30 layers). decode_stack runs the same kernels in the same order from C++, so its result is
+// bitwise that of LlamaModel._forward_fused, when every token attends through paged_attention.
+
+// What a linear's four slots in the weight list hold, by kind.
+enum LinearKind : int64_t { kBf16 = 0, kInt8 = 1, kInt4Q8 = 2, kInt4 = 3 };
+
+at::Tensor stack_linear(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& w, size_t at_slot,
+                        int64_t kind, int64_t group) {
+  const auto& bias = w[at_slot + 3];
+  switch (kind) {
+    case kBf16: return linear_bf16(x, *w[at_slot], bias);
+    case kInt8: return linear_int8(x, *w[at_slot], *w[at_slot + 1], bias);
+    case kInt4Q8: return linear_int4_q8(x, *w[at_slot], *w[at_slot + 1], *w[at_slot + 2], group, bias);
+    case kInt4: return linear_int4(x, *w[at_slot], *w[at_slot + 1], *w[at_slot + 2], group, bias);
+    default: TORCH_CHECK(false, "decode_stack: unknown linear kind ", kind);
+  }
+}
+
+// The new tokens' K and V (columns [q_size, q_size + 2 kv_size) of qkv) into their cache slots.
+void write_kv(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, at::Tensor& k_cache, at::Tensor& v_cache,
+              const int64_t* slots) {
+  const int64_t tokens = qkv.size(0), stride = qkv.size(1);
+  const int64_t capacity = k_cache.numel() / kv_size;
+  const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  auto* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
+  auto* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity, "decode_stack: cache slot ", slots[t], " out of range");
+    std::memcpy(kc + slots[t] * kv_size, src + t * stride + q_size, kv_size * sizeof(uint16_t));
+    std::memcpy(vc + slots[t] * kv_size, src + t * stride + q_size + kv_size, kv_size * sizeof(uint16_t));
+  }
+}
+
+// input_ids, positions [T]; weights: per layer input_norm, post_norm, then qkv, o_proj, gate_up,
+// down as four slots each (kind-dependent tensors, then the bias), kinds and groups one per
+// linear; caches one K and one V per layer. Returns the final norm's output [T, hidden].
+at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
+                        const at::Tensor& cos_table, const at::Tensor& sin_table,
+                        const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
+                        at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
+                        at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                        const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                        double eps, int64_t window, double scale) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(kinds.size()) == 4 * layers &&
+              static_cast<int64_t>(groups.size()) == 4 * layers &&
+              static_cast<int64_t>(weight_list.size()) == 18 * layers,
+              "decode_stack: per layer 18 weight slots, 4 kinds and groups, one K and one V cache");
+  TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() && slot_mapping.sizes() == input_ids.sizes() &&
+              seq_of_token.sizes() == input_ids.sizes(), "decode_stack: input_ids, positions, slots, seq_of_token [T]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "decode_stack: int64 slots");
+  std::vector<c10::optional<at::Tensor>> w;
+  w.reserve(weight_list.size());
+  for (size_t i = 0; i < weight_list.size(); ++i) w.push_back(weight_list.get(i));
+  const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, tokens = input_ids.size(0);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  at::Tensor residual = embed.index_select(0, input_ids);
+  const at::Tensor cos = cos_table.index_select(0, positions), sin = sin_table.index_select(0, positions);
+  at::Tensor delta;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const size_t base = 18 * layer;
+    const int64_t* kind = kinds.data() + 4 * layer;
+    const int64_t* group = groups.data() + 4 * layer;
+    at::Tensor x = delta.defined() ? rms_norm(delta, *w[base], eps, residual) : rms_norm(residual, *w[base], eps, {});
+    at::Tensor qkv = stack_linear(x, w, base + 2, kind[0], group[0]);
+    rope_(qkv, cos, sin, heads + kv_heads, head_dim);
+    at::Tensor k_cache = k_caches[layer], v_cache = v_caches[layer];
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kBFloat16 &&
+                qkv.size(1) == q_size + 2 * kv_size, "decode_stack: contiguous bf16 caches and a fused qkv");
+    write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
+    const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
+    at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale);
+    x = rms_norm(stack_linear(attn, w, base + 6, kind[1], group[1]), *w[base + 1], eps, residual);
+    delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
+  }
+  return delta.defined() ? rms_norm(delta, final_norm, eps, residual) : rms_norm(residual, final_norm, eps, {});
 }
 
 }  // namespace
@@ -856,4 +940,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_of_token, "
         "Tensor positions, int window, float scale) -> Tensor", paged_attention);
+  m.def("decode_stack(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos, Tensor sin, Tensor?[] weights, "
+        "int[] kinds, int[] groups, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_of_token, int heads, int kv_heads, int head_dim, float eps, int window, "
+        "float scale) -> Tensor", decode_stack);
 }
