@@ -88,11 +88,13 @@ class BenchPlan:
 
 def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "server",
                    progress: bool = True, log: Callable[[str], None] = print,
-                   send: Callable[..., loadgen.LoadResult] | None = None) -> list[dict]:
+                   send: Callable[..., loadgen.LoadResult] | None = None,
+                   before_run: Callable[[str, float | None], None] | None = None) -> list[dict]:
     """Every run of `plan` against `endpoint`, each as {system, workload, rate, ..., summary, records}.
 
     `send` replaces `loadgen.run` (same arguments and result): the simulator answers the same
-    requests, warm-ups and sweeps in virtual time."""
+    requests, warm-ups and sweeps in virtual time. `before_run(workload, rate)` is called before
+    each measured run (after its workload's warm-up), once per run and in their order."""
     send = send or loadgen.run
     runs: list[dict] = []
     sampling = {"temperature": plan.temperature, **({"top_k": plan.top_k} if plan.top_k else {})}
@@ -101,6 +103,8 @@ def bench_endpoint(endpoint: loadgen.Endpoint, plan: BenchPlan, system: str = "s
     def run_once(workload: str, requests, label: str, rate: float | None = None,
                  concurrency: int | None = None) -> dict:
         offsets = None if rate is None else arrival_offsets(len(requests), rate, plan.burstiness, plan.seed)
+        if before_run is not None:
+            before_run(workload, rate)
         result = send(endpoint, requests, offsets=offsets, concurrency=concurrency, progress=progress,
                              desc=f"{system} {workload} {label}")
         summary = summarize(result, plan.slo)

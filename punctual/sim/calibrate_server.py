@@ -17,6 +17,10 @@ are measured from the server's own record (`punctual.sim.trace`, written by its 
   cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
   the profile's coefficients are multiplied by the scale, the overhead added to the fixed cost,
   the row cost to sampled rows, the prefill-step cost kept as "prefill_steps".
+- the speed probe (`punctual.sim.probe`): a fixed request's seconds per token after the
+  one-at-a-time phase and after each rate, their mean kept as the profile's `speed_probe`, the
+  machine's speed while the steps above were traced (`sim validate --rescale-per-point`
+  compares with it).
 
 Its requests use salts of their own, so `sim validate` with the same seed measures other text.
 """
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_trace
 
@@ -56,9 +61,11 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         loadgen.run(endpoint, warm, concurrency=1, progress=False)
         one_at_a_time = generate_workload(workload, sequential, seed, length_scale, next(salt))
         alone = loadgen.run(endpoint, one_at_a_time, concurrency=1, progress=False)
+        probes = [run_probe(endpoint)]  # after the requests whose trace entries are read by place
         for rate in rates:  # loaded steps: batches as the validation's rates make them
             requests = generate_workload(workload, num_requests, seed, length_scale, next(salt))
             loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed), progress=False)
+            probes.append(run_probe(endpoint))
         time.sleep(0.5)  # the core writes its trace when it goes idle
     trace = read_trace(str(trace_path))
     log(f"calibrate --server: {len(trace.rows)} steps, {len(trace.adds)} requests traced in "
@@ -74,7 +81,11 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
             deliver.append(record.ttft_s - (sent - add["arrival"]))
     meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
     profile = fit_serving_profile(base, trace, deliver, meta)
-    return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)})
+    speed_probe = calibration_probe(probes)
+    log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
+        + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
+    return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)},
+                               speed_probe=speed_probe)
 
 
 def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[float], meta: dict) -> StepProfile:

@@ -105,6 +105,11 @@ def add_sim_parser(subparsers) -> None:
     validate.add_argument("--server-trace", default=None,
                           help="write the real server core's step trace here and break each measured TTFT down "
                                "(front end in, queued, first step, delivery) into the --output JSON")
+    validate.add_argument("--rescale-per-point", action="store_true",
+                          help="probe the server's speed right before each point (a fixed request, ~2 s) and "
+                               "scale that point's simulated step costs by the probe's seconds per token over "
+                               "the profile's, recorded at calibration (needs a profile from `calibrate "
+                               "--server` with a speed probe); each point's factor is logged and kept in --output")
     validate.set_defaults(func=cmd_validate)
 
 

@@ -132,6 +132,16 @@ class Simulator:
                                                                temperature=0.0)
         return params
 
+    def set_profile(self, profile: StepProfile) -> None:
+        """Price the next runs' steps with `profile` (between runs: nothing is in flight); the
+        replicas' state carries over (`sim validate --rescale-per-point`: the machine's speed
+        changed between two points, not its caches)."""
+        if self._heap:
+            raise RuntimeError("set_profile: events are pending; change the profile between runs")
+        self.profile = profile
+        for replica in self.replicas:
+            replica.profile = profile
+
     @property
     def num_steps(self) -> int:
         return sum(r.num_steps for r in self.replicas)

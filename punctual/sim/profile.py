@@ -23,7 +23,7 @@ end sets up the new request's stream on the same cores). Absent: 0.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from punctual.plan import StepPlan
@@ -101,6 +101,9 @@ class StepProfile:
     # bytes / bytes_per_s per copy (`calibrate` times the real export/import path; `--hardware`
     # derives it from the interconnect). None: not known.
     kv_transfer: dict | None = None
+    # The machine's speed at calibration (`punctual.sim.probe`, from `calibrate --server`): a fixed
+    # request's seconds per token through the server, for a later probe to compare with. None: not probed.
+    speed_probe: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -122,6 +125,18 @@ class StepProfile:
     def step_seconds(self, plan: StepPlan, features: tuple[float, ...] | None = None) -> float:
         """The plan's duration; `features`: its plan_features, when the caller has them already."""
         return self.predict(plan_features(plan) if features is None else features)
+
+    def scaled(self, factor: float) -> "StepProfile":
+        """This profile with every step `factor` times as long (the machine that much slower);
+        the front end's delays and KV transfers unchanged."""
+        if not factor > 0:
+            raise ValueError(f"a profile's speed factor must be positive, got {factor}")
+        if self.roofline is not None:
+            roof = self.roofline
+            roofline = replace(roof, peak_flops=roof.peak_flops / factor, overhead_s=roof.overhead_s * factor,
+                               memory_bandwidth=roof.memory_bandwidth / factor)
+            return replace(self, roofline=roofline)
+        return replace(self, coefficients={name: value * factor for name, value in self.coefficients.items()})
 
     @property
     def admit_s(self) -> float:
@@ -154,6 +169,8 @@ class StepProfile:
                "coefficients": self.coefficients, "model": self.model, "machine": self.machine,
                "dtype": self.dtype, "num_kv_blocks": self.num_kv_blocks, "kv_memory_bytes": self.kv_memory_bytes,
                "fit": self.fit, "engine": self.engine, "frontend": self.frontend, "kv_transfer": self.kv_transfer}
+        if self.speed_probe is not None:
+            out["speed_probe"] = self.speed_probe
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -169,7 +186,8 @@ class StepProfile:
                    model=data.get("model", {}), machine=data.get("machine", {}), dtype=data.get("dtype", ""),
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
                    estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
-                   frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"))
+                   frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"),
+                   speed_probe=data.get("speed_probe"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,11 @@ Both sides get the same engine flags (the server on its command line, the simula
 the same `cluster_config`), the same requests (the bench's seeds and salts) and the same
 warm-ups; only the model runner differs. The profile should come from `calibrate --server` on
 this machine (its front-end delays and serving-loop cost; its requests use other salts).
+
+With `--rescale-per-point`, the server is probed (`punctual.sim.probe`) right before each
+measured point, and the simulator prices that point's steps at the profile's costs x (the
+probe's seconds per token now / the profile's at calibration): the machine's speed when the
+point ran, from a fixed request, never from the point's own measurements.
 """
 from __future__ import annotations
 
@@ -71,17 +76,16 @@ def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
             simulated = (sim["summary"][key] or {}).get(stat)
             error = None if not measured or simulated is None else (simulated - measured) / measured
             rows.append({"workload": real["workload"], "rate": real["rate"], "metric": label,
-                         "measured_ms": measured, "simulated_ms": simulated, "error": error})
+                         "measured_ms": measured, "simulated_ms": simulated, "error": error,
+                         "speed_scale": sim.get("speed_scale")})
     return rows
 
 
 def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     from punctual.bench.cli import plan_from_args
-    from punctual.bench.loadgen import Endpoint
-    from punctual.bench.sweep import bench_endpoint, goodputs
+    from punctual.bench.sweep import goodputs
     from punctual.sim.cli import cluster_config
-    from punctual.sim.engine import Simulator
-    from punctual.sim.loadgen import SimSender
+    from punctual.sim.probe import check_reference
     from punctual.sim.profile import load_profile
 
     profile = load_profile(args.profile)
@@ -93,20 +97,24 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
         log(f"profile: front end admit {profile.admit_s * 1000:.1f} ms, deliver {profile.deliver_s * 1000:.1f} ms; "
             f"serving loop {server['scale']:.2f} x offline + {server['overhead_s'] * 1000:.1f} ms per step + "
             f"{server.get('prefill_step_s', 0.0) * 1000:.1f} ms per step with prompt tokens")
+    if args.rescale_per_point:  # before the real side runs: a profile without a probe cannot be rescaled
+        reference = check_reference(profile.speed_probe)
+        log(f"rescaling per point: the profile's speed probe took {reference['token_s'] * 1000:.2f} ms per token")
     plan = plan_from_args(bench_args(args))
     flags = engine_flags(args, profile)
-    simulator = Simulator(cluster_config(flags, profile, plan.slo), profile)
-    sim_runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=log,
-                              send=SimSender(simulator, slo=plan.slo))
+    config = cluster_config(flags, profile, plan.slo)  # bad flags fail here, not after the real runs
     if args.measured:  # the real side from an earlier run: only the simulator runs (any machine)
         real_runs = json.loads(Path(args.measured).read_text())["measured"]
         log(f"measured runs from {args.measured}")
     else:
         real_runs = measure(args, flags, plan, profile, log)
+    scales = point_scales(real_runs, profile, log if args.measured else None) if args.rescale_per_point else None
+    sim_runs = simulate(config, profile, plan, scales, log)
     rows = errors(real_runs, sim_runs)
-    print(table(["workload", "rate", "metric", "measured", "simulated", "error"],
-                [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
-                  "-" if r["error"] is None else f"{r['error']:+.0%}"] for r in rows]))
+    header = ["workload", "rate", "metric", "measured", "simulated", "error"] + (["speed"] if scales else [])
+    print(table(header, [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
+                          "-" if r["error"] is None else f"{r['error']:+.0%}"]
+                         + ([f"x{r['speed_scale']:.3f}"] if scales else []) for r in rows]))
     valid = [abs(r["error"]) for r in rows if r["error"] is not None]
     good_real, good_sim = goodputs(real_runs, plan.target), goodputs(sim_runs, plan.target)
     print(f"\n|error| median {statistics.median(valid):.0%}, worst {max(valid):.0%} over {len(valid)} points")
@@ -124,11 +132,57 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     return 0
 
 
+def simulate(config, profile, plan, scales: list[float] | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """The plan on the simulator: one simulator for every point, as one server serves them all
+    (its prefix caches carry over). `scales`: each measured point's factor on the profile's step
+    costs, in the plan's order (None: the profile as it is); each run keeps its "speed_scale"."""
+    from punctual.bench.loadgen import Endpoint
+    from punctual.bench.sweep import bench_endpoint
+    from punctual.sim.engine import Simulator
+    from punctual.sim.loadgen import SimSender
+
+    simulator = Simulator(config, profile)
+    before_run = None
+    if scales is not None:
+        pending = iter(scales)
+
+        def before_run(workload: str, rate: float | None) -> None:
+            simulator.set_profile(profile.scaled(next(pending)))
+
+    runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=log,
+                          send=SimSender(simulator, slo=plan.slo), before_run=before_run)
+    if scales is not None:
+        if len(scales) != len(runs):
+            raise ValueError(f"{len(scales)} speed scales for {len(runs)} simulated points")
+        for run, scale in zip(runs, scales):
+            run["speed_scale"] = scale
+    return runs
+
+
+def point_scales(real_runs: list[dict], profile, log: Callable[[str], None] | None = None) -> list[float]:
+    """Each measured point's factor on the step costs: its speed probe against the profile's."""
+    from punctual.sim.probe import speed_scale
+
+    scales = []
+    for run in real_runs:
+        probe = run.get("speed_probe")
+        if probe is None:
+            raise ValueError(f"--rescale-per-point: the measured point {run['workload']} {run['rate']:g} req/s "
+                             "has no speed probe (measured without --rescale-per-point)")
+        scales.append(speed_scale(profile.speed_probe, probe["token_s"]))
+        if log is not None:
+            log(f"speed probe before {run['workload']} {run['rate']:g} req/s: "
+                f"{probe['token_s'] * 1000:.2f} ms per token, steps x {scales[-1]:.3f}")
+    return scales
+
+
 def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
             log: Callable[[str], None]) -> list[dict]:
     """The bench plan against a real `punctual serve` started here with the same engine flags."""
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
     from punctual.bench.sweep import bench_endpoint
+    from punctual.sim.probe import run_probe, speed_scale
 
     extra = tuple(serve_command(flags)) + tuple(a for a in shlex.split(args.serve_args))
     options = PeerOptions(max_num_seqs=flags.max_num_seqs or 32, punctual_args=extra)
@@ -140,10 +194,22 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
 
         Path(args.server_trace).unlink(missing_ok=True)
         spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: args.server_trace})
+    probes: list[dict] = []
     with running(spec, log_path, args.startup_timeout) as endpoint:
-        real_runs = bench_endpoint(endpoint, plan, system="punctual", progress=False, log=log)
+        def probe(workload: str, rate: float | None) -> None:
+            measured = run_probe(endpoint)
+            measured["scale"] = speed_scale(profile.speed_probe, measured["token_s"])
+            probes.append(measured)
+            log(f"speed probe before {workload} {rate:g} req/s: {measured['token_s'] * 1000:.2f} ms per token "
+                f"(calibration {profile.speed_probe['token_s'] * 1000:.2f}): steps x {measured['scale']:.3f}, "
+                f"probed in {measured['seconds']:.1f} s")
+
+        real_runs = bench_endpoint(endpoint, plan, system="punctual", progress=False, log=log,
+                                   before_run=probe if args.rescale_per_point else None)
         if args.server_trace:
             time.sleep(0.5)  # the core writes its trace when it goes idle
+    for run, measured in zip(real_runs, probes):
+        run["speed_probe"] = measured
     if args.server_trace:
         first_token_paths(args.server_trace, real_runs, profile, log)
     return real_runs
@@ -151,9 +217,10 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
 
 def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Callable[[str], None] = print) -> None:
     """Each measured record gets "server": where its TTFT went (`trace.first_token_path`), with
-    the profile's cost of that first step beside the traced one ("predicted_step_s"); per run,
-    the medians, and over all runs the fit of the delivery delay against the streams in the
-    first token's step (does the front end slow down with the streams it serves?)."""
+    the profile's cost of that first step beside the traced one ("predicted_step_s", at the
+    point's probed speed when there is a probe); per run, the medians, and over all runs the fit
+    of the delivery delay against the streams in the first token's step (does the front end slow
+    down with the streams it serves?)."""
     import numpy as np
 
     from punctual.sim.trace import first_token_path, match_records, read_trace
@@ -163,11 +230,13 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
     for run in real_runs:
         records = run.get("records") or []
         matched, cursor = match_records(trace.adds, records, cursor)
+        probe = run.get("speed_probe")  # with --rescale-per-point: price the step at the point's speed
+        priced = profile if probe is None else profile.scaled(probe["scale"])
         paths = []
         for record, add in zip(records, matched):
             path = None if add is None else first_token_path(trace, add, record.get("ttft_s"))
             if path is not None:
-                path["predicted_step_s"] = profile.predict(tuple(path["step"]))
+                path["predicted_step_s"] = priced.predict(tuple(path["step"]))
             record["server"] = path
             if path is not None and path["deliver_s"] is not None:
                 paths.append(path)
