@@ -14,8 +14,13 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <omp.h>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -31,6 +36,120 @@ inline __m512 round_bf16(__m512 x) {  // x rounded to bf16 and back: eager's rou
 }
 inline void store16(bf16* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// ---- a team of threads for one call: work claimed chunk by chunk ----------------------------
+// at::parallel_for gives each thread a fixed share and ends at a barrier, so a thread whose core
+// another process holds (the server's front end, the load generator) stalls every loop of the step
+// until the OS runs it again. decode_stack instead runs one OpenMP region for the whole step: its
+// first thread (the leader) walks the layers and publishes each parallel loop as a job; every
+// thread, the leader too, claims the job's chunks from a shared ticket, so a thread that is not
+// running leaves its share to the others, and the leader waits only for chunks already claimed.
+// Chunking never changes results: each output is computed by one thread, in the same order.
+class Team {
+ public:
+  // A job: chunks of [begin, end), `call(ctx, b0, b1)` on each.
+  struct Job {
+    std::atomic<int64_t> begin{0}, end{0}, chunk{1}, chunks{0};
+    std::atomic<const void*> ctx{nullptr};
+    std::atomic<void (*)(const void*, int64_t, int64_t)> call{nullptr};
+    std::atomic<int64_t> done{0};
+  };
+
+  template <typename F>
+  void run(int64_t begin, int64_t end, int64_t grain, const F& f) {
+    if (begin >= end) return;
+    const int64_t total = end - begin;
+    // A few chunks per thread at least (so a late thread still finds some), never below the grain.
+    const int64_t chunk = std::max<int64_t>(grain, (total + 8 * threads_ - 1) / (8 * threads_));
+    Job& job = jobs_[(generation_ + 1) & 1];
+    job.begin.store(begin, std::memory_order_relaxed);
+    job.end.store(end, std::memory_order_relaxed);
+    job.chunk.store(chunk, std::memory_order_relaxed);
+    job.chunks.store((total + chunk - 1) / chunk, std::memory_order_relaxed);
+    job.ctx.store(&f, std::memory_order_relaxed);
+    job.call.store([](const void* ctx, int64_t b0, int64_t b1) { (*static_cast<const F*>(ctx))(b0, b1); },
+                   std::memory_order_relaxed);
+    job.done.store(0, std::memory_order_relaxed);
+    ++generation_;
+    ticket_.store(generation_ << 32, std::memory_order_release);  // publishes the job's fields
+    while (take_one()) {
+    }
+    const int64_t chunks = job.chunks.load(std::memory_order_relaxed);
+    for (int spins = 0; job.done.load(std::memory_order_acquire) < chunks; ++spins) pause(spins);
+    if (failed_.load(std::memory_order_acquire)) std::rethrow_exception(error_);
+  }
+
+  // The other threads' loop: take chunks of whatever job is published until the leader stops.
+  void work() {
+    for (int spins = 0; !stopped_.load(std::memory_order_acquire);) {
+      if (take_one()) {
+        spins = 0;
+      } else {
+        pause(spins++);
+      }
+    }
+  }
+
+  void stop() { stopped_.store(true, std::memory_order_release); }
+  explicit Team(int64_t threads) : threads_(threads) {}
+
+ private:
+  // Claim and run one chunk of the current job; false when none is left to claim.
+  bool take_one() {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    Job& job = jobs_[(t >> 32) & 1];
+    const int64_t index = static_cast<int64_t>(t & 0xFFFFFFFFu);
+    if (index >= job.chunks.load(std::memory_order_relaxed)) return false;
+    // Fields read above belong to the job of t's generation if the ticket still holds t: the
+    // leader rewrites a job's slot only two generations later, after moving the ticket on.
+    const int64_t begin = job.begin.load(std::memory_order_relaxed), end = job.end.load(std::memory_order_relaxed);
+    const int64_t chunk = job.chunk.load(std::memory_order_relaxed);
+    const void* ctx = job.ctx.load(std::memory_order_relaxed);
+    auto call = job.call.load(std::memory_order_relaxed);
+    if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return true;  // raced: look again
+    const int64_t b0 = begin + index * chunk;
+    try {
+      call(ctx, b0, std::min(end, b0 + chunk));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (!failed_.load(std::memory_order_relaxed)) {
+        error_ = std::current_exception();
+        failed_.store(true, std::memory_order_release);
+      }
+    }
+    job.done.fetch_add(1, std::memory_order_acq_rel);
+    return true;
+  }
+
+  static void pause(int spins) {
+    if (spins < 2048) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();  // long wait: a claimed chunk's thread is not running; let it
+    }
+  }
+
+  const int64_t threads_;
+  Job jobs_[2];
+  uint64_t generation_ = 0;  // the leader's: generations published so far
+  std::atomic<uint64_t> ticket_{0};  // generation << 32 | next chunk to claim
+  std::atomic<bool> stopped_{false};
+  std::atomic<bool> failed_{false};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+};
+
+thread_local Team* current_team = nullptr;  // set on the leader while decode_stack runs
+
+// The kernels' parallel loops: through the team inside decode_stack, else at::parallel_for.
+template <typename F>
+inline void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (current_team != nullptr) {
+    current_team->run(begin, end, grain, f);
+  } else {
+    at::parallel_for(begin, end, grain, f);
+  }
 }
 
 constexpr int64_t kBlockN = 16;          // outputs per packed block: one zmm of fp32 sums
@@ -145,7 +264,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
   const float* sp = scale32.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float sums[kRowTile * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* wb = w + b * k2 * 2 * kBlockN;
@@ -247,7 +366,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* zp = zeros.data_ptr<float>();
   const float* xs = xsum.data();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float sums[kRowTile * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w + b * k2 * kBlockN;
@@ -386,7 +505,7 @@ at::Tensor linear_int4_q8(const at::Tensor& x, const at::Tensor& packed, const a
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float sums[kRowTileQ8 * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w + b * k * kBlockN / 2;
@@ -430,7 +549,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float sums[kRowTile * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const uint16_t* wb = w + b * k2 * 2 * kBlockN;
@@ -508,7 +627,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, c
   const bf16* wp = weight.contiguous().data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   const int64_t full = hidden / 16 * 16;
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+  parallel_range(0, rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> h(hidden), squares(hidden);
     for (int64_t r = r0; r < r1; ++r) {
       const bf16* xr = xp + r * hidden;
@@ -557,7 +676,7 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
   const bf16* cp = cc.data_ptr<bf16>();
   const bf16* sp = sc.data_ptr<bf16>();
   const bool vectorized = half % 16 == 0 && head_dim <= 256;
-  at::parallel_for(0, tokens * heads, 64, [&](int64_t i0, int64_t i1) {
+  parallel_range(0, tokens * heads, 64, [&](int64_t i0, int64_t i1) {
     std::vector<float> x(head_dim);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / heads, h = i % heads;
@@ -618,7 +737,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   auto out = at::empty({tokens, inter}, gc.options());
   const bf16* gp = gc.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, tokens, 4, [&](int64_t t0, int64_t t1) {
+  parallel_range(0, tokens, 4, [&](int64_t t0, int64_t t1) {
     const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t t = t0; t < t1; ++t) {
       const bf16* g = gp + t * 2 * inter;
@@ -750,7 +869,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   // One work item per (token, KV head): the G query heads of a KV head share its K/V reads (a
   // key's row of that head is read once), and a single decode token still splits across threads.
   // Each head's sums run in the same order whatever the split, so results do not depend on it.
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+  parallel_range(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
     std::vector<__m512> acc(group * lanes);
@@ -881,7 +1000,7 @@ void write_kv(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, at::Tensor
 // input_ids, positions [T]; weights: per layer input_norm, post_norm, then qkv, o_proj, gate_up,
 // down as four slots each (kind-dependent tensors, then the bias), kinds and groups one per
 // linear; caches one K and one V per layer. Returns the final norm's output [T, hidden].
-at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
+at::Tensor decode_stack_layers(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                         const at::Tensor& cos_table, const at::Tensor& sin_table,
                         const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
                         at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
@@ -921,6 +1040,42 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
     delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
   }
   return delta.defined() ? rms_norm(delta, final_norm, eps, residual) : rms_norm(residual, final_norm, eps, {});
+}
+
+at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
+                        const at::Tensor& cos_table, const at::Tensor& sin_table,
+                        const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
+                        at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
+                        at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                        const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                        double eps, int64_t window, double scale) {
+  const int threads = at::get_num_threads();
+  auto layers = [&] {
+    return decode_stack_layers(input_ids, positions, embed, cos_table, sin_table, weight_list, kinds, groups, final_norm,
+                               k_caches, v_caches, slot_mapping, block_tables, seq_of_token, heads, kv_heads, head_dim,
+                               eps, window, scale);
+  };
+  if (threads <= 1 || at::in_parallel_region()) return layers();
+  Team team(threads);
+  at::Tensor out;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    if (omp_get_thread_num() == 0) {
+      current_team = &team;
+      try {
+        out = layers();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      current_team = nullptr;
+      team.stop();
+    } else {
+      team.work();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return out;
 }
 
 }  // namespace
