@@ -271,14 +271,19 @@ class ModelRunner:
                 rows.extend(range(offset - n_rows, offset))
         if not rows:
             return output
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        # Every row (a step of decodes): the hidden states as they are, no gather.
+        every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
+        logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
         if self.guide.matchers:  # structured output: mask only the rows of guided requests
             self.guide.mask(logits, [(row, c.state.request_id, c.item.spec_token_ids) for row, c in plain + spec])
         sampled, logprobs = output.sampled_token_ids, output.logprobs
         if plain:
-            index = torch.tensor([row for row, _ in plain], device=self.device)
             states = [c.state for _, c in plain]
-            tokens, lps = self.sampler.sample(logits[index], states)
+            if len(plain) == logits.shape[0]:  # no verification rows: the plain rows are all of them, in order
+                tokens, lps = self.sampler.sample(logits, states)
+            else:
+                tokens, lps = self.sampler.sample(logits[torch.tensor([row for row, _ in plain], device=self.device)],
+                                                  states)
             for state, token, lp in zip(states, tokens, lps):
                 sampled[state.request_id] = [token]
                 if lp is not None:
@@ -419,10 +424,13 @@ class ModelRunner:
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
         tables, _ = self._padded_tables(items, [c.start_position + c.num_new_tokens for c in items])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
+        shift = sum(q_lens)
+        if shift == len(items):  # one token each (decodes): token i is sequence i's
+            seq_of_token = torch.arange(shift, device=dev)
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
         positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
                                  dtype=torch.long, device=dev)
-        shift = sum(q_lens)
         kernel = dict(kernel_tokens=shift, kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
                       kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
         if rest is None:

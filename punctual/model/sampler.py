@@ -45,7 +45,9 @@ class Sampler:
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
+        if greedy and not random:  # every row greedy: no row selection (a copy of the logits) needed
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             index = torch.tensor(greedy, device=logits.device)
             tokens[index] = logits[index].argmax(dim=-1)
         if random:
