@@ -10,7 +10,7 @@ given, as vLLM v1's input batch does: a request's first plan after admission car
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from punctual.request import TokenLogprobs
 from punctual.sampling_params import SamplingParams
@@ -29,10 +29,13 @@ class NewRequestData:
     grammar: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: feed `token_ids` then `spec_token_ids` at consecutive
-    positions from `start_position`, writing KV through the request's block table."""
+    positions from `start_position`, writing KV through the request's block table.
+
+    Built for every running request at every step: slotted, and without a list of its own
+    until the speculator gives it proposals."""
 
     request_id: str
     token_ids: list[int]  # known tokens: a prompt chunk, a recomputation, or the one decode token
@@ -46,7 +49,7 @@ class ScheduledRequest:
     new: NewRequestData | None = None
     # Speculative decoding: proposals verified after the known tokens, and the proposer's
     # distribution for each ([k, vocab] tensor; None for a deterministic proposer such as prompt lookup).
-    spec_token_ids: list[int] = field(default_factory=list)
+    spec_token_ids: Sequence[int] = ()
     draft_probs: Any = None
     # Proposal room the scheduler reserved (KV blocks, budget); the speculator fills up to this many.
     num_spec_reserved: int = 0

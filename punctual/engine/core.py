@@ -271,13 +271,12 @@ class EngineCore:
         prompt_logprobs = self._take_prompt_logprobs(plan, output)
         updates = self.scheduler.update_from_output(plan, output, now)
         self.num_steps += 1
-        self.generation_tokens += sum(len(u.new_token_ids) for u in updates)
+        self.generation_tokens += sum(len(new_token_ids) for _, new_token_ids, _ in updates)
         if spec is not None:
             spec.record(plan, output)
-        for update in updates:
-            request = update.request
+        for request, new_token_ids, finish_reason in updates:
             scored = prompt_logprobs.pop(request.request_id, None)
-            if update.finish_reason is not None and spec is not None:
+            if finish_reason is not None and spec is not None:
                 spec.forget(request.request_id)
             pin_id = self._pins_in_flight.pop(request.request_id, None)
             if pin_id is not None:
@@ -288,11 +287,11 @@ class EngineCore:
             if request.first_token_time is None:
                 request.first_token_time = first_token_time = now
             lps = output.logprobs.get(request.request_id)
-            lps = lps[:len(update.new_token_ids)] if lps is not None else None
-            if update.finish_reason is not None:
-                out = self._final_output(request, update.new_token_ids, lps)
+            lps = lps[:len(new_token_ids)] if lps is not None else None
+            if finish_reason is not None:
+                out = self._final_output(request, new_token_ids, lps)
             else:
-                out = EngineCoreOutput(request.request_id, update.new_token_ids, new_logprobs=lps)
+                out = EngineCoreOutput(request.request_id, new_token_ids, new_logprobs=lps)
             out.first_token_time = first_token_time
             out.prompt_logprobs = scored
             outputs.append(out)

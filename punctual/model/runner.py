@@ -249,7 +249,7 @@ class ModelRunner:
         chunks = []
         for item in plan.scheduled:
             state = self.requests[item.request_id]
-            chunks.append(_Chunk(item.token_ids + item.spec_token_ids, item.start_position, state.block_ids,
+            chunks.append(_Chunk([*item.token_ids, *item.spec_token_ids], item.start_position, state.block_ids,
                                  state.blocks, item, state))
         groups = [[chunks[i] for i in group] for group in split_by_query_length(
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]

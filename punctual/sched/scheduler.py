@@ -9,8 +9,7 @@ already produced, so its output is unchanged.
 from __future__ import annotations
 
 from bisect import insort
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
@@ -28,11 +27,10 @@ __all__ = ["FinishedUpdate", "ScheduledRequest", "Scheduler", "SchedulerOutput",
 SpecLengthChooser = Callable[[dict[str, int], int, int, int], dict[str, int]]
 
 
-@dataclass(slots=True)
-class FinishedUpdate:
-    request: Request
-    new_token_ids: list[int]
-    finish_reason: str | None
+# One request's result of a step: (request, its new token ids, why it finished or None). A
+# plain tuple: one is built per running request per step, and a tuple costs a fraction of an
+# object with named fields in CPython; readers unpack it.
+FinishedUpdate = tuple[Request, Sequence[int], "str | None"]
 
 
 class Scheduler:
@@ -55,6 +53,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._fixed_order = self.policy.fixed_order
         self._may_shed = type(self.policy).admit is not SchedulingPolicy.admit  # the base admits everyone
+        # The base class's prefill cap is the whole budget, whatever the step's decodes.
+        self._reads_decodes = type(self.policy).prefill_budget is not SchedulingPolicy.prefill_budget
         # The policy's on_tokens, unless it is the base class's no-op (a call per request per step).
         self._on_tokens = None if type(self.policy).on_tokens is SchedulingPolicy.on_tokens else self.policy.on_tokens
         self.requests: dict[str, Request] = {}
@@ -162,10 +162,14 @@ class Scheduler:
         policy = self.policy
 
         # Decodes first: a stalled decode costs TPOT for every running stream.
-        decodes, partial = [], []  # one pass: is_prefilling, inlined
-        for request in self.running:
-            (partial if len(request.token_ids) - request.num_computed_tokens > 1 else decodes).append(request)
-        if not self._fixed_order:
+        if self._fixed_order:
+            # Already in the policy's order: decodes and prompt chunks are told apart in the
+            # decode pass itself (a copy: a preemption below leaves the running list).
+            decodes, partial = self.running[:], []
+        else:
+            decodes, partial = [], []  # one pass: is_prefilling, inlined
+            for request in self.running:
+                (partial if len(request.token_ids) - request.num_computed_tokens > 1 else decodes).append(request)
             decodes.sort(key=lambda r: policy.order_key(r, now))
             partial.sort(key=lambda r: policy.order_key(r, now))
         tables, block_size, running = self.kv.block_tables, self.kv.block_size, RequestStatus.RUNNING
@@ -174,24 +178,33 @@ class Scheduler:
         # told of its new blocks here (with speculation, after the proposals' room is reserved).
         blocks_sent = self._blocks_sent
         attach_now = not spec_available
-        running_decodes = []
+        running_decodes = []  # for the policy's prefill cap, if it reads them
+        collect_decodes = self._reads_decodes
         for request in decodes:
-            if budget == 0:
-                break
             if request.status is not running:
                 continue  # preempted earlier in this step
             start = request.num_computed_tokens
+            token_ids = request.token_ids
+            last = len(token_ids) - 1
+            if last > start:
+                partial.append(request)  # more than its next token to compute: a prompt chunk
+                continue
+            if budget == 0:
+                continue  # no room for more decodes; the pass goes on only to find prompt chunks
             request_id = request.request_id
+            table = tables[request_id]  # grown in place by an allocation
             # The common case first: its next token fits in the blocks it holds.
-            if start < len(tables[request_id]) * block_size or self._allocate_or_preempt(request, 1, plan, now):
-                token_ids = request.token_ids
-                last = len(token_ids) - 1
-                item = ScheduledRequest(request_id, token_ids[start:start + 1], start, (), start == last,
-                                        start == last and request.num_output_tokens > 0)
+            if start < len(table) * block_size or self._allocate_or_preempt(request, 1, plan, now):
+                if start == last:  # its newest token: sampled; a decode once it has generated
+                    item = ScheduledRequest(request_id, [token_ids[start]], start, (), True,
+                                            request.num_output_tokens > 0)
+                else:  # every token computed (its sampled token never came): an empty chunk
+                    item = ScheduledRequest(request_id, [], start, (), False, False)
                 scheduled.append(item)
-                if attach_now and blocks_sent.get(request_id) != len(tables[request_id]):
+                if attach_now and blocks_sent.get(request_id) != len(table):
                     self._attach_blocks(item)
-                running_decodes.append(request)
+                if collect_decodes:
+                    running_decodes.append(request)
                 budget -= 1
         num_decodes = len(scheduled)
 
@@ -309,10 +322,14 @@ class Scheduler:
         """Feed the measured duration of an executed plan to the cost model the policies use."""
         tokens = rows = 0  # plan.num_batched_tokens and plan.num_sampled_rows, in one pass
         for item in plan.scheduled:
-            spec = len(item.spec_token_ids)
-            tokens += len(item.token_ids) + spec
+            tokens += len(item.token_ids)
             if item.samples:
-                rows += 1 + spec
+                rows += 1
+            if item.spec_token_ids:  # verified proposals: batched, and sampled where the chunk samples
+                spec = len(item.spec_token_ids)
+                tokens += spec
+                if item.samples:
+                    rows += spec
         self.cost_model.observe(tokens, len(plan.scheduled), seconds, rows)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, plan: StepPlan, now: float) -> bool:
@@ -349,6 +366,7 @@ class Scheduler:
         rejected ones lies beyond num_computed_tokens and is overwritten later (the rollback).
         """
         updates = []
+        append_update = updates.append
         requests, sampled, running = self.requests, output.sampled_token_ids, RequestStatus.RUNNING
         kv, on_tokens = self.kv, self._on_tokens
         # Full blocks to index only when the computed tokens crossed a block boundary (checked
@@ -361,9 +379,11 @@ class Scheduler:
             if request is None or request.status is not running:
                 continue  # aborted while the step ran
             tokens = sampled.get(request_id, ())
-            request.num_computed_tokens += len(item.token_ids) + (output.num_accepted(item) if item.spec_token_ids
-                                                                  else 0)
-            if indexed is not None and request.num_computed_tokens // block_size > indexed[request_id]:
+            computed = request.num_computed_tokens + len(item.token_ids)
+            if item.spec_token_ids:
+                computed += output.num_accepted(item)
+            request.num_computed_tokens = computed
+            if indexed is not None and computed // block_size > indexed[request_id]:
                 kv.cache_full_blocks(request)
             if on_tokens is not None:
                 on_tokens(request, item.num_prompt_tokens, len(tokens))
@@ -382,7 +402,7 @@ class Scheduler:
                     if finish_reason is not None:
                         self._finish(request, RequestStatus(finish_reason), now)
                         break
-            updates.append(FinishedUpdate(request, kept, finish_reason))
+            append_update((request, kept, finish_reason))
         return updates
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus, now: float) -> list[Request]:

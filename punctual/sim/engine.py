@@ -212,14 +212,14 @@ class Simulator:
                     replica = replicas[payload]
                     delivered = now + deliver
                     prefill_pool = replica.role == "prefill"
-                    for update in replica.finish_step(now):
-                        if update.finish_reason is None:
-                            outcome = in_flight[update.request.request_id]
+                    for request, _, finish_reason in replica.finish_step(now):
+                        if finish_reason is None:
+                            outcome = in_flight[request.request_id]
                             outcome.token_times.append(delivered)
                             if prefill_pool and len(outcome.token_times) == 1:
-                                self._start_move(update.request, replica, now)
+                                self._start_move(request, replica, now)
                         else:
-                            outcome = in_flight.pop(update.request.request_id)
+                            outcome = in_flight.pop(request.request_id)
                             outcome.token_times.append(delivered)
                             finish(outcome, delivered)
                     for move in replica.pending_moves:  # commands wait for the step to end, as in a core
