@@ -7,7 +7,8 @@ s, s + S, s + 2S, ... (global ids); a worker keeps its replicas (prefix caches, 
 from one run to the next, as the one-process simulator does.
 
 Workers are forked, so they start with this process's imports and the profile; each run sends
-every shard only its own requests and gets back records and streamed statistics.
+every shard only its own requests and gets back records and streamed statistics. A worker
+simulates its replicas one after another, each over the whole run (`run_replica_by_replica`).
 """
 from __future__ import annotations
 
@@ -34,11 +35,40 @@ def _worker(connection, config: ClusterConfig, profile: StepProfile) -> None:
             simulator.now = start  # every shard starts the run at the cluster's clock
             requests = [SimRequest(index, token_ids(r.prompt), r.output_len, r.user, r.prompt_len)
                         for index, r in items]
-            records, stats, duration = sender.run_local(requests, offsets=offsets, routes=routes)
+            records, stats, duration = run_replica_by_replica(sender, requests, offsets, routes)
             connection.send(("ok", records, stats, duration, simulator.now, simulator.num_events,
                              simulator.num_steps))
         except BaseException:
             connection.send(("error", traceback.format_exc()))
+
+
+def run_replica_by_replica(sender, requests: list[SimRequest], offsets: list[float], routes: list[int]):
+    """SimSender.run_local, one replica at a time: each replica's requests run alone, from the
+    same start, and the answers are merged. With routing decided outside (a shard's), a replica's
+    events depend on its own arrivals only, so each comes out as in one run over all of them. The
+    gain is locality: interleaved, every step of 500 replicas finds its replica's requests, block
+    tables and caches evicted by the others' (7 us of CPU per output token at 500 replicas a
+    process, against ~2-3 at a few); alone, a replica's working set stays in the CPU's caches."""
+    from punctual.sim.loadgen import StreamedStats
+
+    simulator = sender.simulator
+    start, run_id = simulator.now, simulator._run_id
+    by_replica: dict[int, list[int]] = {}
+    for position, route in enumerate(routes):
+        by_replica.setdefault(route, []).append(position)
+    records, stats, duration, end = [], StreamedStats(), 0.0, start
+    for route in sorted(by_replica):
+        positions = by_replica[route]
+        simulator.now, simulator._run_id = start, run_id  # the same clock and request ids as one run
+        replica_records, replica_stats, replica_duration = sender.run_local(
+            [requests[p] for p in positions], offsets=[offsets[p] for p in positions], routes=[route] * len(positions))
+        records.extend(replica_records)
+        stats.merge(replica_stats)
+        duration = max(duration, replica_duration)
+        end = max(end, simulator.now)
+    simulator.now, simulator._run_id = end, run_id + 1
+    records.sort(key=lambda r: r.index)
+    return records, stats, duration
 
 
 class ShardedSimulator:
