@@ -202,6 +202,31 @@ def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
                          "--sim-processes", "2")) != 0
 
 
+def test_replica_by_replica_equals_one_interleaved_run():
+    """A shard simulates its replicas one after another; with routes fixed outside, every record
+    (each token's time), the duration, the clock and the replicas' caches end as in one run."""
+    from punctual.sim.shards import run_replica_by_replica
+
+    requests = to_sim_requests(generate_workload("shared-prefix", 60, 3, 0.2))
+    offsets = [i * 0.01 for i in range(len(requests))]
+    routes = [i % 4 for i in range(len(requests))]
+    answers = []
+    for by_replica in (False, True):
+        config = ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 120, max_model_len=2048,
+                               replicas=4)
+        sender = SimSender(Simulator(config, profile()))
+        for _ in range(2):  # a second run starts from the first's clock and caches
+            if by_replica:
+                records, _, duration = run_replica_by_replica(sender, requests, offsets, routes)
+            else:
+                records, _, duration = sender.run_local(requests, offsets=offsets, routes=routes)
+        sim = sender.simulator
+        answers.append((records, duration, sim.now, sim.num_events, sim.num_steps,
+                        [r.kv.num_used_blocks for r in sim.replicas]))
+    assert answers[0][0] and all(r.error is None for r in answers[0][0])
+    assert answers[0] == answers[1]
+
+
 def pd_simulator(prefill: int, decode: int, transfer: dict | None = None, num_kv_blocks: int = 400):
     kv_transfer = transfer or {"fixed_s": 0.004, "bytes_per_s": 1e8}
     config = ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), num_kv_blocks,
