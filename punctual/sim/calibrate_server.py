@@ -42,7 +42,8 @@ CALIBRATION_SALT = 1000  # above any salt a bench run uses
 def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, workload: str = "chat",
                      rates: tuple[float, ...] = (1.0, 2.0), num_requests: int = 30, sequential: int = 12,
                      seed: int = 0, length_scale: float = 0.25, max_num_seqs: int = 32,
-                     startup_timeout: float = 600.0, log: Callable[[str], None] = print) -> StepProfile:
+                     startup_timeout: float = 600.0, threads: int | None = None,
+                     log: Callable[[str], None] = print) -> StepProfile:
     from punctual.bench import loadgen
     from punctual.bench.arrivals import arrival_offsets
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
@@ -50,7 +51,10 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
 
     workdir = Path(tempfile.mkdtemp(prefix="punctual-calibrate-server-"))
     trace_path = workdir / "steps.jsonl"
-    spec = punctual_peer(model, free_port(), PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args)))
+    options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args))
+    if threads is not None:  # the server runs with the threads the offline profile had
+        options = dataclasses.replace(options, threads=threads)
+    spec = punctual_peer(model, free_port(), options)
     spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: str(trace_path)})
     log(f"calibrate --server: starting {' '.join(spec.command)}")
     started = time.perf_counter()

@@ -37,6 +37,9 @@ def add_sim_parser(subparsers) -> None:
     calibrate.add_argument("--max-prompt", type=int, default=512, help="longest prompt chunk profiled")
     calibrate.add_argument("--max-batch", type=int, default=32, help="largest decode batch profiled")
     calibrate.add_argument("--repeats", type=int, default=1, help="times each shape is profiled")
+    calibrate.add_argument("--threads", type=int, default=None,
+                           help="CPU threads of the engine profiled, and of the --server it starts (default: "
+                                "torch's); 1 to profile a replica of `serve --replicas N --threads-per-replica 1`")
     server = calibrate.add_argument_group("the serving path (--server)")
     server.add_argument("--server", action="store_true",
                         help="also run `punctual serve` here under load and fit the front end's delays and the "
@@ -105,6 +108,13 @@ def add_sim_parser(subparsers) -> None:
     validate.add_argument("--server-trace", default=None,
                           help="write the real server core's step trace here and break each measured TTFT down "
                                "(front end in, queued, first step, delivery) into the --output JSON")
+    validate.add_argument("--replicas", type=int, default=1,
+                          help="validate a cluster: the server runs `--replicas N` on Ray, the simulator N replicas "
+                               "behind the same router (calibrate the profile with --threads equal to "
+                               "--threads-per-replica)")
+    validate.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
+    validate.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
+                          help="with --replicas: the cluster's router, run by both sides")
     validate.add_argument("--rescale-per-point", action="store_true",
                           help="probe the server's speed right before each point (a fixed request, ~2 s) and "
                                "scale that point's simulated step costs by the probe's seconds per token over "
@@ -232,6 +242,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         profile.save(args.output)
         _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.base_profile:
         if not args.server:
             raise ValueError("--base-profile: only with --server")
@@ -258,7 +274,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rates = tuple(float(r) for r in args.server_rates.split(",") if r.strip())
         profile = calibrate_server(profile, args.model, serve_args, workload=args.server_workload, rates=rates,
                                    num_requests=args.server_requests, length_scale=args.server_length_scale,
-                                   max_num_seqs=flags.max_num_seqs or 32, log=_log)
+                                   max_num_seqs=flags.max_num_seqs or 32, threads=args.threads, log=_log)
         server, frontend = profile.fit["server"], profile.frontend
         _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
              f"{server['per_row_s'] * 1000:.3f} ms per sampled row + "

@@ -51,7 +51,10 @@ def engine_flags(args: argparse.Namespace, profile) -> argparse.Namespace:
         if getattr(flags, name) is None and name in profile.engine:
             setattr(flags, name, profile.engine[name])
     flags.num_kv_blocks = profile.num_kv_blocks if flags.kv_cache_memory is None else None
-    flags.replicas, flags.router = 1, "round_robin"
+    replicas = getattr(args, "replicas", 1) or 1
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    flags.replicas, flags.router = replicas, (args.router if replicas > 1 else "round_robin")
     return flags
 
 
@@ -62,6 +65,16 @@ def serve_command(flags: argparse.Namespace) -> list[str]:
         if value is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
     return out
+
+
+def server_args(args: argparse.Namespace, flags: argparse.Namespace) -> tuple[str, ...]:
+    """`punctual serve`'s flags for the real side: the engine's, the extra ones given, and with
+    --replicas the cluster's (each replica on Ray is an engine with those flags)."""
+    extra = tuple(serve_command(flags)) + tuple(shlex.split(args.serve_args))
+    if flags.replicas > 1:
+        extra += ("--replicas", str(flags.replicas), "--threads-per-replica", str(args.threads_per_replica),
+                  "--router", flags.router)
+    return extra
 
 
 def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
@@ -97,6 +110,8 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
         log(f"profile: front end admit {profile.admit_s * 1000:.1f} ms, deliver {profile.deliver_s * 1000:.1f} ms; "
             f"serving loop {server['scale']:.2f} x offline + {server['overhead_s'] * 1000:.1f} ms per step + "
             f"{server.get('prefill_step_s', 0.0) * 1000:.1f} ms per step with prompt tokens")
+    if getattr(args, "replicas", 1) > 1 and args.server_trace:
+        raise ValueError("--server-trace: the step trace is one engine core's; run it without --replicas")
     if args.rescale_per_point:  # before the real side runs: a profile without a probe cannot be rescaled
         reference = check_reference(profile.speed_probe)
         log(f"rescaling per point: the profile's speed probe took {reference['token_s'] * 1000:.2f} ms per token")
@@ -143,15 +158,13 @@ def simulate(config, profile, plan, scales: list[float] | None = None,
     from punctual.sim.loadgen import SimSender
 
     simulator = Simulator(config, profile)
-    before_run = None
-    if scales is not None:
-        pending = iter(scales)
+    pending = iter(scales or ())
 
-        def before_run(workload: str, rate: float | None) -> None:
-            simulator.set_profile(profile.scaled(next(pending)))
+    def rescale(workload: str, rate: float | None) -> None:
+        simulator.set_profile(profile.scaled(next(pending)))
 
     runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=log,
-                          send=SimSender(simulator, slo=plan.slo), before_run=before_run)
+                          send=SimSender(simulator, slo=plan.slo), before_run=None if scales is None else rescale)
     if scales is not None:
         if len(scales) != len(runs):
             raise ValueError(f"{len(scales)} speed scales for {len(runs)} simulated points")
@@ -184,7 +197,7 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     from punctual.bench.sweep import bench_endpoint
     from punctual.sim.probe import run_probe, speed_scale
 
-    extra = tuple(serve_command(flags)) + tuple(a for a in shlex.split(args.serve_args))
+    extra = server_args(args, flags)
     options = PeerOptions(max_num_seqs=flags.max_num_seqs or 32, punctual_args=extra)
     spec = punctual_peer(args.model, free_port(), options)
     log(f"starting {shlex.join(spec.command)}")

@@ -150,3 +150,32 @@ def test_probe_times_a_fixed_request_through_the_server():
     assert {b["prompt"] for b in bodies} == {bodies[0]["prompt"]}  # the same request every time
     assert all(b["max_tokens"] == OUTPUT_TOKENS and b["ignore_eos"] and b["temperature"] == 0 for b in bodies)
     assert 0.002 <= probe["token_s"] < 0.05
+
+
+def test_validate_a_two_replica_cluster(tmp_path):
+    """--replicas: the server is started as a cluster with the same router, and the simulator runs
+    that many replicas behind the shipped router; a one-replica simulation of the same plan differs."""
+    from punctual.sim.validate import engine_flags, server_args, simulate, validate
+
+    profile = served_profile()
+    args = validate_args(tmp_path, profile, workload="chat", sweep_rates="8", num_requests=24, replicas=2,
+                         threads_per_replica=1, router="cache_aware")
+    flags = engine_flags(args, profile)
+    assert (flags.replicas, flags.router) == (2, "cache_aware")
+    extra = server_args(args, flags)
+    assert extra[-6:] == ("--replicas", "2", "--threads-per-replica", "1", "--router", "cache_aware")
+    plan, config = plan_and_config(args, profile)
+    assert (config.replicas, config.router) == (2, "cache_aware")
+    two = simulate(config, profile, plan, None, log=lambda _: None)
+    plan1, config1 = plan_and_config(validate_args(tmp_path, profile, workload="chat", sweep_rates="8",
+                                                   num_requests=24), profile)
+    one = simulate(config1, profile, plan1, None, log=lambda _: None)
+    assert two[0]["summary"]["ttft_ms"]["p90"] < one[0]["summary"]["ttft_ms"]["p90"]  # twice the engines
+    for run in two:
+        run["system"] = "punctual"
+    (tmp_path / "measured.json").write_text(json.dumps({"measured": two}, default=str))
+    validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=lambda _: None)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert all(r["error"] == pytest.approx(0.0) for r in out["errors"])  # the same cluster simulated again
+    with pytest.raises(ValueError, match="--server-trace"):
+        validate(argparse.Namespace(**{**vars(args), "server_trace": str(tmp_path / "t.jsonl")}), log=print)
