@@ -158,6 +158,19 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
     outgrow; the stream moves to the other replica instead of being preempted for it (off: the
     scheduler preempts it, which is what the move spares)."""
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    # Each core step then lets go of the interpreter for a moment, so the scenario below adds
+    # `high` while `low` is a few tokens in. Without it a core thread holding the GIL could
+    # finish `low` first (seen once under CI's load), leaving nothing to preempt or move.
+    from punctual.engine.core import EngineCore
+
+    step = EngineCore.step
+
+    def yielding_step(self, *args, **kwargs):
+        outputs = step(self, *args, **kwargs)
+        time.sleep(0.001)
+        return outputs
+
+    monkeypatch.setattr(EngineCore, "step", yielding_step)
     config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4,
                                       scheduling_policy="priority")
     # A threshold no load gap reaches: only the room rule moves anything.
