@@ -48,6 +48,8 @@ FUSED_LINEAR_MAX_ROWS = 16
 # one kernel call (decode_stack): the same kernels in the same order as _forward_fused, without
 # ~10 Python-dispatched calls per layer. False runs them layer by layer (to compare).
 USE_DECODE_STACK = True
+# decode_stack's codes for a linear's kernel (csrc/cpu_kernels.cpp, LinearKind).
+STACK_BF16, STACK_INT8, STACK_INT4_Q8, STACK_INT4 = 0, 1, 2, 3
 
 
 @dataclass
@@ -285,13 +287,13 @@ class LlamaModel:
                                  (layer.gate_up, layer.gate_up_bias), (layer.down, layer.down_bias)):
                 if isinstance(weight, FusedWeight):
                     slots += [weight.packed, None, None, bias]
-                    kinds.append(0)
+                    kinds.append(STACK_BF16)
                     groups.append(0)
                     max_rows = min(max_rows, weight.max_rows)
                 elif isinstance(weight, QuantizedWeight) and weight.fused is not None:
-                    int4_kind = 2 if weight.int8_activations else 3
+                    int4_kind = STACK_INT4_Q8 if weight.int8_activations else STACK_INT4
                     slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
-                    kinds.append(1 if weight.kind == "int8" else int4_kind)
+                    kinds.append(STACK_INT8 if weight.kind == "int8" else int4_kind)
                     groups.append(weight.group_size)
                     max_rows = min(max_rows, quant.FUSED_MAX_ROWS)
                 else:
@@ -307,6 +309,8 @@ class LlamaModel:
         if meta.kernel_tokens != num_tokens or num_tokens > max_rows or (kv_caches and kv_caches[0].quantized):
             return None
         arch = self.arch
+        # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
+        # its kernel_positions are these (both built from the step's chunks in the same order).
         return self.kernels.decode_stack(
             input_ids, positions, self.embed, self.cos, self.sin, slots, kinds, groups, self.norm,
             [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,
