@@ -1000,48 +1000,6 @@ void write_kv(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, at::Tensor
 // input_ids, positions [T]; weights: per layer input_norm, post_norm, then qkv, o_proj, gate_up,
 // down as four slots each (kind-dependent tensors, then the bias), kinds and groups one per
 // linear; caches one K and one V per layer. Returns the final norm's output [T, hidden].
-at::Tensor decode_stack_layers(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
-                        const at::Tensor& cos_table, const at::Tensor& sin_table,
-                        const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
-                        at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
-                        at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                        const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                        double eps, int64_t window, double scale) {
-  const int64_t layers = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(kinds.size()) == 4 * layers &&
-              static_cast<int64_t>(groups.size()) == 4 * layers &&
-              static_cast<int64_t>(weight_list.size()) == 18 * layers,
-              "decode_stack: per layer 18 weight slots, 4 kinds and groups, one K and one V cache");
-  TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() && slot_mapping.sizes() == input_ids.sizes() &&
-              seq_of_token.sizes() == input_ids.sizes(), "decode_stack: input_ids, positions, slots, seq_of_token [T]");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "decode_stack: int64 slots");
-  std::vector<c10::optional<at::Tensor>> w;
-  w.reserve(weight_list.size());
-  for (size_t i = 0; i < weight_list.size(); ++i) w.push_back(weight_list.get(i));
-  const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, tokens = input_ids.size(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  at::Tensor residual = embed.index_select(0, input_ids);
-  const at::Tensor cos = cos_table.index_select(0, positions), sin = sin_table.index_select(0, positions);
-  at::Tensor delta;
-  for (int64_t layer = 0; layer < layers; ++layer) {
-    const size_t base = 18 * layer;
-    const int64_t* kind = kinds.data() + 4 * layer;
-    const int64_t* group = groups.data() + 4 * layer;
-    at::Tensor x = delta.defined() ? rms_norm(delta, *w[base], eps, residual) : rms_norm(residual, *w[base], eps, {});
-    at::Tensor qkv = stack_linear(x, w, base + 2, kind[0], group[0]);
-    rope_(qkv, cos, sin, heads + kv_heads, head_dim);
-    at::Tensor k_cache = k_caches[layer], v_cache = v_caches[layer];
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kBFloat16 &&
-                qkv.size(1) == q_size + 2 * kv_size, "decode_stack: contiguous bf16 caches and a fused qkv");
-    write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
-    const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
-    at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale);
-    x = rms_norm(stack_linear(attn, w, base + 6, kind[1], group[1]), *w[base + 1], eps, residual);
-    delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
-  }
-  return delta.defined() ? rms_norm(delta, final_norm, eps, residual) : rms_norm(residual, final_norm, eps, {});
-}
-
 at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                         const at::Tensor& cos_table, const at::Tensor& sin_table,
                         const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
@@ -1050,12 +1008,43 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
                         const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
                         double eps, int64_t window, double scale) {
   const int threads = at::get_num_threads();
-  auto layers = [&] {
-    return decode_stack_layers(input_ids, positions, embed, cos_table, sin_table, weight_list, kinds, groups, final_norm,
-                               k_caches, v_caches, slot_mapping, block_tables, seq_of_token, heads, kv_heads, head_dim,
-                               eps, window, scale);
+  // The layers, run by the leader (or alone, with one thread).
+  auto run_layers = [&]() -> at::Tensor {
+    const int64_t layers = static_cast<int64_t>(k_caches.size());
+    TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(kinds.size()) == 4 * layers &&
+                static_cast<int64_t>(groups.size()) == 4 * layers &&
+                static_cast<int64_t>(weight_list.size()) == 18 * layers,
+                "decode_stack: per layer 18 weight slots, 4 kinds and groups, one K and one V cache");
+    TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() && slot_mapping.sizes() == input_ids.sizes() &&
+                seq_of_token.sizes() == input_ids.sizes(), "decode_stack: input_ids, positions, slots, seq_of_token [T]");
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "decode_stack: int64 slots");
+    std::vector<c10::optional<at::Tensor>> w;
+    w.reserve(weight_list.size());
+    for (size_t i = 0; i < weight_list.size(); ++i) w.push_back(weight_list.get(i));
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, tokens = input_ids.size(0);
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    at::Tensor residual = embed.index_select(0, input_ids);
+    const at::Tensor cos = cos_table.index_select(0, positions), sin = sin_table.index_select(0, positions);
+    at::Tensor delta;
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      const size_t base = 18 * layer;
+      const int64_t* kind = kinds.data() + 4 * layer;
+      const int64_t* group = groups.data() + 4 * layer;
+      at::Tensor x = delta.defined() ? rms_norm(delta, *w[base], eps, residual) : rms_norm(residual, *w[base], eps, {});
+      at::Tensor qkv = stack_linear(x, w, base + 2, kind[0], group[0]);
+      rope_(qkv, cos, sin, heads + kv_heads, head_dim);
+      at::Tensor k_cache = k_caches[layer], v_cache = v_caches[layer];
+      TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kBFloat16 &&
+                  qkv.size(1) == q_size + 2 * kv_size, "decode_stack: contiguous bf16 caches and a fused qkv");
+      write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
+      const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
+      at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale);
+      x = rms_norm(stack_linear(attn, w, base + 6, kind[1], group[1]), *w[base + 1], eps, residual);
+      delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
+    }
+    return delta.defined() ? rms_norm(delta, final_norm, eps, residual) : rms_norm(residual, final_norm, eps, {});
   };
-  if (threads <= 1 || at::in_parallel_region()) return layers();
+  if (threads <= 1 || at::in_parallel_region()) return run_layers();
   Team team(threads);
   at::Tensor out;
   std::exception_ptr error;
@@ -1064,7 +1053,7 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
     if (omp_get_thread_num() == 0) {
       current_team = &team;
       try {
-        out = layers();
+        out = run_layers();
       } catch (...) {
         error = std::current_exception();
       }
