@@ -6,11 +6,13 @@ Everything that imports Ray lives here; the cluster client only calls these bloc
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 
 from punctual.config import ClusterConfig, EngineConfig
+from punctual.sim.trace import TRACE_ENV, replica_trace_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +54,12 @@ class RayReplicas:
         # Replicas on this machine listen on loopback; on a cluster, on their node's address.
         host = cluster.ray_host if self.started_ray else None
         actor_class = ray.remote(ReplicaServer)
+        trace = os.environ.get(TRACE_ENV)
         for replica_id in range(cluster.replicas):
             options = dict(num_cpus=cluster.threads_per_replica, num_gpus=cluster.num_gpus_per_replica,
                            max_restarts=cluster.max_restarts)
+            if trace:  # `punctual sim calibrate --server --replicas N`: one step trace per replica
+                options["runtime_env"] = {"env_vars": {TRACE_ENV: replica_trace_path(trace, replica_id)}}
             self.actors.append(actor_class.options(**options).remote(
                 self.engine_config, cluster.threads_per_replica, host))
         self.ray = ray

@@ -22,6 +22,12 @@ are measured from the server's own record (`punctual.sim.trace`, written by its 
   machine's speed while the steps above were traced (`sim validate --rescale-per-point`
   compares with it).
 
+With `replicas` > 1 the server is a cluster (`serve --replicas N` on Ray), each replica's core
+tracing to a file of its own: the fit then runs over every replica's steps, so it prices what a
+lone engine's profile cannot see (N cores sharing memory bandwidth, the cluster client, Ray), and
+admit/deliver include the hop through the cluster client. Calibrate the offline part with
+`--threads` equal to the replicas' threads, and validate with the same --replicas and --router.
+
 Its requests use salts of their own, so `sim validate` with the same seed measures other text.
 """
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Callable
 
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_trace
+from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_traces
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 
@@ -42,7 +48,8 @@ CALIBRATION_SALT = 1000  # above any salt a bench run uses
 def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, workload: str = "chat",
                      rates: tuple[float, ...] = (1.0, 2.0), num_requests: int = 30, sequential: int = 12,
                      seed: int = 0, length_scale: float = 0.25, max_num_seqs: int = 32,
-                     startup_timeout: float = 600.0, threads: int | None = None,
+                     startup_timeout: float = 600.0, threads: int | None = None, replicas: int = 1,
+                     threads_per_replica: int = 1, router: str = "cache_aware",
                      log: Callable[[str], None] = print) -> StepProfile:
     from punctual.bench import loadgen
     from punctual.bench.arrivals import arrival_offsets
@@ -51,8 +58,12 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
 
     workdir = Path(tempfile.mkdtemp(prefix="punctual-calibrate-server-"))
     trace_path = workdir / "steps.jsonl"
-    options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args))
-    if threads is not None:  # the server runs with the threads the offline profile had
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    cluster_args = () if replicas == 1 else ("--replicas", str(replicas), "--threads-per-replica",
+                                             str(threads_per_replica), "--router", router)
+    options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args) + cluster_args)
+    if threads is not None and replicas == 1:  # the server runs with the threads the offline profile had
         options = dataclasses.replace(options, threads=threads)
     spec = punctual_peer(model, free_port(), options)
     spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: str(trace_path)})
@@ -71,7 +82,7 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
             loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed), progress=False)
             probes.append(run_probe(endpoint))
         time.sleep(0.5)  # the core writes its trace when it goes idle
-    trace = read_trace(str(trace_path))
+    trace = read_traces(str(trace_path))  # a cluster's replicas: one file each
     log(f"calibrate --server: {len(trace.rows)} steps, {len(trace.adds)} requests traced in "
         f"{time.perf_counter() - started:.0f} s")
     if len(trace.adds) < len(warm) + sequential:
@@ -84,6 +95,8 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         if record.ok and record.ttft_s is not None and sent is not None:
             deliver.append(record.ttft_s - (sent - add["arrival"]))
     meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
+    if replicas > 1:
+        meta.update(replicas=replicas, threads_per_replica=threads_per_replica, router=router)
     profile = fit_serving_profile(base, trace, deliver, meta)
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "

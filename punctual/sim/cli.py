@@ -51,6 +51,12 @@ def add_sim_parser(subparsers) -> None:
     server.add_argument("--server-requests", type=int, default=30, help="requests per rate")
     server.add_argument("--server-length-scale", type=float, default=0.25)
     server.add_argument("--serve-args", default="", help="extra `punctual serve` flags, quoted")
+    server.add_argument("--replicas", type=int, default=1,
+                        help="with --server: fit the serving path on a cluster (`serve --replicas N` on Ray, "
+                             "every replica traced), for `sim validate --replicas N`")
+    server.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
+    server.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
+                        help="with --replicas: the cluster's router")
     from punctual.cli import add_engine_args
 
     add_engine_args(calibrate)
@@ -106,12 +112,13 @@ def add_sim_parser(subparsers) -> None:
                           help="take the real side from an earlier --output JSON (same plan) instead of running "
                                "a server: compares a changed profile or simulator with the same measurements")
     validate.add_argument("--server-trace", default=None,
-                          help="write the real server core's step trace here and break each measured TTFT down "
-                               "(front end in, queued, first step, delivery) into the --output JSON")
+                          help="write the real server core's step trace here (with --replicas, FILE.replicaN "
+                               "per replica) and break each measured TTFT down (front end in, queued, first step, "
+                               "delivery) into the --output JSON")
     validate.add_argument("--replicas", type=int, default=1,
                           help="validate a cluster: the server runs `--replicas N` on Ray, the simulator N replicas "
                                "behind the same router (calibrate the profile with --threads equal to "
-                               "--threads-per-replica)")
+                               "--threads-per-replica, and --server with the same --replicas and --router)")
     validate.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
     validate.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                           help="with --replicas: the cluster's router, run by both sides")
@@ -248,6 +255,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.replicas != 1 and not args.server:
+        raise ValueError("--replicas: only with --server (the offline profile is one replica's: use --threads)")
     if args.base_profile:
         if not args.server:
             raise ValueError("--base-profile: only with --server")
@@ -274,7 +283,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rates = tuple(float(r) for r in args.server_rates.split(",") if r.strip())
         profile = calibrate_server(profile, args.model, serve_args, workload=args.server_workload, rates=rates,
                                    num_requests=args.server_requests, length_scale=args.server_length_scale,
-                                   max_num_seqs=flags.max_num_seqs or 32, threads=args.threads, log=_log)
+                                   max_num_seqs=flags.max_num_seqs or 32, threads=args.threads,
+                                   replicas=args.replicas, threads_per_replica=args.threads_per_replica,
+                                   router=args.router, log=_log)
         server, frontend = profile.fit["server"], profile.frontend
         _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
              f"{server['per_row_s'] * 1000:.3f} ms per sampled row + "

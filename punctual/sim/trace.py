@@ -99,6 +99,49 @@ class ServerTrace:
         return [a["received"] - a["arrival"] for a in self.adds if not a["mid_step"]]
 
 
+def replica_trace_path(path: str, replica_id: int) -> str:
+    """Where replica `replica_id` of a cluster writes its trace when the front end was given `path`
+    (each replica's core is a process of its own: one file each, or their lines would interleave)."""
+    return f"{path}.replica{replica_id}"
+
+
+def trace_paths(path: str) -> list[str]:
+    """The files a server traced to `path`: the file itself (one engine core) and, for a cluster,
+    each replica's, in replica order."""
+    import glob
+    import re
+
+    found = [path] if os.path.exists(path) else []
+    replicas = glob.glob(glob.escape(path) + ".replica*")
+    number = re.compile(r"\.replica(\d+)$")
+    found += sorted((p for p in replicas if number.search(p)), key=lambda p: int(number.search(p).group(1)))
+    return found
+
+
+def read_traces(path: str) -> ServerTrace:
+    """Every trace written for `path` (`trace_paths`), as one: each core's steps keep their own
+    periods (a step lasts until that core plans its next), then the steps are concatenated with
+    the first-token indices shifted to match; requests are in the order the cores received them
+    (one clock: time.monotonic is the machine's, whatever the process)."""
+    paths = trace_paths(path)
+    if not paths:
+        raise FileNotFoundError(f"no step trace was written to {path} (nor {replica_trace_path(path, 0)}, ...)")
+    traces = [read_trace(p) for p in paths]
+    if len(traces) == 1:
+        return traces[0]
+    merged = ServerTrace([], [], [], {})
+    for trace in traces:
+        offset = len(merged.rows)
+        merged.rows += trace.rows
+        merged.seconds += trace.seconds
+        merged.planned += trace.planned
+        merged.adds += trace.adds
+        merged.first_token_sent.update(trace.first_token_sent)
+        merged.first_token_step.update({rid: offset + i for rid, i in trace.first_token_step.items()})
+    merged.adds.sort(key=lambda a: a["received"])
+    return merged
+
+
 def read_trace(path: str) -> ServerTrace:
     steps, adds = [], []
     with open(path) as file:

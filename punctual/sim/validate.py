@@ -110,8 +110,6 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
         log(f"profile: front end admit {profile.admit_s * 1000:.1f} ms, deliver {profile.deliver_s * 1000:.1f} ms; "
             f"serving loop {server['scale']:.2f} x offline + {server['overhead_s'] * 1000:.1f} ms per step + "
             f"{server.get('prefill_step_s', 0.0) * 1000:.1f} ms per step with prompt tokens")
-    if getattr(args, "replicas", 1) > 1 and args.server_trace:
-        raise ValueError("--server-trace: the step trace is one engine core's; run it without --replicas")
     if args.rescale_per_point:  # before the real side runs: a profile without a probe cannot be rescaled
         reference = check_reference(profile.speed_probe)
         log(f"rescaling per point: the profile's speed probe took {reference['token_s'] * 1000:.2f} ms per token")
@@ -205,7 +203,10 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     if args.server_trace:  # the core's own record of the real runs (`punctual.sim.trace`)
         from punctual.sim.trace import TRACE_ENV
 
-        Path(args.server_trace).unlink(missing_ok=True)
+        from punctual.sim.trace import trace_paths
+
+        for stale in trace_paths(args.server_trace):  # with --replicas, one file per replica
+            Path(stale).unlink()
         spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: args.server_trace})
     probes: list[dict] = []
     with running(spec, log_path, args.startup_timeout) as endpoint:
@@ -236,9 +237,9 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
     down with the streams it serves?)."""
     import numpy as np
 
-    from punctual.sim.trace import first_token_path, match_records, read_trace
+    from punctual.sim.trace import first_token_path, match_records, read_traces
 
-    trace = read_trace(trace_path)
+    trace = read_traces(trace_path)  # a cluster's: every replica's, merged
     cursor, streams, delivers = 0, [], []
     for run in real_runs:
         records = run.get("records") or []

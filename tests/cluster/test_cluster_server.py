@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from punctual.sim.trace import TRACE_ENV, read_traces, replica_trace_path
+
 # The subprocess server fixture of the server tests, reused as is.
 _spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parent.parent / "server" / "conftest.py")
 server_conftest = importlib.util.module_from_spec(_spec)
@@ -46,8 +48,11 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    server = server_conftest.ServerProcess("--replicas", "2", "--log-level", "warning")
+def cluster(tmp_path_factory):
+    # Each replica traces its steps (`punctual sim calibrate --server --replicas`): passive.
+    trace = str(tmp_path_factory.mktemp("trace") / "steps.jsonl")
+    server = server_conftest.ServerProcess("--replicas", "2", "--log-level", "warning", env={TRACE_ENV: trace})
+    server.trace = trace
     try:
         server.wait_ready()
         yield server
@@ -85,6 +90,28 @@ def test_serves_and_reports_replicas(cluster):
     metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
     assert 'punctual_kv_blocks_total{replica="0"}' in metrics and 'punctual_kv_blocks_total{replica="1"}' in metrics
     assert httpx.get(f"{cluster.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_each_replica_traces_its_own_steps(cluster):
+    """Two streams at once land on both replicas (the second finds the first replica busy), and
+    each replica's core writes its steps and requests to a file of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{**BODY, "prompt": f"stream {i} " + BODY["prompt"]} for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(lambda body: stream_text(cluster.url, body), bodies))
+    assert all(texts)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a core writes its trace when it goes idle
+        if all(os.path.exists(replica_trace_path(cluster.trace, r)) for r in range(2)):
+            break
+        time.sleep(0.1)
+    for replica in range(2):
+        lines = Path(replica_trace_path(cluster.trace, replica)).read_text().splitlines()
+        assert any('"step"' in line for line in lines), f"replica {replica} traced no step"
+    trace = read_traces(cluster.trace)
+    assert len(trace.adds) >= 2 and len(trace.first_token_sent) >= 2
+    assert all(a["received"] >= a["arrival"] for a in trace.adds)  # one monotonic clock across processes
 
 
 def test_pins_go_to_every_replica(cluster):

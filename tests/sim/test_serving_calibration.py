@@ -3,6 +3,7 @@ simulator's front-end delays (TTFT moves by admit + deliver, TPOT does not)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,8 @@ from punctual.config import SchedulerConfig
 from punctual.sim.engine import ClusterConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.trace import StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace
+from punctual.sim.trace import (StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace,
+                                read_traces, replica_trace_path, trace_paths)
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
                 "attention_pairs": 2e-8, "sampled_rows": 1e-4}
@@ -72,6 +74,34 @@ def test_trace_periods_and_first_tokens(tmp_path, monkeypatch):
     assert read.admit_delays == pytest.approx([0.1])
     assert read.first_token_sent == {"a": 11.0}
     assert read.rows[0] == (1.0, 3.0, 0.0, 3.0, 6.0, 1.0)
+
+
+def test_a_clusters_traces_read_as_one(tmp_path):
+    """`serve --replicas N` traces one file per replica: each core's step periods come from its own
+    steps (never from the other replica's plan), first tokens point at the right merged step, and
+    requests come in the order the cores received them."""
+    def step(planned, sent, first=(), idle=False):
+        return {"step": [1, 0, 0, 3, 0, 1], "planned": planned, "sent": sent, "idle_before": idle, "first": list(first)}
+
+    base = str(tmp_path / "steps.jsonl")
+    files = {0: [{"add": "a", "arrival": 1.0, "received": 1.1}, step(1.2, 1.3, ["a"], True), step(1.4, 1.5),
+                 {"add": "c", "arrival": 3.0, "received": 3.2}, step(3.3, 3.6, ["c"], True)],
+             1: [{"add": "b", "arrival": 1.05, "received": 1.15}, step(1.25, 1.45, ["b"], True), step(1.5, 1.9)]}
+    for replica, records in files.items():
+        Path(replica_trace_path(base, replica)).write_text("".join(json.dumps(r) + "\n" for r in records))
+    Path(base + ".replica-old").write_text("")  # not a replica's file
+    assert trace_paths(base) == [replica_trace_path(base, 0), replica_trace_path(base, 1)]
+    trace = read_traces(base)
+    # replica 0: 1.2 -> 1.4 (back to back), 1.4 -> 1.5 (then idle), 3.3 -> 3.6; replica 1: 1.25 -> 1.5, 1.5 -> 1.9
+    assert trace.seconds == pytest.approx([0.2, 0.1, 0.3, 0.25, 0.4])
+    assert [a["add"] for a in trace.adds] == ["a", "b", "c"]
+    assert trace.first_token_step == {"a": 0, "c": 2, "b": 3}
+    assert trace.first_token_sent == {"a": 1.3, "b": 1.45, "c": 3.6}
+    path = first_token_path(trace, trace.adds[1], client_ttft_s=0.5)
+    assert path["queued_s"] == pytest.approx(0.1) and path["first_step_s"] == pytest.approx(0.25)
+    assert read_traces(replica_trace_path(base, 0)).seconds == pytest.approx([0.2, 0.1, 0.3])
+    with pytest.raises(FileNotFoundError, match="no step trace"):
+        read_traces(str(tmp_path / "none.jsonl"))
 
 
 def test_serving_overhead_fit_recovers_a_known_one():
