@@ -216,6 +216,47 @@ inline void block_rows(const T* w, const uint32_t* x, int64_t x_stride, int64_t 
   }
 }
 
+// M rows against two neighbouring blocks (32 outputs) at once: each broadcast input pair feeds two
+// vdpbf16ps instead of one, which is what bounds a many-row tile (loads, not multiplies). Every
+// output's sum runs in block_rows's exact order (the same four chains, added the same way), so
+// the result is bitwise block_rows's whichever of the two computes it.
+template <int M, typename T>
+inline void block_rows_pair(const T* w0, const T* w1, const uint32_t* x, int64_t x_stride, int64_t k2,
+                            float* out0, float* out1) {
+  __m512 acc0[M][kChains], acc1[M][kChains];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kChains; ++c) acc0[m][c] = acc1[m][c] = _mm512_setzero_ps();
+  int64_t kp = 0;
+  for (; kp + kChains <= k2; kp += kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const T* wp0 = w0 + (kp + c) * 2 * kBlockN;
+      const T* wp1 = w1 + (kp + c) * 2 * kBlockN;
+      _mm_prefetch(reinterpret_cast<const char*>(wp0 + kPrefetchElems), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp1 + kPrefetchElems), _MM_HINT_T0);
+      const __m512bh wv0 = load_pair(wp0), wv1 = load_pair(wp1);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp + c]);
+        acc0[m][c] = _mm512_dpbf16_ps(acc0[m][c], wv0, xv);
+        acc1[m][c] = _mm512_dpbf16_ps(acc1[m][c], wv1, xv);
+      }
+    }
+  }
+  for (int c = 0; kp < k2; ++kp, ++c) {  // as block_rows: the leftover pairs in the first chains
+    const __m512bh wv0 = load_pair(w0 + kp * 2 * kBlockN), wv1 = load_pair(w1 + kp * 2 * kBlockN);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * x_stride + kp]);
+      acc0[m][c] = _mm512_dpbf16_ps(acc0[m][c], wv0, xv);
+      acc1[m][c] = _mm512_dpbf16_ps(acc1[m][c], wv1, xv);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(out0 + m * kBlockN,
+                     _mm512_add_ps(_mm512_add_ps(acc0[m][0], acc0[m][1]), _mm512_add_ps(acc0[m][2], acc0[m][3])));
+    _mm512_storeu_ps(out1 + m * kBlockN,
+                     _mm512_add_ps(_mm512_add_ps(acc1[m][0], acc1[m][1]), _mm512_add_ps(acc1[m][2], acc1[m][3])));
+  }
+}
+
 template <typename T>
 void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
   switch (rows) {
@@ -223,6 +264,48 @@ void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_s
     case 2: block_rows<2>(w, x, x_stride, k2, out); break;
     case 3: block_rows<3>(w, x, x_stride, k2, out); break;
     default: block_rows<4>(w, x, x_stride, k2, out); break;
+  }
+}
+
+// Blocks [b0, b1) of a packed weight against all m_rows rows of x, tile by tile; store(b, m0,
+// rows, sums) takes block b's sums for rows [m0, m0 + rows) ([rows, 16] fp32). Up to kRowTile
+// rows: each block alone (a block's weights stream once per row tile). More rows: two blocks at
+// a time in tiles of kPairRows rows, which needs fewer loads per multiply; same sums either way.
+constexpr int64_t kPairRows = 3;
+
+template <int M, typename T>
+inline void pair_tile(const T* w0, const T* w1, const uint32_t* x, int64_t k2, float* s0, float* s1) {
+  block_rows_pair<M>(w0, w1, x, k2, k2, s0, s1);
+}
+
+template <typename T, typename Store>
+inline void gemm_blocks(const T* w, int64_t k2, const uint32_t* x, int64_t m_rows, int64_t b0, int64_t b1,
+                        const Store& store) {
+  alignas(64) float sums[kRowTile * kBlockN];
+  alignas(64) float sums1[kRowTile * kBlockN];
+  const int64_t block_elems = k2 * 2 * kBlockN;
+  int64_t b = b0;
+  if (m_rows > kRowTile) {
+    for (; b + 1 < b1; b += 2) {
+      const T* w0 = w + b * block_elems;
+      const T* w1 = w0 + block_elems;
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kPairRows) {
+        const int64_t rows = std::min<int64_t>(kPairRows, m_rows - m0);
+        const uint32_t* xm = x + m0 * k2;
+        if (rows == 3) pair_tile<3>(w0, w1, xm, k2, sums, sums1);
+        else if (rows == 2) pair_tile<2>(w0, w1, xm, k2, sums, sums1);
+        else pair_tile<1>(w0, w1, xm, k2, sums, sums1);
+        store(b, m0, rows, sums);
+        store(b + 1, m0, rows, sums1);
+      }
+    }
+  }
+  for (; b < b1; ++b) {
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
+      const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
+      rows_against_block(rows, w + b * block_elems, x + m0 * k2, k2, k2, sums);
+      store(b, m0, rows, sums);
+    }
   }
 }
 
@@ -265,21 +348,15 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* sp = scale32.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    alignas(64) float sums[kRowTile * kBlockN];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int8_t* wb = w + b * k2 * 2 * kBlockN;
+    gemm_blocks(w, k2, xp, m_rows, b0, b1, [&](int64_t b, int64_t m0, int64_t rows, const float* sums) {
       const __m512 sv = _mm512_loadu_ps(sp + b * kBlockN);
       const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
-        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
-        rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
-        for (int64_t m = 0; m < rows; ++m) {
-          const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + m * kBlockN), sv, bv);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
-                              (__m256i)_mm512_cvtneps_pbh(v));
-        }
+      for (int64_t m = 0; m < rows; ++m) {
+        const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + m * kBlockN), sv, bv);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                            (__m256i)_mm512_cvtneps_pbh(v));
       }
-    }
+    });
   });
   return out;
 }
@@ -550,20 +627,14 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    alignas(64) float sums[kRowTile * kBlockN];
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint16_t* wb = w + b * k2 * 2 * kBlockN;
+    gemm_blocks(w, k2, xp, m_rows, b0, b1, [&](int64_t b, int64_t m0, int64_t rows, const float* sums) {
       const __m512 bv = bias_p ? _mm512_loadu_ps(bias_p + b * kBlockN) : _mm512_setzero_ps();
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
-        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
-        rows_against_block(rows, wb, xp + m0 * k2, k2, k2, sums);
-        for (int64_t m = 0; m < rows; ++m) {
-          const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
-                              (__m256i)_mm512_cvtneps_pbh(v));
-        }
+      for (int64_t m = 0; m < rows; ++m) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(sums + m * kBlockN), bv);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + m) * n + b * kBlockN),
+                            (__m256i)_mm512_cvtneps_pbh(v));
       }
-    }
+    });
   });
   return out;
 }
@@ -761,12 +832,54 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // One KV head's share of a token's attention, with its G query heads' accumulators in registers
 // (D = 32 * VEC): the scores q . k of every key, then the weighted sum of V rows. `rows` holds
 // each key's slot offset in the cache; k and v point at this KV head's row within a slot.
+//
+// Keys go 16 at a time: each head's 16 dot products stay vectors of 16 partial sums, and one
+// transposing tree of adds (sum16) turns them into the 16 scores: about 3 vector ops a key
+// instead of a full horizontal reduction (~10) per key and head. The keys left after the last
+// 16 are reduced one by one. Either way a key's score depends only on its place in the token's
+// own context, never on the batch.
+inline __m512 sum_pairs_in_lanes(__m512 a, __m512 b) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+
+// v[0..16) -> [sum(v[0]), ..., sum(v[15])]: every lane of each vector added, one score per lane.
+inline __m512 sum16(const __m512* v) {
+  __m512 quads[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 t0 = sum_pairs_in_lanes(v[4 * i], v[4 * i + 1]);
+    const __m512 t1 = sum_pairs_in_lanes(v[4 * i + 2], v[4 * i + 3]);
+    // per 128-bit lane L: [v4i over L, v4i+1 over L, v4i+2 over L, v4i+3 over L]
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+  }
+  // Across the 128-bit lanes: halves, then quarters, leaving keys in order 0..15.
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], 0xEE));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
 template <int VEC, int G>
 void scores_group(const uint16_t* q, const uint16_t* k, const int64_t* rows, int64_t n, float scale, float* scores) {
   __m512i qv[G][VEC];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < VEC; ++c) qv[h][c] = _mm512_loadu_si512(q + (h * VEC + c) * 32);
-  for (int64_t j = 0; j < n; ++j) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int h = 0; h < G; ++h) {
+      __m512 dots[16];
+      for (int i = 0; i < 16; ++i) {
+        const uint16_t* krow = k + rows[j + i];
+        __m512 dot = _mm512_setzero_ps();
+        for (int c = 0; c < VEC; ++c)
+          dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], (__m512bh)_mm512_loadu_si512(krow + c * 32));
+        dots[i] = dot;
+      }
+      _mm512_storeu_ps(scores + h * n + j, _mm512_mul_ps(sum16(dots), scale_v));
+    }
+  }
+  for (; j < n; ++j) {
     const uint16_t* krow = k + rows[j];
     __m512i kv[VEC];
     for (int c = 0; c < VEC; ++c) kv[c] = _mm512_loadu_si512(krow + c * 32);
