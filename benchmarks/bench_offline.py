@@ -75,6 +75,28 @@ def workload_gflop(arch, workload) -> float:
     return total / 1e9
 
 
+def step_bound_s(arch, workload, peak_gflops: float, bandwidth_gbs: float, weights: int,
+                 kv_bytes_per_token: int) -> float:
+    """The least time any engine needs for the workload on this machine, step by step: every
+    prompt at the matmul peak, then decode steps in which all requests still decoding run
+    together (the batch shrinks as outputs end: lognormal lengths leave a long tail of small
+    batches), each step bounded by the slower of its FLOPs at the peak and its bytes (the
+    weights once, every active request's KV) at the bandwidth. The compute roofline ignores
+    that small batches are bandwidth-bound; this bound does not."""
+    hidden, heads, kv_heads, dim = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    per_layer = hidden * (heads + 2 * kv_heads) * dim + heads * dim * hidden + 3 * hidden * arch.intermediate_size
+    per_token = 2 * per_layer * arch.num_layers + 2 * hidden * arch.vocab_size
+    prefill = sum(2 * per_layer * arch.num_layers * p + 4 * heads * dim * arch.num_layers * p * (p + 1) / 2
+                  + 2 * hidden * arch.vocab_size for p, _ in workload)
+    total = prefill / (peak_gflops * 1e9)
+    for step in range(1, max(o for _, o in workload)):
+        contexts = [p + step for p, o in workload if o > step]  # the token fed attends to p + step positions
+        flops = len(contexts) * per_token + sum(4 * heads * dim * arch.num_layers * c for c in contexts)
+        data = weights + kv_bytes_per_token * sum(contexts)
+        total += max(flops / (peak_gflops * 1e9), data / (bandwidth_gbs * 1e9))
+    return total
+
+
 def weight_bytes(model) -> int:
     from punctual.model.llama import FusedWeight
     from punctual.model.quant import QuantizedWeight
@@ -221,6 +243,15 @@ def main() -> None:
         results["punctual_fraction_of_roofline"] = gflop / peak / elapsed
         print(f"roofline: {gflop:.0f} GFLOP at {peak:.0f} GFLOP/s = {gflop / peak:.2f} s; Punctual took "
               f"{elapsed:.2f} s = {100 * gflop / peak / elapsed:.0f}% of the roofline", flush=True)
+        arch = llm.engine.core.runner.arch
+        kv_bytes = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * torch.finfo(getattr(torch, args.dtype)).bits // 8
+        bound = step_bound_s(arch, workload, peak, bandwidth, bytes_per_token, kv_bytes)
+        results["step_bound_s"] = bound
+        results["roofline_fraction_reachable"] = gflop / peak / bound
+        results["punctual_fraction_of_step_bound"] = bound / elapsed
+        print(f"step-by-step bound (each step at the slower of its FLOPs and its weight + KV bytes): {bound:.2f} s, "
+              f"so at most {100 * gflop / peak / bound:.0f}% of the roofline is reachable on this workload; "
+              f"Punctual is at {100 * bound / elapsed:.0f}% of that bound", flush=True)
         if hf is not None:
             with torch.inference_mode():
                 results["hf_throughput_tok_s"] = statistics.median(
