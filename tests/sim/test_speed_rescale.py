@@ -177,5 +177,3 @@ def test_validate_a_two_replica_cluster(tmp_path):
     validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=lambda _: None)
     out = json.loads((tmp_path / "out.json").read_text())
     assert all(r["error"] == pytest.approx(0.0) for r in out["errors"])  # the same cluster simulated again
-    with pytest.raises(ValueError, match="--server-trace"):
-        validate(argparse.Namespace(**{**vars(args), "server_trace": str(tmp_path / "t.jsonl")}), log=print)
