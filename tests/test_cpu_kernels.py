@@ -86,7 +86,7 @@ def greedy(llm: LLM, prompts, max_tokens: int, **extra):
 
 def test_engine_runs_fused_unless_eager_is_enforced():
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(40, 90))] for _ in range(3)]
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(70, 120))] for _ in range(3)]
     fused = LLM("builtin-tiny", dtype="bfloat16", num_kv_blocks=64, max_num_batched_tokens=512)
     eager = LLM("builtin-tiny", dtype="bfloat16", num_kv_blocks=64, max_num_batched_tokens=512, enforce_eager=True)
     assert fused.engine.core.runner.model.kernels is not None

@@ -38,12 +38,11 @@ class LayerWeights:
 FUSED_DECODE_ATTENTION = True
 
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
-# weight once for all rows); more rows (prompt chunks) go to oneDNN's GEMM, so a prompt's logits
-# are eager's bit for bit. In a step of decodes only, the kernel takes up to DECODE_MAX_ROWS rows:
-# with two output blocks per tile above 4 rows it is as fast as oneDNN or faster on smollm2's
-# shapes up to 64 rows, and ~1.2x slower at 512 (BENCHMARKS.md section 11).
-FUSED_LINEAR_MAX_ROWS = 16
-DECODE_MAX_ROWS = 64
+# weight once for all rows); more rows (long prompt chunks) go to oneDNN's GEMM. With two output
+# blocks per tile above 4 rows, the kernel is as fast as oneDNN or faster on smollm2's shapes up
+# to 64 rows, and ~1.2x slower at 512 (BENCHMARKS.md section 11). A chunk of more rows has
+# logits that are eager's bit for bit; up to 64 rows they are rounded as the kernel sums.
+FUSED_LINEAR_MAX_ROWS = 64
 
 
 # Steps whose every token attends through the fused kernel (decodes) run the whole layer stack in
@@ -74,20 +73,17 @@ class FusedWeight:
         dense = None if batch_invariant else pack_weight(weight)
         return cls(kernels.pack_bf16(weight), dense, weight.shape[0], math.inf if batch_invariant else FUSED_LINEAR_MAX_ROWS)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, decode: bool = False) -> torch.Tensor:
-        if x.shape[0] <= (max(self.max_rows, DECODE_MAX_ROWS) if decode else self.max_rows):
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] <= self.max_rows:
             return torch.ops.punctual.linear_bf16(x, self.packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.dense, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight | FusedWeight, bias: torch.Tensor | None = None,
-           single_row_mv: bool = False, decode: bool = False) -> torch.Tensor:
+           single_row_mv: bool = False) -> torch.Tensor:
     """x @ weight.T + bias. A weight packed by `pack_weight` goes straight to oneDNN, a quantized
-    or fused one to its kernel; with `single_row_mv`, one row goes through torch.mv instead of GEMM.
-    `decode`: x's rows are a step's decodes (a fused weight's kernel takes more of them)."""
-    if isinstance(weight, FusedWeight):
-        return weight.linear(x, bias, decode)
-    if isinstance(weight, QuantizedWeight):
+    or fused one to its kernel; with `single_row_mv`, one row goes through torch.mv instead of GEMM."""
+    if isinstance(weight, (QuantizedWeight, FusedWeight)):
         return weight.linear(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
@@ -294,7 +290,7 @@ class LlamaModel:
                     slots += [weight.packed, None, None, bias]
                     kinds.append(STACK_BF16)
                     groups.append(0)
-                    max_rows = min(max_rows, max(weight.max_rows, DECODE_MAX_ROWS))
+                    max_rows = min(max_rows, weight.max_rows)
                 elif isinstance(weight, QuantizedWeight) and weight.fused is not None:
                     int4_kind = STACK_INT4_Q8 if weight.int8_activations else STACK_INT4
                     slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
@@ -369,23 +365,21 @@ class LlamaModel:
         residual = F.embedding(input_ids, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         delta = None  # what the last sublayer adds to the residual stream
-        decode = meta.kernel_tokens == num_tokens  # decodes only: as decode_stack, the kernel up to DECODE_MAX_ROWS
         for layer, cache in zip(self.layers, kv_caches):
             x = ops.rms_norm(residual if delta is None else delta, layer.input_norm, eps,
                              None if delta is None else residual)
-            qkv = linear(x, layer.qkv, layer.qkv_bias, decode=decode)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             ops.rope_(qkv, cos, sin, rotated_heads, head_dim)
             q = qkv[:, :q_size].view(num_tokens, arch.num_heads, head_dim)
             k = qkv[:, q_size:q_size + kv_size].view(num_tokens, arch.num_kv_heads, head_dim)
             v = qkv[:, q_size + kv_size:].view(num_tokens, arch.num_kv_heads, head_dim)
             cache.write(k, v, meta.slot_mapping)
             attn = paged_attention(q, k, v, cache, meta)
-            x = ops.rms_norm(linear(attn, layer.o_proj, layer.o_bias, decode=decode), layer.post_norm, eps, residual)
-            delta = linear(ops.silu_mul(linear(x, layer.gate_up, layer.gate_up_bias, decode=decode)), layer.down,
-                           layer.down_bias, decode=decode)
+            x = ops.rms_norm(linear(attn, layer.o_proj, layer.o_bias), layer.post_norm, eps, residual)
+            delta = linear(ops.silu_mul(linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
         return ops.rms_norm(delta, self.norm, eps, residual)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        """[S, hidden] -> [S, vocab] float32. `decode`: the rows are a step's decodes."""
-        return linear(hidden, self.lm_head, single_row_mv=self.single_row_mv, decode=decode).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] float32."""
+        return linear(hidden, self.lm_head, single_row_mv=self.single_row_mv).float()

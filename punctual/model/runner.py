@@ -273,8 +273,7 @@ class ModelRunner:
             return output
         # Every row (a step of decodes): the hidden states as they are, no gather.
         every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
-        logits = (self.model.logits(hidden, decode=meta.kernel_tokens == hidden.shape[0]) if every_row
-                  else self.model.logits(hidden[torch.tensor(rows, device=self.device)]))
+        logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
         if self.guide.matchers:  # structured output: mask only the rows of guided requests
             self.guide.mask(logits, [(row, c.state.request_id, c.item.spec_token_ids) for row, c in plain + spec])
         sampled, logprobs = output.sampled_token_ids, output.logprobs
