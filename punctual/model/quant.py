@@ -32,7 +32,17 @@ HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 # int8 kernel 414 / 822 / 3254 against 438 / 616 / 1339 at 16 / 32 / 128 rows; int4's
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
 INT8_DEQUANTIZE_ABOVE = 24
-FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int8 and int4
+FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int4
+# int8's kernel shares the bf16 kernel's tiles (two output blocks per tile above 4 rows). It beats
+# dequantize-then-GEMM up to this many rows: smollm2 decode steps 1.21-1.23x faster at 24 and 32
+# streams, but 0.85x at 64, where widening each int8 weight to bf16 in registers costs more than
+# one dequantization shared by all rows (BENCHMARKS.md section 11).
+INT8_FUSED_MAX_ROWS = 32
+
+
+def fused_max_rows(kind: str) -> int:
+    """Up to how many rows a quantized linear of `kind` runs its fused kernel."""
+    return INT8_FUSED_MAX_ROWS if kind == "int8" else FUSED_MAX_ROWS
 # int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
 # runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
 INT4_INT8_ACTIVATIONS = True
@@ -57,7 +67,7 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     nibbles: torch.Tensor | None = None
-    # With the fused CPU kernels, up to FUSED_MAX_ROWS rows run torch.ops.punctual.linear_int8 or
+    # With the fused CPU kernels, up to fused_max_rows(kind) rows run torch.ops.punctual.linear_int8 or
     # linear_int4_q8, reading a half / a quarter of bf16's bytes. int8: `data` again in the block
     # layout, and fp32 scales. int4: `nibbles` as [N/16, K/8, 16, 4] bytes (linear_int4_q8's
     # layout; [N/16, K/2, 16] for linear_int4 without int8 activations), scales and zeros as
@@ -112,7 +122,7 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
         rows = x.shape[0]
-        if self.fused is not None and rows <= FUSED_MAX_ROWS:
+        if self.fused is not None and rows <= fused_max_rows(self.kind):
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
             int4 = torch.ops.punctual.linear_int4_q8 if self.int8_activations else torch.ops.punctual.linear_int4
