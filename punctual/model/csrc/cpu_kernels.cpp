@@ -273,11 +273,6 @@ void rows_against_block(int64_t rows, const T* w, const uint32_t* x, int64_t x_s
 // a time in tiles of kPairRows rows, which needs fewer loads per multiply; same sums either way.
 constexpr int64_t kPairRows = 3;
 
-template <int M, typename T>
-inline void pair_tile(const T* w0, const T* w1, const uint32_t* x, int64_t k2, float* s0, float* s1) {
-  block_rows_pair<M>(w0, w1, x, k2, k2, s0, s1);
-}
-
 template <typename T, typename Store>
 inline void gemm_blocks(const T* w, int64_t k2, const uint32_t* x, int64_t m_rows, int64_t b0, int64_t b1,
                         const Store& store) {
@@ -292,9 +287,9 @@ inline void gemm_blocks(const T* w, int64_t k2, const uint32_t* x, int64_t m_row
       for (int64_t m0 = 0; m0 < m_rows; m0 += kPairRows) {
         const int64_t rows = std::min<int64_t>(kPairRows, m_rows - m0);
         const uint32_t* xm = x + m0 * k2;
-        if (rows == 3) pair_tile<3>(w0, w1, xm, k2, sums, sums1);
-        else if (rows == 2) pair_tile<2>(w0, w1, xm, k2, sums, sums1);
-        else pair_tile<1>(w0, w1, xm, k2, sums, sums1);
+        if (rows == 3) block_rows_pair<3>(w0, w1, xm, k2, k2, sums, sums1);
+        else if (rows == 2) block_rows_pair<2>(w0, w1, xm, k2, k2, sums, sums1);
+        else block_rows_pair<1>(w0, w1, xm, k2, k2, sums, sums1);
         store(b, m0, rows, sums);
         store(b + 1, m0, rows, sums1);
       }
@@ -829,6 +824,17 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// A cache's rows are scattered by the block table, and one row is only D bf16 of a slot: the
+// hardware prefetcher does not follow them, and with ~10 keys of work in flight a thread waits on
+// memory (the kernel read K and V at ~10 GB/s out of DRAM, 50 GB/s out of L3). So each key's row
+// is prefetched kKeysAhead keys before it is read.
+constexpr int64_t kKeysAhead = 32;
+
+template <int VEC>
+inline void prefetch_row(const uint16_t* row) {  // D = 32 * VEC bf16: VEC cache lines
+  for (int c = 0; c < VEC; ++c) _mm_prefetch(reinterpret_cast<const char*>(row + c * 32), _MM_HINT_T0);
+}
+
 // One KV head's share of a token's attention, with its G query heads' accumulators in registers
 // (D = 32 * VEC): the scores q . k of every key, then the weighted sum of V rows. `rows` holds
 // each key's slot offset in the cache; k and v point at this KV head's row within a slot.
@@ -840,17 +846,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // own context, never on the batch.
 inline __m512 sum_pairs_in_lanes(__m512 a, __m512 b) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
   return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-
-// A cache's rows are scattered by the block table, and one row is only D bf16 of a slot: the
-// hardware prefetcher does not follow them, and with ~10 keys of work in flight a thread waits on
-// memory (the kernel read K and V at ~10 GB/s out of DRAM, 50 GB/s out of L3). So each key's row
-// is prefetched kKeysAhead keys before it is read.
-constexpr int64_t kKeysAhead = 32;
-
-template <int VEC>
-inline void prefetch_row(const uint16_t* row) {  // D = 32 * VEC bf16: VEC cache lines
-  for (int c = 0; c < VEC; ++c) _mm_prefetch(reinterpret_cast<const char*>(row + c * 32), _MM_HINT_T0);
 }
 
 // v[0..16) -> [sum(v[0]), ..., sum(v[15])]: every lane of each vector added, one score per lane.
