@@ -124,17 +124,28 @@ def test_pins_go_to_every_replica(cluster):
 
 
 def test_replica_killed_mid_stream_loses_no_token(cluster):
-    reference = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+    body = {**BODY, "max_tokens": 400}  # long enough to outlast the replicas' next stats (every 0.1 s)
+    reference = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     killed: dict = {}
 
     def kill_at(count: int) -> None:
         if count == 8 and not killed:
-            busy = [r for r in httpx.get(f"{cluster.url}/admin/replicas", timeout=5).json() if r["running"] + r["waiting"]]
+            # A replica reports its load at most every 0.1 s while busy: the one that just finished
+            # the reference may still read idle, so wait for the stream's replica to say it is busy.
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                replicas = httpx.get(f"{cluster.url}/admin/replicas", timeout=5).json()
+                busy = [r for r in replicas if r["running"] + r["waiting"]]
+                if busy:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail(f"no replica reported the stream within 2 s: {replicas}")
             killed.update(busy[0])
             os.kill(busy[0]["pid"], signal.SIGKILL)
             killed["at"] = time.monotonic()
 
-    assert stream_text(cluster.url, BODY, kill_at) == reference  # greedy: as if nothing happened
+    assert stream_text(cluster.url, body, kill_at) == reference  # greedy: as if nothing happened
     assert killed, "no replica was busy"
     assert "resuming its 1 requests elsewhere" in cluster.output()
     # Ray restarts the replica (a new process, which loads the model again) and it rejoins;
@@ -153,7 +164,7 @@ def test_replica_killed_mid_stream_loses_no_token(cluster):
         pytest.fail(f"the killed replica did not come back: {replicas}")
     assert "degraded" in statuses
     assert httpx.get(f"{cluster.url}/health", timeout=5).json()["status"] == "ok"
-    assert stream_text(cluster.url, BODY) == reference
+    assert stream_text(cluster.url, body) == reference
 
 
 def test_sigterm_exits_cleanly_and_leaves_no_ray_process(cluster):
