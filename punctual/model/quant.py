@@ -38,15 +38,15 @@ FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int4
 # streams, but 0.85x at 64, where widening each int8 weight to bf16 in registers costs more than
 # one dequantization shared by all rows (BENCHMARKS.md section 11).
 INT8_FUSED_MAX_ROWS = 32
+# int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
+# runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
+INT4_INT8_ACTIVATIONS = True
+INT4_DEQUANTIZE_ABOVE = 128
 
 
 def fused_max_rows(kind: str) -> int:
     """Up to how many rows a quantized linear of `kind` runs its fused kernel."""
     return INT8_FUSED_MAX_ROWS if kind == "int8" else FUSED_MAX_ROWS
-# int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
-# runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
-INT4_INT8_ACTIVATIONS = True
-INT4_DEQUANTIZE_ABOVE = 128
 
 
 @dataclass

@@ -55,13 +55,11 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
     from punctual.bench.arrivals import arrival_offsets
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
     from punctual.bench.workloads import generate_workload
+    from punctual.sim.validate import cluster_serve_args
 
     workdir = Path(tempfile.mkdtemp(prefix="punctual-calibrate-server-"))
     trace_path = workdir / "steps.jsonl"
-    if replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {replicas}")
-    cluster_args = () if replicas == 1 else ("--replicas", str(replicas), "--threads-per-replica",
-                                             str(threads_per_replica), "--router", router)
+    cluster_args = cluster_serve_args(replicas, threads_per_replica, router)
     options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args) + cluster_args)
     if threads is not None and replicas == 1:  # the server runs with the threads the offline profile had
         options = dataclasses.replace(options, threads=threads)

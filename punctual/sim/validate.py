@@ -67,14 +67,20 @@ def serve_command(flags: argparse.Namespace) -> list[str]:
     return out
 
 
+def cluster_serve_args(replicas: int, threads_per_replica: int, router: str) -> tuple[str, ...]:
+    """`punctual serve`'s cluster flags (none for one replica): validate's and calibrate's real side."""
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if replicas == 1:
+        return ()
+    return ("--replicas", str(replicas), "--threads-per-replica", str(threads_per_replica), "--router", router)
+
+
 def server_args(args: argparse.Namespace, flags: argparse.Namespace) -> tuple[str, ...]:
     """`punctual serve`'s flags for the real side: the engine's, the extra ones given, and with
     --replicas the cluster's (each replica on Ray is an engine with those flags)."""
-    extra = tuple(serve_command(flags)) + tuple(shlex.split(args.serve_args))
-    if flags.replicas > 1:
-        extra += ("--replicas", str(flags.replicas), "--threads-per-replica", str(args.threads_per_replica),
-                  "--router", flags.router)
-    return extra
+    return (tuple(serve_command(flags)) + tuple(shlex.split(args.serve_args))
+            + cluster_serve_args(flags.replicas, args.threads_per_replica, flags.router))
 
 
 def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
@@ -201,9 +207,7 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     log(f"starting {shlex.join(spec.command)}")
     log_path = Path(tempfile.mkdtemp(prefix="punctual-validate-")) / "server.log"
     if args.server_trace:  # the core's own record of the real runs (`punctual.sim.trace`)
-        from punctual.sim.trace import TRACE_ENV
-
-        from punctual.sim.trace import trace_paths
+        from punctual.sim.trace import TRACE_ENV, trace_paths
 
         for stale in trace_paths(args.server_trace):  # with --replicas, one file per replica
             Path(stale).unlink()
