@@ -1,7 +1,8 @@
 """`punctual sim calibrate`: time the real engine's steps on this machine and fit a profile.
 
 The engine core is driven step by step over a grid of shapes (single prompts of growing length,
-decode batches of growing size at short and long contexts, and the mixed steps between), each
+short suffixes after a cached prefix, decode batches of growing size at short and long contexts,
+and the mixed steps between), each
 step timed whole (schedule, execute, update: what a server's step loop takes), and the step
 times are fitted by least squares to the profile's features. Imports torch (it runs the model);
 the simulator's run path does not import this module.
@@ -41,7 +42,8 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
     from punctual.sampling_params import SamplingParams
 
     kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
-    kwargs["enable_prefix_caching"] = False  # every prompt token computed: the work the fit must see
+    # Prefix caching stays as the engine would serve: the grid's random prompts share no block, so
+    # every token of theirs is computed, and its prefix-hit steps need the cache.
     config = EngineConfig.from_kwargs(model, **kwargs)
     core = EngineCore(config)
     runner = core.runner
@@ -54,10 +56,10 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
     seconds: list[float] = []
     counter = iter(range(1 << 30))
 
-    def run(shapes: list[tuple[int, int]], measured: bool = True) -> None:
-        """Requests of (prompt tokens, output tokens), all at once, stepped to completion."""
-        for prompt_len, output_len in shapes:
-            tokens = rng.integers(1, vocab, size=prompt_len).tolist()
+    def run(shapes: list[tuple[int | list[int], int]], measured: bool = True) -> None:
+        """Requests of (prompt tokens or their number, output tokens), all at once, stepped to completion."""
+        for prompt, output_len in shapes:
+            tokens = rng.integers(1, vocab, size=prompt).tolist() if isinstance(prompt, int) else prompt
             core.add_request(EngineCoreRequest(f"cal-{next(counter)}", tokens,
                                                SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)))
         while core.has_unfinished_requests():
@@ -81,9 +83,17 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
     prompts = sorted({p for p in (16, 64, 128, 256, 384, 512, 768, 1024, 1536) if p <= max_prompt} | {max_prompt})
     batches = sorted({b for b in (1, 8) if b <= max_batch} | {max_batch})
     contexts = sorted({c for c in (32, 256) if c <= max_prompt})
+    block_size = config.cache.block_size  # a prefix of whole blocks is what the cache can hit
+    prefixes = sorted({p // block_size * block_size for p in (256, 1024) if block_size <= p <= max_prompt - 64})
     for _ in range(repeats):
         for prompt_len in prompts:  # prefill-dominated steps, one prompt at a time
             run([(prompt_len, 2)])
+        if config.cache.enable_prefix_caching:  # a short suffix after a cached prefix (a shared document)
+            for prefix_len in prefixes:
+                prefix = rng.integers(1, vocab, size=prefix_len).tolist()
+                run([(prefix, 1)], measured=False)
+                for suffix_len in (8, 24, 64):
+                    run([(prefix + rng.integers(1, vocab, size=suffix_len).tolist(), 2)])
         for context in contexts:  # decode batches over short and long contexts (and their mixed prefills)
             for batch in batches:
                 if batch * (context + 8) > core.kv_manager.num_blocks * config.cache.block_size:
@@ -95,7 +105,6 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
     coefficients, kept = fit_robust(rows, seconds)
     profile = StepProfile("linear", coefficients)
     errors = sorted(abs(profile.predict(rows[i]) - seconds[i]) / seconds[i] for i in kept)
-    block_size = config.cache.block_size
     return StepProfile(
         "linear", coefficients, dtype=str(runner.dtype).replace("torch.", ""),
         model={"name": model, "architecture": runner.arch.architecture, "hidden_size": runner.arch.hidden_size,
@@ -104,6 +113,7 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
         machine={**machine_description(), "device": str(runner.device)},
         num_kv_blocks=core.kv_manager.num_blocks, kv_transfer=kv_transfer,
         fit={"num_steps": len(rows), "num_outliers": len(rows) - len(kept), "features": list(FEATURES),
+             "num_prefix_hit_steps": sum(1 for r in rows if r[1] and r[3] > r[1]),  # prompt work after a cached start
              "median_abs_rel_error": errors[len(errors) // 2], "p90_abs_rel_error": errors[int(len(errors) * 0.9)],
              "mean_step_s": sum(seconds) / len(seconds)},
         engine={"block_size": block_size, "max_num_batched_tokens": budget,

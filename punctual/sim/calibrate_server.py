@@ -17,10 +17,10 @@ are measured from the server's own record (`punctual.sim.trace`, written by its 
   cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
   the profile's coefficients are multiplied by the scale, the overhead added to the fixed cost,
   the row cost to sampled rows, the prefill-step cost kept as "prefill_steps".
-- the speed probe (`punctual.sim.probe`): a fixed request's seconds per token after the
-  one-at-a-time phase and after each rate, their mean kept as the profile's `speed_probe`, the
-  machine's speed while the steps above were traced (`sim validate --rescale-per-point`
-  compares with it).
+- the speed probe (`punctual.sim.probe`): a fixed request's seconds per token, and a one-token
+  request's seconds after a cached prefix (a prompt step), after the one-at-a-time phase and
+  after each rate, their means kept as the profile's `speed_probe`, the machine's speed while
+  the steps above were traced (`sim validate --rescale-per-point` compares with it).
 
 With `replicas` > 1 the server is a cluster (`serve --replicas N` on Ray), each replica's core
 tracing to a file of its own: the fit then runs over every replica's steps, so it prices what a
@@ -98,7 +98,9 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
     profile = fit_serving_profile(base, trace, deliver, meta)
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
-        + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
+        + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + f"), prompt step "
+        f"{speed_probe['prompt']['step_s'] * 1000:.1f} ms (rounds "
+        + ", ".join(f"{t * 1000:.1f}" for t in speed_probe["prompt"]["rounds_step_s"]) + ")")
     return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)},
                                speed_probe=speed_probe)
 
