@@ -17,10 +17,13 @@ are measured from the server's own record (`punctual.sim.trace`, written by its 
   cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
   the profile's coefficients are multiplied by the scale, the overhead added to the fixed cost,
   the row cost to sampled rows, the prefill-step cost kept as "prefill_steps".
-- the speed probe (`punctual.sim.probe`): a fixed request's seconds per token, and a one-token
-  request's seconds after a cached prefix (a prompt step), after the one-at-a-time phase and
-  after each rate, their means kept as the profile's `speed_probe`, the machine's speed while
-  the steps above were traced (`sim validate --rescale-per-point` compares with it).
+- the speed probe (`punctual.sim.probe`): a fixed request's seconds per token after the
+  one-at-a-time phase and after each rate, their mean kept as the profile's `speed_probe`, the
+  machine's speed while the steps above were traced (`sim validate --rescale-per-point`
+  compares with it).
+- the spread (`punctual.sim.spread`): quantiles of every traced step's time over the fitted
+  price (the steps left out of the fit as interference too: a server has them), and of the
+  front end's admit delay, so the simulator's tails are as long as the server's.
 
 With `replicas` > 1 the server is a cluster (`serve --replicas N` on Ray), each replica's core
 tracing to a file of its own: the fit then runs over every replica's steps, so it prices what a
@@ -40,6 +43,7 @@ from typing import Callable
 
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
+from punctual.sim.spread import quantile_table
 from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_traces
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
@@ -98,9 +102,7 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
     profile = fit_serving_profile(base, trace, deliver, meta)
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
-        + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + f"), prompt step "
-        f"{speed_probe['prompt']['step_s'] * 1000:.1f} ms (rounds "
-        + ", ".join(f"{t * 1000:.1f}" for t in speed_probe["prompt"]["rounds_step_s"]) + ")")
+        + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
     return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)},
                                speed_probe=speed_probe)
 
@@ -121,6 +123,10 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[flo
     frontend = {"admit_s": max(0.0, admit or 0.0), "deliver_s": max(0.0, median(deliver) or 0.0),
                 "num_requests": len(trace.adds), "num_between_steps": len(trace.front_end_delays),
                 "num_sequential": len(deliver)}
+    spread = {name: table for name, table in (
+        ("step_ratio", quantile_table([s / fitted.predict(x) for x, s in zip(trace.rows, trace.seconds)
+                                       if fitted.predict(x) > 0])),
+        ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
                       "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
@@ -128,4 +134,4 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[flo
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
                       **meta}}
-    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit)
+    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None)

@@ -123,11 +123,10 @@ def add_sim_parser(subparsers) -> None:
     validate.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                           help="with --replicas: the cluster's router, run by both sides")
     validate.add_argument("--rescale-per-point", action="store_true",
-                          help="probe the server's speed right before each point (fixed requests, ~2 s) and "
+                          help="probe the server's speed right before each point (a fixed request, ~2 s) and "
                                "scale that point's simulated step costs by the probe's seconds per token over "
-                               "the profile's, recorded at calibration, and its steps with prompt tokens by the "
-                               "probe's prompt step over the profile's (needs a profile from `calibrate --server` "
-                               "with a speed probe); each point's factors are logged and kept in --output")
+                               "the profile's, recorded at calibration (needs a profile from `calibrate "
+                               "--server` with a speed probe); each point's factor is logged and kept in --output")
     validate.set_defaults(func=cmd_validate)
 
 

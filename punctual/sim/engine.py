@@ -20,6 +20,7 @@ from punctual.sampling_params import SamplingParams
 from punctual.sim.profile import StepProfile
 from punctual.sim.replica import SimReplica
 from punctual.sim.routing import least_loaded, make_router
+from punctual.sim.spread import draw, request_key, uniform
 
 STEP_DONE, ARRIVAL, MOVE = 0, 1, 2  # at one instant, steps end before new requests are taken in
 
@@ -121,6 +122,16 @@ class Simulator:
         self._run_id = 0
         self._params: dict[int, SamplingParams] = {}
 
+    def _admit_delays(self, requests: list[SimRequest]) -> Callable[[int], float]:
+        """Each request's admit delay by its place in `requests`: the profile's admit_s, or with
+        its spread a draw keyed by the run and the request's index (the same in any shard)."""
+        table = self.profile.admit_quantiles
+        if table is None:
+            admit = self.profile.admit_s
+            return lambda _: admit
+        run_id = self._run_id
+        return [draw(table, uniform(request_key(run_id, r.index))) for r in requests].__getitem__
+
     def _push(self, time: float, kind: int, payload) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (time, kind, self._seq, payload))
@@ -163,16 +174,18 @@ class Simulator:
         last_finish = start
 
         # The front end's share (the profile's, from a serving run): a request reaches the
-        # scheduler `admit` after its send, and a token the client `deliver` after its step.
-        admit, deliver = self.profile.admit_s, self.profile.deliver_s
+        # scheduler its admit delay after its send (admit_s, or its draw from the profile's
+        # spread), and a token the client `deliver` after its step.
+        admit_of, deliver = self._admit_delays(requests), self.profile.deliver_s
         if concurrency is not None:
             for _ in range(min(concurrency, len(requests))):
-                self._push(start + admit, ARRIVAL, next(pending))
+                i = next(pending)
+                self._push(start + admit_of(i), ARRIVAL, i)
         else:
             if len(offsets) != len(requests):
                 raise ValueError(f"offsets: {len(offsets)} for {len(requests)} requests")
             for i, offset in enumerate(offsets):
-                self._push(start + offset + admit, ARRIVAL, i)
+                self._push(start + offset + admit_of(i), ARRIVAL, i)
 
         def finish(outcome: Outcome, now: float) -> None:
             nonlocal last_finish
@@ -185,17 +198,17 @@ class Simulator:
             if concurrency is not None:
                 following = next(pending, None)
                 if following is not None:
-                    self._push(now + admit, ARRIVAL, following)
+                    self._push(now + admit_of(following), ARRIVAL, following)
 
         with _long_lived_objects_frozen():
-            self._loop(requests, in_flight, finish, routes, admit, deliver)
+            self._loop(requests, in_flight, finish, routes, admit_of, deliver)
         for request_id, outcome in list(in_flight.items()):  # nothing left to run them: a stuck scheduler
             outcome.error = "never finished: the scheduler stopped scheduling it"
             finish(outcome, self.now)
         return outcomes, last_finish - start
 
     def _loop(self, requests: list[SimRequest], in_flight: dict[str, Outcome], finish: Callable,
-              routes: list[int] | None, admit: float, deliver: float) -> None:
+              routes: list[int] | None, admit_of: Callable[[int], float], deliver: float) -> None:
         """Pop events in time order until none is left."""
         heap, replicas = self._heap, self.replicas
         config = self.config
@@ -239,6 +252,7 @@ class Simulator:
                 else:
                     sim_request = requests[payload]
                     request_id = prefix + str(sim_request.index)
+                    admit = admit_of(payload)
                     core = EngineCoreRequest(request_id, sim_request.prompt_token_ids,
                                              self._sampling(sim_request.output_len), arrival_time=now - admit,
                                              ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,

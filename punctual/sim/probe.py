@@ -15,15 +15,6 @@ server already running, so no second model is loaded, and costs about REPEATS x 
 single-stream steps (~2 s at 10 ms a step). `calibrate --server` runs it between its load
 phases and keeps their mean in the profile; the ratio of a later probe to that mean is the
 factor on the step costs.
-
-A second figure times prompt steps, whose speed moves apart from decode's (a quiet smollm2
-round: a short suffix after a cached prefix took a median 35-44 ms where, ten minutes earlier,
-it took 29-32 ms, while the decode probe moved by less than 10%). One request computes a fixed
-PROMPT_PREFIX_TOKENS-word prefix; then PROMPT_REPEATS requests each send that prefix (a cache
-hit) and PROMPT_SUFFIX_TOKENS words never sent before, for one token: the median of their
-end-to-end seconds is the prompt-step figure, and its ratio to the profile's is the factor on
-the steps that carry prompt tokens (`StepProfile.scaled`). A profile from before this figure has
-none, and its prompt steps follow the decode factor.
 """
 from __future__ import annotations
 
@@ -38,64 +29,39 @@ PROMPT_TOKENS = 64
 OUTPUT_TOKENS = 64
 REPEATS = 3
 PROBE_SEED = 16  # the prompt's words: any fixed draw, the same at calibration and validation
-PROMPT_PREFIX_TOKENS = 256
-PROMPT_SUFFIX_TOKENS = 24
-PROMPT_REPEATS = 6
 
 
 def probe_request() -> BenchRequest:
     return BenchRequest(words(np.random.default_rng(PROBE_SEED), PROMPT_TOKENS), PROMPT_TOKENS, OUTPUT_TOKENS)
 
 
-def prompt_probe_requests(rng: np.random.Generator | None = None) -> list[BenchRequest]:
-    """The prompt-step probe: the prefix's request, then PROMPT_REPEATS with fresh suffixes."""
-    rng = np.random.default_rng() if rng is None else rng  # suffixes never sent before: no cache hit
-    prefix = words(np.random.default_rng(PROBE_SEED + 1), PROMPT_PREFIX_TOKENS)
-    tokens = PROMPT_PREFIX_TOKENS + PROMPT_SUFFIX_TOKENS
-    return [BenchRequest(f"{prefix} {words(rng, PROMPT_SUFFIX_TOKENS)}", tokens, 1)
-            for _ in range(1 + PROMPT_REPEATS)]
-
-
 def probe_spec() -> dict:
-    """What a probe's decode figure was measured with: two figures compare only if these are equal."""
+    """What a probe figure was measured with: two figures compare only if these are equal."""
     return {"prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "repeats": REPEATS}
-
-
-def prompt_probe_spec() -> dict:
-    """What a probe's prompt-step figure was measured with."""
-    return {"prefix_tokens": PROMPT_PREFIX_TOKENS, "suffix_tokens": PROMPT_SUFFIX_TOKENS, "repeats": PROMPT_REPEATS}
 
 
 def run_probe(endpoint, repeats: int = REPEATS, transport=None) -> dict:
     """Probe the server at `endpoint` (idle: nothing else in flight). Returns {"token_s": the
-    median seconds per output token, "token_samples_s": each request's, "prompt_step_s": the
-    median seconds of a one-token request after a cached prefix, "prompt_samples_s": each one's,
-    "seconds": the probe's wall time}."""
+    median seconds per output token, "token_samples_s": each request's, "seconds": the probe's
+    wall time}."""
     from punctual.bench import loadgen
 
     started = time.perf_counter()
     result = loadgen.run(endpoint, [probe_request()] * repeats, concurrency=1, progress=False, transport=transport)
-    prompts = loadgen.run(endpoint, prompt_probe_requests(), concurrency=1, progress=False, transport=transport)
-    failed = [r.error or f"{r.output_tokens} tokens, {r.output_len} asked" for r in result.records + prompts.records
-              if not r.ok or r.output_tokens != r.output_len]
+    failed = [r.error or f"{r.output_tokens} tokens" for r in result.records
+              if not r.ok or r.output_tokens != OUTPUT_TOKENS]
     if failed:
-        raise RuntimeError(f"speed probe: a probe request failed ({failed[0]})")
+        raise RuntimeError(f"speed probe: a probe request failed ({failed[0]}; {OUTPUT_TOKENS} tokens asked)")
     samples = [r.e2e_s / r.output_tokens for r in result.records]
-    prompt_samples = [r.e2e_s for r in prompts.records[1:]]  # the first computed the prefix
     return {"token_s": statistics.median(samples), "token_samples_s": samples,
-            "prompt_step_s": statistics.median(prompt_samples), "prompt_samples_s": prompt_samples,
             "seconds": time.perf_counter() - started}
 
 
 def calibration_probe(rounds: list[dict]) -> dict:
     """The profile's record of the probes run during calibration: their mean is the reference
     (the serving fit averages over the whole calibration, so the reference does too)."""
-    record = {**probe_spec(), "token_s": statistics.fmean(r["token_s"] for r in rounds),
-              "rounds_token_s": [r["token_s"] for r in rounds]}
-    if all("prompt_step_s" in r for r in rounds):
-        record["prompt"] = {**prompt_probe_spec(), "step_s": statistics.fmean(r["prompt_step_s"] for r in rounds),
-                            "rounds_step_s": [r["prompt_step_s"] for r in rounds]}
-    return record
+    return {**probe_spec(), "token_s": statistics.fmean(r["token_s"] for r in rounds),
+            "rounds_token_s": [r["token_s"] for r in rounds]}
 
 
 def check_reference(reference: dict | None) -> dict:
@@ -106,23 +72,9 @@ def check_reference(reference: dict | None) -> dict:
     if any(reference.get(k) != v for k, v in probe_spec().items()):
         raise ValueError(f"the profile's speed probe ({reference}) is not this version's ({probe_spec()}): "
                          "calibrate it again with `punctual sim calibrate --server`")
-    prompt = reference.get("prompt")
-    if prompt is not None and any(prompt.get(k) != v for k, v in prompt_probe_spec().items()):
-        raise ValueError(f"the profile's prompt-step probe ({prompt}) is not this version's "
-                         f"({prompt_probe_spec()}): calibrate it again with `punctual sim calibrate --server`")
     return reference
 
 
 def speed_scale(reference: dict | None, token_s: float) -> float:
     """The factor on step costs for a probe of `token_s` seconds per token, against the profile's."""
     return token_s / check_reference(reference)["token_s"]
-
-
-def speed_scales(reference: dict | None, probe: dict) -> tuple[float, float | None]:
-    """A probe's factors against the profile's: (on every step, on the steps with prompt tokens);
-    the second is None when either side has no prompt-step figure (those steps then take the first)."""
-    decode = speed_scale(reference, probe["token_s"])
-    prompt = reference.get("prompt")
-    if prompt is None or probe.get("prompt_step_s") is None:
-        return decode, None
-    return decode, probe["prompt_step_s"] / prompt["step_s"]

@@ -104,9 +104,10 @@ class StepProfile:
     # The machine's speed at calibration (`punctual.sim.probe`, from `calibrate --server`): a fixed
     # request's seconds per token through the server, for a later probe to compare with. None: not probed.
     speed_probe: dict | None = None
-    # Steps that carry prompt tokens cost this many times what the rest of the profile says: set by
-    # `scaled` when a prompt-step probe saw them slow down apart from decode (never saved; 1.0 as fitted).
-    prompt_step_factor: float = 1.0
+    # How real steps and the front end's admit delay spread around the fit (`punctual.sim.spread`,
+    # from `calibrate --server`): {"step_ratio": quantiles of measured / priced, "admit_s": quantiles
+    # of the admit delay}, either may be absent. None: the simulator charges the fit exactly.
+    spread: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -118,36 +119,42 @@ class StepProfile:
 
     def predict(self, x: tuple[float, ...]) -> float:
         if self.roofline is not None:
-            seconds = self.roofline.predict(x)
-        else:
-            c = self._coef
-            seconds = max(0.0, c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5]
-                          + (self._prefill_step if x[1] else 0.0))
-        return seconds * self.prompt_step_factor if x[1] else seconds
+            return self.roofline.predict(x)
+        c = self._coef
+        seconds = c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5]
+        if x[1]:
+            seconds += self._prefill_step
+        return max(0.0, seconds)
 
     def step_seconds(self, plan: StepPlan, features: tuple[float, ...] | None = None) -> float:
         """The plan's duration; `features`: its plan_features, when the caller has them already."""
         return self.predict(plan_features(plan) if features is None else features)
 
-    def scaled(self, factor: float, prompt_factor: float | None = None) -> "StepProfile":
-        """This profile with every step `factor` times as long (the machine that much slower), or,
-        given `prompt_factor`, the steps that carry prompt tokens that many times as long instead;
-        the front end's delays and KV transfers unchanged."""
-        for name, value in (("speed", factor), ("prompt-step speed", prompt_factor)):
-            if value is not None and not value > 0:
-                raise ValueError(f"a profile's {name} factor must be positive, got {value}")
-        prompt_step_factor = self.prompt_step_factor * (1.0 if prompt_factor is None else prompt_factor / factor)
+    def scaled(self, factor: float) -> "StepProfile":
+        """This profile with every step `factor` times as long (the machine that much slower);
+        the front end's delays, KV transfers and the spread unchanged."""
+        if not factor > 0:
+            raise ValueError(f"a profile's speed factor must be positive, got {factor}")
         if self.roofline is not None:
             roof = self.roofline
             roofline = replace(roof, peak_flops=roof.peak_flops / factor, overhead_s=roof.overhead_s * factor,
                                memory_bandwidth=roof.memory_bandwidth / factor)
-            return replace(self, roofline=roofline, prompt_step_factor=prompt_step_factor)
-        return replace(self, coefficients={name: value * factor for name, value in self.coefficients.items()},
-                       prompt_step_factor=prompt_step_factor)
+            return replace(self, roofline=roofline)
+        return replace(self, coefficients={name: value * factor for name, value in self.coefficients.items()})
 
     @property
     def admit_s(self) -> float:
         return float(self.frontend.get("admit_s", 0.0))
+
+    @property
+    def step_ratios(self) -> list[float] | None:
+        """Quantiles of a real step's time over its price, or None (every step at its price)."""
+        return (self.spread or {}).get("step_ratio")
+
+    @property
+    def admit_quantiles(self) -> list[float] | None:
+        """Quantiles of the front end's admit delay, or None (every request at admit_s)."""
+        return (self.spread or {}).get("admit_s")
 
     @property
     def deliver_s(self) -> float:
@@ -178,6 +185,8 @@ class StepProfile:
                "fit": self.fit, "engine": self.engine, "frontend": self.frontend, "kv_transfer": self.kv_transfer}
         if self.speed_probe is not None:
             out["speed_probe"] = self.speed_probe
+        if self.spread is not None:
+            out["spread"] = self.spread
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -194,7 +203,7 @@ class StepProfile:
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
                    estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
                    frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"),
-                   speed_probe=data.get("speed_probe"))
+                   speed_probe=data.get("speed_probe"), spread=data.get("spread"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

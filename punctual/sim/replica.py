@@ -14,6 +14,7 @@ from punctual.plan import ModelRunnerOutput, StepPlan
 from punctual.request import Request
 from punctual.sched.scheduler import FinishedUpdate, Scheduler
 from punctual.sim.profile import StepProfile, plan_features
+from punctual.sim.spread import draw, step_stream
 from punctual.validation import PromptLimits
 
 SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
@@ -36,6 +37,7 @@ class SimReplica:
         self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
         self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
+        self.step_draws = step_stream(replica_id)  # with a profile's spread: each step's ratio to its price
 
     @property
     def busy(self) -> bool:
@@ -56,7 +58,11 @@ class SimReplica:
         self.plan, self.step_started = plan, now
         features = plan_features(plan)
         self.step_prompt_tokens = int(features[1])  # plan.num_prompt_tokens, from the same pass
-        return self.profile.step_seconds(plan, features), rejected
+        seconds = self.profile.step_seconds(plan, features)
+        ratios = self.profile.step_ratios
+        if ratios is not None:
+            seconds *= draw(ratios, self.step_draws.random())
+        return seconds, rejected
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None

@@ -8,9 +8,8 @@ this machine (its front-end delays and serving-loop cost; its requests use other
 
 With `--rescale-per-point`, the server is probed (`punctual.sim.probe`) right before each
 measured point, and the simulator prices that point's steps at the profile's costs x (the
-probe's seconds per token now / the profile's at calibration), and the steps that carry prompt
-tokens at x (the probe's prompt step now / the profile's) when the profile has that figure: the
-machine's speed when the point ran, from fixed requests, never from the point's own measurements.
+probe's seconds per token now / the profile's at calibration): the machine's speed when the
+point ran, from a fixed request, never from the point's own measurements.
 """
 from __future__ import annotations
 
@@ -97,7 +96,7 @@ def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
             error = None if not measured or simulated is None else (simulated - measured) / measured
             rows.append({"workload": real["workload"], "rate": real["rate"], "metric": label,
                          "measured_ms": measured, "simulated_ms": simulated, "error": error,
-                         "speed_scale": sim.get("speed_scale"), "prompt_speed_scale": sim.get("prompt_speed_scale")})
+                         "speed_scale": sim.get("speed_scale")})
     return rows
 
 
@@ -134,7 +133,7 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     header = ["workload", "rate", "metric", "measured", "simulated", "error"] + (["speed"] if scales else [])
     print(table(header, [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
                           "-" if r["error"] is None else f"{r['error']:+.0%}"]
-                         + ([_speed(r["speed_scale"], r["prompt_speed_scale"])] if scales else []) for r in rows]))
+                         + ([f"x{r['speed_scale']:.3f}"] if scales else []) for r in rows]))
     valid = [abs(r["error"]) for r in rows if r["error"] is not None]
     good_real, good_sim = goodputs(real_runs, plan.target), goodputs(sim_runs, plan.target)
     print(f"\n|error| median {statistics.median(valid):.0%}, worst {max(valid):.0%} over {len(valid)} points")
@@ -152,12 +151,11 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     return 0
 
 
-def simulate(config, profile, plan, scales: list[tuple[float, float | None]] | None = None,
+def simulate(config, profile, plan, scales: list[float] | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
     """The plan on the simulator: one simulator for every point, as one server serves them all
-    (its prefix caches carry over). `scales`: each measured point's factors (on the profile's step
-    costs, on its steps with prompt tokens or None: `StepProfile.scaled`), in the plan's order
-    (None: the profile as it is); each run keeps its "speed_scale" and "prompt_speed_scale"."""
+    (its prefix caches carry over). `scales`: each measured point's factor on the profile's step
+    costs, in the plan's order (None: the profile as it is); each run keeps its "speed_scale"."""
     from punctual.bench.loadgen import Endpoint
     from punctual.bench.sweep import bench_endpoint
     from punctual.sim.engine import Simulator
@@ -167,22 +165,21 @@ def simulate(config, profile, plan, scales: list[tuple[float, float | None]] | N
     pending = iter(scales or ())
 
     def rescale(workload: str, rate: float | None) -> None:
-        simulator.set_profile(profile.scaled(*next(pending)))
+        simulator.set_profile(profile.scaled(next(pending)))
 
     runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=log,
                           send=SimSender(simulator, slo=plan.slo), before_run=None if scales is None else rescale)
     if scales is not None:
         if len(scales) != len(runs):
             raise ValueError(f"{len(scales)} speed scales for {len(runs)} simulated points")
-        for run, (scale, prompt_scale) in zip(runs, scales):
-            run["speed_scale"], run["prompt_speed_scale"] = scale, prompt_scale
+        for run, scale in zip(runs, scales):
+            run["speed_scale"] = scale
     return runs
 
 
-def point_scales(real_runs: list[dict], profile,
-                 log: Callable[[str], None] | None = None) -> list[tuple[float, float | None]]:
-    """Each measured point's factors on the step costs: its speed probe against the profile's."""
-    from punctual.sim.probe import speed_scales
+def point_scales(real_runs: list[dict], profile, log: Callable[[str], None] | None = None) -> list[float]:
+    """Each measured point's factor on the step costs: its speed probe against the profile's."""
+    from punctual.sim.probe import speed_scale
 
     scales = []
     for run in real_runs:
@@ -190,10 +187,10 @@ def point_scales(real_runs: list[dict], profile,
         if probe is None:
             raise ValueError(f"--rescale-per-point: the measured point {run['workload']} {run['rate']:g} req/s "
                              "has no speed probe (measured without --rescale-per-point)")
-        scales.append(speed_scales(profile.speed_probe, probe))
+        scales.append(speed_scale(profile.speed_probe, probe["token_s"]))
         if log is not None:
             log(f"speed probe before {run['workload']} {run['rate']:g} req/s: "
-                f"{probe['token_s'] * 1000:.2f} ms per token, steps {_speed(*scales[-1])}")
+                f"{probe['token_s'] * 1000:.2f} ms per token, steps x {scales[-1]:.3f}")
     return scales
 
 
@@ -202,7 +199,7 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     """The bench plan against a real `punctual serve` started here with the same engine flags."""
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
     from punctual.bench.sweep import bench_endpoint
-    from punctual.sim.probe import run_probe, speed_scales
+    from punctual.sim.probe import run_probe, speed_scale
 
     extra = server_args(args, flags)
     options = PeerOptions(max_num_seqs=flags.max_num_seqs or 32, punctual_args=extra)
@@ -219,11 +216,10 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     with running(spec, log_path, args.startup_timeout) as endpoint:
         def probe(workload: str, rate: float | None) -> None:
             measured = run_probe(endpoint)
-            measured["scale"], measured["prompt_scale"] = speed_scales(profile.speed_probe, measured)
+            measured["scale"] = speed_scale(profile.speed_probe, measured["token_s"])
             probes.append(measured)
             log(f"speed probe before {workload} {rate:g} req/s: {measured['token_s'] * 1000:.2f} ms per token "
-                f"(calibration {profile.speed_probe['token_s'] * 1000:.2f}), prompt step "
-                f"{measured['prompt_step_s'] * 1000:.1f} ms: steps {_speed(measured['scale'], measured['prompt_scale'])}, "
+                f"(calibration {profile.speed_probe['token_s'] * 1000:.2f}): steps x {measured['scale']:.3f}, "
                 f"probed in {measured['seconds']:.1f} s")
 
         real_runs = bench_endpoint(endpoint, plan, system="punctual", progress=False, log=log,
@@ -253,7 +249,7 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
         records = run.get("records") or []
         matched, cursor = match_records(trace.adds, records, cursor)
         probe = run.get("speed_probe")  # with --rescale-per-point: price the step at the point's speed
-        priced = profile if probe is None else profile.scaled(probe["scale"], probe.get("prompt_scale"))
+        priced = profile if probe is None else profile.scaled(probe["scale"])
         paths = []
         for record, add in zip(records, matched):
             path = None if add is None else first_token_path(trace, add, record.get("ttft_s"))
@@ -278,11 +274,6 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
 
 def _index(rates: list[float], goodput: float | None) -> int:
     return -1 if goodput is None else rates.index(goodput)
-
-
-def _speed(scale: float, prompt_scale: float | None) -> str:
-    """A point's factors: on every step, and on prompt steps where they have their own."""
-    return f"x{scale:.3f}" + ("" if prompt_scale is None else f" (prompt x{prompt_scale:.3f})")
 
 
 def _ms(value: float | None) -> str:

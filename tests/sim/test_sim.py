@@ -202,10 +202,15 @@ def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
                          "--sim-processes", "2")) != 0
 
 
-def test_replica_by_replica_equals_one_interleaved_run():
+@pytest.mark.parametrize("spread", [False, True])
+def test_replica_by_replica_equals_one_interleaved_run(spread):
     """A shard simulates its replicas one after another; with routes fixed outside, every record
-    (each token's time), the duration, the clock and the replicas' caches end as in one run."""
+    (each token's time), the duration, the clock and the replicas' caches end as in one run; with
+    a profile's spread too (each replica draws its steps' ratios from a stream of its own)."""
     from punctual.sim.shards import run_replica_by_replica
+    from punctual.sim.spread import quantile_table
+
+    tables = {"step_ratio": quantile_table([0.8, 1.0, 1.3] * 10), "admit_s": quantile_table([0.001, 0.02] * 15)}
 
     requests = to_sim_requests(generate_workload("shared-prefix", 60, 3, 0.2))
     offsets = [i * 0.01 for i in range(len(requests))]
@@ -214,7 +219,7 @@ def test_replica_by_replica_equals_one_interleaved_run():
     for by_replica in (False, True):
         config = ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 120, max_model_len=2048,
                                replicas=4)
-        sender = SimSender(Simulator(config, profile()))
+        sender = SimSender(Simulator(config, profile(spread=tables if spread else None)))
         for _ in range(2):  # a second run starts from the first's clock and caches
             if by_replica:
                 records, _, duration = run_replica_by_replica(sender, requests, offsets, routes)

@@ -12,7 +12,7 @@ from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
 from punctual.sim.engine import ClusterConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
-from punctual.sim.probe import calibration_probe, check_reference, probe_spec, speed_scale, speed_scales
+from punctual.sim.probe import calibration_probe, check_reference, probe_spec, speed_scale
 from punctual.sim.profile import PREFILL_STEPS, Roofline, StepProfile, load_profile
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
@@ -39,32 +39,6 @@ def test_scaled_profile_prices_every_step_that_much_longer():
     assert roof.scaled(1.5).predict(x) == pytest.approx(1.5 * roof.predict(x))
     with pytest.raises(ValueError, match="positive"):
         profile.scaled(0.0)
-
-
-def test_prompt_steps_take_the_prompt_probes_factor():
-    """scaled(f, p): steps with prompt tokens (prompt chunks, with or without decodes beside them)
-    cost p times the fit, decode-only steps f times; p None is the single factor."""
-    prompt_step, mixed, decode = (1.0, 24.0, 0.0, 280.0, 6000.0, 1.0), (1.0, 9.0, 4.0, 900.0, 2000.0, 5.0), \
-        (1.0, 0.0, 3.0, 90.0, 90.0, 3.0)
-    for base in (served_profile(), StepProfile("roofline", roofline=Roofline(
-            1e12, 1e11, flops_per=(1e6,) * 5, bytes_fixed=1e8, bytes_per=(1e3,) * 5))):
-        both = base.scaled(2.0, 3.0)
-        assert both.predict(decode) == pytest.approx(2 * base.predict(decode))
-        for x in (prompt_step, mixed):
-            assert both.predict(x) == pytest.approx(3 * base.predict(x))
-        again = both.scaled(0.5)  # a further single factor scales prompt steps alike
-        assert again.predict(prompt_step) == pytest.approx(1.5 * base.predict(prompt_step))
-        assert base.scaled(2.0, None).predict(prompt_step) == pytest.approx(2 * base.predict(prompt_step))
-    with pytest.raises(ValueError, match="prompt-step speed factor must be positive"):
-        served_profile().scaled(1.0, 0.0)
-    reference = calibration_probe([{"token_s": 0.010, "prompt_step_s": 0.030},
-                                   {"token_s": 0.010, "prompt_step_s": 0.050}])
-    assert reference["prompt"]["step_s"] == pytest.approx(0.040)
-    assert speed_scales(reference, {"token_s": 0.011, "prompt_step_s": 0.050}) == pytest.approx((1.1, 1.25))
-    assert speed_scales(reference, {"token_s": 0.011}) == (pytest.approx(1.1), None)
-    assert speed_scales(REFERENCE, {"token_s": 0.011, "prompt_step_s": 0.050}) == (pytest.approx(1.1), None)
-    with pytest.raises(ValueError, match="prompt-step probe"):
-        check_reference({**reference, "prompt": {**reference["prompt"], "suffix_tokens": 7}})
 
 
 def test_a_scaled_profile_doubles_a_lone_stream_tpot():
@@ -120,12 +94,12 @@ def test_per_point_path_at_scale_one_is_the_plain_path(tmp_path):
     profile = served_profile()
     plan, config = plan_and_config(validate_args(tmp_path, profile), profile)
     plain = simulate(config, profile, plan, None, log=lambda _: None)
-    per_point = simulate(config, profile, plan, [(1.0, None)] * len(plain), log=lambda _: None)
+    per_point = simulate(config, profile, plan, [1.0] * len(plain), log=lambda _: None)
     assert [r["speed_scale"] for r in per_point] == [1.0] * 4
     for a, b in zip(plain, per_point):
         assert (a["workload"], a["rate"], a["summary"], a["records"]) == \
                (b["workload"], b["rate"], b["summary"], b["records"])
-    slowed = simulate(config, profile, plan, [(1.0, None)] * 3 + [(3.0, None)], log=lambda _: None)
+    slowed = simulate(config, profile, plan, [1.0, 1.0, 1.0, 3.0], log=lambda _: None)
     assert slowed[:3] == per_point[:3]  # a point's scale reaches no other point
     assert slowed[3]["summary"]["tpot_ms"]["median"] > 2 * per_point[3]["summary"]["tpot_ms"]["median"]
 
@@ -138,7 +112,7 @@ def test_validate_rescales_each_point_from_its_probe(tmp_path):
     profile = served_profile(speed_probe=REFERENCE)
     args = validate_args(tmp_path, profile, workload="chat", rescale_per_point=True)
     plan, config = plan_and_config(args, profile)
-    measured = simulate(config, profile, plan, [(1.0, None), (1.5, None)], log=lambda _: None)  # slower at 2 req/s
+    measured = simulate(config, profile, plan, [1.0, 1.5], log=lambda _: None)  # a machine slower at 2 req/s
     for run, token_s in zip(measured, (0.010, 0.015)):
         run["system"] = "punctual"
         run["speed_probe"] = {"token_s": token_s}
@@ -149,22 +123,7 @@ def test_validate_rescales_each_point_from_its_probe(tmp_path):
     assert [r["speed_scale"] for r in out["simulated"]] == pytest.approx([1.0, 1.5])
     assert [r["speed_scale"] for r in out["errors"]] == pytest.approx([1.0] * 4 + [1.5] * 4)
     assert all(r["error"] == pytest.approx(0.0) for r in out["errors"])  # the same speeds as "measured"
-    assert any("steps x1.500" in line for line in lines)
-    # A profile with a prompt-step figure: a point whose prompt probe ran slow prices its prompt steps so.
-    prompted = served_profile(speed_probe=calibration_probe([{"token_s": 0.010, "prompt_step_s": 0.040}]))
-    args = validate_args(tmp_path, prompted, workload="chat", rescale_per_point=True)
-    measured = simulate(config, prompted, plan, [(1.0, 1.0), (1.5, 2.0)], log=lambda _: None)
-    for run, probe in zip(measured, ({"token_s": 0.010, "prompt_step_s": 0.040},
-                                     {"token_s": 0.015, "prompt_step_s": 0.080})):
-        run["system"] = "punctual"
-        run["speed_probe"] = probe
-    (tmp_path / "measured.json").write_text(json.dumps({"measured": measured}, default=str))
-    validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=lines.append)
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert [r["prompt_speed_scale"] for r in out["simulated"]] == pytest.approx([1.0, 2.0])
-    assert all(r["error"] == pytest.approx(0.0) for r in out["errors"])
-    assert any("steps x1.500 (prompt x2.000)" in line for line in lines)
-    assert out["simulated"][1]["summary"]["ttft_ms"]["median"] > measured[0]["summary"]["ttft_ms"]["median"]
+    assert any("steps x 1.500" in line for line in lines)
     for run in measured:
         del run["speed_probe"]
     (tmp_path / "measured.json").write_text(json.dumps({"measured": measured}, default=str))
@@ -182,22 +141,15 @@ def test_validate_refuses_to_rescale_a_profile_without_a_probe_before_starting_a
 
 def test_probe_times_a_fixed_request_through_the_server():
     from punctual.bench.loadgen import Endpoint
-    from punctual.sim.probe import OUTPUT_TOKENS, PROMPT_REPEATS, PROMPT_SUFFIX_TOKENS, REPEATS, run_probe
+    from punctual.sim.probe import OUTPUT_TOKENS, REPEATS, run_probe
     from tests.bench.test_bench_loadgen import fake_server
 
     transport, bodies, peak = fake_server(gap_s=0.002)
     probe = run_probe(Endpoint("http://fake"), transport=transport)
-    assert len(bodies) == REPEATS + 1 + PROMPT_REPEATS and peak[0] == 1  # one at a time
-    decodes, prompts = bodies[:REPEATS], bodies[REPEATS:]
-    assert len(probe["token_samples_s"]) == REPEATS and len(probe["prompt_samples_s"]) == PROMPT_REPEATS
-    assert {b["prompt"] for b in decodes} == {decodes[0]["prompt"]}  # the same request every time
-    assert all(b["max_tokens"] == OUTPUT_TOKENS and b["ignore_eos"] and b["temperature"] == 0 for b in decodes)
+    assert len(bodies) == len(probe["token_samples_s"]) == REPEATS and peak[0] == 1  # one at a time
+    assert {b["prompt"] for b in bodies} == {bodies[0]["prompt"]}  # the same request every time
+    assert all(b["max_tokens"] == OUTPUT_TOKENS and b["ignore_eos"] and b["temperature"] == 0 for b in bodies)
     assert 0.002 <= probe["token_s"] < 0.05
-    # The prompt probe: one shared prefix (computed by the first), a suffix never sent before, one token.
-    prefix = " ".join(prompts[0]["prompt"].split()[:-PROMPT_SUFFIX_TOKENS])
-    assert all(b["prompt"].startswith(prefix + " ") and b["max_tokens"] == 1 for b in prompts)
-    assert len({b["prompt"] for b in prompts}) == len(prompts)
-    assert 0.002 <= probe["prompt_step_s"] < 0.05
 
 
 def test_validate_a_two_replica_cluster(tmp_path):
