@@ -9,6 +9,7 @@ kernel choice behind it.
 
     python benchmarks/bench_decode_step.py
     PYTHONPATH=/path/to/other/checkout python benchmarks/bench_decode_step.py --skip-kernel   # compare commits
+    python benchmarks/bench_decode_step.py --skip-kernel --kv-cache-dtype int8               # an int8 KV cache
 """
 from __future__ import annotations
 
@@ -52,15 +53,17 @@ def kernel_rows(repeats: int) -> None:
         print(f"| {n} | {ctx} | {gqa * 1e3:.2f} | {grouped * 1e3:.2f} | {gqa / grouped:.1f}x |")
 
 
-def engine_rows(model: str, steps: int) -> None:
+def engine_rows(model: str, steps: int, kv_cache_dtype: str = "auto") -> None:
     from punctual import LLM, SamplingParams
 
-    llm = LLM(model, dtype="bfloat16", kv_cache_memory="2GiB", max_num_batched_tokens=2048)
+    llm = LLM(model, dtype="bfloat16", kv_cache_memory="2GiB", max_num_batched_tokens=2048,
+              kv_cache_dtype=kv_cache_dtype)
     engine = llm.engine
     scheduler = engine.core.scheduler
     rng = random.Random(0)
     vocab = engine.core.vocab_size
-    print(f"\nDecode step of {model}, bf16 (ms; {steps} steps)")
+    kv = "bf16" if kv_cache_dtype == "auto" else kv_cache_dtype
+    print(f"\nDecode step of {model}, bf16 weights, {kv} KV cache (ms; {steps} steps)")
     print("| sequences | context | prompts | median | p90 |")
     print("|---|---|---|---|---|")
     for round_, (n, ctx, shared) in enumerate(SHAPES):
@@ -85,13 +88,14 @@ def main() -> None:
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or int8")
     args = parser.parse_args()
     import punctual
 
     print(f"punctual from {punctual.__file__}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if not args.skip_kernel:
         kernel_rows(30)
-    engine_rows(args.model, args.steps)
+    engine_rows(args.model, args.steps, args.kv_cache_dtype)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true", help="plain PyTorch ops (no fused CPU kernels)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or int8")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -197,10 +198,11 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory="3GiB",
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     model = llm.engine.core.runner.model
     vocab = llm.engine.core.vocab_size
-    results: dict = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+    results: dict = {"model": args.model, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                     "threads": torch.get_num_threads(),
                      "num_requests": args.num_requests, "runs": args.runs}
     bandwidth = measure_bandwidth_gbs()
     bytes_per_token = weight_bytes(model)
@@ -243,8 +245,8 @@ def main() -> None:
         results["punctual_fraction_of_roofline"] = gflop / peak / elapsed
         print(f"roofline: {gflop:.0f} GFLOP at {peak:.0f} GFLOP/s = {gflop / peak:.2f} s; Punctual took "
               f"{elapsed:.2f} s = {100 * gflop / peak / elapsed:.0f}% of the roofline", flush=True)
-        arch = llm.engine.core.runner.arch
-        kv_bytes = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * torch.finfo(getattr(torch, args.dtype)).bits // 8
+        arch, runner = llm.engine.core.runner.arch, llm.engine.core.runner
+        kv_bytes = runner.kv_bytes_per_block // runner.block_size  # all layers' K and V (int8: with scales)
         bound = step_bound_s(arch, workload, peak, bandwidth, bytes_per_token, kv_bytes)
         results["step_bound_s"] = bound
         results["roofline_fraction_reachable"] = gflop / peak / bound

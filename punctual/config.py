@@ -138,8 +138,6 @@ class EngineConfig:
             raise ValueError(f"quantization must be none|int8|int4, got {self.model.quantization!r}")
         if self.model.batch_invariant and self.model.enforce_eager:
             raise ValueError("batch_invariant runs the fused CPU kernels; it cannot be combined with enforce_eager")
-        if self.model.batch_invariant and self.cache.kv_cache_dtype == "int8":
-            raise ValueError("batch_invariant needs a bf16 KV cache (its attention kernel reads bf16), not kv_cache_dtype int8")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:

@@ -16,6 +16,8 @@ ARCHS = {
                         rope_theta=500000.0),
     "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
     "qwen2_bias": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
+    # smollm2's head dim: the fused attention kernel's specialised loops (and its int8 cache reads)
+    "llama_head64": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2, head_dim=64),
 }
 
 

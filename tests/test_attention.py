@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from punctual.model.attention import MAX_SHORT_QUERY, LayerKVCache, paged_attention
+from punctual.model.attention import MAX_SHORT_QUERY, LayerKVCache, paged_attention, quantize_int8
 from punctual.model.runner import ModelRunner, TokenChunk, split_by_query_length
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
@@ -23,6 +23,12 @@ def metadata_builder(window: int | None, attention_kernel: str = "none"):
     for name in ("_metadata", "_kernel_metadata", "_chunk_mask", "_decode_mask", "_pad_index", "_padded_tables"):
         setattr(fake, name, types.MethodType(getattr(ModelRunner, name), fake))
     return fake
+
+
+def dequantized(x: torch.Tensor) -> torch.Tensor:
+    """The values an int8 cache holds for x: [T, KVH, D] in fp32."""
+    q, scale = quantize_int8(x)
+    return q.float() * scale.unsqueeze(-1)
 
 
 def dense_reference(q, k, v, start: int, window: int | None) -> torch.Tensor:
@@ -57,14 +63,44 @@ def test_fused_kernel_attention_matches_dense(window, attention_kernel, head_dim
     check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, head_dim, 2e-2)
 
 
-def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype, head_dim: int, tolerance: float):
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("attention_kernel", ["none", "decode", "all"])
+def test_int8_cache_attention_matches_dense_over_its_dequantized_values(window, attention_kernel):
+    """An int8 cache, read by the torch path (dequantized on gather) or by the fused kernel (its
+    specialised loops, head dim 64), against dense attention over the values the cache holds."""
+    from punctual.model import cpu_kernels
+
+    if attention_kernel != "none" and cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, 64, 2e-2, quantized=True)
+
+
+def test_fused_kernel_names_an_int8_cache_it_cannot_read():
+    from punctual.model import cpu_kernels
+
+    ops = cpu_kernels.load()
+    if ops is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    cache = LayerKVCache(4, BLOCK, KV_HEADS, 16, torch.bfloat16, torch.device("cpu"), quantized=True)
+    q = torch.zeros(1, HEADS, 16, dtype=torch.bfloat16)
+    args = (q, cache.k, cache.v, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long), 0, 0.25)
+    assert not cpu_kernels.int8_kv_attention_supported(16, HEADS, KV_HEADS)
+    with pytest.raises(RuntimeError, match="int8 caches need head dim 64 or 128"):
+        ops.paged_attention(*args, cache.k_scale, cache.v_scale)
+    with pytest.raises(RuntimeError, match="need k_scale and v_scale"):
+        ops.paged_attention(*args)
+
+
+def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype, head_dim: int, tolerance: float,
+                              quantized: bool = False):
     rng = random.Random(0)
     torch.manual_seed(0)
     # (context already cached, new query tokens): decodes, short queries of several lengths, chunks.
     shapes = [(9, 1), (30, 1), (3, 1), (12, 2), (40, 5), (7, 3), (0, MAX_SHORT_QUERY), (21, 5),
               (0, 23), (17, MAX_SHORT_QUERY + 4)]
     num_blocks = sum(-(-(c + n) // BLOCK) for c, n in shapes) + 1
-    cache = LayerKVCache(num_blocks, BLOCK, KV_HEADS, head_dim, dtype, torch.device("cpu"))
+    cache = LayerKVCache(num_blocks, BLOCK, KV_HEADS, head_dim, dtype, torch.device("cpu"), quantized)
     free = list(range(1, num_blocks))
     rng.shuffle(free)
     chunks, full_k, full_v, queries = [], [], [], []
@@ -99,8 +135,8 @@ def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype,
     row = 0
     for i in order:
         n = chunks[i].num_new_tokens
-        expected = dense_reference(queries[i].float(), full_k[i].float(), full_v[i].float(),
-                                   chunks[i].start_position, window)
+        k, v = (dequantized(full_k[i]), dequantized(full_v[i])) if quantized else (full_k[i].float(), full_v[i].float())
+        expected = dense_reference(queries[i].float(), k, v, chunks[i].start_position, window)
         torch.testing.assert_close(out[row:row + n].float(), expected, atol=tolerance, rtol=tolerance,
                                    msg=lambda m: f"sequence {shapes[i]}: {m}")
         row += n

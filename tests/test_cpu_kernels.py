@@ -104,19 +104,23 @@ def test_engine_runs_fused_unless_eager_is_enforced():
     assert alone == [o.outputs[0].token_ids for o in greedy(fused, prompts, 16)]
 
 
-@pytest.mark.parametrize("model,quantization,int8_activations", [
-    ("builtin-tiny", "none", True), ("builtin-tiny", "int8", True), ("builtin-tiny", "int4", True),
-    ("builtin-tiny", "int4", False), ("qwen2_bias", "none", True)])
-def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization, int8_activations, tmp_path,
-                                                            monkeypatch):
+@pytest.mark.parametrize("model,quantization,int8_activations,kv_cache_dtype", [
+    ("builtin-tiny", "none", True, "auto"), ("builtin-tiny", "int8", True, "auto"),
+    ("builtin-tiny", "int4", True, "auto"), ("builtin-tiny", "int4", False, "auto"), ("qwen2_bias", "none", True, "auto"),
+    ("llama_head64", "none", True, "int8"), ("llama_head64", "int8", True, "int8")])
+def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization, int8_activations, kv_cache_dtype,
+                                                            tmp_path, monkeypatch):
     """Decode steps run the whole layer stack in one kernel call; its hidden states must be those
-    of the same kernels called layer by layer, bit for bit (every kind of linear, biases too)."""
+    of the same kernels called layer by layer, bit for bit (every kind of linear, biases too, and
+    an int8 KV cache, which the stack quantizes into exactly as the layer-by-layer path does)."""
     from punctual.model import quant
     from tests.hf_models import build_hf_checkpoint
 
     monkeypatch.setattr(quant, "INT4_INT8_ACTIVATIONS", int8_activations)
     path = model if model.startswith("builtin") else str(build_hf_checkpoint(tmp_path / model, model))
-    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=512)
+    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=512,
+              kv_cache_dtype=kv_cache_dtype)
+    assert llm.engine.core.runner.kv_quantized == (kv_cache_dtype == "int8")
     model_ = llm.engine.core.runner.model
     assert model_._stack is not None
     rows_compared = []
@@ -166,6 +170,20 @@ def test_batch_invariant_output_ignores_batch_chunking_and_speculation():
     assert alone == batched
     assert alone == chunked
     assert alone == speculated
+
+
+def test_batch_invariant_with_an_int8_cache(checkpoints):
+    """An int8 KV cache in batch-invariant mode: every token attends through the kernel's int8
+    reads, so a request's tokens are the same alone, batched, and with its prompt chunked."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(20, 70))] for _ in range(3)]
+    base = dict(dtype="bfloat16", num_kv_blocks=128, batch_invariant=True, kv_cache_dtype="int8")
+    llm = LLM(str(checkpoints["llama_head64"]), max_num_batched_tokens=512, **base)
+    assert llm.engine.core.runner.attention_kernel == "all" and llm.engine.core.runner.kv_quantized
+    alone = [greedy(llm, [p], 12)[0].outputs[0].token_ids for p in prompts]
+    assert alone == [o.outputs[0].token_ids for o in greedy(llm, prompts, 12)]
+    chunked = LLM(str(checkpoints["llama_head64"]), max_num_batched_tokens=16, enable_prefix_caching=False, **base)
+    assert alone == [o.outputs[0].token_ids for o in greedy(chunked, prompts, 12)]
 
 
 def test_batch_invariant_refuses_what_it_cannot_keep():

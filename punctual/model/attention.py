@@ -183,7 +183,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         n = meta.kernel_tokens
         parts.append(torch.ops.punctual.paged_attention(
             q[:n], cache.k, cache.v, meta.kernel_block_tables, meta.kernel_seq_of_token, meta.kernel_positions,
-            meta.kernel_window, head_dim ** -0.5))
+            meta.kernel_window, head_dim ** -0.5, *((cache.k_scale, cache.v_scale) if cache.quantized else ())))
     for bucket in meta.decode_buckets:
         k_ctx, v_ctx = cache.gather(bucket.block_tables)
         if bucket.q_len == 1:

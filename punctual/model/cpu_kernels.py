@@ -113,6 +113,12 @@ def load():
     return torch.ops.punctual
 
 
+def int8_kv_attention_supported(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether paged_attention reads an int8 KV cache for this head shape: its specialised loops
+    (head dim 64 or 128, at most 8 query heads per KV head) take int8 rows, the generic one does not."""
+    return head_dim in (64, 128) and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 8
+
+
 def unavailable_reason() -> str | None:
     """Why load() returns None here, or None when the kernels load."""
     try:

@@ -304,11 +304,12 @@ class LlamaModel:
     def _run_stack(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                    kv_caches: list[LayerKVCache]) -> torch.Tensor | None:
         """The step through decode_stack when it can take it: every token attends through the
-        fused kernel, no more rows than the linears' kernels take, a bf16 cache. Else None."""
+        fused kernel, no more rows than the linears' kernels take. Else None."""
         slots, kinds, groups, max_rows = self._stack
         num_tokens = input_ids.shape[0]
-        if meta.kernel_tokens != num_tokens or num_tokens > max_rows or (kv_caches and kv_caches[0].quantized):
+        if meta.kernel_tokens != num_tokens or num_tokens > max_rows:
             return None
+        quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
         arch = self.arch
         # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
         # its kernel_positions are these (both built from the step's chunks in the same order).
@@ -316,7 +317,8 @@ class LlamaModel:
             input_ids, positions, self.embed, self.cos, self.sin, slots, kinds, groups, self.norm,
             [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,
             meta.kernel_seq_of_token, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps,
-            meta.kernel_window, arch.head_dim ** -0.5)
+            meta.kernel_window, arch.head_dim ** -0.5, [c.k_scale for c in kv_caches] if quantized else [],
+            [c.v_scale for c in kv_caches] if quantized else [])
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

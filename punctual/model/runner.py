@@ -11,6 +11,7 @@ import torch
 
 from punctual.config import CacheConfig, ModelConfig
 from punctual.model.allocator import keep_step_buffers_mapped
+from punctual.model.cpu_kernels import int8_kv_attention_supported
 from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache)
 from punctual.model.kv_transfer import write_blocks
@@ -154,8 +155,17 @@ class ModelRunner:
                                  self.arch.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.kv_quantized = kv_cache_is_quantized(cache_config.kv_cache_dtype, self.dtype)
-        # Tokens that attend through the fused kernel: it reads a bf16 cache, not the int8 one.
-        self.attention_kernel = "none" if self.kv_quantized else self.model.attention_kernel
+        # Tokens that attend through the fused kernel: it reads a bf16 cache, and an int8 one for the
+        # head shapes its specialised loops take.
+        self.attention_kernel = self.model.attention_kernel
+        if self.kv_quantized and not int8_kv_attention_supported(self.arch.head_dim, self.arch.num_heads,
+                                                                 self.arch.num_kv_heads):
+            if model_config.batch_invariant:
+                raise ValueError(f"batch_invariant with kv_cache_dtype int8 needs the attention kernel's int8 reads: "
+                                 f"head dim 64 or 128 and at most 8 query heads per KV head, this model has head "
+                                 f"dim {self.arch.head_dim} and {self.arch.num_heads} / {self.arch.num_kv_heads}; "
+                                 f"use a bf16 KV cache")
+            self.attention_kernel = "none"
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
         self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include <mutex>
 #include <omp.h>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -832,9 +834,25 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // is prefetched kKeysAhead keys before it is read.
 constexpr int64_t kKeysAhead = 32;
 
-template <int VEC>
-inline void prefetch_row(const uint16_t* row) {  // D = 32 * VEC bf16: VEC cache lines
-  for (int c = 0; c < VEC; ++c) _mm_prefetch(reinterpret_cast<const char*>(row + c * 32), _MM_HINT_T0);
+// A cache holds bf16 rows (uint16_t) or int8 rows with one fp32 scale per slot and KV head
+// (LayerKVCache's quantized layout: value = q * scale). An int8 row is half a bf16 row's bytes;
+// its values are widened exactly (|q| <= 127 fits bf16) and the scale applied to the fp32 score,
+// or folded into the probability that weighs the V row.
+template <int VEC, typename KT>
+inline void prefetch_row(const KT* row) {  // D = 32 * VEC values
+  constexpr int lines = VEC * 32 * static_cast<int>(sizeof(KT)) / 64;
+  for (int c = 0; c < (lines > 0 ? lines : 1); ++c)
+    _mm_prefetch(reinterpret_cast<const char*>(row) + c * 64, _MM_HINT_T0);
+}
+
+inline __m512bh load_k32(const uint16_t* row) { return (__m512bh)_mm512_loadu_si512(row); }  // 32 values
+inline __m512bh load_k32(const int8_t* row) { return load_pair(row); }
+inline __m512 load_v16(const uint16_t* row) {  // 16 values as fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))), 16));
+}
+inline __m512 load_v16(const int8_t* row) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
 }
 
 // One KV head's share of a token's attention, with its G query heads' accumulators in registers
@@ -867,9 +885,11 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
-template <int VEC, int G>
-void scores_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* rows, int64_t n,
-                  float scale, float* scores) {
+// `scales` (int8 caches only, else null): this KV head's scale of each slot is scales[srows[j]].
+template <int VEC, int G, typename KT>
+void scores_group(const uint16_t* q, const KT* k, const KT* v, const int64_t* rows, const float* scales,
+                  const int64_t* srows, int64_t n, float scale, float* scores) {
+  constexpr bool kQuantized = std::is_same<KT, int8_t>::value;
   __m512i qv[G][VEC];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < VEC; ++c) qv[h][c] = _mm512_loadu_si512(q + (h * VEC + c) * 32);
@@ -880,45 +900,52 @@ void scores_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
     // Ahead of the keys: K rows, then past the last key the first V rows (values_group's start).
     for (int64_t i = j + kKeysAhead; i < std::min<int64_t>(n + kKeysAhead, j + 16 + kKeysAhead); ++i)
       prefetch_row<VEC>(i < n ? k + rows[i] : v + rows[i - n]);
+    __m512 factor = scale_v;  // per key: the softmax scale, times the key's int8 scale
+    if constexpr (kQuantized) {
+      alignas(64) float key_scales[16];
+      for (int i = 0; i < 16; ++i) key_scales[i] = scales[srows[j + i]];
+      factor = _mm512_mul_ps(_mm512_load_ps(key_scales), scale_v);
+    }
     for (int h = 0; h < G; ++h) {
       __m512 dots[16];
       for (int i = 0; i < 16; ++i) {
-        const uint16_t* krow = k + rows[j + i];
+        const KT* krow = k + rows[j + i];
         __m512 dot = _mm512_setzero_ps();
-        for (int c = 0; c < VEC; ++c)
-          dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], (__m512bh)_mm512_loadu_si512(krow + c * 32));
+        for (int c = 0; c < VEC; ++c) dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], load_k32(krow + c * 32));
         dots[i] = dot;
       }
-      _mm512_storeu_ps(scores + h * n + j, _mm512_mul_ps(sum16(dots), scale_v));
+      _mm512_storeu_ps(scores + h * n + j, _mm512_mul_ps(sum16(dots), factor));
     }
   }
   for (; j < n; ++j) {
-    const uint16_t* krow = k + rows[j];
-    __m512i kv[VEC];
-    for (int c = 0; c < VEC; ++c) kv[c] = _mm512_loadu_si512(krow + c * 32);
+    const KT* krow = k + rows[j];
+    __m512bh kv[VEC];
+    for (int c = 0; c < VEC; ++c) kv[c] = load_k32(krow + c * 32);
+    const float factor = kQuantized ? scales[srows[j]] * scale : scale;
     for (int h = 0; h < G; ++h) {
       __m512 dot = _mm512_setzero_ps();
-      for (int c = 0; c < VEC; ++c) dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], (__m512bh)kv[c]);
-      scores[h * n + j] = _mm512_reduce_add_ps(dot) * scale;
+      for (int c = 0; c < VEC; ++c) dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], kv[c]);
+      scores[h * n + j] = _mm512_reduce_add_ps(dot) * factor;
     }
   }
 }
 
-template <int VEC, int G>
-void values_group(const float* probs, const uint16_t* v, const int64_t* rows, int64_t n, uint16_t* out) {
+template <int VEC, int G, typename KT>
+void values_group(const float* probs, const KT* v, const int64_t* rows, const float* scales, const int64_t* srows,
+                  int64_t n, uint16_t* out) {
+  constexpr bool kQuantized = std::is_same<KT, int8_t>::value;
   constexpr int lanes = 2 * VEC;  // 16 fp32 per zmm
   __m512 acc[G][lanes];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < lanes; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     if (j + kKeysAhead < n) prefetch_row<VEC>(v + rows[j + kKeysAhead]);
-    const uint16_t* vrow = v + rows[j];
+    const KT* vrow = v + rows[j];
     __m512 vv[lanes];
-    for (int c = 0; c < lanes; ++c)
-      vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
+    for (int c = 0; c < lanes; ++c) vv[c] = load_v16(vrow + c * 16);
+    const float value_scale = kQuantized ? scales[srows[j]] : 1.f;
     for (int h = 0; h < G; ++h) {
-      const __m512 w = _mm512_set1_ps(probs[h * n + j]);
+      const __m512 w = _mm512_set1_ps(kQuantized ? probs[h * n + j] * value_scale : probs[h * n + j]);
       for (int c = 0; c < lanes; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
     }
   }
@@ -927,29 +954,33 @@ void values_group(const float* probs, const uint16_t* v, const int64_t* rows, in
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (h * lanes + c) * 16), (__m256i)_mm512_cvtneps_pbh(acc[h][c]));
 }
 
-using ScoresFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t, float, float*);
-using ValuesFn = void (*)(const float*, const uint16_t*, const int64_t*, int64_t, uint16_t*);
+template <typename KT>
+using ScoresFn = void (*)(const uint16_t*, const KT*, const KT*, const int64_t*, const float*, const int64_t*,
+                          int64_t, float, float*);
+template <typename KT>
+using ValuesFn = void (*)(const float*, const KT*, const int64_t*, const float*, const int64_t*, int64_t, uint16_t*);
 
-template <int VEC>
-std::pair<ScoresFn, ValuesFn> group_kernels(int64_t group) {
+template <int VEC, typename KT>
+std::pair<ScoresFn<KT>, ValuesFn<KT>> group_kernels(int64_t group) {
   switch (group) {
-    case 1: return {scores_group<VEC, 1>, values_group<VEC, 1>};
-    case 2: return {scores_group<VEC, 2>, values_group<VEC, 2>};
-    case 3: return {scores_group<VEC, 3>, values_group<VEC, 3>};
-    case 4: return {scores_group<VEC, 4>, values_group<VEC, 4>};
-    case 5: return {scores_group<VEC, 5>, values_group<VEC, 5>};
-    case 6: return {scores_group<VEC, 6>, values_group<VEC, 6>};
-    case 7: return {scores_group<VEC, 7>, values_group<VEC, 7>};
-    case 8: return {scores_group<VEC, 8>, values_group<VEC, 8>};
+    case 1: return {scores_group<VEC, 1, KT>, values_group<VEC, 1, KT>};
+    case 2: return {scores_group<VEC, 2, KT>, values_group<VEC, 2, KT>};
+    case 3: return {scores_group<VEC, 3, KT>, values_group<VEC, 3, KT>};
+    case 4: return {scores_group<VEC, 4, KT>, values_group<VEC, 4, KT>};
+    case 5: return {scores_group<VEC, 5, KT>, values_group<VEC, 5, KT>};
+    case 6: return {scores_group<VEC, 6, KT>, values_group<VEC, 6, KT>};
+    case 7: return {scores_group<VEC, 7, KT>, values_group<VEC, 7, KT>};
+    case 8: return {scores_group<VEC, 8, KT>, values_group<VEC, 8, KT>};
     default: return {nullptr, nullptr};
   }
 }
 
-// The specialised kernels for this head shape, or nulls (the generic loop then runs).
-std::pair<ScoresFn, ValuesFn> pick_group_kernels(int64_t dim, int64_t group) {
+// The specialised kernels for this head shape, or nulls (the generic loop then runs; bf16 only).
+template <typename KT>
+std::pair<ScoresFn<KT>, ValuesFn<KT>> pick_group_kernels(int64_t dim, int64_t group) {
   switch (dim) {
-    case 64: return group_kernels<2>(group);
-    case 128: return group_kernels<4>(group);
+    case 64: return group_kernels<2, KT>(group);
+    case 128: return group_kernels<4, KT>(group);
     default: return {nullptr, nullptr};
   }
 }
@@ -961,11 +992,17 @@ std::pair<ScoresFn, ValuesFn> pick_group_kernels(int64_t dim, int64_t group) {
 // fp32, one rounding to bf16 at the end. Each token's result is computed the same way whatever
 // else is in the call (the batch-invariant attention); the query heads of a KV head share its
 // K/V reads (GQA). Returns [T, H * D].
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& seq_of_token,
-                           const at::Tensor& positions, int64_t window, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-              v_cache.scalar_type() == at::kBFloat16, "paged_attention: bf16 q and caches");
+//
+// int8 caches (k_scale, v_scale [blocks, block_size, KVH] fp32 given): each key's score is its
+// int8 row's dot product with q times its scale, and each V row is weighed by its probability
+// times its scale. Head dims 64 and 128 with at most 8 query heads per KV head only (the
+// specialised loops; `cpu_kernels.int8_kv_attention_supported` says so before a model asks).
+template <typename KT>
+at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& seq_of_token,
+                                const at::Tensor& positions, int64_t window, double scale,
+                                const float* k_scales, const float* v_scales) {
+  constexpr bool kQuantized = std::is_same<KT, int8_t>::value;
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention: q as [T, H, D] rows");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: contiguous caches");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_of_token.scalar_type() == at::kLong &&
@@ -981,8 +1018,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t max_blocks = tables.size(1);
   auto out = at::empty({tokens, heads * dim}, q.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  const auto* kp = reinterpret_cast<const KT*>(k_cache.data_ptr());
+  const auto* vp = reinterpret_cast<const KT*>(v_cache.data_ptr());
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* sp = seqs.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -991,14 +1028,16 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t vec = dim / 32;                // 32 bf16 per zmm...
   const bool half_vec = dim % 32 != 0;         // ...and 16 more, loaded under a mask
   const float fscale = float(scale);
-  const auto fast = pick_group_kernels(dim, group);
+  const auto fast = pick_group_kernels<KT>(dim, group);
+  TORCH_CHECK(!kQuantized || fast.first, "paged_attention: int8 caches need head dim 64 or 128 and at most 8 "
+              "query heads per KV head, got head dim ", dim, " and ", group);
   const int64_t lanes = dim / 16;
   // One work item per (token, KV head): the G query heads of a KV head share its K/V reads (a
   // key's row of that head is read once), and a single decode token still splits across threads.
   // Each head's sums run in the same order whatever the split, so results do not depend on it.
   parallel_range(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
-    std::vector<int64_t> rows;
+    std::vector<int64_t> rows, srows;  // each key's row in the cache; and in the scales (int8)
     std::vector<__m512> acc(group * lanes);
     int64_t rows_token = -1;  // the token whose key rows `rows` holds
     for (int64_t item = i0; item < i1; ++item) {
@@ -1012,18 +1051,24 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         // Where each key's slot starts in the cache: one division per block, not per key.
         const int64_t* table = tp + s * max_blocks;
         rows.resize(n);
+        if (kQuantized) srows.resize(n);
         for (int64_t key = lo; key <= p;) {
           const int64_t base = table[key / block_size] * block_size;
-          for (int64_t o = key % block_size; o < block_size && key <= p; ++o, ++key) rows[key - lo] = (base + o) * token_stride;
+          for (int64_t o = key % block_size; o < block_size && key <= p; ++o, ++key) {
+            rows[key - lo] = (base + o) * token_stride;
+            if (kQuantized) srows[key - lo] = (base + o) * kv_heads;
+          }
         }
         rows_token = t;
       }
       const uint16_t* qg = qp + t * q_row + g * group * dim;  // this KV head's G query heads
-      const uint16_t* kg = kp + g * dim;
-      const uint16_t* vg = vp + g * dim;
+      const KT* kg = kp + g * dim;
+      const KT* vg = vp + g * dim;
+      const float* ksg = kQuantized ? k_scales + g : nullptr;
+      const float* vsg = kQuantized ? v_scales + g : nullptr;
       if (fast.first) {
-        fast.first(qg, kg, vg, rows.data(), n, fscale, scores.data());
-      } else {
+        fast.first(qg, kg, vg, rows.data(), ksg, srows.data(), n, fscale, scores.data());
+      } else if constexpr (!kQuantized) {
         // Scores: q . k for each key and head, fp32 sums of bf16 pairs.
         for (int64_t j = 0; j < n; ++j) {
           const uint16_t* krow = kg + rows[j];
@@ -1065,17 +1110,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
       }
       uint16_t* og = op + t * heads * dim + g * group * dim;
       if (fast.second) {
-        fast.second(scores.data(), vg, rows.data(), n, og);
+        fast.second(scores.data(), vg, rows.data(), vsg, srows.data(), n, og);
         continue;
       }
-      // Output: the probability-weighted sum of V rows, in fp32.
+      // Output: the probability-weighted sum of V rows, in fp32 (bf16 caches: int8 took fast.second).
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* vrow = vg + rows[j];
+        const KT* vrow = vg + rows[j];
         __m512 v[16];
-        for (int64_t c = 0; c < lanes; ++c)
-          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + c * 16))), 16));
+        for (int64_t c = 0; c < lanes; ++c) v[c] = load_v16(vrow + c * 16);
         for (int64_t h = 0; h < group; ++h) {
           const __m512 w = _mm512_set1_ps(scores[h * n + j]);
           for (int64_t c = 0; c < lanes; ++c) acc[h * lanes + c] = _mm512_fmadd_ps(w, v[c], acc[h * lanes + c]);
@@ -1086,6 +1129,26 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     }
   });
   return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_of_token,
+                           const at::Tensor& positions, int64_t window, double scale,
+                           const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention: bf16 q");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_attention: K and V caches of one dtype");
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(!k_scale && !v_scale, "paged_attention: scales are for int8 caches");
+    return paged_attention_impl<uint16_t>(q, k_cache, v_cache, block_tables, seq_of_token, positions, window,
+                                          scale, nullptr, nullptr);
+  }
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar, "paged_attention: bf16 or int8 caches");
+  TORCH_CHECK(k_scale && v_scale, "paged_attention: int8 caches need k_scale and v_scale");
+  for (const auto* s : {&*k_scale, &*v_scale})
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->dim() == 3 &&
+                s->sizes() == k_cache.sizes().slice(0, 3), "paged_attention: fp32 scales [blocks, block_size, KVH]");
+  return paged_attention_impl<int8_t>(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale,
+                                      k_scale->data_ptr<float>(), v_scale->data_ptr<float>());
 }
 
 // ---- the whole layer stack in one call ------------------------------------------------------
@@ -1124,16 +1187,51 @@ void write_kv(const at::Tensor& qkv, int64_t q_size, int64_t kv_size, at::Tensor
   }
 }
 
+// The same into int8 caches, as attention.quantize_int8 stores them (bitwise): per token and KV
+// head, scale = max(max |x|, 1e-8) / 127 in fp32 and q = round_half_even(x / scale), clamped to 127.
+void write_kv_int8(const at::Tensor& qkv, int64_t q_size, int64_t kv_heads, int64_t dim, at::Tensor& k_cache,
+                   at::Tensor& v_cache, at::Tensor& k_scale, at::Tensor& v_scale, const int64_t* slots) {
+  const int64_t tokens = qkv.size(0), stride = qkv.size(1), kv_size = kv_heads * dim;
+  const int64_t capacity = k_cache.numel() / kv_size;
+  TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat && k_scale.is_contiguous() &&
+              v_scale.is_contiguous() && k_scale.numel() == capacity * kv_heads && v_scale.numel() == capacity * kv_heads,
+              "decode_stack: fp32 scales, one per slot and KV head");
+  const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  int8_t* caches[2] = {k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>()};
+  float* scales[2] = {k_scale.data_ptr<float>(), v_scale.data_ptr<float>()};
+  std::vector<float> x(dim);
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity, "decode_stack: cache slot ", slots[t], " out of range");
+    for (int which = 0; which < 2; ++which) {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const uint16_t* row = src + t * stride + q_size + which * kv_size + h * dim;
+        float peak = 0.f;
+        for (int64_t i = 0; i < dim; ++i) {
+          uint32_t bits = uint32_t(row[i]) << 16;
+          std::memcpy(&x[i], &bits, sizeof(float));
+          peak = std::max(peak, std::fabs(x[i]));
+        }
+        const float scale = std::max(peak, 1e-8f) / 127.f;
+        int8_t* out = caches[which] + slots[t] * kv_size + h * dim;
+        for (int64_t i = 0; i < dim; ++i)
+          out[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / scale))));
+        scales[which][slots[t] * kv_heads + h] = scale;
+      }
+    }
+  }
+}
+
 // input_ids, positions [T]; weights: per layer input_norm, post_norm, then qkv, o_proj, gate_up,
 // down as four slots each (kind-dependent tensors, then the bias), kinds and groups one per
-// linear; caches one K and one V per layer. Returns the final norm's output [T, hidden].
+// linear; caches one K and one V per layer (bf16, or int8 with one K and one V scale tensor per
+// layer in k_scales, v_scales; empty for bf16). Returns the final norm's output [T, hidden].
 at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                         const at::Tensor& cos_table, const at::Tensor& sin_table,
                         const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
                         at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
                         at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                         const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                        double eps, int64_t window, double scale) {
+                        double eps, int64_t window, double scale, at::TensorList k_scales, at::TensorList v_scales) {
   const int threads = at::get_num_threads();
   // The layers, run by the leader (or alone, with one thread).
   auto run_layers = [&]() -> at::Tensor {
@@ -1142,6 +1240,10 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
                 static_cast<int64_t>(groups.size()) == 4 * layers &&
                 static_cast<int64_t>(weight_list.size()) == 18 * layers,
                 "decode_stack: per layer 18 weight slots, 4 kinds and groups, one K and one V cache");
+    const bool quantized = !k_scales.empty();
+    TORCH_CHECK(!quantized || (static_cast<int64_t>(k_scales.size()) == layers &&
+                               static_cast<int64_t>(v_scales.size()) == layers),
+                "decode_stack: int8 caches need one K and one V scale tensor per layer");
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() && slot_mapping.sizes() == input_ids.sizes() &&
                 seq_of_token.sizes() == input_ids.sizes(), "decode_stack: input_ids, positions, slots, seq_of_token [T]");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "decode_stack: int64 slots");
@@ -1161,11 +1263,22 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
       at::Tensor qkv = stack_linear(x, w, base + 2, kind[0], group[0]);
       rope_(qkv, cos, sin, heads + kv_heads, head_dim);
       at::Tensor k_cache = k_caches[layer], v_cache = v_caches[layer];
-      TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kBFloat16 &&
-                  qkv.size(1) == q_size + 2 * kv_size, "decode_stack: contiguous bf16 caches and a fused qkv");
-      write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
+      TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == (quantized ? at::kChar : at::kBFloat16) &&
+                  qkv.size(1) == q_size + 2 * kv_size, "decode_stack: contiguous bf16 (or int8, with scales) caches "
+                  "and a fused qkv");
+      c10::optional<at::Tensor> k_scale, v_scale;
+      if (quantized) {
+        at::Tensor ks = k_scales[layer], vs = v_scales[layer];
+        write_kv_int8(qkv, q_size, kv_heads, head_dim, k_cache, v_cache, ks, vs, slots);
+        k_scale = ks;
+        v_scale = vs;
+      } else {
+        write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
+      }
       const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
-      at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale);
+      at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale,
+                                        k_scale, v_scale);
       x = rms_norm(stack_linear(attn, w, base + 6, kind[1], group[1]), *w[base + 1], eps, residual);
       delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
     }
@@ -1210,9 +1323,10 @@ TORCH_LIBRARY(punctual, m) {
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()", rope_);
   m.def("silu_mul(Tensor gate_up) -> Tensor", silu_mul);
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_of_token, "
-        "Tensor positions, int window, float scale) -> Tensor", paged_attention);
+        "Tensor positions, int window, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor",
+        paged_attention);
   m.def("decode_stack(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos, Tensor sin, Tensor?[] weights, "
         "int[] kinds, int[] groups, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor seq_of_token, int heads, int kv_heads, int head_dim, float eps, int window, "
-        "float scale) -> Tensor", decode_stack);
+        "float scale, Tensor[] k_scales, Tensor[] v_scales) -> Tensor", decode_stack);
 }
