@@ -10,6 +10,7 @@ kernel choice behind it.
     python benchmarks/bench_decode_step.py
     PYTHONPATH=/path/to/other/checkout python benchmarks/bench_decode_step.py --skip-kernel   # compare commits
     python benchmarks/bench_decode_step.py --skip-kernel --kv-cache-dtype int8               # an int8 KV cache
+    python benchmarks/bench_decode_step.py --skip-kernel --shape 16x1900                     # other shapes
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def kernel_rows(repeats: int) -> None:
         print(f"| {n} | {ctx} | {gqa * 1e3:.2f} | {grouped * 1e3:.2f} | {gqa / grouped:.1f}x |")
 
 
-def engine_rows(model: str, steps: int, kv_cache_dtype: str = "auto") -> None:
+def engine_rows(model: str, steps: int, kv_cache_dtype: str = "auto", shapes=SHAPES) -> None:
     from punctual import LLM, SamplingParams
 
     llm = LLM(model, dtype="bfloat16", kv_cache_memory="2GiB", max_num_batched_tokens=2048,
@@ -66,7 +67,7 @@ def engine_rows(model: str, steps: int, kv_cache_dtype: str = "auto") -> None:
     print(f"\nDecode step of {model}, bf16 weights, {kv} KV cache (ms; {steps} steps)")
     print("| sequences | context | prompts | median | p90 |")
     print("|---|---|---|---|---|")
-    for round_, (n, ctx, shared) in enumerate(SHAPES):
+    for round_, (n, ctx, shared) in enumerate(shapes):
         prefix = [rng.randrange(100, vocab) for _ in range(ctx - 16)]
         for i in range(n):
             body = prefix if shared else [rng.randrange(100, vocab) for _ in range(ctx - 16)]
@@ -89,13 +90,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or int8")
+    parser.add_argument("--shape", action="append", metavar="SEQUENCESxCONTEXT",
+                        help="instead of the default shapes, e.g. 16x1900 (distinct prompts); repeatable")
     args = parser.parse_args()
     import punctual
 
     print(f"punctual from {punctual.__file__}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if not args.skip_kernel:
         kernel_rows(30)
-    engine_rows(args.model, args.steps, args.kv_cache_dtype)
+    shapes = SHAPES if not args.shape else [(*map(int, shape.lower().split("x")), False) for shape in args.shape]
+    engine_rows(args.model, args.steps, args.kv_cache_dtype, shapes)
 
 
 if __name__ == "__main__":

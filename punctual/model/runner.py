@@ -11,9 +11,9 @@ import torch
 
 from punctual.config import CacheConfig, ModelConfig
 from punctual.model.allocator import keep_step_buffers_mapped
-from punctual.model.cpu_kernels import int8_kv_attention_supported
 from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache)
+from punctual.model.cpu_kernels import int8_kv_attention_supported
 from punctual.model.kv_transfer import write_blocks
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path

@@ -10,8 +10,10 @@ are measured from the server's own record (`punctual.sim.trace`, written by its 
   requests that found the core between steps: one that arrives mid-step also waits for that
   step to end, and the simulator charges that wait itself (a quiet builtin trace: 1.25 ms
   between steps, 2.6 ms over all requests);
-- deliver_s: median, over requests sent one at a time, of (the client's TTFT - (the step with
-  the first token sent - arrival stamp));
+- deliver_s + deliver_per_stream_s x streams: (the client's TTFT - (the step with the first
+  token sent - arrival stamp)) against the streams sampled in that step, fitted by least squares
+  over the requests sent one at a time and those of the loaded phases (the front end detokenizes
+  and sends every stream's token of a step: a quiet smollm2 trace, 3.5 ms + 0.4 ms per stream);
 - the step loop: the serving loop's period per step over every traced step (under load, so
   contention is in the fit), fitted as the offline prediction x scale + a fixed overhead + a
   cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
@@ -44,7 +46,8 @@ from typing import Callable
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.spread import quantile_table
-from punctual.sim.trace import TRACE_ENV, ServerTrace, fit_serving_overhead, median, read_traces
+from punctual.sim.trace import (TRACE_ENV, ServerTrace, first_token_path, fit_serving_overhead, match_records,
+                                median, read_traces)
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 
@@ -79,9 +82,11 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         one_at_a_time = generate_workload(workload, sequential, seed, length_scale, next(salt))
         alone = loadgen.run(endpoint, one_at_a_time, concurrency=1, progress=False)
         probes = [run_probe(endpoint)]  # after the requests whose trace entries are read by place
+        loaded = []
         for rate in rates:  # loaded steps: batches as the validation's rates make them
             requests = generate_workload(workload, num_requests, seed, length_scale, next(salt))
-            loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed), progress=False)
+            loaded.append(loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed),
+                                      progress=False))
             probes.append(run_probe(endpoint))
         time.sleep(0.5)  # the core writes its trace when it goes idle
     trace = read_traces(str(trace_path))  # a cluster's replicas: one file each
@@ -91,15 +96,22 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         raise RuntimeError(f"calibrate --server: the core traced {len(trace.adds)} requests, expected at least "
                            f"{len(warm) + sequential} (trace {trace_path})")
 
-    deliver = []
-    for record, add in zip(alone.records, trace.adds[len(warm):len(warm) + sequential]):
-        sent = trace.first_token_sent.get(add["add"])
-        if record.ok and record.ttft_s is not None and sent is not None:
-            deliver.append(record.ttft_s - (sent - add["arrival"]))
+    # Delivery delays against the streams of the first token's step: the one-at-a-time requests
+    # by place, the loaded phases' matched by their lengths (probes in between are skipped).
+    deliveries = []
+    matched = list(zip(alone.records, trace.adds[len(warm):len(warm) + sequential]))
+    cursor = len(warm) + sequential
+    for result in loaded:
+        adds, cursor = match_records(trace.adds, [r.to_json() for r in result.records], cursor)
+        matched += [(record, add) for record, add in zip(result.records, adds) if add is not None]
+    for record, add in matched:
+        path = first_token_path(trace, add, record.ttft_s) if record.ok else None
+        if path is not None and path["deliver_s"] is not None:
+            deliveries.append((path["streams"], path["deliver_s"]))
     meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
     if replicas > 1:
         meta.update(replicas=replicas, threads_per_replica=threads_per_replica, router=router)
-    profile = fit_serving_profile(base, trace, deliver, meta)
+    profile = fit_serving_profile(base, trace, deliveries, meta)
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
         + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
@@ -107,9 +119,29 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
                                speed_probe=speed_probe)
 
 
-def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[float], meta: dict) -> StepProfile:
+def fit_delivery(deliveries: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed, per stream) seconds of deliver = fixed + per_stream x streams over (streams, delay)
+    pairs, by least squares; where the data cannot show a positive slope (one stream count, or a
+    negative fit), no slope and the median as the fixed part."""
+    import numpy as np
+
+    if not deliveries:
+        return 0.0, 0.0
+    streams = np.asarray([s for s, _ in deliveries], dtype=float)
+    delays = np.asarray([d for _, d in deliveries], dtype=float)
+    if len(set(streams.tolist())) > 1:
+        (fixed, per_stream), *_ = np.linalg.lstsq(np.stack([np.ones_like(streams), streams], axis=1), delays,
+                                                  rcond=None)
+        if per_stream > 0 and fixed >= 0:
+            return float(fixed), float(per_stream)
+    return max(0.0, float(np.median(delays))), 0.0
+
+
+def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[tuple[float, float]],
+                        meta: dict) -> StepProfile:
     """`base` with the serving path fitted onto it from a server's trace and the delivery delays
-    of requests sent one at a time (the client's TTFT - the core's first-token send - arrival)."""
+    of traced requests as (streams in the first token's step, the client's TTFT - the core's
+    first-token send - arrival)."""
     serving, kept = fit_serving_overhead(base.predict, trace.rows, trace.seconds)
     coefficients = {name: value * serving["scale"] for name, value in base.coefficients.items()}
     coefficients["fixed"] = coefficients.get("fixed", 0.0) + serving["overhead_s"]
@@ -120,12 +152,13 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliver: list[flo
     admit = median(trace.front_end_delays)
     if admit is None:  # every request arrived mid-step (not with the one-at-a-time phase): an upper bound
         admit = median(trace.admit_delays)
-    frontend = {"admit_s": max(0.0, admit or 0.0), "deliver_s": max(0.0, median(deliver) or 0.0),
+    deliver, per_stream = fit_delivery(deliveries)
+    frontend = {"admit_s": max(0.0, admit or 0.0), "deliver_s": deliver, "deliver_per_stream_s": per_stream,
                 "num_requests": len(trace.adds), "num_between_steps": len(trace.front_end_delays),
-                "num_sequential": len(deliver)}
+                "num_deliveries": len(deliveries)}
+    priced = [fitted.predict(x) for x in trace.rows]
     spread = {name: table for name, table in (
-        ("step_ratio", quantile_table([s / fitted.predict(x) for x, s in zip(trace.rows, trace.seconds)
-                                       if fitted.predict(x) > 0])),
+        ("step_ratio", quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0])),
         ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,

@@ -175,7 +175,7 @@ class Simulator:
 
         # The front end's share (the profile's, from a serving run): a request reaches the
         # scheduler its admit delay after its send (admit_s, or its draw from the profile's
-        # spread), and a token the client `deliver` after its step.
+        # spread), and a token the client `deliver` (+ per stream sampled in it) after its step.
         admit_of, deliver = self._admit_delays(requests), self.profile.deliver_s
         if concurrency is not None:
             for _ in range(min(concurrency, len(requests))):
@@ -212,6 +212,7 @@ class Simulator:
         """Pop events in time order until none is left."""
         heap, replicas = self._heap, self.replicas
         config = self.config
+        per_stream = self.profile.deliver_per_stream_s
         prefix = f"{self._run_id}-"
         self._in_flight = in_flight
         while heap:
@@ -223,7 +224,7 @@ class Simulator:
                 self.num_events += 1
                 if kind == STEP_DONE:
                     replica = replicas[payload]
-                    delivered = now + deliver
+                    delivered = now + deliver + per_stream * replica.step_sampled_rows
                     prefill_pool = replica.role == "prefill"
                     for request, _, finish_reason in replica.finish_step(now):
                         if finish_reason is None:

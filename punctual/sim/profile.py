@@ -95,7 +95,8 @@ class StepProfile:
     engine: dict = field(default_factory=dict)  # engine flags of the calibration run
     # The front end's share of what a client sees (`calibrate --server`), in seconds:
     # admit_s   HTTP arrival -> the scheduler has the request (body, tokenizing, the socket)
-    # deliver_s a step's outputs sent -> the client has the token (detokenize, SSE, HTTP)
+    # deliver_s a step's outputs sent -> the client has the token (detokenize, SSE, HTTP), plus
+    #           deliver_per_stream_s for each stream sampled in that step (absent: 0)
     frontend: dict = field(default_factory=dict)
     # Moving a request's KV between replicas (prefill/decode, migration): seconds = fixed_s +
     # bytes / bytes_per_s per copy (`calibrate` times the real export/import path; `--hardware`
@@ -159,6 +160,10 @@ class StepProfile:
     @property
     def deliver_s(self) -> float:
         return float(self.frontend.get("deliver_s", 0.0))
+
+    @property
+    def deliver_per_stream_s(self) -> float:
+        return float(self.frontend.get("deliver_per_stream_s", 0.0))
 
     def transfer_seconds(self, num_blocks: int, block_size: int) -> float:
         """One copy of `num_blocks` KV blocks between replicas (a copy of none still costs its round trips)."""

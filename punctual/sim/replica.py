@@ -38,6 +38,7 @@ class SimReplica:
         self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
         self.step_draws = step_stream(replica_id)  # with a profile's spread: each step's ratio to its price
+        self.step_sampled_rows = 0.0
 
     @property
     def busy(self) -> bool:
@@ -58,6 +59,7 @@ class SimReplica:
         self.plan, self.step_started = plan, now
         features = plan_features(plan)
         self.step_prompt_tokens = int(features[1])  # plan.num_prompt_tokens, from the same pass
+        self.step_sampled_rows = features[5]  # the streams whose tokens the front end delivers after it
         seconds = self.profile.step_seconds(plan, features)
         ratios = self.profile.step_ratios
         if ratios is not None:

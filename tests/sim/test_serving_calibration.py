@@ -228,3 +228,28 @@ def _self_measured(tmp_path, args):
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps({"measured": runs}, default=str))
     return path
+
+
+def test_delivery_grows_with_the_streams_of_its_step():
+    """deliver = fixed + per stream x streams sampled in the first token's step, fitted from
+    (streams, delay) pairs; the simulator adds it per step, so a lone stream pays one stream's."""
+    from punctual.sim.calibrate_server import fit_delivery
+
+    pairs = [(float(s), 0.003 + 0.0005 * s) for s in (1, 2, 3, 5, 8) for _ in range(3)]
+    assert fit_delivery(pairs) == pytest.approx((0.003, 0.0005))
+    assert fit_delivery([(1.0, 0.004), (1.0, 0.006), (1.0, 0.005)]) == (pytest.approx(0.005), 0.0)  # one count
+    assert fit_delivery([(1.0, 0.006), (4.0, 0.003)])[1] == 0.0  # a falling fit is not a cost
+    assert fit_delivery([]) == (0.0, 0.0)
+    def simulate(profile, spacing_s):
+        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
+        requests = to_sim_requests(generate_workload("chat", 8, 2, 0.1))
+        outcomes, _ = sim.run(requests, offsets=[i * spacing_s for i in range(len(requests))])
+        return sorted(outcomes, key=lambda o: o.request.index)
+
+    front = {"admit_s": 0.0, "deliver_s": 0.004}
+    plain = StepProfile("linear", dict(COEFFICIENTS), frontend=front)
+    streamed = StepProfile("linear", dict(COEFFICIENTS), frontend={**front, "deliver_per_stream_s": 0.001})
+    for a, b in zip(simulate(plain, 10.0), simulate(streamed, 10.0)):  # alone: every step samples one stream
+        assert [t - b.sent for t in b.token_times] == pytest.approx([t - a.sent + 0.001 for t in a.token_times])
+    together = [b.token_times[0] - a.token_times[0] for a, b in zip(simulate(plain, 0.0), simulate(streamed, 0.0))]
+    assert max(together) > 0.0015  # sent at once: first tokens in steps of several streams

@@ -73,7 +73,7 @@ def test_calibration_keeps_the_spread_of_its_trace(tmp_path):
             for i, a in enumerate([0.001] * 20 + [0.05] * 5)]
     adds.append({"add": "late", "arrival": 100.0, "received": 100.5, "mid_step": True})  # waited for a step
     trace = ServerTrace(rows, seconds, adds, first_token_sent={})
-    profile = fit_serving_profile(base, trace, [0.003] * 5, {})
+    profile = fit_serving_profile(base, trace, [(1.0, 0.003)] * 5, {})
     ratios = profile.step_ratios
     assert ratios == pytest.approx(quantile_table([s / profile.predict(x) for x, s in zip(rows, seconds)]))
     assert len(ratios) == 21 and ratios[-1] / ratios[10] > 2.5  # the slow sixth is in the tail
@@ -81,5 +81,5 @@ def test_calibration_keeps_the_spread_of_its_trace(tmp_path):
     profile.save(tmp_path / "p.json")
     loaded = StepProfile.from_json(json.loads((tmp_path / "p.json").read_text()))
     assert loaded.spread == profile.spread and loaded.scaled(2.0).spread == profile.spread
-    few = fit_serving_profile(base, ServerTrace(rows, seconds, adds[:3], first_token_sent={}), [0.003], {})
+    few = fit_serving_profile(base, ServerTrace(rows, seconds, adds[:3], first_token_sent={}), [(1.0, 0.003)], {})
     assert few.admit_quantiles is None and few.step_ratios is not None  # too few admits for a tail

@@ -885,6 +885,23 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
+// 16 keys' scores for G heads (bf16 rows: row_of(i) is key i's), each times its factor's lane:
+// out[h * n + i] for head h, key i.
+template <int VEC, int G, typename RowOf>
+inline void chunk_scores(const __m512i (&qv)[G][VEC], const RowOf& row_of, __m512 factor, float* out, int64_t n) {
+  for (int h = 0; h < G; ++h) {
+    __m512 dots[16];
+    for (int i = 0; i < 16; ++i) {
+      const uint16_t* krow = row_of(i);
+      __m512 dot = _mm512_setzero_ps();
+      for (int c = 0; c < VEC; ++c)
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], (__m512bh)_mm512_loadu_si512(krow + c * 32));
+      dots[i] = dot;
+    }
+    _mm512_storeu_ps(out + h * n, _mm512_mul_ps(sum16(dots), factor));
+  }
+}
+
 // `scales` (int8 caches only, else null): this KV head's scale of each slot is scales[srows[j]].
 template <int VEC, int G, typename KT>
 void scores_group(const uint16_t* q, const KT* k, const KT* v, const int64_t* rows, const float* scales,
@@ -900,21 +917,20 @@ void scores_group(const uint16_t* q, const KT* k, const KT* v, const int64_t* ro
     // Ahead of the keys: K rows, then past the last key the first V rows (values_group's start).
     for (int64_t i = j + kKeysAhead; i < std::min<int64_t>(n + kKeysAhead, j + 16 + kKeysAhead); ++i)
       prefetch_row<VEC>(i < n ? k + rows[i] : v + rows[i - n]);
-    __m512 factor = scale_v;  // per key: the softmax scale, times the key's int8 scale
     if constexpr (kQuantized) {
+      // Each int8 row widened once into L1, not once per query head that reads it.
+      alignas(64) uint16_t widened[16 * VEC * 32];
       alignas(64) float key_scales[16];
-      for (int i = 0; i < 16; ++i) key_scales[i] = scales[srows[j + i]];
-      factor = _mm512_mul_ps(_mm512_load_ps(key_scales), scale_v);
-    }
-    for (int h = 0; h < G; ++h) {
-      __m512 dots[16];
       for (int i = 0; i < 16; ++i) {
-        const KT* krow = k + rows[j + i];
-        __m512 dot = _mm512_setzero_ps();
-        for (int c = 0; c < VEC; ++c) dot = _mm512_dpbf16_ps(dot, (__m512bh)qv[h][c], load_k32(krow + c * 32));
-        dots[i] = dot;
+        key_scales[i] = scales[srows[j + i]];
+        for (int c = 0; c < VEC; ++c)
+          _mm512_store_si512(widened + (i * VEC + c) * 32, (__m512i)load_k32(k + rows[j + i] + c * 32));
       }
-      _mm512_storeu_ps(scores + h * n + j, _mm512_mul_ps(sum16(dots), factor));
+      // per key: the softmax scale times the key's int8 scale
+      chunk_scores<VEC, G>(qv, [&](int i) { return widened + i * VEC * 32; },
+                           _mm512_mul_ps(_mm512_load_ps(key_scales), scale_v), scores + j, n);
+    } else {
+      chunk_scores<VEC, G>(qv, [&](int i) { return k + rows[j + i]; }, scale_v, scores + j, n);
     }
   }
   for (; j < n; ++j) {
