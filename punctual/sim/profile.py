@@ -117,6 +117,8 @@ class StepProfile:
             raise ValueError("a roofline profile needs its roofline")
         self._coef = tuple(float(self.coefficients.get(name, 0.0)) for name in FEATURES)
         self._prefill_step = float(self.coefficients.get(PREFILL_STEPS, 0.0))
+        spread = self.spread or {}
+        self._step_ratios, self._admit_quantiles = spread.get("step_ratio"), spread.get("admit_s")
 
     def predict(self, x: tuple[float, ...]) -> float:
         if self.roofline is not None:
@@ -150,12 +152,12 @@ class StepProfile:
     @property
     def step_ratios(self) -> list[float] | None:
         """Quantiles of a real step's time over its price, or None (every step at its price)."""
-        return (self.spread or {}).get("step_ratio")
+        return self._step_ratios
 
     @property
     def admit_quantiles(self) -> list[float] | None:
         """Quantiles of the front end's admit delay, or None (every request at admit_s)."""
-        return (self.spread or {}).get("admit_s")
+        return self._admit_quantiles
 
     @property
     def deliver_s(self) -> float:
