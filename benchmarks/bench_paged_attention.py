@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from bench_decode_step import timed  # this folder's: three calls to warm up, then each call timed
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 ROUNDS, REPS = 3, 60
 
 
-def timed(fn) -> tuple[float, float]:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(REPS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def min_and_median_ms(fn) -> tuple[float, float]:
+    times = timed(fn, REPS)
     return min(times) * 1e3, statistics.median(times) * 1e3
 
 
@@ -60,8 +54,8 @@ def main() -> None:
     print(f"paged_attention, {n} decode tokens x {ctx}-token contexts, {torch.get_num_threads()} threads "
           f"(ms per call: min / median of {REPS})")
     for _ in range(ROUNDS):
-        bf16 = timed(lambda: op(q, k16, v16, tables, seq_of_token, positions, 0, scale))
-        int8 = timed(lambda: op(q, k8, v8, tables, seq_of_token, positions, 0, scale, k_scale, v_scale))
+        bf16 = min_and_median_ms(lambda: op(q, k16, v16, tables, seq_of_token, positions, 0, scale))
+        int8 = min_and_median_ms(lambda: op(q, k8, v8, tables, seq_of_token, positions, 0, scale, k_scale, v_scale))
         print(f"bf16 cache {bf16[0]:.3f} / {bf16[1]:.3f}   int8 cache {int8[0]:.3f} / {int8[1]:.3f}", flush=True)
 
 
