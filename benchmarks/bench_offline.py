@@ -60,18 +60,24 @@ def measure_matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: in
     return 2 * size ** 3 / best / 1e9
 
 
-def workload_gflop(arch, workload) -> float:
-    """FLOPs the workload needs at the least: every prompt and output token through the layers'
-    linears (2 per weight) and attention (2 x 2 x context x heads x head_dim per layer: scores and
-    the weighted sum), and the LM head once per output token. The last output token is never fed."""
+def token_flops(arch) -> tuple[int, int, int]:
+    """FLOPs of one token: through the layers' linears (2 per weight), its attention per context
+    position (2 x 2 x heads x head_dim per layer: scores and the weighted sum), and the LM head."""
     hidden, heads, kv_heads, dim = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
     per_layer = hidden * (heads + 2 * kv_heads) * dim + heads * dim * hidden + 3 * hidden * arch.intermediate_size
+    return 2 * per_layer * arch.num_layers, 4 * heads * dim * arch.num_layers, 2 * hidden * arch.vocab_size
+
+
+def workload_gflop(arch, workload) -> float:
+    """FLOPs the workload needs at the least: every prompt and output token through the layers'
+    linears and attention, and the LM head once per output token. The last output token is never fed."""
+    linear, attention, head = token_flops(arch)
     total = 0.0
     for prompt, output in workload:
         fed = prompt + output - 1
-        total += 2 * per_layer * arch.num_layers * fed
-        total += 4 * heads * dim * arch.num_layers * fed * (fed + 1) / 2  # token i attends to i + 1 positions
-        total += 2 * hidden * arch.vocab_size * output
+        total += linear * fed
+        total += attention * fed * (fed + 1) / 2  # token i attends to i + 1 positions
+        total += head * output
     return total / 1e9
 
 
@@ -83,15 +89,12 @@ def step_bound_s(arch, workload, peak_gflops: float, bandwidth_gbs: float, weigh
     batches), each step bounded by the slower of its FLOPs at the peak and its bytes (the
     weights once, every active request's KV) at the bandwidth. The compute roofline ignores
     that small batches are bandwidth-bound; this bound does not."""
-    hidden, heads, kv_heads, dim = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
-    per_layer = hidden * (heads + 2 * kv_heads) * dim + heads * dim * hidden + 3 * hidden * arch.intermediate_size
-    per_token = 2 * per_layer * arch.num_layers + 2 * hidden * arch.vocab_size
-    prefill = sum(2 * per_layer * arch.num_layers * p + 4 * heads * dim * arch.num_layers * p * (p + 1) / 2
-                  + 2 * hidden * arch.vocab_size for p, _ in workload)
+    linear, attention, head = token_flops(arch)
+    prefill = sum(linear * p + attention * p * (p + 1) / 2 + head for p, _ in workload)
     total = prefill / (peak_gflops * 1e9)
     for step in range(1, max(o for _, o in workload)):
         contexts = [p + step for p, o in workload if o > step]  # the token fed attends to p + step positions
-        flops = len(contexts) * per_token + sum(4 * heads * dim * arch.num_layers * c for c in contexts)
+        flops = len(contexts) * (linear + head) + sum(attention * c for c in contexts)
         data = weights + kv_bytes_per_token * sum(contexts)
         total += max(flops / (peak_gflops * 1e9), data / (bandwidth_gbs * 1e9))
     return total

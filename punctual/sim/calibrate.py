@@ -3,8 +3,8 @@
 The engine core is driven step by step over a grid of shapes (single prompts of growing length,
 short suffixes after a cached prefix, decode batches of growing size at short and long contexts,
 and the mixed steps between), each step timed whole (schedule, execute, update: what a server's
-step loop takes), and the step times are fitted by least squares to the profile's features. Imports torch (it runs the model);
-the simulator's run path does not import this module.
+step loop takes), and the step times are fitted by least squares to the profile's features.
+Imports torch (it runs the model); the simulator's run path does not import this module.
 """
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ from typing import Callable
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.spread import quantile_table
-from punctual.sim.trace import (TRACE_ENV, ServerTrace, first_token_path, fit_serving_overhead, match_records,
-                                median, read_traces)
+from punctual.sim.trace import (TRACE_ENV, ServerTrace, delivery_line, first_token_path, fit_serving_overhead,
+                                match_records, median, read_traces)
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 
@@ -121,20 +121,14 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
 
 def fit_delivery(deliveries: list[tuple[float, float]]) -> tuple[float, float]:
     """(fixed, per stream) seconds of deliver = fixed + per_stream x streams over (streams, delay)
-    pairs, by least squares; where the data cannot show a positive slope (one stream count, or a
-    negative fit), no slope and the median as the fixed part."""
-    import numpy as np
-
+    pairs (`trace.delivery_line`); where the data cannot show a positive slope (one stream count,
+    or a negative fit), no slope and the median as the fixed part."""
     if not deliveries:
         return 0.0, 0.0
-    streams = np.asarray([s for s, _ in deliveries], dtype=float)
-    delays = np.asarray([d for _, d in deliveries], dtype=float)
-    if len(set(streams.tolist())) > 1:
-        (fixed, per_stream), *_ = np.linalg.lstsq(np.stack([np.ones_like(streams), streams], axis=1), delays,
-                                                  rcond=None)
-        if per_stream > 0 and fixed >= 0:
-            return float(fixed), float(per_stream)
-    return max(0.0, float(np.median(delays))), 0.0
+    line = delivery_line(deliveries)
+    if line is not None and line[1] > 0 and line[0] >= 0:
+        return line
+    return max(0.0, median([d for _, d in deliveries])), 0.0
 
 
 def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[tuple[float, float]],

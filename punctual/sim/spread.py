@@ -32,15 +32,8 @@ def quantile_table(samples: list[float], points: int = QUANTILES) -> list[float]
     with fewer than MIN_SAMPLES samples."""
     if len(samples) < MIN_SAMPLES:
         return None
-    ordered = sorted(samples)
-    last = len(ordered) - 1
-    table = []
-    for i in range(points):
-        position = last * i / (points - 1)
-        low = int(position)
-        high = min(low + 1, last)
-        table.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-    return table
+    ordered = sorted(samples)  # every sample a quantile table point: draw interpolates between them
+    return [draw(ordered, i / (points - 1)) for i in range(points)]
 
 
 def draw(table: list[float], u: float) -> float:

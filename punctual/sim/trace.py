@@ -202,6 +202,20 @@ def match_records(adds: list[dict], records: list[dict], start: int = 0) -> tupl
     return matched, cursor
 
 
+def delivery_line(deliveries: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares of deliver = fixed + per_stream x streams over (streams in the first token's
+    step, delivery delay) pairs: (fixed, per_stream) seconds, or None with fewer than two distinct
+    stream counts (no slope to see)."""
+    import numpy as np
+
+    streams = np.asarray([s for s, _ in deliveries], dtype=float)
+    if len(set(streams.tolist())) < 2:
+        return None
+    x = np.stack([np.ones_like(streams), streams], axis=1)
+    (fixed, per_stream), *_ = np.linalg.lstsq(x, np.asarray([d for _, d in deliveries], dtype=float), rcond=None)
+    return float(fixed), float(per_stream)
+
+
 def fit_serving_overhead(predict, rows: list[tuple[float, ...]], seconds: list[float],
                          wild: float = 50.0) -> tuple[dict[str, float], list[int]]:
     """What the serving loop adds to an offline profile's step, by least squares on the traced

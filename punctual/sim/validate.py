@@ -239,12 +239,10 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
     point's probed speed when there is a probe); per run, the medians, and over all runs the fit
     of the delivery delay against the streams in the first token's step (does the front end slow
     down with the streams it serves?)."""
-    import numpy as np
-
-    from punctual.sim.trace import first_token_path, match_records, read_traces
+    from punctual.sim.trace import delivery_line, first_token_path, match_records, read_traces
 
     trace = read_traces(trace_path)  # a cluster's: every replica's, merged
-    cursor, streams, delivers = 0, [], []
+    cursor, deliveries = 0, []
     for run in real_runs:
         records = run.get("records") or []
         matched, cursor = match_records(trace.adds, records, cursor)
@@ -258,17 +256,16 @@ def first_token_paths(trace_path: str, real_runs: list[dict], profile, log: Call
             record["server"] = path
             if path is not None and path["deliver_s"] is not None:
                 paths.append(path)
-                streams.append(path["streams"])
-                delivers.append(path["deliver_s"])
+                deliveries.append((path["streams"], path["deliver_s"]))
         if paths:
             part = {k: statistics.median(p[k] for p in paths) * 1000
                     for k in ("admit_s", "queued_s", "first_step_s", "predicted_step_s", "deliver_s")}
             log(f"server trace, {run['workload']} {run['rate']:g} req/s ({len(paths)}/{len(records)} matched): "
                 "TTFT medians " + ", ".join(f"{k[:-2]} {v:.1f} ms" for k, v in part.items()))
-    if len(set(streams)) > 1:
-        x = np.stack([np.ones(len(streams)), np.asarray(streams, dtype=float)], axis=1)
-        (fixed, per_stream), *_ = np.linalg.lstsq(x, np.asarray(delivers), rcond=None)
-        log(f"server trace: deliver = {fixed * 1000:.2f} ms + {per_stream * 1000:.3f} ms x streams in the first "
+    line = delivery_line(deliveries)
+    if line is not None:
+        streams = [s for s, _ in deliveries]
+        log(f"server trace: deliver = {line[0] * 1000:.2f} ms + {line[1] * 1000:.3f} ms x streams in the first "
             f"token's step ({len(streams)} requests, {min(streams):g}-{max(streams):g} streams)")
 
 
