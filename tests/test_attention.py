@@ -52,19 +52,18 @@ def test_paged_attention_matches_dense_for_mixed_query_lengths(window):
 
 
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("attention_kernel", ["decode", "all"])
 @pytest.mark.parametrize("head_dim", [16, 64])  # 64: the specialised loops; 16: the generic one
-def test_fused_kernel_attention_matches_dense(window, attention_kernel, head_dim):
-    """The fused paged-attention kernel (bf16) for the decodes only, or for every token."""
+def test_fused_kernel_attention_matches_dense(window, head_dim):
+    """The fused paged-attention kernel (bf16) for every token: decodes, short queries, prompt chunks."""
     from punctual.model import cpu_kernels
 
     if cpu_kernels.load() is None:
         pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    check_mixed_query_lengths(window, attention_kernel, torch.bfloat16, head_dim, 2e-2)
+    check_mixed_query_lengths(window, "all", torch.bfloat16, head_dim, 2e-2)
 
 
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("attention_kernel", ["none", "decode", "all"])
+@pytest.mark.parametrize("attention_kernel", ["none", "all"])
 def test_int8_cache_attention_matches_dense_over_its_dequantized_values(window, attention_kernel):
     """An int8 cache, read by the torch path (dequantized on gather) or by the fused kernel (its
     specialised loops, head dim 64), against dense attention over the values the cache holds."""
@@ -129,7 +128,7 @@ def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype,
     v_new = torch.cat([full_v[i][chunks[i].start_position:] for i in order])
     cache.write(k_new, v_new, slot_mapping)
     out = paged_attention(q, k_new, v_new, cache, meta)
-    kernel_tokens = {"none": 0, "decode": len(groups[0]), "all": out.shape[0]}[attention_kernel]
+    kernel_tokens = {"none": 0, "all": out.shape[0]}[attention_kernel]
     assert meta.kernel_tokens == kernel_tokens
 
     row = 0

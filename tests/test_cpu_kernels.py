@@ -92,12 +92,14 @@ def test_engine_runs_fused_unless_eager_is_enforced():
     assert fused.engine.core.runner.model.kernels is not None
     assert isinstance(fused.engine.core.runner.model.layers[0].qkv, FusedWeight)
     assert eager.engine.core.runner.model.kernels is None
-    # A whole prompt in one chunk (> FUSED_LINEAR_MAX_ROWS rows) goes through oneDNN and the
-    # bit-exact element-wise kernels: its prompt logprobs and first token are eager's exactly.
+    # A whole prompt in one chunk (> FUSED_LINEAR_MAX_ROWS rows) goes through oneDNN, the bit-exact
+    # element-wise kernels and the fused attention, which sums in its own order: its prompt
+    # logprobs are eager's up to bf16 rounding, and its first token is eager's.
     a = greedy(fused, prompts, 1, prompt_logprobs=0)
     b = greedy(eager, prompts, 1, prompt_logprobs=0)
     for x, y in zip(a, b):
-        assert [lp.logprob for lp in x.prompt_logprobs[1:]] == [lp.logprob for lp in y.prompt_logprobs[1:]]
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in x.prompt_logprobs[1:]]),
+                                   torch.tensor([lp.logprob for lp in y.prompt_logprobs[1:]]), atol=0.05, rtol=0.01)
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
     # Decoding runs the small-batch GEMM: a stream's tokens are the same alone and in a batch.
     alone = [greedy(fused, [p], 16)[0].outputs[0].token_ids for p in prompts]
@@ -118,7 +120,9 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
 
     monkeypatch.setattr(quant, "INT4_INT8_ACTIVATIONS", int8_activations)
     path = model if model.startswith("builtin") else str(build_hf_checkpoint(tmp_path / model, model))
-    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=512,
+    # Chunks of at most 16 tokens: every linear runs its small-batch kernel, whose rows do not
+    # depend on the others (int8 and int4 weights take another path for longer chunks).
+    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=16,
               kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.core.runner.kv_quantized == (kv_cache_dtype == "int8")
     model_ = llm.engine.core.runner.model

@@ -68,8 +68,9 @@ class AttentionMetadata:
     # One prompt from position 0: attend to the chunk's own K/V with a causal mask, no gather.
     prefill_fresh_causal: bool
     # The first `kernel_tokens` tokens attend through the fused kernel (torch.ops.punctual.
-    # paged_attention), each over its own context read through its sequence's block table: one-token
-    # decodes by default, every token in batch-invariant mode. No bucket covers them.
+    # paged_attention), each over its own context read through its sequence's block table. Where the
+    # kernel runs (bf16 or an int8 cache on CPU), that is every token of the step and no bucket is
+    # built; elsewhere (fp32, CUDA) none.
     kernel_tokens: int = 0
     kernel_block_tables: torch.Tensor | None = None  # [S, max_blocks] long
     kernel_seq_of_token: torch.Tensor | None = None  # [kernel_tokens] long: row of kernel_block_tables

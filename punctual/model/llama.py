@@ -33,9 +33,12 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
-# One-token decodes attend through the fused paged-attention kernel (reads K/V through the block
-# table: no gather, no padding, no mask) rather than SDPA over gathered, padded buckets.
-FUSED_DECODE_ATTENTION = True
+# Every token attends through the fused paged-attention kernel (reads K/V through the block table:
+# no gather, no padding, no mask) rather than SDPA over gathered, padded buckets. Prompt chunks
+# too: a 512-token chunk with 50 decodes beside it took 0.20-0.26 s a step against 0.27-0.69 s
+# through SDPA (whose CPU flash kernel, given a mask, computes the masked blocks), and a fresh
+# 512-token prompt 198 against 287 ms with SDPA's causal path (BENCHMARKS.md section 11).
+FUSED_ATTENTION = True
 
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
 # weight once for all rows); more rows (long prompt chunks) go to oneDNN's GEMM. With two output
@@ -269,9 +272,8 @@ class LlamaModel:
                 self.lm_head = pack_weight(self.lm_head)
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
         self._stack = self._decode_stack_args() if self.kernels is not None else None
-        # Which tokens attend through the fused kernel (the runner builds their tables): all, decode, none.
-        self.attention_kernel = ("all" if batch_invariant else "decode" if self.kernels is not None
-                                 and FUSED_DECODE_ATTENTION else "none")
+        # Which tokens attend through the fused kernel (the runner builds their tables): all or none.
+        self.attention_kernel = "all" if batch_invariant or (self.kernels is not None and FUSED_ATTENTION) else "none"
         # Single-token steps (one decode) are weight-read bound: where weights are not packed,
         # take whichever single-row path reads faster here.
         self.single_row_mv = (not self.packed and quantization == "none" and device.type == "cpu"

@@ -1,7 +1,6 @@
 """The model runner: owns the weights and KV tensors, turns a step plan into tensors, logits, tokens."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -388,8 +387,6 @@ class ModelRunner:
         window = self.arch.sliding_window
         if self.attention_kernel == "all":
             return self._kernel_metadata(decodes + shorts + prefills, slots)
-        if self.attention_kernel == "decode" and decodes:
-            return self._kernel_metadata(decodes, slots, self._metadata([], shorts, prefills, slots[len(decodes):]))
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
@@ -427,30 +424,23 @@ class ModelRunner:
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
 
-    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor,
-                         rest: AttentionMetadata | None = None) -> AttentionMetadata:
-        """Metadata where the first tokens (those of `items`) attend through the fused kernel; `rest`
-        holds the metadata of the tokens after them, built as if the step began with them."""
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor) -> AttentionMetadata:
+        """Metadata where every token (those of `items`, in order) attends through the fused kernel."""
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
         tables, _ = self._padded_tables(items, [c.start_position + c.num_new_tokens for c in items])
-        shift = sum(q_lens)
-        if shift == len(items):  # one token each (decodes): token i is sequence i's
-            seq_of_token = torch.arange(shift, device=dev)
+        num_tokens = sum(q_lens)
+        if num_tokens == len(items):  # one token each (decodes): token i is sequence i's
+            seq_of_token = torch.arange(num_tokens, device=dev)
         else:
             seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
         positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
                                  dtype=torch.long, device=dev)
-        kernel = dict(kernel_tokens=shift, kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
-                      kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
-        if rest is None:
-            return AttentionMetadata(slot_mapping=slots, num_decode_tokens=shift, decode_buckets=[],
-                                     prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
-                                     prefill_max_q=0, prefill_fresh_causal=False, **kernel)
-        for bucket in rest.decode_buckets:  # the short queries' buckets come after the kernel's tokens
-            bucket.start += shift
-            bucket.end += shift
-        return dataclasses.replace(rest, slot_mapping=slots, num_decode_tokens=rest.num_decode_tokens + shift, **kernel)
+        return AttentionMetadata(slot_mapping=slots, num_decode_tokens=num_tokens, decode_buckets=[],
+                                 prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
+                                 prefill_max_q=0, prefill_fresh_causal=False, kernel_tokens=num_tokens,
+                                 kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
+                                 kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
 
     def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
         """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""
