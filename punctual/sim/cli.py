@@ -127,6 +127,10 @@ def add_sim_parser(subparsers) -> None:
                                "scale that point's simulated step costs by the probe's seconds per token over "
                                "the profile's, recorded at calibration (needs a profile from `calibrate "
                                "--server` with a speed probe); each point's factor is logged and kept in --output")
+    validate.add_argument("--sim-repeats", type=int, default=8,
+                          help="with a profile that has a spread (`calibrate --server`): simulate every point this "
+                               "many times, each with other draws of step times and admit delays, and compare the "
+                               "medians (a p90 over a few dozen requests moves by a fifth between sets of draws)")
     validate.set_defaults(func=cmd_validate)
 
 

@@ -96,13 +96,15 @@ class Simulator:
     """A cluster of replicas in virtual time; state (prefix caches, the policies' cost models,
     the clock) carries over from one `run` to the next, as a server's does between bench runs."""
 
-    def __init__(self, config: ClusterConfig, profile: StepProfile):
+    def __init__(self, config: ClusterConfig, profile: StepProfile, spread_seed: int = 0):
+        """`spread_seed`: which set of draws from the profile's spread (step ratios, admit delays)."""
         if config.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {config.replicas}")
         self.config = config
         self.profile = profile
+        self.spread_seed = spread_seed
         self.replicas = [SimReplica(i, config.scheduler, config.num_kv_blocks, config.block_size, profile,
-                                    config.enable_prefix_caching, config.max_model_len)
+                                    config.enable_prefix_caching, config.max_model_len, spread_seed)
                          for i in range(config.replicas)]
         for replica in self.replicas:
             if config.prefill_replicas:
@@ -129,8 +131,8 @@ class Simulator:
         if table is None:
             admit = self.profile.admit_s
             return lambda _: admit
-        run_id = self._run_id
-        return [draw(table, uniform(request_key(run_id, r.index))) for r in requests].__getitem__
+        run_id, seed = self._run_id, self.spread_seed
+        return [draw(table, uniform(request_key(run_id, r.index, seed))) for r in requests].__getitem__
 
     def _push(self, time: float, kind: int, payload) -> None:
         self._seq += 1

@@ -23,7 +23,8 @@ SAMPLED = (SYNTHETIC_TOKEN,)
 
 class SimReplica:
     def __init__(self, replica_id: int, scheduler_config: SchedulerConfig, num_kv_blocks: int, block_size: int,
-                 profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None):
+                 profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None,
+                 spread_seed: int = 0):
         self.replica_id = replica_id
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv, PromptLimits(None, max_model_len))
@@ -37,7 +38,7 @@ class SimReplica:
         self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
         self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
-        self.step_draws = step_stream(replica_id)  # with a profile's spread: each step's ratio to its price
+        self.step_draws = step_stream(replica_id, spread_seed)  # with a profile's spread: each step's ratio to its price
         self.step_sampled_rows = 0.0
 
     @property

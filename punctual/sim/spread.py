@@ -16,6 +16,9 @@ and the simulator draws from them: each step's price times a ratio from its repl
 stream (seeded by the replica's id, so a replica's steps draw the same ratios whichever other
 replicas share its process: `sim run --sim-processes` gives the one-process answer), each
 request's admit delay from a hash of its run and index. Same seed and workload, same answers.
+A spread seed (`Simulator(spread_seed=...)`) selects another set of draws: `sim validate
+--sim-repeats` runs each point under several and reports the median, because a p90 over a few
+dozen requests drawn once moves by a fifth from one set of draws to the next.
 
 Pure Python: the simulator's run path imports no numpy or torch.
 """
@@ -54,11 +57,11 @@ def uniform(key: int) -> float:
     return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
 
 
-def request_key(run_id: int, index: int) -> int:
-    """A request's key for its admit draw: its run and its index in the run's workload."""
-    return run_id * 1_000_003 + index
+def request_key(run_id: int, index: int, seed: int = 0) -> int:
+    """A request's key for its admit draw: its run, its index in the run's workload, the spread seed."""
+    return (seed << 40) + run_id * 1_000_003 + index
 
 
-def step_stream(replica_id: int) -> random.Random:
+def step_stream(replica_id: int, seed: int = 0) -> random.Random:
     """A replica's stream of step-ratio draws (its own, whatever else runs in the process)."""
-    return random.Random(0x5EED_0000 + replica_id)
+    return random.Random(0x5EED_0000 + replica_id + (seed << 32))

@@ -128,7 +128,7 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
     else:
         real_runs = measure(args, flags, plan, profile, log)
     scales = point_scales(real_runs, profile, log if args.measured else None) if args.rescale_per_point else None
-    sim_runs = simulate(config, profile, plan, scales, log)
+    sim_runs = simulate(config, profile, plan, scales, log, args.sim_repeats)
     rows = errors(real_runs, sim_runs)
     header = ["workload", "rate", "metric", "measured", "simulated", "error"] + (["speed"] if scales else [])
     print(table(header, [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
@@ -152,29 +152,60 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
 
 
 def simulate(config, profile, plan, scales: list[float] | None = None,
-             log: Callable[[str], None] = print) -> list[dict]:
+             log: Callable[[str], None] = print, repeats: int = 1) -> list[dict]:
     """The plan on the simulator: one simulator for every point, as one server serves them all
     (its prefix caches carry over). `scales`: each measured point's factor on the profile's step
-    costs, in the plan's order (None: the profile as it is); each run keeps its "speed_scale"."""
+    costs, in the plan's order (None: the profile as it is); each run keeps its "speed_scale".
+
+    `repeats` > 1, with a profile that has a spread: the plan runs on that many simulators, each
+    with its own set of draws (spread seeds 0, 1, ...), and each point's summary is the median of
+    theirs (`median_summary`); its records are the first set's. What the simulator predicts is
+    where a point's p90 lies, and one set of draws over a few dozen requests scatters it by a
+    fifth either way. Without a spread every repeat is the same run: one is made."""
     from punctual.bench.loadgen import Endpoint
     from punctual.bench.sweep import bench_endpoint
     from punctual.sim.engine import Simulator
     from punctual.sim.loadgen import SimSender
 
-    simulator = Simulator(config, profile)
-    pending = iter(scales or ())
+    if repeats < 1:
+        raise ValueError(f"--sim-repeats must be >= 1, got {repeats}")
+    if profile.step_ratios is None and profile.admit_quantiles is None:
+        repeats = 1
+    sets = []
+    for seed in range(repeats):
+        simulator = Simulator(config, profile, spread_seed=seed)
+        pending = iter(scales or ())
 
-    def rescale(workload: str, rate: float | None) -> None:
-        simulator.set_profile(profile.scaled(next(pending)))
+        def rescale(workload: str, rate: float | None, simulator=simulator, pending=pending) -> None:
+            simulator.set_profile(profile.scaled(next(pending)))
 
-    runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=log,
-                          send=SimSender(simulator, slo=plan.slo), before_run=None if scales is None else rescale)
+        sets.append(bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False,
+                                   log=log if seed == 0 else (lambda _: None), send=SimSender(simulator, slo=plan.slo),
+                                   before_run=None if scales is None else rescale))
+    runs = sets[0]
+    if repeats > 1:
+        for i, run in enumerate(runs):
+            run["summary"] = median_summary([each[i]["summary"] for each in sets])
+            run["sim_repeats"] = repeats
+        log(f"simulated every point {repeats} times with other draws from the profile's spread; "
+            f"the medians are compared (the lines above are the first set's)")
     if scales is not None:
         if len(scales) != len(runs):
             raise ValueError(f"{len(scales)} speed scales for {len(runs)} simulated points")
         for run, scale in zip(runs, scales):
             run["speed_scale"] = scale
     return runs
+
+
+def median_summary(summaries: list[dict]):
+    """Bench summaries merged leaf by leaf: the median of each number, the first's anything else."""
+    first = summaries[0]
+    if isinstance(first, dict):
+        return {key: median_summary([s.get(key) for s in summaries]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
+            isinstance(s, (int, float)) for s in summaries):
+        return statistics.median(summaries)
+    return first
 
 
 def point_scales(real_runs: list[dict], profile, log: Callable[[str], None] | None = None) -> list[float]:

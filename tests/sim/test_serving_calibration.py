@@ -201,7 +201,7 @@ def test_validate_against_earlier_measurements(tmp_path):
     args = argparse.Namespace(profile=str(tmp_path / "p.json"), model="builtin", workload="chat", sweep_rates="1,2",
                               num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0,
                               serve_args="", output=str(tmp_path / "first.json"), startup_timeout=1.0,
-                              measured=None, server_trace=None, rescale_per_point=False)
+                              measured=None, server_trace=None, rescale_per_point=False, sim_repeats=8)
     first = tmp_path / "first.json"
     # an earlier run's file whose "measured" side is this profile's simulation
     validate(argparse.Namespace(**{**vars(args), "measured": str(_self_measured(tmp_path, args))}), log=lambda _: None)

@@ -75,7 +75,7 @@ def validate_args(tmp_path, profile: StepProfile, **changes) -> argparse.Namespa
     args = dict(profile=str(tmp_path / "p.json"), model="builtin", workload="chat,shared-prefix", sweep_rates="1,2",
                 num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0, serve_args="",
                 output=str(tmp_path / "out.json"), startup_timeout=1.0, measured=None, server_trace=None,
-                rescale_per_point=False)
+                rescale_per_point=False, sim_repeats=8)
     return argparse.Namespace(**{**args, **changes})
 
 

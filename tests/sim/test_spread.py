@@ -36,8 +36,9 @@ def test_quantile_tables_and_draws():
     assert uniform(12345) == uniform(12345) != uniform(12346)
 
 
-def simulate(profile: StepProfile, seed: int = 4):
-    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), 600), profile)
+def simulate(profile: StepProfile, seed: int = 4, spread_seed: int = 0):
+    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), 600), profile,
+                    spread_seed=spread_seed)
     requests = to_sim_requests(generate_workload("chat", 120, seed, 0.2))
     outcomes, _ = sim.run(requests, offsets=[i * 0.15 for i in range(len(requests))])
     outcomes.sort(key=lambda o: o.request.index)
@@ -59,6 +60,23 @@ def test_spread_lengthens_the_tails_keeps_the_mean_and_repeats_exactly():
     shifts = {round(a.token_times[0] - a.sent - (p.token_times[0] - p.sent), 6)
               for a, p in zip(admits_only, plain_outcomes)}
     assert len(shifts) > 1
+
+
+def test_spread_seeds_draw_other_sets_and_validate_takes_their_median():
+    """`sim validate --sim-repeats`: each spread seed is another set of draws (the same seed, the
+    same set), and a point's summary is the median of the sets' summaries, number by number."""
+    from punctual.sim.validate import median_summary
+
+    spread = {"step_ratio": quantile_table(STEP_RATIOS), "admit_s": quantile_table(ADMITS)}
+    first, p90_first, _ = simulate(spread_profile(**spread), spread_seed=1)
+    again, _, _ = simulate(spread_profile(**spread), spread_seed=1)
+    other, p90_other, _ = simulate(spread_profile(**spread), spread_seed=2)
+    assert [o.token_times for o in again] == [o.token_times for o in first]
+    assert [o.token_times for o in other] != [o.token_times for o in first] and p90_other != p90_first
+    summaries = [{"ttft_ms": {"p90": p90, "count": 120}, "errors": [str(p90)], "slo": {"attainment": a}}
+                 for p90, a in ((70.0, 1.0), (50.0, 0.9), (61.0, 0.95))]
+    assert median_summary(summaries) == {"ttft_ms": {"p90": 61.0, "count": 120}, "errors": ["70.0"],
+                                         "slo": {"attainment": 0.95}}
 
 
 def test_calibration_keeps_the_spread_of_its_trace(tmp_path):
