@@ -146,6 +146,24 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
     assert alone == together[0]
 
 
+@pytest.mark.parametrize("vocab", [1, 15, 16, 33, 49152])
+def test_argmax_rows_is_torchs_argmax(vocab):
+    """Greedy sampling's argmax: the first index of the maximum on ties, the first NaN where a row
+    has one, an all -inf row's first index, every length (vectors of 16 and the rest)."""
+    rng = torch.Generator().manual_seed(vocab)
+    x = torch.randn(7, vocab, generator=rng)
+    x[1] = torch.randint(0, 3, (vocab,), generator=rng).float()  # many ties
+    x[2] = float("-inf")
+    x[3, vocab // 2] = float("nan")
+    x[3, vocab - 1] = float("nan")
+    x[4] = 0.0
+    x[4, vocab // 3] = -0.0  # equal to +0.0: the first index still wins
+    x[5, -1] = 1e9
+    x[6] = torch.randn(vocab, generator=rng).round()
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(x[::2]), x[::2].argmax(dim=-1))  # rows not adjacent
+
+
 def test_float32_never_takes_the_fused_path():
     llm = LLM("builtin-tiny", dtype="float32", num_kv_blocks=32)
     assert llm.engine.core.runner.model.kernels is None  # float32 stays exact to transformers

@@ -180,7 +180,7 @@ class ModelRunner:
                 raise ValueError(f"kv_tier_memory of {cache_config.kv_tier_memory} bytes holds no KV block "
                                  f"({per_block} bytes per block)")
             self.tier_store = TierStore(self.kv_caches, num_slots, compressed)
-        self.sampler = Sampler(self.device, model_config.seed)
+        self.sampler = Sampler(self.device, model_config.seed, self.model.kernels)
         self.guide = Guide(self.arch.vocab_size)  # structured output: per-request grammar matchers
         # What the runner keeps across steps per request, updated from the plans (vLLM v1's input batch).
         self.requests: dict[str, RequestState] = {}
@@ -300,7 +300,7 @@ class ModelRunner:
         # Verification, batched: greedy requests share one argmax, sampling ones one distribution call.
         greedy_targets = None
         if any(c.state.sampling_params.greedy for _, c in spec):
-            greedy_targets = logits.argmax(dim=-1).tolist()
+            greedy_targets = self.sampler.argmax(logits).tolist()
         sampling = []
         for row, c in spec:
             drafts = c.item.spec_token_ids

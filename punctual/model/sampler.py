@@ -14,8 +14,10 @@ __all__ = ["RequestState", "Sampler", "accept_greedy", "draw"]
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, kernels=None):
+        """`kernels`: torch.ops.punctual where the fused CPU kernels run (their argmax_rows), else None."""
         self.device = device
+        self.kernels = kernels
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
 
@@ -28,6 +30,14 @@ class Sampler:
             gen = torch.Generator(device=self.device).manual_seed(request.sampling_params.seed)
             self._request_generators[request.request_id] = gen
         return gen
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax, exactly torch's (first index of the maximum; NaN counts as largest):
+        the fused kernel reads fp32 CPU logits ~7x faster than torch's CPU argmax (BENCHMARKS.md
+        section 11)."""
+        if self.kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return self.kernels.argmax_rows(logits)
+        return logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, requests: list[RequestState]) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -46,10 +56,10 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random = [i for i, p in enumerate(params) if not p.greedy]
         if greedy and not random:  # every row greedy: no row selection (a copy of the logits) needed
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax(logits)
         elif greedy:
             index = torch.tensor(greedy, device=logits.device)
-            tokens[index] = logits[index].argmax(dim=-1)
+            tokens[index] = self.argmax(logits[index])
         if random:
             for group in _by_representation([params[i] for i in random]):
                 rows = [random[j] for j in group]
@@ -88,7 +98,7 @@ class Sampler:
         Either way the token follows p exactly.
         """
         if request.sampling_params.greedy:
-            tokens = accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
+            tokens = accept_greedy(self.argmax(logits).tolist(), drafts)
             return tokens, self.verified_logprobs(logits, request, tokens)
         return self.verify_sampled(logits, [(0, request, drafts, draft_probs)])[0]
 
