@@ -92,6 +92,8 @@ def test_engine_runs_fused_unless_eager_is_enforced():
     assert fused.engine.core.runner.model.kernels is not None
     assert isinstance(fused.engine.core.runner.model.layers[0].qkv, FusedWeight)
     assert eager.engine.core.runner.model.kernels is None
+    # Every token attends through the fused kernel, prompt chunks too; eager keeps SDPA.
+    assert (fused.engine.core.runner.attention_kernel, eager.engine.core.runner.attention_kernel) == ("all", "none")
     # A whole prompt in one chunk (> FUSED_LINEAR_MAX_ROWS rows) goes through oneDNN, the bit-exact
     # element-wise kernels and the fused attention, which sums in its own order: its prompt
     # logprobs are eager's up to bf16 rounding, and its first token is eager's.
