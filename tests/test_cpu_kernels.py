@@ -260,15 +260,15 @@ def int4_q8_reference(x: torch.Tensor, q, bias: torch.Tensor) -> torch.Tensor:
     return per_group.sum(-1) + bias.double()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 130])
 def test_int4_q8_linear_is_its_int8_activation_math(rows):
     from punctual.model.quant import quantize_int4
 
-    weight, bias, x = randn(960, 576, scale=0.05, seed=17), randn(960, seed=18), randn(16, 576, seed=19)
+    weight, bias, x = randn(960, 576, scale=0.05, seed=17), randn(960, seed=18), randn(130, 576, seed=19)
     x[2, 64:96] = 0  # a group of zeros: scale 0, no NaN
     q = quantize_int4(weight)
     q.attach_fused(ops)
-    out = q.linear(x[:rows], bias)  # the engine's path for few rows: linear_int4_q8
+    out = q.linear(x[:rows], bias)  # the engine's path for decodes and prompt chunks: linear_int4_q8
     assert torch.equal(out, ops.linear_int4_q8(x[:rows], q.fused, q.fused_scales, q.fused_zeros, 32, bias))
     # Tightly the same math: one bf16 rounding of fp32 sums (2^-8), far below int8's error (~1e-2).
     reference = int4_q8_reference(x[:rows], q, bias)

@@ -298,7 +298,7 @@ class LlamaModel:
                     slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
                     kinds.append(STACK_INT8 if weight.kind == "int8" else int4_kind)
                     groups.append(weight.group_size)
-                    max_rows = min(max_rows, quant.fused_max_rows(weight.kind))
+                    max_rows = min(max_rows, quant.fused_max_rows(weight.kind, weight.int8_activations))
                 else:
                     return None
         return slots, kinds, groups, max_rows

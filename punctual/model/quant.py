@@ -32,7 +32,7 @@ HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 # int8 kernel 414 / 822 / 3254 against 438 / 616 / 1339 at 16 / 32 / 128 rows; int4's
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
 INT8_DEQUANTIZE_ABOVE = 24
-FUSED_MAX_ROWS = 16  # the fused kernels' small batches (cpu_kernels), int4
+FUSED_MAX_ROWS = 16  # int4's bf16-widening kernel (linear_int4, without int8 activations)
 # int8's kernel shares the bf16 kernel's tiles (two output blocks per tile above 4 rows). It beats
 # dequantize-then-GEMM up to this many rows: smollm2 decode steps 1.21-1.23x faster at 24 and 32
 # streams, but 0.85x at 64, where widening each int8 weight to bf16 in registers costs more than
@@ -41,12 +41,20 @@ INT8_FUSED_MAX_ROWS = 32
 # int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
 # runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
 INT4_INT8_ACTIVATIONS = True
-INT4_DEQUANTIZE_ABOVE = 128
+# linear_int4_q8 (int8 activations) up to this many rows: it beat torch's int4pack kernel 2x on
+# 24-96-row prompt chunks (smollm2 prompt steps 11.5 / 18.5 / 33.8 ms against 21.1 / 37.2 / 71.2)
+# and dequantize-then-GEMM on 192-512 rows (71 / 93 / 208 ms against 162 / 188 / 298), and decode
+# steps of 24 and 64 streams took 0.65x the time (BENCHMARKS.md section 11).
+INT4_Q8_FUSED_MAX_ROWS = 512
+INT4_DEQUANTIZE_ABOVE = 128  # without the fused kernels: torch's int4pack kernel up to here
 
 
-def fused_max_rows(kind: str) -> int:
-    """Up to how many rows a quantized linear of `kind` runs its fused kernel."""
-    return INT8_FUSED_MAX_ROWS if kind == "int8" else FUSED_MAX_ROWS
+def fused_max_rows(kind: str, int8_activations: bool = True) -> int:
+    """Up to how many rows a quantized linear of `kind` runs its fused kernel (int4: the kernel
+    with int8 activations, or the bf16-widening one)."""
+    if kind == "int8":
+        return INT8_FUSED_MAX_ROWS
+    return INT4_Q8_FUSED_MAX_ROWS if int8_activations else FUSED_MAX_ROWS
 
 
 @dataclass
@@ -67,7 +75,7 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     nibbles: torch.Tensor | None = None
-    # With the fused CPU kernels, up to fused_max_rows(kind) rows run torch.ops.punctual.linear_int8 or
+    # With the fused CPU kernels, up to fused_max_rows(kind, int8_activations) rows run torch.ops.punctual.linear_int8 or
     # linear_int4_q8, reading a half / a quarter of bf16's bytes. int8: `data` again in the block
     # layout, and fp32 scales. int4: `nibbles` as [N/16, K/8, 16, 4] bytes (linear_int4_q8's
     # layout; [N/16, K/2, 16] for linear_int4 without int8 activations), scales and zeros as
@@ -122,7 +130,7 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
         rows = x.shape[0]
-        if self.fused is not None and rows <= fused_max_rows(self.kind):
+        if self.fused is not None and rows <= fused_max_rows(self.kind, self.int8_activations):
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
             int4 = torch.ops.punctual.linear_int4_q8 if self.int8_activations else torch.ops.punctual.linear_int4
