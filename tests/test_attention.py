@@ -122,7 +122,10 @@ def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype,
     slot_mapping = torch.tensor([chunks[i].block_table[p // BLOCK] * BLOCK + p % BLOCK for i in order
                                  for p in range(chunks[i].start_position,
                                                 chunks[i].start_position + chunks[i].num_new_tokens)])
-    meta = metadata_builder(window, attention_kernel)._metadata(*[[chunks[i] for i in group] for group in groups], slot_mapping)
+    positions = torch.tensor([p for i in order for p in range(chunks[i].start_position,
+                                                               chunks[i].start_position + chunks[i].num_new_tokens)])
+    meta = metadata_builder(window, attention_kernel)._metadata(*[[chunks[i] for i in group] for group in groups],
+                                                                slot_mapping, positions)
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([full_k[i][chunks[i].start_position:] for i in order])
     v_new = torch.cat([full_v[i][chunks[i].start_position:] for i in order])

@@ -314,7 +314,7 @@ class LlamaModel:
         quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
         arch = self.arch
         # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
-        # its kernel_positions are these (both built from the step's chunks in the same order).
+        # its kernel_positions are this tensor (the runner hands the same one to both).
         return self.kernels.decode_stack(
             input_ids, positions, self.embed, self.cos, self.sin, slots, kinds, groups, self.norm,
             [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,

@@ -264,7 +264,7 @@ class ModelRunner:
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
         input_ids, positions, slots = self._flat_inputs(ordered)
-        meta = self._metadata(*groups, slots)
+        meta = self._metadata(*groups, slots, positions)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         self._prompt_logprobs(ordered, hidden, output)
 
@@ -334,7 +334,7 @@ class ModelRunner:
         groups = [[chunks[i] for i in group] for group in index_groups]
         input_ids, positions, slots = self._flat_inputs(groups[0] + groups[1] + groups[2])
         last_rows = torch.cumsum(torch.tensor([c.num_new_tokens for c in groups[0] + groups[1] + groups[2]]), 0) - 1
-        meta = self._metadata(*groups, slots)
+        meta = self._metadata(*groups, slots, positions)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         ordered_logits = self.model.logits(hidden[last_rows.to(self.device)])
         logits = torch.empty_like(ordered_logits)
@@ -381,12 +381,13 @@ class ModelRunner:
         return tables.to(self.device), max_blocks * bs
 
     def _metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
-                  slots: torch.Tensor) -> AttentionMetadata:
+                  slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
-        (the first two each sorted by the context they reach)."""
+        (the first two each sorted by the context they reach); `slots` and `positions` are
+        _flat_inputs' for that layout."""
         window = self.arch.sliding_window
         if self.attention_kernel == "all":
-            return self._kernel_metadata(decodes + shorts + prefills, slots)
+            return self._kernel_metadata(decodes + shorts + prefills, slots, positions)
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
@@ -424,7 +425,7 @@ class ModelRunner:
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
 
-    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor) -> AttentionMetadata:
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
         """Metadata where every token (those of `items`, in order) attends through the fused kernel."""
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
@@ -434,8 +435,6 @@ class ModelRunner:
             seq_of_token = torch.arange(num_tokens, device=dev)
         else:
             seq_of_token = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(q_lens)).to(dev)
-        positions = torch.tensor([p for c in items for p in range(c.start_position, c.start_position + c.num_new_tokens)],
-                                 dtype=torch.long, device=dev)
         return AttentionMetadata(slot_mapping=slots, num_decode_tokens=num_tokens, decode_buckets=[],
                                  prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
                                  prefill_max_q=0, prefill_fresh_causal=False, kernel_tokens=num_tokens,
