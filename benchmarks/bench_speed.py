@@ -30,7 +30,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     kwargs = {"dtype": "bfloat16"}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition(":")
-        kwargs[key] = {"true": True, "false": False}.get(value.lower(), value)
+        kwargs[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value.lower(), value)
     return name, kwargs
 
 
@@ -91,7 +91,9 @@ def main() -> None:
         start = time.perf_counter()
         engines[name] = LLM(args.model, kv_cache_memory="1GiB", max_num_seqs=max(args.streams),
                             max_num_batched_tokens=args.prefill_len, enable_prefix_caching=False, **kwargs)
-        print(f"{name}: {kwargs}, built in {time.perf_counter() - start:.1f} s", flush=True)
+        graphs = engines[name].engine.core.runner.decode_graphs
+        captured = f", {len(graphs.steps)} decode graphs captured in {graphs.startup_s:.1f} s" if graphs else ""
+        print(f"{name}: {kwargs}, built in {time.perf_counter() - start:.1f} s{captured}", flush=True)
     columns = [f"decode {n} stream{'s' if n > 1 else ''}" for n in args.streams] + [f"prefill {args.prefill_len}"]
     results: dict[str, dict[str, list[float]]] = {name: {c: [] for c in columns} for name, _ in variants}
     rng = random.Random(0)

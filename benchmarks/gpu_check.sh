@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a bare CUDA machine (PyTorch with CUDA installed, no network), in
 # at most ~10 minutes: transformers parity with device=cuda, then single-stream and 32-stream
-# decode speed. Not run yet: until its output is in BENCHMARKS.md, the CUDA path is unmeasured.
-# CUDA graphs are not implemented, so only the eager path is timed; --quantization is CPU-only.
+# decode speed, with CUDA graphs (the default on CUDA) and without (--enforce-eager). Not run yet:
+# until its output is in BENCHMARKS.md, the CUDA path is unmeasured. --quantization is CPU-only.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; output also in gpu_check.log
 set -uo pipefail
@@ -24,15 +24,18 @@ if missing:
 PY
 
 status=0
-echo "== 1. greedy parity with transformers on CUDA (device=auto picks cuda; transformers runs on CPU)"
-timeout 300 python -m pytest -q -x tests/test_exact_to_transformers.py tests/test_attention.py || status=1
+echo "== 1. greedy parity with transformers on CUDA, decode steps replayed from CUDA graphs"
+echo "   (device=auto picks cuda; transformers runs on CPU)"
+timeout 240 python -m pytest -q -x tests/test_exact_to_transformers.py tests/test_attention.py \
+    tests/test_decode_graphs.py || status=1
 
-echo "== 2. decode tok/s at 1 and 32 streams, 512-token prefill, bf16 and fp32 on cuda (eager; no CUDA graphs)"
+echo "== 2. decode tok/s at 1 and 32 streams, 512-token prefill, bf16 and fp32 on cuda, CUDA graphs against eager"
 timeout 240 python benchmarks/bench_speed.py --model builtin --rounds 3 --steps 32 \
-    --variants bf16=dtype:bfloat16,device:cuda fp32=dtype:float32,device:cuda || status=1
+    --variants graphs=dtype:bfloat16,device:cuda eager=dtype:bfloat16,device:cuda,enforce_eager:true \
+    fp32-graphs=dtype:float32,device:cuda fp32-eager=dtype:float32,device:cuda,enforce_eager:true || status=1
 
-echo "== 3. decode step by batch size and context (bf16, cuda)"
-timeout 120 python - <<'PY' || status=1
+echo "== 3. decode step by batch size and context (bf16, cuda, CUDA graphs)"
+timeout 90 python - <<'PY' || status=1
 import runpy, sys
 sys.argv = ["bench_decode_step.py", "--skip-kernel", "--steps", "20"]
 runpy.run_path("benchmarks/bench_decode_step.py", run_name="__main__")

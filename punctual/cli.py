@@ -15,6 +15,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="plain PyTorch ops only: no fused CPU kernels (bf16 on AVX-512 BF16 uses them otherwise)")
     parser.add_argument("--batch-invariant", action="store_true", default=None,
                         help="bf16 output independent of batching, chunking and speculation (fused kernels, fixed order)")
+    parser.add_argument("--cuda-graph-max-batch-size", type=int, default=None,
+                        help="CUDA: decode steps of up to this many requests replay captured CUDA graphs (default 64, 0: none)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV pool, e.g. 2GiB")
@@ -39,7 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, quantization=args.quantization,
-                enforce_eager=args.enforce_eager, batch_invariant=args.batch_invariant, max_num_seqs=args.max_num_seqs,
+                enforce_eager=args.enforce_eager, batch_invariant=args.batch_invariant,
+                cuda_graph_max_batch_size=args.cuda_graph_max_batch_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, max_model_len=args.max_model_len,
                 scheduling_policy=args.scheduling_policy, seed=args.seed,

@@ -36,6 +36,9 @@ class ModelConfig:
     # every linear runs the small-batch GEMM (fixed summation order per row) and every token
     # attends alone over its unpadded context. Needs the fused kernels and a bf16 KV cache.
     batch_invariant: bool = False
+    # On CUDA (unless enforce_eager), decode steps of up to this many requests replay CUDA graphs
+    # captured at start-up, one per batch and context bucket (punctual/model/decode_graphs.py). 0: none.
+    cuda_graph_max_batch_size: int = 64
 
 
 @dataclass
@@ -138,6 +141,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be none|int8|int4, got {self.model.quantization!r}")
         if self.model.batch_invariant and self.model.enforce_eager:
             raise ValueError("batch_invariant runs the fused CPU kernels; it cannot be combined with enforce_eager")
+        if self.model.cuda_graph_max_batch_size < 0:
+            raise ValueError(f"cuda_graph_max_batch_size must be >= 0, got {self.model.cuda_graph_max_batch_size}")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:

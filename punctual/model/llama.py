@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from punctual.model import cpu_kernels, quant
-from punctual.model.attention import AttentionMetadata, LayerKVCache, paged_attention
+from punctual.model.attention import AttentionMetadata, DecodeBucket, LayerKVCache, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
 from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 
@@ -332,6 +332,33 @@ class LlamaModel:
                 if hidden is not None:
                     return hidden
             return self._forward_fused(input_ids, positions, meta, kv_caches)
+        return self._forward_eager(input_ids, positions, meta, kv_caches)
+
+    @torch.inference_mode()
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """A decode step whose every shape is fixed by its arguments (what a CUDA graph captures, see
+        decode_graphs): token i (one per sequence) writes its K/V at slots[i] and attends over its
+        first context_lens[i] keys, read through block_tables[i] ([n, blocks], padded with any
+        block) and masked past that length. The PyTorch ops of forward(). Returns logits [n, vocab]."""
+        num_tokens = input_ids.shape[0]
+        context = block_tables.shape[1] * kv_caches[0].k.shape[1]
+        key_pos = torch.arange(context, device=self.device)[None, :]
+        lens = context_lens[:, None]
+        visible = key_pos < lens
+        if self.arch.sliding_window:
+            visible &= key_pos > lens - 1 - self.arch.sliding_window
+        mask = visible[:, None, None, :]
+        meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=num_tokens,
+                                 decode_buckets=[DecodeBucket(0, num_tokens, block_tables, lambda: mask)],
+                                 prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
+                                 prefill_max_q=0, prefill_fresh_causal=False)
+        return self.logits(self._forward_eager(input_ids, positions, meta, kv_caches))
+
+    def _forward_eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """forward() in PyTorch ops: the reference the tests compare with, and the path of fp32 and CUDA."""
         arch = self.arch
         num_tokens = input_ids.shape[0]
         mv = self.single_row_mv

@@ -13,6 +13,7 @@ from punctual.model.allocator import keep_step_buffers_mapped
 from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache)
 from punctual.model.cpu_kernels import int8_kv_attention_supported
+from punctual.model.decode_graphs import DecodeGraphs
 from punctual.model.kv_transfer import write_blocks
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
@@ -166,7 +167,10 @@ class ModelRunner:
                                  f"use a bf16 KV cache")
             self.attention_kernel = "none"
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
-        self.kv_caches = [LayerKVCache(self.num_blocks, self.block_size, self.arch.num_kv_heads,
+        # One block past the pool's: the scratch block, given to no request, where the padded rows of
+        # a captured decode step write their K/V (decode_graphs).
+        self.scratch_block = self.num_blocks
+        self.kv_caches = [LayerKVCache(self.num_blocks + 1, self.block_size, self.arch.num_kv_heads,
                                        self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
                           for _ in range(self.arch.num_layers)]
         self.tier_store = None
@@ -186,6 +190,24 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
+        # Decode steps replayed from CUDA graphs (on CUDA, unless enforce_eager); None: every step eager.
+        self.decode_graphs: DecodeGraphs | None = None
+        max_graph_batch = min(model_config.cuda_graph_max_batch_size, max_num_seqs)
+        if self.device.type == "cuda" and not model_config.enforce_eager and max_graph_batch > 0:
+            try:
+                self.use_decode_graphs(max_graph_batch)
+            except RuntimeError as error:  # a CUDA error or out of memory while capturing
+                logger.warning("CUDA graph capture failed (%s): decode steps run eagerly "
+                               "(--enforce-eager skips the capture)", error)
+
+    def use_decode_graphs(self, max_batch_size: int, capture: bool = True) -> DecodeGraphs:
+        """Serve decode steps of up to `max_batch_size` requests from static, bucketed steps: captured
+        as CUDA graphs (`capture`, CUDA only), or run as the same static ops without capture (any
+        device: what the CPU tests check the padding and buckets with)."""
+        self.decode_graphs = None  # a failed capture leaves none
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, self.scratch_block,
+                                          max_batch_size, self.max_model_len, capture)
+        return self.decode_graphs
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -263,10 +285,12 @@ class ModelRunner:
         groups = [[chunks[i] for i in group] for group in split_by_query_length(
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
-        input_ids, positions, slots = self._flat_inputs(ordered)
-        meta = self._metadata(*groups, slots, positions)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-        self._prompt_logprobs(ordered, hidden, output)
+        logits = self._replay_decode(ordered)  # None unless a captured decode step takes this one
+        if logits is None:
+            input_ids, positions, slots = self._flat_inputs(ordered)
+            meta = self._metadata(*groups, slots, positions)
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            self._prompt_logprobs(ordered, hidden, output)
 
         # Logits rows: the last position of each sampling chunk, or every verified position.
         rows, offset = [], 0
@@ -280,9 +304,10 @@ class ModelRunner:
                 rows.extend(range(offset - n_rows, offset))
         if not rows:
             return output
-        # Every row (a step of decodes): the hidden states as they are, no gather.
-        every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
-        logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
+        if logits is None:
+            # Every row (a step of decodes): the hidden states as they are, no gather.
+            every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
+            logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
         if self.guide.matchers:  # structured output: mask only the rows of guided requests
             self.guide.mask(logits, [(row, c.state.request_id, c.item.spec_token_ids) for row, c in plain + spec])
         sampled, logprobs = output.sampled_token_ids, output.logprobs
@@ -324,6 +349,24 @@ class ModelRunner:
         if self.guide.matchers:  # roll back the proposals masking consumed; consume the kept tokens
             self.guide.advance(sampled)
         return output
+
+    def _replay_decode(self, ordered: list[_Chunk]) -> torch.Tensor | None:
+        """The step's logits [len(ordered), vocab] from a captured decode step, or None where the
+        step runs eagerly. A captured step takes one sampled token per request and nothing else: no
+        prompt chunk, no speculated token, no prompt position to score."""
+        if self.decode_graphs is None:
+            return None
+        for c in ordered:
+            if c.num_new_tokens != 1 or not c.item.samples or c.item.spec_token_ids:
+                return None
+            prompt = c.state.prompt_token_ids  # kept only where prompt logprobs are asked for
+            if prompt is not None and c.start_position < len(prompt) - 1:
+                return None
+        bs = self.block_size
+        positions = [c.start_position for c in ordered]
+        slots = [c.block_ids[p // bs] * bs + p % bs for c, p in zip(ordered, positions)]
+        return self.decode_graphs.run([c.token_ids[0] for c in ordered], positions, slots,
+                                      [c.blocks for c in ordered])
 
     @torch.inference_mode()
     def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
