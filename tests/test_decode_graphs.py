@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import ARCHS, hf_greedy
+from hf_models import hf_greedy
 from punctual import LLM, SamplingParams
 from punctual.model.decode_graphs import DecodeGraphs, capture_batch_sizes, capture_context_blocks
 from test_exact_to_transformers import MAX_NEW, PROMPTS
