@@ -148,6 +148,35 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
     assert alone == together[0]
 
 
+def test_decode_stack_does_not_depend_on_its_threads():
+    """decode_stack's team splits each loop into spans a thread takes from the front and others
+    steal from the back; more threads than cores force descheduled owners and steals. Every output
+    is still computed by one thread in one order: the hidden states are equal at every count."""
+    llm = LLM("builtin-tiny", dtype="bfloat16", num_kv_blocks=64)
+    model_ = llm.engine.core.runner.model
+    assert model_._stack is not None
+    captured = []
+    run_stack = model_._run_stack
+
+    def stack_at_thread_counts(input_ids, positions, meta, kv_caches):
+        hidden = run_stack(input_ids, positions, meta, kv_caches)
+        if hidden is not None and input_ids.shape[0] > 1:
+            before = torch.get_num_threads()
+            try:
+                for threads in (1, 3, 5):
+                    torch.set_num_threads(threads)
+                    captured.append(torch.equal(hidden, run_stack(input_ids, positions, meta, kv_caches)))
+            finally:
+                torch.set_num_threads(before)
+        return hidden
+
+    model_._run_stack = stack_at_thread_counts
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(5, 40))] for _ in range(5)]
+    greedy(llm, prompts, 6)
+    assert captured and all(captured), captured
+
+
 @pytest.mark.parametrize("vocab", [1, 15, 16, 33, 49152])
 def test_argmax_rows_is_torchs_argmax(vocab):
     """Greedy sampling's argmax: the first index of the maximum on ties, the first NaN where a row

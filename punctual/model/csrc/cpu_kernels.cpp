@@ -44,48 +44,67 @@ inline void store16(bf16* p, __m512 x) {
 // at::parallel_for gives each thread a fixed share and ends at a barrier, so a thread whose core
 // another process holds (the server's front end, the load generator) stalls every loop of the step
 // until the OS runs it again. decode_stack instead runs one OpenMP region for the whole step: its
-// first thread (the leader) walks the layers and publishes each parallel loop as a job; every
-// thread, the leader too, claims the job's chunks from a shared ticket, so a thread that is not
-// running leaves its share to the others, and the leader waits only for chunks already claimed.
+// first thread (the leader) walks the layers and publishes each parallel loop as a job, cut in
+// small chunks. Each thread owns a contiguous span of the chunks and takes them from its front, half
+// of what is left at a time, so its share of a weight is one stream; a thread done with its span
+// takes the chunks left in another's one by one from the back. So a thread that is not running
+// leaves its share to the others, and the leader waits only for chunks already claimed. (Taking
+// chunks one at a time from one shared counter, as before, a thread's successive chunks lay apart,
+// each began a new stream and each claim was a locked instruction that drains the loads in
+// flight: a one-stream decode stack took 1.03-1.05x as long; BENCHMARKS.md section 11.)
 // Chunking never changes results: each output is computed by one thread, in the same order.
 class Team {
  public:
+  static constexpr int kMaxThreads = 64;
+
   // A job: chunks of [begin, end), `call(ctx, b0, b1)` on each.
   struct Job {
     std::atomic<int64_t> begin{0}, end{0}, chunk{1}, chunks{0};
     std::atomic<const void*> ctx{nullptr};
     std::atomic<void (*)(const void*, int64_t, int64_t)> call{nullptr};
-    std::atomic<int64_t> done{0};
+    // Thread t's span of chunk indices, [front, back), tagged with the job's generation:
+    // generation (40 bits) << 24 | front (12 bits) << 12 | back (12 bits). A job has at most
+    // 8 * threads + 1 chunks (see run).
+    // One cache line per thread: a thread claims from its span and counts the chunks it ran without
+    // taking a line from the others.
+    struct alignas(64) Span {
+      std::atomic<uint64_t> value;
+      std::atomic<int64_t> done;  // chunks this thread ran (written by it alone)
+    };
+    Span span[kMaxThreads];
   };
 
   template <typename F>
   void run(int64_t begin, int64_t end, int64_t grain, const F& f) {
     if (begin >= end) return;
     const int64_t total = end - begin;
-    // A few chunks per thread at least (so a late thread still finds some), never below the grain.
+    // A few chunks per thread at least (so a late thread's share can be taken), never below the grain.
     const int64_t chunk = std::max<int64_t>(grain, (total + 8 * threads_ - 1) / (8 * threads_));
-    Job& job = jobs_[(generation_ + 1) & 1];
+    const int64_t chunks = (total + chunk - 1) / chunk;
+    TORCH_CHECK(chunks < (int64_t{1} << 12), "Team: too many chunks");
+    const uint64_t generation = ++generation_;
+    Job& job = jobs_[generation & 1];
     job.begin.store(begin, std::memory_order_relaxed);
     job.end.store(end, std::memory_order_relaxed);
     job.chunk.store(chunk, std::memory_order_relaxed);
-    job.chunks.store((total + chunk - 1) / chunk, std::memory_order_relaxed);
+    job.chunks.store(chunks, std::memory_order_relaxed);
     job.ctx.store(&f, std::memory_order_relaxed);
     job.call.store([](const void* ctx, int64_t b0, int64_t b1) { (*static_cast<const F*>(ctx))(b0, b1); },
                    std::memory_order_relaxed);
-    job.done.store(0, std::memory_order_relaxed);
-    ++generation_;
-    ticket_.store(generation_ << 32, std::memory_order_release);  // publishes the job's fields
-    while (take_one()) {
+    for (int64_t t = 0; t < threads_; ++t) job.span[t].done.store(0, std::memory_order_relaxed);
+    for (int64_t t = 0; t < threads_; ++t)
+      job.span[t].value.store(pack(generation, chunks * t / threads_, chunks * (t + 1) / threads_), std::memory_order_relaxed);
+    published_.store(generation, std::memory_order_release);  // publishes the job's fields
+    while (take_one(0)) {
     }
-    const int64_t chunks = job.chunks.load(std::memory_order_relaxed);
-    for (int spins = 0; job.done.load(std::memory_order_acquire) < chunks; ++spins) pause(spins);
+    for (int spins = 0; chunks_done(job) < chunks; ++spins) pause(spins);
     if (failed_.load(std::memory_order_acquire)) std::rethrow_exception(error_);
   }
 
-  // The other threads' loop: take chunks of whatever job is published until the leader stops.
-  void work() {
+  // Thread `self`'s loop (not the leader's): take chunks of whatever job is published until the leader stops.
+  void work(int64_t self) {
     for (int spins = 0; !stopped_.load(std::memory_order_acquire);) {
-      if (take_one()) {
+      if (take_one(self)) {
         spins = 0;
       } else {
         pause(spins++);
@@ -94,34 +113,66 @@ class Team {
   }
 
   void stop() { stopped_.store(true, std::memory_order_release); }
-  explicit Team(int64_t threads) : threads_(threads) {}
+  explicit Team(int64_t threads) : threads_(std::min<int64_t>(threads, kMaxThreads)) {}
+  int64_t threads() const { return threads_; }
 
  private:
-  // Claim and run one chunk of the current job; false when none is left to claim.
-  bool take_one() {
-    uint64_t t = ticket_.load(std::memory_order_acquire);
-    Job& job = jobs_[(t >> 32) & 1];
-    const int64_t index = static_cast<int64_t>(t & 0xFFFFFFFFu);
-    if (index >= job.chunks.load(std::memory_order_relaxed)) return false;
-    // Fields read above belong to the job of t's generation if the ticket still holds t: the
-    // leader rewrites a job's slot only two generations later, after moving the ticket on.
-    const int64_t begin = job.begin.load(std::memory_order_relaxed), end = job.end.load(std::memory_order_relaxed);
-    const int64_t chunk = job.chunk.load(std::memory_order_relaxed);
-    const void* ctx = job.ctx.load(std::memory_order_relaxed);
-    auto call = job.call.load(std::memory_order_relaxed);
-    if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return true;  // raced: look again
-    const int64_t b0 = begin + index * chunk;
-    try {
-      call(ctx, b0, std::min(end, b0 + chunk));
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex_);
-      if (!failed_.load(std::memory_order_relaxed)) {
-        error_ = std::current_exception();
-        failed_.store(true, std::memory_order_release);
+  int64_t chunks_done(const Job& job) const {
+    int64_t done = 0;
+    for (int64_t t = 0; t < threads_; ++t) done += job.span[t].done.load(std::memory_order_acquire);
+    return done;
+  }
+
+  static constexpr uint64_t kTagMask = (uint64_t{1} << 40) - 1;
+  static uint64_t pack(uint64_t generation, int64_t front, int64_t back) {
+    return (generation & kTagMask) << 24 | static_cast<uint64_t>(front) << 12 | static_cast<uint64_t>(back);
+  }
+
+  // Claim chunks of the published job, from the front of `self`'s span or else one from the back of
+  // another's, and run them; false when none is left to claim. A span's generation tag makes a claim
+  // on a job that is no longer the published one fail: every span of a finished job is empty, and
+  // the next job's spans carry another tag.
+  bool take_one(int64_t self) {
+    const uint64_t generation = published_.load(std::memory_order_acquire);
+    if (generation == 0) return false;
+    Job& job = jobs_[generation & 1];
+    const uint64_t tag = generation & kTagMask;
+    for (int64_t k = 0; k < threads_; ++k) {
+      const int64_t owner = (self + k) % threads_;
+      std::atomic<uint64_t>& span = job.span[owner].value;
+      uint64_t value = span.load(std::memory_order_acquire);
+      for (;;) {
+        const int64_t front = static_cast<int64_t>(value >> 12 & 0xFFF), back = static_cast<int64_t>(value & 0xFFF);
+        if (value >> 24 != tag || front >= back) break;  // another job's, or nothing left here
+        // The job's fields are this generation's while its span is not empty (see above).
+        const int64_t begin = job.begin.load(std::memory_order_relaxed), end = job.end.load(std::memory_order_relaxed);
+        const int64_t chunk = job.chunk.load(std::memory_order_relaxed);
+        const void* ctx = job.ctx.load(std::memory_order_relaxed);
+        auto call = job.call.load(std::memory_order_relaxed);
+        const bool own = owner == self;
+        // Its owner takes half of what is left of its span (one claim for several chunks), another
+        // thread one chunk from the back.
+        const int64_t first = own ? front : back - 1;
+        const int64_t count = own ? std::max<int64_t>(1, (back - front) / 2) : 1;
+        if (!span.compare_exchange_weak(value, own ? pack(generation, front + count, back) : pack(generation, front, back - 1),
+                                        std::memory_order_acq_rel, std::memory_order_acquire))
+          continue;  // raced: `value` holds the span as it is now
+        const int64_t b0 = begin + first * chunk;
+        try {
+          call(ctx, b0, std::min(end, b0 + count * chunk));
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex_);
+          if (!failed_.load(std::memory_order_relaxed)) {
+            error_ = std::current_exception();
+            failed_.store(true, std::memory_order_release);
+          }
+        }
+        std::atomic<int64_t>& done = job.span[self].done;
+        done.store(done.load(std::memory_order_relaxed) + count, std::memory_order_release);
+        return true;
       }
     }
-    job.done.fetch_add(1, std::memory_order_acq_rel);
-    return true;
+    return false;
   }
 
   static void pause(int spins) {
@@ -134,8 +185,8 @@ class Team {
 
   const int64_t threads_;
   Job jobs_[2];
-  uint64_t generation_ = 0;  // the leader's: generations published so far
-  std::atomic<uint64_t> ticket_{0};  // generation << 32 | next chunk to claim
+  uint64_t generation_ = 0;  // the leader's: jobs published so far
+  std::atomic<uint64_t> published_{0};  // the generation of the job threads may claim from
   std::atomic<bool> stopped_{false};
   std::atomic<bool> failed_{false};
   std::mutex error_mutex_;
@@ -1364,7 +1415,7 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
   Team team(threads);
   at::Tensor out;
   std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team.threads())
   {
     if (omp_get_thread_num() == 0) {
       current_team = &team;
@@ -1376,7 +1427,7 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
       current_team = nullptr;
       team.stop();
     } else {
-      team.work();
+      team.work(omp_get_thread_num());
     }
   }
   if (error) std::rethrow_exception(error);
