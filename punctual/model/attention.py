@@ -141,6 +141,17 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def decode_mask(context_lens: torch.Tensor, context: int, window: int | None) -> torch.Tensor:
+    """[n, 1, 1, context] bool: a one-token query with context_lens[i] keys (a [n] long tensor) sees
+    keys 0 .. context_lens[i] - 1, the last `window` of them with a sliding window."""
+    key_pos = torch.arange(context, device=context_lens.device)[None, :]
+    lens = context_lens[:, None]
+    visible = key_pos < lens
+    if window:
+        visible &= key_pos > lens - 1 - window
+    return visible[:, None, None, :]
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query token per sequence. q: [n, H, D]; k, v: [n, KVH, ctx, D]; mask: [n, 1, 1, ctx] bool.
 

@@ -144,20 +144,21 @@ class DecodeGraphs:
         return None
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            tables: list[torch.Tensor]) -> torch.Tensor | None:
-        """One decode step: token i at positions[i] writes its K/V at slots[i] and attends over its
-        first positions[i] + 1 keys through tables[i] (its block ids). Returns logits [n, vocab], a
-        view of the bucket's output that the next run overwrites; None when no bucket holds it."""
-        n = len(input_ids)
-        step = self.bucket(n, max(positions) + 1)
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            tables: list[torch.Tensor], max_context: int) -> torch.Tensor | None:
+        """One decode step ([n] long tensors, the runner's flat inputs): token i at positions[i]
+        writes its K/V at slots[i] and attends over its first positions[i] + 1 keys through
+        tables[i] (its block ids); `max_context` is the largest of those counts. Returns logits
+        [n, vocab], a view of the bucket's output that the next run overwrites; None when no bucket
+        holds the step."""
+        n = input_ids.shape[0]
+        step = self.bucket(n, max_context)
         if step is None:
             return None
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        step.input_ids[:n].copy_(as_long(input_ids), non_blocking=True)
-        step.positions[:n].copy_(as_long(positions), non_blocking=True)
-        step.slots[:n].copy_(as_long(slots), non_blocking=True)
-        step.context_lens[:n].copy_(as_long(positions) + 1, non_blocking=True)
+        step.input_ids[:n].copy_(input_ids, non_blocking=True)
+        step.positions[:n].copy_(positions, non_blocking=True)
+        step.slots[:n].copy_(slots, non_blocking=True)
+        torch.add(positions, 1, out=step.context_lens[:n])
         padded = torch.nn.utils.rnn.pad_sequence([t[:step.blocks] for t in tables], batch_first=True)
         step.block_tables[:n, :padded.shape[1]].copy_(padded, non_blocking=True)
         step.block_tables[:n, padded.shape[1]:] = 0

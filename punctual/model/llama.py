@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from punctual.model import cpu_kernels, quant
-from punctual.model.attention import AttentionMetadata, DecodeBucket, LayerKVCache, paged_attention
+from punctual.model.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
 from punctual.model.loader import ModelArchConfig, inv_freq_for
 from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 
@@ -343,13 +343,7 @@ class LlamaModel:
         first context_lens[i] keys, read through block_tables[i] ([n, blocks], padded with any
         block) and masked past that length. The PyTorch ops of forward(). Returns logits [n, vocab]."""
         num_tokens = input_ids.shape[0]
-        context = block_tables.shape[1] * kv_caches[0].k.shape[1]
-        key_pos = torch.arange(context, device=self.device)[None, :]
-        lens = context_lens[:, None]
-        visible = key_pos < lens
-        if self.arch.sliding_window:
-            visible &= key_pos > lens - 1 - self.arch.sliding_window
-        mask = visible[:, None, None, :]
+        mask = decode_mask(context_lens, block_tables.shape[1] * kv_caches[0].k.shape[1], self.arch.sliding_window)
         meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=num_tokens,
                                  decode_buckets=[DecodeBucket(0, num_tokens, block_tables, lambda: mask)],
                                  prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,

@@ -11,7 +11,7 @@ import torch
 from punctual.config import CacheConfig, ModelConfig
 from punctual.model.allocator import keep_step_buffers_mapped
 from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
-                                      LayerKVCache)
+                                      LayerKVCache, decode_mask)
 from punctual.model.cpu_kernels import int8_kv_attention_supported
 from punctual.model.decode_graphs import DecodeGraphs
 from punctual.model.kv_transfer import write_blocks
@@ -362,11 +362,9 @@ class ModelRunner:
             prompt = c.state.prompt_token_ids  # kept only where prompt logprobs are asked for
             if prompt is not None and c.start_position < len(prompt) - 1:
                 return None
-        bs = self.block_size
-        positions = [c.start_position for c in ordered]
-        slots = [c.block_ids[p // bs] * bs + p % bs for c, p in zip(ordered, positions)]
-        return self.decode_graphs.run([c.token_ids[0] for c in ordered], positions, slots,
-                                      [c.blocks for c in ordered])
+        input_ids, positions, slots = self._flat_inputs(ordered)
+        return self.decode_graphs.run(input_ids, positions, slots, [c.blocks for c in ordered],
+                                      max(c.start_position for c in ordered) + 1)
 
     @torch.inference_mode()
     def last_logits(self, chunks: list[TokenChunk]) -> torch.Tensor:
@@ -486,14 +484,7 @@ class ModelRunner:
 
     def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
         """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""
-        dev = self.device
-        window = self.arch.sliding_window
-        key_pos = torch.arange(ctx, device=dev)[None, :]
-        lens = torch.tensor(ctx_lens, device=dev)[:, None]
-        visible = key_pos < lens
-        if window:
-            visible &= key_pos > lens - 1 - window
-        return visible[:, None, None, :]
+        return decode_mask(torch.tensor(ctx_lens, device=self.device), ctx, self.arch.sliding_window)
 
     def _pad_index(self, q_lens: list[int]) -> torch.Tensor:
         """The row of each real token when queries are padded to the longest, [sum(q_lens)]."""
