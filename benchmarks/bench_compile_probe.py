@@ -42,7 +42,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import torch._inductor.config as inductor_config
 
-    import punctual.model.llama as llama
+    import punctual.models.decoder as llama
     from punctual import LLM, SamplingParams
 
     inductor_config.cpp_wrapper = args.cpp_wrapper

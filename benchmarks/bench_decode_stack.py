@@ -35,10 +35,11 @@ def main() -> None:
     import torch
 
     from punctual import LLM, SamplingParams
-    from punctual.model import llama
 
     llm = LLM(args.model, dtype="bfloat16", quantization=args.quantization)
-    if llm.engine.core.runner.model._stack is None:
+    model = llm.engine.core.runner.model
+    stack_args = model._stack  # the A/B flips this model's stack in place: one load, alternating rounds
+    if stack_args is None:
         raise SystemExit("decode_stack is not available here (no fused kernels, or a linear without one)")
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
     prompt = "Tell me a long story about a dragon who lived in the mountains and " * 8
@@ -53,13 +54,13 @@ def main() -> None:
     try:
         for _ in range(args.rounds):
             for stack in (True, False):
-                llama.USE_DECODE_STACK = stack
+                model._stack = stack_args if stack else None
                 start = time.perf_counter()
                 out = llm.generate([prompt], params, use_tqdm=False)
                 ms[stack].append((time.perf_counter() - start) / args.tokens * 1000)
                 tokens[stack] = out[0].outputs[0].token_ids
     finally:
-        llama.USE_DECODE_STACK = True
+        model._stack = stack_args
         stop.set()
         for process in burners:
             process.join(5)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from punctual.model.builtin import builtin_path
+from punctual.checkpoints.builtin import builtin_path
 from punctual.tokenizer import load_tokenizer
 
 SCHEMAS = {

@@ -101,7 +101,7 @@ def step_bound_s(arch, workload, peak_gflops: float, bandwidth_gbs: float, weigh
 
 
 def weight_bytes(model) -> int:
-    from punctual.model.llama import FusedWeight
+    from punctual.models.linear import FusedWeight
     from punctual.model.quant import QuantizedWeight
 
     tensors = {id(t): t for t in [model.embed, model.norm, model.lm_head] if isinstance(t, torch.Tensor)}
@@ -197,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from punctual import LLM
-    from punctual.model.loader import resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory="3GiB",

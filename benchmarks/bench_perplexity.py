@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--variants", default="bf16=dtype:bfloat16;int8-kv=dtype:bfloat16,kv_cache_dtype:int8")
     args = parser.parse_args()
     from punctual.tokenizer import load_tokenizer
-    from punctual.model.loader import resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     docs = documents_as_tokens(tokenizer, args.docs, args.tokens)

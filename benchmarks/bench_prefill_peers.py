@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from punctual.bench.peers import PeerOptions, peer_spec, running
-    from punctual.model.loader import load_arch_config, resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
+    from punctual.models.registry import load_arch_config
 
     vocab = load_arch_config(resolve_model_path(args.model)).vocab_size
     rng = random.Random(0)

@@ -85,12 +85,12 @@ def main() -> None:
         bf16_activations = "-a16" in variant
         kind, _, head = variant.removesuffix("-eager").replace("-a16", "").partition("-head")
         quant.HEAD_QUANTIZATION.update({"int8": "int8", "int4": "int8"})
-        quant.INT4_INT8_ACTIVATIONS = not bf16_activations
         if head:
             quant.HEAD_QUANTIZATION[kind] = {"4": "int4", "8": "int8", "16": "none"}[head]
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, quantization=kind, kv_cache_memory="512MiB",
-                  max_num_batched_tokens=args.max_batched_tokens, enforce_eager=eager)
+                  max_num_batched_tokens=args.max_batched_tokens, enforce_eager=eager,
+                  int4_int8_activations=not bf16_activations)
         prompts = windows(llm.tokenizer, text, args.tokens, args.windows)
         ppl, count, greedy = score(llm, prompts, args.greedy_tokens)
         results.append((variant, ppl, count, greedy, time.perf_counter() - start))

@@ -35,7 +35,7 @@ def build_checkpoint(path: Path, max_positions: int) -> Path:
                                       bos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     for file in ("tokenizer.json", "tokenizer_config.json"):  # builtin-tiny's: the same 2048-token vocabulary
         shutil.copy(builtin_path("builtin-tiny") / file, path / file)

@@ -39,6 +39,11 @@ class ModelConfig:
     # On CUDA (unless enforce_eager), decode steps of up to this many requests replay CUDA graphs
     # captured at start-up, one per batch and context bucket (punctual/model/decode_graphs.py). 0: none.
     cuda_graph_max_batch_size: int = 64
+    # Which fused CPU paths a bf16 model takes (models/decoder.KernelChoices): fixed by
+    # configuration so numerics never depend on a race at load; off to compare, as benchmarks do.
+    fused_attention: bool = True  # every token attends through the fused paged-attention kernel
+    decode_stack: bool = True  # decode steps of Llama-layer models run the layer stack in one kernel call
+    int4_int8_activations: bool = True  # int4 kernels quantize activations to int8 (llama.cpp's Q8_0)
 
 
 @dataclass

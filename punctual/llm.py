@@ -5,7 +5,7 @@ import itertools
 from typing import Sequence
 
 from punctual.engine.llm_engine import LLMEngine, PromptType
-from punctual.model.generation_config import generation_defaults
+from punctual.checkpoints.generation_config import generation_defaults
 from punctual.outputs import RequestOutput
 from punctual.sampling_params import SamplingParams
 

@@ -48,7 +48,7 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: i
     """
     import gguf
 
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     tokenizer = json.loads((builtin_path("builtin-tiny") / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -126,7 +126,7 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: i
 
 
 def _hf_name(gguf_name: str) -> str:
-    from punctual.model.gguf import _hf_name
+    from punctual.checkpoints.gguf import _hf_name
 
     return _hf_name(gguf_name)
 
@@ -145,7 +145,7 @@ def hf_gguf_model(gguf_path: Path):
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from punctual.model.loader import resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
 
     def skeleton(config):
         with no_init_weights():

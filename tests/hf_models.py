@@ -18,6 +18,29 @@ ARCHS = {
     "qwen2_bias": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
     # smollm2's head dim: the fused attention kernel's specialised loops (and its int8 cache reads)
     "llama_head64": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    # The architectures of the model registry beyond Llama's: each departs from it in one or more ways.
+    "qwen3": dict(cls="Qwen3Config", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gemma2": dict(cls="Gemma2Config", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=24, sliding_window=8),
+    "gemma3": dict(cls="Gemma3TextConfig", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 100000.0}}),
+    "phi3_partial_rotary": dict(cls="Phi3Config", num_attention_heads=4, num_key_value_heads=2,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5}),
+    "smollm3_nope": dict(cls="SmolLM3Config", num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0]),
+    "granite": dict(cls="GraniteConfig", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=6.0,
+                    attention_multiplier=0.08, residual_multiplier=0.4, logits_scaling=4.0),
+    "mixtral": dict(cls="MixtralConfig", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen2_moe_shared": dict(cls="Qwen2MoeConfig", num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                             mlp_only_layers=[1]),
+    "qwen3_moe": dict(cls="Qwen3MoeConfig", num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "olmoe": dict(cls="OlmoeConfig", num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                  num_experts_per_tok=2, clip_qkv=4.0),
 }
 
 
@@ -25,13 +48,14 @@ def build_hf_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     spec = dict(ARCHS[name])
     config_cls = getattr(transformers, spec.pop("cls"))
-    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
-                        max_position_embeddings=512, initializer_range=0.05, eos_token_id=None,
-                        bos_token_id=None, pad_token_id=None, **spec)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
+                 max_position_embeddings=512, initializer_range=0.05, eos_token_id=None, bos_token_id=None,
+                 pad_token_id=None)
+    config = config_cls(**{**shape, **spec})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)

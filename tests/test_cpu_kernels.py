@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from punctual import LLM, SamplingParams
 from punctual.model import cpu_kernels
-from punctual.model.llama import FusedWeight, rms_norm, rotate_half
+from punctual.models.decoder import rms_norm, rotate_half
+from punctual.models.linear import FusedWeight
 
 ops = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -117,15 +118,13 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
     """Decode steps run the whole layer stack in one kernel call; its hidden states must be those
     of the same kernels called layer by layer, bit for bit (every kind of linear, biases too, and
     an int8 KV cache, which the stack quantizes into exactly as the layer-by-layer path does)."""
-    from punctual.model import quant
     from tests.hf_models import build_hf_checkpoint
 
-    monkeypatch.setattr(quant, "INT4_INT8_ACTIVATIONS", int8_activations)
     path = model if model.startswith("builtin") else str(build_hf_checkpoint(tmp_path / model, model))
     # Chunks of at most 16 tokens: every linear runs its small-batch kernel, whose rows do not
     # depend on the others (int8 and int4 weights take another path for longer chunks).
     llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=16,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, int4_int8_activations=int8_activations)
     assert llm.engine.core.runner.kv_quantized == (kv_cache_dtype == "int8")
     model_ = llm.engine.core.runner.model
     assert model_._stack is not None

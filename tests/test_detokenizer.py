@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from punctual.model.builtin import builtin_path
+from punctual.checkpoints.builtin import builtin_path
 from punctual.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 

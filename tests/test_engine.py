@@ -154,7 +154,7 @@ def test_bad_engine_arguments_are_clear_errors(tmp_path):
 def test_missing_weights_file_is_named(tmp_path):
     import shutil
 
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     shutil.copy(builtin_path("builtin-tiny") / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="safetensors"):

@@ -65,7 +65,7 @@ def test_preemption_under_tiny_kv_pool(arch, checkpoints, references):
 
 
 def test_builtin_tiny_loads_in_transformers_with_same_greedy_tokens():
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     path = builtin_path("builtin-tiny")
     prompts = make_prompts(3, seed=1)

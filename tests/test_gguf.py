@@ -9,8 +9,8 @@ import pytest
 
 from gguf_models import CHAT_TEMPLATE, hf_gguf_model, hf_greedy, write_tiny_gguf
 from punctual import LLM, SamplingParams
-from punctual.model.gguf import gguf_checkpoint
-from punctual.model.loader import resolve_model_path
+from punctual.checkpoints.gguf import gguf_checkpoint
+from punctual.checkpoints.loader import resolve_model_path
 
 MAX_NEW = 8
 _rng = random.Random(0)
@@ -88,7 +88,7 @@ def test_converted_once_then_reused(gguf_dir):
 
 
 def test_tokenizer_special_tokens_and_chat_template_come_from_the_file(gguf_dir):
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
     from punctual.tokenizer import load_tokenizer
 
     checkpoint = gguf_checkpoint(write_tiny_gguf(gguf_dir / "tiny-tok.gguf", "Q8_0"))
@@ -163,8 +163,8 @@ def test_4bit_layers_are_repacked_as_the_files_values(gguf_dir, qtype):
     import torch
 
     from gguf_models import HEADS, KV_HEADS
-    from punctual.model.gguf import _hf_name, _unpermute_qk
-    from punctual.model.loader import load_weights
+    from punctual.checkpoints.gguf import _hf_name, _unpermute_qk
+    from punctual.checkpoints.loader import load_weights
     from punctual.model.quant import QuantizedWeight
 
     from safetensors import safe_open

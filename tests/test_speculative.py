@@ -96,7 +96,7 @@ def test_draft_model_sampling_hands_its_distribution_to_the_verifier(checkpoints
 
 
 def test_draft_model_must_share_the_vocabulary(tmp_path):
-    from punctual.model.builtin import write_checkpoint
+    from punctual.checkpoints.builtin import write_checkpoint
 
     write_checkpoint(tmp_path, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                      intermediate_size=64, vocab_size=1024, max_position_embeddings=256,

@@ -10,7 +10,7 @@ import torch
 
 from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
-from punctual.model.builtin import builtin_path
+from punctual.checkpoints.builtin import builtin_path
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.structured.compiler import GrammarCompiler

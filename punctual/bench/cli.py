@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from punctual.bench.peers import PeerOptions, PeerUnavailable, punctual_peer, free_port, running
     from punctual.bench.workloads import generate_workload
 
-    from punctual.model.loader import resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
 
     try:
         resolve_model_path(args.model)  # here, so a missing model is one clear line and a conversion runs once

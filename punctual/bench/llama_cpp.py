@@ -14,7 +14,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from punctual.model.builtin import cache_root
+from punctual.checkpoints.builtin import cache_root
 
 # The converter runs in a child process; this bootstrap puts the sources' gguf-py first on
 # sys.path, lets BPE checkpoints convert without sentencepiece, and teaches the converter our tokenizers'

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 def resolve_checkpoint(model: str) -> Path:
     """A checkpoint directory from a path, a .gguf file (converted once) or a built-in name."""
-    from punctual.model.loader import resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
 
     path = resolve_model_path(model)
     if not (path / "config.json").exists():

@@ -76,6 +76,16 @@ class AttentionMetadata:
     kernel_seq_of_token: torch.Tensor | None = None  # [kernel_tokens] long: row of kernel_block_tables
     kernel_positions: torch.Tensor | None = None  # [kernel_tokens] long
     kernel_window: int = 0  # sliding window (0: none)
+    window: int | None = None  # the sliding window these masks and tables were built for (None: full)
+    # A model with both full and sliding-window layers (Gemma 2/3): the metadata of its sliding
+    # layers; this one is then its full layers'.
+    local: "AttentionMetadata | None" = None
+
+    def for_window(self, window: int | None) -> "AttentionMetadata":
+        """The metadata of a layer with this attention window."""
+        if window == self.window or self.local is None:
+            return self
+        return self.local
 
 
 class LayerKVCache:
@@ -152,7 +162,29 @@ def decode_mask(context_lens: torch.Tensor, context: int, window: int | None) ->
     return visible[:, None, None, :]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           is_causal: bool = False, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """SDPA over [..., heads, q, D] x [..., kv_heads, ctx, D] (query heads grouped onto KV heads, as
+    repeat_kv does), or, with soft-capped scores (Gemma 2), transformers' eager attention:
+    scores * scale -> cap * tanh(scores / cap) -> mask -> softmax in float32 -> @ v."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[-3] != k.shape[-3])
+    if q.shape[-3] != k.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence. q: [n, H, D]; k, v: [n, KVH, ctx, D]; mask: [n, 1, 1, ctx] bool.
 
     The G = H / KVH query heads that share a KV head (GQA) go in as G query rows of that KV
@@ -163,10 +195,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     n, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.view(n, kv_heads, num_heads // kv_heads, head_dim)
-    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(n, num_heads, head_dim)
+    return attend(grouped, k, v, mask, scale=scale, softcap=softcap).view(n, num_heads, head_dim)
 
 
-def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: DecodeBucket) -> torch.Tensor:
+def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: DecodeBucket,
+                          scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """A few query tokens per sequence, grouped by KV head like decode_attention.
 
     q: [tokens, H, D] in bucket order; k, v: [n, KVH, ctx, D]. The query of each sequence is
@@ -180,14 +213,16 @@ def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buc
     padded[bucket.pad_index] = q
     grouped = padded.view(n, q_len, num_heads, head_dim).transpose(1, 2).reshape(
         n, kv_heads, num_heads // kv_heads * q_len, head_dim)
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=bucket.mask)
+    out = attend(grouped, k, v, bucket.mask, scale=scale, softcap=softcap)
     out = out.view(n, num_heads, q_len, head_dim).transpose(1, 2).reshape(n * q_len, num_heads * head_dim)
     return out[bucket.pad_index]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
-                    meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] (already written to the cache). Returns [T, H*D]."""
+                    meta: AttentionMetadata, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] (already written to the cache). Returns [T, H*D]. `scale`:
+    the softmax scale (default head_dim ** -0.5); `softcap`: Gemma 2's cap on the scores (not in
+    the fused kernel, whose models attend through PyTorch)."""
     num_tokens, num_heads, head_dim = q.shape
     parts = []
     nd = meta.num_decode_tokens
@@ -195,20 +230,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         n = meta.kernel_tokens
         parts.append(torch.ops.punctual.paged_attention(
             q[:n], cache.k, cache.v, meta.kernel_block_tables, meta.kernel_seq_of_token, meta.kernel_positions,
-            meta.kernel_window, head_dim ** -0.5, *((cache.k_scale, cache.v_scale) if cache.quantized else ())))
+            meta.kernel_window, head_dim ** -0.5 if scale is None else scale, *((cache.k_scale, cache.v_scale) if cache.quantized else ())))
     for bucket in meta.decode_buckets:
         k_ctx, v_ctx = cache.gather(bucket.block_tables)
         if bucket.q_len == 1:
-            out = decode_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket.mask)
+            out = decode_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket.mask, scale, softcap)
             parts.append(out.reshape(bucket.end - bucket.start, num_heads * head_dim))
         else:
-            parts.append(short_query_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket))
+            parts.append(short_query_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket, scale, softcap))
     if num_tokens > nd:
         q_pre = q[nd:]
         if meta.prefill_fresh_causal:
-            out = F.scaled_dot_product_attention(
-                q_pre.transpose(0, 1).unsqueeze(0), k[nd:].transpose(0, 1).unsqueeze(0),
-                v[nd:].transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)  # [1, H, Tp, D]
+            out = attend(q_pre.transpose(0, 1).unsqueeze(0), k[nd:].transpose(0, 1).unsqueeze(0),
+                         v[nd:].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
+                         softcap=softcap)  # [1, H, Tp, D]
             parts.append(out[0].transpose(0, 1).reshape(-1, num_heads * head_dim))
         else:
             batch = meta.prefill_block_tables.shape[0]
@@ -216,8 +251,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             padded[meta.prefill_pad_index] = q_pre
             padded = padded.view(batch, meta.prefill_max_q, num_heads, head_dim).transpose(1, 2)
             k_ctx, v_ctx = cache.gather(meta.prefill_block_tables)
-            out = F.scaled_dot_product_attention(padded, k_ctx, v_ctx, attn_mask=meta.prefill_mask,
-                                                 enable_gqa=True)  # [Bp, H, max_q, D]
+            out = attend(padded, k_ctx, v_ctx, meta.prefill_mask, scale=scale,
+                         softcap=softcap)  # [Bp, H, max_q, D]
             out = out.transpose(1, 2).reshape(batch * meta.prefill_max_q, num_heads * head_dim)
             parts.append(out[meta.prefill_pad_index])
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -38,9 +38,6 @@ FUSED_MAX_ROWS = 16  # int4's bf16-widening kernel (linear_int4, without int8 ac
 # streams, but 0.85x at 64, where widening each int8 weight to bf16 in registers costs more than
 # one dequantization shared by all rows (BENCHMARKS.md section 11).
 INT8_FUSED_MAX_ROWS = 32
-# int4's fused kernel quantizes each activation row to int8 per group of 32 (llama.cpp's Q8_0) and
-# runs integer dot products; False widens the nibbles to bf16 against x as it is (2-3x slower).
-INT4_INT8_ACTIVATIONS = True
 # linear_int4_q8 (int8 activations) up to this many rows: it beat torch's int4pack kernel 2x on
 # 24-96-row prompt chunks (smollm2 prompt steps 11.5 / 18.5 / 33.8 ms against 21.1 / 37.2 / 71.2)
 # and dequantize-then-GEMM on 192-512 rows (71 / 93 / 208 ms against 162 / 188 / 298), and decode

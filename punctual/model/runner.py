@@ -1,6 +1,7 @@
 """The model runner: owns the weights and KV tensors, turns a step plan into tensors, logits, tokens."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -15,8 +16,10 @@ from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, Atten
 from punctual.model.cpu_kernels import int8_kv_attention_supported
 from punctual.model.decode_graphs import DecodeGraphs
 from punctual.model.kv_transfer import write_blocks
-from punctual.model.llama import LlamaModel
-from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
+from punctual.checkpoints.loader import load_weights, resolve_model_path
+from punctual.models.config import ModelArchConfig
+from punctual.models.decoder import DecoderModel, KernelChoices
+from punctual.models.registry import load_arch_config
 from punctual.model.sampler import RequestState, Sampler, accept_greedy
 from punctual.model.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
@@ -148,8 +151,11 @@ class ModelRunner:
         # With int4, a GGUF file's 4-bit layers run as the file holds them (not re-quantized from
         # their dequantized values); otherwise they are dense, as every other checkpoint.
         int4 = model_config.quantization == "int4"
-        self.model = LlamaModel(self.arch, load_weights(path, self.dtype, int4), self.device, self.dtype,
-                                model_config.quantization, model_config.enforce_eager, model_config.batch_invariant)
+        choices = KernelChoices(model_config.fused_attention, model_config.decode_stack,
+                                model_config.int4_int8_activations)
+        self.model = DecoderModel(self.arch, load_weights(path, self.dtype, int4), self.device, self.dtype,
+                                  model_config.quantization, model_config.enforce_eager, model_config.batch_invariant,
+                                  choices)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
@@ -158,6 +164,8 @@ class ModelRunner:
         # Tokens that attend through the fused kernel: it reads a bf16 cache, and an int8 one for the
         # head shapes its specialised loops take.
         self.attention_kernel = self.model.attention_kernel
+        # The layers' attention windows, full (None) first: one metadata each per step.
+        self.attention_windows = sorted(self.arch.windows, key=lambda w: w or 0)
         if self.kv_quantized and not int8_kv_attention_supported(self.arch.head_dim, self.arch.num_heads,
                                                                  self.arch.num_kv_heads):
             if model_config.batch_invariant:
@@ -425,16 +433,27 @@ class ModelRunner:
                   slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach); `slots` and `positions` are
-        _flat_inputs' for that layout."""
-        window = self.arch.sliding_window
+        _flat_inputs' for that layout. A model with full and sliding-window layers gets the
+        sliding layers' metadata as its `local`."""
+        windows = self.attention_windows
+        meta = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[0])
+        if len(windows) > 1:
+            if self.attention_kernel == "all":  # the same tables; the kernel takes the window
+                meta.local = dataclasses.replace(meta, kernel_window=windows[1], window=windows[1])
+            else:
+                meta.local = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[1])
+        return meta
+
+    def _window_metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
+                         slots: torch.Tensor, positions: torch.Tensor, window: int | None) -> AttentionMetadata:
         if self.attention_kernel == "all":
-            return self._kernel_metadata(decodes + shorts + prefills, slots, positions)
+            return self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
         buckets = []
         for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
             items = decodes[start:end]
             ctx_lens = [s.start_position + 1 for s in items]
             tables, ctx = self._padded_tables(items, ctx_lens)
-            buckets.append(DecodeBucket(start, end, tables, functools.partial(self._decode_mask, ctx_lens, ctx)))
+            buckets.append(DecodeBucket(start, end, tables, functools.partial(self._decode_mask, ctx_lens, ctx, window)))
         token = len(decodes)
         group_size = self.arch.num_heads // self.arch.num_kv_heads
         for start, end in decode_bucket_bounds([s.start_position + s.num_new_tokens for s in shorts]):
@@ -447,7 +466,7 @@ class ModelRunner:
 
             def short_mask(starts=starts, q_lens=q_lens, ctx=ctx) -> torch.Tensor:
                 # Rows repeated per query head of a KV head: the row order of short_query_attention.
-                return self._chunk_mask(starts, q_lens, ctx).repeat(1, 1, group_size, 1)
+                return self._chunk_mask(starts, q_lens, ctx, window).repeat(1, 1, group_size, 1)
 
             buckets.append(DecodeBucket(token, token + sum(q_lens), tables, short_mask, q_len, pad_index))
             token += sum(q_lens)
@@ -461,12 +480,14 @@ class ModelRunner:
             fresh = len(prefills) == 1 and starts[0] == 0 and (not window or q_lens[0] <= window)
             if not fresh:
                 prefill_tables, ctx = self._padded_tables(prefills, [a + b for a, b in zip(starts, q_lens)])
-                prefill_mask, pad_index = self._chunk_mask(starts, q_lens, ctx), self._pad_index(q_lens)
+                prefill_mask, pad_index = self._chunk_mask(starts, q_lens, ctx, window), self._pad_index(q_lens)
         return AttentionMetadata(
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
-            prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh)
+            prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh,
+            window=window)
 
-    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
+    def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor,
+                         window: int | None) -> AttentionMetadata:
         """Metadata where every token (those of `items`, in order) attends through the fused kernel."""
         dev = self.device
         q_lens = [c.num_new_tokens for c in items]
@@ -480,21 +501,20 @@ class ModelRunner:
                                  prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
                                  prefill_max_q=0, prefill_fresh_causal=False, kernel_tokens=num_tokens,
                                  kernel_block_tables=tables, kernel_seq_of_token=seq_of_token,
-                                 kernel_positions=positions, kernel_window=self.arch.sliding_window or 0)
+                                 kernel_positions=positions, kernel_window=window or 0, window=window)
 
-    def _decode_mask(self, ctx_lens: list[int], ctx: int) -> torch.Tensor:
+    def _decode_mask(self, ctx_lens: list[int], ctx: int, window: int | None) -> torch.Tensor:
         """[n, 1, 1, ctx]: each one-token query sees its context (within the sliding window)."""
-        return decode_mask(torch.tensor(ctx_lens, device=self.device), ctx, self.arch.sliding_window)
+        return decode_mask(torch.tensor(ctx_lens, device=self.device), ctx, window)
 
     def _pad_index(self, q_lens: list[int]) -> torch.Tensor:
         """The row of each real token when queries are padded to the longest, [sum(q_lens)]."""
         max_q = max(q_lens)
         return torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(self.device)
 
-    def _chunk_mask(self, starts: list[int], q_lens: list[int], ctx: int) -> torch.Tensor:
+    def _chunk_mask(self, starts: list[int], q_lens: list[int], ctx: int, window: int | None) -> torch.Tensor:
         """Causal mask [B, 1, max_q, ctx] for multi-token queries padded to the longest."""
         dev = self.device
-        window = self.arch.sliding_window
         max_q = max(q_lens)
         key_pos = torch.arange(ctx, device=dev)[None, None, :]
         q_pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(max_q, device=dev)[None, :]

@@ -17,7 +17,7 @@ from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, Engin
 from punctual.engine.wire import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
-from punctual.model.generation_config import generation_defaults
+from punctual.checkpoints.generation_config import generation_defaults
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics

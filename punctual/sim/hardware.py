@@ -68,7 +68,7 @@ KNOWN_SHAPES = {
 
 def model_shape(model: str) -> dict:
     """config.json fields of a built-in, a known shape, or a checkpoint directory (no weights read)."""
-    from punctual.model.builtin import BUILTIN_SHAPES
+    from punctual.checkpoints.builtin import BUILTIN_SHAPES
 
     if model in BUILTIN_SHAPES:
         return dict(BUILTIN_SHAPES[model])

@@ -33,7 +33,8 @@ def draft_kv_bytes_per_block(model: str, target: ModelConfig, cache: CacheConfig
     pools from one `kv_cache_memory`, one draft block per target block (the draft shares no
     prefixes, but holds only the running requests' tokens)."""
     from punctual.model.attention import LayerKVCache
-    from punctual.model.loader import load_arch_config, resolve_model_path
+    from punctual.checkpoints.loader import resolve_model_path
+    from punctual.models.registry import load_arch_config
     from punctual.model.runner import pick_device, pick_dtype
 
     arch = load_arch_config(resolve_model_path(model))

@@ -40,7 +40,7 @@ def test_real_text_is_real_and_about_the_intended_length():
         first_line = request.prompt.splitlines()[0]
         assert any(first_line in source for source in corpus.sources())
     try:
-        from punctual.model.loader import resolve_model_path
+        from punctual.checkpoints.loader import resolve_model_path
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
@@ -136,7 +136,7 @@ def test_trace_replay(tmp_path):
 
 
 def test_builtin_tokenizer_counts_one_token_per_word():
-    from punctual.model.builtin import BUILTIN_VERSION, cache_root
+    from punctual.checkpoints.builtin import BUILTIN_VERSION, cache_root
 
     path = cache_root() / f"builtin-v{BUILTIN_VERSION}" / "tokenizer.json"
     if not path.exists():

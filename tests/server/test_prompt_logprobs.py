@@ -18,7 +18,7 @@ def reference() -> list[float]:
     """transformers' float32 logprob of each prompt token given the ones before it."""
     import transformers
 
-    from punctual.model.builtin import builtin_path
+    from punctual.checkpoints.builtin import builtin_path
 
     model = transformers.AutoModelForCausalLM.from_pretrained(builtin_path(MODEL), dtype=torch.float32)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import shutil
 import httpx
 import pytest
 
-from punctual.model.builtin import builtin_path
+from punctual.checkpoints.builtin import builtin_path
 from punctual.server.protocol import ChatCompletionRequest, CompletionRequest
 from punctual.tokenizer import load_tokenizer
 

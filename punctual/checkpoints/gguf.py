@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from punctual.model.builtin import build_once, cache_root
+from punctual.checkpoints.builtin import build_once, cache_root
 
 logger = logging.getLogger("punctual.model")
 
@@ -171,7 +171,7 @@ def _llama3_rope_scaling(factors: list[float], config: dict) -> dict | None:
 
     import torch
 
-    from punctual.model.loader import ModelArchConfig, inv_freq_for
+    from punctual.models.rope import RopeSpec, inv_freq_for
 
     factor = max(factors)
     if factor <= 1 + 1e-6:
@@ -189,12 +189,9 @@ def _llama3_rope_scaling(factors: list[float], config: dict) -> dict | None:
     high = 1 - 1 / intercept
     scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
                "high_freq_factor": round(high, 4), "original_max_position_embeddings": round(slope * (high - 1))}
-    arch = ModelArchConfig(
-        architecture="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, head_dim=dim,
-        intermediate_size=0, rms_norm_eps=0.0, rope_theta=theta, rope_scaling=scaling, max_position_embeddings=0,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, sliding_window=None, checkpoint_dtype=None)
+    spec = RopeSpec(theta, dim, 0, scaling)
     expected = inv_freq / torch.tensor(factors)
-    if not torch.allclose(inv_freq_for(arch), expected, rtol=1e-4, atol=0):
+    if not torch.allclose(inv_freq_for(spec)[0], expected, rtol=1e-4, atol=0):
         raise ValueError("unsupported GGUF rope_freqs.weight: the factors are not llama3 rope scaling")
     return scaling
 

@@ -1,0 +1,57 @@
+"""A model name -> its checkpoint directory, and the directory's weight tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from punctual.checkpoints.builtin import builtin_path, is_builtin
+from punctual.checkpoints.gguf import Q4_FILE, SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
+from punctual.model.quant import QuantizedWeight, int4_weight
+
+
+def resolve_model_path(model: str) -> Path:
+    """The checkpoint directory of a model name: a built-in, smollm2, a .gguf file (converted once
+    into the cache) or a Hugging Face checkpoint directory."""
+    if is_builtin(model):
+        return builtin_path(model)
+    if model == SMOLLM2:
+        return gguf_checkpoint(smollm2_file())
+    path = Path(model).expanduser()
+    if is_gguf_file(model):
+        return gguf_checkpoint(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {model!r} is neither a built-in model (builtin, builtin-tiny, smollm2), a .gguf file nor a "
+            "local checkpoint directory (hub downloads are not supported: pass a directory with config.json "
+            "and *.safetensors)")
+    return path
+
+
+def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The checkpoint's tensors in `dtype`. With `int4`, the 4-bit matrices a converted GGUF file
+    keeps beside its dense weights (`<name>.q4`, `.q4_scale`, `.q4_min`) replace those as int4
+    QuantizedWeights; without it the dense weights (exact) are what load."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
+    q4: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.name == Q4_FILE and not int4:
+            continue  # the dense weights are in the checkpoint itself
+        for name, tensor in load_file(str(file)).items():
+            if name.endswith((".q4", ".q4_scale", ".q4_min")):
+                q4[name] = tensor
+            else:
+                weights[name] = tensor.to(dtype)
+    if not int4:
+        return weights
+    for name in [n.removesuffix(".q4") for n in q4 if n.endswith(".q4")]:
+        nibbles, scale, minimum = q4[name + ".q4"], q4[name + ".q4_scale"], q4[name + ".q4_min"]
+        q = torch.stack((nibbles & 15, nibbles >> 4), dim=-1).view(nibbles.shape[0], -1)
+        # The kernels' form: W = (q - 8) * scale + zero, zero the value of q = 8.
+        weights[name] = int4_weight(q, scale, minimum + 8 * scale)
+    return weights

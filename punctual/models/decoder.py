@@ -1,0 +1,512 @@
+"""The shared decoder stack over the paged KV cache, for every architecture in models/registry.py.
+
+Plain tensors and torch.nn.functional rather than nn.Modules: the step is a straight line of
+ops with no module dispatch. Arithmetic follows transformers' order (RMSNorm in float32, RoPE
+tables in float32, softmax of router scores in float32) so float32 greedy tokens match it
+exactly. What varies between architectures is data in ModelArchConfig (models/config.py) and
+weight names (models/spec.py); this file reads both and never an architecture's name.
+
+Three ways through a step, the same arithmetic in each:
+- `_forward_eager`: PyTorch ops, every feature; the reference, and the path of fp32 and CUDA.
+- `_forward_fused`: bf16 on a CPU with the fused kernels, ~10 kernel calls a layer; features
+  the kernels lack (q/k norms, gelu, partial rotary, experts) run as PyTorch ops in between.
+- `_run_stack`: Llama's layer (ModelArchConfig.is_plain_llama) as one kernel call for decodes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from punctual.model import cpu_kernels
+from punctual.model.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
+from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
+from punctual.models.config import ModelArchConfig
+from punctual.models.linear import FusedWeight, Weight, linear, pack_weight, packing_is_exact
+from punctual.models.moe_block import MoEWeights, moe_forward
+from punctual.models.registry import architecture
+from punctual.models.rope import RopeSpec, rope_tables
+from punctual.models.spec import WeightNames
+
+logger = logging.getLogger(__name__)
+
+# decode_stack's codes for a linear's kernel (csrc/cpu_kernels.cpp, LinearKind).
+STACK_BF16, STACK_INT8, STACK_INT4_Q8, STACK_INT4 = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class KernelChoices:
+    """Which fused paths a bf16 CPU model takes: fixed by configuration, never raced at load."""
+
+    # Every token attends through the fused paged-attention kernel (reads K/V through the block
+    # table: no gather, no padding, no mask) rather than SDPA over gathered, padded buckets. A
+    # 512-token chunk with 50 decodes beside it took 0.20-0.26 s a step against 0.27-0.69 s
+    # through SDPA, a fresh 512-token prompt 198 against 287 ms (BENCHMARKS.md).
+    fused_attention: bool = True
+    # Decode steps run the whole layer stack in one kernel call (decode_stack) where the layer is
+    # Llama's; False runs the same kernels layer by layer (to compare).
+    decode_stack: bool = True
+    # int4's fused kernel quantizes activation rows to int8 (llama.cpp's Q8_0) for integer dot
+    # products; False widens the nibbles to bf16 against x as it is (2-3x slower).
+    int4_int8_activations: bool = True
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: Weight  # q, k and v projections stacked: one GEMM instead of three
+    qkv_bias: torch.Tensor | None
+    o_proj: Weight
+    o_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor  # the norm before the MLP (Llama's post_attention_layernorm)
+    gate_up: Weight | None  # gate and up stacked; None in a sparse (MoE) layer
+    gate_up_bias: torch.Tensor | None
+    down: Weight | None
+    down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma 2/3's sandwich norms
+    mlp_out_norm: torch.Tensor | None = None
+    moe: MoEWeights | None = None
+    window: int | None = None  # sliding attention window (None: full)
+    rope: int | None = None  # index into DecoderModel.rope_tables; None: no rotary (NoPE)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalise in float32, round to the model dtype, then scale."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rms_norm_scaled_in_float(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm with its (1 + w) folded into `weight` (float32): scale in float32, then round."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * weight).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated over its first cos.shape[-1] dims (all of them but with partial rotary)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class DecoderModel:
+    def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False,
+                 batch_invariant: bool = False, kernel_choices: KernelChoices = KernelChoices()):
+        """`quantization` (none | int8 | int4): weight-only, for every linear of the layers (experts
+        included), and the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for
+        lookups). Unless `enforce_eager`, bf16 on CPU runs the fused kernels where they build
+        (cpu_kernels): RMSNorm, RoPE and SiLU give eager's results bit for bit; the small-batch GEMM
+        rounds its sums once but adds them in another order than oneDNN. `batch_invariant` runs every
+        linear and every token's attention through the kernels, whose order of summation per row is fixed."""
+        if quantization != "none" and device.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
+                             f"device is {device.type}")
+        if arch.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {arch.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
+        self.arch = arch
+        self.quantization = quantization
+        self.device = device
+        self.dtype = dtype
+        self.choices = kernel_choices
+        self.act = ACTIVATIONS[arch.hidden_act]
+        self.kernels = None
+        if not enforce_eager and device.type == "cpu" and dtype == torch.bfloat16:
+            self.kernels = cpu_kernels.load()
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            if device.type != "cpu" or dtype != torch.bfloat16 or quantization != "none":
+                raise ValueError("batch_invariant runs on CPU in bfloat16 without weight quantization, got "
+                                 f"{device.type}/{str(dtype).removeprefix('torch.')}/quantization {quantization}")
+            if self.kernels is None:
+                raise ValueError(f"batch_invariant needs the fused CPU kernels: {cpu_kernels.unavailable_reason()}")
+            if not arch.is_plain_llama or arch.moe is not None:
+                raise ValueError(f"batch_invariant runs Llama-layer models only; {arch.architecture} is not one")
+        self.packed = packing_is_exact(dtype, device)
+        self._load(weights, architecture(arch.architecture).names)
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+        # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
+        self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
+                       and arch.is_plain_llama else None)
+        # Which tokens attend through the fused kernel (the runner builds their tables): all or none.
+        # Soft-capped scores (Gemma 2) are not in the kernel: those models attend through PyTorch.
+        fused_attention = self.kernels is not None and (kernel_choices.fused_attention or batch_invariant)
+        self.attention_kernel = "all" if fused_attention and arch.attn_softcap is None else "none"
+        if self.kernels is not None:
+            off = [what for what, on in (("the whole-stack decode kernel", self._stack is not None or not
+                                          kernel_choices.decode_stack),
+                                         ("the fused attention kernel", self.attention_kernel == "all" or not
+                                          kernel_choices.fused_attention)) if not on]
+            if off:
+                logger.info("%s: %s off (the kernels do not compute this architecture's layer); the rest fused",
+                            arch.architecture, " and ".join(off))
+
+    # ---- weights --------------------------------------------------------------------------
+    def _load(self, weights: dict[str, torch.Tensor], names: WeightNames) -> None:
+        arch, device, dtype = self.arch, self.device, self.dtype
+
+        def take(name: str) -> torch.Tensor | QuantizedWeight:
+            if name not in weights:
+                raise KeyError(f"checkpoint is missing tensor {name!r}")
+            weight = weights.pop(name)
+            if isinstance(weight, QuantizedWeight):  # a GGUF file's 4-bit matrix (load_weights)
+                return weight
+            return weight.to(device=device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | QuantizedWeight | None:
+            return take(name) if name in weights else None
+
+        def cat(names_: list[str]) -> torch.Tensor | QuantizedWeight | None:
+            tensors = [maybe(n) for n in names_]
+            if all(t is None for t in tensors):
+                return None
+            if any(t is None for t in tensors):
+                raise KeyError(f"checkpoint has only some of {names_}")
+            if all(isinstance(t, QuantizedWeight) for t in tensors):
+                return concat_int4(tensors)
+            # Mixed (say 4-bit q and k, a 6-bit v): dense, as the file's values.
+            return torch.cat([t.dequantize(dtype) if isinstance(t, QuantizedWeight) else t for t in tensors]).contiguous()
+
+        def norm(name: str | None) -> torch.Tensor | None:
+            if name is None or name not in weights:
+                return None
+            weight = weights.pop(name)
+            if not arch.norm_plus_one:
+                return weight.to(device=device, dtype=dtype).contiguous()
+            # Gemma scales by (1 + w) in float32; the fused kernels take it rounded to bf16.
+            plus_one = 1.0 + weight.to(device=device, dtype=torch.float32)
+            return plus_one.to(dtype) if self.kernels is not None else plus_one.contiguous()
+
+        def required(tensor, what: str, layer: int):
+            if tensor is None:
+                raise KeyError(f"checkpoint is missing the {what} of layer {layer}")
+            return tensor
+
+        self.embed = take(names.embed)
+        self.layers: list[LayerWeights] = []
+        rope_specs: list[RopeSpec] = []
+        for i in range(arch.num_layers):
+            p = names.layer.format(i=i)
+            attn = p + names.attn
+            if names.qkv is not None and attn + names.qkv + ".weight" in weights:
+                qkv, qkv_bias = take(attn + names.qkv + ".weight"), maybe(attn + names.qkv + ".bias")
+            else:
+                qkv = cat([attn + n + ".weight" for n in (names.q, names.k, names.v)])
+                qkv_bias = cat([attn + n + ".bias" for n in (names.q, names.k, names.v)])
+            mlp = next((p + prefix for prefix in names.mlp if any(k.startswith(p + prefix) for k in weights)),
+                       p + names.mlp[0])
+            gate_up = gate_up_bias = down = down_bias = moe = None
+            if arch.moe is not None and arch.moe_layers[i]:
+                moe = MoEWeights.take(weights, mlp, names, arch.moe, take, maybe, i)
+            elif names.gate_up is not None and mlp + names.gate_up + ".weight" in weights:
+                gate_up, gate_up_bias = take(mlp + names.gate_up + ".weight"), maybe(mlp + names.gate_up + ".bias")
+            else:
+                gate_up = cat([mlp + names.gate + ".weight", mlp + names.up + ".weight"])
+                gate_up_bias = cat([mlp + names.gate + ".bias", mlp + names.up + ".bias"])
+            if moe is None:
+                required(gate_up, "MLP gate/up projections", i)
+                down, down_bias = take(mlp + names.down + ".weight"), maybe(mlp + names.down + ".bias")
+            spec = arch.rope_of(i)
+            if spec is not None and spec not in rope_specs:
+                rope_specs.append(spec)
+            self.layers.append(LayerWeights(
+                input_norm=required(norm(p + names.input_norm + ".weight"), "input norm", i),
+                qkv=required(qkv, "q/k/v projections", i), qkv_bias=qkv_bias,
+                o_proj=take(attn + names.o + ".weight"), o_bias=maybe(attn + names.o + ".bias"),
+                mlp_norm=required(norm(p + names.mlp_norm + ".weight"), "MLP norm", i),
+                gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias,
+                q_norm=norm(attn + names.q_norm + ".weight") if arch.qk_norm != "none" else None,
+                k_norm=norm(attn + names.k_norm + ".weight") if arch.qk_norm != "none" else None,
+                attn_out_norm=norm(p + names.attn_out_norm + ".weight") if arch.sandwich_norms else None,
+                mlp_out_norm=norm(p + names.mlp_out_norm + ".weight") if arch.sandwich_norms else None,
+                moe=moe, window=arch.window_of(i), rope=None if spec is None else rope_specs.index(spec)))
+            if arch.qk_norm != "none" and (self.layers[-1].q_norm is None or self.layers[-1].k_norm is None):
+                raise KeyError(f"checkpoint is missing the q/k norms of layer {i}")
+            if arch.sandwich_norms and (self.layers[-1].attn_out_norm is None or self.layers[-1].mlp_out_norm is None):
+                raise KeyError(f"checkpoint is missing the attention/MLP output norms of layer {i}")
+        self.norm = required(norm(names.final_norm), "final norm", arch.num_layers)
+        if names.lm_head in weights and not arch.tie_word_embeddings:
+            self.lm_head = take(names.lm_head)
+        else:
+            self.lm_head = self.embed
+        # RoPE tables in float32 over all positions, as transformers computes them per step.
+        self.rope_tables = [tuple(t.to(device=device, dtype=dtype) for t in rope_tables(spec, arch.max_position_embeddings))
+                            for spec in rope_specs]
+        # Llama's callers (decode_stack, decode graphs) read the one table as cos / sin.
+        self.cos, self.sin = self.rope_tables[0] if self.rope_tables else (None, None)
+        self._finish_linears()
+
+    def _linear_slots(self):
+        """(owner, attribute) of every linear weight of the layers, experts included."""
+        for layer in self.layers:
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                if getattr(layer, name) is not None:
+                    yield layer, name
+            if layer.moe is not None:
+                yield from layer.moe.linear_slots()
+
+    def _finish_linears(self) -> None:
+        """Quantize, then put every linear in the form its kernel reads (see models/linear.py).
+        A GGUF file's 4-bit layers arrive quantized already and stay as they are."""
+        quantization = self.quantization
+        slots = list(self._linear_slots())
+        if quantization != "none":
+            for owner, name in slots:
+                weight = getattr(owner, name)
+                if not isinstance(weight, QuantizedWeight):
+                    setattr(owner, name, quantize(weight, quantization))
+            head = HEAD_QUANTIZATION[quantization]
+            if head != "none":
+                self.lm_head = quantize(self.lm_head, head)
+        if self.kernels is not None:  # the fused kernels: int8 / int4 / bf16, small batches
+            for owner, name in slots:
+                weight = getattr(owner, name)
+                if isinstance(weight, QuantizedWeight):
+                    weight.attach_fused(self.kernels, self.choices.int4_int8_activations)
+                else:
+                    setattr(owner, name, FusedWeight.from_weight(weight, self.kernels, self.batch_invariant))
+            if isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head.attach_fused(self.kernels)
+            else:
+                self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, self.batch_invariant)
+        elif self.packed:
+            for owner, name in slots:
+                if not isinstance(getattr(owner, name), QuantizedWeight):
+                    setattr(owner, name, pack_weight(getattr(owner, name)))
+            # A tied head stays plain for the embedding lookup; the packed copy is the head's.
+            if not isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head = pack_weight(self.lm_head)
+
+    def _decode_stack_args(self) -> tuple | None:
+        """decode_stack's weight arguments (per layer the two norms and four slots per linear,
+        their kinds and groups) and the most rows every linear's fused kernel takes; None where
+        a linear has no fused kernel (then the step runs layer by layer)."""
+        from punctual.model import quant
+
+        slots, kinds, groups, max_rows = [], [], [], math.inf
+        for layer in self.layers:
+            slots += [layer.input_norm, layer.mlp_norm]
+            for weight, bias in ((layer.qkv, layer.qkv_bias), (layer.o_proj, layer.o_bias),
+                                 (layer.gate_up, layer.gate_up_bias), (layer.down, layer.down_bias)):
+                if isinstance(weight, FusedWeight):
+                    slots += [weight.packed, None, None, bias]
+                    kinds.append(STACK_BF16)
+                    groups.append(0)
+                    max_rows = min(max_rows, weight.max_rows)
+                elif isinstance(weight, QuantizedWeight) and weight.fused is not None:
+                    int4_kind = STACK_INT4_Q8 if weight.int8_activations else STACK_INT4
+                    slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
+                    kinds.append(STACK_INT8 if weight.kind == "int8" else int4_kind)
+                    groups.append(weight.group_size)
+                    max_rows = min(max_rows, quant.fused_max_rows(weight.kind, weight.int8_activations))
+                else:
+                    return None
+        return slots, kinds, groups, max_rows
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _run_stack(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   kv_caches: list[LayerKVCache]) -> torch.Tensor | None:
+        """The step through decode_stack when it can take it: every token attends through the
+        fused kernel, no more rows than the linears' kernels take. Else None."""
+        slots, kinds, groups, max_rows = self._stack
+        num_tokens = input_ids.shape[0]
+        if meta.kernel_tokens != num_tokens or num_tokens > max_rows:
+            return None
+        quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
+        arch = self.arch
+        # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
+        # its kernel_positions are this tensor (the runner hands the same one to both).
+        return self.kernels.decode_stack(
+            input_ids, positions, self.embed, self.cos, self.sin, slots, kinds, groups, self.norm,
+            [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,
+            meta.kernel_seq_of_token, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps,
+            meta.kernel_window, arch.scale, [c.k_scale for c in kv_caches] if quantized else [],
+            [c.v_scale for c in kv_caches] if quantized else [])
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        if self.kernels is not None:
+            if self._stack is not None:
+                hidden = self._run_stack(input_ids, positions, meta, kv_caches)
+                if hidden is not None:
+                    return hidden
+            return self._forward_fused(input_ids, positions, meta, kv_caches)
+        return self._forward_eager(input_ids, positions, meta, kv_caches)
+
+    @torch.inference_mode()
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """A decode step whose every shape is fixed by its arguments (what a CUDA graph captures, see
+        decode_graphs): token i (one per sequence) writes its K/V at slots[i] and attends over its
+        first context_lens[i] keys, read through block_tables[i] ([n, blocks], padded with any
+        block) and masked past that length. The PyTorch ops of forward(). Returns logits [n, vocab]."""
+        num_tokens = input_ids.shape[0]
+        ctx = block_tables.shape[1] * kv_caches[0].k.shape[1]
+
+        def metadata(window: int | None) -> AttentionMetadata:
+            mask = decode_mask(context_lens, ctx, window)
+            return AttentionMetadata(slot_mapping=slots, num_decode_tokens=num_tokens,
+                                     decode_buckets=[DecodeBucket(0, num_tokens, block_tables, lambda: mask)],
+                                     prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
+                                     prefill_max_q=0, prefill_fresh_causal=False, window=window)
+
+        windows = sorted(self.arch.windows, key=lambda w: w or 0)
+        meta = metadata(windows[0])
+        if len(windows) > 1:
+            meta.local = metadata(windows[1])
+        return self.logits(self._forward_eager(input_ids, positions, meta, kv_caches))
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed)
+        if self.arch.embed_scale is not None:
+            hidden = hidden * self.arch.embed_scale
+        return hidden
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.arch.norm_plus_one and weight.dtype == torch.float32:
+            return rms_norm_scaled_in_float(x, weight, self.arch.rms_norm_eps)
+        return rms_norm(x, weight, self.arch.rms_norm_eps)
+
+    def _qk_normed(self, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor):
+        """q [T, q_size], k [T, kv_size] after the architecture's q/k norms and clipping."""
+        arch = self.arch
+        if arch.qk_norm == "full":  # OLMoE: over all heads at once
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        elif arch.qk_norm == "head":
+            tokens = q.shape[0]
+            q = self._norm(q.reshape(tokens, -1, arch.head_dim), layer.q_norm).reshape(tokens, -1)
+            k = self._norm(k.reshape(tokens, -1, arch.head_dim), layer.k_norm).reshape(tokens, -1)
+        return q, k
+
+    def _attention_inputs(self, layer: LayerWeights, qkv: torch.Tensor, positions: torch.Tensor):
+        """q [T, H, D], k and v [T, KVH, D] from the stacked projection, normed and rotated (PyTorch ops)."""
+        arch = self.arch
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if arch.qk_norm != "none":
+            q, k = self._qk_normed(layer, q, k)
+        if arch.clip_qkv is not None:
+            q, k, v = (t.clamp(-arch.clip_qkv, arch.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_tokens, arch.num_heads, arch.head_dim)
+        k = k.reshape(num_tokens, arch.num_kv_heads, arch.head_dim)
+        v = v.reshape(num_tokens, arch.num_kv_heads, arch.head_dim)
+        if layer.rope is not None:
+            cos, sin = self.rope_tables[layer.rope]
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, rotary_dim]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def _attend(self, layer: LayerWeights, q, k, v, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        cache.write(k, v, meta.slot_mapping)
+        return paged_attention(q, k, v, cache, meta.for_window(layer.window), self.arch.scale, self.arch.attn_softcap)
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if layer.moe is not None:
+            return moe_forward(x, layer.moe, self.arch.moe, self._dense_mlp)
+        return self._dense_mlp(x, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias)
+
+    def _dense_mlp(self, x: torch.Tensor, gate_up: Weight, gate_up_bias, down: Weight, down_bias) -> torch.Tensor:
+        h = linear(x, gate_up, gate_up_bias)
+        if self.kernels is not None and self.arch.hidden_act == "silu" and h.dtype == torch.bfloat16:
+            h = self.kernels.silu_mul(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        return linear(h, down, down_bias)
+
+    def _forward_eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """forward() in PyTorch ops: the reference the tests compare with, and the path of fp32 and CUDA."""
+        arch = self.arch
+        scale_residual = arch.residual_multiplier != 1.0
+        hidden = self._embed(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            residual = hidden
+            x = self._norm(hidden, layer.input_norm)
+            q, k, v = self._attention_inputs(layer, linear(x, layer.qkv, layer.qkv_bias), positions)
+            out = linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias)
+            if layer.attn_out_norm is not None:
+                out = self._norm(out, layer.attn_out_norm)
+            hidden = residual + (out * arch.residual_multiplier if scale_residual else out)
+            residual = hidden
+            out = self._mlp(layer, self._norm(hidden, layer.mlp_norm))
+            if layer.mlp_out_norm is not None:
+                out = self._norm(out, layer.mlp_out_norm)
+            hidden = residual + (out * arch.residual_multiplier if scale_residual else out)
+        return self._norm(hidden, self.norm)
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """forward() in ~10 kernel calls a layer instead of ~75 eager ops: each residual add is
+        fused into the RMSNorm that follows it, RoPE rotates q and k in place inside qkv, and
+        SiLU * up is one pass. What the kernels lack runs as PyTorch ops in between."""
+        arch, ops = self.arch, self.kernels
+        num_tokens, eps = input_ids.shape[0], arch.rms_norm_eps
+        q_size, kv_size, head_dim = self.q_size, self.kv_size, arch.head_dim
+        rotated_heads = arch.num_heads + arch.num_kv_heads
+        in_kernel_rope = arch.qk_norm == "none" and arch.clip_qkv is None and arch.rotary_dim == head_dim
+        residual = self._embed(input_ids)
+        tables = [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]  # [T, D] each
+        scale = arch.residual_multiplier
+        delta = None  # what the last sublayer adds to the residual stream
+        for layer, cache in zip(self.layers, kv_caches):
+            x = ops.rms_norm(residual if delta is None else delta, layer.input_norm, eps,
+                             None if delta is None else residual)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
+            if in_kernel_rope:
+                if layer.rope is not None:
+                    ops.rope_(qkv, *tables[layer.rope], rotated_heads, head_dim)
+                q = qkv[:, :q_size].view(num_tokens, arch.num_heads, head_dim)
+                k = qkv[:, q_size:q_size + kv_size].view(num_tokens, arch.num_kv_heads, head_dim)
+                v = qkv[:, q_size + kv_size:].view(num_tokens, arch.num_kv_heads, head_dim)
+            else:
+                q, k, v = self._attention_inputs(layer, qkv, positions)
+            out = linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias)
+            if layer.attn_out_norm is not None:
+                out = ops.rms_norm(out, layer.attn_out_norm, eps, None)
+            if scale != 1.0:
+                out = out * scale
+            x = ops.rms_norm(out, layer.mlp_norm, eps, residual)
+            delta = self._mlp(layer, x)
+            if layer.mlp_out_norm is not None:
+                delta = ops.rms_norm(delta, layer.mlp_out_norm, eps, None)
+            if scale != 1.0:
+                delta = delta * scale
+        return ops.rms_norm(delta, self.norm, eps, residual)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] float32."""
+        logits = linear(hidden, self.lm_head)
+        if self.arch.logits_divisor != 1.0:
+            logits = logits / self.arch.logits_divisor
+        if self.arch.final_softcap is not None:
+            cap = self.arch.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
