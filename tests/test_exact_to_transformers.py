@@ -118,3 +118,18 @@ def test_long_prompt_arriving_during_decodes_does_not_stall_them(checkpoints):
         assert plan.num_batched_tokens <= 16
     assert any(by_id.get("long", 0) == 12 for by_id in
                ({s.request_id: s.num_new_tokens for s in p.scheduled} for p in plans))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_prefix_cache_hits_and_speculation(arch, checkpoints, references):
+    # The same prompts twice: the second pass reads its prefixes from the cache (with every
+    # architecture's KV layout and window), and prompt-lookup proposals are verified in batches.
+    prompts = PROMPTS[:8]
+    llm = LLM(str(checkpoints[arch]), num_kv_blocks=256, block_size=4, max_num_batched_tokens=64,
+              speculative_method="ngram", num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for _ in range(2):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == references[arch][:8]
+    assert llm.engine.stats().prefix_cache_hits > 0
+    llm.engine.core.check_integrity()
