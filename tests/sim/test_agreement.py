@@ -13,7 +13,8 @@ from punctual.bench.workloads import generate_workload
 from punctual.config import EngineConfig
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
-from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.config import ClusterConfig
+from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import StepProfile
 
@@ -62,7 +63,7 @@ def sim_plans(config: EngineConfig, requests, offsets, profile: StepProfile) -> 
             return profile.step_seconds(plan, features)
 
     recording = Recording("linear", dict(COEFFICIENTS))
-    sim = Simulator(ClusterConfig(config.scheduler, config.cache.num_kv_blocks, config.cache.block_size,
+    sim = Simulator(SimConfig(config.scheduler, config.cache.num_kv_blocks, config.cache.block_size,
                                   config.cache.enable_prefix_caching, 1024), recording)
     outcomes, _ = sim.run(requests, offsets=offsets)
     assert all(o.error is None for o in outcomes)
