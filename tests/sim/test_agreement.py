@@ -215,6 +215,7 @@ def test_routing_and_placement_match_the_cluster_client(workload, cluster, monke
     assert "route" in kinds and ("decode" in kinds) == bool(config.prefill_replicas)
     if config.migration:
         assert any(kind == "rebalance" and choice is not None for kind, *_, choice in log)
+        assert sim.moves.get("rebalance", 0) > 0  # and the moves landed, their copies priced
     decided = "decode" if config.prefill_replicas else "route"
     assert len({choice for kind, *_, choice in log if kind == decided}) > 1
     assert _replay(log, config, profile, block_size, monkeypatch) == [choice for *_, choice in log]
