@@ -237,9 +237,8 @@ class ClusterClient:
 
     def _blocks_needed(self, routed: RoutedRequest) -> int:
         """KV blocks a request holds once done: its prompt and its whole output limit."""
-        limit = routed.request.sampling_params.max_tokens
-        tokens = len(routed.request.prompt_token_ids) + (limit if limit is not None else self.info.max_model_len)
-        return -(-min(tokens, self.info.max_model_len) // self.config.cache.block_size)
+        return policy.blocks_needed(len(routed.request.prompt_token_ids), routed.request.sampling_params.max_tokens,
+                                    self.info.max_model_len, self.config.cache.block_size)
 
     def _room_move(self, routed: RoutedRequest) -> tuple[str, int] | None:
         seats = {r.replica_id: [policy.Seat(i, self.requests[i].request.priority, self._blocks_needed(self.requests[i]),
@@ -328,9 +327,7 @@ class ClusterClient:
         replica = self.replicas[rid]
         if update.outputs:
             now = time.monotonic()
-            if replica.last_output_at is not None and now - replica.last_output_at < policy.MAX_STEP_GAP_S:
-                gap = now - replica.last_output_at  # a step, as the stream sees it
-                replica.step_s = gap if replica.step_s is None else 0.8 * replica.step_s + 0.2 * gap
+            replica.step_s = policy.observe_step_gap(replica.step_s, replica.last_output_at, now)
             replica.last_output_at = now
         if update.blocks_stored:
             self.router.on_blocks_stored(rid, update.blocks_stored)
@@ -664,26 +661,20 @@ class ClusterClient:
 
     def _step_s(self) -> float:
         """The cluster's decode step time (the median of the replicas' latest estimates)."""
-        known = sorted(r.step_s for r in self.replicas if r.step_s is not None)
-        return known[len(known) // 2] if known else policy.PRIOR_STEP_S
+        return policy.cluster_step_s([r.step_s for r in self.replicas])
 
     def _maybe_rebalance(self) -> None:
         roles = {"decode"} if self.disaggregated else None
-        pair = policy.rebalance_pair(self._loads(roles), self.cluster.migration_threshold)
-        if pair is None:
+        decision = policy.rebalance_move(
+            self._loads(roles), self.cluster.migration_threshold,
+            lambda source: {i: len(self.requests[i].request.prompt_token_ids) + len(self.requests[i].delivered)
+                            for i in self.replicas[source].request_ids
+                            if self.requests[i].started and not self.requests[i].migrating},
+            self.predicted_transfer_s, lambda i: self._remaining_tokens(self.requests[i]),
+            lambda rid: self.replicas[rid].step_s)
+        if decision is None:
             return
-        source, target = pair
-        candidates = {i: len(self.requests[i].request.prompt_token_ids) + len(self.requests[i].delivered)
-                      for i in self.replicas[source].request_ids
-                      if self.requests[i].started and not self.requests[i].migrating}
-        loads = {r.replica_id: r for r in self._loads(roles)}
-        transfer_s = {i: self.predicted_transfer_s(source, target, n) for i, n in candidates.items()}
-        gain_s = {i: policy.rebalance_gain_s(self._remaining_tokens(self.requests[i]), self.replicas[source].step_s,
-                                             loads[source].num_running, policy.decode_load(loads[target]))
-                  for i in candidates}
-        request_id = policy.pick_request(candidates, transfer_s, gain_s)
-        if request_id is None:
-            return
+        request_id, _, target = decision
         self._rebalancing = True
 
         async def move() -> None:

@@ -9,6 +9,7 @@ request about to finish is not worth its copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from punctual.cluster.router import ReplicaLoad
 
@@ -169,3 +170,47 @@ def room_move(priority: int, blocks_needed: int, replica_id: int, seats: dict[in
     if not fits:
         return None
     return victim.request_id, max(fits, key=lambda rid: (rooms[rid], -rid))
+
+
+# ---- the decisions the cluster client and the simulator both take --------------------------------
+def observe_step_gap(step_s: float | None, last_output_at: float | None, now: float) -> float | None:
+    """A replica's decode step time after an output update at `now` (its previous one at
+    `last_output_at`): the gap between updates, smoothed; a longer gap was an idle spell."""
+    if last_output_at is None or now - last_output_at >= MAX_STEP_GAP_S:
+        return step_s
+    gap = now - last_output_at
+    return gap if step_s is None else 0.8 * step_s + 0.2 * gap
+
+
+def cluster_step_s(step_times: list[float | None]) -> float:
+    """The cluster's decode step time: the median of the replicas' estimates, the prior without one."""
+    known = sorted(s for s in step_times if s is not None)
+    return known[len(known) // 2] if known else PRIOR_STEP_S
+
+
+def blocks_needed(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, block_size: int) -> int:
+    """KV blocks a request holds once done: its prompt and its whole output limit."""
+    tokens = num_prompt_tokens + (max_tokens if max_tokens is not None else max_model_len)
+    return -(-min(tokens, max_model_len) // block_size)
+
+
+def rebalance_move(loads: list[ReplicaLoad], threshold: int, movable: Callable[[int], dict[str, int]],
+                   transfer_s: Callable[[int, int, int], float], remaining_tokens: Callable[[str], int],
+                   step_s: Callable[[int], float | None]) -> tuple[str, int, int] | None:
+    """(request, source, target) of the rebalancing move to make now, or None: the pair by
+    `rebalance_pair`, then the request on the source worth its copy (`pick_request`).
+    movable(source): {request id: its tokens} of the source's requests that may move;
+    transfer_s(source, target, tokens): a whole move's predicted copy time;
+    remaining_tokens(request): what it may still generate; step_s(replica): its step time or None."""
+    pair = rebalance_pair(loads, threshold)
+    if pair is None:
+        return None
+    source, target = pair
+    candidates = movable(source)
+    by_id = {r.replica_id: r for r in loads}
+    transfer = {i: transfer_s(source, target, n) for i, n in candidates.items()}
+    source_step_s = step_s(source)
+    gain = {i: rebalance_gain_s(remaining_tokens(i), source_step_s, by_id[source].num_running,
+                                decode_load(by_id[target])) for i in candidates}
+    request_id = pick_request(candidates, transfer, gain)
+    return None if request_id is None else (request_id, source, target)

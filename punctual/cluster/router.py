@@ -14,6 +14,7 @@ KV router, SGLang's cache-aware router), with two guards that the known failures
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -48,7 +49,15 @@ def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[BlockHash
 
 
 class Router:
-    """Base: the load measure, optimistic load between reports, and rotation among equals."""
+    """Base: the load measure, optimistic load between reports, and rotation among equals.
+
+    The router keeps each replica's load (one float, as `load` computes it) in a list in replica
+    id order and refreshes an entry only when that replica's report changes or a request is routed
+    there, so a decision costs a few C-level passes over floats rather than a Python pass over
+    every replica's report: the simulator routes a million requests over a thousand replicas.
+    The cluster client hands every replica's report to each `route`; the simulator hands only the
+    replicas whose state moved since its last call (`route(..., changed_only=True)`): a report
+    equal to the last one is no news either way, so both make the same decisions."""
 
     name = "base"
 
@@ -65,6 +74,10 @@ class Router:
         self._optimistic: dict[int, list[int]] = {}
         self._last_load: dict[int, ReplicaLoad] = {}
         self._last_choice: int | None = None
+        # The healthy replicas in id order, and their loads (load()) in the same order.
+        self._healthy_ids: list[int] = []
+        self._healthy_loads: list[float] = []
+        self._position: dict[int, int] = {}  # replica id -> its index in the two lists
 
     # ---- what subclasses decide with --------------------------------------------------------
     def load(self, replica: ReplicaLoad) -> float:
@@ -75,33 +88,80 @@ class Router:
                 + (replica.queued_prefill_tokens + tokens) / self.prefill_tokens_per_request
                 + self.kv_weight * used)
 
-    def _healthy(self, replicas: list[ReplicaLoad]) -> list[ReplicaLoad]:
-        """The healthy replicas; forget optimistic load where a fresh report has arrived."""
+    def observe(self, replicas: list[ReplicaLoad]) -> None:
+        """Take these reports; forget optimistic load where a report differs from the last one."""
+        reindex = False
         for replica in replicas:
-            if self._last_load.get(replica.replica_id) != replica:
-                self._last_load[replica.replica_id] = replica
-                self._optimistic.pop(replica.replica_id, None)
-        healthy = [r for r in replicas if r.healthy]
-        if not healthy:
+            replica_id = replica.replica_id
+            last = self._last_load.get(replica_id)
+            if last != replica:
+                self._last_load[replica_id] = replica
+                self._optimistic.pop(replica_id, None)
+                if last is None or last.healthy != replica.healthy:
+                    reindex = True
+                elif replica.healthy:
+                    self._healthy_loads[self._position[replica_id]] = self.load(replica)
+        if reindex:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        self._healthy_ids = sorted(rid for rid, r in self._last_load.items() if r.healthy)
+        self._position = {rid: i for i, rid in enumerate(self._healthy_ids)}
+        self._healthy_loads = [self.load(self._last_load[rid]) for rid in self._healthy_ids]
+
+    def _refresh(self, replica_id: int) -> None:
+        """Its optimistic load changed: recompute its entry."""
+        position = self._position.get(replica_id)
+        if position is not None:
+            self._healthy_loads[position] = self.load(self._last_load[replica_id])
+
+    def _healthy(self, replicas: list[ReplicaLoad], changed_only: bool = False) -> None:
+        """Take the reports (every replica's, or with `changed_only` those that may have changed);
+        raises NoReplicaAvailable when no replica is healthy."""
+        if not changed_only and len(replicas) != len(self._last_load):
+            # The caller's replicas are the whole cluster: any other the router knew is gone.
+            given = {r.replica_id for r in replicas}
+            for replica_id in [rid for rid in self._last_load if rid not in given]:
+                del self._last_load[replica_id]
+                self._optimistic.pop(replica_id, None)
+            self._reindex()
+        self.observe(replicas)
+        if not self._healthy_ids:
             raise NoReplicaAvailable("no healthy replica")
-        return healthy
 
     def _rotation(self, replica_id: int) -> int:
         """Tie-break: the replica after the last one chosen comes first (ties spread, not pile)."""
         last = -1 if self._last_choice is None else self._last_choice
         return (replica_id - last - 1) % (1 << 30)
 
-    def _least_loaded(self, replicas: list[ReplicaLoad]) -> int:
-        return min(replicas, key=lambda r: (self.load(r), self._rotation(r.replica_id))).replica_id
+    def _after_last(self) -> int:
+        """Index in _healthy_ids of the first replica the rotation puts first (after the last chosen)."""
+        last = -1 if self._last_choice is None else self._last_choice
+        return bisect_right(self._healthy_ids, last)
+
+    def _least_loaded_id(self) -> tuple[int, float]:
+        """(replica, its load): the least loaded healthy replica, ties broken by rotation; the
+        same as min over (load, rotation), found by C-level scans of the load list."""
+        loads = self._healthy_loads
+        least = min(loads)
+        start = self._after_last()
+        try:
+            position = loads.index(least, start)
+        except ValueError:
+            position = loads.index(least)
+        return self._healthy_ids[position], least
 
     def _chose(self, replica_id: int) -> int:
         self._last_choice = replica_id
         return replica_id
 
     # ---- the interface ------------------------------------------------------------------------
-    def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad]) -> int:
+    def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad],
+              changed_only: bool = False) -> int:
         """The replica id for this request; raises NoReplicaAvailable when none is healthy.
-        May record what it decided (cache-aware: the prompt's blocks will live there)."""
+        `replicas`: every replica's load, in id order (or with `changed_only`, those whose load
+        may have changed since the last call). May record what it decided (cache-aware: the
+        prompt's blocks will live there)."""
         raise NotImplementedError
 
     def on_blocks_stored(self, replica_id: int, block_hashes: list[int]) -> None:
@@ -115,15 +175,19 @@ class Router:
         pending = self._optimistic.setdefault(replica_id, [0, 0])
         pending[0] += 1
         pending[1] += num_prompt_tokens
+        self._refresh(replica_id)
 
     def remove_replica(self, replica_id: int) -> None:
         """The replica died: forget what it held (a restarted one starts empty)."""
         self._optimistic.pop(replica_id, None)
-        self._last_load.pop(replica_id, None)
+        if self._last_load.pop(replica_id, None) is not None:
+            self._reindex()
 
     def check_integrity(self) -> None:
         for replica_id, (requests, tokens) in self._optimistic.items():
             assert requests > 0 and tokens >= 0, f"replica {replica_id}: optimistic load {requests}, {tokens}"
+        assert self._healthy_loads == [self.load(self._last_load[rid]) for rid in self._healthy_ids], \
+            "a stale load in the index"
 
 
 class RoundRobinRouter(Router):
@@ -131,9 +195,10 @@ class RoundRobinRouter(Router):
 
     name = "round_robin"
 
-    def route(self, prompt_token_ids, user, replicas):
-        healthy = self._healthy(replicas)
-        return self._chose(min(healthy, key=lambda r: self._rotation(r.replica_id)).replica_id)
+    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+        self._healthy(replicas, changed_only)
+        start = self._after_last()
+        return self._chose(self._healthy_ids[start if start < len(self._healthy_ids) else 0])
 
 
 class LeastLoadedRouter(Router):
@@ -141,8 +206,9 @@ class LeastLoadedRouter(Router):
 
     name = "least_loaded"
 
-    def route(self, prompt_token_ids, user, replicas):
-        return self._chose(self._least_loaded(self._healthy(replicas)))
+    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+        self._healthy(replicas, changed_only)
+        return self._chose(self._least_loaded_id()[0])
 
 
 class CacheAwareRouter(Router):
@@ -163,63 +229,120 @@ class CacheAwareRouter(Router):
         # A user's requests stay on its replica while that one is within this much of the least loaded.
         self.sticky_slack = sticky_slack
         self.max_users = max_users
-        self.cached: dict[int, set[BlockHash]] = {}  # replica -> block hashes it holds (or will: see route)
+        # block hash -> the replicas that hold it (or will: see route). Indexed by block, not by
+        # replica, so a decision looks only at the replicas holding the prompt's first block.
+        self.holders: dict[BlockHash, set[int]] = {}
         self.sticky: OrderedDict[str, int] = OrderedDict()  # user -> replica, least recently routed first
 
     def matched_blocks(self, replica_id: int, hashes: list[BlockHash]) -> int:
         """How many leading blocks of the chain the replica holds (a chain: stop at the first miss)."""
-        held = self.cached.get(replica_id)
-        if not held:
-            return 0
         count = 0
+        holders = self.holders
         for block_hash in hashes:
-            if block_hash not in held:
+            held = holders.get(block_hash)
+            if held is None or replica_id not in held:
                 break
             count += 1
         return count
 
-    def route(self, prompt_token_ids, user, replicas):
-        healthy = self._healthy(replicas)
-        loads = {r.replica_id: self.load(r) for r in healthy}
-        mean = sum(loads.values()) / len(loads)
+    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+        self._healthy(replicas, changed_only)
+        loads, position = self._healthy_loads, self._position
+        mean = sum(loads) / len(loads)
         limit = mean + max(self.hot_spot_margin, self.hot_spot_ratio * mean)
-        eligible = [r for r in healthy if loads[r.replica_id] <= limit]  # never empty: min <= mean
         hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
         # The last prompt token is always computed, so a block ending there is no hit (KVCacheManager).
         lookup = hashes[:(len(prompt_token_ids) - 1) // self.block_size]
-        matched = {r.replica_id: self.matched_blocks(r.replica_id, lookup) for r in eligible}
-        best_match = max(matched.values())
-        least = min(loads[r.replica_id] for r in eligible)
+        # Eligible replicas (load within the guard) that hold at least the first block; every other
+        # eligible replica matches 0 blocks.
+        matched: dict[int, int] = {}
+        first = self.holders.get(lookup[0]) if lookup else None
+        if first:
+            for replica_id in first:
+                index = position.get(replica_id)
+                if index is not None and loads[index] <= limit:
+                    matched[replica_id] = self.matched_blocks(replica_id, lookup)
+        best_match = max(matched.values(), default=0)
+        least_id, least = self._least_loaded_id()
+        if least > limit:  # float rounding left the least loaded above the guard: decide the long way
+            return self._route_over(prompt_token_ids, user, hashes, lookup, limit)
         home = self.sticky.get(user) if user is not None else None
-        if home in matched and matched[home] == best_match and loads[home] <= least + self.sticky_slack:
+        home_index = position.get(home) if home is not None else None
+        if (home_index is not None and loads[home_index] <= limit and matched.get(home, 0) == best_match
+                and loads[home_index] <= least + self.sticky_slack):
             choice = home  # the conversation's replica: nobody holds more of it, and it is not busy
         elif best_match == 0:
-            choice = self._least_loaded(eligible)  # a miss costs a full prefill: put it where the queue is short
+            choice = least_id  # a miss costs a full prefill: put it where the queue is short
         else:
-            choice = max(eligible, key=lambda r: (
-                matched[r.replica_id] * self.block_size - loads[r.replica_id] * self.tokens_per_load,
-                -loads[r.replica_id], -self._rotation(r.replica_id))).replica_id
+            # The best of those that match nothing is the least loaded of them (ties: rotation).
+            candidates = list(matched)
+            if least_id not in matched:
+                candidates.append(least_id)
+            elif len(matched) < len(loads):
+                rest = [(loads[i], self._rotation(rid)) + (rid,) for i, rid in enumerate(self._healthy_ids)
+                        if rid not in matched and loads[i] <= limit]
+                if rest:
+                    candidates.append(min(rest)[2])
+            choice = self._best_score(candidates, matched)
+        self._record(choice, hashes, user)
+        return self._chose(choice)
+
+    def _best_score(self, candidates: list[int], matched: dict[int, int]) -> int:
+        loads, position, block_size, per_load = self._healthy_loads, self._position, self.block_size, \
+            self.tokens_per_load
+        return max(candidates, key=lambda rid: (
+            matched.get(rid, 0) * block_size - loads[position[rid]] * per_load,
+            -loads[position[rid]], -self._rotation(rid)))
+
+    def _route_over(self, prompt_token_ids, user, hashes, lookup, limit) -> int:
+        """The decision over every eligible replica, in Python (only where rounding needs it)."""
+        loads = {rid: self._healthy_loads[i] for i, rid in enumerate(self._healthy_ids)}
+        eligible = [rid for rid in self._healthy_ids if loads[rid] <= limit]
+        matched = {rid: self.matched_blocks(rid, lookup) for rid in eligible}
+        best_match = max(matched.values())
+        least = min(loads[rid] for rid in eligible)
+        home = self.sticky.get(user) if user is not None else None
+        if home in matched and matched[home] == best_match and loads[home] <= least + self.sticky_slack:
+            choice = home
+        elif best_match == 0:
+            choice = min(eligible, key=lambda rid: (loads[rid], self._rotation(rid)))
+        else:
+            choice = self._best_score(eligible, matched)
+        self._record(choice, hashes, user)
+        return self._chose(choice)
+
+    def _record(self, choice: int, hashes: list[BlockHash], user: str | None) -> None:
         # The prompt's blocks will be cached there once its prefill runs: requests that share it
         # and arrive before the replica reports them should follow (SGLang's approximate tree).
-        self.cached.setdefault(choice, set()).update(hashes)
+        self.on_blocks_stored(choice, hashes)
         if user is not None:
             self.sticky[user] = choice
             self.sticky.move_to_end(user)
             if len(self.sticky) > self.max_users:
                 self.sticky.popitem(last=False)
-        return self._chose(choice)
 
     def on_blocks_stored(self, replica_id, block_hashes):
-        self.cached.setdefault(replica_id, set()).update(block_hashes)
+        holders = self.holders
+        for block_hash in block_hashes:
+            held = holders.get(block_hash)
+            if held is None:
+                holders[block_hash] = {replica_id}
+            else:
+                held.add(replica_id)
 
     def on_blocks_evicted(self, replica_id, block_hashes):
-        held = self.cached.get(replica_id)
-        if held:
-            held.difference_update(block_hashes)
+        holders = self.holders
+        for block_hash in block_hashes:
+            held = holders.get(block_hash)
+            if held is not None:
+                held.discard(replica_id)
+                if not held:
+                    del holders[block_hash]
 
     def remove_replica(self, replica_id):
         super().remove_replica(replica_id)
-        self.cached.pop(replica_id, None)
+        for block_hash in [h for h, held in self.holders.items() if replica_id in held]:
+            self.on_blocks_evicted(replica_id, [block_hash])
         for user in [u for u, r in self.sticky.items() if r == replica_id]:
             del self.sticky[user]
 
@@ -227,6 +350,7 @@ class CacheAwareRouter(Router):
         super().check_integrity()
         assert len(self.sticky) <= self.max_users, "sticky table over its bound"
         assert all(isinstance(r, int) for r in self.sticky.values()), "sticky entry without a replica"
+        assert all(self.holders.values()), "a block held by nobody still indexed"
 
 
 ROUTERS = {cls.name: cls for cls in (CacheAwareRouter, LeastLoadedRouter, RoundRobinRouter)}

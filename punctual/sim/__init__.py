@@ -2,7 +2,7 @@
 
     profile.py    step-cost profiles: a plan's features -> seconds (fitted, or a roofline estimate)
     replica.py    one replica: Scheduler + KVCacheManager, the runner replaced by the profile
-    routing.py    which replica gets a request: built-ins, or punctual.cluster.router
+    routing.py    which replica gets a request: punctual.cluster.router, fed the cluster client's counts
     engine.py     the event loop: arrivals and step completions in virtual time
     loadgen.py    the simulator as the bench's load generator (same requests, same JSON)
     hardware.py   roofline estimates for machines not at hand

@@ -5,8 +5,6 @@ import argparse
 import sys
 import time
 
-from punctual.sim.routing import BUILTIN_ROUTERS
-
 
 def add_sim_parser(subparsers) -> None:
     from punctual.bench.cli import add_load_args
@@ -165,14 +163,20 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                               "--decode-replicas; together they replace --replicas)")
     cluster.add_argument("--decode-replicas", type=int, default=0,
                          help="replicas that decode requests whose KV moved from a prefill replica")
-    cluster.add_argument("--router", default="round_robin",
-                         help=f"{', '.join(BUILTIN_ROUTERS)}, or a policy of punctual.cluster.router")
+    cluster.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
+                         help="the cluster's router (punctual.cluster.router), as punctual serve")
+    cluster.add_argument("--migration", choices=["on", "off"], default="off",
+                         help="as punctual serve: rebalance by moving running requests with their KV, and move a "
+                              "less important one off to make room (each copy costs the profile's transfer time)")
+    cluster.add_argument("--migration-threshold", type=int, default=2,
+                         help="with --migration on: rebalance when the busiest replica runs this many more "
+                              "requests than the idlest")
 
 
 def cluster_config(args: argparse.Namespace, profile, slo=None):
     """The simulated cluster for these flags and this profile (validated, fields named)."""
-    from punctual.config import EngineConfig, parse_size
-    from punctual.sim.engine import ClusterConfig
+    from punctual.config import ROUTERS, ClusterConfig, EngineConfig, parse_size
+    from punctual.sim.engine import SimConfig
 
     engine = EngineConfig.from_kwargs(
         "sim", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -200,12 +204,25 @@ def cluster_config(args: argparse.Namespace, profile, slo=None):
     max_model_len = engine.model.max_model_len or profile.max_model_len
     if profile.max_model_len and max_model_len > profile.max_model_len:
         raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {profile.max_model_len}")
-    return ClusterConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
-                         args.replicas, args.router,
-                         ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
-                         tpot_slo_ms=None if slo is None else slo.tpot_s * 1000,
-                         prefill_replicas=getattr(args, "prefill_replicas", 0) or 0,
-                         decode_replicas=getattr(args, "decode_replicas", 0) or 0)
+    prefill, decode = getattr(args, "prefill_replicas", 0) or 0, getattr(args, "decode_replicas", 0) or 0
+    if (prefill or decode) and (prefill < 1 or decode < 1):
+        raise ValueError("--prefill-replicas and --decode-replicas must both be >= 1 when either is set, "
+                         f"got {prefill} and {decode}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    migration = getattr(args, "migration", "off") == "on"
+    threshold = getattr(args, "migration_threshold", 2)
+    if threshold < 2:
+        raise ValueError(f"--migration-threshold must be >= 2, got {threshold}")
+    if args.router not in ROUTERS:
+        raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {args.router!r}")
+    cluster = ClusterConfig(replicas=prefill + decode if prefill else args.replicas, router=args.router,
+                            prefill_replicas=prefill, decode_replicas=decode, migration=migration,
+                            migration_threshold=threshold)
+    cluster.validate()
+    return SimConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
+                     cluster, ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
+                     tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -240,8 +257,11 @@ def cmd_run(args: argparse.Namespace) -> int:
          f"{simulator.num_events} events, {simulator.num_steps} steps in {wall:.1f} s wall, "
          f"{cpu:.1f} s CPU in this process ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
     if getattr(simulator, "decode_pool", None):
-        _log(f"prefill/decode: {simulator.num_moves} requests moved their KV to the decode pool, "
-             f"{simulator.num_moves_refused} stayed where they were prefilled (no room, or done first)")
+        _log(f"prefill/decode: {simulator.moves.get('disaggregation', 0)} requests moved their KV to the decode "
+             f"pool")
+    if getattr(simulator, "num_moves", 0) or getattr(simulator, "num_moves_refused", 0):
+        _log(f"KV moves: {', '.join(f'{n} {reason}' for reason, n in sorted(simulator.moves.items())) or 'none'} "
+             f"landed; {simulator.num_moves_refused} refused or called off (no room, or the request ended first)")
     return finish(args, plan, runs, {})
 
 

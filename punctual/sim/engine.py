@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from punctual.config import SchedulerConfig
+from punctual.cluster import migration as policy
+from punctual.config import ClusterConfig, SchedulerConfig
 from punctual.request import EngineCoreRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
 from punctual.sim.profile import StepProfile
-from punctual.sim.replica import SimReplica
-from punctual.sim.routing import least_loaded, make_router
+from punctual.sim.replica import SYNTHETIC_TOKEN, SimReplica
+from punctual.sim.routing import FrontEnd
 from punctual.sim.spread import draw, request_key, uniform
 
 STEP_DONE, ARRIVAL, MOVE = 0, 1, 2  # at one instant, steps end before new requests are taken in
@@ -49,31 +50,33 @@ class Outcome:
     replica: int = -1
     core: EngineCoreRequest | None = None  # what the front end sent (a move re-creates the request from it)
     moved_s: float | None = None  # prefill/decode: when its KV reached the decode replica
+    # The front end's view, as the cluster client keeps it (RoutedRequest): its first token came
+    # back (running, no longer queued prefill); the prompt tokens it counts while queued; a move
+    # of it is under way.
+    started: bool = False
+    queued_tokens: int = 0
+    migrating: bool = False
+    pd_moved: bool = False  # prefill/decode: its move to the decode pool was tried
 
 
 @dataclass
-class ClusterConfig:
+class SimConfig:
+    """What the simulator runs: each replica's engine settings (as `punctual serve` takes them),
+    the cluster (the ClusterConfig that `punctual serve --replicas` takes: replicas, router,
+    prefill/decode, migration), and the SLOs every request carries."""
+
     scheduler: SchedulerConfig
     num_kv_blocks: int
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
-    replicas: int = 1
-    router: str = "round_robin"
-    ttft_slo_ms: float | None = None  # carried by every request, as `punctual serve --ttft-slo-ms` sets
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ttft_slo_ms: float | None = None  # carried by every request, as the bench sends them
     tpot_slo_ms: float | None = None
-    # Prefill/decode disaggregation (as `punctual serve --prefill-replicas P --decode-replicas D`):
-    # replicas [0, P) take prompts; once a request's first token exists its KV moves to the least
-    # loaded of [P, P + D) and it decodes there. 0, 0: colocated.
-    prefill_replicas: int = 0
-    decode_replicas: int = 0
 
-    def __post_init__(self) -> None:
-        if self.prefill_replicas or self.decode_replicas:
-            if self.prefill_replicas < 1 or self.decode_replicas < 1:
-                raise ValueError("--prefill-replicas and --decode-replicas must both be >= 1 when either is set, "
-                                 f"got {self.prefill_replicas} and {self.decode_replicas}")
-            self.replicas = self.prefill_replicas + self.decode_replicas
+    @property
+    def replicas(self) -> int:
+        return self.cluster.replicas
 
 
 @contextmanager
@@ -96,33 +99,41 @@ class Simulator:
     """A cluster of replicas in virtual time; state (prefix caches, the policies' cost models,
     the clock) carries over from one `run` to the next, as a server's does between bench runs."""
 
-    def __init__(self, config: ClusterConfig, profile: StepProfile, spread_seed: int = 0):
+    def __init__(self, config: SimConfig, profile: StepProfile, spread_seed: int = 0):
         """`spread_seed`: which set of draws from the profile's spread (step ratios, admit delays)."""
-        if config.replicas < 1:
-            raise ValueError(f"--replicas must be >= 1, got {config.replicas}")
+        cluster = config.cluster
+        cluster.validate()
         self.config = config
         self.profile = profile
         self.spread_seed = spread_seed
         self.replicas = [SimReplica(i, config.scheduler, config.num_kv_blocks, config.block_size, profile,
                                     config.enable_prefix_caching, config.max_model_len, spread_seed)
-                         for i in range(config.replicas)]
+                         for i in range(cluster.replicas)]
         for replica in self.replicas:
-            if config.prefill_replicas:
-                replica.role = "prefill" if replica.replica_id < config.prefill_replicas else "decode"
+            if cluster.prefill_replicas:
+                replica.role = "prefill" if replica.replica_id < cluster.prefill_replicas else "decode"
         # Arrivals go to the prefill pool when there is one, else anywhere.
-        self.entry = self.replicas[:config.prefill_replicas] if config.prefill_replicas else self.replicas
-        self.decode_pool = self.replicas[config.prefill_replicas:] if config.prefill_replicas else []
-        if self.decode_pool and profile.kv_transfer is None:
-            raise ValueError("--prefill-replicas/--decode-replicas: the profile has no KV transfer cost "
+        self.entry = self.replicas[:cluster.prefill_replicas] if cluster.prefill_replicas else self.replicas
+        self.decode_pool = self.replicas[cluster.prefill_replicas:] if cluster.prefill_replicas else []
+        if (self.decode_pool or cluster.migration) and profile.kv_transfer is None:
+            raise ValueError("--prefill-replicas/--decode-replicas/--migration: the profile has no KV transfer cost "
                              "(calibrate it again, or derive one with --hardware)")
-        self.route = make_router(config.router, self.entry, config.block_size)
+        self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size, cluster.router_options)
         self.num_moves = self.num_moves_refused = 0
+        self.moves: dict[str, int] = {}  # reason -> moves that landed (disaggregation, rebalance, priority)
         self.now = 0.0
         self.num_events = 0
         self._heap: list = []
         self._seq = 0
         self._run_id = 0
         self._params: dict[int, SamplingParams] = {}
+        self._rebalancing = False  # one rebalancing move at a time, as the cluster client
+        self._move_reasons: dict[str, str] = {}  # request id -> why it is moving
+        self._held: dict[str, list] = {}  # victim request id -> arrivals waiting for it to make room
+
+    def route(self, prompt_token_ids, user) -> int:
+        """The replica the cluster's router picks for a request now."""
+        return self.front.route(prompt_token_ids, user)
 
     def _admit_delays(self, requests: list[SimRequest]) -> Callable[[int], float]:
         """Each request's admit delay by its place in `requests`: the profile's admit_s, or with
@@ -214,9 +225,11 @@ class Simulator:
         """Pop events in time order until none is left."""
         heap, replicas = self._heap, self.replicas
         config = self.config
+        migration = config.cluster.migration
+        disaggregated = bool(self.decode_pool)
         per_stream = self.profile.deliver_per_stream_s
         prefix = f"{self._run_id}-"
-        self._in_flight = in_flight
+        self._in_flight, self._finish = in_flight, finish
         while heap:
             now = heap[0][0]
             self.now = now
@@ -227,24 +240,35 @@ class Simulator:
                 if kind == STEP_DONE:
                     replica = replicas[payload]
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
-                    prefill_pool = replica.role == "prefill"
-                    for request, _, finish_reason in replica.finish_step(now):
-                        if finish_reason is None:
-                            outcome = in_flight[request.request_id]
-                            outcome.token_times.append(delivered)
-                            if prefill_pool and len(outcome.token_times) == 1:
-                                self._start_move(request, replica, now)
-                        else:
-                            outcome = in_flight.pop(request.request_id)
-                            outcome.token_times.append(delivered)
+                    updates = replica.finish_step(now)
+                    if updates:  # the front end sees an output update: a step, as the stream sees it
+                        replica.step_s = policy.observe_step_gap(replica.step_s, replica.last_output_at, delivered)
+                        replica.last_output_at = delivered
+                    for request, _, finish_reason in updates:
+                        outcome = in_flight[request.request_id]
+                        outcome.token_times.append(delivered)
+                        if finish_reason is not None:
+                            del in_flight[request.request_id]
+                            self._forget(outcome, replica)
                             finish(outcome, delivered)
+                        elif not outcome.started:
+                            self._started(outcome, replica)
+                            if disaggregated and replica.role == "prefill" and not outcome.pd_moved:
+                                outcome.pd_moved = True
+                                self._to_decode(request.request_id, replica, now)
                     for move in replica.pending_moves:  # commands wait for the step to end, as in a core
                         self._stop_and_copy(*move, now, dirty)
                     replica.pending_moves.clear()
                     dirty[replica.replica_id] = replica
+                    if migration and updates and not self._rebalancing:
+                        self._maybe_rebalance(now)
                 elif kind == MOVE:
                     stage, *move = payload
-                    if stage == "stop":
+                    if stage == "round":
+                        self._copy_round(*move, now)
+                    elif stage == "wake":  # a held request was sent: its replica may start a step
+                        dirty[move[0]] = replicas[move[0]]
+                    elif stage == "stop":
                         source = replicas[move[1]]
                         if source.busy:
                             source.pending_moves.append(move)
@@ -262,17 +286,18 @@ class Simulator:
                                              user=sim_request.user)
                     outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids),
                                       core=core)
-                    index = (self.route(sim_request.prompt_token_ids, sim_request.user, self.entry) if routes is None
+                    index = (self.front.route(sim_request.prompt_token_ids, sim_request.user) if routes is None
                              else routes[payload])
                     replica = replicas[index]
                     outcome.replica = index
-                    try:
-                        replica.add_request(Request(core, replica.max_model_len), now)
-                    except ValueError as exc:  # the server would answer 400
-                        outcome.error = f"HTTP 400: {exc}"
-                        finish(outcome, now)
-                        continue
                     in_flight[request_id] = outcome
+                    self._queue(outcome, replica)
+                    room = self._room_move(outcome, index) if migration else None
+                    if room is not None:  # held until the less important request is gone
+                        self._held.setdefault(room[0], []).append(request_id)
+                        self._start_move(room[0], index, room[1], "priority", now)
+                        continue
+                    self._send(outcome, replica, now)
                     dirty[index] = replica
             for replica in dirty.values():
                 if replica.busy:
@@ -280,39 +305,188 @@ class Simulator:
                 duration, rejected = replica.start_step(now)
                 for request in rejected:
                     outcome = in_flight.pop(request.request_id)
+                    self._forget(outcome, replica)
                     outcome.error = "rejected: the scheduler cannot meet this request's SLO"
                     finish(outcome, now + deliver)
                 if duration is not None:
                     self._push(now + duration, STEP_DONE, replica.replica_id)
-        self._in_flight = None
+        self._in_flight = self._finish = None
 
-    # ---- prefill/decode: a request's KV moves once its first token exists ----------------------
-    # As the cluster client does it (punctual.cluster.client.migrate): reserve blocks on the
-    # least loaded decode replica; pre-copy the full blocks computed so far while the request
-    # goes on decoding at the source; then, between two of the source's steps, stop it there and
-    # copy the rest; it decodes on at the target once that copy lands. A refused reservation
-    # leaves it decoding at the source; a refused commit resumes it there by recompute.
-    def _start_move(self, request: Request, source: SimReplica, now: float) -> None:
-        target = self.decode_pool[least_loaded(None, None, self.decode_pool)]
+    # ---- the front end's count of each replica's requests (ClusterClient._loads) ---------------
+    @staticmethod
+    def _queue(outcome: Outcome, replica: SimReplica, delivered: int = 0) -> None:
+        """Routed there, first token not back yet: waiting, its prompt (and tokens so far) queued."""
+        outcome.started = False
+        outcome.queued_tokens = outcome.prompt_tokens + delivered
+        replica.front_waiting += 1
+        replica.front_queued += outcome.queued_tokens
+        replica.front_ids.add(outcome.core.request_id)
+        replica.on_change(replica.replica_id)
+
+    @staticmethod
+    def _started(outcome: Outcome, replica: SimReplica) -> None:
+        outcome.started = True
+        replica.front_waiting -= 1
+        replica.front_queued -= outcome.queued_tokens
+        replica.front_running += 1
+        replica.on_change(replica.replica_id)
+
+    @staticmethod
+    def _forget(outcome: Outcome, replica: SimReplica) -> None:
+        if outcome.started:
+            replica.front_running -= 1
+        else:
+            replica.front_waiting -= 1
+            replica.front_queued -= outcome.queued_tokens
+        replica.front_ids.discard(outcome.core.request_id)
+        replica.on_change(replica.replica_id)
+
+    def _send(self, outcome: Outcome, replica: SimReplica, now: float, core: EngineCoreRequest | None = None,
+              num_output: int = 0) -> bool:
+        """The replica's core takes the request (`core`: a resumed one, with `num_output` tokens
+        already made); False when it answers 400 (the outcome is finished with the error)."""
+        request = Request(core or outcome.core, replica.max_model_len)
+        try:
+            replica.add_request(request, now)
+        except ValueError as exc:  # the server would answer 400
+            del self._in_flight[outcome.core.request_id]
+            self._forget(outcome, replica)
+            outcome.error = f"HTTP 400: {exc}"
+            self._finish(outcome, now)
+            return False
+        return True
+
+    # ---- moving a running request's KV (punctual.cluster.client.migrate) ------------------------
+    # Reserve blocks on the target; pre-copy the full blocks computed so far while the request
+    # goes on decoding at the source, again for those filled meanwhile (up to MAX_PRECOPY_ROUNDS,
+    # until a round found STOP_AND_COPY_BLOCKS or fewer); then, between two of the source's steps,
+    # stop it there and copy the rest; it decodes on at the target once that copy lands. A refused
+    # reservation leaves it decoding at the source; a refused commit resumes it there by recompute.
+    # Each copy round costs the profile's transfer time. Moves happen for prefill/decode (once a
+    # request's first token exists), rebalancing and making room, decided by cluster/migration.py.
+    def _to_decode(self, request_id: str, source: SimReplica, now: float) -> None:
+        """Prefill/decode: to the decode replica where it goes on soonest (ClusterClient._to_decode)."""
+        outcome = self._in_flight[request_id]
+        num_tokens = outcome.prompt_tokens + len(outcome.token_times)
+        decode = {r.replica_id for r in self.decode_pool}
+        transfer_s = {rid: self._predicted_transfer_s(num_tokens) for rid in decode}
+        target = policy.pick_decode(self.front.loads(), decode, transfer_s,
+                                    policy.cluster_step_s([r.step_s for r in self.replicas]))
+        if target is not None:
+            self._start_move(request_id, source.replica_id, target, "disaggregation", now)
+
+    def _predicted_transfer_s(self, num_tokens: int) -> float:
         block_size = self.config.block_size
-        if not target.kv.reserve(request.request_id, -(-request.num_tokens // block_size)):
-            self.num_moves_refused += 1
+        return self.profile.transfer_seconds(-(-num_tokens // block_size), block_size)
+
+    def _maybe_rebalance(self, now: float) -> None:
+        """ClusterClient._maybe_rebalance: the same policy on the same counts."""
+        in_flight, replicas = self._in_flight, self.replicas
+
+        def movable(source: int) -> dict[str, int]:
+            return {i: in_flight[i].prompt_tokens + len(in_flight[i].token_times) for i in replicas[source].front_ids
+                    if in_flight[i].started and not in_flight[i].migrating}
+
+        def remaining(request_id: str) -> int:
+            outcome = in_flight[request_id]
+            return max(0, outcome.request.output_len - len(outcome.token_times))
+
+        decision = policy.rebalance_move(
+            self.front.loads({"decode"} if self.decode_pool else None), self.config.cluster.migration_threshold,
+            movable, lambda source, target, tokens: self._predicted_transfer_s(tokens), remaining,
+            lambda rid: replicas[rid].step_s)
+        if decision is not None:
+            request_id, source, target = decision
+            self._rebalancing = True
+            self._start_move(request_id, source, target, "rebalance", now)
+
+    def _room_move(self, outcome: Outcome, replica_id: int) -> tuple[str, int] | None:
+        """ClusterClient._room_move: a less important running request to move off first, or None."""
+        in_flight = self._in_flight
+
+        def seat(request_id: str) -> policy.Seat:
+            other = in_flight[request_id]
+            return policy.Seat(request_id, other.core.priority, self._blocks_needed(other),
+                               other.started and not other.migrating)
+        seats = {r.replica_id: [seat(i) for i in r.front_ids] for r in self.replicas}
+        roles = {"decode"} if self.decode_pool else None
+        return policy.room_move(outcome.core.priority, self._blocks_needed(outcome), replica_id, seats,
+                                self.front.loads(roles))
+
+    def _blocks_needed(self, outcome: Outcome) -> int:
+        max_model_len = self.replicas[outcome.replica].max_model_len
+        return policy.blocks_needed(outcome.prompt_tokens, outcome.request.output_len, max_model_len,
+                                    self.config.block_size)
+
+    def _start_move(self, request_id: str, source_id: int, target_id: int, reason: str, now: float) -> None:
+        outcome = self._in_flight.get(request_id)
+        if (outcome is None or outcome.migrating or not outcome.started or outcome.replica != source_id
+                or source_id == target_id):
+            self._move_done(request_id, reason, now)
             return
-        copied = request.num_computed_tokens // block_size
-        self._push(now + self.profile.transfer_seconds(copied, block_size), MOVE,
-                   ("stop", request.request_id, source.replica_id, target.replica_id, copied))
+        target = self.replicas[target_id]
+        block_size = self.config.block_size
+        num_tokens = outcome.prompt_tokens + len(outcome.token_times)
+        if not target.kv.reserve(request_id, -(-num_tokens // block_size)):
+            self.num_moves_refused += 1
+            self._move_done(request_id, reason, now)
+            return
+        target.on_change(target_id)
+        outcome.migrating = True
+        self._move_reasons[request_id] = reason
+        self._precopy(request_id, source_id, target_id, 0, 0, now)
+
+    def _precopy(self, request_id: str, source_id: int, target_id: int, copied: int, rounds: int,
+                 now: float) -> None:
+        """Pre-copy round `rounds + 1`: the full blocks computed since `copied`, or the stop-and-copy
+        when there are none."""
+        request = self.replicas[source_id].scheduler.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:  # finished or preempted: it stays
+            self._refuse(request_id, target_id, now)
+            return
+        fresh = request.num_computed_tokens // self.config.block_size - copied
+        if fresh > 0:
+            self._push(now + self.profile.transfer_seconds(fresh, self.config.block_size), MOVE,
+                       ("round", request_id, source_id, target_id, copied + fresh, rounds + 1, fresh))
+        else:
+            self._push(now, MOVE, ("stop", request_id, source_id, target_id, copied))
+
+    def _copy_round(self, request_id: str, source_id: int, target_id: int, copied: int, rounds: int,
+                    num_blocks: int, now: float) -> None:
+        """A pre-copy round landed: another, or the stop-and-copy once a round was short or enough ran."""
+        if num_blocks <= policy.STOP_AND_COPY_BLOCKS or rounds >= policy.MAX_PRECOPY_ROUNDS:
+            self._push(now, MOVE, ("stop", request_id, source_id, target_id, copied))
+        else:
+            self._precopy(request_id, source_id, target_id, copied, rounds, now)
+
+    def _refuse(self, request_id: str, target_id: int, now: float) -> None:
+        target = self.replicas[target_id]
+        target.kv.release_reservation(request_id)
+        target.on_change(target_id)
+        outcome = self._in_flight.get(request_id)
+        if outcome is not None:
+            outcome.migrating = False
+        self.num_moves_refused += 1
+        self._move_done(request_id, self._move_reasons.pop(request_id, ""), now)
 
     def _stop_and_copy(self, request_id: str, source_id: int, target_id: int, copied: int, now: float,
                        dirty: dict) -> None:
         source, target = self.replicas[source_id], self.replicas[target_id]
         request = source.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING:  # finished or preempted: it stays
-            target.kv.release_reservation(request_id)
-            self.num_moves_refused += 1
+            self._refuse(request_id, target_id, now)
             return
         state = (request.num_output_tokens, request.num_computed_tokens, request.num_preemptions)
         source.scheduler.detach(request_id, now)
         dirty[source_id] = source
+        # The front end maps it to the target before the last copy (ClusterClient.migrate).
+        outcome = self._in_flight[request_id]
+        self._forget(outcome, source)
+        outcome.replica = target_id
+        outcome.started = True
+        target.front_running += 1
+        target.front_ids.add(request_id)
+        target.on_change(target_id)
         block_size = self.config.block_size
         remaining = max(0, -(-request.num_computed_tokens // block_size) - copied)
         self._push(now + self.profile.transfer_seconds(remaining, block_size), MOVE,
@@ -320,9 +494,9 @@ class Simulator:
 
     def _commit(self, request_id: str, source_id: int, target_id: int, state: tuple, in_flight: dict,
                 now: float, dirty: dict) -> None:
-        from punctual.sim.replica import SYNTHETIC_TOKEN
-
         outcome = in_flight[request_id]
+        outcome.migrating = False
+        reason = self._move_reasons.pop(request_id, "")
         num_output, num_computed, num_preemptions = state
         target = self.replicas[target_id]
         request = Request(outcome.core, target.max_model_len)
@@ -333,13 +507,32 @@ class Simulator:
         if target.kv.reserve(request_id, -(-num_computed // block_size)):
             request.num_computed_tokens = num_computed
             if target.scheduler.add_running(request, now):
-                outcome.replica, outcome.moved_s = target_id, now
+                outcome.moved_s = now
                 self.num_moves += 1
+                self.moves[reason] = self.moves.get(reason, 0) + 1
                 dirty[target_id] = target
+                self._move_done(request_id, reason, now)
                 return
         target.kv.release_reservation(request_id)
         self.num_moves_refused += 1
-        source = self.replicas[source_id]  # resumed by recompute of its prompt and tokens so far
+        # Resumed by recompute of its prompt and tokens so far, at the source (ClusterClient._resume_by_recompute).
+        self._forget(outcome, target)
+        source = self.replicas[source_id]
+        outcome.replica = source_id
+        self._queue(outcome, source, num_output)
         request.num_computed_tokens = 0
         source.scheduler.add_request(request, now)
         dirty[source_id] = source
+        self._move_done(request_id, reason, now)
+
+    def _move_done(self, request_id: str, reason: str, now: float) -> None:
+        """A move ended, landed or not: the next rebalancing may start; arrivals held for the room
+        it was to make go to their replica now."""
+        if reason == "rebalance":
+            self._rebalancing = False
+        for held_id in self._held.pop(request_id, ()):
+            outcome = self._in_flight.get(held_id)
+            if outcome is not None:
+                replica = self.replicas[outcome.replica]
+                if self._send(outcome, replica, now):
+                    self._push(now, MOVE, ("wake", outcome.replica))

@@ -21,6 +21,10 @@ SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_
 SAMPLED = (SYNTHETIC_TOKEN,)
 
 
+def _ignore(replica_id: int) -> None:
+    pass
+
+
 class SimReplica:
     def __init__(self, replica_id: int, scheduler_config: SchedulerConfig, num_kv_blocks: int, block_size: int,
                  profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None,
@@ -32,10 +36,15 @@ class SimReplica:
         self.max_model_len = max_model_len if max_model_len is not None else 1 << 30
         self.plan: StepPlan | None = None  # the step in flight
         self.step_started = 0.0
-        self.step_prompt_tokens = 0
         self.num_steps = 0
         self.busy_s = 0.0  # virtual seconds spent in steps
-        self.queued_prefill_tokens = 0  # prompt tokens routed here and not computed yet (router's load signal)
+        # The front end's count of this replica's requests (ClusterClient._loads, the router's load
+        # signal): running (first token back), waiting, their queued prompt tokens, and their ids.
+        self.front_running = self.front_waiting = self.front_queued = 0
+        self.front_ids: set[str] = set()
+        self.on_change = _ignore  # told the replica id whenever its load (counts, KV) may have moved
+        self.step_s: float | None = None  # its step time as the front end sees it (migration.observe_step_gap)
+        self.last_output_at: float | None = None
         self.role = "mixed"  # mixed | prefill | decode (prefill/decode disaggregation)
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
         self.step_draws = step_stream(replica_id, spread_seed)  # with a profile's spread: each step's ratio to its price
@@ -47,19 +56,16 @@ class SimReplica:
 
     def add_request(self, request: Request, now: float) -> None:
         self.scheduler.add_request(request, now)
-        self.queued_prefill_tokens += request.num_prompt_tokens
 
     def start_step(self, now: float) -> tuple[float | None, list[Request]]:
         """Plan a step at `now`: (its duration, or None if nothing runs; requests the policy shed)."""
         plan = self.scheduler.schedule(now)
         rejected = plan.rejected
-        for request in rejected:
-            self.queued_prefill_tokens -= request.num_prompt_tokens
         if not plan.scheduled:
             return None, rejected
         self.plan, self.step_started = plan, now
         features = plan_features(plan)
-        self.step_prompt_tokens = int(features[1])  # plan.num_prompt_tokens, from the same pass
+        self.on_change(self.replica_id)  # its KV blocks moved
         self.step_sampled_rows = features[5]  # the streams whose tokens the front end delivers after it
         seconds = self.profile.step_seconds(plan, features)
         ratios = self.profile.step_ratios
@@ -75,7 +81,7 @@ class SimReplica:
         self.scheduler.record_step_time(plan, seconds)  # the policies' online cost model learns, as in the engine
         self.num_steps += 1
         self.busy_s += seconds
-        self.queued_prefill_tokens -= self.step_prompt_tokens
+        self.on_change(self.replica_id)
         return self.scheduler.update_from_output(plan, output, now)
 
     def has_work(self) -> bool:

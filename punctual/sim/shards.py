@@ -16,11 +16,11 @@ import dataclasses
 import multiprocessing
 import traceback
 
-from punctual.sim.engine import ClusterConfig, SimRequest, Simulator
+from punctual.sim.engine import SimConfig, SimRequest, Simulator
 from punctual.sim.profile import StepProfile
 
 
-def _worker(connection, config: ClusterConfig, profile: StepProfile) -> None:
+def _worker(connection, config: SimConfig, profile: StepProfile) -> None:
     from punctual.sim.loadgen import SimSender, token_ids
 
     simulator = Simulator(config, profile)
@@ -74,13 +74,13 @@ def run_replica_by_replica(sender, requests: list[SimRequest], offsets: list[flo
 class ShardedSimulator:
     """The Simulator's interface for SimSender (`run_shards`, `now`, `num_events`, `num_steps`)."""
 
-    def __init__(self, config: ClusterConfig, profile: StepProfile, processes: int):
-        if config.router != "round_robin":
+    def __init__(self, config: SimConfig, profile: StepProfile, processes: int):
+        if config.cluster.router != "round_robin":
             raise ValueError(f"--sim-processes: only with --router round_robin (routing that reads no replica "
-                             f"state), got {config.router!r}")
-        if config.prefill_replicas:
-            raise ValueError("--sim-processes: requests move between prefill and decode replicas; run P/D in "
-                             "one process")
+                             f"state), got {config.cluster.router!r}")
+        if config.cluster.prefill_replicas or config.cluster.migration:
+            raise ValueError("--sim-processes: requests move between replicas (prefill/decode, --migration on); "
+                             "run them in one process")
         processes = min(processes, config.replicas)
         self.config = config
         self.num_shards = processes
@@ -93,7 +93,7 @@ class ShardedSimulator:
         for shard in range(processes):
             owned = len(range(shard, config.replicas, processes))
             parent, child = context.Pipe()
-            process = context.Process(target=_worker, args=(child, dataclasses.replace(config, replicas=owned), profile),
+            process = context.Process(target=_worker, args=(child, dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, replicas=owned)), profile),
                                       daemon=True)
             process.start()
             child.close()

@@ -133,3 +133,81 @@ def test_resumed_request_continues_where_the_stream_stopped():
     assert resumed.prompt_token_ids == [1, 2, 3, 7, 8, 9] and resumed.arrival_time == 5.0
     assert resumed.sampling_params.max_tokens == 7 and resumed.sampling_params.min_tokens == 1
     assert routed.request.sampling_params.max_tokens == 10  # the original is untouched
+
+
+# ---- the indexed router decides as the plain definitions do --------------------------------------
+def reference_route(router, prompt, user, loads_by_id: dict[int, float], holders: dict) -> int:
+    """The cache-aware / least-loaded / round-robin decision written over every replica, as the
+    router was before it kept its loads indexed: the oracle for the indexed one."""
+    def rotation(rid):
+        last = -1 if router._last_choice is None else router._last_choice
+        return (rid - last - 1) % (1 << 30)
+    healthy = sorted(loads_by_id)
+    if router.name == "round_robin":
+        return min(healthy, key=rotation)
+    if router.name == "least_loaded":
+        return min(healthy, key=lambda r: (loads_by_id[r], rotation(r)))
+    mean = sum(loads_by_id[r] for r in healthy) / len(healthy)
+    limit = mean + max(router.hot_spot_margin, router.hot_spot_ratio * mean)
+    eligible = [r for r in healthy if loads_by_id[r] <= limit]
+    hashes = prompt_block_hashes(prompt, BS)
+    lookup = hashes[:(len(prompt) - 1) // BS]
+
+    def matched_blocks(rid):
+        count = 0
+        for h in lookup:
+            if rid not in holders.get(h, ()):
+                break
+            count += 1
+        return count
+    matched = {r: matched_blocks(r) for r in eligible}
+    best = max(matched.values())
+    least = min(loads_by_id[r] for r in eligible)
+    home = router.sticky.get(user) if user is not None else None
+    if home in matched and matched[home] == best and loads_by_id[home] <= least + router.sticky_slack:
+        return home
+    if best == 0:
+        return min(eligible, key=lambda r: (loads_by_id[r], rotation(r)))
+    return max(eligible, key=lambda r: (matched[r] * BS - loads_by_id[r] * router.tokens_per_load,
+                                        -loads_by_id[r], -rotation(r)))
+
+
+@pytest.mark.parametrize("name", ["cache_aware", "least_loaded", "round_robin"])
+@pytest.mark.parametrize("changed_only", [False, True])
+def test_indexed_router_decides_as_the_plain_definitions(name, changed_only):
+    """Random reports (ties, hot spots, full pools), shared prefixes, sticky users, evictions,
+    replicas turning unhealthy: every choice equals the plain one over every replica, whether the
+    caller hands every report (the cluster client) or only the changed ones (the simulator)."""
+    import random
+
+    rng = random.Random(7)
+    router = make_router(name, BS)
+    replicas = 12
+    loads = [ReplicaLoad(i, True, 0, 0, 0, 64, 64) for i in range(replicas)]
+    docs = [doc(d, 3) for d in range(6)]
+    changed = set(range(replicas))
+    for step in range(600):
+        for _ in range(rng.randrange(3)):  # reports move, often back to an earlier value
+            i = rng.randrange(replicas)
+            loads[i] = ReplicaLoad(i, rng.random() > 0.05, rng.randrange(4), rng.randrange(3),
+                                   rng.choice([0, 0, 16, 600]), rng.choice([64, 64, 10, 0]), 64)
+            changed.add(i)
+        if name == "cache_aware" and rng.random() < 0.1:
+            victim = rng.randrange(replicas)
+            router.on_blocks_evicted(victim, prompt_block_hashes(rng.choice(docs), BS))
+        if not any(r.healthy for r in loads):
+            continue
+        prompt = rng.choice(docs) + [rng.randrange(50) for _ in range(rng.randrange(1, 6))]
+        user = rng.choice([None, "a", "b", "c"])
+        # The oracle sees what the router will: reports that changed drop their optimistic load.
+        for r in loads:
+            if router._last_load.get(r.replica_id) != r:
+                router._optimistic.pop(r.replica_id, None)
+        given = [loads[i] for i in changed] if changed_only else loads
+        held = {h: set(s) for h, s in getattr(router, "holders", {}).items()}
+        snapshot = {r.replica_id: router.load(r) for r in loads if r.healthy}
+        expected = reference_route(router, prompt, user, snapshot, held)
+        assert router.route(prompt, user, given, changed_only=changed_only) == expected, step
+        changed.clear()
+        router.on_request_routed(expected, len(prompt))
+        router.check_integrity()

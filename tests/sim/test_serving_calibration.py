@@ -9,7 +9,8 @@ import pytest
 
 from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
-from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.config import ClusterConfig
+from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.trace import (StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace,
@@ -20,7 +21,7 @@ COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "con
 
 
 def run(profile: StepProfile):
-    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile)
+    sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile)
     requests = to_sim_requests(generate_workload("chat", 20, 2, 0.1))
     outcomes, _ = sim.run(requests, offsets=[i * 0.3 for i in range(len(requests))])
     return sorted(outcomes, key=lambda o: o.request.index)
@@ -130,7 +131,7 @@ def test_prefill_step_cost_in_the_profile(tmp_path):
     # The simulator charges it on each request's prefill step: with requests far apart (no step
     # shared), each TTFT is exactly 4 ms later and the decodes after it are unchanged.
     def alone(profile):
-        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
+        sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
         requests = to_sim_requests(generate_workload("chat", 8, 2, 0.1))
         outcomes, _ = sim.run(requests, offsets=[i * 10.0 for i in range(len(requests))])
         return sorted(outcomes, key=lambda o: o.request.index)
@@ -241,7 +242,7 @@ def test_delivery_grows_with_the_streams_of_its_step():
     assert fit_delivery([(1.0, 0.006), (4.0, 0.003)])[1] == 0.0  # a falling fit is not a cost
     assert fit_delivery([]) == (0.0, 0.0)
     def simulate(profile, spacing_s):
-        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
+        sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), 300), profile)
         requests = to_sim_requests(generate_workload("chat", 8, 2, 0.1))
         outcomes, _ = sim.run(requests, offsets=[i * spacing_s for i in range(len(requests))])
         return sorted(outcomes, key=lambda o: o.request.index)

@@ -12,7 +12,8 @@ from punctual.bench.metrics import SLO, summarize
 from punctual.bench.workloads import generate_workload
 from punctual.cli import main
 from punctual.config import SchedulerConfig
-from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.config import ClusterConfig
+from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import SimSender, to_sim_requests
 from punctual.sim.profile import FEATURES, StepProfile, fit_linear, plan_features
 
@@ -91,7 +92,7 @@ def test_streamed_statistics_equal_full_records():
     slo = SLO(0.3, 0.05)
     results = []
     for keep in (True, False):
-        sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile())
+        sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile())
         sender = SimSender(sim, keep_token_times=keep, slo=slo)
         offsets = [i * 0.05 for i in range(len(requests))]
         summary = summarize(sender(None, requests, offsets=offsets), slo)
@@ -114,7 +115,7 @@ def test_calibration_fits_a_synthetic_cost_exactly():
             rows.append(plan_features(plan))
             return super().step_seconds(plan)
 
-    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), 400),
+    sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), 400),
                     Recording("linear", dict(COEFFICIENTS)))
     requests = to_sim_requests(generate_workload("chat", 60, 1, 0.3))
     sim.run(requests, offsets=[i * 0.02 for i in range(len(requests))])
@@ -124,42 +125,23 @@ def test_calibration_fits_a_synthetic_cost_exactly():
         assert fitted[name] == pytest.approx(COEFFICIENTS[name], rel=1e-6, abs=1e-12)
 
 
-def test_cluster_router_is_used_when_present(monkeypatch):
-    import types
+@pytest.mark.parametrize("name", ["cache_aware", "least_loaded", "round_robin"])
+def test_every_router_is_the_clusters(name):
+    """One implementation: --router builds the router `punctual serve --replicas` runs."""
+    from punctual.cluster import router
 
-    module = types.ModuleType("punctual.cluster.router")
-    calls = []
-
-    class ReplicaLoad:
-        def __init__(self, replica_id, healthy, num_running, num_waiting, queued_prefill_tokens, kv_blocks_free,
-                     kv_blocks_total):
-            self.replica_id, self.num_waiting = replica_id, num_waiting
-
-    class Last:
-        def route(self, prompt_token_ids, user, replicas):
-            calls.append(len(replicas))
-            return replicas[-1].replica_id
-
-        def on_blocks_stored(self, replica_id, hashes):
-            calls.append(("stored", replica_id))
-
-    module.ReplicaLoad = ReplicaLoad
-    module.make_router = lambda name, block_size: Last()
-    package = types.ModuleType("punctual.cluster")
-    package.router = module
-    monkeypatch.setitem(sys.modules, "punctual.cluster", package)
-    monkeypatch.setitem(sys.modules, "punctual.cluster.router", module)
-    sim = Simulator(ClusterConfig(SchedulerConfig(), 200, replicas=3, router="prefix"), profile())
-    requests = to_sim_requests(generate_workload("chat", 5, 0, 0.1))
-    outcomes, _ = sim.run(requests, offsets=[0.0] * 5)
-    assert {o.replica for o in outcomes} == {2} and calls[0] == 3
-    assert ("stored", 2) in calls
+    sim = Simulator(SimConfig(SchedulerConfig(), 200, cluster=ClusterConfig(3, router=name)), profile())
+    assert type(sim.front.router) is router.ROUTERS[name]
+    requests = to_sim_requests(generate_workload("chat", 9, 0, 0.1))
+    outcomes, _ = sim.run(requests, offsets=[0.0] * 9)
+    assert {o.replica for o in outcomes} == {0, 1, 2}  # a burst on idle replicas spreads under every router
 
 
-def test_unknown_router_names_the_flag(monkeypatch):
-    monkeypatch.setitem(sys.modules, "punctual.cluster.router", None)  # not importable: built-ins only
-    with pytest.raises(ValueError, match="--router"):
-        Simulator(ClusterConfig(SchedulerConfig(), 200, router="nope"), profile())
+def test_unknown_router_names_the_flag(profile_path, tmp_path):
+    with pytest.raises(ValueError, match="router"):
+        Simulator(SimConfig(SchedulerConfig(), 200, cluster=ClusterConfig(router="nope")), profile())
+    with pytest.raises(SystemExit):
+        main(sim_argv(profile_path, tmp_path / "x.json", "--router", "nope"))
 
 
 def test_plan_finds_the_fewest_replicas(profile_path, tmp_path, capsys):
@@ -195,7 +177,7 @@ def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
     for processes in ("1", "2"):
         out = tmp_path / f"p{processes}.json"
         assert main(sim_argv(profile_path, out, "--sweep-rates", "4,64", "--workload", "chat,shared-prefix",
-                             "--replicas", "3", "--sim-processes", processes)) == 0
+                             "--replicas", "3", "--router", "round_robin", "--sim-processes", processes)) == 0
         runs.append(json.loads(out.read_text())["runs"])
     assert runs[0] == runs[1]
     assert main(sim_argv(profile_path, tmp_path / "x.json", "--replicas", "2", "--router", "least_loaded",
@@ -217,8 +199,8 @@ def test_replica_by_replica_equals_one_interleaved_run(spread):
     routes = [i % 4 for i in range(len(requests))]
     answers = []
     for by_replica in (False, True):
-        config = ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 120, max_model_len=2048,
-                               replicas=4)
+        config = SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 120, max_model_len=2048,
+                           cluster=ClusterConfig(replicas=4, router="round_robin"))
         sender = SimSender(Simulator(config, profile(spread=tables if spread else None)))
         for _ in range(2):  # a second run starts from the first's clock and caches
             if by_replica:
@@ -234,8 +216,9 @@ def test_replica_by_replica_equals_one_interleaved_run(spread):
 
 def pd_simulator(prefill: int, decode: int, transfer: dict | None = None, num_kv_blocks: int = 400):
     kv_transfer = transfer or {"fixed_s": 0.004, "bytes_per_s": 1e8}
-    config = ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), num_kv_blocks,
-                           max_model_len=1024, prefill_replicas=prefill, decode_replicas=decode)
+    config = SimConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), num_kv_blocks,
+                       max_model_len=1024, cluster=ClusterConfig(prefill + decode, prefill_replicas=prefill,
+                                                                 decode_replicas=decode))
     return Simulator(config, profile(kv_transfer=kv_transfer))
 
 
@@ -275,9 +258,10 @@ def test_prefill_decode_is_deterministic_and_transfers_cost_time(profile_path, t
 
 def test_prefill_decode_flags_need_both_and_a_transfer_cost(profile_path, tmp_path):
     with pytest.raises(ValueError, match="both"):
-        ClusterConfig(SchedulerConfig(), 100, prefill_replicas=1)
+        Simulator(SimConfig(SchedulerConfig(), 100, cluster=ClusterConfig(prefill_replicas=1)), profile())
     with pytest.raises(ValueError, match="KV transfer"):
-        Simulator(ClusterConfig(SchedulerConfig(), 100, prefill_replicas=1, decode_replicas=1), profile())
+        Simulator(SimConfig(SchedulerConfig(), 100, cluster=ClusterConfig(2, prefill_replicas=1, decode_replicas=1)),
+                  profile())
     out = tmp_path / "pd.json"
     assert main(sim_argv(profile_path, out, "--prefill-replicas", "1", "--decode-replicas", "1")) != 0
 

@@ -10,7 +10,8 @@ import pytest
 
 from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
-from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.config import ClusterConfig
+from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.probe import calibration_probe, check_reference, probe_spec, speed_scale
 from punctual.sim.profile import PREFILL_STEPS, Roofline, StepProfile, load_profile
@@ -44,7 +45,7 @@ def test_scaled_profile_prices_every_step_that_much_longer():
 def test_a_scaled_profile_doubles_a_lone_stream_tpot():
     """One request at a time: every step and so every TPOT twice as long; TTFT's front end stays."""
     profile = served_profile()
-    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile)
+    sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), 300), profile)
     plain, _ = sim.run(to_sim_requests(generate_workload("chat", 6, 3, 0.1, 1, "synthetic")), concurrency=1)
     sim.set_profile(profile.scaled(2.0))  # other text, same lengths: no prefix hit on the first run's prompts
     slow, _ = sim.run(to_sim_requests(generate_workload("chat", 6, 3, 0.1, 2, "synthetic")), concurrency=1)
@@ -165,7 +166,7 @@ def test_validate_a_two_replica_cluster(tmp_path):
     extra = server_args(args, flags)
     assert extra[-6:] == ("--replicas", "2", "--threads-per-replica", "1", "--router", "cache_aware")
     plan, config = plan_and_config(args, profile)
-    assert (config.replicas, config.router) == (2, "cache_aware")
+    assert (config.replicas, config.cluster.router) == (2, "cache_aware")
     two = simulate(config, profile, plan, None, log=lambda _: None)
     plan1, config1 = plan_and_config(validate_args(tmp_path, profile, workload="chat", sweep_rates="8",
                                                    num_requests=24), profile)

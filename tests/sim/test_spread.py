@@ -10,7 +10,8 @@ import pytest
 from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
 from punctual.sim.calibrate_server import fit_serving_profile
-from punctual.sim.engine import ClusterConfig, Simulator
+from punctual.config import ClusterConfig
+from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import StepProfile
 from punctual.sim.spread import MIN_SAMPLES, draw, quantile_table, uniform
@@ -37,7 +38,7 @@ def test_quantile_tables_and_draws():
 
 
 def simulate(profile: StepProfile, seed: int = 4, spread_seed: int = 0):
-    sim = Simulator(ClusterConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), 600), profile,
+    sim = Simulator(SimConfig(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256), 600), profile,
                     spread_seed=spread_seed)
     requests = to_sim_requests(generate_workload("chat", 120, seed, 0.2))
     outcomes, _ = sim.run(requests, offsets=[i * 0.15 for i in range(len(requests))])
