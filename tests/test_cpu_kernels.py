@@ -112,7 +112,8 @@ def test_engine_runs_fused_unless_eager_is_enforced():
 @pytest.mark.parametrize("model,quantization,int8_activations,kv_cache_dtype", [
     ("builtin-tiny", "none", True, "auto"), ("builtin-tiny", "int8", True, "auto"),
     ("builtin-tiny", "int4", True, "auto"), ("builtin-tiny", "int4", False, "auto"), ("qwen2_bias", "none", True, "auto"),
-    ("llama_head64", "none", True, "int8"), ("llama_head64", "int8", True, "int8")])
+    ("llama_head64", "none", True, "int8"), ("llama_head64", "int8", True, "int8"), ("qwen3", "none", True, "auto"),
+    ("qwen3", "int8", True, "auto")])
 def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization, int8_activations, kv_cache_dtype,
                                                             tmp_path, monkeypatch):
     """Decode steps run the whole layer stack in one kernel call; its hidden states must be those

@@ -101,11 +101,11 @@ class ModelArchConfig:
                         self.max_position_embeddings, None if local else self.rope_scaling)
 
     @property
-    def is_plain_llama(self) -> bool:
-        """True where the fused whole-stack decode kernel computes this model: Llama's layer with
-        any head shape, biases and one attention window."""
+    def in_decode_stack(self) -> bool:
+        """True where the fused whole-stack decode kernel computes this model's layer: Llama's, with
+        Qwen3's per-head q/k norms or without."""
         return (self.hidden_act == "silu" and not self.norm_plus_one and not self.sandwich_norms
-                and self.qk_norm == "none" and self.embed_scale is None and self.residual_multiplier == 1.0
+                and self.qk_norm in ("none", "head") and self.embed_scale is None and self.residual_multiplier == 1.0
                 and self.attn_softcap is None and self.clip_qkv is None and len(self.windows) == 1
                 and self.local_rope_theta is None and (self.rope_layers is None or all(self.rope_layers))
                 and self.partial_rotary_factor == 1.0 and self.moe is None)

@@ -10,7 +10,7 @@ Three ways through a step, the same arithmetic in each:
 - `_forward_eager`: PyTorch ops, every feature; the reference, and the path of fp32 and CUDA.
 - `_forward_fused`: bf16 on a CPU with the fused kernels, ~10 kernel calls a layer; features
   the kernels lack (q/k norms, gelu, partial rotary, experts) run as PyTorch ops in between.
-- `_run_stack`: Llama's layer (ModelArchConfig.is_plain_llama) as one kernel call for decodes.
+- `_run_stack`: Llama's layer, Qwen3's too (ModelArchConfig.in_decode_stack), as one kernel call for decodes.
 """
 from __future__ import annotations
 
@@ -142,15 +142,15 @@ class DecoderModel:
                                  f"{device.type}/{str(dtype).removeprefix('torch.')}/quantization {quantization}")
             if self.kernels is None:
                 raise ValueError(f"batch_invariant needs the fused CPU kernels: {cpu_kernels.unavailable_reason()}")
-            if not arch.is_plain_llama or arch.moe is not None:
-                raise ValueError(f"batch_invariant runs Llama-layer models only; {arch.architecture} is not one")
+            if not arch.in_decode_stack:
+                raise ValueError(f"batch_invariant runs Llama- and Qwen3-layer models only; {arch.architecture} is not one")
         self.packed = packing_is_exact(dtype, device)
         self._load(weights, architecture(arch.architecture).names)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
-                       and arch.is_plain_llama else None)
+                       and arch.in_decode_stack else None)
         # Which tokens attend through the fused kernel (the runner builds their tables): all or none.
         # Soft-capped scores (Gemma 2) are not in the kernel: those models attend through PyTorch.
         fused_attention = self.kernels is not None and (kernel_choices.fused_attention or batch_invariant)
@@ -301,14 +301,14 @@ class DecoderModel:
                 self.lm_head = pack_weight(self.lm_head)
 
     def _decode_stack_args(self) -> tuple | None:
-        """decode_stack's weight arguments (per layer the two norms and four slots per linear,
+        """decode_stack's weight arguments (per layer the two norms, the q/k norms or None, four slots per linear,
         their kinds and groups) and the most rows every linear's fused kernel takes; None where
         a linear has no fused kernel (then the step runs layer by layer)."""
         from punctual.model import quant
 
         slots, kinds, groups, max_rows = [], [], [], math.inf
         for layer in self.layers:
-            slots += [layer.input_norm, layer.mlp_norm]
+            slots += [layer.input_norm, layer.mlp_norm, layer.q_norm, layer.k_norm]
             for weight, bias in ((layer.qkv, layer.qkv_bias), (layer.o_proj, layer.o_bias),
                                  (layer.gate_up, layer.gate_up_bias), (layer.down, layer.down_bias)):
                 if isinstance(weight, FusedWeight):
@@ -470,7 +470,9 @@ class DecoderModel:
         num_tokens, eps = input_ids.shape[0], arch.rms_norm_eps
         q_size, kv_size, head_dim = self.q_size, self.kv_size, arch.head_dim
         rotated_heads = arch.num_heads + arch.num_kv_heads
-        in_kernel_rope = arch.qk_norm == "none" and arch.clip_qkv is None and arch.rotary_dim == head_dim
+        # RoPE in place inside qkv by the kernel (after per-head q/k norms, also kernels): full rotary only.
+        in_kernel_rope = (arch.qk_norm in ("none", "head") and arch.clip_qkv is None and arch.rotary_dim == head_dim
+                          and not arch.norm_plus_one)
         residual = self._embed(input_ids)
         tables = [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]  # [T, D] each
         scale = arch.residual_multiplier
@@ -480,6 +482,11 @@ class DecoderModel:
                              None if delta is None else residual)
             qkv = linear(x, layer.qkv, layer.qkv_bias)
             if in_kernel_rope:
+                if layer.q_norm is not None:  # eager's per-head RMSNorm, bit for bit, then back into qkv
+                    for offset, heads, weight in ((0, arch.num_heads, layer.q_norm),
+                                                  (q_size, arch.num_kv_heads, layer.k_norm)):
+                        part = qkv[:, offset:offset + heads * head_dim]
+                        part.copy_(ops.rms_norm(part.reshape(-1, head_dim), weight, eps, None).view(num_tokens, -1))
                 if layer.rope is not None:
                     ops.rope_(qkv, *tables[layer.rope], rotated_heads, head_dim)
                 q = qkv[:, :q_size].view(num_tokens, arch.num_heads, head_dim)

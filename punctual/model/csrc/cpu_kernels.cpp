@@ -1365,8 +1365,8 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
     const int64_t layers = static_cast<int64_t>(k_caches.size());
     TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(kinds.size()) == 4 * layers &&
                 static_cast<int64_t>(groups.size()) == 4 * layers &&
-                static_cast<int64_t>(weight_list.size()) == 18 * layers,
-                "decode_stack: per layer 18 weight slots, 4 kinds and groups, one K and one V cache");
+                static_cast<int64_t>(weight_list.size()) == 20 * layers,
+                "decode_stack: per layer 20 weight slots, 4 kinds and groups, one K and one V cache");
     const bool quantized = !k_scales.empty();
     TORCH_CHECK(!quantized || (static_cast<int64_t>(k_scales.size()) == layers &&
                                static_cast<int64_t>(v_scales.size()) == layers),
@@ -1383,11 +1383,19 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
     const at::Tensor cos = cos_table.index_select(0, positions), sin = sin_table.index_select(0, positions);
     at::Tensor delta;
     for (int64_t layer = 0; layer < layers; ++layer) {
-      const size_t base = 18 * layer;
+      const size_t base = 20 * layer;
       const int64_t* kind = kinds.data() + 4 * layer;
       const int64_t* group = groups.data() + 4 * layer;
       at::Tensor x = delta.defined() ? rms_norm(delta, *w[base], eps, residual) : rms_norm(residual, *w[base], eps, {});
-      at::Tensor qkv = stack_linear(x, w, base + 2, kind[0], group[0]);
+      at::Tensor qkv = stack_linear(x, w, base + 4, kind[0], group[0]);
+      if (w[base + 2].has_value()) {  // Qwen3: an RMSNorm over each query and key head before rotary
+        for (const auto& [offset, count, weight] : {std::make_tuple(int64_t{0}, heads, *w[base + 2]),
+                                                    std::make_tuple(q_size, kv_heads, *w[base + 3])}) {
+          at::Tensor part = qkv.narrow(1, offset, count * head_dim);
+          part.copy_(rms_norm(part.contiguous().view({tokens * count, head_dim}), weight, eps, {})
+                         .view({tokens, count * head_dim}));
+        }
+      }
       rope_(qkv, cos, sin, heads + kv_heads, head_dim);
       at::Tensor k_cache = k_caches[layer], v_cache = v_caches[layer];
       TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -1406,8 +1414,8 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
       const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
       at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale,
                                         k_scale, v_scale);
-      x = rms_norm(stack_linear(attn, w, base + 6, kind[1], group[1]), *w[base + 1], eps, residual);
-      delta = stack_linear(silu_mul(stack_linear(x, w, base + 10, kind[2], group[2])), w, base + 14, kind[3], group[3]);
+      x = rms_norm(stack_linear(attn, w, base + 8, kind[1], group[1]), *w[base + 1], eps, residual);
+      delta = stack_linear(silu_mul(stack_linear(x, w, base + 12, kind[2], group[2])), w, base + 16, kind[3], group[3]);
     }
     return delta.defined() ? rms_norm(delta, final_norm, eps, residual) : rms_norm(residual, final_norm, eps, {});
   };
