@@ -45,3 +45,10 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+    @property
+    def num_cached_tokens(self) -> int | None:
+        """Prompt tokens found in the prefix cache (vLLM's field); None until a sample finishes.
+        With n > 1, the fewest any sample found (a later sample may find its siblings' blocks)."""
+        counts = [o.metrics["num_cached_tokens"] for o in self.outputs if o.metrics is not None]
+        return min(counts) if counts else None

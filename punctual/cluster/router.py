@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from punctual.kv.block_pool import BlockHash, hash_block
+from punctual.kv.block_pool import BlockHash, check_hash_algo, extend_block_hashes
 
 
 @dataclass
@@ -37,14 +37,12 @@ class NoReplicaAvailable(RuntimeError):
     """No healthy replica to route to."""
 
 
-def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[BlockHash]:
-    """The hash chain of the prompt's full blocks, exactly as KVCacheManager.block_hashes makes it."""
-    hashes: list[BlockHash] = []
-    parent = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, tuple(token_ids[start:start + block_size]))
-        hashes.append(parent)
-    return hashes
+def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None,
+                        algo: str = "sha256") -> list[BlockHash]:
+    """The hash chain of the prompt's full blocks, exactly as KVCacheManager.block_hashes makes it
+    (same salt, same algorithm), so the router matches what replicas report."""
+    return extend_block_hashes([], token_ids, block_size, len(token_ids) // block_size, cache_salt or None,
+                               algo=algo)
 
 
 class Router:
@@ -52,10 +50,12 @@ class Router:
 
     name = "base"
 
-    def __init__(self, block_size: int, prefill_tokens_per_request: int = 512, kv_weight: float = 1.0):
+    def __init__(self, block_size: int, prefill_tokens_per_request: int = 512, kv_weight: float = 1.0,
+                 hash_algo: str = "sha256"):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.hash_algo = check_hash_algo(hash_algo)  # the replicas' prefix_caching_hash_algo
         # A queued prompt of this many tokens weighs as much as one more request in the queue
         # (about one step's token budget of prefill).
         self.prefill_tokens_per_request = prefill_tokens_per_request
@@ -99,9 +99,11 @@ class Router:
         return replica_id
 
     # ---- the interface ------------------------------------------------------------------------
-    def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad]) -> int:
+    def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad],
+              cache_salt: str | None = None) -> int:
         """The replica id for this request; raises NoReplicaAvailable when none is healthy.
-        May record what it decided (cache-aware: the prompt's blocks will live there)."""
+        May record what it decided (cache-aware: the prompt's blocks will live there). The
+        request's `cache_salt` keys its block hashes as it does in the replica."""
         raise NotImplementedError
 
     def on_blocks_stored(self, replica_id: int, block_hashes: list[int]) -> None:
@@ -131,7 +133,7 @@ class RoundRobinRouter(Router):
 
     name = "round_robin"
 
-    def route(self, prompt_token_ids, user, replicas):
+    def route(self, prompt_token_ids, user, replicas, cache_salt=None):
         healthy = self._healthy(replicas)
         return self._chose(min(healthy, key=lambda r: self._rotation(r.replica_id)).replica_id)
 
@@ -141,7 +143,7 @@ class LeastLoadedRouter(Router):
 
     name = "least_loaded"
 
-    def route(self, prompt_token_ids, user, replicas):
+    def route(self, prompt_token_ids, user, replicas, cache_salt=None):
         return self._chose(self._least_loaded(self._healthy(replicas)))
 
 
@@ -178,13 +180,13 @@ class CacheAwareRouter(Router):
             count += 1
         return count
 
-    def route(self, prompt_token_ids, user, replicas):
+    def route(self, prompt_token_ids, user, replicas, cache_salt=None):
         healthy = self._healthy(replicas)
         loads = {r.replica_id: self.load(r) for r in healthy}
         mean = sum(loads.values()) / len(loads)
         limit = mean + max(self.hot_spot_margin, self.hot_spot_ratio * mean)
         eligible = [r for r in healthy if loads[r.replica_id] <= limit]  # never empty: min <= mean
-        hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
+        hashes = prompt_block_hashes(prompt_token_ids, self.block_size, cache_salt, self.hash_algo)
         # The last prompt token is always computed, so a block ending there is no hit (KVCacheManager).
         lookup = hashes[:(len(prompt_token_ids) - 1) // self.block_size]
         matched = {r.replica_id: self.matched_blocks(r.replica_id, lookup) for r in eligible}
