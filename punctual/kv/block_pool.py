@@ -11,8 +11,7 @@ blocks freed together the deepest is evicted first (it is the least likely to be
 from __future__ import annotations
 
 import hashlib
-import sys
-from array import array
+import struct
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -39,11 +38,11 @@ def chain_root(cache_salt: str | None = None, adapter_id: str | None = None) -> 
     return hashlib.sha256(message).digest()
 
 
-def _token_bytes(token_ids: Sequence[int]) -> bytes:
-    tokens = array("q", token_ids)  # 8 bytes a token: no id is too large to hash
-    if sys.byteorder == "big":
-        tokens.byteswap()  # little-endian everywhere, so hosts of either order agree
-    return tokens.tobytes()
+@lru_cache(maxsize=64)
+def _token_packer(count: int) -> Callable[..., bytes]:
+    # 8 little-endian bytes a token: no id is too large, and hosts of either byte order agree.
+    # A precompiled struct packs a block's ids faster than array(...).tobytes() (a micro-benchmark).
+    return struct.Struct(f"<{count}q").pack
 
 
 def _sha256_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None,
@@ -52,7 +51,7 @@ def _sha256_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt
     # domain-separated message, so it cannot pose as a real parent (that would be a SHA-256 collision).
     if parent is None:
         parent = chain_root(cache_salt, adapter_id)
-    return hashlib.sha256(parent + _token_bytes(token_ids)).digest()
+    return hashlib.sha256(parent + _token_packer(len(token_ids))(*token_ids)).digest()
 
 
 def _builtin_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None,
