@@ -179,3 +179,38 @@ def test_the_fair_policy_counts_by_tenant_before_user():
 
     assert of("u1", "acme") == of("u2", "acme") == "acme"
     assert of("u1", None) == "u1"
+
+
+# ---- who is calling (server/auth.py) -------------------------------------------------------
+def test_api_keys_and_their_tenants(tmp_path):
+    from punctual.server.auth import load_api_keys, tenant_of
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("# rotation: two keys of acme\nk1 acme\nk2 acme\n\nk3 globex\n")
+    keys = load_api_keys(["solo", "other"], str(key_file))
+    assert keys == {"solo": "key-1", "other": "key-2", "k1": "acme", "k2": "acme", "k3": "globex"}
+    assert tenant_of(keys, "Bearer k2") == "acme" and tenant_of(keys, "bearer  solo ") == "key-1"
+    assert tenant_of(keys, "Bearer nope") is None and tenant_of(keys, "k1") is None
+    for text, why in (("k1\n", "line 1: expected `KEY TENANT`"), ("k1 a b\n", "line 1"),
+                      ("k1 acme\nk1 globex\n", "line 2: the key is already given for tenant 'acme'"),
+                      ("k1 a/b\n", "tenant 'a/b' must be")):
+        key_file.write_text(text)
+        with pytest.raises(ValueError, match=why):
+            load_api_keys([], str(key_file))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_api_keys([], str(tmp_path / "missing"))
+
+
+def test_isolation_overrides_the_client_salt():
+    from punctual.server.auth import isolation_salt
+    from punctual.server.config import ServerConfig
+
+    assert isolation_salt("none", "acme", "u1", "s") == "s" and isolation_salt("none", None, None, None) is None
+    assert isolation_salt("api-key", "acme", "u1", "s") == isolation_salt("api-key", "acme", "u2", None)
+    assert isolation_salt("api-key", "acme", None, "s") != isolation_salt("api-key", "globex", None, "s")
+    assert isolation_salt("user", "acme", "u1", "s") != isolation_salt("user", "acme", "u2", "s")
+    with pytest.raises(ValueError, match="api-key needs API keys"):
+        ServerConfig("m", prefix_cache_isolation="api-key")
+    with pytest.raises(ValueError, match="prefix_cache_isolation must be one of"):
+        ServerConfig("m", prefix_cache_isolation="tenant")
+    assert ServerConfig("m", api_key="k").api_keys == {"k": "key-1"}  # the single-key form still works
