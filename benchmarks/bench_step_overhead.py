@@ -7,6 +7,10 @@ building the outputs. (Detokenizing is the front end's, in another process, and 
 grow with the batch, not with how long each sequence's context is.
 
     python benchmarks/bench_step_overhead.py [--contexts 128,4096] [--seqs 64] [--steps 100] [--runs 5]
+                                             [--hash-algo sha256|builtin] [--hash-only]
+
+It first prints the prefix cache's block hashing alone, sha256 against builtin, for the blocks a
+decode step and a full prefill step hash (--hash-only: nothing else).
 
 Runs against whatever `punctual` is importable (PYTHONPATH selects a tree), so two commits can be
 compared side by side.
@@ -57,7 +61,32 @@ def stub_model(runner) -> None:
     runner.model.logits = logits
 
 
-def measure(checkpoint: Path, context: int, num_seqs: int, num_steps: int, speculative: bool) -> float:
+def hash_cost(algo: str, num_blocks: int, block_size: int = 16, repeats: int = 200) -> float:
+    """Median seconds to hash `num_blocks` new full blocks (one chain, as a prompt's), under `algo`."""
+    from punctual.kv.block_pool import extend_block_hashes
+
+    tokens = torch.randint(1, VOCAB, (num_blocks * block_size,), generator=torch.Generator().manual_seed(0)).tolist()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        extend_block_hashes([], tokens, block_size, num_blocks, algo=algo)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def report_hash_cost(num_seqs: int, budget: int = 8192, block_size: int = 16) -> None:
+    """Per step: a decode step of `num_seqs` fills num_seqs / block_size blocks on average; a
+    prefill step of `budget` tokens fills budget / block_size."""
+    for label, blocks in ((f"decode step, {num_seqs} seqs", max(1, num_seqs // block_size)),
+                          (f"prefill step, {budget} tokens", budget // block_size)):
+        costs = {algo: hash_cost(algo, blocks, block_size) for algo in ("builtin", "sha256")}
+        print(f"block hashing, {label} ({blocks} blocks): "
+              + ", ".join(f"{algo} {cost * 1e6:8.1f} us/step" for algo, cost in costs.items())
+              + f"; sha256 / builtin {costs['sha256'] / costs['builtin']:.2f}x")
+
+
+def measure(checkpoint: Path, context: int, num_seqs: int, num_steps: int, speculative: bool,
+            hash_algo: str = "sha256") -> float:
     """Median seconds per decode step, 64 sequences each holding about `context` tokens."""
     from punctual import SamplingParams
     from punctual.config import EngineConfig
@@ -69,7 +98,7 @@ def measure(checkpoint: Path, context: int, num_seqs: int, num_steps: int, specu
     max_tokens = OUTPUT_ROOM
     blocks = num_seqs * (-(-(context + max_tokens) // block_size)) + 16
     kwargs = dict(dtype="float32", max_num_seqs=num_seqs, max_num_batched_tokens=8192, num_kv_blocks=blocks,
-                  block_size=block_size)
+                  block_size=block_size, prefix_caching_hash_algo=hash_algo)
     if speculative:
         kwargs.update(speculative_method="ngram", num_speculative_tokens=4)
     core = EngineCore(EngineConfig.from_kwargs(str(checkpoint), **kwargs))  # the core alone: no detokenizing
@@ -97,8 +126,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hash-algo", default="sha256", choices=["sha256", "builtin"],
+                        help="the prefix cache's block hash in the step measurements")
+    parser.add_argument("--hash-only", action="store_true", help="print the block-hashing costs only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    report_hash_cost(args.seqs)
+    if args.hash_only:
+        return
     contexts = [int(c) for c in args.contexts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = build_checkpoint(Path(tmp) / "ckpt", max(contexts) + OUTPUT_ROOM + 64)
@@ -106,7 +141,8 @@ def main() -> None:
             results: dict[int, list[float]] = {c: [] for c in contexts}
             for _ in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
                 for context in contexts:
-                    results[context].append(measure(checkpoint, context, args.seqs, args.steps, speculative))
+                    results[context].append(measure(checkpoint, context, args.seqs, args.steps, speculative,
+                                                    args.hash_algo))
             label = "ngram speculation" if speculative else "no speculation"
             medians = {c: statistics.median(v) for c, v in results.items()}
             for context in contexts:

@@ -37,6 +37,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="bytes of a second tier for evicted prefix blocks, e.g. 4GiB (off by default)")
     parser.add_argument("--kv-tier-dtype", default=None, choices=["auto", "int8", "cache"],
                         help="auto: int8 (compressed) on CPU, the cache's format on CUDA")
+    parser.add_argument("--prefix-caching-hash-algo", default=None, choices=["sha256", "builtin"],
+                        help="block hashes of the prefix cache: sha256 (default; collision resistant) or "
+                             "builtin (Python's hash: cheaper, but a crafted prompt can reuse another's KV)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -50,7 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 slo_overload_action=args.slo_overload_action, speculative_method=args.speculative_method,
                 speculative_model=args.speculative_model, num_speculative_tokens=args.num_speculative_tokens,
                 speculative_length=args.speculative_length, kv_tier_memory=args.kv_tier_memory,
-                kv_tier_dtype=args.kv_tier_dtype)
+                kv_tier_dtype=args.kv_tier_dtype, prefix_caching_hash_algo=args.prefix_caching_hash_algo)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

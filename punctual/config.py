@@ -58,6 +58,9 @@ class CacheConfig:
     # a compressed store on CPU. Blocks come back from it on a hit instead of being recomputed.
     kv_tier_memory: int | str | None = None
     kv_tier_dtype: str = "auto"  # auto (int8 on CPU, the cache's format on CUDA) | int8 | cache
+    # How full blocks are identified in the prefix cache (vLLM's flag): sha256 (a crafted prompt
+    # cannot reuse another's KV) | builtin (Python's 64-bit hash: faster, not collision resistant).
+    prefix_caching_hash_algo: str = "sha256"
 
 
 @dataclass
@@ -158,6 +161,9 @@ class EngineConfig:
         self.cache.kv_tier_memory = parse_size(self.cache.kv_tier_memory, "kv_tier_memory")
         if self.cache.kv_tier_memory is not None and self.cache.kv_tier_memory < 0:
             raise ValueError("kv_tier_memory must be >= 0")
+        if self.cache.prefix_caching_hash_algo not in ("sha256", "builtin"):
+            raise ValueError("prefix_caching_hash_algo must be sha256|builtin, "
+                             f"got {self.cache.prefix_caching_hash_algo!r}")
         if self.cache.kv_tier_dtype not in ("auto", "int8", "cache"):
             raise ValueError(f"kv_tier_dtype must be auto|int8|cache, got {self.cache.kv_tier_dtype!r}")
         if self.cache.kv_cache_dtype not in ("auto", "int8", "float32", "bfloat16", "float16"):

@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from punctual.request import TokenLogprobs
+
+
+def cached_prompt_tokens(sample_metrics: Iterable[dict | None]) -> int | None:
+    """Prompt tokens a request found in the prefix cache, from its samples' final records; None
+    until one has finished. With n > 1, the fewest any sample found (a later sample may find its
+    siblings' blocks), so the count never exceeds what the prompt reused from before it."""
+    counts = [m["num_cached_tokens"] for m in sample_metrics if m is not None]
+    return min(counts) if counts else None
 
 
 @dataclass
@@ -45,3 +54,8 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+    @property
+    def num_cached_tokens(self) -> int | None:
+        """Prompt tokens found in the prefix cache (vLLM's field); None until a sample finishes."""
+        return cached_prompt_tokens(o.metrics for o in self.outputs)

@@ -38,6 +38,11 @@ class EngineCoreRequest:
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     user: str | None = None
+    # Prefix-cache isolation (vLLM's cache_salt): only requests with the same salt share cached
+    # blocks. None or "": shared with every request that has none.
+    cache_salt: str | None = None
+    # Who pays for the request (the API key's tenant): the fair-share policy's unit when set.
+    tenant: str | None = None
 
 
 @dataclass
@@ -91,8 +96,8 @@ class Request:
     # Slotted: every step reads a few fields of every running request, and a simulated cluster
     # holds a hundred thousand of them; fixed offsets keep those reads to a cache line or two.
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "num_output_tokens", "num_prompt_logprobs_sent",
-                 "sampling_params", "arrival_time", "priority", "ttft_slo_ms", "tpot_slo_ms", "user", "status",
-                 "num_computed_tokens", "num_cached_tokens", "num_preemptions", "grammar", "best_effort",
+                 "sampling_params", "arrival_time", "priority", "ttft_slo_ms", "tpot_slo_ms", "user", "cache_salt",
+                 "tenant", "status",                 "num_computed_tokens", "num_cached_tokens", "num_preemptions", "grammar", "best_effort",
                  "first_scheduled_time", "first_token_time", "finished_time", "max_output_tokens", "_stop_ids")
 
     def __init__(self, core_request: EngineCoreRequest, max_model_len: int):
@@ -110,6 +115,8 @@ class Request:
         self.ttft_slo_ms = core_request.ttft_slo_ms
         self.tpot_slo_ms = core_request.tpot_slo_ms
         self.user = core_request.user
+        self.cache_salt = core_request.cache_salt or None
+        self.tenant = core_request.tenant
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission

@@ -113,10 +113,13 @@ class ClusterClient:
         self.config = config
         self.cluster = cluster
         self.launcher = RayReplicas(config, cluster)
-        self.router = make_router(cluster.router, config.cache.block_size, **cluster.router_options)
+        # The router hashes prompts as the replicas do, or it would never see a prefix they hold.
+        self.router = make_router(cluster.router, config.cache.block_size,
+                                  hash_algo=config.cache.prefix_caching_hash_algo, **cluster.router_options)
         self.replicas = [Replica(i) for i in range(cluster.replicas)]
         self.requests: dict[str, RoutedRequest] = {}
-        self.pins: dict[str, list[int]] = {}  # pinned prefixes, re-sent to a restarted replica
+        # Pinned prefixes (tokens, cache salt), re-sent to a restarted replica.
+        self.pins: dict[str, tuple[list[int], str | None]] = {}
         self._pin_ops: deque[PinOp] = deque()
         self.info: CoreInfo | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,7 +265,8 @@ class ClusterClient:
                     self._resume_by_recompute(request_id)
 
     def _route(self, request: EngineCoreRequest) -> Replica:
-        rid = self.router.route(request.prompt_token_ids, request.user, self._loads({"mixed", "prefill"}))
+        rid = self.router.route(request.prompt_token_ids, request.user, self._loads({"mixed", "prefill"}),
+                                cache_salt=request.cache_salt)
         self.router.on_request_routed(rid, len(request.prompt_token_ids))
         return self.replicas[rid]
 
@@ -304,9 +308,9 @@ class ClusterClient:
             if replica.ready:
                 replica.client.abort_requests(ids)
 
-    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
-        self.pins[pin_id] = list(prompt_token_ids)
-        self._broadcast_pin(lambda client: client.pin_prefix(pin_id, prompt_token_ids))
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
+        self.pins[pin_id] = (list(prompt_token_ids), cache_salt)
+        self._broadcast_pin(lambda client: client.pin_prefix(pin_id, prompt_token_ids, cache_salt))
 
     def unpin_prefix(self, pin_id: str) -> None:
         self.pins.pop(pin_id, None)
@@ -704,9 +708,9 @@ class ClusterClient:
         if self._closing:
             return
         await self._attach(replica)
-        for pin_id, token_ids in self.pins.items():
+        for pin_id, (token_ids, cache_salt) in self.pins.items():
             replica.pin_queue.append(None)
-            replica.client.pin_prefix(pin_id, token_ids)
+            replica.client.pin_prefix(pin_id, token_ids, cache_salt)
         logger.info("replica %d is back (pid %s)", replica.replica_id, replica.pid)
 
     async def shutdown(self, timeout: float = 5.0) -> None:

@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from punctual.kv.block_pool import BlockHash, hash_block
+from punctual.kv.block_pool import BlockHash, check_hash_algo, extend_block_hashes
 
 
 @dataclass
@@ -38,14 +38,12 @@ class NoReplicaAvailable(RuntimeError):
     """No healthy replica to route to."""
 
 
-def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[BlockHash]:
-    """The hash chain of the prompt's full blocks, exactly as KVCacheManager.block_hashes makes it."""
-    hashes: list[BlockHash] = []
-    parent = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, tuple(token_ids[start:start + block_size]))
-        hashes.append(parent)
-    return hashes
+def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None,
+                        algo: str = "sha256") -> list[BlockHash]:
+    """The hash chain of the prompt's full blocks, exactly as KVCacheManager.block_hashes makes it
+    (same salt, same algorithm), so the router matches what replicas report."""
+    return extend_block_hashes([], token_ids, block_size, len(token_ids) // block_size, cache_salt or None,
+                               algo=algo)
 
 
 class Router:
@@ -61,10 +59,12 @@ class Router:
 
     name = "base"
 
-    def __init__(self, block_size: int, prefill_tokens_per_request: int = 512, kv_weight: float = 1.0):
+    def __init__(self, block_size: int, prefill_tokens_per_request: int = 512, kv_weight: float = 1.0,
+                 hash_algo: str = "sha256"):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.hash_algo = check_hash_algo(hash_algo)  # the replicas' prefix_caching_hash_algo
         # A queued prompt of this many tokens weighs as much as one more request in the queue
         # (about one step's token budget of prefill).
         self.prefill_tokens_per_request = prefill_tokens_per_request
@@ -157,11 +157,12 @@ class Router:
 
     # ---- the interface ------------------------------------------------------------------------
     def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad],
-              changed_only: bool = False) -> int:
+              changed_only: bool = False, cache_salt: str | None = None) -> int:
         """The replica id for this request; raises NoReplicaAvailable when none is healthy.
         `replicas`: every replica's load, in id order (or with `changed_only`, those whose load
         may have changed since the last call). May record what it decided (cache-aware: the
-        prompt's blocks will live there)."""
+        prompt's blocks will live there). The request's `cache_salt` keys its block hashes as it
+        does in the replica."""
         raise NotImplementedError
 
     def on_blocks_stored(self, replica_id: int, block_hashes: list[int]) -> None:
@@ -195,7 +196,7 @@ class RoundRobinRouter(Router):
 
     name = "round_robin"
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
         self._healthy(replicas, changed_only)
         start = self._after_last()
         return self._chose(self._healthy_ids[start if start < len(self._healthy_ids) else 0])
@@ -206,7 +207,7 @@ class LeastLoadedRouter(Router):
 
     name = "least_loaded"
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
         self._healthy(replicas, changed_only)
         return self._chose(self._least_loaded_id()[0])
 
@@ -245,12 +246,12 @@ class CacheAwareRouter(Router):
             count += 1
         return count
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
         self._healthy(replicas, changed_only)
         loads, position = self._healthy_loads, self._position
         mean = sum(loads) / len(loads)
         limit = mean + max(self.hot_spot_margin, self.hot_spot_ratio * mean)
-        hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
+        hashes = prompt_block_hashes(prompt_token_ids, self.block_size, cache_salt, self.hash_algo)
         # The last prompt token is always computed, so a block ending there is no hit (KVCacheManager).
         lookup = hashes[:(len(prompt_token_ids) - 1) // self.block_size]
         # Eligible replicas (load within the guard) that hold at least the first block; every other

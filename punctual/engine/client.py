@@ -142,8 +142,8 @@ class EngineCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(("add", request))
 
-    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> None:
-        self._send(("pin", (pin_id, list(prompt_token_ids))))
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
+        self._send(("pin", (pin_id, list(prompt_token_ids), cache_salt)))
 
     def unpin_prefix(self, pin_id: str) -> None:
         self._send(("unpin", pin_id))

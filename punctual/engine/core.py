@@ -42,7 +42,8 @@ class EngineCore:
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching, self.runner.num_tier_slots)
+                                         config.cache.enable_prefix_caching, self.runner.num_tier_slots,
+                                         config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
                                    PromptLimits(self.vocab_size, self.max_model_len))
         self.speculator = self._make_speculator() if spec.enabled else None
@@ -112,19 +113,20 @@ class EngineCore:
             params.eos_token_ids = self.eos_token_ids
         return Request(core_request, self.max_model_len)
 
-    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
+    def pin_prefix(self, pin_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> PinAck:
         """Compute a prefix (one prefill, no output) and keep its full blocks cached until unpinned.
 
         The pin takes effect when its prefill finishes; `pinned_tokens(pin_id)` then tells how many
         tokens are held. Unpinning before that cancels the prefill. For a document a user knows
-        will be reused (Prompt Cache's prompt modules).
+        will be reused (Prompt Cache's prompt modules). The pinned blocks serve only requests with
+        the same `cache_salt`.
         """
         if pin_id in self.kv_manager.pins or pin_id in self._pins_in_flight.values():
             return PinAck(pin_id, False, 409, f"pin_id {pin_id!r} is already pinned")
         try:
             self.add_request(EngineCoreRequest(f"pin:{pin_id}", list(prompt_token_ids),
                                                SamplingParams(max_tokens=1, ignore_eos=True, temperature=0),
-                                               arrival_time=self.clock()))
+                                               arrival_time=self.clock(), cache_salt=cache_salt))
         except PromptError as exc:
             return PinAck(pin_id, False, 400, str(exc))
         self._pins_in_flight[f"pin:{pin_id}"] = pin_id
@@ -171,9 +173,10 @@ class EngineCore:
         num_blocks = self.kv_manager.blocks_for(request.num_computed_tokens)
         payload = read_blocks(self.runner.kv_caches,
                               self.kv_manager.block_table(request_id)[first_block:num_blocks], int8)
+        # The salt travels with it: the target indexes the moved blocks under the same chain.
         core_request = EngineCoreRequest(request_id, list(request.prompt_token_ids), request.sampling_params,
                                          request.arrival_time, request.priority, request.ttft_slo_ms,
-                                         request.tpot_slo_ms, request.user)
+                                         request.tpot_slo_ms, request.user, request.cache_salt, request.tenant)
         state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
                                 request.num_preemptions)
         self.scheduler.detach(request_id, self.clock())

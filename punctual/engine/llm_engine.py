@@ -42,8 +42,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
                     priority: int = 0, ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None,
-                    user: str | None = None, arrival_time: float | None = None) -> None:
+                    user: str | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a prompt. A prompt dict may carry `cache_salt` (vLLM's shape), as may the keyword:
+        only requests with the same salt share prefix-cache blocks."""
         params = params or SamplingParams()
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            if cache_salt is not None and cache_salt != prompt["cache_salt"]:
+                raise ValueError("cache_salt is given both in the prompt dict and as a keyword, differently")
+            cache_salt = prompt["cache_salt"]
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         text, token_ids = self.tokenize_prompt(prompt)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         children = self.output_processor.add_request(request_id, text, token_ids, params, arrival_time)
@@ -51,7 +60,7 @@ class LLMEngine:
         try:
             for child_id, child_params in children:
                 self.core.add_request(EngineCoreRequest(child_id, token_ids, child_params, arrival_time,
-                                                        priority, ttft_slo_ms, tpot_slo_ms, user))
+                                                        priority, ttft_slo_ms, tpot_slo_ms, user, cache_salt))
                 added.append(child_id)
         except Exception:
             self.core.abort_requests(added)

@@ -3,7 +3,7 @@
 A message is an 8-byte length and a pickle, over one local socket pair:
 
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
-                        | ("pin", (pin_id, token_ids)) | ("unpin", pin_id)
+                        | ("pin", (pin_id, token_ids, cache_salt)) | ("unpin", pin_id)
                         | KV moves between replicas, each answered by a KVAnswer with its op_id:
                           ("kv_export", (op_id, request_id, first_block, last_block, int8, transport))
                           ("kv_migrate_out", (op_id, request_id, first_block, int8, transport))
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from punctual.engine.stats import EngineStats
+from punctual.kv.block_pool import BlockHash
 from punctual.request import EngineCoreOutput
 
 # Bigger kernel buffers let the core write one step's outputs for a large batch without
@@ -110,7 +111,7 @@ class CoreUpdate:
     pin_acks: list[PinAck] = field(default_factory=list)  # answers to pin and unpin commands, in order
     # Prefix-cache block hashes indexed / evicted during the step, when the core records them (a
     # replica of a cluster: its router learns where each prefix lives). Empty otherwise.
-    blocks_stored: list[int] = field(default_factory=list)
+    blocks_stored: list[BlockHash] = field(default_factory=list)
     blocks_evicted: list[int] = field(default_factory=list)
     # Requests the engine lost and cannot resume (a cluster whose replica died), and why: the
     # front end ends them with an error. Never set by a core itself.

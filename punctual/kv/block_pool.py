@@ -10,22 +10,92 @@ blocks freed together the deepest is evicted first (it is the least likely to be
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
-from typing import Callable
+from functools import lru_cache
+from typing import Callable, Sequence
 
-BlockHash = int
+# A block's identity in the prefix cache: a SHA-256 digest (32 bytes) by default, or a 64-bit
+# int under the builtin hash. Either is the same in every process: the router in the front end
+# matches prompts against the hashes that replicas report.
+BlockHash = bytes | int
+HASH_ALGOS = ("sha256", "builtin")
 
 
-def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...], namespace: int = 0) -> BlockHash:
-    """Hash of a full block, chained over every token before it (and the model's namespace).
+@lru_cache(maxsize=4096)
+def chain_root(cache_salt: str | None = None, adapter_id: str | None = None) -> bytes:
+    """The virtual parent of a chain's first block: what every block of the chain inherits.
 
-    The same in every process: a router in the front end matches prompts against the hashes the
-    replicas report. Tuples of ints hash alike everywhere, but hash(None) is an address before
-    Python 3.12, so the first block of a chain leaves the parent out instead.
+    Requests share cached blocks only when their roots match, so the cache salt (a tenant's
+    isolation) and the adapter (LoRA weights change the KV) live here. Length-prefixed, so no
+    two (salt, adapter) pairs encode alike; "" is no salt, as in vLLM.
     """
+    message = bytearray(b"punctual.kv.block-hash.v1")
+    for part in (cache_salt or "", adapter_id or ""):
+        data = part.encode()
+        message += len(data).to_bytes(8, "little") + data
+    return hashlib.sha256(message).digest()
+
+
+@lru_cache(maxsize=64)
+def _token_packer(count: int) -> Callable[..., bytes]:
+    # 8 little-endian bytes a token: no id is too large, and hosts of either byte order agree.
+    # A precompiled struct packs a block's ids faster than array(...).tobytes() (a micro-benchmark).
+    return struct.Struct(f"<{count}q").pack
+
+
+def _sha256_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None,
+                  adapter_id: str | None) -> bytes:
+    # Every input is a 32-byte digest then the tokens: a first block's root is a digest of its own
+    # domain-separated message, so it cannot pose as a real parent (that would be a SHA-256 collision).
     if parent is None:
-        return hash((namespace, token_ids))
-    return hash((namespace, parent, token_ids))
+        parent = chain_root(cache_salt, adapter_id)
+    return hashlib.sha256(parent + _token_packer(len(token_ids))(*token_ids)).digest()
+
+
+def _builtin_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None,
+                   adapter_id: str | None) -> int:
+    # Python's hash of ints and tuples of ints does not depend on PYTHONHASHSEED (strings do, so the
+    # salt enters as an int taken from its SHA-256 root). Fast, but 64 bits and not collision
+    # resistant: two crafted blocks can share a hash, and so each other's KV.
+    if parent is None:
+        namespace = 0 if not (cache_salt or adapter_id) else int.from_bytes(
+            chain_root(cache_salt, adapter_id)[:8], "little", signed=True)
+        return hash((namespace, tuple(token_ids)))
+    return hash((0, parent, tuple(token_ids)))
+
+
+_BLOCK_HASHERS = {"sha256": _sha256_block, "builtin": _builtin_block}
+
+
+def check_hash_algo(algo: str) -> str:
+    if algo not in _BLOCK_HASHERS:
+        raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}, got {algo!r}")
+    return algo
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None = None,
+               adapter_id: str | None = None, algo: str = "sha256") -> BlockHash:
+    """Hash of a full block, chained over every block before it (`parent`, None for the first).
+
+    The salt and the adapter are mixed into the first block only: every later block inherits
+    them through its parent.
+    """
+    return _BLOCK_HASHERS[check_hash_algo(algo)](parent, token_ids, cache_salt, adapter_id)
+
+
+def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int, num_blocks: int,
+                        cache_salt: str | None = None, adapter_id: str | None = None,
+                        algo: str = "sha256") -> list[BlockHash]:
+    """Append to `hashes` (a chain over `token_ids`' leading blocks) until it covers `num_blocks`
+    full blocks; returns `hashes`. New blocks only: a step's cost does not grow with the context."""
+    hasher = _BLOCK_HASHERS[check_hash_algo(algo)]
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), num_blocks):
+        parent = hasher(parent, token_ids[i * block_size:(i + 1) * block_size], cache_salt, adapter_id)
+        hashes.append(parent)
+    return hashes
 
 
 class BlockPool:

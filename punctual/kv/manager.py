@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from punctual.kv.block_pool import BlockHash, BlockPool, hash_block
+from punctual.kv.block_pool import BlockHash, BlockPool, check_hash_algo, extend_block_hashes
 from punctual.kv.tier import SecondaryTier
 from punctual.plan import KVCopyOrders
 from punctual.request import Request
@@ -29,9 +29,11 @@ class CachedPrefix:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_tier_slots: int = 0):
+                 num_tier_slots: int = 0, hash_algo: str = "sha256"):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # sha256: a crafted prompt cannot pose as another's cached prefix; builtin: Python's hash.
+        self.hash_algo = check_hash_algo(hash_algo)
         self.pool = BlockPool(num_blocks)
         # Evicted cached blocks go to a second tier and come back from it on a hit.
         self.tier = SecondaryTier(num_tier_slots) if num_tier_slots and enable_prefix_caching else None
@@ -79,14 +81,11 @@ class KVCacheManager:
         appended token list, so a step's cost does not grow with the context.
         """
         hashes = self._hashes.setdefault(request.request_id, [])
-        bs = self.block_size
-        wanted = num_tokens // bs
+        wanted = num_tokens // self.block_size
         if len(hashes) < wanted:
-            tokens = request.token_ids
-            parent = hashes[-1] if hashes else None
-            for i in range(len(hashes), wanted):
-                parent = hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]))
-                hashes.append(parent)
+            # The salt keys the whole chain: only requests with the same salt share blocks.
+            extend_block_hashes(hashes, request.token_ids, self.block_size, wanted,
+                                cache_salt=request.cache_salt, algo=self.hash_algo)
         return hashes
 
     def computed_prefix(self, request: Request) -> CachedPrefix:

@@ -186,7 +186,8 @@ class FairPolicy(SchedulingPolicy):
 
     @staticmethod
     def user_of(request: Request) -> str:
-        return request.user or ""
+        # The API key's tenant when the server knows it (the unit that pays), else the `user` field.
+        return request.tenant or request.user or ""
 
     def order_key(self, request: Request, now: float) -> tuple:
         counter = self.counters.get(self.user_of(request), 0.0)

@@ -250,10 +250,12 @@ class Scheduler:
             if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
                 break  # head of line waits for memory; no overtaking keeps the policy's order
             request.num_computed_tokens = num_cached
-            request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+                # What the prompt found cached (usage.cached_tokens): at first admission only, not
+                # the blocks a preempted request finds again of its own.
+                request.num_cached_tokens = num_cached
             self._add_running(request, now)
             plan.scheduled.append(self._plan(request, num_new))
             budget -= num_new

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from punctual import __version__
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.server.async_engine import AsyncEngine
+from punctual.server.auth import isolation_salt, tenant_of
 from punctual.server.chat import ChatServing
 from punctual.server.completions import CompletionServing
 from punctual.server.config import ServerConfig
@@ -68,12 +69,15 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
     app.add_middleware(StampArrival)
 
     async def check_api_key(request: Request) -> None:
-        if config.api_key is None:
+        """401 without a known key; otherwise the key's tenant goes in request.state.tenant."""
+        request.state.tenant = None
+        if not config.api_keys:
             return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
+        tenant = tenant_of(config.api_keys, request.headers.get("authorization", ""))
+        if tenant is None:
             raise APIError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key")
+        request.state.tenant = tenant
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -93,7 +97,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
                                             "max_model_len": max_model_len}]}
 
     @v1.post("/cache/pin")
-    async def pin_prefix(body: PinRequest) -> dict:
+    async def pin_prefix(body: PinRequest, request: Request) -> dict:
         if body.model is not None and body.model != config.served_model_name:
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         if (body.prompt is None) == (body.prompt_token_ids is None):
@@ -106,7 +110,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
         except PromptError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         pin_id = body.pin_id or f"pin-{secrets.token_hex(8)}"
-        ack = await engine.pin(pin_id, token_ids)
+        salt = isolation_salt(config.prefix_cache_isolation, request.state.tenant, body.user, body.cache_salt)
+        ack = await engine.pin(pin_id, token_ids, salt)
         if not ack.ok:
             raise APIError(ack.status, ack.error, param="pin_id" if ack.status == 409 else param,
                            code="already_pinned" if ack.status == 409 else None)

@@ -46,6 +46,7 @@ class RequestHandle:
     handed_off_time: float | None = None
     core_first_token_time: float | None = None
     last_token_time: dict[str, float] = field(default_factory=dict)  # per child, for ITL
+    tenant: str | None = None  # the API key's tenant, for per-tenant metrics
 
     @property
     def finished(self) -> bool:
@@ -157,33 +158,37 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, waiter: asyncio.Event, *, arrival_time: float, priority: int = 0,
                     ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None,
-                    user: str | None = None) -> RequestHandle:
+                    user: str | None = None, cache_salt: str | None = None,
+                    tenant: str | None = None) -> RequestHandle:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine core is not running")
         children = self.output_processor.add_request(request_id, prompt, prompt_token_ids, params,
                                                       arrival_time)
         handle = RequestHandle(request_id, self.output_processor.parents[request_id], waiter,
-                               [child_id for child_id, _ in children])
+                               [child_id for child_id, _ in children], tenant=tenant)
         self.handles[request_id] = handle
         for child_id, _ in children:
             self.by_child[child_id] = handle
         try:
             for child_id, child_params in children:
                 self.client.add_request(EngineCoreRequest(child_id, prompt_token_ids, child_params, arrival_time,
-                                                          priority, ttft_slo_ms, tpot_slo_ms, user))
+                                                          priority, ttft_slo_ms, tpot_slo_ms, user, cache_salt,
+                                                          tenant))
         except EngineDeadError:
             self._forget(handle)
             raise
         handle.handed_off_time = time.monotonic()
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(prompt_token_ids) * params.n)
+            if tenant is not None:
+                self.metrics.observe_tenant_admitted(tenant, len(prompt_token_ids) * params.n)
         return handle
 
     # ---- pinned prefixes ----------------------------------------------------------------
-    async def pin(self, pin_id: str, prompt_token_ids: list[int]) -> PinAck:
+    async def pin(self, pin_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> PinAck:
         """Ask the core to compute the prefix and hold its blocks; its answer says whether it took
         the pin (the prefill then runs within a few steps) or why not."""
-        return await self._ask_core(self.client.pin_prefix, pin_id, list(prompt_token_ids))
+        return await self._ask_core(self.client.pin_prefix, pin_id, list(prompt_token_ids), cache_salt)
 
     async def unpin(self, pin_id: str) -> PinAck:
         """Release a pin (cancelling its prefill if it is still running)."""
@@ -263,7 +268,7 @@ class AsyncEngine:
             if parent.finished:
                 self._forget(handle)
                 if self.metrics is not None:
-                    self.metrics.observe_finished(parent)
+                    self.metrics.observe_finished(parent, handle.tenant)
             handle.waiter.set()
 
     def _on_death(self, reason: str) -> None:

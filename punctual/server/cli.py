@@ -16,8 +16,14 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    serve.add_argument("--api-key", default=None,
-                       help="require `Authorization: Bearer KEY` on /v1 routes (default: $PUNCTUAL_API_KEY)")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require `Authorization: Bearer KEY` on /v1 routes (repeatable: any of them; "
+                            "default: $PUNCTUAL_API_KEY); a key given alone is tenant key-N, N its position")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="API keys with their tenants, one `KEY TENANT` a line (# comments); with --api-key")
+    serve.add_argument("--prefix-cache-isolation", default="none", choices=["none", "api-key", "user"],
+                       help="who shares prefix-cache blocks: none (requests with the same cache_salt), api-key "
+                            "(each key's tenant its own), user (each `user` field its own); overrides cache_salt")
     serve.add_argument("--max-queue-len", type=int, default=1024,
                        help="queued + running requests beyond which new ones get 429")
     serve.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO of a request")
@@ -81,14 +87,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from punctual.cli import engine_kwargs
     from punctual.config import ClusterConfig, EngineConfig
     from punctual.server.app import build_app
+    from punctual.server.auth import load_api_keys
     from punctual.server.config import ServerConfig
 
+    env_key = os.environ.get("PUNCTUAL_API_KEY")
+    try:
+        api_keys = load_api_keys(args.api_key or ([env_key] if env_key else []), args.api_key_file)
+        server_config = ServerConfig(
+            served_model_name=args.served_model_name or args.model, api_keys=api_keys,
+            prefix_cache_isolation=args.prefix_cache_isolation,
+            max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+            shutdown_timeout_s=args.shutdown_timeout)
+    except ValueError as exc:
+        raise SystemExit(f"punctual serve: {exc}") from None
     engine_config = EngineConfig.from_kwargs(args.model, check_integrity=args.check_integrity, **engine_kwargs(args))
-    server_config = ServerConfig(
-        served_model_name=args.served_model_name or args.model,
-        api_key=args.api_key or os.environ.get("PUNCTUAL_API_KEY") or None,
-        max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
-        shutdown_timeout_s=args.shutdown_timeout)
     replicas = args.prefill_replicas + args.decode_replicas if args.prefill_replicas or args.decode_replicas \
         else args.replicas
     cluster = ClusterConfig(replicas=replicas, threads_per_replica=args.threads_per_replica,

@@ -146,11 +146,32 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.slo_outcomes = Counter("punctual_slo_outcomes", "Finished requests that met or missed an SLO",
                                     ["slo", "outcome"], registry=r)
+        # Per tenant of an API key (server/auth.py): the key file bounds the label's values. Not
+        # per `user`: that field is the client's to fill, so its values are unbounded.
+        self.tenant_requests = Counter("punctual_tenant_requests_finished",
+                                       "Requests finished (per sample), by API-key tenant", ["tenant"], registry=r)
+        self.tenant_prompt_tokens = Counter("punctual_tenant_prompt_tokens",
+                                            "Prompt tokens of admitted requests (per sample), by API-key tenant",
+                                            ["tenant"], registry=r)
+        self.tenant_cached_tokens = Counter("punctual_tenant_prefix_cache_hits",
+                                            "Prompt tokens found in the prefix cache, by API-key tenant",
+                                            ["tenant"], registry=r)
+        self.tenant_generation_tokens = Counter("punctual_tenant_generation_tokens",
+                                                "Tokens generated for finished requests, by API-key tenant",
+                                                ["tenant"], registry=r)
 
     def watch_engine(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]) -> None:
         self.registry.register(EngineStatsCollector(read_stats, read_alive))
 
-    def observe_finished(self, parent: ParentState) -> None:
+    def observe_tenant_admitted(self, tenant: str, prompt_tokens: int) -> None:
+        self.tenant_prompt_tokens.labels(tenant).inc(prompt_tokens)
+
+    def observe_finished(self, parent: ParentState, tenant: str | None = None) -> None:
+        if tenant is not None:
+            self.tenant_requests.labels(tenant).inc(len(parent.samples))
+            self.tenant_generation_tokens.labels(tenant).inc(sum(len(s.token_ids) for s in parent.samples))
+            self.tenant_cached_tokens.labels(tenant).inc(
+                sum(s.metrics.get("num_cached_tokens", 0) for s in parent.samples if s.metrics is not None))
         m = parent.metrics
         if m.finished_time is not None:
             self.e2e_request_latency.observe(m.finished_time - m.arrival_time)

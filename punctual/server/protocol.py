@@ -80,6 +80,9 @@ class GenerationRequest(BaseModel):
     structured_outputs: StructuredOutputsParams | None = None
     # vLLM's extension: logprobs of the prompt's tokens, with this many top alternatives each.
     prompt_logprobs: int | None = None
+    # vLLM's extension: only requests with the same salt share prefix-cache blocks (a server that
+    # isolates by API key or user replaces it with the tenant's).
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     @property
     def include_usage(self) -> bool:
@@ -234,6 +237,10 @@ class PinRequest(BaseModel):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     pin_id: str | None = None  # default: a new id, returned
+    # The pinned blocks serve requests with this salt (as a generation request's cache_salt; the
+    # server's isolation, by API key or by `user`, overrides it the same way).
+    cache_salt: str | None = Field(default=None, min_length=1)
+    user: str | None = None
 
 
 class UnpinRequest(BaseModel):

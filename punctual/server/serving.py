@@ -18,8 +18,10 @@ from starlette.background import BackgroundTask
 
 from punctual.engine.client import EngineDeadError
 from punctual.engine.output_processor import SampleState
+from punctual.outputs import cached_prompt_tokens
 from punctual.sampling_params import SamplingParams
 from punctual.server.async_engine import AsyncEngine, RequestHandle, RequestRejected
+from punctual.server.auth import isolation_salt
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, bad_request, from_value_error
 from punctual.server.protocol import GenerationRequest
@@ -122,8 +124,11 @@ class Generation:
     def usage(self) -> dict:
         prompt_tokens = sum(len(h.state.prompt_token_ids) for h in self.handles)
         completion_tokens = sum(len(s.token_ids) for s in self.samples())
+        # OpenAI's and vLLM's report of prompt tokens served from the prefix cache.
+        cached_tokens = sum(cached_prompt_tokens(s.metrics for s in h.state.samples) or 0 for h in self.handles)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
         # Extensions: TTFT as the engine saw it (hand-off to the core -> first token sampled), and
         # as the server saw it (HTTP arrival -> first token detokenized); the gap is the front end's.
         engine_ttfts = [h.engine_ttft for h in self.handles if h.engine_ttft is not None]
@@ -203,7 +208,7 @@ class OpenAIServing:
             raise APIError(429, f"the server is at capacity ({self.engine.num_in_flight} requests queued or "
                                 f"running, limit {self.config.max_queue_len}); retry later",
                            code="queue_full")
-        generation = self.submit(body, prompts, params, arrival_time)
+        generation = self.submit(body, prompts, params, arrival_time, getattr(request.state, "tenant", None))
         generation.tool_parser_factory = self.tool_parser_factory(body)
         generation.body = body
         base = {"id": f"{self.id_prefix}-{generation.request_id}", "created": int(time.time()),
@@ -243,17 +248,19 @@ class OpenAIServing:
             raise bad_request(str(exc), exc.param, exc.code) from None
 
     def submit(self, body: GenerationRequest, prompts: list[tuple[str | None, list[int]]],
-               params: SamplingParams, arrival_time: float) -> Generation:
+               params: SamplingParams, arrival_time: float, tenant: str | None = None) -> Generation:
         waiter = asyncio.Event()
         request_id = uuid.uuid4().hex
         ttft_slo = body.ttft_slo_ms if body.ttft_slo_ms is not None else self.config.ttft_slo_ms
         tpot_slo = body.tpot_slo_ms if body.tpot_slo_ms is not None else self.config.tpot_slo_ms
+        cache_salt = isolation_salt(self.config.prefix_cache_isolation, tenant, body.user, body.cache_salt)
         handles: list[RequestHandle] = []
         try:
             for i, (text, token_ids) in enumerate(prompts):
                 handles.append(self.engine.add_request(
                     f"{request_id}-{i}", text, token_ids, params, waiter, arrival_time=arrival_time,
-                    priority=body.priority, ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, user=body.user))
+                    priority=body.priority, ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, user=body.user,
+                    cache_salt=cache_salt, tenant=tenant))
         except (EngineDeadError, ValueError) as exc:
             for handle in handles:
                 self.engine.abort(handle)
