@@ -471,8 +471,7 @@ class DecoderModel:
         q_size, kv_size, head_dim = self.q_size, self.kv_size, arch.head_dim
         rotated_heads = arch.num_heads + arch.num_kv_heads
         # RoPE in place inside qkv by the kernel (after per-head q/k norms, also kernels): full rotary only.
-        in_kernel_rope = (arch.qk_norm in ("none", "head") and arch.clip_qkv is None and arch.rotary_dim == head_dim
-                          and not arch.norm_plus_one)
+        in_kernel_rope = arch.qk_norm in ("none", "head") and arch.clip_qkv is None and arch.rotary_dim == head_dim
         residual = self._embed(input_ids)
         tables = [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]  # [T, D] each
         scale = arch.residual_multiplier
