@@ -297,3 +297,25 @@ def test_phi3_longrope_factors_become_the_rope_scaling_they_came_from(gguf_dir):
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_models.hf_greedy(hf_dir, PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize("arch,qtype", [("phi3", "Q4_0"), ("gemma3", "Q8_0")])
+def test_quantized_dense_gguf_runs_as_its_dequantized_checkpoint(gguf_dir, arch, qtype):
+    """A quantized file of a new architecture is the checkpoint of its dequantized values; Phi-3's
+    fused Q4_0 projections stay the file's own 4-bit values under int4."""
+    import torch
+
+    from punctual.model.quant import QuantizedWeight
+
+    hf_dir = hf_checkpoint_for_gguf(gguf_dir / f"hf-{arch}-{qtype}", arch)
+    path = gguf_from_hf(hf_dir, gguf_dir / f"{arch}-{qtype}.gguf", arch, qtype)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_models.hf_greedy(gguf_checkpoint(path), PROMPTS[:2], MAX_NEW)
+    if qtype == "Q4_0":
+        layer = LLM(str(path), dtype="bfloat16", quantization="int4", num_kv_blocks=64).engine.core.runner.model.layers[0]
+        for name in ("qkv", "gate_up"):
+            weight = getattr(layer, name)
+            assert isinstance(weight, QuantizedWeight) and weight.scales.dtype == torch.float32, name
+            assert not weight.scales[..., 1].any()  # Q4_0: zero points 0, the file's scales kept
