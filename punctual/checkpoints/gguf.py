@@ -28,14 +28,25 @@ from punctual.checkpoints.builtin import build_once, cache_root
 logger = logging.getLogger("punctual.model")
 
 # GGUF `general.architecture` -> the transformers class Punctual runs it as. llama.cpp writes
-# Mistral checkpoints as "llama"; "mistral" is accepted for files from other writers.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# llama.cpp's converter permutes the Q and K rows of these architectures for its rotary kernel
-# (halves instead of interleaved pairs); Qwen2 uses the NeoX layout and is stored as is.
-PERMUTED_QK = ("llama", "mistral")
+# Mistral checkpoints as "llama"; "mistral" is accepted for files from other writers. Mixture-of-
+# experts GGUF files (qwen2moe, qwen3moe, llama with experts, olmoe) are not converted.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+}
+# transformers' model_type where it differs from the GGUF name (Gemma 3's text-only model).
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
+# llama.cpp's convert_hf_to_gguf permutes the Q and K rows of the architectures its LlamaModel
+# converts (SmolLM3 and Granite subclass it) for its rotary kernel (interleaved pairs instead of
+# halves); Qwen, Gemma and Phi-3 run llama.cpp's NeoX rotary and are stored as they are.
+PERMUTED_QK = ("llama", "mistral", "smollm3", "granite")
+# llama.cpp's Gemma converters store every RMSNorm weight as 1 + w (its RMSNorm multiplies by the
+# weight); Hugging Face keeps w and multiplies by (1 + w).
+NORM_PLUS_ONE = ("gemma2", "gemma3")
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Bump when the conversion changes, so stale caches are rebuilt rather than reused.
-GGUF_VERSION = 3  # 3: the 4-bit blocks beside a plain checkpoint (2 put them inside it)
+GGUF_VERSION = 4  # 4: Qwen3, Gemma 2/3, Phi-3, SmolLM3, Granite (3: 4-bit blocks beside the checkpoint)
 
 Q4_FILE = "gguf_q4.safetensors"  # the 4-bit blocks of Q4_0 / Q4_1 layers, beside the checkpoint
 
@@ -46,9 +57,19 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's names differ from Llama's: Gemma 2/3's four norms a layer (llama.cpp's
+# ffn_norm is the norm before the MLP, Hugging Face's pre_feedforward_layernorm), and Phi-3's
+# fused gate/up projection, which llama.cpp stores as ffn_up (gate rows first, as in Hugging Face).
+_GEMMA_LAYER_TENSORS = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                        "post_ffw_norm": "post_feedforward_layernorm"}
+_ARCH_LAYER_TENSORS = {"gemma2": _GEMMA_LAYER_TENSORS, "gemma3": _GEMMA_LAYER_TENSORS,
+                       "phi3": {"ffn_up": "mlp.gate_up_proj"}}
+# Tensors that are configuration, not weights: llama3 rope factors, Phi-3's LongRoPE factors.
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # End-of-generation tokens llama.cpp recognizes by their text, beyond the ids the file names.
 _EOG_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>")
@@ -133,32 +154,126 @@ def _config(reader, meta: dict, arch: str) -> dict:
     hidden_size = get("embedding_length")
     vocab_size = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [ARCHITECTURES[arch]], "model_type": _MODEL_TYPES.get(arch, arch),
         "vocab_size": vocab_size, "hidden_size": hidden_size,
         "num_hidden_layers": get("block_count"), "intermediate_size": get("feed_forward_length"),
         "num_attention_heads": num_heads, "num_key_value_heads": get("attention.head_count_kv", num_heads),
         "head_dim": get("attention.key_length") or hidden_size // num_heads,
         "max_position_embeddings": get("context_length", 2048),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": get("rope.freq_base", 10000.0), "hidden_act": "silu",
+        "rms_norm_eps": _decimal(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _decimal(get("rope.freq_base", 10000.0)), "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
         "torch_dtype": _checkpoint_dtype(reader),
+        "pad_token_id": None,  # unless the file names one: transformers' Phi-3 default is out of small vocabularies
     }
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3", "smollm3"):
         config["use_sliding_window"] = False
     scaling = get("rope.scaling.type")
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
-    elif scaling not in (None, "none"):
-        raise ValueError(f"unsupported GGUF rope scaling {scaling!r} (supported: linear)")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _decimal(get("rope.scaling.factor"))}
+    elif scaling not in (None, "none") and not (arch == "phi3" and scaling in ("longrope", "su")):
+        raise ValueError(f"unsupported GGUF rope scaling {scaling!r} (supported: linear; longrope for phi3)")
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if rope_freqs is not None:  # Llama 3.1+: llama.cpp stores the scaling as one factor per frequency
         config["rope_scaling"] = _llama3_rope_scaling([float(f) for f in rope_freqs.data], config)
+    _ARCH_CONFIG.get(arch, lambda *_: None)(config, get, reader)
     for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = meta[f"tokenizer.ggml.{key}"]
     return config
+
+
+def _decimal(value):
+    """A float32 metadata value as the shortest decimal that is the same float32: 0.08, not
+    0.07999999821186066, so config.json holds what the Hugging Face config said."""
+    import numpy as np
+
+    return float(str(np.float32(value))) if isinstance(value, float) else value
+
+
+def _gemma_attention(config: dict, big_layers: int) -> None:
+    """llama.cpp keeps no query_pre_attn_scalar: it scales queries by head_dim ** -0.5, except in
+    the 27B models (known by their layer count), which use hidden / heads, as Google's configs say."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    config["query_pre_attn_scalar"] = config["hidden_size"] // heads if layers == big_layers else config["head_dim"]
+    config["hidden_activation"] = config["hidden_act"] = "gelu_pytorch_tanh"
+
+
+def _layer_types(config: dict, pattern: int, get) -> None:
+    """Every `pattern`-th layer global, the rest sliding (llama.cpp's fixed Gemma pattern), unless
+    the file lists them (attention.sliding_window_pattern: a period, or per layer True = sliding)."""
+    listed = get("attention.sliding_window_pattern")
+    layers = config["num_hidden_layers"]
+    if isinstance(listed, list):
+        sliding = [bool(flag) for flag in listed]
+    else:
+        period = listed or pattern
+        sliding = [(i + 1) % period != 0 for i in range(layers)]
+    if not config.get("sliding_window"):
+        sliding = [False] * layers
+    config["layer_types"] = ["sliding_attention" if flag else "full_attention" for flag in sliding]
+
+
+def _gemma2(config: dict, get, reader) -> None:
+    _gemma_attention(config, big_layers=46)
+    # llama.cpp's defaults where the file has no value are Gemma 2's own.
+    config["attn_logit_softcapping"] = _decimal(get("attn_logit_softcapping", 50.0))
+    config["final_logit_softcapping"] = _decimal(get("final_logit_softcapping", 30.0))
+    config["sliding_window"] = get("attention.sliding_window")
+    _layer_types(config, 2, get)
+
+
+def _gemma3(config: dict, get, reader) -> None:
+    _gemma_attention(config, big_layers=62)
+    config["attn_logit_softcapping"] = None
+    config["final_logit_softcapping"] = _decimal(get("final_logit_softcapping"))
+    config["sliding_window"] = get("attention.sliding_window")
+    _layer_types(config, 6, get)
+    # Files converted before llama.cpp wrote rope.freq_base_swa run their local layers at 10000.
+    config["rope_local_base_freq"] = _decimal(get("rope.freq_base_swa", 10000.0))
+
+
+def _phi3(config: dict, get, reader) -> None:
+    import math
+
+    rotary_dim = get("rope.dimension_count")
+    if rotary_dim and rotary_dim != config["head_dim"]:
+        config["partial_rotary_factor"] = rotary_dim / config["head_dim"]
+    config["sliding_window"] = get("attention.sliding_window") or None  # 0: none (Phi-4)
+    original = get("rope.scaling.original_context_length")
+    if original:
+        config["original_max_position_embeddings"] = original
+    factors = {t.name: [_decimal(float(f)) for f in t.data] for t in reader.tensors
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if factors:  # LongRoPE: one divisor per rotary frequency for long and for short contexts
+        scaling = {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                   "short_factor": factors["rope_factors_short.weight"]}
+        # llama.cpp stores the attention factor; transformers derives the same one from the lengths.
+        attn_factor = get("rope.scaling.attn_factor")
+        scale = config["max_position_embeddings"] / (original or config["max_position_embeddings"])
+        derived = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        if attn_factor is not None and abs(attn_factor - derived) > 1e-6:
+            scaling["attention_factor"] = _decimal(attn_factor)
+        config["rope_scaling"] = scaling
+
+
+def _smollm3(config: dict, get, reader) -> None:
+    # llama.cpp stores no NoPE layers: every fourth layer has no rotary, as in SmolLM3's config.
+    config["no_rope_layer_interval"] = 4
+    config["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]
+
+
+def _granite(config: dict, get, reader) -> None:
+    # llama.cpp writes each multiplier only when it is set; without attention.scale it scales
+    # queries by head_dim ** -0.5, without the others by 1.
+    config["attention_multiplier"] = _decimal(get("attention.scale") or config["head_dim"] ** -0.5)
+    config["embedding_multiplier"] = _decimal(get("embedding_scale", 1.0))
+    config["residual_multiplier"] = _decimal(get("residual_scale", 1.0))
+    config["logits_scaling"] = _decimal(get("logit_scale", 1.0))
+
+
+_ARCH_CONFIG = {"gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "smollm3": _smollm3, "granite": _granite}
 
 
 def _llama3_rope_scaling(factors: list[float], config: dict) -> dict | None:
@@ -206,14 +321,15 @@ def _checkpoint_dtype(reader) -> str:
     return "bfloat16"
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+    layer_tensors = {**_LAYER_TENSORS, **_ARCH_LAYER_TENSORS.get(arch, {})}
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_tensors:
+        return f"model.layers.{parts[1]}.{layer_tensors[parts[2]]}.{suffix}"
     if base in _MODEL_TENSORS:
         return f"{_MODEL_TENSORS[base]}.{suffix}"
-    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r} for architecture {arch!r}")
 
 
 def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
@@ -224,9 +340,9 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
 
     weights, q4 = {}, {}
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":  # already in config.json as rope_scaling
+        if tensor.name in _CONFIG_TENSORS:  # already in config.json as rope_scaling
             continue
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, arch)
         kind = tensor.tensor_type.name
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest first
         if kind in ("Q4_0", "Q4_1") and name.startswith("model.layers.") and shape[0] % 16 == 0:
@@ -240,8 +356,13 @@ def _write_weights(reader, arch: str, config: dict, path: Path) -> None:
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             array = _unpermute_qk(array, heads)
+        shifted = arch in NORM_PLUS_ONE and name.endswith("norm.weight")
+        if shifted:
+            # Gemma scales by 1 + w in float32; 1 + ((w + 1) - 1) is the file's w + 1 exactly
+            # wherever w + 1 >= 0.5, so the model computes what llama.cpp does with the file.
+            array = array.astype(np.float32) - np.float32(1)
         value = torch.from_numpy(np.array(array, order="C"))  # a copy: F32 data is a read-only memmap
-        if kind in ("F16", "BF16"):  # exact: these dequantize losslessly to float32
+        if kind in ("F16", "BF16") and not shifted:  # exact: these dequantize losslessly to float32
             value = value.to(torch.float16 if kind == "F16" else torch.bfloat16)
         weights[name] = value
     save_file(weights, str(path), metadata={"format": "pt"})
@@ -274,9 +395,15 @@ def _unpermute_qk(weight, num_heads: int):
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path):
     """transformers' GGUF tokenizer conversion: vocabulary, merges, special tokens, chat template."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except ValueError:
+        # AutoTokenizer first reads the file's model config to pick a tokenizer class, and
+        # transformers reads no smollm3 or granite GGUF config; the tokenizer itself comes from
+        # tokenizer.ggml.* alone, which the generic fast tokenizer converts the same way.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(str(out_dir))
     config_file = out_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
