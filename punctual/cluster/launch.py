@@ -13,6 +13,7 @@ import time
 
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.sim.trace import TRACE_ENV, replica_trace_path
+from punctual.wire.auth import new_secret
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class RayReplicas:
         self.cluster = cluster
         self.actors: list = []
         self.started_ray = False
+        # The replicas' wire secret, made here at start-up: it reaches each replica as an argument
+        # of its actor's constructor (through Ray, never a command line or an environment).
+        self.secret = new_secret()
 
     def start(self) -> None:
         """Connect to (or start) Ray and create every replica's actor; does not wait for them."""
@@ -61,7 +65,7 @@ class RayReplicas:
             if trace:  # `punctual sim calibrate --server --replicas N`: one step trace per replica
                 options["runtime_env"] = {"env_vars": {TRACE_ENV: replica_trace_path(trace, replica_id)}}
             self.actors.append(actor_class.options(**options).remote(
-                self.engine_config, cluster.threads_per_replica, host))
+                self.engine_config, cluster.threads_per_replica, host, self.secret))
         self.ray = ray
 
     @staticmethod
