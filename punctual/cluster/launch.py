@@ -23,6 +23,21 @@ LOCAL_OBJECT_STORE_BYTES = 80 << 20
 LOCAL_OBJECT_STORE_KV_BYTES = 512 << 20
 
 
+def use_cluster_token_auth() -> None:
+    """Before joining a cluster by address: turn Ray's token authentication on in this process when
+    a token is found (~/.ray/auth_token, which `ray start --head` and a local ray.init write, or
+    RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE is unset. Ray 2.60 does this itself
+    only for address "auto"; with HOST:PORT it connects without the token, and a head started by
+    `ray start --head` (token auth on once a token exists) refuses it with InvalidAuthToken."""
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        logger.info("joining the Ray cluster with token authentication (RAY_AUTH_MODE=token)")
+
+
 class RayReplicas:
     """The replicas' actors; a local Ray instance is started here when no address is given."""
 
@@ -54,6 +69,7 @@ class RayReplicas:
                          log_to_driver=False, configure_logging=False)
                 self.started_ray = True
             else:
+                use_cluster_token_auth()
                 ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
         # Replicas on this machine listen on loopback; on a cluster, on their node's address.
         host = cluster.ray_host if self.started_ray else None
