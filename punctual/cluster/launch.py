@@ -70,7 +70,13 @@ class RayReplicas:
                 self.started_ray = True
             else:
                 use_cluster_token_auth()
-                ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
+                try:
+                    ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
+                except ConnectionError as exc:
+                    raise RuntimeError(
+                        f"could not join the Ray cluster at {cluster.ray_address}: {exc}. A cluster with token "
+                        "authentication (a `ray start --head` that found a token) needs its ~/.ray/auth_token "
+                        "on this host too") from exc
         # Replicas on this machine listen on loopback; on a cluster, on their node's address.
         host = cluster.ray_host if self.started_ray else None
         actor_class = ray.remote(ReplicaServer)

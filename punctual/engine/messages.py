@@ -118,7 +118,9 @@ SCHEMA = Schema("punctual.engine.core", [
     SamplingParams, StructuredOutput, EngineCoreRequest, MigratedRequest, TokenLogprobs, EngineCoreOutput,
     EngineStats, SharedKV, StagedKV, CoreInfo, PinAck, KVAnswer, CoreUpdate, CoreFailure,
 ])
-_COMMAND_CONVERTERS = {kind: SCHEMA.converter(type(None) if args is None else args) for kind, args in COMMANDS.items()}
+_COMMAND_ARGS = {kind: type(None) if args is None else args for kind, args in COMMANDS.items()}
+for _args in _COMMAND_ARGS.values():  # compiled now: an annotation the codec cannot carry fails at import
+    SCHEMA.converter(_args)
 
 
 def encode_commands(commands: list[tuple]) -> bytes:
@@ -135,10 +137,10 @@ def decode_commands(data: bytes) -> list[tuple]:
         if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
             raise WireError(f"command {index}: expected [kind, arguments]")
         kind, args = item
-        convert = _COMMAND_CONVERTERS.get(kind)
-        if convert is None:
+        expected = _COMMAND_ARGS.get(kind)
+        if expected is None:
             raise WireError(f"command {index}: unknown command {kind[:40]!r}")
-        commands.append((kind, convert(args, f"{kind} command")))
+        commands.append((kind, SCHEMA.convert(args, expected, f"{kind} command")))
     return commands
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import msgpack
 
-Converter = Callable[[Any, str], Any]  # (raw msgpack data, where in the message) -> value
+Converter = Callable[[Any], Any]  # raw msgpack data -> the value (raises _Mismatch)
 
 
 class WireError(ValueError):
@@ -85,7 +85,10 @@ class Schema:
             raise WireError(f"not a msgpack message ({type(exc).__name__}: {exc})") from None
 
     def convert(self, raw: Any, expected: Any, where: str = "message") -> Any:
-        return self.converter(expected)(raw, where)
+        try:
+            return self.converter(expected)(raw)
+        except _Mismatch as exc:
+            raise WireError(f"{where}{''.join(reversed(exc.path))}: {exc.problem}") from None
 
     def converter(self, tp: Any) -> Converter:
         found = self._converters.get(tp)
@@ -115,11 +118,9 @@ class Schema:
         if origin in (types.UnionType, typing.Union):
             return self._union(tp, args)
         if origin is list and len(args) == 1:
-            item = self.converter(args[0])
-            return _list_of(item, list)
+            return _list_of(self.converter(args[0]), list)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            item = self.converter(args[0])
-            return _list_of(item, tuple)
+            return _list_of(self.converter(args[0]), tuple)
         if origin is tuple and args:
             return _fixed_tuple([self.converter(a) for a in args])
         if origin is dict and len(args) == 2:
@@ -128,22 +129,31 @@ class Schema:
 
     def _dataclass(self, cls: type) -> Converter:
         type_id = self._ids[cls]
-        fields = self._fields[cls]
-        width = len(fields) + 1
-        name = cls.__qualname__
+        names = [f".{name}" for name, _ in self._fields[cls]]
+        width = len(names) + 1
+        label = f"a {cls.__qualname__}"
         converters: list[Converter] = []
 
-        def convert(raw: Any, where: str) -> Any:
-            if type(raw) is not list or len(raw) != width or raw[0] != type_id or type(raw[0]) is not int:
-                raise WireError(f"{where}: expected a {name}, got {_show(raw)}")
-            values = [conv(value, f"{where}.{field}") for conv, (field, _), value in zip(converters, fields, raw[1:])]
+        def convert(raw: Any) -> Any:
+            if type(raw) is not list or len(raw) != width or type(raw[0]) is not int or raw[0] != type_id:
+                raise _expected(label, raw)
+            try:
+                values = [conv(value) for conv, value in zip(converters, raw[1:])]
+            except _Mismatch as exc:  # the slow path, only to say which field
+                for index, (conv, value) in enumerate(zip(converters, raw[1:])):
+                    try:
+                        conv(value)
+                    except _Mismatch:
+                        exc.path.append(names[index])
+                        break
+                raise
             try:
                 return cls(*values)
             except (TypeError, ValueError) as exc:  # the class's own checks (__post_init__)
-                raise WireError(f"{where}: not a valid {name}: {exc}") from None
+                raise _Mismatch(f"not a valid {cls.__qualname__}: {exc}") from None
 
         self._converters[cls] = convert  # before the fields: a dataclass may nest itself
-        converters.extend(self.converter(t) for _, t in fields)
+        converters.extend(self.converter(t) for _, t in self._fields[cls])
         return convert
 
     def _union(self, tp: Any, args: tuple) -> Converter:
@@ -168,30 +178,44 @@ class Schema:
         sequence = self.converter(array_like[0]) if array_like and not dataclass_members else None
         label = " | ".join(_describe(a) for a in args)
 
-        def convert(raw: Any, where: str) -> Any:
+        def convert(raw: Any) -> Any:
             kind = type(raw)
             if kind is list:
                 if sequence is not None:
-                    return sequence(raw, where)
+                    return sequence(raw)
                 member = dataclass_members.get(raw[0]) if raw and type(raw[0]) is int else None
                 if member is not None:
-                    return member(raw, where)
+                    return member(raw)
             elif kind is dict:
                 if mapping is not None:
-                    return mapping(raw, where)
+                    return mapping(raw)
             else:
                 scalar = scalars.get(kind)
                 if scalar is not None:
-                    return scalar(raw, where)
-            raise WireError(f"{where}: expected {label}, got {_show(raw)}")
+                    return scalar(raw)
+            raise _expected(label, raw)
 
         return convert
 
 
+class _Mismatch(Exception):
+    """Raised inside conversion, where the path is not known yet: each enclosing converter adds
+    its step on the way out, so a message that fits pays for no path strings."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+        self.path: list[str] = []
+
+
+def _expected(label: str, raw: Any) -> _Mismatch:
+    return _Mismatch(f"expected {label}, got {_show(raw)}")
+
+
 def _exact(kind: type, label: str) -> Converter:
-    def convert(raw: Any, where: str) -> Any:
+    def convert(raw: Any) -> Any:
         if type(raw) is not kind:
-            raise WireError(f"{where}: expected {label}, got {_show(raw)}")
+            raise _expected(label, raw)
         return raw
 
     return convert
@@ -200,36 +224,54 @@ def _exact(kind: type, label: str) -> Converter:
 _INT = _exact(int, "an integer")  # shared: a list of ints takes the one-pass check in _list_of
 
 
-def _number(raw: Any, where: str) -> Any:
+def _number(raw: Any) -> Any:
     if type(raw) is not float and type(raw) is not int:  # an int stays an int, as it was sent
-        raise WireError(f"{where}: expected a number, got {_show(raw)}")
+        raise _expected("a number", raw)
     return raw
 
 
-def _plain(raw: Any, where: str) -> Any:
+def _plain(raw: Any) -> Any:
     """Free-form data (a metrics dict): whatever msgpack built, minus its extension types."""
     kind = type(raw)
     if kind is dict:
         for key, value in raw.items():
-            _plain(key, where)
-            _plain(value, f"{where}[{key!r}]")
+            _plain(key)
+            try:
+                _plain(value)
+            except _Mismatch as exc:
+                exc.path.append(f"[{key!r}]")
+                raise
     elif kind is list:
         for index, value in enumerate(raw):
-            _plain(value, f"{where}[{index}]")
+            try:
+                _plain(value)
+            except _Mismatch as exc:
+                exc.path.append(f"[{index}]")
+                raise
     elif kind not in (type(None), bool, int, float, str, bytes):
-        raise WireError(f"{where}: expected plain data, got {_show(raw)}")
+        raise _expected("plain data", raw)
     return raw
 
 
 def _list_of(item: Converter, container: type) -> Converter:
-    def convert(raw: Any, where: str) -> Any:
+    def convert(raw: Any) -> Any:
         if type(raw) is not list:
-            raise WireError(f"{where}: expected an array, got {_show(raw)}")
+            raise _expected("an array", raw)
         if item is _INT:  # token ids: the long lists; one pass, no call per element
             if not all(type(v) is int for v in raw):
-                raise WireError(f"{where}: expected integers, got {_show(raw)}")
+                raise _expected("integers", raw)
             return raw if container is list else tuple(raw)
-        values = [item(value, f"{where}[{index}]") for index, value in enumerate(raw)]
+        index = 0
+        try:
+            values = [item(value) for value in raw]
+        except _Mismatch as exc:
+            for index, value in enumerate(raw):
+                try:
+                    item(value)
+                except _Mismatch:
+                    break
+            exc.path.append(f"[{index}]")
+            raise
         return values if container is list else tuple(values)
 
     return convert
@@ -237,20 +279,35 @@ def _list_of(item: Converter, container: type) -> Converter:
 
 def _fixed_tuple(items: list[Converter]) -> Converter:
     width = len(items)
+    label = f"an array of {width}"
 
-    def convert(raw: Any, where: str) -> Any:
+    def convert(raw: Any) -> Any:
         if type(raw) is not list or len(raw) != width:
-            raise WireError(f"{where}: expected an array of {width}, got {_show(raw)}")
-        return tuple(conv(value, f"{where}[{index}]") for index, (conv, value) in enumerate(zip(items, raw)))
+            raise _expected(label, raw)
+        values = []
+        for index, (conv, value) in enumerate(zip(items, raw)):
+            try:
+                values.append(conv(value))
+            except _Mismatch as exc:
+                exc.path.append(f"[{index}]")
+                raise
+        return tuple(values)
 
     return convert
 
 
 def _dict_of(key: Converter, value: Converter) -> Converter:
-    def convert(raw: Any, where: str) -> Any:
+    def convert(raw: Any) -> Any:
         if type(raw) is not dict:
-            raise WireError(f"{where}: expected a map, got {_show(raw)}")
-        return {key(k, f"{where} key"): value(v, f"{where}[{k!r}]") for k, v in raw.items()}
+            raise _expected("a map", raw)
+        converted = {}
+        for k, v in raw.items():
+            try:
+                converted[key(k)] = value(v)
+            except _Mismatch as exc:
+                exc.path.append(f"[{k!r}]")
+                raise
+        return converted
 
     return convert
 
