@@ -177,3 +177,33 @@ def test_frames_carry_the_length_first():
     frame = encode_frame(encode_commands, [("abort", ["a"])])
     (size,) = struct.unpack("!Q", frame[:8])
     assert size == len(frame) - 8 and msgpack.unpackb(frame[8:]) == [["abort", ["a"]]]
+
+
+def test_a_malformed_frame_from_the_core_ends_only_that_connection():
+    """The front end's asyncio end: a frame that does not decode marks that core dead with the
+    reason (its requests fail over or end with an error), and nothing in it is run."""
+    import asyncio
+
+    from punctual.config import EngineConfig
+    from punctual.engine.client import EngineCoreClient
+    from punctual.wire.channel import encode_frame
+
+    async def scenario() -> tuple[list, list[str]]:
+        front, core = socket.socketpair()
+        client = EngineCoreClient(EngineConfig.from_kwargs("builtin-tiny"))
+        client.sock = front
+        client.info = CoreInfo(1, "m", 16, 16, (), 16, STATS)
+        updates, deaths = [], []
+        await client.attach(updates.append, deaths.append)
+        core.sendall(encode_frame(encode_from_core, CoreUpdate([EngineCoreOutput("a", [1])])))
+        core.sendall(struct.pack("!Q", 4) + b"\xc1\xc1\xc1\xc1")  # 0xc1: never valid msgpack
+        for _ in range(500):  # a deadline, not a timing: the loop delivers both frames promptly
+            if deaths:
+                break
+            await asyncio.sleep(0.01)
+        core.close()
+        return updates, deaths
+
+    updates, deaths = asyncio.run(scenario())
+    assert [u.outputs[0].request_id for u in updates] == ["a"]
+    assert deaths and "malformed frame" in deaths[0]

@@ -99,6 +99,7 @@ class EngineCoreClient:
             if not self.process.is_alive():
                 raise RuntimeError(f"engine core exited during start-up (exit code {self.process.exitcode})")
             if deadline is not None and time.monotonic() > deadline:
+                self._stop_process(0)
                 raise RuntimeError(f"engine core did not start within {timeout} s")
 
     def connect(self, host: str, port: int, timeout: float | None = None, *, secret: bytes) -> CoreInfo:
