@@ -180,7 +180,7 @@ class EngineConfig:
 
 
 ROUTERS = ("cache_aware", "least_loaded", "round_robin")
-# How KV moves between replicas: pickled bytes relayed by the front end over the replicas' sockets;
+# How KV moves between replicas: raw buffers relayed by the front end over the replicas' sockets;
 # Ray's object store; a shared-memory segment between two replicas of one host.
 TRANSPORTS = ("relay", "object-store", "direct")
 

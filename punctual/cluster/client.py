@@ -15,7 +15,7 @@ rejoins when its engine has loaded again, and gets the pins back.
 Pins are broadcast: every replica computes and holds the prefix, so any may serve its users.
 
 KV moves between replicas (migrate) by one of three transports (--kv-transport): relay (the
-source's kv_* answer carries the payload, already pickled, and the front end sends it on over the
+source's kv_* answer carries the payload, already encoded, and the front end sends it on over the
 target's socket), object-store (the payload waits in the source actor; the front end has Ray
 carry it to the target actor, handling only the ObjectRef), or direct (a shared-memory segment
 that the target maps; only its name passes through here). Drain, rebalancing and making room for
@@ -37,9 +37,10 @@ from punctual.cluster import migration as policy
 from punctual.cluster.router import NoReplicaAvailable, ReplicaLoad, make_router
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
+from punctual.engine.messages import KVAnswer, PinAck
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import KVAnswer, PinAck, StagedKV
 from punctual.request import EngineCoreRequest
+from punctual.wire.kv import StagedKV
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class ClusterClient:
     def _connect(self, replica: Replica, timeout: float | None, not_pid: int | None = None) -> CoreInfo:
         host, port, pid = self.launcher.address(replica.replica_id, timeout, not_pid)
         client = EngineCoreClient(self.config)
-        info = client.connect(host, port, timeout=30.0)
+        info = client.connect(host, port, timeout=30.0, secret=self.launcher.secret)
         replica.client, replica.host, replica.pid = client, host, pid
         return info
 

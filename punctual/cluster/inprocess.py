@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from punctual.cluster.replica import ReplicaServer
 from punctual.config import ClusterConfig, EngineConfig
+from punctual.wire.auth import new_secret
 
 
 class InProcessReplicas:
@@ -12,10 +13,12 @@ class InProcessReplicas:
 
     def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig):
         self.engine_config, self.cluster = engine_config, cluster
+        self.secret = new_secret()
 
     def start(self) -> None:
-        InProcessReplicas.servers = [ReplicaServer(self.engine_config, self.cluster.threads_per_replica, "127.0.0.1")
-                                     for _ in range(self.cluster.replicas)]
+        InProcessReplicas.servers = [
+            ReplicaServer(self.engine_config, self.cluster.threads_per_replica, "127.0.0.1", self.secret)
+            for _ in range(self.cluster.replicas)]
 
     def address(self, replica_id: int, timeout: float | None = None, not_pid: int | None = None):
         return self.servers[replica_id].address()

@@ -13,6 +13,7 @@ import time
 
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.sim.trace import TRACE_ENV, replica_trace_path
+from punctual.wire.auth import new_secret
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,21 @@ logger = logging.getLogger(__name__)
 # unless moved KV travels through it (--kv-transport object-store: a few requests' KV at once).
 LOCAL_OBJECT_STORE_BYTES = 80 << 20
 LOCAL_OBJECT_STORE_KV_BYTES = 512 << 20
+
+
+def use_cluster_token_auth() -> None:
+    """Before joining a cluster by address: turn Ray's token authentication on in this process when
+    a token is found (~/.ray/auth_token, which `ray start --head` and a local ray.init write, or
+    RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE is unset. Ray 2.60 does this itself
+    only for address "auto"; with HOST:PORT it connects without the token, and a head started by
+    `ray start --head` (token auth on once a token exists) refuses it with InvalidAuthToken."""
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        logger.info("joining the Ray cluster with token authentication (RAY_AUTH_MODE=token)")
 
 
 class RayReplicas:
@@ -30,6 +46,9 @@ class RayReplicas:
         self.cluster = cluster
         self.actors: list = []
         self.started_ray = False
+        # The replicas' wire secret, made here at start-up: it reaches each replica as an argument
+        # of its actor's constructor (through Ray, never a command line or an environment).
+        self.secret = new_secret()
 
     def start(self) -> None:
         """Connect to (or start) Ray and create every replica's actor; does not wait for them."""
@@ -50,7 +69,14 @@ class RayReplicas:
                          log_to_driver=False, configure_logging=False)
                 self.started_ray = True
             else:
-                ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
+                use_cluster_token_auth()
+                try:
+                    ray.init(address=cluster.ray_address, log_to_driver=False, configure_logging=False)
+                except ConnectionError as exc:
+                    raise RuntimeError(
+                        f"could not join the Ray cluster at {cluster.ray_address}: {exc}. A cluster with token "
+                        "authentication (a `ray start --head` that found a token) needs its ~/.ray/auth_token "
+                        "on this host too") from exc
         # Replicas on this machine listen on loopback; on a cluster, on their node's address.
         host = cluster.ray_host if self.started_ray else None
         actor_class = ray.remote(ReplicaServer)
@@ -61,7 +87,7 @@ class RayReplicas:
             if trace:  # `punctual sim calibrate --server --replicas N`: one step trace per replica
                 options["runtime_env"] = {"env_vars": {TRACE_ENV: replica_trace_path(trace, replica_id)}}
             self.actors.append(actor_class.options(**options).remote(
-                self.engine_config, cluster.threads_per_replica, host))
+                self.engine_config, cluster.threads_per_replica, host, self.secret))
         self.ray = ray
 
     @staticmethod

@@ -1,8 +1,12 @@
 """One replica of a cluster: an EngineCore in a Ray actor's process, served over TCP.
 
-The replica speaks the same framed protocol as a local core process (engine/wire.py): it listens
-on its node's address, and each connection gets a CoreInfo and then the CoreLoop, run in a thread
-so the actor's own methods (address, pid) still answer. The front end connects with
+The replica speaks the same framed protocol as a local core process (engine/messages.py over
+punctual/wire): it listens on loopback when the cluster is this machine, on its node's address
+otherwise, and serves one front end at a time, in a thread so the actor's own methods (address,
+pid) still answer. Each connection must first prove it holds the cluster's secret (given to the
+actor's constructor through Ray) within HANDSHAKE_TIMEOUT_S; then it gets a CoreInfo and the
+CoreLoop. A connection that fails the handshake or sends a frame that is not a message of the
+schema is logged and closed, and the replica goes on to the next one. The front end connects with
 EngineCoreClient.connect. When the process dies, the kernel closes the socket and the front end
 sees EOF at once; Ray restarts the actor (max_restarts), which loads the model again.
 
@@ -18,8 +22,11 @@ import threading
 import traceback
 
 from punctual.config import EngineConfig
-from punctual.engine.wire import SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure
+from punctual.engine.messages import SCHEMA, CoreFailure, core_channel
 from punctual.model.kv_transfer import KVMailbox
+from punctual.wire.auth import authenticate_client
+from punctual.wire.channel import SOCKET_BUFFER_BYTES
+from punctual.wire.codec import WireError
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +34,9 @@ logger = logging.getLogger(__name__)
 class ReplicaServer:
     """Loads the engine (in the actor's constructor, so a restart reloads it) and serves it."""
 
-    def __init__(self, config: EngineConfig, num_threads: int, host: str | None):
-        """`host`: where to listen; None: this node's address as Ray knows it (a multi-node cluster)."""
+    def __init__(self, config: EngineConfig, num_threads: int, host: str | None, secret: bytes):
+        """`host`: where to listen; None: this node's address as Ray knows it (a multi-node cluster).
+        `secret`: the cluster's, which every connection must prove it holds."""
         import torch
 
         from punctual.engine.core import EngineCore
@@ -38,6 +46,7 @@ class ReplicaServer:
         self.core = EngineCore(config)
         self.core.kv_manager.pool.record_events = True  # the router learns where prefixes live
         self.mailbox = KVMailbox()  # KV moving in and out; Ray's methods below reach only this
+        self._secret = secret
         if host is None:
             import ray
 
@@ -69,15 +78,28 @@ class ReplicaServer:
 
         core = self.core
         while True:
-            conn, _ = self.listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-            channel = BlockingChannel(conn)
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return  # the listener was closed (an in-process replica shut down)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+                # Bounded: a peer that says nothing holds this loop (the only accept slot) 1 s at most.
+                authenticate_client(conn, self._secret, SCHEMA.fingerprint)
+            except (WireError, OSError) as exc:
+                logger.warning("replica %d: refused a connection from %s: %s", os.getpid(), peer, exc)
+                conn.close()
+                continue
+            channel = core_channel(conn)
             try:
                 channel.send(core_info(core))
                 CoreLoop(core, channel, self.config.check_integrity, self.mailbox).run()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 pass  # the front end went away; the next one starts clean
+            except WireError as exc:  # never executed: the connection ends, the replica serves on
+                logger.warning("replica %d: closed the connection from %s on a malformed frame: %s",
+                               os.getpid(), peer, exc)
             except BaseException:
                 try:
                     channel.send(CoreFailure(traceback.format_exc()))

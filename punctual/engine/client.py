@@ -3,7 +3,9 @@
 The front end's end of the socket is an asyncio transport: reads wake the loop directly (no
 reader thread waiting for the GIL behind the loop), and writes never block it, so a burst of
 long prompts cannot stall the loop, nor deadlock against a core that is itself blocked writing a
-large update. Imports no torch: the core process does.
+large update. Imports no torch: the core process does. Every connection starts with the mutual
+HMAC handshake of punctual/wire/auth.py (the local core gets a fresh secret with its process
+arguments; a cluster's replicas share the cluster's), and frames are engine/messages.py's data.
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import time
 from typing import Callable
 
 from punctual.config import EngineConfig
+from punctual.engine.messages import (SCHEMA, CoreFailure, CoreInfo, CoreUpdate, decode_from_core, encode_commands,
+                                      front_end_channel)
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import (SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure, CoreInfo, CoreUpdate,
-                                  FrameProtocol, encode_frame)
 from punctual.request import EngineCoreRequest
+from punctual.wire.auth import authenticate_server, new_secret
+from punctual.wire.channel import SOCKET_BUFFER_BYTES, BlockingChannel, FrameProtocol, encode_frame
+from punctual.wire.codec import WireError
 
 __all__ = ["CoreInfo", "CoreUpdate", "EngineCoreClient", "EngineDeadError"]
 
@@ -26,11 +31,11 @@ class EngineDeadError(RuntimeError):
     """The core process is gone; nothing sent to it will be answered."""
 
 
-def _run_core(config: EngineConfig, sock: socket.socket) -> None:
+def _run_core(config: EngineConfig, sock: socket.socket, secret: bytes) -> None:
     """The spawned process's entry: imports the engine (and torch) there, not in the front end."""
     from punctual.engine.core_process import run_core_process
 
-    run_core_process(config, sock)
+    run_core_process(config, sock, secret)
 
 
 class EngineCoreClient:
@@ -68,29 +73,39 @@ class EngineCoreClient:
         for sock in (parent_sock, child_sock):
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-        self.process = context.Process(target=_run_core, args=(self.config, child_sock),
+        # The spawn pipe carries the arguments, so the secret is never in a process listing.
+        secret = new_secret()
+        self.process = context.Process(target=_run_core, args=(self.config, child_sock, secret),
                                        name="punctual-core", daemon=True)
         self.process.start()
         # Only the child may hold its end, or the front end would never see EOF when it dies.
         child_sock.close()
         self.sock = parent_sock
-        channel = BlockingChannel(parent_sock)
+        channel = front_end_channel(parent_sock)
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._wait_for_core(channel, deadline, timeout)  # its greeting: it has imported the engine
+            authenticate_server(parent_sock, secret, SCHEMA.fingerprint, timeout_s=10.0)
+            self._wait_for_core(channel, deadline, timeout)  # its CoreInfo: the model has loaded
+            return self._handshake(channel)
+        except (RuntimeError, WireError) as exc:
+            self._stop_process(5.0)
+            if isinstance(exc, WireError):
+                raise RuntimeError(f"engine core: {exc}") from None
+            raise
+
+    def _wait_for_core(self, channel: BlockingChannel, deadline: float | None, timeout: float | None) -> None:
         while not channel.poll(0.1):
             if not self.process.is_alive():
                 raise RuntimeError(f"engine core exited during start-up (exit code {self.process.exitcode})")
             if deadline is not None and time.monotonic() > deadline:
                 self._stop_process(0)
                 raise RuntimeError(f"engine core did not start within {timeout} s")
-        try:
-            return self._handshake(channel)
-        except RuntimeError:
-            self._stop_process(5.0)
-            raise
 
-    def connect(self, host: str, port: int, timeout: float | None = None) -> CoreInfo:
-        """Connect (blocking) to a core that listens on host:port, e.g. a cluster replica, and read
-        its CoreInfo. Its death shows as EOF on the socket; nothing here owns its process."""
+    def connect(self, host: str, port: int, timeout: float | None = None, *, secret: bytes) -> CoreInfo:
+        """Connect (blocking) to a core that listens on host:port, e.g. a cluster replica, prove
+        that this end holds the cluster's `secret` (and check that the core does), and read its
+        CoreInfo. Its death shows as EOF on the socket; nothing here owns its process."""
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one frame per step: send it now
@@ -103,15 +118,20 @@ class EngineCoreClient:
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         self.sock = sock
-        channel = BlockingChannel(sock)
-        if not channel.poll(timeout if timeout is not None else 1e9):
-            sock.close()
-            raise RuntimeError(f"engine core at {host}:{port} sent nothing within {timeout} s")
+        channel = front_end_channel(sock)
         try:
+            # A replica greets one front end at a time: wait as long as the caller allows.
+            if not channel.poll(timeout if timeout is not None else 1e9):
+                raise RuntimeError(f"engine core at {host}:{port} sent nothing within {timeout} s")
+            authenticate_server(sock, secret, SCHEMA.fingerprint, timeout_s=10.0)
+            if not channel.poll(timeout if timeout is not None else 1e9):
+                raise RuntimeError(f"engine core at {host}:{port} sent no CoreInfo within {timeout} s")
             return self._handshake(channel)
-        except RuntimeError:
+        except (RuntimeError, WireError, OSError) as exc:
             sock.close()
-            raise
+            if isinstance(exc, RuntimeError):
+                raise
+            raise RuntimeError(f"engine core at {host}:{port}: {exc}") from None
 
     def _handshake(self, channel: BlockingChannel) -> CoreInfo:
         try:
@@ -129,7 +149,7 @@ class EngineCoreClient:
         """Deliver updates (and the core's death) to callbacks on the running loop."""
         self._loop = asyncio.get_running_loop()
         self._on_update, self._on_death = on_update, on_death
-        protocol = lambda: FrameProtocol(self._on_message, self._core_exited)  # noqa: E731
+        protocol = lambda: FrameProtocol(decode_from_core, self._on_message, self._core_exited)  # noqa: E731
         if self.sock.family == socket.AF_UNIX:
             self._transport, _ = await self._loop.create_unix_connection(protocol, sock=self.sock)
         else:
@@ -153,7 +173,7 @@ class EngineCoreClient:
             self._send(("abort", list(request_ids)))
 
     def kv_command(self, kind: str, args: tuple) -> None:
-        """A kv_* command (engine/wire.py); its KVAnswer comes back in a CoreUpdate."""
+        """A kv_* command (engine/messages.py); its KVAnswer comes back in a CoreUpdate."""
         self._send((kind, args))
 
     def _send(self, command: tuple) -> None:
@@ -167,7 +187,7 @@ class EngineCoreClient:
     def _flush(self) -> None:
         commands, self._outbox = self._outbox, []
         if commands and self.dead_reason is None:
-            self._transport.write(encode_frame(commands))
+            self._transport.write(encode_frame(encode_commands, commands))
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, CoreUpdate):
@@ -177,7 +197,10 @@ class EngineCoreClient:
         elif isinstance(message, CoreFailure):
             self._mark_dead(f"engine core crashed:\n{message.reason}")
 
-    def _core_exited(self) -> None:
+    def _core_exited(self, error: str | None = None) -> None:
+        if error is not None:  # a frame that did not decode: the connection is closed, the core is lost to us
+            self._mark_dead(error)
+            return
         if self.process is None:
             self._mark_dead(f"the connection to engine core {self.pid} closed (its process died)")
             return

@@ -6,8 +6,8 @@ import time
 from typing import Callable
 
 from punctual.config import EngineConfig
+from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import PinAck
 from punctual.kv.manager import KVCacheManager
 from punctual.model.runner import ModelRunner
 from punctual.plan import StepPlan

@@ -3,6 +3,8 @@
 The core runs a busy step loop in a child process (spawned, so CUDA works there), so HTTP,
 tokenizing and detokenizing in the front end never stall a model step (vLLM v1's split). It
 drains every pending command before each step and blocks on the socket when it has nothing to do.
+The socket speaks punctual/wire: the front end proves it holds the secret it gave this process
+before any frame is read, and frames are data of engine/messages.py's schema.
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import traceback
 
 from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
+from punctual.engine.messages import SCHEMA, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck, core_channel
 from punctual.engine.stats import EngineStats
-from punctual.engine.wire import BlockingChannel, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck
 from punctual.model.kv_transfer import KVMailbox
+from punctual.wire.auth import authenticate_client
+from punctual.wire.channel import BlockingChannel
+from punctual.wire.codec import WireError
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +38,17 @@ def core_info(core: EngineCore) -> CoreInfo:
                      tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats())
 
 
-def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
-    """Entry point of the core process: load the engine, then step until told to stop."""
+def run_core_process(config: EngineConfig, sock: socket.socket, secret: bytes) -> None:
+    """Entry point of the core process: authenticate the front end, load the engine, then step
+    until told to stop. `secret` came with the process's arguments (a pipe, not argv)."""
     # Ctrl+C reaches the whole process group; the front end decides how to shut the core down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    channel = BlockingChannel(sock)
+    try:
+        authenticate_client(sock, secret, SCHEMA.fingerprint)
+    except (WireError, OSError) as exc:
+        logger.error("engine core: closing the front end's connection: %s", exc)
+        return
+    channel = core_channel(sock)
     try:
         core = EngineCore(config)
         channel.send(core_info(core))
@@ -48,6 +59,8 @@ def run_core_process(config: EngineConfig, sock: socket.socket) -> None:
         CoreLoop(core, channel, config.check_integrity).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front end is gone; nobody is left to answer
+    except WireError as exc:  # never executed: the connection (this core's only one) ends here
+        logger.error("engine core: a malformed frame from the front end, closing: %s", exc)
     except BaseException:
         try:
             channel.send(CoreFailure(traceback.format_exc()))

@@ -2,9 +2,10 @@
 
 Read between steps from the source's pool and written into blocks the target allocated in
 advance, through a KV copy order of the target's next step plan, so a transfer never races a
-model step. Three transports carry them (KVMailbox): pickled bytes relayed by the front end,
-Ray's object store (only an ObjectRef passes the front end), or a shared-memory segment between
-two replicas of one host (only its name passes). On the wire the blocks are in the cache's own dtype, or int8 with a float32 scale
+model step. Three transports carry them (KVMailbox): raw buffers relayed by the front end inside
+the frames (an InlineKV), Ray's object store (only an ObjectRef passes the front end), or a
+shared-memory segment between two replicas of one host (only its name passes). Every buffer
+declares each tensor's dtype, shape and offset (punctual/wire/kv.py), checked before it is read. On the wire the blocks are in the cache's own dtype, or int8 with a float32 scale
 per token and head (CacheGen's point: fewer bytes in flight; the quantizer of
 `--kv-cache-dtype int8`, so a pool that is already int8 travels verbatim).
 """
@@ -13,13 +14,15 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
-import pickle
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from punctual.config import TRANSPORTS
-from punctual.engine.wire import SharedKV, StagedKV
+from punctual.wire.codec import WireError
+from punctual.wire.kv import (ALIGN, RELAY_SCHEMA, TENSOR_FIELDS, InlineKV, SharedKV, StagedKV, check_layout,
+                              check_segment_name, tensor_nbytes)
 from punctual.model.attention import LayerKVCache, quantize_int8
 
 
@@ -84,8 +87,7 @@ def write_blocks(caches: list[LayerKVCache], block_ids: list[int], payload: KVPa
             getattr(cache, name).index_copy_(0, blocks, values.to(device=device, dtype=getattr(cache, name).dtype))
 
 
-# ---- the transports (engine/wire.py names them; cluster/client.py picks one per move) ----------
-TENSOR_FIELDS = ("k", "v", "k_scale", "v_scale")
+# ---- the transports (wire/kv.py names them; cluster/client.py picks one per move) -------------
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory's segments)
 
 
@@ -95,58 +97,102 @@ def _tensors(payload: KVPayload) -> list[tuple[str, int, torch.Tensor]]:
 
 
 def _assemble(num_blocks: int, int8: bool, tensors: list[tuple[str, int, torch.Tensor]]) -> KVPayload:
+    """A payload from tensors a peer declared: each field's layers in order, every tensor
+    num_blocks deep, scales with int8 only (WireError otherwise, before the pool is touched)."""
     payload = KVPayload(num_blocks, int8, [], [], [] if int8 else None, [] if int8 else None)
-    for name, _, tensor in tensors:
-        getattr(payload, name).append(tensor)
+    for name, layer, tensor in tensors:
+        into = getattr(payload, name)
+        if into is None or layer != len(into) or tensor.dim() < 1 or tensor.shape[0] != num_blocks:
+            raise WireError(f"KV payload: {name} of layer {layer} (shape {tuple(tensor.shape)}) does not "
+                            f"fit a payload of {num_blocks} blocks, int8={int8}")
+        into.append(tensor)
+    if len(payload.v) != len(payload.k) or (int8 and not len(payload.k_scale) == len(payload.v_scale) == len(payload.k)):
+        raise WireError("KV payload: its tensors do not cover the same layers")
     return payload
 
 
+def _layout(payload: KVPayload) -> tuple[tuple, int]:
+    """Each tensor's (field, layer, dtype, shape, offset) in one buffer, and the buffer's size."""
+    layout, offset = [], 0
+    for name, layer, t in _tensors(payload):
+        layout.append((name, layer, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN  # aligned: every dtype view is legal
+    return tuple(layout), offset
+
+
+def _fill(flat: torch.Tensor, payload: KVPayload, layout: tuple) -> None:
+    for (_, _, _, _, start), (_, _, t) in zip(layout, _tensors(payload)):
+        flat[start:start + t.numel() * t.element_size()].copy_(t.contiguous().view(-1).view(torch.uint8))
+
+
+def _unflatten(flat: torch.Tensor | None, num_blocks: int, int8: bool, layout: tuple) -> KVPayload:
+    """Views of `flat` (uint8, already checked to hold every tensor of `layout`) as the payload."""
+    tensors = []
+    for name, layer, dtype, shape, start in layout:
+        nbytes = tensor_nbytes(dtype, shape)
+        data = flat[start:start + nbytes] if nbytes else torch.empty(0, dtype=torch.uint8)
+        tensors.append((name, layer, data.view(getattr(torch, dtype)).view(shape)))
+    return _assemble(num_blocks, int8, tensors)
+
+
+def to_inline(payload: KVPayload) -> bytes:
+    """Relay: the payload's tensors as one raw buffer with their layout, encoded as an InlineKV."""
+    layout, nbytes = _layout(payload)
+    buffer = bytearray(nbytes)
+    if nbytes:
+        _fill(torch.frombuffer(buffer, dtype=torch.uint8), payload, layout)
+    return RELAY_SCHEMA.pack(InlineKV(payload.num_blocks, payload.int8, layout, buffer))
+
+
+def from_inline(data: bytes) -> KVPayload:
+    inline = RELAY_SCHEMA.unpack(data, InlineKV)
+    check_layout(inline.layout, len(inline.data))
+    flat = None
+    if inline.data:
+        with warnings.catch_warnings():  # a read-only view of the frame: only read (copied into the pool)
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(inline.data, dtype=torch.uint8)
+    return _unflatten(flat, inline.num_blocks, inline.int8, inline.layout)
+
+
 def to_shared(payload: KVPayload) -> SharedKV:
-    """Direct: copy the payload into a new shared-memory segment of this host (one copy, no
-    pickle); the receiver maps it by name and unlinks it."""
+    """Direct: copy the payload into a new shared-memory segment of this host (one copy); the
+    receiver maps it by name and unlinks it."""
     from multiprocessing import shared_memory
 
-    tensors = _tensors(payload)
-    layout, offset = [], 0
-    for name, layer, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        layout.append((name, layer, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
-        offset += (nbytes + 63) // 64 * 64  # aligned, so every dtype view is legal
-    segment = _untracked(shared_memory.SharedMemory(create=True, size=max(offset, 1)))
+    layout, nbytes = _layout(payload)
+    segment = _untracked(shared_memory.SharedMemory(create=True, size=max(nbytes, 1)))
     try:
         flat = torch.frombuffer(segment.buf, dtype=torch.uint8)
-        for (_, _, _, _, start), (_, _, t) in zip(layout, tensors):
-            flat[start:start + t.numel() * t.element_size()].copy_(t.contiguous().view(-1).view(torch.uint8))
+        _fill(flat, payload, layout)
         del flat
     finally:
         segment.close()
-    return SharedKV(segment.name, offset, payload.num_blocks, payload.int8, tuple(layout))
+    return SharedKV(segment.name, nbytes, payload.num_blocks, payload.int8, layout)
 
 
 def from_shared(handle: SharedKV) -> KVPayload:
     """Map the segment and unlink its name at once: the payload's tensors read the mapping itself
     (no copy here; the write into the pool at the next step is the only one), and the memory goes
     when they do. POSIX shared memory is a file of /dev/shm on Linux."""
+    check_segment_name(handle.name)
+    check_layout(handle.layout, handle.nbytes)
     path = os.path.join(SHM_DIR, handle.name)
     fd = os.open(path, os.O_RDWR)
     try:
+        if os.fstat(fd).st_size < handle.nbytes:
+            raise WireError(f"shared-memory segment {handle.name} is smaller than its declared {handle.nbytes} bytes")
         mapping = mmap.mmap(fd, max(handle.nbytes, 1))
     finally:
         os.close(fd)
         os.unlink(path)
     data = torch.frombuffer(mapping, dtype=torch.uint8, count=handle.nbytes) if handle.nbytes else None
-    tensors = []
-    for name, layer, dtype, shape, start in handle.layout:
-        dtype = getattr(torch, dtype)
-        count = 1
-        for dim in shape:
-            count *= dim
-        tensors.append((name, layer, data[start:start + count * dtype.itemsize].view(dtype).view(shape)))
-    return _assemble(handle.num_blocks, handle.int8, tensors)
+    return _unflatten(data, handle.num_blocks, handle.int8, handle.layout)
 
 
 def discard_shared(handle: SharedKV) -> None:
     """Unlink a segment nobody will read (the move was called off); already gone is fine."""
+    check_segment_name(handle.name)
     try:
         os.unlink(os.path.join(SHM_DIR, handle.name))
     except FileNotFoundError:
@@ -174,8 +220,6 @@ def to_arrays(payload: KVPayload) -> dict:
 
 
 def from_arrays(message: dict) -> KVPayload:
-    import warnings
-
     tensors = []
     with warnings.catch_warnings():  # Ray's arrays are read-only views of the store: only read here
         warnings.simplefilter("ignore", UserWarning)
@@ -198,7 +242,7 @@ class KVMailbox:
 
     def send(self, payload: KVPayload, transport: str) -> bytes | SharedKV | StagedKV:
         if transport == "relay":
-            return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+            return to_inline(payload)
         if transport == "direct":
             return to_shared(payload)
         if transport == "object-store":
@@ -215,7 +259,9 @@ class KVMailbox:
             if message is None:
                 raise ValueError(f"no KV staged under {handle.key!r}")
             return from_arrays(message)
-        return pickle.loads(handle)
+        if isinstance(handle, bytes):
+            return from_inline(handle)
+        raise WireError(f"not a KV payload: {type(handle).__name__}")
 
     def discard(self, handle: bytes | SharedKV | StagedKV) -> None:
         """Drop what a called-off move left here (safe to call on either side, more than once)."""

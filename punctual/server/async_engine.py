@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
-from punctual.engine.wire import PinAck
+from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
 from punctual.checkpoints.generation_config import generation_defaults

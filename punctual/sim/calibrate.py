@@ -124,15 +124,13 @@ def time_kv_transfer(core, rng, log: Callable[[str], None] = print, repeats: int
     """Time the real KV transfer path in-process and fit seconds = fixed_s + bytes / bytes_per_s.
 
     One running request's first n blocks are read with `EngineCore.export_kv` (what the
-    source's core does for `kv_export` / `kv_migrate_out`), pickled and unpickled (the socket
-    or Ray object between them) and written with `write_blocks` into spare blocks (what the
+    source's core does for `kv_export` / `kv_migrate_out`), encoded and decoded as the relay
+    transport's raw buffer (the socket or Ray object between them) and written with `write_blocks` into spare blocks (what the
     target's step does with a received payload). No network and no RPC round trips are in it:
     between machines, add the link (a `--hardware` profile's interconnect) and the round trips."""
-    import pickle
-
     import numpy as np
 
-    from punctual.model.kv_transfer import write_blocks
+    from punctual.model.kv_transfer import from_inline, to_inline, write_blocks
     from punctual.request import EngineCoreRequest
     from punctual.sampling_params import SamplingParams
 
@@ -155,7 +153,7 @@ def time_kv_transfer(core, rng, log: Callable[[str], None] = print, repeats: int
         for _ in range(repeats):
             for n in counts:
                 started = time.perf_counter()
-                payload = pickle.loads(pickle.dumps(core.export_kv(request_id, 0, n), protocol=pickle.HIGHEST_PROTOCOL))
+                payload = from_inline(to_inline(core.export_kv(request_id, 0, n)))
                 write_blocks(core.runner.kv_caches, spare[:n], payload)
                 seconds.append(time.perf_counter() - started)
                 sizes.append(payload.nbytes)
@@ -173,7 +171,7 @@ def time_kv_transfer(core, rng, log: Callable[[str], None] = print, repeats: int
         fixed = min(fastest.values())
         per_byte = max(fastest.values()) / max(fastest)
     result = {"fixed_s": max(0.0, float(fixed)), "bytes_per_s": 1.0 / float(per_byte),
-              "source": "measured in-process: export_kv, pickle, write_blocks (no network, no RPC round trips)",
+              "source": "measured in-process: export_kv, relay encoding, write_blocks (no network, no RPC round trips)",
               "num_copies": len(sizes), "max_bytes": max(sizes)}
     log(f"calibration: KV transfer {result['fixed_s'] * 1000:.2f} ms + {result['bytes_per_s'] / 1e9:.2f} GB/s "
         f"over {len(sizes)} copies of 1-{max_blocks} blocks")
