@@ -35,7 +35,7 @@ SHARED = SharedKV("psm_abc123", 128, 2, True, (("k", 0, "int8", (2, 4, 1, 8), 0)
 
 def test_every_command_round_trips():
     commands = [
-        ("add", REQUEST), ("abort", ["req-1", "req-2"]), ("shutdown", None), ("pin", ("p1", [5, 6, 7])),
+        ("add", REQUEST), ("abort", ["req-1", "req-2"]), ("shutdown", None), ("pin", ("p1", [5, 6, 7], "tenant-salt")),
         ("unpin", "p1"), ("kv_export", (1, "req-1", 0, None, True, "relay")),
         ("kv_export", (2, "req-1", 1, 3, False, "direct")), ("kv_migrate_out", (3, "req-1", 2, False, "object-store")),
         ("kv_reserve", (4, "req-1", 6)), ("kv_receive", (5, "req-1", 0, b"\x00\x01inline")),
@@ -96,7 +96,7 @@ def test_a_pickle_is_refused_and_never_run(tmp_path):
     (msgpack.packb({"add": 1}), "expected a list of commands"),
     (msgpack.packb([["abort", "req-1"]]), "abort command: expected an array"),
     (msgpack.packb([["abort", [1]]]), r"abort command\[0\]: expected text"),
-    (msgpack.packb([["pin", ["p", ["1"]]]]), "expected integers"),
+    (msgpack.packb([["pin", ["p", ["1"], None]]]), "expected integers"),
     (msgpack.packb([["unpin", msgpack.ExtType(1, b"x")]]), "expected text"),
     (msgpack.packb([["kv_discard", [1, [99, "x"]]]]), "kv_discard command"),
     (encode_commands([("add", REQUEST)])[:-3], "not a msgpack message"),
