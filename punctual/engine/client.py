@@ -15,6 +15,7 @@ from typing import Callable
 
 from punctual.config import EngineConfig
 from punctual.engine.stats import EngineStats
+from punctual.engine.tasks import TaskFailures
 from punctual.engine.wire import (SOCKET_BUFFER_BYTES, BlockingChannel, CoreFailure, CoreInfo, CoreUpdate,
                                   FrameProtocol, encode_frame)
 from punctual.request import EngineCoreRequest
@@ -35,7 +36,8 @@ def _run_core(config: EngineConfig, sock: socket.socket) -> None:
 
 class EngineCoreClient:
     """Starts the core process (or connects to one already running elsewhere: a cluster replica),
-    sends it commands, and hands its updates to the asyncio loop."""
+    sends it commands, and hands its updates to the asyncio loop. Implements engine/protocol.py's
+    EngineClient."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -50,6 +52,7 @@ class EngineCoreClient:
         self._on_death: Callable[[str], None] | None = None
         self._outbox: list[tuple] = []
         self._closing = False
+        self.background_failures = TaskFailures()  # it runs no background task: stays empty
 
     @property
     def pid(self) -> int | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
+from punctual.engine.protocol import EngineClient
+from punctual.engine.tasks import TaskFailures
 from punctual.engine.wire import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
@@ -68,6 +70,7 @@ class AsyncEngine:
                  cluster: ClusterConfig | None = None):
         # Several replicas: one client over all of them, with the same surface (cluster/client.py).
         self.cluster = cluster if cluster is not None and cluster.replicas > 1 else None
+        self.client: EngineClient
         if self.cluster is not None:
             from punctual.cluster.client import ClusterClient  # imports Ray only when asked
 
@@ -111,6 +114,11 @@ class AsyncEngine:
     def degraded(self) -> bool:
         """A cluster with a replica down (it still serves while one lives)."""
         return self.cluster is not None and self.client.degraded
+
+    @property
+    def background_failures(self) -> TaskFailures:
+        """The client's background tasks that failed (GET /health, /metrics)."""
+        return self.client.background_failures
 
     @property
     def replica_stats(self) -> dict[str, EngineStats] | None:

@@ -191,7 +191,7 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
             c.add_request(make(request_id, prompt, max_tokens, 0))
             while request_id not in finished:
                 await asyncio.sleep(0.005)
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # both come to replica 0
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # both come to replica 0
         c.add_request(make("low", low, 80, 5))
         while len(tokens.get("low", [])) < 6:
             await asyncio.sleep(0.005)
@@ -216,7 +216,7 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
 
     async def scenario(c: ClusterClient):
         collect_outputs(c, tokens, finished)
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # a skewed router
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # a skewed router
         for i in range(3):
             c.add_request(request(f"r{i}"))
         while len(finished) < 3:
@@ -296,13 +296,13 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
         finished = set()
 
         collect_outputs(c, tokens, finished)
-        real_route = c._route
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
+        real_route = c.ledger.route
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
         for i in range(3):
             c.add_request(request(f"d{i}"))
         while len(tokens.get("d0", [])) < 6:
             await asyncio.sleep(0.005)
-        monkeypatch.setattr(c, "_route", real_route)
+        monkeypatch.setattr(c.ledger, "route", real_route)
         drained.update(await c.drain(0))
         while len(finished) < 3:
             await asyncio.sleep(0.01)
