@@ -312,3 +312,34 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
     assert {k: drained[k] for k in ("migrated", "recomputed", "left")} == {"migrated": 1, "recomputed": 2, "left": 0}
     assert [r["state"] for r in drained["info"]] == ["drained", "ready"]
     assert tokens["d0"] == tokens["d1"] == tokens["d2"] and len(tokens["d0"]) == MAX_TOKENS
+
+
+def test_a_failed_rebalancing_move_is_logged_and_surfaced(monkeypatch, caplog):
+    """A rebalancing move that raises (a bug, not a refusal) is a kept background task: its failure
+    is logged and counted for GET /health, and the streams go on where they are."""
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2, migration=True, migration_threshold=2))
+    tokens: dict[str, list[int]] = {}
+    finished = set()
+
+    async def broken_migrate(request_id, target_id, reason=""):
+        raise RuntimeError("a bug in the mover")
+
+    async def scenario(c: ClusterClient):
+        collect_outputs(c, tokens, finished)
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # skewed: a rebalance is due
+        monkeypatch.setattr(c.mover, "migrate", broken_migrate)
+        for i in range(3):
+            c.add_request(request(f"r{i}"))
+        while len(finished) < 3:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level("ERROR", logger="punctual.engine.tasks"):
+        run(client, scenario)
+    failures = client.background_failures
+    assert failures.by_task.get("rebalance", 0) >= 1 and set(failures.by_task) == {"rebalance"}
+    assert "a bug in the mover" in failures.latest[-1].error
+    assert any(r.getMessage() == "background task rebalance failed" for r in caplog.records)
+    assert not client.migrations  # no move happened
+    assert tokens["r0"] == tokens["r1"] == tokens["r2"] and len(tokens["r0"]) == MAX_TOKENS
