@@ -27,7 +27,8 @@ from pathlib import Path
 #   offline LLM(...) API). `punctual` (the package's __init__, which re-exports LLM) sits with llm.
 # - engine: the core's step loop, its process and the client that talks to it.
 # - model, spec_decode, structured: what the engine steps (the network and runner, proposers,
-#   grammars).
+#   grammars); models/, checkpoints/, runner/, kernels/ are where model/ is being split to
+#   (STYLE.md's layout), in the same layer until that split orders them.
 # - sched, kv: pure Python mechanism (no torch), which the simulator imports unchanged.
 # - plain data: configs, requests, plans, outputs, the tokenizer loader, limits; and
 #   structured/spec.py, the structured-output request field (a dataclass SamplingParams holds).
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("server", "cluster.serve", "sim", "bench"),
     ("cluster", "llm", "punctual"),
     ("engine",),
-    ("model", "spec_decode", "structured"),
+    ("model", "models", "checkpoints", "runner", "kernels", "spec_decode", "structured"),
     ("sched", "kv"),
     ("config", "engine_args", "request", "sampling_params", "plan", "outputs", "validation", "tokenizer",
      "structured.spec"),
