@@ -53,7 +53,7 @@ async def one_stream(client: ClusterClient, request_id: str, context: int, how: 
         assert await client.migrate(request_id, 1 - source, "bench")
     else:
         client.replicas[source].client.abort_requests([request_id])
-        client._resume_by_recompute(request_id, prefer=1 - source)
+        client.failover.resume_by_recompute(request_id, prefer=1 - source)
     await done.wait()
     gaps = [b - a for a, b in zip(arrivals[1:], arrivals[2:])]
     after = [b - a for a, b in zip(arrivals[at - 1:], arrivals[at:])]

@@ -12,6 +12,8 @@ from punctual.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = "builtin", **engine_args):
+        """`engine_args`: EngineConfig.from_kwargs keywords (config.py's fields; the CLI's engine
+        flags are punctual/engine_args.py's, each named as its keyword). An unknown one raises."""
         self.engine = LLMEngine.from_kwargs(model, **engine_args)
         self._ids = itertools.count()
         # The checkpoint's sampling defaults (generation_config.json), as vLLM applies them.

@@ -132,3 +132,31 @@ class ModelRunnerOutput:
         if not item.spec_token_ids:
             return 0
         return max(0, len(self.sampled_token_ids.get(item.request_id, ())) - 1)
+
+
+# A plan's cost features, summed over its scheduled requests (sim/profile.py explains each): what
+# a step-cost profile charges, and what the serving core's step trace (engine/trace.py) records.
+FEATURES = ("fixed", "prefill_tokens", "decode_rows", "context_tokens", "attention_pairs", "sampled_rows")
+
+
+def plan_features(plan: StepPlan) -> tuple[float, ...]:
+    """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
+    prefill = decode = context = pairs = rows = 0
+    for item in plan.scheduled:
+        start = item.start_position
+        if item.is_decode and not item.spec_token_ids:  # the common case: one token, sampled
+            decode += 1
+            context += start + 1
+            pairs += start + 1
+            rows += 1
+            continue
+        new = len(item.token_ids) + len(item.spec_token_ids)
+        if item.is_decode:
+            decode += 1
+        else:
+            prefill += len(item.token_ids)
+        context += start + new
+        pairs += new * start + new * (new + 1) // 2
+        if item.samples:
+            rows += 1 + len(item.spec_token_ids)
+    return (1.0, float(prefill), float(decode), float(context), float(pairs), float(rows))

@@ -12,7 +12,7 @@ import threading
 import time
 
 from punctual.config import ClusterConfig, EngineConfig
-from punctual.sim.trace import TRACE_ENV, replica_trace_path
+from punctual.engine.trace import TRACE_ENV, replica_trace_path
 from punctual.wire.auth import new_secret
 
 logger = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from punctual.config import EngineConfig
 from punctual.engine.messages import (SCHEMA, CoreFailure, CoreInfo, CoreUpdate, decode_from_core, encode_commands,
                                       front_end_channel)
 from punctual.engine.stats import EngineStats
+from punctual.engine.tasks import TaskFailures
 from punctual.request import EngineCoreRequest
 from punctual.wire.auth import authenticate_server, new_secret
 from punctual.wire.channel import SOCKET_BUFFER_BYTES, BlockingChannel, FrameProtocol, encode_frame
@@ -40,7 +41,8 @@ def _run_core(config: EngineConfig, sock: socket.socket, secret: bytes) -> None:
 
 class EngineCoreClient:
     """Starts the core process (or connects to one already running elsewhere: a cluster replica),
-    sends it commands, and hands its updates to the asyncio loop."""
+    sends it commands, and hands its updates to the asyncio loop. Implements engine/protocol.py's
+    EngineClient."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -55,6 +57,7 @@ class EngineCoreClient:
         self._on_death: Callable[[str], None] | None = None
         self._outbox: list[tuple] = []
         self._closing = False
+        self.background_failures = TaskFailures()  # it runs no background task: stays empty
 
     @property
     def pid(self) -> int | None:

@@ -82,7 +82,7 @@ class CoreLoop:
         # `punctual sim calibrate --server`: the serving loop's own step times (off unless asked).
         self.trace = None
         if os.environ.get("PUNCTUAL_STEP_TRACE"):
-            from punctual.sim.trace import StepTrace
+            from punctual.engine.trace import StepTrace
 
             self.trace = StepTrace.from_env(core.scheduler)
 

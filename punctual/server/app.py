@@ -54,7 +54,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await engine.start(config.engine_start_timeout_s)
-        metrics.watch_engine(lambda: engine.replica_stats or engine.stats, lambda: engine.is_alive)
+        metrics.watch_engine(lambda: engine.replica_stats or engine.stats, lambda: engine.is_alive,
+                             lambda: engine.background_failures)
         try:
             yield
         finally:
@@ -144,12 +145,19 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
 
     @app.get("/health")
     async def health() -> Response:
+        # A failed background task (a move, a rejoin) is reported, not turned into a 503: the
+        # engine still serves, and a load balancer takes a 503 backend out of rotation, which
+        # would make a bug in an optimisation an outage. Alert on the field or on the counter
+        # punctual_background_task_failures_total instead.
+        failures = engine.background_failures
+        background = {"count": failures.count, "latest": [f.as_dict() for f in failures.latest]}
         if engine.is_alive:  # a cluster serves while any replica does
-            return JSONResponse({"status": "degraded" if engine.degraded else "ok", "engine_pid": engine.core_pid})
+            return JSONResponse({"status": "degraded" if engine.degraded else "ok", "engine_pid": engine.core_pid,
+                                 "background_task_failures": background})
         error = APIError(503, f"the engine is not running: {engine.dead_reason or 'not started'}",
                          code="engine_unavailable")
-        return JSONResponse({**error.body(), "status": "unavailable", "engine_pid": engine.core_pid},
-                            status_code=503)
+        return JSONResponse({**error.body(), "status": "unavailable", "engine_pid": engine.core_pid,
+                             "background_task_failures": background}, status_code=503)
 
     @app.get("/admin/replicas", dependencies=[Depends(check_api_key)])
     async def list_replicas() -> list[dict]:

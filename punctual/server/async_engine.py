@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.client import CoreInfo, CoreUpdate, EngineCoreClient, EngineDeadError
 from punctual.engine.messages import PinAck
+from punctual.engine.protocol import EngineClient
+from punctual.engine.tasks import TaskFailures
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
 from punctual.checkpoints.generation_config import generation_defaults
@@ -69,6 +71,7 @@ class AsyncEngine:
                  cluster: ClusterConfig | None = None):
         # Several replicas: one client over all of them, with the same surface (cluster/client.py).
         self.cluster = cluster if cluster is not None and cluster.replicas > 1 else None
+        self.client: EngineClient
         if self.cluster is not None:
             from punctual.cluster.client import ClusterClient  # imports Ray only when asked
 
@@ -112,6 +115,11 @@ class AsyncEngine:
     def degraded(self) -> bool:
         """A cluster with a replica down (it still serves while one lives)."""
         return self.cluster is not None and self.client.degraded
+
+    @property
+    def background_failures(self) -> TaskFailures:
+        """The client's background tasks that failed (GET /health, /metrics)."""
+        return self.client.background_failures
 
     @property
     def replica_stats(self) -> dict[str, EngineStats] | None:

@@ -8,7 +8,7 @@ import signal
 
 
 def add_serve_parser(subparsers) -> None:
-    from punctual.cli import add_engine_args
+    from punctual.engine_args import add_engine_args
 
     serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     serve.add_argument("model", nargs="?", default="builtin",
@@ -84,7 +84,7 @@ def parse_router_options(items: list[str]) -> dict[str, float]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from punctual.cli import engine_kwargs
+    from punctual.engine_args import engine_kwargs
     from punctual.config import ClusterConfig, EngineConfig
     from punctual.server.app import build_app
     from punctual.server.auth import load_api_keys

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from punctual.engine.stats import EngineStats
+from punctual.engine.tasks import TaskFailures
 from punctual.engine.output_processor import ParentState
 from punctual.spec_decode.speculator import SpecStats
 
@@ -24,14 +25,22 @@ class EngineStatsCollector:
     """Exports the core's latest EngineStats at scrape time; a cluster's per replica, labelled `replica`."""
 
     def __init__(self, read_stats: Callable[[], EngineStats | dict[str, EngineStats] | None],
-                 read_alive: Callable[[], bool]):
+                 read_alive: Callable[[], bool], read_failures: Callable[[], TaskFailures] | None = None):
         self.read_stats = read_stats
         self.read_alive = read_alive
+        self.read_failures = read_failures
 
     def collect(self):
         alive = GaugeMetricFamily("punctual_engine_alive", "1 while the engine core process is running")
         alive.add_metric([], 1.0 if self.read_alive() else 0.0)
         yield alive
+        if self.read_failures is not None:
+            failed = CounterMetricFamily("punctual_background_task_failures",
+                                         "Background tasks of the engine client (migrations, rejoins) that failed, "
+                                         "by kind", labels=["task"])
+            for task, count in sorted(self.read_failures().by_task.items()):
+                failed.add_metric([task], float(count))
+            yield failed
         reports = self.read_stats()
         if reports is None:
             return
@@ -160,8 +169,9 @@ class ServerMetrics:
                                                 "Tokens generated for finished requests, by API-key tenant",
                                                 ["tenant"], registry=r)
 
-    def watch_engine(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool]) -> None:
-        self.registry.register(EngineStatsCollector(read_stats, read_alive))
+    def watch_engine(self, read_stats: Callable[[], EngineStats | None], read_alive: Callable[[], bool],
+                     read_failures: Callable[[], TaskFailures] | None = None) -> None:
+        self.registry.register(EngineStatsCollector(read_stats, read_alive, read_failures))
 
     def observe_tenant_admitted(self, tenant: str, prompt_tokens: int) -> None:
         self.tenant_prompt_tokens.labels(tenant).inc(prompt_tokens)

@@ -4,7 +4,7 @@ The offline calibration times the engine's steps in-process, alone on the machin
 adds two things a client sees: the front end (HTTP, tokenizing, the socket to the core on the
 way in; detokenizing and SSE on the way out), and a slower step loop (the core shares the
 cores with the front-end process, and its loop also sends outputs and takes in commands). Both
-are measured from the server's own record (`punctual.sim.trace`, written by its core process):
+are measured from the server's own record (`punctual.engine.trace`, written by its core process):
 
 - admit_s: median of (core received the request - the front end's HTTP arrival stamp) over the
   requests that found the core between steps: one that arrives mid-step also waits for that
@@ -43,10 +43,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from punctual.engine.trace import TRACE_ENV
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.spread import quantile_table
-from punctual.sim.trace import (TRACE_ENV, ServerTrace, delivery_line, first_token_path, fit_serving_overhead,
+from punctual.sim.trace import (ServerTrace, delivery_line, first_token_path, fit_serving_overhead,
                                 match_records, median, read_traces)
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses

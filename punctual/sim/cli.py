@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+
+from punctual.sim.sizing import SimFlags, cluster_config
 
 
 def add_sim_parser(subparsers) -> None:
@@ -55,7 +58,7 @@ def add_sim_parser(subparsers) -> None:
     server.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
     server.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                         help="with --replicas: the cluster's router")
-    from punctual.cli import add_engine_args
+    from punctual.engine_args import add_engine_args
 
     add_engine_args(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
@@ -146,16 +149,13 @@ def _hardware_names() -> list[str]:
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags that shape scheduling (names and defaults as `punctual serve`), and the cluster's."""
-    engine = parser.add_argument_group("engine (as punctual serve)")
-    engine.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    engine.add_argument("--scheduling-policy", default=None, help="fcfs | priority | slo | fair | sjf")
-    engine.add_argument("--slo-overload-action", default=None, choices=["reject", "best_effort"])
-    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
-    engine.add_argument("--kv-cache-memory", default=None, help="bytes for each replica's KV pool, e.g. 2GiB")
+    from punctual.engine_args import add_engine_args
+
+    engine = parser.add_argument_group("engine (as punctual serve; each replica's)")
+    add_engine_args(engine, only=("--max-num-seqs", "--max-num-batched-tokens", "--scheduling-policy",
+                                  "--slo-overload-action", "--block-size", "--kv-cache-memory"))
     engine.add_argument("--num-kv-blocks", type=int, default=None, help="each replica's KV pool in blocks")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    add_engine_args(engine, only=("--max-model-len", "--enable-prefix-caching"))
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--replicas", type=int, default=1)
     cluster.add_argument("--prefill-replicas", type=int, default=0,
@@ -173,56 +173,9 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                               "requests than the idlest")
 
 
-def cluster_config(args: argparse.Namespace, profile, slo=None):
-    """The simulated cluster for these flags and this profile (validated, fields named)."""
-    from punctual.config import ROUTERS, ClusterConfig, EngineConfig, parse_size
-    from punctual.sim.engine import SimConfig
-
-    engine = EngineConfig.from_kwargs(
-        "sim", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        scheduling_policy=args.scheduling_policy, slo_overload_action=getattr(args, "slo_overload_action", None),
-        block_size=args.block_size, enable_prefix_caching=getattr(args, "enable_prefix_caching", None),
-        max_model_len=getattr(args, "max_model_len", None))
-    from punctual.sched.policies import POLICIES
-
-    if engine.scheduler.scheduling_policy not in POLICIES:
-        raise ValueError(f"--scheduling-policy must be one of {sorted(POLICIES)}, "
-                         f"got {engine.scheduler.scheduling_policy!r}")
-    block_size = engine.cache.block_size
-    num_blocks = args.num_kv_blocks
-    if num_blocks is not None and num_blocks < 1:
-        raise ValueError(f"--num-kv-blocks must be >= 1, got {num_blocks}")
-    if num_blocks is None:
-        memory = parse_size(args.kv_cache_memory, "--kv-cache-memory")
-        num_blocks = profile.kv_blocks(block_size, memory)
-        if num_blocks is None and profile.num_kv_blocks is not None:
-            # The calibrated engine's pool, in this block size.
-            profiled_block = profile.engine.get("block_size", block_size)
-            num_blocks = max(1, profile.num_kv_blocks * profiled_block // block_size)
-    if num_blocks is None:
-        raise ValueError("--num-kv-blocks or --kv-cache-memory: the profile does not say how big the KV pool is")
-    max_model_len = engine.model.max_model_len or profile.max_model_len
-    if profile.max_model_len and max_model_len > profile.max_model_len:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {profile.max_model_len}")
-    prefill, decode = getattr(args, "prefill_replicas", 0) or 0, getattr(args, "decode_replicas", 0) or 0
-    if (prefill or decode) and (prefill < 1 or decode < 1):
-        raise ValueError("--prefill-replicas and --decode-replicas must both be >= 1 when either is set, "
-                         f"got {prefill} and {decode}")
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    migration = getattr(args, "migration", "off") == "on"
-    threshold = getattr(args, "migration_threshold", 2)
-    if threshold < 2:
-        raise ValueError(f"--migration-threshold must be >= 2, got {threshold}")
-    if args.router not in ROUTERS:
-        raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {args.router!r}")
-    cluster = ClusterConfig(replicas=prefill + decode if prefill else args.replicas, router=args.router,
-                            prefill_replicas=prefill, decode_replicas=decode, migration=migration,
-                            migration_threshold=threshold)
-    cluster.validate()
-    return SimConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
-                     cluster, ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
-                     tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
+def sim_flags(args: argparse.Namespace) -> SimFlags:
+    """The SimFlags of parsed flags (a command may have only some of them: the others default)."""
+    return SimFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimFlags) if hasattr(args, f.name)})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -235,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     plan = plan_from_args(args)
     profile = load_profile(args.profile)
-    config = cluster_config(args, profile, plan.slo)
+    config = cluster_config(sim_flags(args), profile, plan.slo)
     if args.sim_processes < 1:
         raise ValueError(f"--sim-processes must be >= 1, got {args.sim_processes}")
     if args.sim_processes > 1:
@@ -288,7 +241,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         profile = load_profile(args.base_profile)
     else:
-        from punctual.cli import engine_kwargs
+        from punctual.engine_args import engine_kwargs
         from punctual.sim.calibrate import calibrate
 
         profile = calibrate(args.model, engine_kwargs(args), max_prompt=args.max_prompt, max_batch=args.max_batch,
@@ -302,7 +255,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from punctual.sim.calibrate_server import calibrate_server
         from punctual.sim.validate import engine_flags, serve_command
 
-        flags = engine_flags(argparse.Namespace(serve_args=args.serve_args), profile)
+        flags = engine_flags(args.serve_args, profile)
         serve_args = serve_command(flags) + shlex.split(args.serve_args)
         rates = tuple(float(r) for r in args.server_rates.split(",") if r.strip())
         profile = calibrate_server(profile, args.model, serve_args, workload=args.server_workload, rates=rates,
@@ -324,15 +277,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from punctual.sim.planner import plan_capacity
+    from punctual.sim.planner import PlanConfig, plan_capacity
 
-    return plan_capacity(args, log=_log)
+    def items(text: str, kind):
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanConfig)}
+    config = PlanConfig(**{**given, "policies": items(args.policies, str), "budgets": items(args.budgets, int),
+                           "pd_splits": items(args.pd_splits, float)})
+    return plan_capacity(config, log=_log)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from punctual.sim.validate import validate
+    from punctual.sim.validate import ValidateConfig, validate
 
-    return validate(args, log=_log)
+    return validate(ValidateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ValidateConfig)}),
+                    log=_log)
 
 
 def _log(message: str) -> None:
@@ -340,4 +300,4 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-__all__ = ["add_sim_parser", "cluster_config"]
+__all__ = ["add_sim_parser"]

@@ -26,34 +26,10 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from punctual.plan import StepPlan
+from punctual.plan import FEATURES, StepPlan, plan_features  # noqa: F401 (the profile's features, re-exported)
 
-FEATURES = ("fixed", "prefill_tokens", "decode_rows", "context_tokens", "attention_pairs", "sampled_rows")
 PREFILL_STEPS = "prefill_steps"  # optional linear coefficient: seconds per step with prompt tokens
 PROFILE_VERSION = 1
-
-
-def plan_features(plan: StepPlan) -> tuple[float, ...]:
-    """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
-    prefill = decode = context = pairs = rows = 0
-    for item in plan.scheduled:
-        start = item.start_position
-        if item.is_decode and not item.spec_token_ids:  # the common case: one token, sampled
-            decode += 1
-            context += start + 1
-            pairs += start + 1
-            rows += 1
-            continue
-        new = len(item.token_ids) + len(item.spec_token_ids)
-        if item.is_decode:
-            decode += 1
-        else:
-            prefill += len(item.token_ids)
-        context += start + new
-        pairs += new * start + new * (new + 1) // 2
-        if item.samples:
-            rows += 1 + len(item.spec_token_ids)
-    return (1.0, float(prefill), float(decode), float(context), float(pairs), float(rows))
 
 
 @dataclass

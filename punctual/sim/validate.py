@@ -20,16 +20,45 @@ import shlex
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from punctual.bench.report import table
+from punctual.sim.sizing import SimFlags, cluster_config
 
 POINTS = (("TTFT p50", "ttft_ms", "median"), ("TTFT p90", "ttft_ms", "p90"),
           ("TPOT p50", "tpot_ms", "median"), ("TPOT p90", "tpot_ms", "p90"))
 
 
-def bench_args(args: argparse.Namespace) -> argparse.Namespace:
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What `punctual sim validate` runs (fields named as its flags)."""
+
+    profile: str  # step-cost profile file
+    model: str = "builtin"
+    workload: str = "chat,shared-prefix"
+    sweep_rates: str = "0.5,1,2"
+    num_requests: int = 40
+    seed: int = 0
+    length_scale: float = 0.25
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 200.0
+    serve_args: str = ""  # extra `punctual serve` flags, quoted; engine flags here reach the simulator too
+    output: str | None = None
+    startup_timeout: float = 600.0
+    measured: str | None = None  # the real side from an earlier --output JSON instead of a server
+    server_trace: str | None = None
+    replicas: int = 1
+    threads_per_replica: int = 1
+    router: str = "cache_aware"
+    rescale_per_point: bool = False
+    sim_repeats: int = 8
+
+
+def bench_args(args: ValidateConfig) -> argparse.Namespace:
+    """The bench's own flags for the plan both sides run (parsed by the bench's parser, so that
+    its defaults and checks apply)."""
     from punctual.bench.cli import add_load_args
 
     parser = argparse.ArgumentParser()
@@ -40,25 +69,27 @@ def bench_args(args: argparse.Namespace) -> argparse.Namespace:
                               "--tpot-slo-ms", str(args.tpot_slo_ms), "--no-progress"])
 
 
-def engine_flags(args: argparse.Namespace, profile) -> argparse.Namespace:
-    """Flags both sides run with: the serve args given, else the calibrated engine's."""
-    from punctual.cli import add_engine_args
+def engine_flags(serve_args: str, profile, replicas: int = 1, router: str = "cache_aware") -> SimFlags:
+    """Flags both sides run with: the engine flags in `serve_args` (a `punctual serve` command
+    line's), else the calibrated engine's; `router` only with several replicas."""
+    from punctual.engine_args import add_engine_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    flags = parser.parse_args(shlex.split(args.serve_args))
+    given = vars(parser.parse_args(shlex.split(serve_args)))
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):
-        if getattr(flags, name) is None and name in profile.engine:
-            setattr(flags, name, profile.engine[name])
-    flags.num_kv_blocks = profile.num_kv_blocks if flags.kv_cache_memory is None else None
-    replicas = getattr(args, "replicas", 1) or 1
+        if given[name] is None and name in profile.engine:
+            given[name] = profile.engine[name]
+    replicas = replicas or 1
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
-    flags.replicas, flags.router = replicas, (args.router if replicas > 1 else "round_robin")
-    return flags
+    fields = {f.name for f in dataclasses.fields(SimFlags)}
+    return SimFlags(**{name: value for name, value in given.items() if name in fields},
+                    num_kv_blocks=profile.num_kv_blocks if given["kv_cache_memory"] is None else None,
+                    replicas=replicas, router=router if replicas > 1 else "round_robin")
 
 
-def serve_command(flags: argparse.Namespace) -> list[str]:
+def serve_command(flags: SimFlags) -> list[str]:
     out = []
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory", "scheduling_policy"):
         value = getattr(flags, name, None)
@@ -76,7 +107,7 @@ def cluster_serve_args(replicas: int, threads_per_replica: int, router: str) -> 
     return ("--replicas", str(replicas), "--threads-per-replica", str(threads_per_replica), "--router", router)
 
 
-def server_args(args: argparse.Namespace, flags: argparse.Namespace) -> tuple[str, ...]:
+def server_args(args: ValidateConfig, flags: SimFlags) -> tuple[str, ...]:
     """`punctual serve`'s flags for the real side: the engine's, the extra ones given, and with
     --replicas the cluster's (each replica on Ray is an engine with those flags)."""
     return (tuple(serve_command(flags)) + tuple(shlex.split(args.serve_args))
@@ -100,10 +131,9 @@ def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
     return rows
 
 
-def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+def validate(args: ValidateConfig, log: Callable[[str], None] = print) -> int:
     from punctual.bench.cli import plan_from_args
     from punctual.bench.sweep import goodputs
-    from punctual.sim.cli import cluster_config
     from punctual.sim.probe import check_reference
     from punctual.sim.profile import load_profile
 
@@ -120,7 +150,7 @@ def validate(args: argparse.Namespace, log: Callable[[str], None] = print) -> in
         reference = check_reference(profile.speed_probe)
         log(f"rescaling per point: the profile's speed probe took {reference['token_s'] * 1000:.2f} ms per token")
     plan = plan_from_args(bench_args(args))
-    flags = engine_flags(args, profile)
+    flags = engine_flags(args.serve_args, profile, args.replicas, args.router)
     config = cluster_config(flags, profile, plan.slo)  # bad flags fail here, not after the real runs
     if args.measured:  # the real side from an earlier run: only the simulator runs (any machine)
         real_runs = json.loads(Path(args.measured).read_text())["measured"]
@@ -225,7 +255,7 @@ def point_scales(real_runs: list[dict], profile, log: Callable[[str], None] | No
     return scales
 
 
-def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
+def measure(args: ValidateConfig, flags: SimFlags, plan, profile,
             log: Callable[[str], None]) -> list[dict]:
     """The bench plan against a real `punctual serve` started here with the same engine flags."""
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
@@ -237,8 +267,8 @@ def measure(args: argparse.Namespace, flags: argparse.Namespace, plan, profile,
     spec = punctual_peer(args.model, free_port(), options)
     log(f"starting {shlex.join(spec.command)}")
     log_path = Path(tempfile.mkdtemp(prefix="punctual-validate-")) / "server.log"
-    if args.server_trace:  # the core's own record of the real runs (`punctual.sim.trace`)
-        from punctual.sim.trace import TRACE_ENV, trace_paths
+    if args.server_trace:  # the core's own record of the real runs (`punctual.engine.trace`)
+        from punctual.engine.trace import TRACE_ENV, trace_paths
 
         for stale in trace_paths(args.server_trace):  # with --replicas, one file per replica
             Path(stale).unlink()

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from punctual.sim.trace import TRACE_ENV, read_traces, replica_trace_path
+from punctual.engine.trace import TRACE_ENV, replica_trace_path
+from punctual.sim.trace import read_traces
 
 # The subprocess server fixture of the server tests, reused as is.
 _spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parent.parent / "server" / "conftest.py")

@@ -191,7 +191,7 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
             c.add_request(make(request_id, prompt, max_tokens, 0))
             while request_id not in finished:
                 await asyncio.sleep(0.005)
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # both come to replica 0
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # both come to replica 0
         c.add_request(make("low", low, 80, 5))
         while len(tokens.get("low", [])) < 6:
             await asyncio.sleep(0.005)
@@ -216,7 +216,7 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
 
     async def scenario(c: ClusterClient):
         collect_outputs(c, tokens, finished)
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # a skewed router
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # a skewed router
         for i in range(3):
             c.add_request(request(f"r{i}"))
         while len(finished) < 3:
@@ -296,13 +296,13 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
         finished = set()
 
         collect_outputs(c, tokens, finished)
-        real_route = c._route
-        monkeypatch.setattr(c, "_route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
+        real_route = c.ledger.route
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
         for i in range(3):
             c.add_request(request(f"d{i}"))
         while len(tokens.get("d0", [])) < 6:
             await asyncio.sleep(0.005)
-        monkeypatch.setattr(c, "_route", real_route)
+        monkeypatch.setattr(c.ledger, "route", real_route)
         drained.update(await c.drain(0))
         while len(finished) < 3:
             await asyncio.sleep(0.01)
@@ -312,3 +312,34 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
     assert {k: drained[k] for k in ("migrated", "recomputed", "left")} == {"migrated": 1, "recomputed": 2, "left": 0}
     assert [r["state"] for r in drained["info"]] == ["drained", "ready"]
     assert tokens["d0"] == tokens["d1"] == tokens["d2"] and len(tokens["d0"]) == MAX_TOKENS
+
+
+def test_a_failed_rebalancing_move_is_logged_and_surfaced(monkeypatch, caplog):
+    """A rebalancing move that raises (a bug, not a refusal) is a kept background task: its failure
+    is logged and counted for GET /health, and the streams go on where they are."""
+    monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
+    config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=512, block_size=4)
+    client = ClusterClient(config, ClusterConfig(replicas=2, migration=True, migration_threshold=2))
+    tokens: dict[str, list[int]] = {}
+    finished = set()
+
+    async def broken_migrate(request_id, target_id, reason=""):
+        raise RuntimeError("a bug in the mover")
+
+    async def scenario(c: ClusterClient):
+        collect_outputs(c, tokens, finished)
+        monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # skewed: a rebalance is due
+        monkeypatch.setattr(c.mover, "migrate", broken_migrate)
+        for i in range(3):
+            c.add_request(request(f"r{i}"))
+        while len(finished) < 3:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level("ERROR", logger="punctual.engine.tasks"):
+        run(client, scenario)
+    failures = client.background_failures
+    assert failures.by_task.get("rebalance", 0) >= 1 and set(failures.by_task) == {"rebalance"}
+    assert "a bug in the mover" in failures.latest[-1].error
+    assert any(r.getMessage() == "background task rebalance failed" for r in caplog.records)
+    assert not client.migrations  # no move happened
+    assert tokens["r0"] == tokens["r1"] == tokens["r2"] and len(tokens["r0"]) == MAX_TOKENS

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from punctual.cluster.client import RoutedRequest, resumed_request
+from punctual.cluster.state import RoutedRequest, resumed_request
 from punctual.cluster.router import NoReplicaAvailable, ReplicaLoad, make_router, prompt_block_hashes
 from punctual.kv.manager import KVCacheManager
 from punctual.request import EngineCoreRequest, Request

@@ -2,6 +2,7 @@
 simulator's front-end delays (TTFT moves by admit + deliver, TPOT does not)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import pytest
 from punctual.bench.workloads import generate_workload
 from punctual.config import SchedulerConfig
 from punctual.config import ClusterConfig
+from punctual.engine.trace import StepTrace, replica_trace_path, trace_paths
 from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.trace import (StepTrace, first_token_path, fit_serving_overhead, match_records, read_trace,
-                                read_traces, replica_trace_path, trace_paths)
+from punctual.sim.trace import first_token_path, fit_serving_overhead, match_records, read_trace, read_traces
+from punctual.sim.validate import ValidateConfig
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
                 "attention_pairs": 2e-8, "sampled_rows": 1e-4}
@@ -51,7 +53,7 @@ def test_trace_periods_and_first_tokens(tmp_path, monkeypatch):
     from punctual.plan import ScheduledRequest, StepPlan
 
     clock = iter([10.0, 10.5, 11.0, 11.2, 11.3, 11.4, 20.0, 20.9, 21.0]).__next__
-    monkeypatch.setattr("punctual.sim.trace.time.monotonic", clock)
+    monkeypatch.setattr("punctual.engine.trace.time.monotonic", clock)
     plan = StepPlan(scheduled=[ScheduledRequest("a", [1, 2, 3], 0, (), samples=True)])
 
     class Scheduler:
@@ -192,38 +194,36 @@ def test_first_token_path_matched_to_client_records(tmp_path):
 def test_validate_against_earlier_measurements(tmp_path):
     """`sim validate --measured FILE` runs only the simulator against the measured runs kept in an
     earlier --output: fed its own simulated runs it agrees exactly, and another plan is refused."""
-    import argparse
-
     from punctual.sim.validate import validate
 
     profile = StepProfile("linear", dict(COEFFICIENTS), num_kv_blocks=300, model={"max_model_len": 2048},
                           frontend={"admit_s": 0.001, "deliver_s": 0.005})
     profile.save(tmp_path / "p.json")
-    args = argparse.Namespace(profile=str(tmp_path / "p.json"), model="builtin", workload="chat", sweep_rates="1,2",
-                              num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0,
-                              serve_args="", output=str(tmp_path / "first.json"), startup_timeout=1.0,
-                              measured=None, server_trace=None, rescale_per_point=False, sim_repeats=8)
+    args = ValidateConfig(profile=str(tmp_path / "p.json"), model="builtin", workload="chat", sweep_rates="1,2",
+                          num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0,
+                          serve_args="", output=str(tmp_path / "first.json"), startup_timeout=1.0,
+                          measured=None, server_trace=None, rescale_per_point=False, sim_repeats=8)
     first = tmp_path / "first.json"
     # an earlier run's file whose "measured" side is this profile's simulation
-    validate(argparse.Namespace(**{**vars(args), "measured": str(_self_measured(tmp_path, args))}), log=lambda _: None)
+    validate(dataclasses.replace(args, measured=str(_self_measured(tmp_path, args))), log=lambda _: None)
     rows = json.loads(first.read_text())["errors"]
     assert len(rows) == 8 and all(r["error"] == pytest.approx(0.0) for r in rows)
     with pytest.raises(ValueError, match="--sweep-rates"):
-        validate(argparse.Namespace(**{**vars(args), "sweep_rates": "1", "measured": str(first)}), log=lambda _: None)
+        validate(dataclasses.replace(args, sweep_rates="1", measured=str(first)), log=lambda _: None)
 
 
 def _self_measured(tmp_path, args):
     from punctual.bench.cli import plan_from_args
     from punctual.bench.loadgen import Endpoint
     from punctual.bench.sweep import bench_endpoint
-    from punctual.sim.cli import cluster_config
     from punctual.sim.loadgen import SimSender
     from punctual.sim.profile import load_profile
+    from punctual.sim.sizing import cluster_config
     from punctual.sim.validate import bench_args, engine_flags
 
     profile = load_profile(args.profile)
     plan = plan_from_args(bench_args(args))
-    simulator = Simulator(cluster_config(engine_flags(args, profile), profile, plan.slo), profile)
+    simulator = Simulator(cluster_config(engine_flags(args.serve_args, profile), profile, plan.slo), profile)
     runs = bench_endpoint(Endpoint("sim://"), plan, system="punctual", progress=False, log=lambda _: None,
                           send=SimSender(simulator, slo=plan.slo))
     path = tmp_path / "earlier.json"

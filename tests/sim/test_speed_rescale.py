@@ -2,7 +2,7 @@
 record in the profile (old profiles without one still load), and the per-point simulation."""
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.probe import calibration_probe, check_reference, probe_spec, speed_scale
 from punctual.sim.profile import PREFILL_STEPS, Roofline, StepProfile, load_profile
+from punctual.sim.validate import ValidateConfig
 
 COEFFICIENTS = {"fixed": 0.02, "prefill_tokens": 4e-4, "decode_rows": 6e-4, "context_tokens": 1e-6,
                 "attention_pairs": 2e-8, "sampled_rows": 1e-4, PREFILL_STEPS: 0.003}
@@ -71,22 +72,22 @@ def test_old_profile_without_a_probe_still_loads_and_says_it_cannot_rescale(tmp_
         speed_scale({**again.speed_probe, "output_tokens": 7}, 0.01)
 
 
-def validate_args(tmp_path, profile: StepProfile, **changes) -> argparse.Namespace:
+def validate_args(tmp_path, profile: StepProfile, **changes) -> ValidateConfig:
     profile.save(tmp_path / "p.json")
     args = dict(profile=str(tmp_path / "p.json"), model="builtin", workload="chat,shared-prefix", sweep_rates="1,2",
                 num_requests=6, seed=0, length_scale=0.1, ttft_slo_ms=2000.0, tpot_slo_ms=200.0, serve_args="",
                 output=str(tmp_path / "out.json"), startup_timeout=1.0, measured=None, server_trace=None,
                 rescale_per_point=False, sim_repeats=8)
-    return argparse.Namespace(**{**args, **changes})
+    return ValidateConfig(**{**args, **changes})
 
 
 def plan_and_config(args, profile):
     from punctual.bench.cli import plan_from_args
-    from punctual.sim.cli import cluster_config
+    from punctual.sim.sizing import cluster_config
     from punctual.sim.validate import bench_args, engine_flags
 
     plan = plan_from_args(bench_args(args))
-    return plan, cluster_config(engine_flags(args, profile), profile, plan.slo)
+    return plan, cluster_config(engine_flags(args.serve_args, profile, args.replicas, args.router), profile, plan.slo)
 
 
 def test_per_point_path_at_scale_one_is_the_plain_path(tmp_path):
@@ -119,7 +120,7 @@ def test_validate_rescales_each_point_from_its_probe(tmp_path):
         run["speed_probe"] = {"token_s": token_s}
     (tmp_path / "measured.json").write_text(json.dumps({"measured": measured}, default=str))
     lines: list[str] = []
-    validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=lines.append)
+    validate(dataclasses.replace(args, measured=str(tmp_path / "measured.json")), log=lines.append)
     out = json.loads((tmp_path / "out.json").read_text())
     assert [r["speed_scale"] for r in out["simulated"]] == pytest.approx([1.0, 1.5])
     assert [r["speed_scale"] for r in out["errors"]] == pytest.approx([1.0] * 4 + [1.5] * 4)
@@ -129,7 +130,7 @@ def test_validate_rescales_each_point_from_its_probe(tmp_path):
         del run["speed_probe"]
     (tmp_path / "measured.json").write_text(json.dumps({"measured": measured}, default=str))
     with pytest.raises(ValueError, match="no speed probe"):
-        validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=print)
+        validate(dataclasses.replace(args, measured=str(tmp_path / "measured.json")), log=print)
 
 
 def test_validate_refuses_to_rescale_a_profile_without_a_probe_before_starting_a_server(tmp_path):
@@ -161,7 +162,7 @@ def test_validate_a_two_replica_cluster(tmp_path):
     profile = served_profile()
     args = validate_args(tmp_path, profile, workload="chat", sweep_rates="8", num_requests=24, replicas=2,
                          threads_per_replica=1, router="cache_aware")
-    flags = engine_flags(args, profile)
+    flags = engine_flags(args.serve_args, profile, args.replicas, args.router)
     assert (flags.replicas, flags.router) == (2, "cache_aware")
     extra = server_args(args, flags)
     assert extra[-6:] == ("--replicas", "2", "--threads-per-replica", "1", "--router", "cache_aware")
@@ -175,6 +176,6 @@ def test_validate_a_two_replica_cluster(tmp_path):
     for run in two:
         run["system"] = "punctual"
     (tmp_path / "measured.json").write_text(json.dumps({"measured": two}, default=str))
-    validate(argparse.Namespace(**{**vars(args), "measured": str(tmp_path / "measured.json")}), log=lambda _: None)
+    validate(dataclasses.replace(args, measured=str(tmp_path / "measured.json")), log=lambda _: None)
     out = json.loads((tmp_path / "out.json").read_text())
     assert all(r["error"] == pytest.approx(0.0) for r in out["errors"])  # the same cluster simulated again
