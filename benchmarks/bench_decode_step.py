@@ -3,7 +3,7 @@ kernel choice behind it.
 
 1. Kernel: PyTorch's SDPA for one-token queries with grouped-query attention, called two ways:
    9 query heads with `enable_gqa=True` against 3 KV heads, and the same query heads grouped as
-   3 rows of each KV head (what `punctual.model.attention.decode_attention` does).
+   3 rows of each KV head (what `punctual.models.attention.decode_attention` does).
 2. Engine: `builtin` (bf16); n requests with ctx-token prompts (shared: one prefix for all, as
    a system prompt or RAG document), prefilled, then the median and p90 of 30 decode steps.
 

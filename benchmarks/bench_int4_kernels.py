@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from punctual.model import cpu_kernels
-    from punctual.model.quant import quantize_int4
+    from punctual.kernels import cpu_kernels
+    from punctual.kernels.quant import quantize_int4
 
     ops = cpu_kernels.load()
     print("| layer | rows | bf16 us | int4 us | int4_q8 us | q8 / int4 | q8 / bf16 |\n|---|---|---|---|---|---|---|")

@@ -43,7 +43,7 @@ def make_prompts(kind: str, count: int, length: int, vocab: int, tokenizer, seed
 
 def teacher_forced(runners, prompt: list[int], max_tokens: int):
     """Per generated position: (argmax agrees, max |logit diff|, that over the logits' std)."""
-    from punctual.model.runner import TokenChunk
+    from punctual.runner.runner import TokenChunk
 
     bs = runners[0].block_size
     table = list(range(-(-(len(prompt) + max_tokens) // bs)))
@@ -71,7 +71,7 @@ def main() -> None:
 
     from punctual import LLM, SamplingParams
     from punctual.config import CacheConfig, ModelConfig
-    from punctual.model.runner import ModelRunner
+    from punctual.runner.runner import ModelRunner
 
     blocks = args.prompts * (-(-(args.prompt_len + args.max_tokens) // 16)) + 8
     model = ModelConfig(model=args.model, dtype=args.dtype)

@@ -72,7 +72,7 @@ def measure(model: str, dtype: str, context: int, int8: bool) -> dict[str, float
     sink = make_engine(model, dtype, blocks)
     sink.reserve_import("w", full)
     started = time.perf_counter()
-    from punctual.model.kv_transfer import write_blocks
+    from punctual.runner.kv_transfer import write_blocks
 
     loaded = pickle.loads(wire)
     write_blocks(sink.runner.kv_caches, sink.kv_manager.block_table("w"), loaded)

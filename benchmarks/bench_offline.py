@@ -102,7 +102,7 @@ def step_bound_s(arch, workload, peak_gflops: float, bandwidth_gbs: float, weigh
 
 def weight_bytes(model) -> int:
     from punctual.models.linear import FusedWeight
-    from punctual.model.quant import QuantizedWeight
+    from punctual.kernels.quant import QuantizedWeight
 
     tensors = {id(t): t for t in [model.embed, model.norm, model.lm_head] if isinstance(t, torch.Tensor)}
     for layer in [model, *model.layers]:

@@ -34,7 +34,7 @@ def main() -> None:
     if args.library:
         torch.ops.load_library(args.library)
     else:
-        from punctual.model import cpu_kernels
+        from punctual.kernels import cpu_kernels
 
         if cpu_kernels.load() is None:
             raise SystemExit(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")

@@ -75,7 +75,7 @@ def main() -> None:
                              "a -eager suffix runs without the fused kernels; -a16 runs int4's fused kernel on "
                              "bf16 activations instead of int8")
     args = parser.parse_args()
-    import punctual.model.quant as quant
+    import punctual.kernels.quant as quant
     from punctual import LLM
 
     text = corpus()

@@ -26,10 +26,10 @@ class ModelConfig:
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     seed: int = 0  # seed of the engine's sampler for requests that bring none
     # Weight-only quantization of every linear (CPU): none | int8 (per output channel) |
-    # int4 (groups of 32 inputs). Fewer bytes per decode token; see punctual/model/quant.py.
+    # int4 (groups of 32 inputs). Fewer bytes per decode token; see punctual/kernels/quant.py.
     quantization: str = "none"
     # Run the plain PyTorch ops only. Otherwise bf16 on a CPU with AVX-512 BF16 runs the fused
-    # kernels of punctual/model/csrc (a small-batch GEMM and fused RMSNorm/RoPE/SiLU), built on
+    # kernels of punctual/kernels/csrc (a small-batch GEMM and fused RMSNorm/RoPE/SiLU), built on
     # first use. Eager is the reference the tests compare against (vLLM's flag of the same name).
     enforce_eager: bool = False
     # A request's bf16 output does not depend on its batch, its prompt's chunking or speculation:
@@ -37,7 +37,7 @@ class ModelConfig:
     # attends alone over its unpadded context. Needs the fused kernels and a bf16 KV cache.
     batch_invariant: bool = False
     # On CUDA (unless enforce_eager), decode steps of up to this many requests replay CUDA graphs
-    # captured at start-up, one per batch and context bucket (punctual/model/decode_graphs.py). 0: none.
+    # captured at start-up, one per batch and context bucket (punctual/runner/decode_graphs.py). 0: none.
     cuda_graph_max_batch_size: int = 64
     # Which fused CPU paths a bf16 model takes (models/decoder.KernelChoices): fixed by
     # configuration so numerics never depend on a race at load; off to compare, as benchmarks do.

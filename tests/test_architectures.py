@@ -9,7 +9,7 @@ import torch
 
 from hf_models import ARCHS, VOCAB
 from punctual import LLM, SamplingParams
-from punctual.model import cpu_kernels
+from punctual.kernels import cpu_kernels
 from punctual.models.registry import SUPPORTED_ARCHITECTURES, load_arch_config
 
 NEW_ARCHS = [name for name in ARCHS if not name.startswith(("llama", "mistral", "qwen2_bias"))]

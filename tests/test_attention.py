@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from punctual.model.attention import MAX_SHORT_QUERY, LayerKVCache, paged_attention, quantize_int8
-from punctual.model.runner import ModelRunner, TokenChunk, split_by_query_length
+from punctual.models.attention import MAX_SHORT_QUERY, LayerKVCache, paged_attention, quantize_int8
+from punctual.runner.runner import ModelRunner, TokenChunk, split_by_query_length
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
@@ -55,7 +55,7 @@ def test_paged_attention_matches_dense_for_mixed_query_lengths(window):
 @pytest.mark.parametrize("head_dim", [16, 64])  # 64: the specialised loops; 16: the generic one
 def test_fused_kernel_attention_matches_dense(window, head_dim):
     """The fused paged-attention kernel (bf16) for every token: decodes, short queries, prompt chunks."""
-    from punctual.model import cpu_kernels
+    from punctual.kernels import cpu_kernels
 
     if cpu_kernels.load() is None:
         pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -67,7 +67,7 @@ def test_fused_kernel_attention_matches_dense(window, head_dim):
 def test_int8_cache_attention_matches_dense_over_its_dequantized_values(window, attention_kernel):
     """An int8 cache, read by the torch path (dequantized on gather) or by the fused kernel (its
     specialised loops, head dim 64), against dense attention over the values the cache holds."""
-    from punctual.model import cpu_kernels
+    from punctual.kernels import cpu_kernels
 
     if attention_kernel != "none" and cpu_kernels.load() is None:
         pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -75,7 +75,7 @@ def test_int8_cache_attention_matches_dense_over_its_dequantized_values(window, 
 
 
 def test_fused_kernel_names_an_int8_cache_it_cannot_read():
-    from punctual.model import cpu_kernels
+    from punctual.kernels import cpu_kernels
 
     ops = cpu_kernels.load()
     if ops is None:

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (punctual/model/csrc): what they promise against eager PyTorch.
+"""The fused CPU kernels (punctual/kernels/csrc): what they promise against eager PyTorch.
 
 Element-wise kernels (RMSNorm with its residual add, RoPE, SiLU * up) give eager's bf16 results
 bit for bit, so a prompt's logits do not change; the small-batch GEMM rounds its fp32 sums once,
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from punctual import LLM, SamplingParams
-from punctual.model import cpu_kernels
+from punctual.kernels import cpu_kernels
 from punctual.models.decoder import rms_norm, rotate_half
 from punctual.models.linear import FusedWeight
 
@@ -250,7 +250,7 @@ def test_batch_invariant_refuses_what_it_cannot_keep():
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
 def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
-    from punctual.model.quant import quantize_int8
+    from punctual.kernels.quant import quantize_int8
 
     weight, bias, x = randn(960, 576, scale=0.05, seed=11), randn(960, seed=12), randn(rows, 576, seed=13)
     q = quantize_int8(weight)
@@ -264,7 +264,7 @@ def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
 
 @pytest.mark.parametrize("rows", [1, 6])
 def test_int4_linear_is_the_dequantized_product_rounded_once(rows):
-    from punctual.model.quant import quantize_int4
+    from punctual.kernels.quant import quantize_int4
 
     weight, bias, x = randn(960, 576, scale=0.05, seed=14), randn(960, seed=15), randn(rows, 576, seed=16)
     q = quantize_int4(weight)
@@ -291,7 +291,7 @@ def int4_q8_reference(x: torch.Tensor, q, bias: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 130])
 def test_int4_q8_linear_is_its_int8_activation_math(rows):
-    from punctual.model.quant import quantize_int4
+    from punctual.kernels.quant import quantize_int4
 
     weight, bias, x = randn(960, 576, scale=0.05, seed=17), randn(960, seed=18), randn(130, 576, seed=19)
     x[2, 64:96] = 0  # a group of zeros: scale 0, no NaN
@@ -313,7 +313,7 @@ def test_int4_q8_linear_is_its_int8_activation_math(rows):
 
 
 def test_int4_q8_linear_names_bad_input():
-    from punctual.model.quant import quantize_int4
+    from punctual.kernels.quant import quantize_int4
 
     q = quantize_int4(randn(32, 64, seed=20))
     q.attach_fused(ops)

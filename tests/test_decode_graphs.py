@@ -1,4 +1,4 @@
-"""The static, bucketed decode step that CUDA graphs capture (punctual/model/decode_graphs.py).
+"""The static, bucketed decode step that CUDA graphs capture (punctual/runner/decode_graphs.py).
 
 Here it runs without the capture (the recording is CUDA's): the same padded batches, padded
 contexts and scratch-block writes, checked against transformers' greedy tokens."""
@@ -9,7 +9,7 @@ import torch
 
 from hf_models import hf_greedy
 from punctual import LLM, SamplingParams
-from punctual.model.decode_graphs import DecodeGraphs, capture_batch_sizes, capture_context_blocks
+from punctual.runner.decode_graphs import DecodeGraphs, capture_batch_sizes, capture_context_blocks
 from test_exact_to_transformers import MAX_NEW, PROMPTS
 
 

@@ -168,7 +168,7 @@ def test_4bit_layers_are_repacked_as_the_files_values(gguf_dir, qtype):
     from gguf_models import HEADS, KV_HEADS
     from punctual.checkpoints.gguf import _hf_name, _unpermute_qk
     from punctual.checkpoints.loader import load_weights
-    from punctual.model.quant import QuantizedWeight
+    from punctual.kernels.quant import QuantizedWeight
 
     from safetensors import safe_open
 
@@ -209,7 +209,7 @@ def test_4bit_layers_are_repacked_as_the_files_values(gguf_dir, qtype):
 def test_q4_file_with_int4_runs_its_own_values(gguf_dir):
     import torch
 
-    from punctual.model.quant import QuantizedWeight
+    from punctual.kernels.quant import QuantizedWeight
 
     path = write_tiny_gguf(gguf_dir / "tiny-run-Q4_0.gguf", "Q4_0", "llama", seed=4)
     llm = LLM(str(path), dtype="bfloat16", quantization="int4", num_kv_blocks=64)
@@ -305,7 +305,7 @@ def test_quantized_dense_gguf_runs_as_its_dequantized_checkpoint(gguf_dir, arch,
     fused Q4_0 projections stay the file's own 4-bit values under int4."""
     import torch
 
-    from punctual.model.quant import QuantizedWeight
+    from punctual.kernels.quant import QuantizedWeight
 
     hf_dir = hf_checkpoint_for_gguf(gguf_dir / f"hf-{arch}-{qtype}", arch)
     path = gguf_from_hf(hf_dir, gguf_dir / f"{arch}-{qtype}.gguf", arch, qtype)

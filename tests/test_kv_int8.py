@@ -8,7 +8,7 @@ import torch
 
 from hf_models import VOCAB
 from punctual import LLM, SamplingParams
-from punctual.model.attention import quantize_int8
+from punctual.models.attention import quantize_int8
 
 # The tests' random models have small logit gaps, so this is a harsh setting; see BENCHMARKS.md.
 MIN_AGREEING_PREFIX = 0.8
@@ -33,7 +33,7 @@ def test_int8_pool_holds_more_tokens_in_the_same_memory():
 def test_int8_greedy_agrees_with_unquantized(checkpoints, model, dtype):
     """float32: the int8 cache read by the torch path (dequantized on gather); bf16 with head dim
     64: by the fused attention kernel, where the CPU kernels load, every token, and the whole layer stack for decodes."""
-    from punctual.model import cpu_kernels
+    from punctual.kernels import cpu_kernels
 
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(VOCAB) for _ in range(rng.randrange(3, 70))]}

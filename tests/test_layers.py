@@ -1,7 +1,6 @@
 """Imports point down (tools/import_graph.py holds the layer order and says why): no unit imports
 a higher layer, no two units import each other, however indirectly, and no package's modules form
-a cycle. The known exceptions below are punctual/model/'s, being split into models/,
-checkpoints/, runner/ and kernels/; remove each with its cause."""
+a cycle. No exceptions."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,13 +8,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# (importer, imported): model/kv_transfer.py imports the KV wire types from engine/wire.py, which
-# is moving below the engine.
-KNOWN_UPWARD = {("model", "engine")}
-# Imports among the pieces of model/ while it is split (and between its modules) are not checked yet.
-MODEL_SPLIT = {"model", "models", "checkpoints", "runner", "kernels"}
-
 
 def import_graph():
     spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
@@ -30,19 +22,15 @@ def test_every_unit_has_a_layer_and_none_imports_upward():
     graph = graph_tool.build(ROOT / "punctual")
     assert not [u for u in graph.units if graph_tool.layer_index(u) is None], "a unit with no layer in LAYERS"
     upward = {(source, target): where for source, target, where in graph_tool.upward_imports(graph)}
-    unexpected = {edge: where for edge, where in upward.items() if edge not in KNOWN_UPWARD}
-    assert not unexpected, f"imports that point up a layer: {unexpected}"
+    assert not upward, f"imports that point up a layer: {upward}"
 
 
 def test_no_import_cycles():
     graph_tool = import_graph()
     graph = graph_tool.build(ROOT / "punctual")
-    for source, target in list(graph.edges):
-        if (source, target) in KNOWN_UPWARD or {source, target} <= MODEL_SPLIT:
-            del graph.edges[(source, target)]
     assert graph_tool.cycles(graph) == []
     found = {(package.name, tuple(component)) for package in (ROOT / "punctual").iterdir()
-             if (package / "__init__.py").exists() and package.name not in MODEL_SPLIT
+             if (package / "__init__.py").exists()
              for component in graph_tool.module_cycles(ROOT / "punctual", package.name)}
     assert not found, f"modules of one package that import each other: {found}"
 

@@ -10,7 +10,7 @@ import torch
 from punctual import LLM, SamplingParams
 from punctual.cli import build_parser
 from punctual.config import EngineConfig
-from punctual.model.quant import (INT4_DEQUANTIZE_ABOVE, INT8_DEQUANTIZE_ABOVE, QuantizedWeight, quantize,
+from punctual.kernels.quant import (INT4_DEQUANTIZE_ABOVE, INT8_DEQUANTIZE_ABOVE, QuantizedWeight, quantize,
                                   quantize_int4, quantize_int8)
 
 # Rows on each side of the kernel / dequantize-then-GEMM switch.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from punctual.model.sampler import Sampler, draw
+from punctual.runner.sampler import Sampler, draw
 from punctual.sampling_params import SamplingParams
 
 

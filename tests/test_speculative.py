@@ -8,7 +8,7 @@ import torch
 
 from hf_models import VOCAB, hf_greedy
 from punctual import LLM, SamplingParams
-from punctual.model.sampler import Sampler
+from punctual.runner.sampler import Sampler
 from punctual.request import EngineCoreRequest, Request
 from punctual.sched.cost_model import StepCostModel
 from punctual.spec_decode.length import choose_lengths

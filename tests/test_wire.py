@@ -14,7 +14,7 @@ import torch
 from punctual.engine.messages import (COMMANDS, SCHEMA, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck,
                                       decode_commands, decode_from_core, encode_commands, encode_from_core)
 from punctual.engine.stats import EngineStats
-from punctual.model.kv_transfer import KVMailbox, KVPayload, from_inline, to_inline
+from punctual.runner.kv_transfer import KVMailbox, KVPayload, from_inline, to_inline
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, TokenLogprobs
 from punctual.sampling_params import SamplingParams
 from punctual.structured.spec import StructuredOutput

@@ -26,21 +26,30 @@ from pathlib import Path
 # - cluster, llm: the two users of one engine core each (many replicas behind a router; the
 #   offline LLM(...) API). `punctual` (the package's __init__, which re-exports LLM) sits with llm.
 # - engine: the core's step loop, its process and the client that talks to it.
-# - model, spec_decode, structured: what the engine steps (the network and runner, proposers,
-#   grammars); models/, checkpoints/, runner/, kernels/ are where model/ is being split to
-#   (STYLE.md's layout), in the same layer until that split orders them.
+# - spec_decode, runner, structured: what the engine steps: proposers (a draft model has a runner
+#   of its own), the model runner (plan -> tensors -> tokens; sampler, KV copies), grammars.
+# - checkpoints: HF directories, GGUF conversion, built-ins -> weight tensors (it checks a GGUF
+#   file's rope factors with models' RoPE, hence above models).
+# - models: the network (one decoder stack, an architecture per file, attention over the paged cache).
+# - kernels: the fused CPU kernels and quantized weights, chosen by CPU features.
 # - sched, kv: pure Python mechanism (no torch), which the simulator imports unchanged.
 # - plain data: configs, requests, plans, outputs, the tokenizer loader, limits; and
-#   structured/spec.py, the structured-output request field (a dataclass SamplingParams holds).
+#   structured/spec.py, the structured-output request field (a dataclass SamplingParams holds);
+#   wire/, the data-only codec, framing and handshake every process boundary uses (pure Python
+#   and msgpack: STYLE's "a tool a lower layer needs lives at or below that layer").
 LAYERS: list[tuple[str, ...]] = [
     ("cli",),
     ("server", "cluster.serve", "sim", "bench"),
     ("cluster", "llm", "punctual"),
     ("engine",),
-    ("model", "models", "checkpoints", "runner", "kernels", "spec_decode", "structured"),
+    ("spec_decode",),
+    ("runner", "structured"),
+    ("checkpoints",),
+    ("models",),
+    ("kernels",),
     ("sched", "kv"),
     ("config", "engine_args", "request", "sampling_params", "plan", "outputs", "validation", "tokenizer",
-     "structured.spec"),
+     "structured.spec", "wire"),
 ]
 # Modules placed apart from their package (the longest dotted prefix wins).
 SPLIT_UNITS = ("structured.spec", "cluster.serve")

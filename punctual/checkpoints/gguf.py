@@ -25,7 +25,7 @@ from pathlib import Path
 
 from punctual.checkpoints.builtin import build_once, cache_root
 
-logger = logging.getLogger("punctual.model")
+logger = logging.getLogger(__name__)
 
 # GGUF `general.architecture` -> the transformers class Punctual runs it as. llama.cpp writes
 # Mistral checkpoints as "llama"; "mistral" is accepted for files from other writers. Mixture-of-

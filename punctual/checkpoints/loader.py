@@ -7,7 +7,7 @@ import torch
 
 from punctual.checkpoints.builtin import builtin_path, is_builtin
 from punctual.checkpoints.gguf import Q4_FILE, SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
-from punctual.model.quant import QuantizedWeight, int4_weight
+from punctual.kernels.quant import QuantizedWeight, int4_weight
 
 
 def resolve_model_path(model: str) -> Path:

@@ -23,7 +23,7 @@ import traceback
 
 from punctual.config import EngineConfig
 from punctual.engine.messages import SCHEMA, CoreFailure, core_channel
-from punctual.model.kv_transfer import KVMailbox
+from punctual.runner.kv_transfer import KVMailbox
 from punctual.wire.auth import authenticate_client
 from punctual.wire.channel import SOCKET_BUFFER_BYTES
 from punctual.wire.codec import WireError

@@ -9,7 +9,7 @@ from punctual.config import EngineConfig
 from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.kv.manager import KVCacheManager
-from punctual.model.runner import ModelRunner
+from punctual.runner.runner import ModelRunner
 from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
@@ -152,7 +152,7 @@ class EngineCore:
                   int8: bool = False):
         """Read blocks [first_block, last_block) of a running request's KV (default: up to its
         last full block of computed tokens), between steps. Returns the KVPayload."""
-        from punctual.model.kv_transfer import read_blocks
+        from punctual.runner.kv_transfer import read_blocks
 
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING:
@@ -165,7 +165,7 @@ class EngineCore:
     def migrate_out(self, request_id: str, first_block: int = 0, int8: bool = False):
         """The stop-and-copy end of a migration: detach the request (no output, blocks freed) and
         return its state and the KV of its blocks from `first_block` on (the rest was pre-copied)."""
-        from punctual.model.kv_transfer import read_blocks
+        from punctual.runner.kv_transfer import read_blocks
 
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING or request.grammar is not None:

@@ -19,7 +19,7 @@ from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
 from punctual.engine.messages import SCHEMA, CoreFailure, CoreInfo, CoreUpdate, KVAnswer, PinAck, core_channel
 from punctual.engine.stats import EngineStats
-from punctual.model.kv_transfer import KVMailbox
+from punctual.runner.kv_transfer import KVMailbox
 from punctual.wire.auth import authenticate_client
 from punctual.wire.channel import BlockingChannel
 from punctual.wire.codec import WireError

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.model import cpu_kernels
-from punctual.model.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
-from punctual.model.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
+from punctual.kernels import cpu_kernels
+from punctual.models.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
+from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 from punctual.models.config import ModelArchConfig
 from punctual.models.linear import FusedWeight, Weight, linear, pack_weight, packing_is_exact
 from punctual.models.moe_block import MoEWeights, moe_forward
@@ -304,7 +304,7 @@ class DecoderModel:
         """decode_stack's weight arguments (per layer the two norms, the q/k norms or None, four slots per linear,
         their kinds and groups) and the most rows every linear's fused kernel takes; None where
         a linear has no fused kernel (then the step runs layer by layer)."""
-        from punctual.model import quant
+        from punctual.kernels import quant
 
         slots, kinds, groups, max_rows = [], [], [], math.inf
         for layer in self.layers:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.model.quant import QuantizedWeight
+from punctual.kernels.quant import QuantizedWeight
 
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
 # weight once for all rows); more rows (long prompt chunks) go to oneDNN's GEMM. With two output

@@ -130,7 +130,7 @@ def time_kv_transfer(core, rng, log: Callable[[str], None] = print, repeats: int
     between machines, add the link (a `--hardware` profile's interconnect) and the round trips."""
     import numpy as np
 
-    from punctual.model.kv_transfer import from_inline, to_inline, write_blocks
+    from punctual.runner.kv_transfer import from_inline, to_inline, write_blocks
     from punctual.request import EngineCoreRequest
     from punctual.sampling_params import SamplingParams
 

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from punctual.config import CacheConfig, ModelConfig
-from punctual.model.runner import ModelRunner, TokenChunk
-from punctual.model.sampler import Sampler, draw
+from punctual.runner.runner import ModelRunner, TokenChunk
+from punctual.runner.sampler import Sampler, draw
 from punctual.request import Request
 from punctual.spec_decode.proposer import Proposal
 
@@ -32,10 +32,10 @@ def draft_kv_bytes_per_block(model: str, target: ModelConfig, cache: CacheConfig
     """KV bytes the draft model needs beside each of the target's blocks: the engine sizes both
     pools from one `kv_cache_memory`, one draft block per target block (the draft shares no
     prefixes, but holds only the running requests' tokens)."""
-    from punctual.model.attention import LayerKVCache
+    from punctual.models.attention import LayerKVCache
     from punctual.checkpoints.loader import resolve_model_path
     from punctual.models.registry import load_arch_config
-    from punctual.model.runner import pick_device, pick_dtype
+    from punctual.runner.runner import pick_device, pick_dtype
 
     arch = load_arch_config(resolve_model_path(model))
     # The draft runs in the target's dtype; with `auto`, its own checkpoint's is the estimate.

@@ -1,7 +1,7 @@
 """How moved KV blocks are named on the wire: the handles the transports pass around, and the
 raw-buffer layout their tensors are declared in (dtype and shape, never a pickle).
 
-Torch-free: the front end passes these on without touching tensors; punctual/model/kv_transfer.py
+Torch-free: the front end passes these on without touching tensors; punctual/runner/kv_transfer.py
 builds and reads the buffers.
 """
 from __future__ import annotations

@@ -10,18 +10,18 @@ from dataclasses import dataclass
 import torch
 
 from punctual.config import CacheConfig, ModelConfig
-from punctual.model.allocator import keep_step_buffers_mapped
-from punctual.model.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
+from punctual.runner.allocator import keep_step_buffers_mapped
+from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache, decode_mask)
-from punctual.model.cpu_kernels import int8_kv_attention_supported
-from punctual.model.decode_graphs import DecodeGraphs
-from punctual.model.kv_transfer import write_blocks
+from punctual.kernels.cpu_kernels import int8_kv_attention_supported
+from punctual.runner.decode_graphs import DecodeGraphs
+from punctual.runner.kv_transfer import write_blocks
 from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.registry import load_arch_config
-from punctual.model.sampler import RequestState, Sampler, accept_greedy
-from punctual.model.tier_store import TierStore
+from punctual.runner.sampler import RequestState, Sampler, accept_greedy
+from punctual.runner.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.structured.guide import Guide
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from punctual.model.attention import LayerKVCache, quantize_int8
+from punctual.models.attention import LayerKVCache, quantize_int8
 
 
 class TierStore:

@@ -128,5 +128,5 @@ def unavailable_reason() -> str | None:
     return None
 
 
-if __name__ == "__main__":  # python -m punctual.model.cpu_kernels: build now (e.g. in a Docker layer)
+if __name__ == "__main__":  # python -m punctual.kernels.cpu_kernels: build now (e.g. in a Docker layer)
     print(build(verbose=True))

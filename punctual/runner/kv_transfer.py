@@ -23,7 +23,7 @@ from punctual.config import TRANSPORTS
 from punctual.wire.codec import WireError
 from punctual.wire.kv import (ALIGN, RELAY_SCHEMA, TENSOR_FIELDS, InlineKV, SharedKV, StagedKV, check_layout,
                               check_segment_name, tensor_nbytes)
-from punctual.model.attention import LayerKVCache, quantize_int8
+from punctual.models.attention import LayerKVCache, quantize_int8
 
 
 @dataclass

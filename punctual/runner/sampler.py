@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from punctual.model.request_state import RequestState
+from punctual.runner.request_state import RequestState
 from punctual.request import TokenLogprobs
 
 __all__ = ["RequestState", "Sampler", "accept_greedy", "draw"]

@@ -7,7 +7,7 @@
 // and fused element-wise kernels that round exactly where eager rounds (bf16 after each op), so
 // that they give eager's results bit for bit (the GEMM does not: its sums are in another order).
 //
-// Built by punctual/model/cpu_kernels.py with the system C++ compiler, cached on disk.
+// Built by punctual/kernels/cpu_kernels.py with the system C++ compiler, cached on disk.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
