@@ -65,6 +65,32 @@ def server_binary() -> Path | None:
     return found[0] if found and os.access(found[0], os.X_OK) else None
 
 
+def _download_sdist(root: Path) -> Path:
+    """The newest llama-cpp-python sdist from PyPI's JSON API, checked against its SHA-256. (Not
+    `pip download --no-binary :all:`: that builds the sdist's build dependencies from source too,
+    cmake among them, to read its metadata: tens of minutes on 2 cores.)"""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    index = "https://pypi.org/pypi/llama-cpp-python/json"
+    with urllib.request.urlopen(index, timeout=60) as response:
+        release = json.load(response)
+    sdist = next(f for f in release["urls"] if f["packagetype"] == "sdist")
+    target = root / sdist["filename"]
+    if not target.exists():
+        scratch = target.with_suffix(".part")
+        url = urllib.parse.urljoin(index, sdist["url"])  # a mirror of PyPI may answer with a relative URL
+        with urllib.request.urlopen(url, timeout=600) as response, open(scratch, "wb") as out:
+            shutil.copyfileobj(response, out)
+        digest = hashlib.sha256(scratch.read_bytes()).hexdigest()
+        if digest != sdist["digests"]["sha256"]:
+            scratch.unlink()
+            raise RuntimeError(f"{sdist['filename']}: SHA-256 {digest} is not PyPI's {sdist['digests']['sha256']}")
+        scratch.rename(target)
+    return target
+
+
 def source_dir(download: bool = True) -> Path:
     """The llama.cpp sources, fetched with pip from the llama-cpp-python sdist when absent."""
     root = llama_cpp_dir() / "src"
@@ -74,9 +100,7 @@ def source_dir(download: bool = True) -> Path:
     if not download:
         raise FileNotFoundError(f"no llama.cpp sources under {root}; run `punctual bench build-llama-cpp`")
     root.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                    "llama-cpp-python", "-d", str(root)], check=True)
-    sdist = sorted(root.glob("llama_cpp_python-*.tar.gz"))[-1]
+    sdist = _download_sdist(root)
     with tarfile.open(sdist) as archive:
         archive.extractall(root, filter="data")
     return source_dir(download=False)
