@@ -37,7 +37,8 @@ ARCHS = {
                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
     "phi3_longrope": dict(cls="Phi3Config", num_attention_heads=4, num_key_value_heads=2,
                           original_max_position_embeddings=72,
-                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.75,
                                            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
     # 59, not 58: transformers' dynamic rope keeps a grown base for a prompt of exactly

@@ -34,7 +34,8 @@ CONFIGS = {
     "dynamic_head128": ("LlamaConfig", dict(max_position_embeddings=40, head_dim=128, rope_theta=500000.0,
                                             rope_scaling={"rope_type": "dynamic", "factor": 8.0})),
     "longrope": ("Phi3Config", dict(max_position_embeddings=160, original_max_position_embeddings=40,
-                                    rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG})),
+                                    rope_scaling={"rope_type": "longrope", "short_factor": SHORT,
+                                                  "long_factor": LONG})),
     # Phi-4-mini's shape: partial rotary, the factors for the rotated dims only; transformers 5.x's
     # rope_parameters layout, and the early "su" name
     "longrope_partial": ("Phi3Config", dict(max_position_embeddings=160, original_max_position_embeddings=40,
