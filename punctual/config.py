@@ -23,7 +23,7 @@ class ModelConfig:
     model: str = "builtin"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings (times a dynamic/yarn rope factor)
     seed: int = 0  # seed of the engine's sampler for requests that bring none
     # Weight-only quantization of every linear (CPU): none | int8 (per output channel) |
     # int4 (groups of 32 inputs). Fewer bytes per decode token; see punctual/kernels/quant.py.

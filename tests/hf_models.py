@@ -29,6 +29,22 @@ ARCHS = {
     "phi3_partial_rotary": dict(cls="Phi3Config", num_attention_heads=4, num_key_value_heads=2,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 0.5}),
+    # Long-context rotary scalings. The parity prompts are 3-58 tokens and generate 12 more: Phi-3's
+    # sequences stay within its original context (past it, transformers' Phi-3 generate re-rotates
+    # the whole cache with the long factors, which a paged cache does not; models/rope.py), the
+    # dynamic model's prompts fit max_position_embeddings and some generate past it (exact there too).
+    "llama_yarn": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "phi3_longrope": dict(cls="Phi3Config", num_attention_heads=4, num_key_value_heads=2,
+                          original_max_position_embeddings=72,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.75,
+                                           "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                           "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
+    # 59, not 58: transformers' dynamic rope keeps a grown base for a prompt of exactly
+    # max_position_embeddings tokens after a longer sequence (its reset needs seq_len < max).
+    "llama_dynamic": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=59,
+                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     "smollm3_nope": dict(cls="SmolLM3Config", num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0]),
     "granite": dict(cls="GraniteConfig", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=6.0,
                     attention_multiplier=0.08, residual_multiplier=0.4, logits_scaling=4.0),

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from punctual.models.rope import RopeSpec
+from punctual.models.rope import NEEDS_ORIGINAL_LENGTH, RopeSpec, max_positions, rope_type
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
@@ -101,6 +101,13 @@ class ModelArchConfig:
                         self.max_position_embeddings, None if local else self.rope_scaling)
 
     @property
+    def max_positions(self) -> int:
+        """The longest sequence the model serves: max_position_embeddings, stretched where the
+        rope scaling stretches a pre-scaling length (dynamic NTK, YaRN; see rope.max_positions)."""
+        return max_positions(RopeSpec(self.rope_theta, self.rotary_dim, self.max_position_embeddings,
+                                      self.rope_scaling))
+
+    @property
     def in_decode_stack(self) -> bool:
         """True where the fused whole-stack decode kernel computes this model's layer: Llama's, with
         Qwen3's per-head q/k norms or without."""
@@ -145,13 +152,26 @@ def rope_parameters(cfg: dict, layer_type: str | None = None) -> dict:
     return rope
 
 
+def rope_scaling(cfg: dict, rope: dict) -> dict | None:
+    """The scaling dict as transformers standardises it: `rope_scaling` (older configs) or the
+    `rope_parameters` dict, with rope_type named and, for the types that need it, the
+    pre-training length (max_position_embeddings where the dict has none)."""
+    scaling = dict(cfg.get("rope_scaling") or rope)
+    kind = rope_type(scaling)
+    if kind == "default":
+        return None
+    scaling["rope_type"] = kind
+    if kind in NEEDS_ORIGINAL_LENGTH:
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    return scaling
+
+
 def base_config(architecture: str, path: Path, cfg: dict) -> ModelArchConfig:
     """The fields every architecture has, read the way Llama's config names them."""
     num_heads = cfg["num_attention_heads"]
     rope = rope_parameters(cfg)
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = None
+    # transformers reads theta and the partial rotary share from the rope dict first, then the top level.
+    params = cfg.get("rope_scaling") or rope
     return ModelArchConfig(
         architecture=architecture,
         vocab_size=cfg["vocab_size"],
@@ -162,8 +182,8 @@ def base_config(architecture: str, path: Path, cfg: dict) -> ModelArchConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
         intermediate_size=cfg.get("intermediate_size") or 0,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-        rope_scaling=scaling,
+        rope_theta=params.get("rope_theta") or cfg.get("rope_theta") or 10000.0,
+        rope_scaling=rope_scaling(cfg, rope),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", False),
@@ -171,6 +191,6 @@ def base_config(architecture: str, path: Path, cfg: dict) -> ModelArchConfig:
         sliding_window=cfg.get("sliding_window"),
         checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         eos_token_ids=eos_ids(path, cfg),
-        partial_rotary_factor=cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0,
+        partial_rotary_factor=params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0,
         layer_types=list(cfg.get("layer_types") or []),
     )

@@ -253,7 +253,7 @@ class DecoderModel:
         else:
             self.lm_head = self.embed
         # RoPE tables in float32 over all positions, as transformers computes them per step.
-        self.rope_tables = [tuple(t.to(device=device, dtype=dtype) for t in rope_tables(spec, arch.max_position_embeddings))
+        self.rope_tables = [tuple(t.to(device=device, dtype=dtype) for t in rope_tables(spec, arch.max_positions))
                             for spec in rope_specs]
         # Llama's callers (decode_stack, decode graphs) read the one table as cos / sin.
         self.cos, self.sin = self.rope_tables[0] if self.rope_tables else (None, None)

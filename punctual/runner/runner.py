@@ -157,8 +157,7 @@ class ModelRunner:
                                   model_config.quantization, model_config.enforce_eager, model_config.batch_invariant,
                                   choices)
         self.model_path = path
-        self.max_model_len = min(model_config.max_model_len or self.arch.max_position_embeddings,
-                                 self.arch.max_position_embeddings)
+        self.max_model_len = min(model_config.max_model_len or self.arch.max_positions, self.arch.max_positions)
         self.block_size = cache_config.block_size
         self.kv_quantized = kv_cache_is_quantized(cache_config.kv_cache_dtype, self.dtype)
         # Tokens that attend through the fused kernel: it reads a bf16 cache, and an int8 one for the
