@@ -37,7 +37,7 @@ class EngineCore:
             from punctual.spec_decode.draft import draft_kv_bytes_per_block  # only when asked
 
             draft_bytes = draft_kv_bytes_per_block(spec.speculative_model, config.model, config.cache)
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes, config.lora)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
@@ -99,6 +99,8 @@ class EngineCore:
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
+        if core_request.lora_request is not None:
+            self.runner.load_adapter(core_request.lora_request)  # read and checked now: a bad adapter is this request's error
         request = self._new_request(core_request)
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
             self.grammars.add(core_request.request_id, request.sampling_params.structured, request)
@@ -176,7 +178,8 @@ class EngineCore:
         # The salt travels with it: the target indexes the moved blocks under the same chain.
         core_request = EngineCoreRequest(request_id, list(request.prompt_token_ids), request.sampling_params,
                                          request.arrival_time, request.priority, request.ttft_slo_ms,
-                                         request.tpot_slo_ms, request.user, request.cache_salt, request.tenant)
+                                         request.tpot_slo_ms, request.user, request.cache_salt, request.tenant,
+                                         request.lora_request)
         state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
                                 request.num_preemptions)
         self.scheduler.detach(request_id, self.clock())

@@ -306,7 +306,7 @@ class Scheduler:
         if sent is None:
             request = self.requests[request_id]
             item.new = NewRequestData(request.prompt_token_ids, tuple(request.token_ids[request.num_prompt_tokens:]),
-                                      request.sampling_params, request.grammar)
+                                      request.sampling_params, request.grammar, request.lora_request)
             sent = 0
         item.new_block_ids = tuple(table[sent:])
         self._blocks_sent[request_id] = len(table)
