@@ -106,10 +106,20 @@ def test_preemption_and_more_adapters_than_slots(models):
               block_size=4, num_kv_blocks=10, max_num_batched_tokens=16, min_prefill_chunk=1)
     chosen = [loras[0], loras[1], None, loras[2], loras[1], loras[0], None, loras[2]]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(chosen))]
+    runner, adapters_per_step = llm.engine.core.runner, []
+    lora_step = runner._lora_step
+
+    def counting(ordered):
+        step = lora_step(ordered)
+        adapters_per_step.append(0 if step is None else len(step.groups))
+        return step
+
+    runner._lora_step = counting
     got = run(llm, chosen, prompts)
     want = [expected[None if lora is None else lora.lora_int_id][i % len(PROMPTS)] for i, lora in enumerate(chosen)]
     assert got == want
     core = llm.engine.core
+    assert max(adapters_per_step) == 1 and core.scheduler.num_lora_swaps >= 2
     assert core.scheduler.num_preemptions > 0
     assert core.runner.adapters.num_evictions > 0  # three adapters through an LRU of two
     core.check_integrity()
@@ -178,3 +188,33 @@ def test_chat_and_get_tokenizer(models):
     single = llm.chat(conversations[0], params, use_tqdm=False)  # one conversation, the base model
     assert len(single) == 1 and single[0].prompt_token_ids == chats[0].prompt_token_ids
     assert json.dumps(single[0].outputs[0].token_ids) != json.dumps(chats[0].outputs[0].token_ids)
+
+
+def test_scheduler_admits_by_adapter_slot():
+    """Pure scheduler: one slot; a request of another adapter waits (the base model does not),
+    and takes the slot, a swap, once the first adapter's requests are done."""
+    from punctual.config import SchedulerConfig
+    from punctual.kv.manager import KVCacheManager
+    from punctual.plan import ModelRunnerOutput
+    from punctual.request import EngineCoreRequest, Request
+
+    from punctual.sched.scheduler import Scheduler
+
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(100, 16), max_loras=1)
+    first, second = LoRARequest("a", 1, "/a"), LoRARequest("b", 2, "/b")
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rid, lora in (("r1", first), ("r2", second), ("r3", None), ("r4", first)):
+        sched.add_request(Request(EngineCoreRequest(rid, [1, 2, 3], params, lora_request=lora), 1000), 0.0)
+
+    def step() -> list[str]:
+        plan = sched.schedule(0.0)
+        sched.update_from_output(plan, ModelRunnerOutput({s.request_id: [7] for s in plan.scheduled if s.samples}), 0.0)
+        sched.check_integrity()
+        return sorted(s.request_id for s in plan.scheduled)
+
+    assert step() == ["r1", "r3", "r4"]  # r2's adapter has no slot; r4 shares r1's
+    assert sched.lora_waiting_for_slot() == {2: 1}
+    assert step() == ["r1", "r3", "r4"]  # each generated its 2 tokens: done
+    assert step() == ["r2"] and sched.num_lora_swaps == 1 and sched.lora_slots == [2]
+    assert sched.lora_waiting_for_slot() == {}

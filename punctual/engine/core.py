@@ -45,7 +45,8 @@ class EngineCore:
                                          config.cache.enable_prefix_caching, self.runner.num_tier_slots,
                                          config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
-                                   PromptLimits(self.vocab_size, self.max_model_len))
+                                   PromptLimits(self.vocab_size, self.max_model_len),
+                                   max_loras=config.lora.max_loras if config.lora.enable_lora else None)
         self.speculator = self._make_speculator() if spec.enabled else None
         if self.speculator is not None:
             self.scheduler.spec_lengths = self.speculator.choose_lengths
