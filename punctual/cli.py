@@ -40,6 +40,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-caching-hash-algo", default=None, choices=["sha256", "builtin"],
                         help="block hashes of the prefix cache: sha256 (default; collision resistant) or "
                              "builtin (Python's hash: cheaper, but a crafted prompt can reuse another's KV)")
+    parser.add_argument("--enable-lora", action="store_true", default=None,
+                        help="serve LoRA adapters (PEFT format) of the model, batched with it in every step")
+    parser.add_argument("--max-loras", type=int, default=None, help="distinct LoRA adapters in one step (default 1)")
+    parser.add_argument("--max-lora-rank", type=int, default=None, help="highest LoRA rank accepted (default 16)")
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="LoRA adapters kept loaded in memory (LRU; default --max-loras)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -53,7 +59,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 slo_overload_action=args.slo_overload_action, speculative_method=args.speculative_method,
                 speculative_model=args.speculative_model, num_speculative_tokens=args.num_speculative_tokens,
                 speculative_length=args.speculative_length, kv_tier_memory=args.kv_tier_memory,
-                kv_tier_dtype=args.kv_tier_dtype, prefix_caching_hash_algo=args.prefix_caching_hash_algo)
+                kv_tier_dtype=args.kv_tier_dtype, prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+                enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                max_cpu_loras=args.max_cpu_loras)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

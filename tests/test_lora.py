@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_models import build_hf_checkpoint  # noqa: E402
+from hf_models import build_hf_checkpoint, build_peft_adapter, hf_greedy  # noqa: E402
 
 from punctual import LLM, LoRARequest, SamplingParams  # noqa: E402
 
@@ -33,32 +33,8 @@ TARGETS = {
 }
 
 
-def make_adapter(base: Path, out: Path, targets: list[str], seed: int, rank: int = 8, rslora: bool = False) -> Path:
-    """A random PEFT adapter (B not zero) saved at `out`, and PEFT's merged model at `out`/merged."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=targets, init_lora_weights=False,
-                             use_rslora=rslora)
-    model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # PEFT's random B is large next to the tiny model's weights: keep it a nudge
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.2)
-    model.save_pretrained(out)
-    model.merge_and_unload().save_pretrained(out / "merged")
-    return out
-
-
 def greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(prompt):].tolist())
-    return outs
+    return hf_greedy(path, prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +46,7 @@ def models(tmp_path_factory):
         base = build_hf_checkpoint(root / "base", arch)
         loras, expected = [], {None: greedy(base, PROMPTS)}
         for i, targets in enumerate(target_sets):
-            path = make_adapter(base, root / f"adapter{i}", targets, seed=10 + i, rslora=i == 1)
+            path = build_peft_adapter(base, root / f"adapter{i}", targets, seed=10 + i, rslora=i == 1)
             lora = LoRARequest(f"{arch}-{i}", i + 1, str(path))
             loras.append(lora)
             expected[lora.lora_int_id] = greedy(path / "merged", PROMPTS)

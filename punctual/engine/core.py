@@ -9,6 +9,7 @@ from punctual.config import EngineConfig
 from punctual.engine.stats import EngineStats
 from punctual.engine.wire import PinAck
 from punctual.kv.manager import KVCacheManager
+from punctual.lora.request import LoRARequest
 from punctual.model.runner import ModelRunner
 from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
@@ -145,6 +146,20 @@ class EngineCore:
         if self.kv_manager.unpin(pin_id):
             return PinAck(pin_id, True)
         return PinAck(pin_id, False, 404, f"no pinned prefix {pin_id!r}")
+
+    def load_lora(self, lora_request: LoRARequest) -> PinAck:
+        """Load (and check) an adapter ahead of its requests: the answer says why not (a 400)."""
+        try:
+            self.runner.load_adapter(lora_request)
+        except ValueError as exc:
+            return PinAck(lora_request.lora_name, False, 400, str(exc))
+        return PinAck(lora_request.lora_name, True)
+
+    def unload_lora(self, lora_int_id: int) -> PinAck:
+        """Forget an adapter's weights; requests still running under it keep it loaded until they finish."""
+        if self.runner.adapters is not None and lora_int_id not in self.scheduler.lora_running:
+            self.runner.adapters.remove(lora_int_id)
+        return PinAck(str(lora_int_id), True)
 
     def pinned_tokens(self, pin_id: str) -> int | None:
         blocks = self.kv_manager.pins.get(pin_id)

@@ -4,6 +4,7 @@ A message is an 8-byte length and a pickle, over one local socket pair:
 
     front end -> core   a list of commands: ("add", EngineCoreRequest) | ("abort", [ids]) | ("shutdown", None)
                         | ("pin", (pin_id, token_ids, cache_salt)) | ("unpin", pin_id)
+                        | ("load_lora", LoRARequest) | ("unload_lora", lora_int_id): answered by a PinAck
                         | KV moves between replicas, each answered by a KVAnswer with its op_id:
                           ("kv_export", (op_id, request_id, first_block, last_block, int8, transport))
                           ("kv_migrate_out", (op_id, request_id, first_block, int8, transport))
