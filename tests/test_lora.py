@@ -98,6 +98,9 @@ def test_preemption_and_more_adapters_than_slots(models):
     assert max(adapters_per_step) == 1 and core.scheduler.num_lora_swaps >= 2
     assert core.scheduler.num_preemptions > 0
     assert core.runner.adapters.num_evictions > 0  # three adapters through an LRU of two
+    stats = core.stats()  # what /metrics exports
+    assert stats.lora_swaps == core.scheduler.num_lora_swaps and stats.lora_loads > 3 and stats.lora_adapters_loaded == 2
+    assert stats.lora_running == {} and stats.lora_waiting_for_slot == {}
     core.check_integrity()
 
 
@@ -190,7 +193,7 @@ def test_scheduler_admits_by_adapter_slot():
         return sorted(s.request_id for s in plan.scheduled)
 
     assert step() == ["r1", "r3", "r4"]  # r2's adapter has no slot; r4 shares r1's
-    assert sched.lora_waiting_for_slot() == {2: 1}
+    assert sched.lora_waiting_for_slot() == {"b": 1} and sched.lora_running_by_name() == {"a": 2}
     assert step() == ["r1", "r3", "r4"]  # each generated its 2 tokens: done
     assert step() == ["r2"] and sched.num_lora_swaps == 1 and sched.lora_slots == [2]
     assert sched.lora_waiting_for_slot() == {}

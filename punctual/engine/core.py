@@ -365,7 +365,16 @@ class EngineCore:
             prefix_cache_tier_hits=self.kv_manager.prefix_tier_hits,
             output_length_rank_correlation=self._rank_correlation(),
             **self._tier_stats(),
-            **self._spec_stats())
+            **self._spec_stats(),
+            **self._lora_stats())
+
+    def _lora_stats(self) -> dict:
+        adapters = self.runner.adapters
+        if adapters is None:
+            return {}
+        return dict(lora_enabled=True, lora_adapters_loaded=len(adapters), lora_loads=adapters.num_loads,
+                    lora_swaps=self.scheduler.num_lora_swaps, lora_running=self.scheduler.lora_running_by_name(),
+                    lora_waiting_for_slot=self.scheduler.lora_waiting_for_slot())
 
     def _rank_correlation(self) -> float | None:
         predictor = getattr(self.scheduler.policy, "predictor", None)

@@ -160,14 +160,23 @@ class Scheduler:
             else:
                 del self.lora_running[adapter]
 
-    def lora_waiting_for_slot(self) -> dict[int, int]:
-        """Adapter -> waiting requests whose adapter has no slot now."""
-        blocked: dict[int, int] = {}
+    def lora_waiting_for_slot(self) -> dict[str, int]:
+        """Adapter name -> waiting requests whose adapter has no slot now (O(waiting): for stats)."""
+        blocked: dict[str, int] = {}
         for request in self.waiting:
-            adapter = request.adapter
-            if adapter is not None and not self._has_slot(adapter):
-                blocked[adapter] = blocked.get(adapter, 0) + 1
+            if request.lora_request is not None and not self._has_slot(request.adapter):
+                name = request.lora_request.lora_name
+                blocked[name] = blocked.get(name, 0) + 1
         return blocked
+
+    def lora_running_by_name(self) -> dict[str, int]:
+        """Adapter name -> running requests under it (O(running): for stats)."""
+        running: dict[str, int] = {}
+        for request in self.running:
+            if request.lora_request is not None:
+                name = request.lora_request.lora_name
+                running[name] = running.get(name, 0) + 1
+        return running
 
     def _add_running(self, request: Request, now: float) -> None:
         if request.adapter is not None:

@@ -107,3 +107,10 @@ def test_bad_adapters_are_400s_naming_the_problem(setup, tmp_path):
     assert complete(server, "alpha").json()["choices"][0]["text"] == expected["alpha"]
     response = complete(server, "x")
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_lora_metrics(setup):
+    server, _, _, _ = setup
+    assert complete(server, "alpha").status_code == 200
+    assert server.metric("punctual_lora_adapters_loaded") >= 2  # alpha and beta, loaded at start
+    assert server.metric("punctual_lora_loads_total") >= 2
