@@ -197,3 +197,20 @@ def test_scheduler_admits_by_adapter_slot():
     assert step() == ["r1", "r3", "r4"]  # each generated its 2 tokens: done
     assert step() == ["r2"] and sched.num_lora_swaps == 1 and sched.lora_slots == [2]
     assert sched.lora_waiting_for_slot() == {}
+
+
+def test_fused_bf16_path_applies_adapters(tmp_path):
+    """bf16 on the fused CPU kernels (layer by layer for a step with adapter rows, the whole-stack
+    decode kernel skipped) gives eager's tokens, adapter and base rows in one batch."""
+    from punctual.model import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    base = build_hf_checkpoint(tmp_path / "base", "llama_head64")
+    lora = LoRARequest("a", 1, str(build_peft_adapter(base, tmp_path / "a", TARGETS["llama_gqa"][0], seed=1)))
+    outs = []
+    for eager in (False, True):
+        llm = LLM(str(base), dtype="bfloat16", enable_lora=True, enforce_eager=eager, max_lora_rank=8)
+        assert (llm.engine.core.runner.model._stack is not None) != eager
+        outs.append(run(llm, [lora, None], PROMPTS[:1] * 2))
+    assert outs[0] == outs[1] and outs[0][0] != outs[0][1]
