@@ -2,10 +2,11 @@
 
 `LLM` is imported lazily, so pure-Python parts (the scheduler, the simulator) load without torch.
 """
+from punctual.lora.request import LoRARequest
 from punctual.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 
 def __getattr__(name: str):

@@ -113,22 +113,45 @@ class SpeculativeConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (Punica, S-LoRA): adapters of the base model, batched in every step."""
+
+    enable_lora: bool = False
+    max_loras: int = 1  # distinct adapters in one step (its slots); more wait in the queue
+    max_lora_rank: int = 16  # adapters of a higher rank are refused
+    # Adapters kept loaded in host memory (LRU); None: max_loras. Others are read from disk again.
+    max_cpu_loras: int | None = None
+
+    def validate(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     # The core process checks every stateful part's invariants whenever it goes idle (tests, debugging).
     check_integrity: bool = False
 
     @classmethod
     def from_kwargs(cls, model: str = "builtin", **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments (the offline API and CLI flags); unknown names raise."""
-        parts = {"model": {"model": model}, "cache": {}, "scheduler": {}, "speculative": {}}
+        parts = {"model": {"model": model}, "cache": {}, "scheduler": {}, "speculative": {}, "lora": {}}
         owners = {f.name: "model" for f in fields(ModelConfig)}
         owners.update({f.name: "cache" for f in fields(CacheConfig)})
         owners.update({f.name: "scheduler" for f in fields(SchedulerConfig)})
         owners.update({f.name: "speculative" for f in fields(SpeculativeConfig)})
+        owners.update({f.name: "lora" for f in fields(LoRAConfig)})
         check_integrity = bool(kwargs.pop("check_integrity", False))
         for name, value in kwargs.items():
             if name not in owners:
@@ -137,12 +160,13 @@ class EngineConfig:
                 parts[owners[name]][name] = value
         config = cls(ModelConfig(**parts["model"]), CacheConfig(**parts["cache"]),
                      SchedulerConfig(**parts["scheduler"]), SpeculativeConfig(**parts["speculative"]),
-                     check_integrity)
+                     LoRAConfig(**parts["lora"]), check_integrity)
         config.validate()
         return config
 
     def validate(self) -> None:
         self.speculative.validate()
+        self.lora.validate()
         if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}")
         if self.model.quantization not in ("none", "int8", "int4"):

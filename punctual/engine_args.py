@@ -60,6 +60,11 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
                                                  help="block hashes of the prefix cache: sha256 (default; collision "
                                                       "resistant) or builtin (Python's hash: cheaper, but a crafted "
                                                       "prompt can reuse another's KV)")),
+    EngineArg("--enable-lora", dict(action="store_true", default=None,
+                                    help="serve LoRA adapters (PEFT format) of the model, batched with it in every step")),
+    EngineArg("--max-loras", dict(type=int, help="distinct LoRA adapters in one step (default 1)")),
+    EngineArg("--max-lora-rank", dict(type=int, help="highest LoRA rank accepted (default 16)")),
+    EngineArg("--max-cpu-loras", dict(type=int, help="LoRA adapters kept loaded in memory (LRU; default --max-loras)")),
 )
 _BY_FLAG = {arg.flag: arg for arg in ENGINE_ARGS}
 

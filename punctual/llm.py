@@ -5,7 +5,9 @@ import itertools
 from typing import Sequence
 
 from punctual.engine.llm_engine import LLMEngine, PromptType
+from punctual.chat_template import apply_chat_template
 from punctual.checkpoints.generation_config import generation_defaults
+from punctual.lora.request import LoRARequest
 from punctual.outputs import RequestOutput
 from punctual.sampling_params import SamplingParams
 
@@ -23,14 +25,19 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
     def get_default_sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's defaults, then `overrides` (fields the caller chose)."""
         return SamplingParams(**{**self.generation_defaults, **overrides})
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs in the order of the prompts."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in the order of the prompts.
+        `lora_request`: one adapter for every prompt, or one (or None) per prompt."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -41,18 +48,38 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_requests = [lora_request] * len(prompts)
+        else:
+            lora_requests = list(lora_request)
+            if len(lora_requests) != len(prompts):
+                raise ValueError(f"got {len(lora_requests)} lora_request for {len(prompts)} prompts")
 
         request_ids = []
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params, lora in zip(prompts, sampling_params, lora_requests):
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, lora_request=lora)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             raise
         return self._run(request_ids, use_tqdm and len(prompts) > 1)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or to a list
+        of them, each through the tokenizer's chat template as the server applies it."""
+        messages = list(messages)
+        conversations = [messages] if messages and isinstance(messages[0], dict) else [list(c) for c in messages]
+        prompts = []
+        for conversation in conversations:
+            _, token_ids = apply_chat_template(self.get_tokenizer(), conversation, add_generation_prompt)
+            prompts.append({"prompt_token_ids": token_ids})
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from punctual.lora.request import LoRARequest
 from punctual.request import TokenLogprobs
 from punctual.sampling_params import SamplingParams
 
@@ -27,6 +28,8 @@ class NewRequestData:
     # Structured output: the request's compiled grammar matcher (opaque here), which the runner
     # keeps and advances; it already holds output_token_ids.
     grammar: Any = None
+    # The LoRA adapter the request runs under (None: the base model).
+    lora_request: LoRARequest | None = None
 
 
 @dataclass(slots=True)

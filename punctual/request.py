@@ -8,6 +8,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from punctual.lora.request import LoRARequest
 from punctual.sampling_params import SamplingParams
 
 
@@ -43,6 +44,8 @@ class EngineCoreRequest:
     cache_salt: str | None = None
     # Who pays for the request (the API key's tenant): the fair-share policy's unit when set.
     tenant: str | None = None
+    # The LoRA adapter to run under (None: the base model).
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Request:
     # holds a hundred thousand of them; fixed offsets keep those reads to a cache line or two.
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "num_output_tokens", "num_prompt_logprobs_sent",
                  "sampling_params", "arrival_time", "priority", "ttft_slo_ms", "tpot_slo_ms", "user", "cache_salt",
-                 "tenant", "status",                 "num_computed_tokens", "num_cached_tokens", "num_preemptions", "grammar", "best_effort",
+                 "tenant", "lora_request", "status", "num_computed_tokens", "num_cached_tokens", "num_preemptions", "grammar", "best_effort",
                  "first_scheduled_time", "first_token_time", "finished_time", "max_output_tokens", "_stop_ids")
 
     def __init__(self, core_request: EngineCoreRequest, max_model_len: int):
@@ -117,6 +120,7 @@ class Request:
         self.user = core_request.user
         self.cache_salt = core_request.cache_salt or None
         self.tenant = core_request.tenant
+        self.lora_request = core_request.lora_request
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
@@ -136,6 +140,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def adapter(self) -> int | None:
+        """The LoRA adapter's id (lora_int_id), None for the base model."""
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_tokens(self) -> int:

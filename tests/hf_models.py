@@ -97,3 +97,25 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
                                  do_sample=False, eos_token_id=None, pad_token_id=0)
             outs.append(gen[0, len(prompt):].tolist())
     return outs
+
+
+def build_peft_adapter(base: Path, out: Path, targets: list[str], seed: int, rank: int = 8,
+                       rslora: bool = False) -> Path:
+    """A random PEFT LoRA adapter of `base` (B not zero) saved at `out`, and PEFT's merged model
+    (merge_and_unload) at `out`/merged, the reference its greedy tokens are checked against."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=targets, init_lora_weights=False,
+                             use_rslora=rslora)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's random B is large next to the tiny model's weights: keep it a nudge
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.2)
+    model.save_pretrained(out)
+    model.merge_and_unload().save_pretrained(out / "merged")
+    return out

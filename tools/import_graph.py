@@ -28,6 +28,8 @@ from pathlib import Path
 # - engine: the core's step loop, its process and the client that talks to it.
 # - spec_decode, runner, structured: what the engine steps: proposers (a draft model has a runner
 #   of its own), the model runner (plan -> tensors -> tokens; sampler, KV copies), grammars.
+# - lora: LoRA adapters' weights (read against the model's shapes) and the loaded-adapter cache;
+#   lora/request.py, what a request names (vLLM's LoRARequest), is plain data.
 # - checkpoints: HF directories, GGUF conversion, built-ins -> weight tensors (it checks a GGUF
 #   file's rope factors with models' RoPE, hence above models).
 # - models: the network (one decoder stack, an architecture per file, attention over the paged cache).
@@ -44,15 +46,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("spec_decode",),
     ("runner", "structured"),
+    ("lora",),
     ("checkpoints",),
     ("models",),
     ("kernels",),
     ("sched", "kv"),
     ("config", "engine_args", "request", "sampling_params", "plan", "outputs", "validation", "tokenizer",
-     "structured.spec", "wire"),
+     "structured.spec", "lora.request", "chat_template", "wire"),
 ]
 # Modules placed apart from their package (the longest dotted prefix wins).
-SPLIT_UNITS = ("structured.spec", "cluster.serve")
+SPLIT_UNITS = ("structured.spec", "cluster.serve", "lora.request")
 
 
 @dataclass

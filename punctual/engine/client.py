@@ -171,6 +171,12 @@ class EngineCoreClient:
     def unpin_prefix(self, pin_id: str) -> None:
         self._send(("unpin", pin_id))
 
+    def load_lora(self, lora_request) -> None:
+        self._send(("load_lora", lora_request))
+
+    def unload_lora(self, lora_int_id: int) -> None:
+        self._send(("unload_lora", lora_int_id))
+
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
             self._send(("abort", list(request_ids)))

@@ -9,6 +9,7 @@ from punctual.config import EngineConfig
 from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.kv.manager import KVCacheManager
+from punctual.lora.request import LoRARequest
 from punctual.runner.runner import ModelRunner
 from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
@@ -37,7 +38,7 @@ class EngineCore:
             from punctual.spec_decode.draft import draft_kv_bytes_per_block  # only when asked
 
             draft_bytes = draft_kv_bytes_per_block(spec.speculative_model, config.model, config.cache)
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes)
+        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes, config.lora)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
@@ -45,7 +46,8 @@ class EngineCore:
                                          config.cache.enable_prefix_caching, self.runner.num_tier_slots,
                                          config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
-                                   PromptLimits(self.vocab_size, self.max_model_len))
+                                   PromptLimits(self.vocab_size, self.max_model_len),
+                                   max_loras=config.lora.max_loras if config.lora.enable_lora else None)
         self.speculator = self._make_speculator() if spec.enabled else None
         if self.speculator is not None:
             self.scheduler.spec_lengths = self.speculator.choose_lengths
@@ -99,6 +101,8 @@ class EngineCore:
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
+        if core_request.lora_request is not None:
+            self.runner.load_adapter(core_request.lora_request)  # read and checked now: a bad adapter is this request's error
         request = self._new_request(core_request)
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
             self.grammars.add(core_request.request_id, request.sampling_params.structured, request)
@@ -143,6 +147,20 @@ class EngineCore:
             return PinAck(pin_id, True)
         return PinAck(pin_id, False, 404, f"no pinned prefix {pin_id!r}")
 
+    def load_lora(self, lora_request: LoRARequest) -> PinAck:
+        """Load (and check) an adapter ahead of its requests: the answer says why not (a 400)."""
+        try:
+            self.runner.load_adapter(lora_request)
+        except ValueError as exc:
+            return PinAck(lora_request.lora_name, False, 400, str(exc))
+        return PinAck(lora_request.lora_name, True)
+
+    def unload_lora(self, lora_int_id: int) -> PinAck:
+        """Forget an adapter's weights; requests still running under it keep it loaded until they finish."""
+        if self.runner.adapters is not None and lora_int_id not in self.scheduler.lora_running:
+            self.runner.adapters.remove(lora_int_id)
+        return PinAck(str(lora_int_id), True)
+
     def pinned_tokens(self, pin_id: str) -> int | None:
         blocks = self.kv_manager.pins.get(pin_id)
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
@@ -176,7 +194,8 @@ class EngineCore:
         # The salt travels with it: the target indexes the moved blocks under the same chain.
         core_request = EngineCoreRequest(request_id, list(request.prompt_token_ids), request.sampling_params,
                                          request.arrival_time, request.priority, request.ttft_slo_ms,
-                                         request.tpot_slo_ms, request.user, request.cache_salt, request.tenant)
+                                         request.tpot_slo_ms, request.user, request.cache_salt, request.tenant,
+                                         request.lora_request)
         state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
                                 request.num_preemptions)
         self.scheduler.detach(request_id, self.clock())
@@ -346,7 +365,16 @@ class EngineCore:
             prefix_cache_tier_hits=self.kv_manager.prefix_tier_hits,
             output_length_rank_correlation=self._rank_correlation(),
             **self._tier_stats(),
-            **self._spec_stats())
+            **self._spec_stats(),
+            **self._lora_stats())
+
+    def _lora_stats(self) -> dict:
+        adapters = self.runner.adapters
+        if adapters is None:
+            return {}
+        return dict(lora_enabled=True, lora_adapters_loaded=len(adapters), lora_loads=adapters.num_loads,
+                    lora_swaps=self.scheduler.num_lora_swaps, lora_running=self.scheduler.lora_running_by_name(),
+                    lora_waiting_for_slot=self.scheduler.lora_waiting_for_slot())
 
     def _rank_correlation(self) -> float | None:
         predictor = getattr(self.scheduler.policy, "predictor", None)

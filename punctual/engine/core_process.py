@@ -158,6 +158,10 @@ class CoreLoop:
                 acks.append(self.core.pin_prefix(*payload))
             elif kind == "unpin":
                 acks.append(self.core.unpin_prefix(payload))
+            elif kind == "load_lora":
+                acks.append(self.core.load_lora(payload))
+            elif kind == "unload_lora":
+                acks.append(self.core.unload_lora(payload))
             elif kind.startswith("kv_"):
                 self.kv_answers.append(self.handle_kv(kind, payload))
             elif kind == "shutdown":

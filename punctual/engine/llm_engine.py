@@ -8,6 +8,7 @@ from punctual.config import EngineConfig
 from punctual.engine.core import EngineCore
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor
+from punctual.lora.request import LoRARequest
 from punctual.outputs import RequestOutput
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
@@ -43,9 +44,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
                     priority: int = 0, ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None,
                     user: str | None = None, arrival_time: float | None = None,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, lora_request: LoRARequest | None = None) -> None:
         """Queue a prompt. A prompt dict may carry `cache_salt` (vLLM's shape), as may the keyword:
-        only requests with the same salt share prefix-cache blocks."""
+        only requests with the same salt share prefix-cache blocks. `lora_request`: the adapter to
+        run under (None: the base model)."""
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
         params = params or SamplingParams()
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             if cache_salt is not None and cache_salt != prompt["cache_salt"]:
@@ -60,7 +64,8 @@ class LLMEngine:
         try:
             for child_id, child_params in children:
                 self.core.add_request(EngineCoreRequest(child_id, token_ids, child_params, arrival_time,
-                                                        priority, ttft_slo_ms, tpot_slo_ms, user, cache_salt))
+                                                        priority, ttft_slo_ms, tpot_slo_ms, user, cache_salt,
+                                                        lora_request=lora_request))
                 added.append(child_id)
         except Exception:
             self.core.abort_requests(added)

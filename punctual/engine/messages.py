@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from punctual.engine.stats import EngineStats
+from punctual.lora.request import LoRARequest
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, TokenLogprobs
 from punctual.sampling_params import SamplingParams
 from punctual.structured.spec import StructuredOutput
@@ -112,11 +113,13 @@ COMMANDS = {
     "kv_commit": tuple[int, MigratedRequest, int, KVHandle | None],  # op_id, state, first block, payload
     "kv_abort_import": tuple[int, str],  # op_id, request_id
     "kv_discard": tuple[int, KVHandle],  # op_id, payload
+    "load_lora": LoRARequest,  # answered by a PinAck
+    "unload_lora": int,  # lora_int_id; answered by a PinAck
 }
 FromCore = CoreInfo | CoreUpdate | CoreFailure
 
 SCHEMA = Schema("punctual.engine.core", [
-    SamplingParams, StructuredOutput, EngineCoreRequest, MigratedRequest, TokenLogprobs, EngineCoreOutput,
+    SamplingParams, StructuredOutput, LoRARequest, EngineCoreRequest, MigratedRequest, TokenLogprobs, EngineCoreOutput,
     EngineStats, SharedKV, StagedKV, CoreInfo, PinAck, KVAnswer, CoreUpdate, CoreFailure,
 ])
 _COMMAND_ARGS = {kind: type(None) if args is None else args for kind, args in COMMANDS.items()}

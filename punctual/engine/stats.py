@@ -4,7 +4,7 @@ Pure Python: the front end imports it without torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -31,6 +31,14 @@ class EngineStats:
     spec_verifications: int = 0
     # sjf: Spearman rank correlation of predicted vs actual output lengths (None: not sjf, or too few yet)
     output_length_rank_correlation: float | None = None
+    # LoRA (when enabled): adapters loaded in memory, reads from disk, slot swaps, and per adapter
+    # name its running requests and its waiting requests that find no free slot.
+    lora_enabled: bool = False
+    lora_adapters_loaded: int = 0
+    lora_loads: int = 0
+    lora_swaps: int = 0
+    lora_running: dict[str, int] = field(default_factory=dict)
+    lora_waiting_for_slot: dict[str, int] = field(default_factory=dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

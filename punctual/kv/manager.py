@@ -84,8 +84,10 @@ class KVCacheManager:
         wanted = num_tokens // self.block_size
         if len(hashes) < wanted:
             # The salt keys the whole chain: only requests with the same salt share blocks.
-            extend_block_hashes(hashes, request.token_ids, self.block_size, wanted,
-                                cache_salt=request.cache_salt, algo=self.hash_algo)
+            # The adapter too: LoRA weights change the KV, so adapters never share blocks.
+            lora = request.lora_request
+            extend_block_hashes(hashes, request.token_ids, self.block_size, wanted, cache_salt=request.cache_salt,
+                                adapter_id=None if lora is None else lora.adapter_id, algo=self.hash_algo)
         return hashes
 
     def computed_prefix(self, request: Request) -> CachedPrefix:

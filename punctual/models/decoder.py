@@ -25,7 +25,7 @@ from punctual.kernels import cpu_kernels
 from punctual.models.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
 from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 from punctual.models.config import ModelArchConfig
-from punctual.models.linear import FusedWeight, Weight, linear, pack_weight, packing_is_exact
+from punctual.models.linear import FusedWeight, LowRankDeltas, Weight, linear, pack_weight, packing_is_exact
 from punctual.models.moe_block import MoEWeights, moe_forward
 from punctual.models.registry import architecture
 from punctual.models.rope import RopeSpec, rope_tables
@@ -348,15 +348,18 @@ class DecoderModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[LayerKVCache]) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+                kv_caches: list[LayerKVCache], lora: LowRankDeltas | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]. `lora`: the step's
+        adapters and their rows (None: every row is the base model's)."""
         if self.kernels is not None:
-            if self._stack is not None:
+            # The whole-stack kernel has no place for low-rank terms: a step with an adapter row
+            # runs layer by layer (steps of base-model rows only still take it).
+            if self._stack is not None and lora is None:
                 hidden = self._run_stack(input_ids, positions, meta, kv_caches)
                 if hidden is not None:
                     return hidden
-            return self._forward_fused(input_ids, positions, meta, kv_caches)
-        return self._forward_eager(input_ids, positions, meta, kv_caches)
+            return self._forward_fused(input_ids, positions, meta, kv_caches, lora)
+        return self._forward_eager(input_ids, positions, meta, kv_caches, lora)
 
     @torch.inference_mode()
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -426,43 +429,56 @@ class DecoderModel:
         cache.write(k, v, meta.slot_mapping)
         return paged_attention(q, k, v, cache, meta.for_window(layer.window), self.arch.scale, self.arch.attn_softcap)
 
-    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor, lora: LowRankDeltas | None = None,
+             index: int = 0) -> torch.Tensor:
         if layer.moe is not None:
             return moe_forward(x, layer.moe, self.arch.moe, self._dense_mlp)
-        return self._dense_mlp(x, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias)
+        return self._dense_mlp(x, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias, lora, index)
 
-    def _dense_mlp(self, x: torch.Tensor, gate_up: Weight, gate_up_bias, down: Weight, down_bias) -> torch.Tensor:
+    def _dense_mlp(self, x: torch.Tensor, gate_up: Weight, gate_up_bias, down: Weight, down_bias,
+                   lora: LowRankDeltas | None = None, index: int = 0) -> torch.Tensor:
         h = linear(x, gate_up, gate_up_bias)
+        if lora is not None:
+            lora.add(h, x, index, "gate_up")
         if self.kernels is not None and self.arch.hidden_act == "silu" and h.dtype == torch.bfloat16:
             h = self.kernels.silu_mul(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
-        return linear(h, down, down_bias)
+        out = linear(h, down, down_bias)
+        return out if lora is None else lora.add(out, h, index, "down")
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: Weight, bias, lora: LowRankDeltas | None, index: int, slot: str) -> torch.Tensor:
+        """The base linear, plus the step's adapters' low-rank terms on their rows."""
+        out = linear(x, weight, bias)
+        return out if lora is None else lora.add(out, x, index, slot)
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+                       kv_caches: list[LayerKVCache], lora: LowRankDeltas | None = None) -> torch.Tensor:
         """forward() in PyTorch ops: the reference the tests compare with, and the path of fp32 and CUDA."""
         arch = self.arch
         scale_residual = arch.residual_multiplier != 1.0
         hidden = self._embed(input_ids)
-        for layer, cache in zip(self.layers, kv_caches):
+        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             residual = hidden
             x = self._norm(hidden, layer.input_norm)
-            q, k, v = self._attention_inputs(layer, linear(x, layer.qkv, layer.qkv_bias), positions)
-            out = linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias)
+            qkv = self._linear(x, layer.qkv, layer.qkv_bias, lora, index, "qkv")
+            q, k, v = self._attention_inputs(layer, qkv, positions)
+            out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
+                               "o_proj")
             if layer.attn_out_norm is not None:
                 out = self._norm(out, layer.attn_out_norm)
             hidden = residual + (out * arch.residual_multiplier if scale_residual else out)
             residual = hidden
-            out = self._mlp(layer, self._norm(hidden, layer.mlp_norm))
+            out = self._mlp(layer, self._norm(hidden, layer.mlp_norm), lora, index)
             if layer.mlp_out_norm is not None:
                 out = self._norm(out, layer.mlp_out_norm)
             hidden = residual + (out * arch.residual_multiplier if scale_residual else out)
         return self._norm(hidden, self.norm)
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[LayerKVCache]) -> torch.Tensor:
+                       kv_caches: list[LayerKVCache], lora: LowRankDeltas | None = None) -> torch.Tensor:
         """forward() in ~10 kernel calls a layer instead of ~75 eager ops: each residual add is
         fused into the RMSNorm that follows it, RoPE rotates q and k in place inside qkv, and
         SiLU * up is one pass. What the kernels lack runs as PyTorch ops in between."""
@@ -476,10 +492,10 @@ class DecoderModel:
         tables = [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]  # [T, D] each
         scale = arch.residual_multiplier
         delta = None  # what the last sublayer adds to the residual stream
-        for layer, cache in zip(self.layers, kv_caches):
+        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             x = ops.rms_norm(residual if delta is None else delta, layer.input_norm, eps,
                              None if delta is None else residual)
-            qkv = linear(x, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(x, layer.qkv, layer.qkv_bias, lora, index, "qkv")  # adapters before RoPE
             if in_kernel_rope:
                 if layer.q_norm is not None:  # eager's per-head RMSNorm, bit for bit, then back into qkv
                     for offset, heads, weight in ((0, arch.num_heads, layer.q_norm),
@@ -493,13 +509,14 @@ class DecoderModel:
                 v = qkv[:, q_size + kv_size:].view(num_tokens, arch.num_kv_heads, head_dim)
             else:
                 q, k, v = self._attention_inputs(layer, qkv, positions)
-            out = linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias)
+            out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
+                               "o_proj")
             if layer.attn_out_norm is not None:
                 out = ops.rms_norm(out, layer.attn_out_norm, eps, None)
             if scale != 1.0:
                 out = out * scale
             x = ops.rms_norm(out, layer.mlp_norm, eps, residual)
-            delta = self._mlp(layer, x)
+            delta = self._mlp(layer, x, lora, index)
             if layer.mlp_out_norm is not None:
                 delta = ops.rms_norm(delta, layer.mlp_out_norm, eps, None)
             if scale != 1.0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,13 @@ class FusedWeight:
 
 
 Weight = torch.Tensor | QuantizedWeight | FusedWeight
+
+
+class LowRankDeltas(Protocol):
+    """A step's low-rank terms on top of the base linears (LoRA adapters: lora/weights.LoRAStep)."""
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, slot: str) -> torch.Tensor:
+        """`out` (the base linear `slot` of layer `layer` applied to x) plus each row's term."""
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from punctual.config import CacheConfig, ModelConfig
+from punctual.config import CacheConfig, LoRAConfig, ModelConfig
+from punctual.lora.cache import AdapterCache
+from punctual.lora.request import LoRARequest
+from punctual.lora.weights import LoRAAdapter, LoRAStep, load_adapter
 from punctual.runner.allocator import keep_step_buffers_mapped
 from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache, decode_mask)
@@ -19,7 +22,7 @@ from punctual.runner.kv_transfer import write_blocks
 from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
-from punctual.models.registry import load_arch_config
+from punctual.models.registry import architecture, load_arch_config
 from punctual.runner.sampler import RequestState, Sampler, accept_greedy
 from punctual.runner.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
@@ -139,9 +142,10 @@ class _Chunk:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int,
-                 shared_kv_bytes_per_block: int = 0):
+                 shared_kv_bytes_per_block: int = 0, lora_config: LoRAConfig | None = None):
         """`shared_kv_bytes_per_block`: KV bytes another pool (a draft model's) needs beside each
-        of this runner's blocks; both come out of the same `kv_cache_memory`."""
+        of this runner's blocks; both come out of the same `kv_cache_memory`. `lora_config`: serve
+        LoRA adapters when it enables them."""
         path = resolve_model_path(model_config.model)
         self.arch = load_arch_config(path)
         self.device = pick_device(model_config.device)
@@ -195,6 +199,11 @@ class ModelRunner:
         self.guide = Guide(self.arch.vocab_size)  # structured output: per-request grammar matchers
         # What the runner keeps across steps per request, updated from the plans (vLLM v1's input batch).
         self.requests: dict[str, RequestState] = {}
+        # LoRA: the loaded adapters (LRU) and the adapter of each request that has one.
+        self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
+        self.adapters = (AdapterCache(self.lora_config.max_cpu_loras, self._read_adapter)
+                         if self.lora_config is not None else None)
+        self.request_adapters: dict[str, LoRARequest] = {}
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
         # Decode steps replayed from CUDA graphs (on CUDA, unless enforce_eager); None: every step eager.
@@ -206,6 +215,39 @@ class ModelRunner:
             except RuntimeError as error:  # a CUDA error or out of memory while capturing
                 logger.warning("CUDA graph capture failed (%s): decode steps run eagerly "
                                "(--enforce-eager skips the capture)", error)
+
+    def _read_adapter(self, request: LoRARequest) -> LoRAAdapter:
+        return load_adapter(request, self.arch, architecture(self.arch.architecture).names,
+                            self.lora_config.max_lora_rank, self.device, self.dtype)
+
+    def load_adapter(self, request: LoRARequest) -> LoRAAdapter:
+        """Load (or touch) an adapter: ValueError naming what is wrong with it, or that LoRA is off."""
+        if self.adapters is None:
+            raise ValueError(f"LoRA adapter {request.lora_name!r} asked for, but LoRA is not enabled "
+                             "(enable_lora=True, or --enable-lora)")
+        return self.adapters.get(request)
+
+    def _lora_step(self, ordered: list[_Chunk]) -> LoRAStep | None:
+        """The step's adapters and their rows in the flat token layout; None when every row is the base model's."""
+        if not self.request_adapters:
+            return None
+        rows: dict[int, list[int]] = {}
+        requests: dict[int, LoRARequest] = {}
+        offset = 0
+        for c in ordered:
+            lora = self.request_adapters.get(c.item.request_id)
+            if lora is not None:
+                rows.setdefault(lora.lora_int_id, []).extend(range(offset, offset + c.num_new_tokens))
+                requests[lora.lora_int_id] = lora
+            offset += c.num_new_tokens
+        if not rows:
+            return None
+        groups = []
+        for lora_int_id, indices in rows.items():
+            every = len(indices) == offset  # one adapter for the whole step: no gather, no scatter
+            groups.append((None if every else torch.tensor(indices, dtype=torch.long, device=self.device),
+                           self.adapters.get(requests[lora_int_id])))
+        return LoRAStep(groups)
 
     def use_decode_graphs(self, max_batch_size: int, capture: bool = True) -> DecodeGraphs:
         """Serve decode steps of up to `max_batch_size` requests from static, bucketed steps: captured
@@ -258,12 +300,15 @@ class ModelRunner:
     def _update_states(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids:
             self.requests.pop(request_id, None)
+            self.request_adapters.pop(request_id, None)
             self.sampler.forget(request_id)
             self.guide.forget(request_id)
         for item in plan.scheduled:
             if item.new is not None:
                 if item.new.grammar is not None and item.request_id not in self.guide.matchers:
                     self.guide.start(item.request_id, item.new.grammar)
+                if item.new.lora_request is not None:
+                    self.request_adapters[item.request_id] = item.new.lora_request
                 # Admitted (or re-admitted after a preemption): a new block table. The sampler's
                 # seeded generator lives on, so a preempted request draws what it would have.
                 self.requests[item.request_id] = RequestState(item.request_id, item.new.sampling_params,
@@ -292,11 +337,13 @@ class ModelRunner:
         groups = [[chunks[i] for i in group] for group in split_by_query_length(
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
-        logits = self._replay_decode(ordered)  # None unless a captured decode step takes this one
+        lora = self._lora_step(ordered)
+        # None unless a captured decode step takes this one (captured without adapters).
+        logits = self._replay_decode(ordered) if lora is None else None
         if logits is None:
             input_ids, positions, slots = self._flat_inputs(ordered)
             meta = self._metadata(*groups, slots, positions)
-            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, lora)
             self._prompt_logprobs(ordered, hidden, output)
 
         # Logits rows: the last position of each sampling chunk, or every verified position.

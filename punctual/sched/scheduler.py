@@ -38,7 +38,8 @@ class Scheduler:
     virtual time. Reads no clock and imports no torch."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, limits: PromptLimits | None = None,
-                 spec_lengths: SpecLengthChooser | None = None):
+                 spec_lengths: SpecLengthChooser | None = None, max_loras: int | None = None):
+        """`max_loras`: LoRA adapter slots (distinct adapters among running requests); None: no LoRA."""
         self.config = config
         self.kv = kv_manager
         self.limits = limits
@@ -66,6 +67,13 @@ class Scheduler:
         # Cached-prefix lengths looked up during one schedule() call: order keys read them many
         # times per step (sorting, shedding), and each lookup walks a hash chain.
         self._prefix_memo: dict[str, int] = {}
+        # LoRA slots (S-LoRA's active set): at most max_loras distinct adapters run at once; a
+        # request whose adapter finds no slot waits. Held adapters, least recently taken first:
+        # a freed slot keeps its adapter until another needs it (a swap).
+        self.max_loras = max_loras
+        self.lora_slots: list[int] = []
+        self.lora_running: dict[int, int] = {}  # adapter -> running requests under it
+        self.num_lora_swaps = 0
 
     def _cached_prefix_tokens(self, request: Request) -> int:
         if request.num_computed_tokens:
@@ -110,7 +118,7 @@ class Scheduler:
         covering `num_computed_tokens` and goes on decoding here. False if no seat is free."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
-        if len(self.running) >= self.config.max_num_seqs:
+        if len(self.running) >= self.config.max_num_seqs or not self._has_slot(request.adapter):
             return False
         table = self.kv.block_tables.get(request.request_id)
         assert table is not None and len(table) * self.kv.block_size >= request.num_computed_tokens
@@ -123,7 +131,56 @@ class Scheduler:
         self.policy.on_arrival(request, now)
         return True
 
+    def _has_slot(self, adapter: int | None) -> bool:
+        """Whether a request of `adapter` may run now: the base model always may."""
+        return (adapter is None or adapter in self.lora_running
+                or self.max_loras is not None and len(self.lora_running) < self.max_loras)
+
+    def _take_slot(self, adapter: int) -> None:
+        running = self.lora_running.get(adapter, 0)
+        self.lora_running[adapter] = running + 1
+        if running:
+            return
+        slots = self.lora_slots
+        if adapter in slots:  # still held since its last request: no swap
+            slots.remove(adapter)
+        elif len(slots) >= self.max_loras:
+            idle = next(a for a in slots if a not in self.lora_running)  # _has_slot guarantees one
+            slots.remove(idle)
+            self.num_lora_swaps += 1
+        slots.append(adapter)
+
+    def _leave_running(self, request: Request) -> None:
+        self.running.remove(request)
+        adapter = request.adapter
+        if adapter is not None:
+            left = self.lora_running[adapter] - 1
+            if left:
+                self.lora_running[adapter] = left
+            else:
+                del self.lora_running[adapter]
+
+    def lora_waiting_for_slot(self) -> dict[str, int]:
+        """Adapter name -> waiting requests whose adapter has no slot now (O(waiting): for stats)."""
+        blocked: dict[str, int] = {}
+        for request in self.waiting:
+            if request.lora_request is not None and not self._has_slot(request.adapter):
+                name = request.lora_request.lora_name
+                blocked[name] = blocked.get(name, 0) + 1
+        return blocked
+
+    def lora_running_by_name(self) -> dict[str, int]:
+        """Adapter name -> running requests under it (O(running): for stats)."""
+        running: dict[str, int] = {}
+        for request in self.running:
+            if request.lora_request is not None:
+                name = request.lora_request.lora_name
+                running[name] = running.get(name, 0) + 1
+        return running
+
     def _add_running(self, request: Request, now: float) -> None:
+        if request.adapter is not None:
+            self._take_slot(request.adapter)
         if self._fixed_order:
             key = self.policy.order_key
             insort(self.running, request, key=lambda r: key(r, now))
@@ -242,6 +299,8 @@ class Scheduler:
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if request.lora_request is not None and not self._has_slot(request.adapter):
+                continue  # every slot runs another adapter: wait for one to empty (others may go first)
             cached_blocks = self.kv.computed_prefix(request)  # fresh: earlier admissions may have evicted
             if self.kv.first_pending_owner(request, len(cached_blocks)) is not None:
                 continue  # its next blocks are being computed by another request: reuse them, later
@@ -306,7 +365,7 @@ class Scheduler:
         if sent is None:
             request = self.requests[request_id]
             item.new = NewRequestData(request.prompt_token_ids, tuple(request.token_ids[request.num_prompt_tokens:]),
-                                      request.sampling_params, request.grammar)
+                                      request.sampling_params, request.grammar, request.lora_request)
             sent = 0
         item.new_block_ids = tuple(table[sent:])
         self._blocks_sent[request_id] = len(table)
@@ -350,7 +409,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         # Recompute later; its full blocks stay in the prefix cache, so the recompute is often a hit.
         self.kv.free(request)
-        self.running.remove(request)
+        self._leave_running(request)
         # The runner keeps its state (a seeded generator goes on where it was); the request is
         # re-sent as new, with a new block table, when it is admitted again.
         self._blocks_sent.pop(request.request_id, None)
@@ -420,7 +479,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            self._leave_running(request)
         else:
             self.waiting.remove(request)
         request.status = status
@@ -437,6 +496,13 @@ class Scheduler:
         assert all(r.status is RequestStatus.RUNNING for r in self.running)
         assert all(r.request_id not in self.kv.block_tables for r in self.waiting)
         assert len(self.running) <= self.config.max_num_seqs
+        adapters: dict[int, int] = {}
+        for request in self.running:
+            if request.adapter is not None:
+                adapters[request.adapter] = adapters.get(request.adapter, 0) + 1
+        assert adapters == self.lora_running, f"adapter counts {self.lora_running}, running {adapters}"
+        assert self.max_loras is None or len(self.lora_slots) <= self.max_loras
+        assert set(adapters) <= set(self.lora_slots), "a running adapter holds no slot"
         assert set(self._blocks_sent) <= {r.request_id for r in self.running}, "runner state of a request not running"
         for request in self.running:
             sent = self._blocks_sent.get(request.request_id)

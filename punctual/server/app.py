@@ -17,8 +17,9 @@ from punctual.server.completions import CompletionServing
 from punctual.server.config import ServerConfig
 from punctual.server.errors import APIError, install_error_handlers
 from punctual.server.metrics import ServerMetrics
-from punctual.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PinRequest,
-                                      TokenizeRequest, UnpinRequest)
+from punctual.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                      LoadLoRAAdapterRequest, PinRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
+                                      UnpinRequest)
 from punctual.server.structured import GrammarValidator
 from punctual.server.tokenize import detokenize, tokenize
 from punctual.validation import PromptError, check_prompt
@@ -54,6 +55,11 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await engine.start(config.engine_start_timeout_s)
+        for name, path in config.lora_modules:  # a bad adapter stops the start, naming it
+            ack = await engine.load_lora(name, path)
+            if not ack.ok:
+                await engine.shutdown(config.shutdown_timeout_s)
+                raise RuntimeError(f"--lora-modules {name}={path}: {ack.error}")
         metrics.watch_engine(lambda: engine.replica_stats or engine.stats, lambda: engine.is_alive,
                              lambda: engine.background_failures)
         try:
@@ -93,9 +99,28 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
     @v1.get("/models")
     async def list_models() -> dict:
         max_model_len = engine.info.max_model_len if engine.info is not None else None
-        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
-                                            "created": started, "owned_by": "punctual",
-                                            "max_model_len": max_model_len}]}
+        base = {"id": config.served_model_name, "object": "model", "created": started, "owned_by": "punctual",
+                "root": engine_config.model.model, "parent": None, "max_model_len": max_model_len}
+        # Each LoRA adapter is a model of its own, its parent the base model (vLLM's shape).
+        adapters = [{**base, "id": name, "root": lora.lora_path, "parent": config.served_model_name}
+                    for name, lora in engine.loras.items()]
+        return {"object": "list", "data": [base, *adapters]}
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        if body.lora_name == config.served_model_name:
+            raise APIError(400, f"lora_name {body.lora_name!r} is the base model's name", param="lora_name")
+        ack = await engine.load_lora(body.lora_name, body.lora_path)
+        if not ack.ok:
+            raise APIError(ack.status, ack.error, param="lora_path" if "already" not in ack.error else "lora_name")
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        ack = await engine.unload_lora(body.lora_name)
+        if not ack.ok:
+            raise APIError(ack.status, ack.error, param="lora_name", code="model_not_found")
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @v1.post("/cache/pin")
     async def pin_prefix(body: PinRequest, request: Request) -> dict:
@@ -127,8 +152,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig, cluster: Cluste
 
     app.include_router(v1)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != config.served_model_name:
+    def check_model(name: str | None) -> None:  # an adapter shares the base model's tokenizer
+        if name is not None and name != config.served_model_name and name not in engine.loras:
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                                 f"{config.served_model_name!r}", "model", "model_not_found")
 

@@ -20,6 +20,7 @@ from punctual.engine.tasks import TaskFailures
 from punctual.engine.stats import EngineStats
 from punctual.engine.output_processor import OutputProcessor, ParentState
 from punctual.checkpoints.generation_config import generation_defaults
+from punctual.lora.request import LoRARequest
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
 from punctual.server.metrics import ServerMetrics
@@ -84,6 +85,11 @@ class AsyncEngine:
         self.generation_defaults: dict = {}  # the checkpoint's sampling defaults (generation_config.json)
         # Pins and unpins waiting for the core's answer, in the order they were sent.
         self._pin_waiters: list[asyncio.Future] = []
+        self.lora_enabled = config.lora.enable_lora
+        # LoRA adapters a request may name as its model: name -> request; each load gets a new id,
+        # so a name loaded again from another path never meets the old one's cached KV.
+        self.loras: dict[str, LoRARequest] = {}
+        self._next_lora_id = 1
         self.output_processor: OutputProcessor | None = None
         self.handles: dict[str, RequestHandle] = {}  # parent request id -> handle
         self.by_child: dict[str, RequestHandle] = {}  # core request id -> its parent's handle
@@ -167,7 +173,7 @@ class AsyncEngine:
                     params: SamplingParams, waiter: asyncio.Event, *, arrival_time: float, priority: int = 0,
                     ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None,
                     user: str | None = None, cache_salt: str | None = None,
-                    tenant: str | None = None) -> RequestHandle:
+                    tenant: str | None = None, lora_request: LoRARequest | None = None) -> RequestHandle:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine core is not running")
         children = self.output_processor.add_request(request_id, prompt, prompt_token_ids, params,
@@ -181,7 +187,7 @@ class AsyncEngine:
             for child_id, child_params in children:
                 self.client.add_request(EngineCoreRequest(child_id, prompt_token_ids, child_params, arrival_time,
                                                           priority, ttft_slo_ms, tpot_slo_ms, user, cache_salt,
-                                                          tenant))
+                                                          tenant, lora_request))
         except EngineDeadError:
             self._forget(handle)
             raise
@@ -201,6 +207,37 @@ class AsyncEngine:
     async def unpin(self, pin_id: str) -> PinAck:
         """Release a pin (cancelling its prefill if it is still running)."""
         return await self._ask_core(self.client.unpin_prefix, pin_id)
+
+    # ---- LoRA adapters ------------------------------------------------------------------
+    async def load_lora(self, lora_name: str, lora_path: str) -> PinAck:
+        """Load an adapter under `lora_name` (read and checked by the core now, so a bad one is a
+        400 here rather than on its first request). Refused: the answer says why, with a status."""
+        if not self.lora_enabled:
+            return PinAck(lora_name, False, 400, "LoRA is not enabled on this server (start it with --enable-lora)")
+        if lora_name in self.loras:
+            return PinAck(lora_name, False, 400, f"the LoRA adapter {lora_name!r} is already loaded")
+        try:
+            lora = LoRARequest(lora_name, self._next_lora_id, lora_path)
+        except ValueError as exc:
+            return PinAck(lora_name, False, 400, str(exc))
+        self._next_lora_id += 1
+        load = getattr(self.client, "load_lora", None)
+        if load is not None:  # replicas (ClusterClient) load an adapter with its first request
+            ack = await self._ask_core(load, lora)
+            if not ack.ok:
+                return ack
+        self.loras[lora_name] = lora
+        return PinAck(lora_name, True)
+
+    async def unload_lora(self, lora_name: str) -> PinAck:
+        """New requests can no longer name it; requests already running under it finish."""
+        lora = self.loras.pop(lora_name, None)
+        if lora is None:
+            return PinAck(lora_name, False, 404, f"the LoRA adapter {lora_name!r} cannot be found")
+        unload = getattr(self.client, "unload_lora", None)
+        if unload is not None:
+            await self._ask_core(unload, lora.lora_int_id)
+        return PinAck(lora_name, True)
 
     async def _ask_core(self, send, *args) -> PinAck:
         if not self.is_alive:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from punctual.chat_template import apply_chat_template
 from punctual.engine.output_processor import SampleState
 from punctual.server.errors import bad_request
 from punctual.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
@@ -30,12 +31,9 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     dicts = chat_messages(dicts, tools, renders_tools)
     extra = {"tools": tools} if tools and renders_tools else {}
     try:
-        text = tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra)
-    except Exception as exc:  # no template, or the template refused these messages
-        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-    # The template already wrote the special tokens; by default the tokenizer adds no more.
-    return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return apply_chat_template(tokenizer, dicts, add_generation_prompt, add_special_tokens, **extra)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
 
 
 class ChatServing(OpenAIServing):

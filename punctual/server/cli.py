@@ -24,6 +24,9 @@ def add_serve_parser(subparsers) -> None:
     serve.add_argument("--prefix-cache-isolation", default="none", choices=["none", "api-key", "user"],
                        help="who shares prefix-cache blocks: none (requests with the same cache_salt), api-key "
                             "(each key's tenant its own), user (each `user` field its own); overrides cache_salt")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters served as models of their own (with --enable-lora): name=path, or "
+                            'vLLM\'s JSON form \'{"name": ..., "path": ..., "base_model_name": ...}\'')
     serve.add_argument("--max-queue-len", type=int, default=1024,
                        help="queued + running requests beyond which new ones get 429")
     serve.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO of a request")
@@ -81,6 +84,30 @@ def parse_router_options(items: list[str]) -> dict[str, float]:
     return options
 
 
+def parse_lora_modules(items: list[str], served_model_name: str) -> list[tuple[str, str]]:
+    """--lora-modules values: name=path, or JSON {"name", "path", "base_model_name"} (vLLM's forms)."""
+    import json
+
+    modules = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules: expected JSON with name and path, got {item!r}") from None
+            base = spec.get("base_model_name")
+            if base is not None and base != served_model_name:
+                raise ValueError(f"--lora-modules: {name!r} is an adapter of {base!r}, this server serves "
+                                 f"{served_model_name!r}")
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules: expected NAME=PATH, got {item!r}")
+        modules.append((name, path))
+    return modules
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,7 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name or args.model, api_keys=api_keys,
             prefix_cache_isolation=args.prefix_cache_isolation,
             max_queue_len=args.max_queue_len, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
-            shutdown_timeout_s=args.shutdown_timeout)
+            shutdown_timeout_s=args.shutdown_timeout,
+            lora_modules=parse_lora_modules(args.lora_modules, args.served_model_name or args.model))
+        if server_config.lora_modules and not args.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
     except ValueError as exc:
         raise SystemExit(f"punctual serve: {exc}") from None
     engine_config = EngineConfig.from_kwargs(args.model, check_integrity=args.check_integrity, **engine_kwargs(args))

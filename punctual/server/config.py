@@ -24,6 +24,8 @@ class ServerConfig:
     tpot_slo_ms: float | None = None
     engine_start_timeout_s: float | None = None  # None: wait as long as the model takes to load
     shutdown_timeout_s: float = 5.0  # how long in-flight requests may run on after SIGTERM
+    # LoRA adapters loaded at start-up (--lora-modules): (name, path) each; needs --enable-lora.
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.api_key and self.api_key not in self.api_keys:
@@ -35,6 +37,11 @@ class ServerConfig:
             raise ValueError("prefix_cache_isolation api-key needs API keys (--api-key or --api-key-file)")
         if self.max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules: a name is given twice in {names}")
+        if self.served_model_name in names:
+            raise ValueError(f"lora_modules: {self.served_model_name!r} is the base model's served name")
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -56,7 +56,8 @@ class EngineStatsCollector:
                     family = families[name] = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
                         name, doc, labels=labels)
                 family.add_metric([replica] if labelled else [], float(value))
-            for family in self._speculation(stats, replica if labelled else None):
+            for family in [*self._speculation(stats, replica if labelled else None),
+                           *self._lora(stats, replica if labelled else None)]:
                 if family.name in families:
                     families[family.name].samples.extend(family.samples)
                 else:
@@ -102,6 +103,30 @@ class EngineStatsCollector:
         }
         for name, (doc, value) in counters.items():
             yield "counter", name, doc, value
+
+    @staticmethod
+    def _lora(stats: EngineStats, replica: str | None = None):
+        """LoRA adapters: loaded, loads, slot swaps, and per adapter running and slot-waiting requests."""
+        if not stats.lora_enabled:
+            return
+        base_labels, base_values = ([], []) if replica is None else (["replica"], [replica])
+        for family_type, name, doc, value in (
+                (GaugeMetricFamily, "punctual_lora_adapters_loaded", "LoRA adapters loaded in memory",
+                 stats.lora_adapters_loaded),
+                (CounterMetricFamily, "punctual_lora_loads", "LoRA adapters read from disk", stats.lora_loads),
+                (CounterMetricFamily, "punctual_lora_swaps",
+                 "LoRA slots handed from one adapter to another", stats.lora_swaps)):
+            family = family_type(name, doc, labels=base_labels)
+            family.add_metric(base_values, float(value))
+            yield family
+        for name, doc, per_adapter in (
+                ("punctual_lora_requests_running", "Running requests, per LoRA adapter", stats.lora_running),
+                ("punctual_lora_requests_waiting_for_slot",
+                 "Waiting requests whose LoRA adapter finds no free slot, per adapter", stats.lora_waiting_for_slot)):
+            gauge = GaugeMetricFamily(name, doc, labels=["adapter", *base_labels])
+            for adapter, count in per_adapter.items():
+                gauge.add_metric([adapter, *base_values], float(count))
+            yield gauge
 
     @staticmethod
     def _speculation(stats: EngineStats, replica: str | None = None):

@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 
 from punctual.engine.client import EngineDeadError
 from punctual.engine.output_processor import SampleState
+from punctual.lora.request import LoRARequest
 from punctual.outputs import cached_prompt_tokens
 from punctual.sampling_params import SamplingParams
 from punctual.server.async_engine import AsyncEngine, RequestHandle, RequestRejected
@@ -187,10 +188,19 @@ class OpenAIServing:
         raise NotImplementedError
 
     # ---- the flow -----------------------------------------------------------------------
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names, None for the base model; 404 for any other name."""
+        if model is None or model == self.config.served_model_name:
+            return None
+        lora = self.engine.loras.get(model)
+        if lora is None:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.config.served_model_name!r}" + "".join(f", {name!r}" for name in self.engine.loras),
+                           "model", "model_not_found")
+        return lora
+
     async def create(self, body: GenerationRequest, request: Request, arrival_time: float) -> Response:
-        if body.model is not None and body.model != self.config.served_model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
-                                f"{self.config.served_model_name!r}", "model", "model_not_found")
+        lora = self.resolve_model(body.model)
         if not self.engine.is_alive:
             raise self.engine_error(EngineDeadError(self.engine.dead_reason or "not started"))
         try:
@@ -208,11 +218,11 @@ class OpenAIServing:
             raise APIError(429, f"the server is at capacity ({self.engine.num_in_flight} requests queued or "
                                 f"running, limit {self.config.max_queue_len}); retry later",
                            code="queue_full")
-        generation = self.submit(body, prompts, params, arrival_time, getattr(request.state, "tenant", None))
+        generation = self.submit(body, prompts, params, arrival_time, getattr(request.state, "tenant", None), lora)
         generation.tool_parser_factory = self.tool_parser_factory(body)
         generation.body = body
         base = {"id": f"{self.id_prefix}-{generation.request_id}", "created": int(time.time()),
-                "model": self.config.served_model_name}
+                "model": self.config.served_model_name if lora is None else lora.lora_name}
         try:
             if body.stream:
                 await run_until_disconnect(request, generation.wait_first())
@@ -248,7 +258,8 @@ class OpenAIServing:
             raise bad_request(str(exc), exc.param, exc.code) from None
 
     def submit(self, body: GenerationRequest, prompts: list[tuple[str | None, list[int]]],
-               params: SamplingParams, arrival_time: float, tenant: str | None = None) -> Generation:
+               params: SamplingParams, arrival_time: float, tenant: str | None = None,
+               lora: LoRARequest | None = None) -> Generation:
         waiter = asyncio.Event()
         request_id = uuid.uuid4().hex
         ttft_slo = body.ttft_slo_ms if body.ttft_slo_ms is not None else self.config.ttft_slo_ms
@@ -260,7 +271,7 @@ class OpenAIServing:
                 handles.append(self.engine.add_request(
                     f"{request_id}-{i}", text, token_ids, params, waiter, arrival_time=arrival_time,
                     priority=body.priority, ttft_slo_ms=ttft_slo, tpot_slo_ms=tpot_slo, user=body.user,
-                    cache_salt=cache_salt, tenant=tenant))
+                    cache_salt=cache_salt, tenant=tenant, lora_request=lora))
         except (EngineDeadError, ValueError) as exc:
             for handle in handles:
                 self.engine.abort(handle)
