@@ -202,7 +202,7 @@ def test_scheduler_admits_by_adapter_slot():
 def test_fused_bf16_path_applies_adapters(tmp_path):
     """bf16 on the fused CPU kernels (layer by layer for a step with adapter rows, the whole-stack
     decode kernel skipped) gives eager's tokens, adapter and base rows in one batch."""
-    from punctual.model import cpu_kernels
+    from punctual.kernels import cpu_kernels
 
     if cpu_kernels.load() is None:
         pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")

@@ -15,6 +15,7 @@ from punctual.engine.messages import (COMMANDS, SCHEMA, CoreFailure, CoreInfo, C
                                       decode_commands, decode_from_core, encode_commands, encode_from_core)
 from punctual.engine.stats import EngineStats
 from punctual.runner.kv_transfer import KVMailbox, KVPayload, from_inline, to_inline
+from punctual.lora.request import LoRARequest
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, TokenLogprobs
 from punctual.sampling_params import SamplingParams
 from punctual.structured.spec import StructuredOutput
@@ -28,7 +29,8 @@ PARAMS = SamplingParams(n=2, max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, 
                         stop_token_ids=[7], logprobs=2, prompt_logprobs=0, presence_penalty=0.5,
                         structured=StructuredOutput.json_schema({"type": "object"}), eos_token_ids=(2, 3))
 REQUEST = EngineCoreRequest("req-1", [1, 2, 3, 4], PARAMS, arrival_time=12.5, priority=-1, ttft_slo_ms=200.0,
-                            user="alice")
+                            user="alice", cache_salt="tenant-a", tenant="a",
+                            lora_request=LoRARequest("sql", 3, "/adapters/sql"))
 MIGRATED = MigratedRequest(REQUEST, [9, 8], 5, num_preemptions=1)
 SHARED = SharedKV("psm_abc123", 128, 2, True, (("k", 0, "int8", (2, 4, 1, 8), 0), ("k_scale", 0, "float32", (2, 4, 1), 64)))
 
@@ -41,6 +43,7 @@ def test_every_command_round_trips():
         ("kv_reserve", (4, "req-1", 6)), ("kv_receive", (5, "req-1", 0, b"\x00\x01inline")),
         ("kv_commit", (6, MIGRATED, 2, SHARED)), ("kv_commit", (7, MIGRATED, 0, None)),
         ("kv_abort_import", (8, "req-1")), ("kv_discard", (9, StagedKV("123:4"))),
+        ("load_lora", LoRARequest("sql", 3, "/adapters/sql")), ("unload_lora", 3),
     ]
     assert {kind for kind, _ in commands} == set(COMMANDS)
     assert decode_commands(encode_commands(commands)) == commands
