@@ -16,7 +16,7 @@ from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec_decode.speculator import Speculator
 from punctual.structured.compiler import GrammarCompiler, GrammarWaitlist
-from punctual.validation import PromptError, PromptLimits, check_prompt
+from punctual.validation import PromptError, PromptLimits, check_logit_bias, check_prompt
 
 __all__ = ["EngineCore", "EngineStats", "PinAck"]
 
@@ -98,6 +98,7 @@ class EngineCore:
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
+        check_logit_bias(core_request.sampling_params.logit_bias, self.prompt_limits)
         request = self._new_request(core_request)
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
             self.grammars.add(core_request.request_id, request.sampling_params.structured, request)

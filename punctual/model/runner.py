@@ -17,7 +17,7 @@ from punctual.model.decode_graphs import DecodeGraphs
 from punctual.model.kv_transfer import write_blocks
 from punctual.model.llama import LlamaModel
 from punctual.model.loader import ModelArchConfig, load_arch_config, load_weights, resolve_model_path
-from punctual.model.sampler import RequestState, Sampler, accept_greedy
+from punctual.model.sampler import RequestState, Sampler, accept_greedy, with_logit_bias
 from punctual.model.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.structured.guide import Guide
@@ -324,8 +324,10 @@ class ModelRunner:
                     logprobs[state.request_id] = [lp]
         # Verification, batched: greedy requests share one argmax, sampling ones one distribution call.
         greedy_targets = None
-        if any(c.state.sampling_params.greedy for _, c in spec):
-            greedy_targets = self.sampler.argmax(logits).tolist()
+        greedy_spec = [(row, 1 + len(c.item.spec_token_ids), c.state) for row, c in spec
+                       if c.state.sampling_params.greedy]
+        if greedy_spec:  # logit_bias moves the argmax; the logprobs below stay the model's
+            greedy_targets = self.sampler.argmax(with_logit_bias(logits, greedy_spec)).tolist()
         sampling = []
         for row, c in spec:
             drafts = c.item.spec_token_ids
