@@ -2,8 +2,8 @@
 
 Pydantic checks types here (strict: a string is not a number); value ranges are checked once,
 by SamplingParams, whose errors name the field. A field Punctual does not implement is a 400
-naming it (extra="forbid"), not silently dropped, unless it is in IGNORED_FIELDS: fields OpenAI
-defines whose absence of effect cannot change what a client relies on, each with its reason.
+naming it (extra="forbid"), not silently dropped, unless it is in IGNORED_FIELDS: OpenAI fields
+accepted and ignored because ignoring them cannot change the output, each with its reason.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = None
     # OpenAI's: token id (a string key in JSON) -> bias in [-100, 100] added to its logit.
-    logit_bias: dict[str, int | float] | None = None
+    logit_bias: dict[str, float] | None = None
     # cache isolation: only requests with the same salt share cached prefix blocks (vLLM's field).
     cache_salt: str | None = None
     # Extensions (vLLM's names), ignored by plain OpenAI clients.
