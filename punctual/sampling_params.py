@@ -11,6 +11,9 @@ from punctual.structured.spec import StructuredOutput
 # Cap on top logprobs per token: the OpenAI API allows 20 for chat.
 MAX_LOGPROBS = 20
 MAX_N = 16
+# OpenAI's limits on logit_bias: at most 300 tokens, each biased by a value in [-100, 100].
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -35,6 +38,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = 0
+    # OpenAI's logit_bias: token id -> a value added to that token's logit before sampling (greedy
+    # too); -100 in effect bans a token, 100 all but forces it. Logprobs stay the model's, unbiased.
+    logit_bias: dict[int, float] | None = None
     # Constrain the output to a JSON schema, regex, choice or grammar (compiled in the core).
     structured: StructuredOutput | None = None
     # Filled by the front end, not the user: the tokens that end generation (EOS and friends).
@@ -45,6 +51,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias) or None  # {}: no bias, and no per-step cost
         if self.top_k == 0:
             self.top_k = -1
         self.validate()
@@ -91,6 +99,16 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "must be a non-negative integer")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+                raise ValueError(f"logit_bias may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens, "
+                                 f"got {len(self.logit_bias)}")
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+                if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                                     f"{MAX_LOGIT_BIAS:g}], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:

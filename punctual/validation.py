@@ -46,3 +46,14 @@ def check_prompt(token_ids, limits: PromptLimits, max_tokens: int | None = None,
         raise PromptError(f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is {n + max_tokens} tokens, "
                           f"beyond this model's context window of {limits.max_model_len} tokens", "max_tokens",
                           "context_length_exceeded")
+
+
+def check_logit_bias(logit_bias: dict[int, float] | None, limits: PromptLimits) -> None:
+    """Raise PromptError unless every token logit_bias names is in the vocabulary (SamplingParams
+    has checked the rest; only the engine knows the vocabulary's size)."""
+    vocab = limits.vocab_size
+    if not logit_bias or vocab is None:
+        return
+    bad = next((t for t in logit_bias if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise PromptError(f"logit_bias keys must be token ids in [0, {vocab}), got {bad}", "logit_bias")

@@ -17,7 +17,7 @@ from punctual.sampling_params import SamplingParams
 from punctual.sched.scheduler import Scheduler
 from punctual.spec_decode.speculator import Speculator
 from punctual.structured.compiler import GrammarCompiler, GrammarWaitlist
-from punctual.validation import PromptError, PromptLimits, check_prompt
+from punctual.validation import PromptError, PromptLimits, check_logit_bias, check_prompt
 
 __all__ = ["EngineCore", "EngineStats", "PinAck"]
 
@@ -103,6 +103,7 @@ class EngineCore:
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
         if core_request.lora_request is not None:
             self.runner.load_adapter(core_request.lora_request)  # read and checked now: a bad adapter is this request's error
+        check_logit_bias(core_request.sampling_params.logit_bias, self.prompt_limits)
         request = self._new_request(core_request)
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
             self.grammars.add(core_request.request_id, request.sampling_params.structured, request)

@@ -27,6 +27,13 @@ class RequestState:
         # as vocabulary-wide tensors updated in place, so a step's cost does not grow with the context.
         self.seen: torch.Tensor | None = None  # [vocab] bool
         self.output_counts: torch.Tensor | None = None  # [vocab] float32
+        # logit_bias as two tensors built once, so a step scatters them without a Python loop over tokens.
+        self.bias_token_ids: torch.Tensor | None = None  # [B] long
+        self.bias_values: torch.Tensor | None = None  # [B] float32
+        if sampling_params.logit_bias:
+            self.bias_token_ids = torch.tensor(list(sampling_params.logit_bias), dtype=torch.long, device=device)
+            self.bias_values = torch.tensor(list(sampling_params.logit_bias.values()), dtype=torch.float32,
+                                            device=device)
         if sampling_params.needs_penalties:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True

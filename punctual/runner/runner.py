@@ -23,7 +23,7 @@ from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.registry import architecture, load_arch_config
-from punctual.runner.sampler import RequestState, Sampler, accept_greedy
+from punctual.runner.sampler import RequestState, Sampler, accept_greedy, with_logit_bias
 from punctual.runner.tier_store import TierStore
 from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.structured.guide import Guide
@@ -378,8 +378,10 @@ class ModelRunner:
                     logprobs[state.request_id] = [lp]
         # Verification, batched: greedy requests share one argmax, sampling ones one distribution call.
         greedy_targets = None
-        if any(c.state.sampling_params.greedy for _, c in spec):
-            greedy_targets = self.sampler.argmax(logits).tolist()
+        greedy_spec = [(row, 1 + len(c.item.spec_token_ids), c.state) for row, c in spec
+                       if c.state.sampling_params.greedy]
+        if greedy_spec:  # logit_bias moves the argmax; the logprobs below stay the model's
+            greedy_targets = self.sampler.argmax(with_logit_bias(logits, greedy_spec)).tolist()
         sampling = []
         for row, c in spec:
             drafts = c.item.spec_token_ids

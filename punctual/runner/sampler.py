@@ -1,4 +1,4 @@
-"""Logits -> tokens: penalties, greedy or temperature sampling with top-k/top-p/min-p, logprobs.
+"""Logits -> tokens: logit bias, penalties, greedy or temperature sampling with top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own generator, so their samples do not depend on what else
 shared the batch; the rest share the engine's generator.
@@ -10,7 +10,7 @@ import torch
 from punctual.runner.request_state import RequestState
 from punctual.request import TokenLogprobs
 
-__all__ = ["RequestState", "Sampler", "accept_greedy", "draw"]
+__all__ = ["RequestState", "Sampler", "accept_greedy", "add_logit_bias", "draw", "with_logit_bias"]
 
 
 class Sampler:
@@ -46,8 +46,11 @@ class Sampler:
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        if any(p.needs_penalties for p in params):
-            logits = logits.clone()
+        biased = [(i, 1, r) for i, r in enumerate(requests) if r.sampling_params.logit_bias]
+        if biased or any(p.needs_penalties for p in params):
+            logits = logits.clone()  # the caller's logits (and raw_logprobs) stay the model's
+            if biased:  # before the penalties, as vLLM orders them (repetition's rule depends on the sign)
+                add_logit_bias(logits, biased)
             for i, request in enumerate(requests):
                 if request.sampling_params.needs_penalties:
                     self._apply_penalties(logits[i], request)
@@ -98,7 +101,8 @@ class Sampler:
         Either way the token follows p exactly.
         """
         if request.sampling_params.greedy:
-            tokens = accept_greedy(self.argmax(logits).tolist(), drafts)
+            tokens = accept_greedy(self.argmax(with_logit_bias(logits, [(0, len(drafts) + 1, request)])).tolist(),
+                                   drafts)
             return tokens, self.verified_logprobs(logits, request, tokens)
         return self.verify_sampled(logits, [(0, request, drafts, draft_probs)])[0]
 
@@ -124,18 +128,22 @@ class Sampler:
         for first, request, drafts, _ in items:
             rows.extend(range(first, first + len(drafts) + 1))
             row_params.extend([request.sampling_params] * (len(drafts) + 1))
-        row_logits = logits[torch.tensor(rows, device=dev)]
+        row_logits = logits[torch.tensor(rows, device=dev)]  # a copy: biased in place, `logits` stays raw
+        bases, base = [], 0
+        for _, _, drafts, _ in items:
+            bases.append(base)
+            base += len(drafts) + 1
+        add_logit_bias(row_logits, [(b, len(drafts) + 1, request) for b, (_, request, drafts, _) in zip(bases, items)
+                                    if request.sampling_params.logit_bias])
         if any(q is not None for _, _, _, q in items):
             # A draft model's q is over the whole vocabulary: so must p be, to take max(0, p - q).
             probs, ids = self._probs(row_params, row_logits), None
         else:
             probs, ids = self._candidates(row_params, row_logits)
-        draft_rows, draft_tokens, bases, base = [], [], [], 0
-        for _, _, drafts, _ in items:
-            bases.append(base)
-            draft_rows.extend(range(base, base + len(drafts)))
+        draft_rows, draft_tokens = [], []
+        for (_, _, drafts, _), b in zip(items, bases):
+            draft_rows.extend(range(b, b + len(drafts)))
             draft_tokens.extend(drafts)
-            base += len(drafts) + 1
         p_drafts: list[float] = []
         if draft_rows:
             index, tokens_t = torch.tensor(draft_rows, device=dev), torch.tensor(draft_tokens, device=dev)
@@ -305,6 +313,35 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if bool(overflow.any()):
         picks = torch.where(overflow, probs.argmax(dim=-1), picks)
     return picks
+
+
+def with_logit_bias(logits: torch.Tensor, spans: list[tuple[int, int, RequestState]]) -> torch.Tensor:
+    """`logits` with each request's logit_bias added to its rows: a copy when a span's request has
+    a bias, else `logits` itself (no copy for a step without one)."""
+    spans = [span for span in spans if span[2].sampling_params.logit_bias]
+    if not spans:
+        return logits
+    logits = logits.clone()
+    add_logit_bias(logits, spans)
+    return logits
+
+
+def add_logit_bias(logits: torch.Tensor, spans: list[tuple[int, int, RequestState]]) -> None:
+    """Add, in place, each span's request's logit_bias to logits rows first..first+num_rows (span:
+    (first, num_rows, request); every request in `spans` has a bias, and is a RequestState, which
+    holds it as tensors). One scatter for the whole
+    step: the rows of requests without a bias are not touched."""
+    if not spans:
+        return
+    dev = logits.device
+    rows, cols, values = [], [], []
+    for first, num_rows, request in spans:
+        ids = request.bias_token_ids
+        rows.append(torch.arange(first, first + num_rows, device=dev).repeat_interleave(len(ids)))
+        cols.append(ids.repeat(num_rows))
+        values.append(request.bias_values.repeat(num_rows))
+    # accumulate: a bias adds to the logit (OpenAI's definition); each (row, token) appears once.
+    logits.index_put_((torch.cat(rows), torch.cat(cols)), torch.cat(values).to(logits.dtype), accumulate=True)
 
 
 def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:

@@ -79,7 +79,12 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "json_invalid":
         message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', detail)}"
         param = None
+    elif first.get("type") == "extra_forbidden":
+        # Refused rather than ignored: the client would otherwise get output that silently lacks it.
+        message = (f"{param}: Punctual does not implement this field (the fields it accepts and ignores "
+                   "are listed in the README)")
     else:
+        detail = detail.removeprefix("Value error, ")  # pydantic's wording of a validator's ValueError
         message = f"{param}: {detail}" if param else detail
     return bad_request(message, param).response()
 

@@ -1,25 +1,56 @@
 """OpenAI request schemas (what clients send), plus Punctual's extension fields.
 
 Pydantic checks types here (strict: a string is not a number); value ranges are checked once,
-by SamplingParams, whose errors name the field. Unknown fields are ignored, as OpenAI's own
-API does for forward compatibility.
+by SamplingParams, whose errors name the field. A field Punctual does not implement is a 400
+naming it (extra="forbid"), not silently dropped, unless it is in IGNORED_FIELDS: OpenAI fields
+accepted and ignored because ignoring them cannot change the output, each with its reason.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from punctual.sampling_params import SamplingParams
 
 
+# Accepted and ignored, on chat and completions: OpenAI fields whose effect is outside the
+# output (storage, billing, OpenAI's own routing and abuse tracking) or only on latency. The
+# README lists the same table. Every other field Punctual does not implement is refused.
+IGNORED_FIELDS: dict[str, str] = {
+    "store": "OpenAI keeps the completion for its dashboard and evals; Punctual stores nothing, "
+             "and the response is the same either way",
+    "metadata": "tags on a stored completion (see store): nothing is stored",
+    "service_tier": "OpenAI's billing and capacity class; Punctual has one tier (its `priority` "
+                    "field orders requests)",
+    "prompt_cache_key": "a routing hint OpenAI uses to raise prefix-cache hits; Punctual's prefix "
+                        "cache and router match prompts by their tokens; a cache changes latency, never output",
+    "prompt_cache_retention": "how long OpenAI keeps a cached prefix: latency only, never output",
+    "safety_identifier": "an end-user id for OpenAI's abuse detection; never changes the output "
+                         "(`user` is the field Punctual uses, for fairness)",
+    "prediction": "Predicted Outputs: known text to speed decoding up; the output is the same with "
+                  "or without it",
+}
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
+    # OpenAI pads streamed chunks against a length side channel unless this is false; Punctual
+    # never pads, so false is honoured and true (a client asking for the mitigation) is refused.
+    include_obfuscation: bool = False
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("Punctual does not obfuscate streams; leave it out or set it to false")
+        return value
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(strict=True, populate_by_name=True)
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="forbid")
     name: str = "response"
     description: str | None = None
     schema_: dict | None = Field(default=None, alias="schema")  # None: any JSON object
@@ -29,7 +60,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -37,7 +68,7 @@ class ResponseFormat(BaseModel):
 class StructuredOutputsParams(BaseModel):
     """vLLM's structured_outputs extension: exactly one of json, regex, choice, grammar."""
 
-    model_config = ConfigDict(strict=True, populate_by_name=True)
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="forbid")
     json_: dict | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -47,7 +78,9 @@ class StructuredOutputsParams(BaseModel):
 class GenerationRequest(BaseModel):
     """Fields both /v1/completions and /v1/chat/completions take."""
 
-    model_config = ConfigDict(strict=True)
+    # forbid: a field Punctual does not implement is a 400 naming it, not a silent no-op. Nested
+    # option objects forbid too; messages do not (SDKs echo earlier answers back with their extras).
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = None
@@ -62,6 +95,8 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    # OpenAI's: token id (a string key in JSON) -> bias in [-100, 100] added to its logit.
+    logit_bias: dict[str, float] | None = None
     # Extensions (vLLM's names), ignored by plain OpenAI clients.
     ignore_eos: bool = False
     top_k: int | None = None
@@ -83,6 +118,13 @@ class GenerationRequest(BaseModel):
     # vLLM's extension: only requests with the same salt share prefix-cache blocks (a server that
     # isolates by API key or user replaces it with the tenant's).
     cache_salt: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored_fields(cls, data):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if key not in IGNORED_FIELDS}
+        return data
 
     @property
     def include_usage(self) -> bool:
@@ -118,7 +160,17 @@ class GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens,
-            prompt_logprobs=self.requested_prompt_logprobs())
+            prompt_logprobs=self.requested_prompt_logprobs(), logit_bias=self.token_logit_bias())
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with its JSON string keys as token ids; ValueError naming the field for a key
+        that is not an integer (ranges and the vocabulary are checked after)."""
+        if self.logit_bias is None:
+            return None
+        for key in self.logit_bias:
+            if not re.fullmatch(r"0|[1-9][0-9]*", key):  # canonical only: "05" and "5" would be one token
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+        return {int(key): value for key, value in self.logit_bias.items()}
 
 
 class CompletionRequest(GenerationRequest):
@@ -127,12 +179,23 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # OpenAI's best_of (generate best_of, return the n most likely): only best_of == n, which
+    # returns the same samples as leaving it out, is taken; anything else is a 400.
+    best_of: int | None = None
 
     @property
     def score_only(self) -> bool:
         """echo with max_tokens 0: score the prompt, generate nothing (how evaluation harnesses
         compute a loglikelihood). The engine still samples one token, which is not returned."""
         return self.echo and self.max_tokens == 0
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(f"best_of other than n is not supported (got best_of {best_of}, n {n})")
+        return best_of
 
     def requested_max_tokens(self) -> int | None:
         if self.score_only:
@@ -168,7 +231,7 @@ class MessageToolCall(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None
@@ -176,18 +239,18 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["function"]
     function: NamedFunction
 
@@ -217,6 +280,8 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
+    # OpenAI's output modalities: text is the only one Punctual produces; ["audio"] is refused.
+    modalities: list[Literal["text"]] | None = None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens replaces the deprecated max_tokens; None: up to the context window.

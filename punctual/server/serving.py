@@ -28,7 +28,7 @@ from punctual.server.errors import APIError, bad_request, from_value_error
 from punctual.server.protocol import GenerationRequest
 from punctual.server.structured import GrammarValidator, requested_structure
 from punctual.structured.spec import StructuredOutput
-from punctual.validation import PromptError, check_prompt
+from punctual.validation import PromptError, check_logit_bias, check_prompt
 
 T = TypeVar("T")
 
@@ -254,6 +254,7 @@ class OpenAIServing:
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         try:
             check_prompt(token_ids, self.engine.prompt_limits, params.max_tokens, self.prompt_param())
+            check_logit_bias(params.logit_bias, self.engine.prompt_limits)
         except PromptError as exc:
             raise bad_request(str(exc), exc.param, exc.code) from None
 

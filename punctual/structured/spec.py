@@ -10,7 +10,7 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """kind: json (value: the schema as canonical JSON text), json_object (any object), regex,
+    """kind: json (value: the schema as compact JSON text, keys in the caller's order), json_object (any object), regex,
     choice (value: a JSON list of strings), grammar (a Lark grammar, or GBNF which is converted).
 
     Frozen and text-valued, so it hashes: the compile cache is keyed by it."""
@@ -28,7 +28,10 @@ class StructuredOutput:
     def json_schema(cls, schema: dict | bool | str) -> "StructuredOutput":
         if isinstance(schema, str):
             schema = json.loads(schema)
-        return cls("json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # Not sort_keys: the order of `properties` is the order the output's keys are generated in
+        # (a schema that puts "reasoning" before "answer" wants the reasoning written first), so
+        # schemas that differ only in key order are different grammars, and so cache keys.
+        return cls("json", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, options: list[str]) -> "StructuredOutput":
