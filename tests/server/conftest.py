@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 MODEL = "builtin-tiny"
-START_TIMEOUT_S = 90.0  # the first run builds the builtin-tiny checkpoint
+START_TIMEOUT_S = 300.0  # a deadline, not a measure: the first run builds builtin-tiny; Ray starts slowly on a busy machine
 
 
 def free_port() -> int:
