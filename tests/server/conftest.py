@@ -66,7 +66,7 @@ class ServerProcess:
             return default
         return float(match.group(1))
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = 30.0) -> int | None:  # a deadline for a busy machine
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
