@@ -13,6 +13,8 @@ import pytest
 from punctual.sim.trace import TRACE_ENV, read_traces, replica_trace_path
 from waiting import wait_until
 
+pytestmark = pytest.mark.slow  # a Ray cluster of two replicas: minutes; the quick loop skips it
+
 # The subprocess server fixture of the server tests, reused as is.
 _spec = importlib.util.spec_from_file_location("server_conftest", Path(__file__).parent.parent / "server" / "conftest.py")
 server_conftest = importlib.util.module_from_spec(_spec)

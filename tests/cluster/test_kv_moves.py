@@ -12,6 +12,8 @@ import pytest
 from tests.cluster.test_cluster_server import BODY, alive, descendants, server_conftest, stream_text
 from waiting import wait_until
 
+pytestmark = pytest.mark.slow  # Ray clusters started per test: minutes; the quick loop skips them
+
 # A stream to drain: long enough that it is still generating when the drain's last copy round
 # reaches its replica. With BODY's 160 tokens (about 0.15 s of decoding on an idle machine, the
 # drain's rounds about 0.05 s) a loaded machine finished the stream first: "migrated 0".

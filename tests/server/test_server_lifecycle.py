@@ -6,8 +6,11 @@ import signal
 import threading
 
 import httpx
+import pytest
 
 from waiting import wait_until
+
+pytestmark = pytest.mark.slow  # kills and stops its own servers: a server each test
 
 MODEL = "builtin-tiny"
 LONG_STREAM = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
