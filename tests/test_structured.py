@@ -3,7 +3,7 @@ proposals and are not advanced twice by a preemption's recompute."""
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import llguidance
 import torch
@@ -13,35 +13,49 @@ from punctual.engine.core import EngineCore
 from punctual.checkpoints.builtin import builtin_path
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
-from punctual.structured.compiler import GrammarCompiler
+from punctual.structured.compiler import DEFAULT_TIMEOUT_S, GrammarCompiler
 from punctual.structured.guide import Guide
 from punctual.structured.spec import StructuredOutput
 from punctual.tokenizer import load_tokenizer
+from waiting import wait_until
 
 SCHEMA = StructuredOutput.json_schema({"type": "object", "properties": {"k": {"enum": ["v", "w"]}},
                                        "required": ["k"], "additionalProperties": False})
 
 
 def test_slow_compile_does_not_stall_other_requests(monkeypatch):
+    """The grammar's compile is held until the plain request has finished: that can only happen
+    if the step loop kept running the plain request while the compile was pending."""
     core = EngineCore(EngineConfig.from_kwargs("builtin-tiny", kv_cache_memory="64MiB"))
     compile_fn = GrammarCompiler._compile
+    plain_finished = threading.Event()
+    released_by_plain: list[bool] = []
 
-    def slow(self, spec):
-        time.sleep(1.5)
+    def held(self, spec):
+        # Bounded below the waitlist's compile timeout: a stalled loop fails the assert, not the request.
+        released_by_plain.append(plain_finished.wait(timeout=DEFAULT_TIMEOUT_S / 2))
         return compile_fn(self, spec)
 
-    monkeypatch.setattr(GrammarCompiler, "_compile", slow)
+    monkeypatch.setattr(GrammarCompiler, "_compile", held)
     core.add_request(EngineCoreRequest("slow", [1, 2, 3], SamplingParams(max_tokens=30, structured=SCHEMA)))
     core.add_request(EngineCoreRequest("plain", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True)))
-    started = time.monotonic()
-    finished: dict[str, float] = {}
+    finish_order: list[str] = []
     texts: dict[str, list[int]] = {"slow": [], "plain": []}
-    while core.has_unfinished_requests() and time.monotonic() - started < 20:
+
+    def step() -> bool:
         for out in core.step():
             texts[out.request_id].extend(out.new_token_ids)
             if out.finished:
-                finished[out.request_id] = time.monotonic() - started
-    assert finished["plain"] < 1.0 < finished["slow"]
+                finish_order.append(out.request_id)
+                if out.request_id == "plain":
+                    plain_finished.set()
+        return not core.has_unfinished_requests()
+
+    wait_until(step, timeout=60, message=lambda: f"requests still unfinished; finished: {finish_order}",
+               interval=0)
+    assert released_by_plain == [True], "the compile held the step loop: the plain request could not finish"
+    assert finish_order == ["plain", "slow"]
+    assert len(texts["plain"]) == 8
     tokenizer = load_tokenizer(core.runner.model_path)
     assert json.loads(tokenizer.decode(texts["slow"], skip_special_tokens=True))["k"] in ("v", "w")
 

@@ -8,6 +8,8 @@ import pytest
 from punctual.bench.peers import PeerOptions, hf_static_peer, punctual_peer, free_port, running
 from punctual.cli import main
 
+pytestmark = pytest.mark.slow  # live servers and their peers, benchmarked end to end
+
 TINY = ["--text", "synthetic", "--length-scale", "0.05", "--num-requests", "6", "--no-progress", "--warmup-requests", "1",
         "--ttft-slo-ms", "10000", "--tpot-slo-ms", "2000"]
 

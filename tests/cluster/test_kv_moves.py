@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import httpx
 import pytest
 
 from tests.cluster.test_cluster_server import BODY, alive, descendants, server_conftest, stream_text
+from waiting import wait_until
+
+pytestmark = pytest.mark.slow  # Ray clusters started per test: minutes; the quick loop skips them
 
 # A stream to drain: long enough that it is still generating when the drain's last copy round
 # reaches its replica. With BODY's 160 tokens (about 0.15 s of decoding on an idle machine, the
@@ -52,26 +54,26 @@ def stop(server) -> None:
 
 def wait_idle(url: str) -> list[dict]:
     """/admin/replicas once every replica reports no request and no KV block in use."""
-    deadline = time.monotonic() + 10
-    while True:
-        replicas = httpx.get(f"{url}/admin/replicas", timeout=5).json()
-        if all(r["kv_blocks_used"] == 0 and r["running"] + r["waiting"] == 0 for r in replicas):
-            return replicas
-        assert time.monotonic() < deadline, f"KV blocks still in use: {replicas}"
-        time.sleep(0.1)
+    seen: list[dict] = []
+
+    def idle() -> list[dict]:
+        seen[:] = httpx.get(f"{url}/admin/replicas", timeout=5).json()
+        return seen if all(r["kv_blocks_used"] == 0 and r["running"] + r["waiting"] == 0 for r in seen) else []
+
+    return wait_until(idle, message=lambda: f"KV blocks still in use: {seen}", interval=0.1)
 
 
 def busy_replica(url: str) -> int:
     """The one replica whose core reports a running request (the stream being read: its tokens
     have arrived, so its replica's report, sent after its first step, shows it)."""
-    deadline = time.monotonic() + 10
-    while True:
-        replicas = httpx.get(f"{url}/admin/replicas", timeout=5).json()
-        busy = [r["id"] for r in replicas if r["running"]]
-        if len(busy) == 1:
-            return busy[0]
-        assert time.monotonic() < deadline, f"not one replica running the stream: {replicas}"
-        time.sleep(0.01)
+    seen: list[dict] = []
+
+    def one_busy() -> list[int]:
+        seen[:] = httpx.get(f"{url}/admin/replicas", timeout=5).json()
+        busy = [r["id"] for r in seen if r["running"]]
+        return busy if len(busy) == 1 else []
+
+    return wait_until(one_busy, message=lambda: f"not one replica running the stream: {seen}")[0]
 
 
 def test_drain_moves_a_stream_mid_generation():
@@ -94,7 +96,8 @@ def test_drain_moves_a_stream_mid_generation():
         assert replicas[drained["id"]]["state"] == "drained"
         assert replicas[1 - drained["id"]]["state"] == "ready"
         assert [m["reason"] for m in moves if m["ok"]] == ["drain"], moves
-        assert moves[-1]["precopy_blocks"] > 0 and moves[-1]["downtime_s"] < 5
+        # Live: most of the KV went over while the stream kept decoding; the stall is one part of the move.
+        assert moves[-1]["precopy_blocks"] > 0 and 0 <= moves[-1]["downtime_s"] <= moves[-1]["seconds"]
         # The drained replica gets nothing new.
         assert stream_text(server.url, LONG_BODY) == reference
         replicas = wait_idle(server.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from punctual.cluster.inprocess import InProcessReplicas
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.request import EngineCoreRequest
 from punctual.sampling_params import SamplingParams
+from waiting import wait_until, wait_until_async
 
 PROMPT = list(range(10, 47))
 MAX_TOKENS = 160  # long enough that a loaded machine cannot finish a stream before the test moves it
@@ -66,13 +68,29 @@ async def generate(client: ClusterClient, request_id: str, move=None) -> list[in
     client._on_update = on_update
     client.add_request(request(request_id))
     if move is not None:
-        await at_six.wait()
+        await asyncio.wait_for(at_six.wait(), 60)
         await move(client)
     await asyncio.wait_for(done.wait(), 60)
     return tokens
 
 
+def replicas_idle() -> bool:
+    """Every in-process replica holds no request and every KV block of its pool is free."""
+    return all(not server.core.scheduler.requests and not server.core.kv_manager.block_tables
+               and server.core.kv_manager.pool.num_free_blocks == server.core.kv_manager.pool.num_blocks
+               for server in InProcessReplicas.servers)
+
+
+def replica_state() -> str:
+    return "; ".join(f"replica {i}: requests {list(server.core.scheduler.requests)}, block tables "
+                     f"{list(server.core.kv_manager.block_tables)}, free blocks "
+                     f"{server.core.kv_manager.pool.num_free_blocks} of {server.core.kv_manager.pool.num_blocks}"
+                     for i, server in enumerate(InProcessReplicas.servers))
+
+
 def run(cluster: ClusterClient, scenario) -> None:
+    """Run `scenario` against the started cluster; then every replica must come to hold no request
+    and no KV block (a block a move leaked never comes back: the wait fails naming it)."""
     errors = []
 
     async def main():
@@ -82,18 +100,16 @@ def run(cluster: ClusterClient, scenario) -> None:
         await cluster.attach(lambda update: None, lambda reason: None)
         try:
             await scenario(cluster)
-            await asyncio.sleep(0.2)  # the replicas go idle (and check their integrity) meanwhile
+            # Every stream has finished: the replicas go idle (and check their integrity) while connected.
+            await wait_until_async(replicas_idle, message=lambda: f"a replica is not idle: {replica_state()}")
         finally:
             await cluster.shutdown()
 
     asyncio.run(main())
     assert not errors, errors
-    time.sleep(0.2)  # each replica's thread aborts what its front end left, then waits for the next
+    wait_until(replicas_idle, message=lambda: f"a replica is not idle after the shutdown: {replica_state()}")
     for server in InProcessReplicas.servers:
         server.core.check_integrity()
-        assert server.core.kv_manager.pool.num_free_blocks == server.core.kv_manager.pool.num_blocks - \
-            len({b for t in server.core.kv_manager.block_tables.values() for b in t}), "a block leaked"
-        assert not server.core.kv_manager.block_tables
 
 
 def test_migrations_and_refusals_keep_the_stream_identical(cluster, monkeypatch):
@@ -158,19 +174,24 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
     outgrow; the stream moves to the other replica instead of being preempted for it (off: the
     scheduler preempts it, which is what the move spares)."""
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
-    # Each core step then lets go of the interpreter for a moment, so the scenario below adds
-    # `high` while `low` is a few tokens in. Without it a core thread holding the GIL could
-    # finish `low` first (seen once under CI's load), leaving nothing to preempt or move.
+    # `low` makes no token past its 6th until the scenario has added `high`: without that gate a
+    # core thread holding the GIL could finish `low` first (seen once under CI's load), leaving
+    # nothing to preempt or move. Each step also lets go of the interpreter for a moment, so that
+    # the front end's move keeps up with the stream it moves.
     from punctual.engine.core import EngineCore
 
     step = EngineCore.step
+    high_added = threading.Event()
 
-    def yielding_step(self, *args, **kwargs):
+    def gated_step(self, *args, **kwargs):
+        low_request = self.scheduler.requests.get("low")
+        if low_request is not None and len(low_request.output_token_ids) >= 6:
+            high_added.wait(timeout=30)  # no assert here: an exception in a replica's thread ends the process
         outputs = step(self, *args, **kwargs)
         time.sleep(0.001)
         return outputs
 
-    monkeypatch.setattr(EngineCore, "step", yielding_step)
+    monkeypatch.setattr(EngineCore, "step", gated_step)
     config = EngineConfig.from_kwargs("builtin-tiny", dtype="float32", num_kv_blocks=64, block_size=4,
                                       scheduling_policy="priority")
     # A threshold no load gap reaches: only the room rule moves anything.
@@ -189,15 +210,13 @@ def test_room_for_a_more_important_request_moves_a_less_important_one(monkeypatc
         collect_outputs(c, tokens, finished)
         for request_id, prompt, max_tokens in (("solo-low", low, 80), ("solo-high", high, 40)):
             c.add_request(make(request_id, prompt, max_tokens, 0))
-            while request_id not in finished:
-                await asyncio.sleep(0.005)
+            await wait_until_async(lambda: request_id in finished, timeout=60, message=f"{request_id} unfinished")
         monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # both come to replica 0
         c.add_request(make("low", low, 80, 5))
-        while len(tokens.get("low", [])) < 6:
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: len(tokens.get("low", [])) >= 6, message="low made no 6 tokens")
         c.add_request(make("high", high, 40, 0))
-        while not {"low", "high"} <= finished:
-            await asyncio.sleep(0.01)
+        high_added.set()
+        await wait_until_async(lambda: {"low", "high"} <= finished, timeout=60, message=lambda: f"finished: {finished}")
 
     run(client, scenario)
     moves = [(m["request_id"], m["reason"], m["source"], m["target"], m["ok"]) for m in client.migrations]
@@ -219,8 +238,7 @@ def test_rebalancing_moves_a_request_to_the_idle_replica(monkeypatch):
         monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # a skewed router
         for i in range(3):
             c.add_request(request(f"r{i}"))
-        while len(finished) < 3:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: len(finished) == 3, timeout=60, message=lambda: f"finished: {finished}")
 
     run(client, scenario)
     moves = [m for m in client.migrations if m["ok"]]
@@ -267,18 +285,22 @@ def test_concurrent_streams_each_moved_match_their_solo_runs(monkeypatch):
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         for request_id, prompt in prompts.items():
             c.add_request(EngineCoreRequest(f"solo-{request_id}", list(prompt), params, arrival_time=0.0))
-            while f"solo-{request_id}" not in finished:
-                await asyncio.sleep(0.005)
+            await wait_until_async(lambda: f"solo-{request_id}" in finished, timeout=60,
+                                   message=f"solo-{request_id} unfinished")
         for request_id, prompt in prompts.items():
             c.add_request(EngineCoreRequest(request_id, list(prompt), params, arrival_time=0.0))
-        moves = []
-        while len(finished) < 2 * len(prompts):
+        moves: dict[str, asyncio.Task] = {}
+
+        def move_due_streams() -> bool:
+            """Start each stream's move once it has its share of tokens; True once all finished."""
             for request_id in prompts:
                 routed = c.requests.get(request_id)
                 if routed is not None and len(routed.delivered) >= 6 + 3 * int(request_id[1:]) and request_id not in moves:
-                    moves.append(request_id)
-                    asyncio.ensure_future(c.migrate(request_id, 1 - routed.replica_id, "test"))
-            await asyncio.sleep(0.002)
+                    moves[request_id] = asyncio.ensure_future(c.migrate(request_id, 1 - routed.replica_id, "test"))
+            return len(finished) == 2 * len(prompts)
+
+        await wait_until_async(move_due_streams, timeout=60, interval=0.002, message=lambda: f"finished: {finished}")
+        await asyncio.gather(*moves.values())  # kept: a move's failure fails the test
 
     run(client, scenario)
     assert sum(m["ok"] for m in client.migrations) == len(prompts), client.migrations
@@ -300,12 +322,10 @@ def test_drain_moves_running_requests_and_resubmits_waiting_ones(monkeypatch):
         monkeypatch.setattr(c.ledger, "route", lambda request: c.replicas[0])  # all on replica 0: one runs, two wait
         for i in range(3):
             c.add_request(request(f"d{i}"))
-        while len(tokens.get("d0", [])) < 6:
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: len(tokens.get("d0", [])) >= 6, message="d0 made no 6 tokens")
         monkeypatch.setattr(c.ledger, "route", real_route)
         drained.update(await c.drain(0))
-        while len(finished) < 3:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: len(finished) == 3, timeout=60, message=lambda: f"finished: {finished}")
         drained["info"] = c.replica_info()
 
     run(client, scenario)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a Ray Serve application in a subprocess: the quick loop skips it
+
 SCRIPT = """
 import json, sys, time, httpx, ray
 from ray import serve

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 MODEL = "builtin-tiny"
-START_TIMEOUT_S = 90.0  # the first run builds the builtin-tiny checkpoint
+START_TIMEOUT_S = 300.0  # a deadline, not a measure: the first run builds builtin-tiny; Ray starts slowly on a busy machine
 
 
 def free_port() -> int:
@@ -66,7 +66,7 @@ class ServerProcess:
             return default
         return float(match.group(1))
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = 30.0) -> int | None:  # a deadline for a busy machine
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

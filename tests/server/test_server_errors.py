@@ -1,11 +1,14 @@
 """Bad input gets a 4xx in OpenAI's error shape; a client that hangs up frees its KV blocks."""
 from __future__ import annotations
 
-import time
+import json
+import socket
 
 import httpx
 import openai
 import pytest
+
+from waiting import wait_until
 
 MODEL = "builtin-tiny"
 PROMPT = "The quick brown fox"
@@ -89,12 +92,9 @@ def test_unknown_route_is_an_openai_404(server):
     assert_openai_error(httpx.get(f"{server.url}/v1/nothing-here"), 404)
 
 
-def wait_for_blocks_freed(server, timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while server.metric("punctual_kv_blocks_used") != 0:
-        assert time.monotonic() - start < timeout, "KV blocks still in use after the client left"
-        time.sleep(0.02)
-    return time.monotonic() - start
+def wait_for_blocks_freed(server) -> None:
+    wait_until(lambda: server.metric("punctual_kv_blocks_used") == 0,
+               message="KV blocks still in use after the client left")
 
 
 def aborted(server) -> float:
@@ -120,9 +120,12 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
 
 def test_non_stream_disconnect_aborts_and_frees_blocks(server):
     before = aborted(server)
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}).encode()
+    # A raw connection, so that the client hangs up once the request runs, not after a guessed delay.
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_until(lambda: server.metric("punctual_kv_blocks_used") > 0, message="the request never started")
     wait_for_blocks_freed(server)
     assert aborted(server) == before + 1
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
 import pytest
+
+from waiting import wait_until
 
 MODEL = "builtin-tiny"
 KEY = "test-key-123"
@@ -49,43 +50,40 @@ def test_admin_routes_need_the_key(server):
 
 
 def test_queue_full_answers_429_at_once(server):
+    """Two streams hold the queue's two seats until the three others are answered: the 429s come
+    while the seats are taken (a server that queued them instead would answer none of them, and
+    the 30 s deadline below would fail the test)."""
     body = {"model": MODEL, "prompt": "A long story", "max_tokens": 1000, "ignore_eos": True, "stream": True}
 
-    async def attempt(http: httpx.AsyncClient, release: asyncio.Event) -> tuple[int, float, dict | None]:
-        start = time.monotonic()
+    async def attempt(http: httpx.AsyncClient, release: asyncio.Event) -> tuple[int, dict | None]:
         async with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
-                return response.status_code, time.monotonic() - start, response.json()
+                return response.status_code, response.json()
             lines = response.aiter_lines()  # held: dropping it mid-stream would close the connection
             while not (await anext(lines)).startswith("data: "):
                 pass
             await release.wait()  # hold the seat until every rejection is in
-            return 200, time.monotonic() - start, None
+            return 200, None
 
-    async def run() -> list[tuple[int, float, dict | None]]:
+    async def run() -> list[tuple[int, dict | None]]:
         release = asyncio.Event()
         async with httpx.AsyncClient(headers=AUTH, timeout=30) as http:
             tasks = [asyncio.create_task(attempt(http, release)) for _ in range(5)]
-            results = []
+            results = []  # in the order they were answered
             for next_done in asyncio.as_completed(tasks, timeout=30):
                 results.append(await next_done)
-                if sum(status == 429 for status, _, _ in results) == 3:
+                if sum(status == 429 for status, _ in results) == 3:
                     release.set()
             return results
 
     results = asyncio.run(run())
-    assert sorted(status for status, _, _ in results) == [200, 200, 429, 429, 429]
-    for status, elapsed, body_json in results:
-        if status == 429:
-            assert elapsed < 2.0
-            assert body_json["error"]["code"] == "queue_full"
-            assert set(body_json["error"]) == {"message", "type", "param", "code"}
+    assert [status for status, _ in results] == [429, 429, 429, 200, 200]
+    for status, body_json in results[:3]:
+        assert body_json["error"]["code"] == "queue_full"
+        assert set(body_json["error"]) == {"message", "type", "param", "code"}
     # The held streams closed and were aborted: there is room again.
-    deadline = time.monotonic() + 5
-    while server.metric("punctual_kv_blocks_used") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: server.metric("punctual_kv_blocks_used") == 0, message="the closed streams kept their KV blocks")
     response = httpx.post(f"{server.url}/v1/completions", headers=AUTH, timeout=30,
                           json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 2})
     assert response.status_code == 200

@@ -63,6 +63,7 @@ def test_parse_under_batching(client):
             assert isinstance(choice.message.parsed, Pick)
 
 
+@pytest.mark.slow  # starts a second server, with speculation
 def test_schema_with_speculation(spec_client):
     # A repetitive prompt gives prompt lookup proposals to check against the grammar.
     prompt = '{"a": 1, "b": "x"} {"a": 1, "b": "x"} {"a": 1, "b": "x"} {"a": 1, "b": "x"}'

@@ -5,6 +5,8 @@ import pytest
 
 from punctual.sim.calibrate import calibrate
 
+pytestmark = pytest.mark.slow  # a full calibration grid on the real runner, twice
+
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_calibration_times_suffixes_after_a_cached_prefix(prefix_caching):

@@ -45,6 +45,7 @@ def test_run_path_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # a sweep run twice, byte for byte
 def test_same_inputs_same_json_byte_for_byte(profile_path, tmp_path):
     out = tmp_path / "run.json"
     argv = sim_argv(profile_path, out, "--sweep-rates", "2,8", "--workload", "chat,shared-prefix",
@@ -171,6 +172,7 @@ def test_hardware_profiles_are_estimates(tmp_path):
     assert load_profile(out).predict((1.0, 0, 1, 100, 100, 1)) > 5 * one
 
 
+@pytest.mark.slow  # runs the sweep in one process and in two
 def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
     """round_robin reads no replica state: shards in two processes answer exactly as one process."""
     runs = []
