@@ -151,28 +151,28 @@ def _replay(log, cluster, profile, block_size, monkeypatch):
 
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
     client = ClusterClient(EngineConfig.from_kwargs("builtin-tiny", block_size=block_size), cluster)
-    client.info = SimpleNamespace(max_model_len=1 << 30)
+    client.replica_set.info = SimpleNamespace(max_model_len=1 << 30)
     per_block = block_size * profile.model["kv_bytes_per_token"] / profile.kv_transfer["bytes_per_s"]
     for transport in ("relay", "object-store", "direct"):
-        client.transfer_costs[transport] = TransferCost(fixed_s=profile.kv_transfer["fixed_s"], per_block_s=per_block)
+        client.channel.transfer_costs[transport] = TransferCost(fixed_s=profile.kv_transfer["fixed_s"], per_block_s=per_block)
     chosen = []
 
     async def migrate(request_id, target, reason=""):
         chosen.append((request_id, client.requests[request_id].replica_id, target))
-    client.migrate = migrate
+    client.mover.migrate = migrate
 
     async def decide(kind, request):
         if kind == "route":
             prompt, user = request
             params = SamplingParams(max_tokens=1)
-            return client._route(EngineCoreRequest(f"x{len(chosen)}", prompt, params, user=user)).replica_id
+            return client.ledger.route(EngineCoreRequest(f"x{len(chosen)}", prompt, params, user=user)).replica_id
         chosen.clear()
         if kind == "decode":
-            await client._to_decode(request)
+            await client.placement._to_decode(request)
             return chosen[0][2] if chosen else None
-        client._maybe_rebalance()
+        client.placement.maybe_rebalance()
         await asyncio.sleep(0)  # the move it started runs (here: records its target)
-        client._rebalancing = False
+        client.placement._rebalancing = False
         return chosen[0] if chosen else None
 
     answers = []
@@ -187,7 +187,8 @@ def _replay(log, cluster, profile, block_size, monkeypatch):
                                                             migrating)
                 replica.request_ids.add(request_id)
         for what, rid, hashes in events:  # as _on_replica_update hands them on
-            (client.router.on_blocks_stored if what == "stored" else client.router.on_blocks_evicted)(rid, hashes)
+            router = client.ledger.router
+            (router.on_blocks_stored if what == "stored" else router.on_blocks_evicted)(rid, hashes)
         answers.append(asyncio.run(decide(kind, request)))
     return answers
 
