@@ -288,6 +288,9 @@ class DecoderModel:
                     weight.attach_fused(self.kernels, self.choices.int4_int8_activations)
                 else:
                     setattr(owner, name, FusedWeight.from_weight(weight, self.kernels, self.batch_invariant))
+            for layer in self.layers:  # routers: bf16 always (their logits decide), in the small-batch kernel
+                if layer.moe is not None:
+                    layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant)
             if isinstance(self.lm_head, QuantizedWeight):
                 self.lm_head.attach_fused(self.kernels)
             else:

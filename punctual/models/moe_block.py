@@ -19,7 +19,7 @@ from punctual.models.spec import WeightNames
 
 @dataclass
 class MoEWeights:
-    router: torch.Tensor  # [E, hidden]: kept plain (tiny; its logits decide the routing)
+    router: Weight  # [E, hidden]: never quantized (its logits decide the routing); packed for its kernel
     gate_up: list[Weight]  # per expert [2I, hidden]: gate rows, then up rows
     down: list[Weight]  # per expert [hidden, I]
     shared_gate_up: Weight | None = None  # Qwen2-MoE's shared expert
@@ -83,7 +83,7 @@ DenseMLP = Callable[[torch.Tensor, Weight, torch.Tensor | None, Weight, torch.Te
 def route(x: torch.Tensor, router: torch.Tensor, moe: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-k experts [T, k] and their weights [T, k]: softmax over all experts in
     float32, top-k, renormalised where the config says (Mixtral always)."""
-    probs = torch.softmax(torch.nn.functional.linear(x, router), dim=-1, dtype=torch.float32)
+    probs = torch.softmax(linear(x, router), dim=-1, dtype=torch.float32)
     weights, experts = torch.topk(probs, moe.top_k, dim=-1)
     if moe.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -96,6 +96,23 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, moe: MoEConfig, dense_mlp:
     # In the model dtype, as Qwen-MoE and OLMoE round them (Mixtral keeps float32: in float32 models
     # the same thing; in bf16 the last bit of a product may differ).
     expert_weights = expert_weights.to(x.dtype)
+    if x.shape[0] == 1:  # one token (a single stream's decode): its k experts in ascending order, no grouping
+        out = None
+        for slot, expert in sorted(enumerate(experts[0].tolist()), key=lambda item: item[1]):
+            h = dense_mlp(x, weights.gate_up[expert], None, weights.down[expert], None) * expert_weights[0, slot]
+            out = h if out is None else out + h
+    else:
+        out = _grouped(x, weights, moe, experts, expert_weights, dense_mlp)
+    if weights.shared_gate_up is not None:
+        shared = dense_mlp(x, weights.shared_gate_up, None, weights.shared_down, None)
+        out = out + torch.sigmoid(torch.nn.functional.linear(x, weights.shared_gate)) * shared
+    return out
+
+
+def _grouped(x: torch.Tensor, weights: MoEWeights, moe: MoEConfig, experts: torch.Tensor,
+             expert_weights: torch.Tensor, dense_mlp: DenseMLP) -> torch.Tensor:
+    """Tokens grouped by expert: each routed expert runs once over its tokens, summed per token in
+    ascending expert order."""
     out = torch.zeros_like(x)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # token slots grouped by expert, in token order
@@ -111,7 +128,4 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, moe: MoEConfig, dense_mlp:
         h = dense_mlp(x[tokens], weights.gate_up[expert], None, weights.down[expert], None)
         h = h * expert_weights.reshape(-1)[slots, None]
         out.index_add_(0, tokens, h.to(out.dtype))
-    if weights.shared_gate_up is not None:
-        shared = dense_mlp(x, weights.shared_gate_up, None, weights.shared_down, None)
-        out = out + torch.sigmoid(torch.nn.functional.linear(x, weights.shared_gate)) * shared
     return out
