@@ -9,23 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.config import CacheConfig, LoRAConfig, ModelConfig
+from punctual.kernels.cpu_kernels import int8_kv_attention_supported
 from punctual.lora.cache import AdapterCache
 from punctual.lora.request import LoRARequest
 from punctual.lora.weights import LoRAAdapter, LoRAStep, load_adapter
-from punctual.runner.allocator import keep_step_buffers_mapped
 from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache, decode_mask)
-from punctual.kernels.cpu_kernels import int8_kv_attention_supported
-from punctual.runner.decode_graphs import DecodeGraphs
-from punctual.runner.kv_transfer import write_blocks
-from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.registry import architecture, load_arch_config
+from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
+from punctual.runner.allocator import keep_step_buffers_mapped
+from punctual.runner.decode_graphs import DecodeGraphs
+from punctual.runner.kv_transfer import write_blocks
 from punctual.runner.sampler import RequestState, Sampler, accept_greedy, with_logit_bias
 from punctual.runner.tier_store import TierStore
-from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.structured.guide import Guide
 
 logger = logging.getLogger(__name__)
