@@ -214,3 +214,19 @@ def test_fused_bf16_path_applies_adapters(tmp_path):
         assert (llm.engine.core.runner.model._stack is not None) != eager
         outs.append(run(llm, [lora, None], PROMPTS[:1] * 2))
     assert outs[0] == outs[1] and outs[0][0] != outs[0][1]
+
+
+def test_the_router_hashes_an_adapters_prompt_as_its_replica_stores_it(models):
+    """Cache-aware routing finds a LoRA request's cached prefix: the router's block hashes carry the
+    adapter as the KV manager's do (else a replica holding it would never be seen to)."""
+    from punctual.cluster.router import prompt_block_hashes
+
+    base, loras, _ = models["llama_gqa"]
+    llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8, block_size=4)
+    prompt = PROMPTS[2]  # 14 tokens: three full blocks
+    run(llm, [loras[0]], [prompt])
+    pool = llm.engine.core.kv_manager.pool
+    for adapter_id, found in ((loras[0].adapter_id, True), (loras[1].adapter_id, False), (None, False)):
+        hashes = prompt_block_hashes(prompt, 4, None, "sha256", adapter_id)
+        assert len(hashes) == 3
+        assert all((pool.lookup(h) is not None) == found for h in hashes), adapter_id

@@ -25,7 +25,8 @@ class Ledger:
     def route(self, request: EngineCoreRequest) -> Replica:
         """The replica the router picks among those taking prompts (NoReplicaAvailable if none)."""
         rid = self.router.route(request.prompt_token_ids, request.user, self.loads({"mixed", "prefill"}),
-                                cache_salt=request.cache_salt)
+                                cache_salt=request.cache_salt,
+                                adapter_id=None if request.lora_request is None else request.lora_request.adapter_id)
         self.router.on_request_routed(rid, len(request.prompt_token_ids))
         return self.replicas[rid]
 

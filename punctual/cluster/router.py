@@ -39,11 +39,11 @@ class NoReplicaAvailable(RuntimeError):
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None,
-                        algo: str = "sha256") -> list[BlockHash]:
+                        algo: str = "sha256", adapter_id: str | None = None) -> list[BlockHash]:
     """The hash chain of the prompt's full blocks, exactly as KVCacheManager.block_hashes makes it
-    (same salt, same algorithm), so the router matches what replicas report."""
+    (same salt, same LoRA adapter, same algorithm), so the router matches what replicas report."""
     return extend_block_hashes([], token_ids, block_size, len(token_ids) // block_size, cache_salt or None,
-                               algo=algo)
+                               adapter_id=adapter_id, algo=algo)
 
 
 class Router:
@@ -157,12 +157,12 @@ class Router:
 
     # ---- the interface ------------------------------------------------------------------------
     def route(self, prompt_token_ids: list[int], user: str | None, replicas: list[ReplicaLoad],
-              changed_only: bool = False, cache_salt: str | None = None) -> int:
+              changed_only: bool = False, cache_salt: str | None = None, adapter_id: str | None = None) -> int:
         """The replica id for this request; raises NoReplicaAvailable when none is healthy.
         `replicas`: every replica's load, in id order (or with `changed_only`, those whose load
         may have changed since the last call). May record what it decided (cache-aware: the
-        prompt's blocks will live there). The request's `cache_salt` keys its block hashes as it
-        does in the replica."""
+        prompt's blocks will live there). The request's `cache_salt` and LoRA `adapter_id` key its
+        block hashes as they do in the replica."""
         raise NotImplementedError
 
     def on_blocks_stored(self, replica_id: int, block_hashes: list[int]) -> None:
@@ -196,7 +196,7 @@ class RoundRobinRouter(Router):
 
     name = "round_robin"
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None, adapter_id=None):
         self._healthy(replicas, changed_only)
         start = self._after_last()
         return self._chose(self._healthy_ids[start if start < len(self._healthy_ids) else 0])
@@ -207,7 +207,7 @@ class LeastLoadedRouter(Router):
 
     name = "least_loaded"
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None, adapter_id=None):
         self._healthy(replicas, changed_only)
         return self._chose(self._least_loaded_id()[0])
 
@@ -246,12 +246,12 @@ class CacheAwareRouter(Router):
             count += 1
         return count
 
-    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None):
+    def route(self, prompt_token_ids, user, replicas, changed_only=False, cache_salt=None, adapter_id=None):
         self._healthy(replicas, changed_only)
         loads, position = self._healthy_loads, self._position
         mean = sum(loads) / len(loads)
         limit = mean + max(self.hot_spot_margin, self.hot_spot_ratio * mean)
-        hashes = prompt_block_hashes(prompt_token_ids, self.block_size, cache_salt, self.hash_algo)
+        hashes = prompt_block_hashes(prompt_token_ids, self.block_size, cache_salt, self.hash_algo, adapter_id)
         # The last prompt token is always computed, so a block ending there is no hit (KVCacheManager).
         lookup = hashes[:(len(prompt_token_ids) - 1) // self.block_size]
         # Eligible replicas (load within the guard) that hold at least the first block; every other
