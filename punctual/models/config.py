@@ -91,6 +91,11 @@ class ModelArchConfig:
     def windows(self) -> set[int | None]:
         return {self.window_of(i) for i in range(self.num_layers)}
 
+    @property
+    def attention_windows(self) -> list[int | None]:
+        """The layers' distinct windows, full attention (None) first: one attention metadata each."""
+        return sorted(self.windows, key=lambda window: window or 0)
+
     def rope_of(self, layer: int) -> RopeSpec | None:
         """The rotary table a layer uses; None where it has no rotary (SmolLM3's NoPE layers)."""
         if self.rope_layers is not None and not self.rope_layers[layer]:
@@ -122,9 +127,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"checkpoint {path} has no config.json")
-    cfg = json.loads(config_file.read_text())
-    # Multimodal wrappers (Gemma 3's Gemma3ForConditionalGeneration) keep the text model apart.
-    return cfg
+    return json.loads(config_file.read_text())
 
 
 def eos_ids(path: Path, cfg: dict) -> list[int]:

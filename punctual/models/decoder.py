@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from punctual.kernels import cpu_kernels
 from punctual.models.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
-from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
+from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, fused_max_rows, quantize
 from punctual.models.config import ModelArchConfig
 from punctual.models.linear import FusedWeight, LowRankDeltas, Weight, linear, pack_weight, packing_is_exact
 from punctual.models.moe_block import MoEWeights, moe_forward
@@ -307,8 +307,6 @@ class DecoderModel:
         """decode_stack's weight arguments (per layer the two norms, the q/k norms or None, four slots per linear,
         their kinds and groups) and the most rows every linear's fused kernel takes; None where
         a linear has no fused kernel (then the step runs layer by layer)."""
-        from punctual.kernels import quant
-
         slots, kinds, groups, max_rows = [], [], [], math.inf
         for layer in self.layers:
             slots += [layer.input_norm, layer.mlp_norm, layer.q_norm, layer.k_norm]
@@ -324,7 +322,7 @@ class DecoderModel:
                     slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
                     kinds.append(STACK_INT8 if weight.kind == "int8" else int4_kind)
                     groups.append(weight.group_size)
-                    max_rows = min(max_rows, quant.fused_max_rows(weight.kind, weight.int8_activations))
+                    max_rows = min(max_rows, fused_max_rows(weight.kind, weight.int8_activations))
                 else:
                     return None
         return slots, kinds, groups, max_rows
@@ -382,7 +380,7 @@ class DecoderModel:
                                      prefill_block_tables=None, prefill_mask=None, prefill_pad_index=None,
                                      prefill_max_q=0, prefill_fresh_causal=False, window=window)
 
-        windows = sorted(self.arch.windows, key=lambda w: w or 0)
+        windows = self.arch.attention_windows
         meta = metadata(windows[0])
         if len(windows) > 1:
             meta.local = metadata(windows[1])
@@ -410,7 +408,12 @@ class DecoderModel:
             k = self._norm(k.reshape(tokens, -1, arch.head_dim), layer.k_norm).reshape(tokens, -1)
         return q, k
 
-    def _attention_inputs(self, layer: LayerWeights, qkv: torch.Tensor, positions: torch.Tensor):
+    def _step_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each rotary table's cos and sin at the step's positions ([T, rotary_dim] each), once a step."""
+        return [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]
+
+    def _attention_inputs(self, layer: LayerWeights, qkv: torch.Tensor,
+                          tables: list[tuple[torch.Tensor, torch.Tensor]]):
         """q [T, H, D], k and v [T, KVH, D] from the stacked projection, normed and rotated (PyTorch ops)."""
         arch = self.arch
         num_tokens = qkv.shape[0]
@@ -423,8 +426,7 @@ class DecoderModel:
         k = k.reshape(num_tokens, arch.num_kv_heads, arch.head_dim)
         v = v.reshape(num_tokens, arch.num_kv_heads, arch.head_dim)
         if layer.rope is not None:
-            cos, sin = self.rope_tables[layer.rope]
-            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, rotary_dim]
+            cos, sin = (t.unsqueeze(1) for t in tables[layer.rope])  # [T, 1, rotary_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
@@ -463,11 +465,12 @@ class DecoderModel:
         arch = self.arch
         scale_residual = arch.residual_multiplier != 1.0
         hidden = self._embed(input_ids)
+        tables = self._step_tables(positions)  # gathered once, not per layer
         for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             residual = hidden
             x = self._norm(hidden, layer.input_norm)
             qkv = self._linear(x, layer.qkv, layer.qkv_bias, lora, index, "qkv")
-            q, k, v = self._attention_inputs(layer, qkv, positions)
+            q, k, v = self._attention_inputs(layer, qkv, tables)
             out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
                                "o_proj")
             if layer.attn_out_norm is not None:
@@ -492,7 +495,7 @@ class DecoderModel:
         # RoPE in place inside qkv by the kernel (after per-head q/k norms, also kernels): full rotary only.
         in_kernel_rope = arch.qk_norm in ("none", "head") and arch.clip_qkv is None and arch.rotary_dim == head_dim
         residual = self._embed(input_ids)
-        tables = [(cos[positions], sin[positions]) for cos, sin in self.rope_tables]  # [T, D] each
+        tables = self._step_tables(positions)
         scale = arch.residual_multiplier
         delta = None  # what the last sublayer adds to the residual stream
         for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
@@ -511,7 +514,7 @@ class DecoderModel:
                 k = qkv[:, q_size:q_size + kv_size].view(num_tokens, arch.num_kv_heads, head_dim)
                 v = qkv[:, q_size + kv_size:].view(num_tokens, arch.num_kv_heads, head_dim)
             else:
-                q, k, v = self._attention_inputs(layer, qkv, positions)
+                q, k, v = self._attention_inputs(layer, qkv, tables)
             out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
                                "o_proj")
             if layer.attn_out_norm is not None:

@@ -12,10 +12,6 @@ def windows_if_enabled(arch: ModelArchConfig, cfg: dict) -> None:
         arch.layer_types = [FULL_ATTENTION] * arch.num_layers
 
 
-def _qwen2(arch: ModelArchConfig, cfg: dict) -> None:
-    windows_if_enabled(arch, cfg)
-
-
 LLAMA = Architecture("LlamaForCausalLM")
 MISTRAL = Architecture("MistralForCausalLM")
-QWEN2 = Architecture("Qwen2ForCausalLM", _qwen2)
+QWEN2 = Architecture("Qwen2ForCausalLM", windows_if_enabled)

@@ -168,7 +168,7 @@ class ModelRunner:
         # head shapes its specialised loops take.
         self.attention_kernel = self.model.attention_kernel
         # The layers' attention windows, full (None) first: one metadata each per step.
-        self.attention_windows = sorted(self.arch.windows, key=lambda w: w or 0)
+        self.attention_windows = self.arch.attention_windows
         if self.kv_quantized and not int8_kv_attention_supported(self.arch.head_dim, self.arch.num_heads,
                                                                  self.arch.num_kv_heads):
             if model_config.batch_invariant:
