@@ -61,7 +61,8 @@ class Ledger:
             stats = r.client.stats if r.ready else None
             healthy = r.routable and (roles is None or r.role in roles)
             loads.append(ReplicaLoad(r.replica_id, healthy, running, waiting, queued,
-                                     stats.kv_blocks_free if stats else 0, stats.kv_blocks_total if stats else 0))
+                                     stats.kv_blocks_free if stats else 0, stats.kv_blocks_total if stats else 0,
+                                     frozenset(stats.lora_adapters) if stats and stats.lora_adapters else frozenset()))
         return loads
 
     def observe_outputs(self, replica: Replica) -> None:

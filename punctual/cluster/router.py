@@ -32,6 +32,9 @@ class ReplicaLoad:
     queued_prefill_tokens: int  # prompt tokens routed there and not yet computed
     kv_blocks_free: int
     kv_blocks_total: int
+    # LoRA adapters (adapter_id) it holds in its step slots or its loaded set: a request for one of
+    # them there needs no swap or read from disk.
+    adapters: frozenset[str] = frozenset()
 
 
 class NoReplicaAvailable(RuntimeError):
@@ -78,6 +81,9 @@ class Router:
         self._healthy_ids: list[int] = []
         self._healthy_loads: list[float] = []
         self._position: dict[int, int] = {}  # replica id -> its index in the two lists
+        # Adapters routed to a replica since its reported adapter set last changed: it will hold
+        # them once those requests arrive (a burst for one adapter must find where the first went).
+        self._adapters_routed: dict[int, set[str]] = {}
 
     # ---- what subclasses decide with --------------------------------------------------------
     def load(self, replica: ReplicaLoad) -> float:
@@ -97,6 +103,8 @@ class Router:
             if last != replica:
                 self._last_load[replica_id] = replica
                 self._optimistic.pop(replica_id, None)
+                if last is not None and last.adapters != replica.adapters:
+                    self._adapters_routed.pop(replica_id, None)
                 if last is None or last.healthy != replica.healthy:
                     reindex = True
                 elif replica.healthy:
@@ -124,6 +132,7 @@ class Router:
             for replica_id in [rid for rid in self._last_load if rid not in given]:
                 del self._last_load[replica_id]
                 self._optimistic.pop(replica_id, None)
+                self._adapters_routed.pop(replica_id, None)
             self._reindex()
         self.observe(replicas)
         if not self._healthy_ids:
@@ -150,6 +159,16 @@ class Router:
         except ValueError:
             position = loads.index(least)
         return self._healthy_ids[position], least
+
+    def holds_adapter(self, replica_id: int, adapter_id: str) -> bool:
+        """The replica reported the adapter, or requests for it were routed there since its last report."""
+        report = self._last_load.get(replica_id)
+        return (report is not None and adapter_id in report.adapters
+                or adapter_id in self._adapters_routed.get(replica_id, ()))
+
+    def _record_adapter(self, replica_id: int, adapter_id: str | None) -> None:
+        if adapter_id is not None:
+            self._adapters_routed.setdefault(replica_id, set()).add(adapter_id)
 
     def _chose(self, replica_id: int) -> int:
         self._last_choice = replica_id
@@ -181,6 +200,7 @@ class Router:
     def remove_replica(self, replica_id: int) -> None:
         """The replica died: forget what it held (a restarted one starts empty)."""
         self._optimistic.pop(replica_id, None)
+        self._adapters_routed.pop(replica_id, None)
         if self._last_load.pop(replica_id, None) is not None:
             self._reindex()
 
@@ -219,7 +239,7 @@ class CacheAwareRouter(Router):
 
     def __init__(self, block_size: int, hot_spot_margin: float = 2.0, hot_spot_ratio: float = 0.25,
                  tokens_per_load: float = 256.0, sticky_slack: float = 1.0, max_users: int = 100_000,
-                 **options):
+                 adapter_slack: float = 2.0, **options):
         super().__init__(block_size, **options)
         # Guard: no request for a replica whose load exceeds the mean by max(margin, ratio * mean).
         self.hot_spot_margin = hot_spot_margin
@@ -230,6 +250,11 @@ class CacheAwareRouter(Router):
         # A user's requests stay on its replica while that one is within this much of the least loaded.
         self.sticky_slack = sticky_slack
         self.max_users = max_users
+        # LoRA affinity: a replica holding the request's adapter takes it while that one is within
+        # this much load of the least loaded (a popular adapter stays on few replicas instead of
+        # swapping into every replica's slots); with a prefix match, holding it is worth this many
+        # requests of load in the score.
+        self.adapter_slack = adapter_slack
         # block hash -> the replicas that hold it (or will: see route). Indexed by block, not by
         # replica, so a decision looks only at the replicas holding the prompt's first block.
         self.holders: dict[BlockHash, set[int]] = {}
@@ -266,7 +291,7 @@ class CacheAwareRouter(Router):
         best_match = max(matched.values(), default=0)
         least_id, least = self._least_loaded_id()
         if least > limit:  # float rounding left the least loaded above the guard: decide the long way
-            return self._route_over(prompt_token_ids, user, hashes, lookup, limit)
+            return self._route_over(prompt_token_ids, user, hashes, lookup, limit, adapter_id)
         home = self.sticky.get(user) if user is not None else None
         home_index = position.get(home) if home is not None else None
         if (home_index is not None and loads[home_index] <= limit and matched.get(home, 0) == best_match
@@ -274,6 +299,10 @@ class CacheAwareRouter(Router):
             choice = home  # the conversation's replica: nobody holds more of it, and it is not busy
         elif best_match == 0:
             choice = least_id  # a miss costs a full prefill: put it where the queue is short
+            if adapter_id is not None and not self.holds_adapter(least_id, adapter_id):
+                holder = self._adapter_holder(adapter_id, least + self.adapter_slack)
+                if holder is not None:
+                    choice = holder  # no swap or disk read there, and its load is within the slack
         else:
             # The best of those that match nothing is the least loaded of them (ties: rotation).
             candidates = list(matched)
@@ -284,18 +313,31 @@ class CacheAwareRouter(Router):
                         if rid not in matched and loads[i] <= limit]
                 if rest:
                     candidates.append(min(rest)[2])
-            choice = self._best_score(candidates, matched)
-        self._record(choice, hashes, user)
+            if adapter_id is not None:
+                holder = self._adapter_holder(adapter_id, limit)
+                if holder is not None and holder not in candidates:
+                    candidates.append(holder)
+            choice = self._best_score(candidates, matched, adapter_id)
+        self._record(choice, hashes, user, adapter_id)
         return self._chose(choice)
 
-    def _best_score(self, candidates: list[int], matched: dict[int, int]) -> int:
+    def _adapter_holder(self, adapter_id: str, max_load: float) -> int | None:
+        """The least loaded healthy replica holding the adapter with load <= max_load (ties: rotation)."""
+        loads = self._healthy_loads
+        holders = [(loads[i], self._rotation(rid), rid) for i, rid in enumerate(self._healthy_ids)
+                   if loads[i] <= max_load and self.holds_adapter(rid, adapter_id)]
+        return min(holders)[2] if holders else None
+
+    def _best_score(self, candidates: list[int], matched: dict[int, int], adapter_id: str | None = None) -> int:
         loads, position, block_size, per_load = self._healthy_loads, self._position, self.block_size, \
             self.tokens_per_load
+        bonus = self.adapter_slack * per_load
         return max(candidates, key=lambda rid: (
-            matched.get(rid, 0) * block_size - loads[position[rid]] * per_load,
+            matched.get(rid, 0) * block_size - loads[position[rid]] * per_load
+            + (bonus if adapter_id is not None and self.holds_adapter(rid, adapter_id) else 0.0),
             -loads[position[rid]], -self._rotation(rid)))
 
-    def _route_over(self, prompt_token_ids, user, hashes, lookup, limit) -> int:
+    def _route_over(self, prompt_token_ids, user, hashes, lookup, limit, adapter_id=None) -> int:
         """The decision over every eligible replica, in Python (only where rounding needs it)."""
         loads = {rid: self._healthy_loads[i] for i, rid in enumerate(self._healthy_ids)}
         eligible = [rid for rid in self._healthy_ids if loads[rid] <= limit]
@@ -307,12 +349,18 @@ class CacheAwareRouter(Router):
             choice = home
         elif best_match == 0:
             choice = min(eligible, key=lambda rid: (loads[rid], self._rotation(rid)))
+            if adapter_id is not None and not self.holds_adapter(choice, adapter_id):
+                holders = [rid for rid in eligible if loads[rid] <= least + self.adapter_slack
+                           and self.holds_adapter(rid, adapter_id)]
+                if holders:
+                    choice = min(holders, key=lambda rid: (loads[rid], self._rotation(rid)))
         else:
-            choice = self._best_score(eligible, matched)
-        self._record(choice, hashes, user)
+            choice = self._best_score(eligible, matched, adapter_id)
+        self._record(choice, hashes, user, adapter_id)
         return self._chose(choice)
 
-    def _record(self, choice: int, hashes: list[BlockHash], user: str | None) -> None:
+    def _record(self, choice: int, hashes: list[BlockHash], user: str | None, adapter_id: str | None = None) -> None:
+        self._record_adapter(choice, adapter_id)
         # The prompt's blocks will be cached there once its prefill runs: requests that share it
         # and arrive before the replica reports them should follow (SGLang's approximate tree).
         self.on_blocks_stored(choice, hashes)

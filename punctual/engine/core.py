@@ -9,7 +9,7 @@ from punctual.config import EngineConfig
 from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.kv.manager import KVCacheManager
-from punctual.lora.request import LoRARequest
+from punctual.lora.request import LoRARequest, adapter_id_of
 from punctual.runner.runner import ModelRunner
 from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
@@ -375,7 +375,8 @@ class EngineCore:
             return {}
         return dict(lora_enabled=True, lora_adapters_loaded=len(adapters), lora_loads=adapters.num_loads,
                     lora_swaps=self.scheduler.num_lora_swaps, lora_running=self.scheduler.lora_running_by_name(),
-                    lora_waiting_for_slot=self.scheduler.lora_waiting_for_slot())
+                    lora_waiting_for_slot=self.scheduler.lora_waiting_for_slot(),
+                    lora_adapters=sorted(adapter_id_of(i) for i in set(adapters.adapters) | set(self.scheduler.lora_slots)))
 
     def _rank_correlation(self) -> float | None:
         predictor = getattr(self.scheduler.policy, "predictor", None)

@@ -39,6 +39,9 @@ class EngineStats:
     lora_swaps: int = 0
     lora_running: dict[str, int] = field(default_factory=dict)
     lora_waiting_for_slot: dict[str, int] = field(default_factory=dict)
+    # The adapters it holds (LoRARequest.adapter_id), in its slots or its loaded set: the router
+    # sends an adapter's requests where it is already held.
+    lora_adapters: list[str] = field(default_factory=list)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

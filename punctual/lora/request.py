@@ -25,5 +25,9 @@ class LoRARequest:
 
     @property
     def adapter_id(self) -> str:
-        """The adapter's part of the prefix cache's root hash."""
-        return f"lora:{self.lora_int_id}"
+        """The adapter's part of the prefix cache's root hash (and its name to the router)."""
+        return adapter_id_of(self.lora_int_id)
+
+
+def adapter_id_of(lora_int_id: int) -> str:
+    return f"lora:{lora_int_id}"

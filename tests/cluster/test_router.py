@@ -211,3 +211,34 @@ def test_indexed_router_decides_as_the_plain_definitions(name, changed_only):
         changed.clear()
         router.on_request_routed(expected, len(prompt))
         router.check_integrity()
+
+
+def test_adapter_affinity_within_load_and_spill_over():
+    """Requests for adapter A go to the replica holding A while loads are close; when that one is
+    overloaded they spill to the other (which then holds A too)."""
+    router = make_router("cache_aware", BS)
+    holds_a = frozenset({"lora:1"})
+    loads = idle(2)
+    loads[1] = replace(loads[1], adapters=holds_a, num_running=1)  # a little busier, but it holds A
+    for seed in range(3):  # no shared prefix: affinity alone decides
+        assert router.route(doc(seed), None, loads, adapter_id="lora:1") == 1
+    assert router.route(doc(9), None, loads) == 0  # the base model: the least loaded
+    assert router.route(doc(10), None, loads, adapter_id="lora:2") == 0  # nobody holds it
+    busy = [loads[0], replace(loads[1], num_running=6)]
+    assert router.route(doc(11), None, busy, adapter_id="lora:1") == 0  # overloaded: spill over
+    assert router.holds_adapter(0, "lora:1")  # routed there: a burst follows it until the next report
+    router.check_integrity()
+
+
+def test_adapter_burst_spreads_once_the_holder_is_loaded():
+    """Without reports in between, a burst for one adapter stays where the first went only while
+    that replica's optimistic load is within the slack of the other's."""
+    router = make_router("cache_aware", BS, adapter_slack=2.0)
+    chosen = []
+    for seed in range(6):
+        rid = router.route(doc(seed), None, idle(2), adapter_id="lora:7")
+        router.on_request_routed(rid, len(doc(seed)))
+        chosen.append(rid)
+    assert chosen[1] == chosen[0]  # the holder took the second too (least loaded alone would alternate)
+    assert set(chosen) == {0, 1}  # then load won: both replicas serve it
+    router.check_integrity()
