@@ -171,6 +171,15 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--migration-threshold", type=int, default=2,
                          help="with --migration on: rebalance when the busiest replica runs this many more "
                               "requests than the idlest")
+    lora = parser.add_argument_group("LoRA adapters (each request runs under one; priced per step)")
+    lora.add_argument("--num-adapters", type=int, default=0,
+                      help="spread requests over this many LoRA adapters, Zipf popularity (0: the base model only)")
+    lora.add_argument("--adapter-zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity (0: uniform)")
+    add_engine_args(lora, only=("--max-loras", "--max-cpu-loras"))
+    lora.add_argument("--lora-load-ms", type=float, default=None,
+                      help="reading an adapter from disk (default: an estimate, see punctual/sim/lora.py)")
+    lora.add_argument("--lora-swap-ms", type=float, default=None, help="taking a loaded adapter into a slot")
+    lora.add_argument("--lora-group-ms", type=float, default=None, help="each adapter group's low-rank terms per step")
 
 
 def sim_flags(args: argparse.Namespace) -> SimFlags:
@@ -197,7 +206,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         simulator = ShardedSimulator(config, profile, args.sim_processes)
     else:
         simulator = Simulator(config, profile)
-    sender = SimSender(simulator, keep_token_times=plan.keep_records, slo=plan.slo)
+    if args.num_adapters and args.sim_processes > 1:
+        raise ValueError("--num-adapters: not with --sim-processes > 1 (round robin splits ignore adapters)")
+    sender = SimSender(simulator, keep_token_times=plan.keep_records, slo=plan.slo,
+                       num_adapters=args.num_adapters, adapter_zipf=args.adapter_zipf)
     started, cpu = time.perf_counter(), time.process_time()
     try:
         runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=_log, send=sender)

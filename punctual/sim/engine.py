@@ -18,6 +18,7 @@ from punctual.cluster import migration as policy
 from punctual.config import ClusterConfig, SchedulerConfig
 from punctual.request import EngineCoreRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
+from punctual.sim.lora import SimLoRA, sim_adapter
 from punctual.sim.profile import StepProfile
 from punctual.sim.replica import SYNTHETIC_TOKEN, SimReplica
 from punctual.sim.routing import FrontEnd
@@ -35,6 +36,7 @@ class SimRequest:
     output_len: int
     user: str | None = None
     prompt_len: int | None = None  # the workload's intended length (the record's prompt_len)
+    adapter: int | None = None  # the LoRA adapter it runs under (sim/lora.py's sim_adapter index); None: the base model
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SimConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ttft_slo_ms: float | None = None  # carried by every request, as the bench sends them
     tpot_slo_ms: float | None = None
+    lora: SimLoRA | None = None  # LoRA slots, loaded set and their costs; None: no adapters
 
     @property
     def replicas(self) -> int:
@@ -107,7 +110,7 @@ class Simulator:
         self.profile = profile
         self.spread_seed = spread_seed
         self.replicas = [SimReplica(i, config.scheduler, config.num_kv_blocks, config.block_size, profile,
-                                    config.enable_prefix_caching, config.max_model_len, spread_seed)
+                                    config.enable_prefix_caching, config.max_model_len, spread_seed, config.lora)
                          for i in range(cluster.replicas)]
         for replica in self.replicas:
             if cluster.prefill_replicas:
@@ -127,13 +130,14 @@ class Simulator:
         self._seq = 0
         self._run_id = 0
         self._params: dict[int, SamplingParams] = {}
+        self._adapters: dict[int, object] = {}  # adapter index -> its LoRARequest (shared, as _params)
         self._rebalancing = False  # one rebalancing move at a time, as the cluster client
         self._move_reasons: dict[str, str] = {}  # request id -> why it is moving
         self._held: dict[str, list] = {}  # victim request id -> arrivals waiting for it to make room
 
-    def route(self, prompt_token_ids, user) -> int:
+    def route(self, prompt_token_ids, user, adapter_id: str | None = None) -> int:
         """The replica the cluster's router picks for a request now."""
-        return self.front.route(prompt_token_ids, user)
+        return self.front.route(prompt_token_ids, user, adapter_id)
 
     def _admit_delays(self, requests: list[SimRequest]) -> Callable[[int], float]:
         """Each request's admit delay by its place in `requests`: the profile's admit_s, or with
@@ -155,6 +159,16 @@ class Simulator:
             params = self._params[output_len] = SamplingParams(max_tokens=output_len, ignore_eos=True,
                                                                temperature=0.0)
         return params
+
+    def _adapter(self, index: int | None):
+        if index is None:
+            return None
+        if self.config.lora is None:
+            raise ValueError("a request names a LoRA adapter, but the simulated cluster has no LoRA (SimConfig.lora)")
+        adapter = self._adapters.get(index)
+        if adapter is None:
+            adapter = self._adapters[index] = sim_adapter(index)
+        return adapter
 
     def set_profile(self, profile: StepProfile) -> None:
         """Price the next runs' steps with `profile` (between runs: nothing is in flight); the
@@ -280,13 +294,15 @@ class Simulator:
                     sim_request = requests[payload]
                     request_id = prefix + str(sim_request.index)
                     admit = admit_of(payload)
+                    lora = self._adapter(sim_request.adapter)
                     core = EngineCoreRequest(request_id, sim_request.prompt_token_ids,
                                              self._sampling(sim_request.output_len), arrival_time=now - admit,
                                              ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
-                                             user=sim_request.user)
+                                             user=sim_request.user, lora_request=lora)
                     outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids),
                                       core=core)
-                    index = (self.front.route(sim_request.prompt_token_ids, sim_request.user) if routes is None
+                    index = (self.front.route(sim_request.prompt_token_ids, sim_request.user,
+                                              None if lora is None else lora.adapter_id) if routes is None
                              else routes[payload])
                     replica = replicas[index]
                     outcome.replica = index

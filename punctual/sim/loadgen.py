@@ -25,6 +25,7 @@ from punctual.bench.loadgen import LoadResult, RequestRecord
 from punctual.bench.metrics import SLO, token_deadlines_met
 from punctual.bench.workloads import WORDS, BenchRequest
 from punctual.sim.engine import Outcome, Simulator, SimRequest
+from punctual.sim.lora import zipf_adapters
 
 WORD_IDS = {word: i + 1 for i, word in enumerate(WORDS)}
 UNKNOWN_BASE = len(WORDS) + 1  # words of a trace's own text: a stable id above the list's
@@ -129,8 +130,12 @@ def _order_stat(values: list[tuple[float, int]], k: int) -> float:
 class SimSender:
     """`send` for bench_endpoint: runs the requests on the simulator and returns a LoadResult."""
 
-    def __init__(self, simulator: Simulator, keep_token_times: bool = True, slo: SLO | None = None):
+    def __init__(self, simulator: Simulator, keep_token_times: bool = True, slo: SLO | None = None,
+                 num_adapters: int = 0, adapter_zipf: float = 1.0):
+        """`num_adapters`: each request runs under one of this many LoRA adapters (Zipf popularity
+        with `adapter_zipf`, the same draw for every run); 0: the base model."""
         self.simulator = simulator
+        self.num_adapters, self.adapter_zipf = num_adapters, adapter_zipf
         self.keep_token_times = keep_token_times
         self.slo = slo
         self.streamed: list[StreamedStats] = []  # one per measured run (not warm-ups), in order
@@ -145,7 +150,12 @@ class SimSender:
         if run_shards is not None:
             records, stats, duration = run_shards(requests, offsets, concurrency, self.keep_token_times, self.slo)
         else:
-            records, stats, duration = self.run_local(to_sim_requests(requests), offsets, concurrency)
+            sim_requests = to_sim_requests(requests)
+            if self.num_adapters:
+                for request, adapter in zip(sim_requests, zipf_adapters(len(sim_requests), self.num_adapters,
+                                                                        self.adapter_zipf)):
+                    request.adapter = adapter
+            records, stats, duration = self.run_local(sim_requests, offsets, concurrency)
         if desc != "warm-up":
             self.streamed.append(stats)
         return LoadResult(records, duration)

@@ -13,6 +13,7 @@ from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, StepPlan
 from punctual.request import Request
 from punctual.sched.scheduler import FinishedUpdate, Scheduler
+from punctual.sim.lora import AdapterSlots, SimLoRA
 from punctual.sim.profile import StepProfile, plan_features
 from punctual.sim.spread import draw, step_stream
 from punctual.validation import PromptLimits
@@ -28,10 +29,12 @@ def _ignore(replica_id: int) -> None:
 class SimReplica:
     def __init__(self, replica_id: int, scheduler_config: SchedulerConfig, num_kv_blocks: int, block_size: int,
                  profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 spread_seed: int = 0):
+                 spread_seed: int = 0, lora: SimLoRA | None = None):
         self.replica_id = replica_id
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, self.kv, PromptLimits(None, max_model_len))
+        self.scheduler = Scheduler(scheduler_config, self.kv, PromptLimits(None, max_model_len),
+                                   max_loras=None if lora is None else lora.max_loras)
+        self.lora = None if lora is None else AdapterSlots(lora)
         self.profile = profile
         self.max_model_len = max_model_len if max_model_len is not None else 1 << 30
         self.plan: StepPlan | None = None  # the step in flight
@@ -54,11 +57,17 @@ class SimReplica:
     def busy(self) -> bool:
         return self.plan is not None
 
+    @property
+    def adapters(self) -> frozenset[str]:
+        """The LoRA adapters it holds, as its stats report them to the router."""
+        return frozenset() if self.lora is None else self.lora.held(self.scheduler.lora_slots)
+
     def add_request(self, request: Request, now: float) -> None:
         self.scheduler.add_request(request, now)
 
     def start_step(self, now: float) -> tuple[float | None, list[Request]]:
         """Plan a step at `now`: (its duration, or None if nothing runs; requests the policy shed)."""
+        slotted_before = list(self.scheduler.lora_slots) if self.lora is not None else None
         plan = self.scheduler.schedule(now)
         rejected = plan.rejected
         if not plan.scheduled:
@@ -71,6 +80,14 @@ class SimReplica:
         ratios = self.profile.step_ratios
         if ratios is not None:
             seconds *= draw(ratios, self.step_draws.random())
+        if self.lora is not None:
+            requests = self.scheduler.requests
+            step_adapters = {}
+            for item in plan.scheduled:
+                lora = requests[item.request_id].lora_request
+                if lora is not None:
+                    step_adapters[lora.lora_int_id] = lora
+            seconds += self.lora.step_cost(slotted_before, self.scheduler.lora_slots, step_adapters)
         return seconds, rejected
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:

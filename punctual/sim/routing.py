@@ -53,19 +53,19 @@ class FrontEnd:
         kv = replica.kv
         return ReplicaLoad(replica.replica_id, replica.replica_id in self.routable, replica.front_running,
                            replica.front_waiting, replica.front_queued, kv.num_blocks - kv.num_used_blocks,
-                           kv.num_blocks)
+                           kv.num_blocks, replica.adapters)
 
     def loads(self, roles: set[str] | None = None) -> list[ReplicaLoad]:
         """Every replica's load, healthy where its role is in `roles` (None: all), as `_loads(roles)`."""
         return [ReplicaLoad(r.replica_id, roles is None or r.role in roles, r.front_running, r.front_waiting,
-                            r.front_queued, r.kv.num_blocks - r.kv.num_used_blocks, r.kv.num_blocks)
+                            r.front_queued, r.kv.num_blocks - r.kv.num_used_blocks, r.kv.num_blocks, r.adapters)
                 for r in self.replicas]
 
-    def route(self, prompt_token_ids: Sequence[int], user: str | None) -> int:
+    def route(self, prompt_token_ids: Sequence[int], user: str | None, adapter_id: str | None = None) -> int:
         """The replica for a request, as ClusterClient._route decides it."""
         replicas = self.replicas
         changed = [self.load(replicas[i]) for i in self.changed]
         self.changed.clear()
-        replica_id = self.router.route(prompt_token_ids, user, changed, changed_only=True)
+        replica_id = self.router.route(prompt_token_ids, user, changed, changed_only=True, adapter_id=adapter_id)
         self.router.on_request_routed(replica_id, len(prompt_token_ids))
         return replica_id

@@ -26,6 +26,14 @@ class SimFlags:
     decode_replicas: int = 0
     migration: str = "off"  # on: rebalance and make-room moves, as punctual serve --migration on
     migration_threshold: int = 2
+    # LoRA (sim/lora.py): requests spread over this many adapters with Zipf popularity; 0: none.
+    num_adapters: int = 0
+    adapter_zipf: float = 1.0
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    lora_load_ms: float | None = None  # None: sim/lora.py's documented estimates
+    lora_swap_ms: float | None = None
+    lora_group_ms: float | None = None
 
 
 def cluster_config(flags: SimFlags, profile, slo=None):
@@ -76,4 +84,25 @@ def cluster_config(flags: SimFlags, profile, slo=None):
     cluster.validate()
     return SimConfig(engine.scheduler, num_blocks, block_size, engine.cache.enable_prefix_caching, max_model_len,
                      cluster, ttft_slo_ms=None if slo is None else slo.ttft_s * 1000,
-                     tpot_slo_ms=None if slo is None else slo.tpot_s * 1000)
+                     tpot_slo_ms=None if slo is None else slo.tpot_s * 1000, lora=sim_lora(flags))
+
+
+def sim_lora(flags: SimFlags):
+    """The LoRA settings of these flags (None without --num-adapters); names the flag at fault."""
+    from punctual.sim.lora import SimLoRA
+
+    if flags.num_adapters < 0:
+        raise ValueError(f"--num-adapters must be >= 0, got {flags.num_adapters}")
+    if not flags.num_adapters:
+        if flags.max_loras is not None or flags.max_cpu_loras is not None:
+            raise ValueError("--max-loras/--max-cpu-loras: only with --num-adapters")
+        return None
+    costs = {name: getattr(flags, f"lora_{name}_ms") for name in ("load", "swap", "group")}
+    for name, value in costs.items():
+        if value is not None and value < 0:
+            raise ValueError(f"--lora-{name}-ms must be >= 0, got {value}")
+    try:
+        return SimLoRA(max_loras=1 if flags.max_loras is None else flags.max_loras, max_cpu_loras=flags.max_cpu_loras,
+                       **{f"{name}_s": value / 1000 for name, value in costs.items() if value is not None})
+    except ValueError as exc:
+        raise ValueError(f"--max-loras/--max-cpu-loras: {exc}") from None
