@@ -185,6 +185,13 @@ class ClusterClient:
     def unpin_prefix(self, pin_id: str) -> None:
         self.pins.unpin(pin_id)
 
+    def load_lora(self, lora_request) -> None:
+        """Every replica reads and checks the adapter; answered once all have (a refusal names its replica)."""
+        self.pins.load_lora(lora_request)
+
+    def unload_lora(self, lora_int_id: int) -> None:
+        self.pins.unload_lora(lora_int_id)
+
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Tell every replica to abort its requests, end the background work, then kill the actors
         and stop Ray if it is ours."""

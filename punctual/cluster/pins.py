@@ -1,7 +1,9 @@
-"""Pinned prefixes over a cluster: every pin and unpin is broadcast (each replica computes and
-holds the prefix, so any may serve its users) and answered once every replica has acked it."""
+"""Pinned prefixes and LoRA adapters over a cluster: every pin, unpin, adapter load and unload is
+broadcast (each replica holds the prefix or checks the adapter, so any may serve its users) and
+answered once every replica has acked it."""
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Callable
 
@@ -26,11 +28,18 @@ class PinBroadcast:
         self.pins.pop(pin_id, None)
         self._broadcast(lambda client: client.unpin_prefix(pin_id))
 
-    def _broadcast(self, send: Callable[[EngineCoreClient], None]) -> None:
+    def load_lora(self, lora_request) -> None:
+        # A refusal names its replica: a bad path on one host is not the adapter's fault.
+        self._broadcast(lambda client: client.load_lora(lora_request), name_replica=True)
+
+    def unload_lora(self, lora_int_id: int) -> None:
+        self._broadcast(lambda client: client.unload_lora(lora_int_id))
+
+    def _broadcast(self, send: Callable[[EngineCoreClient], None], name_replica: bool = False) -> None:
         ready = self.replicas.ready
         if not ready:
             raise EngineDeadError("no replica of the cluster is running")
-        op = PinOp({r.replica_id for r in ready})
+        op = PinOp({r.replica_id for r in ready}, name_replica=name_replica)
         self._ops.append(op)
         for replica in ready:
             replica.pin_queue.append(op)
@@ -41,6 +50,8 @@ class PinBroadcast:
         for ack in acks:
             op = replica.pin_queue.popleft()
             if op is not None:
+                if op.name_replica and not ack.ok:
+                    ack = dataclasses.replace(ack, error=f"replica {replica.replica_id}: {ack.error}")
                 op.acks.append(ack)
                 op.waiting.discard(replica.replica_id)
 

@@ -60,6 +60,7 @@ class PinOp:
 
     waiting: set[int]
     acks: list[PinAck] = field(default_factory=list)
+    name_replica: bool = False  # a refusal's error says which replica refused
 
 
 def resumed_request(routed: RoutedRequest) -> EngineCoreRequest | None:

@@ -68,6 +68,13 @@ class EngineClient(Protocol):
     def unpin_prefix(self, pin_id: str) -> None:
         """Release a pin (its blocks become evictable); answered like pin_prefix."""
 
+    def load_lora(self, lora_request) -> None:
+        """Read and check a LoRA adapter (a cluster: on every ready replica); answered like
+        pin_prefix, a refusal naming the problem (and the replica)."""
+
+    def unload_lora(self, lora_int_id: int) -> None:
+        """Forget an adapter's weights where no request runs under it; answered like pin_prefix."""
+
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Abort every request and stop the engine (its processes or replicas), killing what has
         not exited within `timeout` s. No update is delivered after it returns."""

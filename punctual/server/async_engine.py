@@ -221,11 +221,11 @@ class AsyncEngine:
         except ValueError as exc:
             return PinAck(lora_name, False, 400, str(exc))
         self._next_lora_id += 1
-        load = getattr(self.client, "load_lora", None)
-        if load is not None:  # replicas (ClusterClient) load an adapter with its first request
-            ack = await self._ask_core(load, lora)
-            if not ack.ok:
-                return ack
+        ack = await self._ask_core(self.client.load_lora, lora)  # a cluster asks every replica
+        if not ack.ok:
+            # Replicas that accepted it forget it again; nothing else they hold is touched.
+            await self._ask_core(self.client.unload_lora, lora.lora_int_id)
+            return ack
         self.loras[lora_name] = lora
         return PinAck(lora_name, True)
 
@@ -234,9 +234,7 @@ class AsyncEngine:
         lora = self.loras.pop(lora_name, None)
         if lora is None:
             return PinAck(lora_name, False, 404, f"the LoRA adapter {lora_name!r} cannot be found")
-        unload = getattr(self.client, "unload_lora", None)
-        if unload is not None:
-            await self._ask_core(unload, lora.lora_int_id)
+        await self._ask_core(self.client.unload_lora, lora.lora_int_id)
         return PinAck(lora_name, True)
 
     async def _ask_core(self, send, *args) -> PinAck:
