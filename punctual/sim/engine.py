@@ -301,9 +301,12 @@ class Simulator:
                                              user=sim_request.user, lora_request=lora)
                     outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids),
                                       core=core)
-                    index = (self.front.route(sim_request.prompt_token_ids, sim_request.user,
-                                              None if lora is None else lora.adapter_id) if routes is None
-                             else routes[payload])
+                    if routes is not None:
+                        index = routes[payload]
+                    elif lora is None:
+                        index = self.front.route(sim_request.prompt_token_ids, sim_request.user)
+                    else:
+                        index = self.front.route(sim_request.prompt_token_ids, sim_request.user, lora.adapter_id)
                     replica = replicas[index]
                     outcome.replica = index
                     in_flight[request_id] = outcome

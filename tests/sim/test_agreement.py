@@ -180,7 +180,8 @@ def _replay(log, cluster, profile, block_size, monkeypatch):
         client.requests.clear()
         for replica, (held, free, total, step_s) in zip(client.replicas, state):
             replica.state, replica.step_s, replica.request_ids = "ready", step_s, set()
-            replica.client = SimpleNamespace(stats=SimpleNamespace(kv_blocks_free=free, kv_blocks_total=total))
+            replica.client = SimpleNamespace(stats=SimpleNamespace(kv_blocks_free=free, kv_blocks_total=total,
+                                                                    lora_adapters=[]))
             for request_id, started, prompt, delivered, output_len, migrating in held:
                 core = EngineCoreRequest(request_id, [0] * prompt, SamplingParams(max_tokens=output_len))
                 client.requests[request_id] = RoutedRequest(core, replica.replica_id, [1] * delivered, started,
