@@ -230,3 +230,50 @@ def test_the_router_hashes_an_adapters_prompt_as_its_replica_stores_it(models):
         hashes = prompt_block_hashes(prompt, 4, None, "sha256", adapter_id)
         assert len(hashes) == 3
         assert all((pool.lookup(h) is not None) == found for h in hashes), adapter_id
+
+
+def test_a_cold_adapter_is_read_off_the_step_loop(models, tmp_path):
+    """In the server's core (background reads on), a request whose adapter is not loaded waits
+    while a thread reads it; the base model's requests keep stepping meanwhile and finish first.
+    Its tokens are PEFT's; a bad adapter rejects only its own request; a load command is answered
+    when its read ends."""
+    import threading
+
+    from punctual.request import EngineCoreRequest
+
+    base, loras, expected = models["llama_gqa"]
+    llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
+    core = llm.engine.core
+    core.background_adapter_loads = True
+    release = threading.Event()
+    read = core.runner.read_adapter
+
+    def slow_read(request):
+        assert release.wait(30), "the test never released the read"
+        return read(request)
+
+    core.adapter_loads._read = slow_read
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    core.add_request(EngineCoreRequest("lora", PROMPTS[0], params, lora_request=loras[1]))
+    core.add_request(EngineCoreRequest("base", PROMPTS[1], params))
+    bad = LoRARequest("missing", 7, str(tmp_path / "nowhere"))
+    core.add_request(EngineCoreRequest("bad", PROMPTS[2], params, lora_request=bad))
+    assert core.load_lora(loras[2]) is None  # answered later
+    tokens: dict[str, list[int]] = {"lora": [], "base": []}
+    finished = []
+    for _ in range(200):
+        for out in core.step():
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                finished.append(out.request_id)
+        if finished == ["base"]:
+            release.set()  # the base request finished while the adapters were still being read
+        if len(finished) == 2:
+            break
+    assert finished == ["base", "lora"]
+    assert tokens["base"] == expected[None][1]
+    assert tokens["lora"] == expected[loras[1].lora_int_id][0]
+    assert "no adapter_config.json" in core.rejections.pop("bad")
+    assert [(a.pin_id, a.ok) for a in core.lora_acks] == [(loras[2].lora_name, True)]
+    assert loras[2].lora_int_id in core.runner.adapters
+    assert not core.has_unfinished_requests()

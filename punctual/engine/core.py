@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 from punctual.config import EngineConfig
+from punctual.engine.adapter_loads import AdapterLoads
 from punctual.engine.messages import PinAck
 from punctual.engine.stats import EngineStats
 from punctual.kv.manager import KVCacheManager
@@ -56,7 +57,13 @@ class EngineCore:
         self._kv_writes: list[tuple[tuple[int, ...], object]] = []
         # Structured output: requests wait here, not in the scheduler, until their grammar compiles.
         self.grammars = GrammarWaitlist(GrammarCompiler(self._load_tokenizer, self.vocab_size, self.eos_token_ids))
-        self.grammar_rejections: dict[str, str] = {}  # request id -> why its grammar failed; the loop reports them
+        self.rejections: dict[str, str] = {}  # request id -> why it failed after it was accepted; the loop reports them
+        # LoRA: with background_adapter_loads (the server's core process), a request whose adapter
+        # is not loaded waits here while a thread reads it; else the read is inline (offline LLM).
+        self.background_adapter_loads = False
+        self.adapter_loads = (AdapterLoads(self.runner.read_adapter, self.runner.keep_adapter)
+                              if self.runner.adapters is not None else None)
+        self.lora_acks: list[PinAck] = []  # answers to load commands whose background read ended
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
@@ -88,7 +95,7 @@ class EngineCore:
         for request, matcher in ready:
             request.grammar = matcher
             self.scheduler.add_request(request, self.clock())
-        self.grammar_rejections.update(failed)
+        self.rejections.update(failed)
 
     def _weigh_tier(self) -> None:
         """Use tier hits only while copying a block back is faster than recomputing its tokens."""
@@ -101,12 +108,21 @@ class EngineCore:
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Validate against the model's limits and queue; raises ValueError naming the problem."""
         check_prompt(core_request.prompt_token_ids, self.prompt_limits)
-        if core_request.lora_request is not None:
-            self.runner.load_adapter(core_request.lora_request)  # read and checked now: a bad adapter is this request's error
+        lora = core_request.lora_request
+        read_later = (lora is not None and self.background_adapter_loads and self.adapter_loads is not None
+                      and lora.lora_int_id not in self.runner.adapters)
+        if lora is not None and not read_later:
+            self.runner.load_adapter(lora)  # read and checked now: a bad adapter is this request's error
         check_logit_bias(core_request.sampling_params.logit_bias, self.prompt_limits)
         request = self._new_request(core_request)
+        if read_later:  # queued once its adapter is read (off the step loop); a bad one is rejected then
+            self.adapter_loads.add_request(core_request.request_id, lora, request)
+            return
+        self._queue(request)
+
+    def _queue(self, request: Request) -> None:
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
-            self.grammars.add(core_request.request_id, request.sampling_params.structured, request)
+            self.grammars.add(request.request_id, request.sampling_params.structured, request)
             return
         self.scheduler.add_request(request, self.clock())
 
@@ -148,8 +164,16 @@ class EngineCore:
             return PinAck(pin_id, True)
         return PinAck(pin_id, False, 404, f"no pinned prefix {pin_id!r}")
 
-    def load_lora(self, lora_request: LoRARequest) -> PinAck:
-        """Load (and check) an adapter ahead of its requests: the answer says why not (a 400)."""
+    def load_lora(self, lora_request: LoRARequest) -> PinAck | None:
+        """Load (and check) an adapter ahead of its requests: the answer says why not (a 400).
+        None when the read went to the background: its answer comes later in `lora_acks`."""
+        if (self.background_adapter_loads and self.adapter_loads is not None
+                and lora_request.lora_int_id not in self.runner.adapters):
+            try:
+                self.adapter_loads.add_command(lora_request)
+            except ValueError as exc:
+                return PinAck(lora_request.lora_name, False, 400, str(exc))
+            return None
         try:
             self.runner.load_adapter(lora_request)
         except ValueError as exc:
@@ -258,16 +282,29 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.discard(request_ids)
+        if self.adapter_loads is not None:
+            self.adapter_loads.discard(request_ids)
         for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED, self.clock()):
             self._pins_in_flight.pop(request.request_id, None)
             if self.speculator is not None:
                 self.speculator.forget(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or len(self.grammars) > 0
+        return (self.scheduler.has_unfinished_requests() or len(self.grammars) > 0
+                or (self.adapter_loads is not None and len(self.adapter_loads) > 0))
+
+    def _release_adapters(self) -> None:
+        """Queue requests whose adapter is now read; reject those whose adapter failed."""
+        ready, failed, acks = self.adapter_loads.take()
+        for request in ready:
+            self._queue(request)
+        self.rejections.update(failed)
+        self.lora_acks.extend(acks)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        if self.adapter_loads is not None and len(self.adapter_loads):
+            self._release_adapters()
         if len(self.grammars):
             self._release_compiled()
         spec = self.speculator
@@ -281,6 +318,8 @@ class EngineCore:
         if not (plan.scheduled or plan.kv_copies or plan.finished_request_ids):
             if len(self.grammars):  # only compiles to wait for: block briefly instead of spinning
                 self.grammars.wait(0.005)
+            elif self.adapter_loads is not None and len(self.adapter_loads):  # only adapter reads
+                self.adapter_loads.wait(0.005)
             return outputs
         started = self.clock()
         output = self.runner.execute(plan)

@@ -51,6 +51,7 @@ def run_core_process(config: EngineConfig, sock: socket.socket, secret: bytes) -
     channel = core_channel(sock)
     try:
         core = EngineCore(config)
+        core.background_adapter_loads = True  # a cold adapter's read never stalls the step loop
         channel.send(core_info(core))
     except BaseException:
         channel.send(CoreFailure(traceback.format_exc()))
@@ -114,9 +115,12 @@ class CoreLoop:
                     self.channel.send(CoreUpdate([], kv_answers=self.kv_answers))
                     self.kv_answers = []
             outputs = self.core.step() if self.core.has_unfinished_requests() else []
-            if self.core.grammar_rejections:  # structured output whose grammar failed: a 400 in the front end
-                rejected.update(self.core.grammar_rejections)
-                self.core.grammar_rejections.clear()
+            if self.core.rejections:  # a grammar or an adapter that failed after intake: a 400 in the front end
+                rejected.update(self.core.rejections)
+                self.core.rejections.clear()
+            if self.core.lora_acks:  # load commands whose background read ended
+                acks.extend(self.core.lora_acks)
+                self.core.lora_acks.clear()
             stats = self._stats_to_send()
             stored, evicted = self.core.kv_manager.pool.take_events()
             kv_answers = self.kv_answers
@@ -159,7 +163,9 @@ class CoreLoop:
             elif kind == "unpin":
                 acks.append(self.core.unpin_prefix(payload))
             elif kind == "load_lora":
-                acks.append(self.core.load_lora(payload))
+                ack = self.core.load_lora(payload)  # None: read in the background, answered when done
+                if ack is not None:
+                    acks.append(ack)
             elif kind == "unload_lora":
                 acks.append(self.core.unload_lora(payload))
             elif kind.startswith("kv_"):

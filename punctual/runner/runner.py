@@ -201,7 +201,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         # LoRA: the loaded adapters (LRU) and the adapter of each request that has one.
         self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
-        self.adapters = (AdapterCache(self.lora_config.max_cpu_loras, self._read_adapter)
+        self.adapters = (AdapterCache(self.lora_config.max_cpu_loras, self.read_adapter)
                          if self.lora_config is not None else None)
         self.request_adapters: dict[str, LoRARequest] = {}
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
@@ -216,9 +216,16 @@ class ModelRunner:
                 logger.warning("CUDA graph capture failed (%s): decode steps run eagerly "
                                "(--enforce-eager skips the capture)", error)
 
-    def _read_adapter(self, request: LoRARequest) -> LoRAAdapter:
+    def read_adapter(self, request: LoRARequest) -> LoRAAdapter:
+        """An adapter's weights read from disk and checked against this model (ValueError naming
+        the problem); safe on another thread: it touches nothing of the runner's."""
         return load_adapter(request, self.arch, architecture(self.arch.architecture).names,
                             self.lora_config.max_lora_rank, self.device, self.dtype)
+
+    def keep_adapter(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        """Add an adapter read by `read_adapter` (elsewhere) to the loaded set."""
+        self.adapters.check_path(request)
+        self.adapters.put(request, adapter)
 
     def load_adapter(self, request: LoRARequest) -> LoRAAdapter:
         """Load (or touch) an adapter: ValueError naming what is wrong with it, or that LoRA is off."""
