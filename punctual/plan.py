@@ -166,7 +166,7 @@ def plan_features(plan: StepPlan) -> tuple[float, ...]:
     """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
     prefill = decode = context = pairs = rows = 0
     for item in plan.scheduled:
-        start = item.start_position
+        start = item.start_position - item.position_offset  # the KV it reads (attention sinks: the cache's)
         if item.is_decode and not item.spec_token_ids:  # the common case: one token, sampled
             decode += 1
             context += start + 1

@@ -228,3 +228,47 @@ def test_bad_streaming_arguments_are_named():
         EngineConfig.from_kwargs("builtin-tiny", streaming_window=64, speculative_method="ngram")
     with pytest.raises(ValueError, match="must fit max_model_len"):
         LLM("builtin-tiny", attention_sinks=4, streaming_window=MAX_LEN, **ENGINE)
+
+
+def test_a_streamed_request_moves_between_engines_with_its_window():
+    """A KV move of a request past its first eviction: the pre-copy takes only the sinks (the
+    window moves meanwhile), the stop-and-copy the rest; the target goes on as the source would."""
+    from punctual.engine.core import EngineCore
+
+    def core() -> EngineCore:
+        return EngineCore(EngineConfig.from_kwargs("builtin-tiny", attention_sinks=SINKS, streaming_window=WINDOW,
+                                                   **ENGINE))
+
+    def run(engine: EngineCore, tokens: list[tuple[int, float]], until=lambda: False) -> None:
+        while engine.has_unfinished_requests() and not until():
+            for out in engine.step():
+                tokens.extend((lp.token_id, lp.logprob) for lp in out.new_logprobs or ())
+        engine.check_integrity()
+
+    # Greedy, with each token's logprob: a random tiny model soon repeats one token, but the
+    # logprob still depends on every key and position in the cache.
+    params = Params(temperature=0, max_tokens=MAX_LEN + 4 * BLOCK, ignore_eos=True, logprobs=1)
+    prompt = [7, 300, 42, 1999, 5, 64, 800, 3, 1024, 77]
+    alone: list[tuple[int, float]] = []
+    single = core()
+    single.add_request(EngineCoreRequest("a", prompt, params))
+    run(single, alone)
+
+    source, target, moved = core(), core(), []
+    source.add_request(EngineCoreRequest("a", prompt, params))
+    request = source.scheduler.requests["a"]
+    run(source, moved, until=lambda: request.num_evicted_tokens > 0)
+    precopy = source.export_kv("a")
+    assert precopy.num_blocks == source.scheduler.sink_blocks
+    assert target.reserve_import("a", precopy.num_blocks)
+    target.receive_kv("a", 0, precopy)
+    evicted = request.num_evicted_tokens
+    run(source, moved, until=lambda: request.num_evicted_tokens > evicted + BLOCK)
+    state, rest = source.migrate_out("a", first_block=precopy.num_blocks)
+    assert state.num_evicted_tokens == request.num_evicted_tokens
+    assert target.commit_import(state, precopy.num_blocks, rest)
+    run(target, moved)
+    assert len(moved) == len(alone) == MAX_LEN + 4 * BLOCK
+    assert [t for t, _ in moved] == [t for t, _ in alone]
+    assert [lp for _, lp in moved] == pytest.approx([lp for _, lp in alone], abs=1e-5)
+    assert source.kv_manager.num_used_blocks == target.kv_manager.num_used_blocks == 0
