@@ -81,6 +81,15 @@ class SchedulerConfig:
     fair_prompt_weight: float = 1.0  # VTC service weights (output costs more, as in the VTC paper)
     fair_output_weight: float = 2.0
     fair_quantum_tokens: float = 256.0  # within this much service, prefix locality breaks ties
+    # StreamingLLM (Xiao et al. 2023): a request keeps its first `attention_sinks` tokens and a
+    # recent window of `streaming_window` tokens in the KV cache (whole blocks), so it may run past
+    # max_model_len; None: off. attention_sinks 0 with a window is a plain sliding window.
+    attention_sinks: int = 0
+    streaming_window: int | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.streaming_window is not None
 
 
 @dataclass
@@ -199,6 +208,15 @@ class EngineConfig:
         if self.scheduler.slo_overload_action not in ("reject", "best_effort"):
             raise ValueError("slo_overload_action must be reject|best_effort, "
                              f"got {self.scheduler.slo_overload_action!r}")
+        if self.scheduler.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, got {self.scheduler.attention_sinks}")
+        if self.scheduler.streaming_window is not None and self.scheduler.streaming_window < 1:
+            raise ValueError(f"streaming_window must be >= 1, got {self.scheduler.streaming_window}")
+        if self.scheduler.attention_sinks and not self.scheduler.streaming:
+            raise ValueError("attention_sinks needs streaming_window (--streaming-window): the recent tokens "
+                             "kept beside the sinks")
+        if self.scheduler.streaming and self.speculative.enabled:
+            raise ValueError("streaming_window (attention sinks) cannot be combined with speculative decoding")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")
 

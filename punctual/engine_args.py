@@ -60,6 +60,11 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
                                                  help="block hashes of the prefix cache: sha256 (default; collision "
                                                       "resistant) or builtin (Python's hash: cheaper, but a crafted "
                                                       "prompt can reuse another's KV)")),
+    EngineArg("--attention-sinks", dict(type=int, help="StreamingLLM: keep a request's first N tokens in the KV "
+                                                       "cache beside --streaming-window (default 0)")),
+    EngineArg("--streaming-window", dict(type=int, help="StreamingLLM: keep the most recent W tokens (whole "
+                                                        "blocks) and evict older ones past the sinks, so a "
+                                                        "request may run past --max-model-len (off by default)")),
     EngineArg("--enable-lora", dict(action="store_true", default=None,
                                     help="serve LoRA adapters (PEFT format) of the model, batched with it in every step")),
     EngineArg("--max-loras", dict(type=int, help="distinct LoRA adapters in one step (default 1)")),

@@ -56,6 +56,9 @@ class ScheduledRequest:
     draft_probs: Any = None
     # Proposal room the scheduler reserved (KV blocks, budget); the speculator fills up to this many.
     num_spec_reserved: int = 0
+    # Attention sinks: tokens evicted from the KV cache before this chunk. `start_position` counts
+    # the request's tokens; its KV (and rotary) position is start_position - position_offset.
+    position_offset: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -86,12 +89,29 @@ class KVCopyOrders:
         return bool(self.swap_out or self.swap_in or self.writes)
 
 
+@dataclass(frozen=True)
+class KVEviction:
+    """Attention sinks: `num_blocks` blocks at `first_block` of a request's table were freed
+    (the oldest of its window). The keys of `window_block_ids`, the blocks after them, move that
+    many blocks' positions earlier (re-rotated), so cache positions stay contiguous."""
+
+    request_id: str
+    first_block: int
+    num_blocks: int
+    window_block_ids: tuple[int, ...]
+    # The runner's table of the request still holds the evicted blocks (else it is told of the
+    # table as it is now, when the request is next sent as new).
+    in_runner_table: bool = True
+
+
 @dataclass
 class StepPlan:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     # Requests the runner must forget (finished, aborted or preempted since the last plan).
     finished_request_ids: list[str] = field(default_factory=list)
     kv_copies: KVCopyOrders = field(default_factory=KVCopyOrders)
+    # Attention sinks: blocks evicted from requests' windows while planning, applied before the step runs.
+    kv_evictions: list[KVEviction] = field(default_factory=list)
     # Scheduler-side bookkeeping, not read by the runner.
     preempted: list = field(default_factory=list)  # Requests preempted while planning
     rejected: list = field(default_factory=list)  # Requests shed by the policy: finished, never run
@@ -146,7 +166,7 @@ def plan_features(plan: StepPlan) -> tuple[float, ...]:
     """The plan's features in FEATURES order (1.0 first, for the fixed cost)."""
     prefill = decode = context = pairs = rows = 0
     for item in plan.scheduled:
-        start = item.start_position
+        start = item.start_position - item.position_offset  # the KV it reads (attention sinks: the cache's)
         if item.is_decode and not item.spec_token_ids:  # the common case: one token, sampled
             decode += 1
             context += start + 1

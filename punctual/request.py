@@ -57,6 +57,7 @@ class MigratedRequest:
     output_token_ids: list[int]
     num_computed_tokens: int
     num_preemptions: int = 0
+    num_evicted_tokens: int = 0  # attention sinks: tokens the KV no longer holds (after the sinks)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "num_output_tokens", "num_prompt_logprobs_sent",
                  "sampling_params", "arrival_time", "priority", "ttft_slo_ms", "tpot_slo_ms", "user", "cache_salt",
                  "tenant", "lora_request", "status", "num_computed_tokens", "num_cached_tokens", "num_preemptions", "grammar", "best_effort",
-                 "first_scheduled_time", "first_token_time", "finished_time", "max_output_tokens", "_stop_ids")
+                 "first_scheduled_time", "first_token_time", "finished_time", "max_output_tokens", "_stop_ids",
+                 "num_evicted_tokens", "shareable_blocks")
 
     def __init__(self, core_request: EngineCoreRequest, max_model_len: int):
         params = core_request.sampling_params
@@ -133,6 +135,11 @@ class Request:
         # Generation stops at max_tokens or at the context window, whichever comes first.
         room = max_model_len - len(self.prompt_token_ids)
         self.max_output_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        # Attention sinks: tokens dropped from the KV cache after the sink blocks (whole blocks), and
+        # how many leading blocks may be shared through the prefix cache (None: all of them; a
+        # request whose window will move shares only its sinks, as its window keys are re-rotated).
+        self.num_evicted_tokens = 0
+        self.shareable_blocks: int | None = None
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids.update(params.eos_token_ids)

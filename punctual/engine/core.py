@@ -202,7 +202,9 @@ class EngineCore:
             raise ValueError(f"request {request_id!r} is not running here")
         table = self.kv_manager.block_table(request_id)
         if last_block is None:
-            last_block = request.num_computed_tokens // self.kv_manager.block_size
+            last_block = self.scheduler.kv_tokens(request) // self.kv_manager.block_size
+            if request.shareable_blocks is not None:  # attention sinks: only the sinks stay where they are
+                last_block = min(last_block, request.shareable_blocks)
         return read_blocks(self.runner.kv_caches, table[first_block:last_block], int8)
 
     def migrate_out(self, request_id: str, first_block: int = 0, int8: bool = False):
@@ -213,7 +215,7 @@ class EngineCore:
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING or request.grammar is not None:
             raise ValueError(f"request {request_id!r} is not a running request that can move")
-        num_blocks = self.kv_manager.blocks_for(request.num_computed_tokens)
+        num_blocks = self.kv_manager.blocks_for(self.scheduler.kv_tokens(request))
         payload = read_blocks(self.runner.kv_caches,
                               self.kv_manager.block_table(request_id)[first_block:num_blocks], int8)
         # The salt travels with it: the target indexes the moved blocks under the same chain.
@@ -222,7 +224,7 @@ class EngineCore:
                                          request.tpot_slo_ms, request.user, request.cache_salt, request.tenant,
                                          request.lora_request)
         state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
-                                request.num_preemptions)
+                                request.num_preemptions, request.num_evicted_tokens)
         self.scheduler.detach(request_id, self.clock())
         if self.speculator is not None:
             self.speculator.forget(request_id)
@@ -246,11 +248,18 @@ class EngineCore:
         """Go on with a request another engine let go: its KV is what was received, plus `payload`
         from `first_block` on. False, with its blocks released, if it cannot be taken now."""
         request_id = state.core_request.request_id
-        num_blocks = self.kv_manager.blocks_for(state.num_computed_tokens)
+        request = self._new_request(state.core_request)
+        for token_id in state.output_token_ids:
+            request.append_token(token_id)
+        request.num_computed_tokens = state.num_computed_tokens
+        request.num_preemptions = state.num_preemptions
+        request.num_evicted_tokens = state.num_evicted_tokens
+        num_kv_tokens = self.scheduler.kv_tokens(request)
+        num_blocks = self.kv_manager.blocks_for(num_kv_tokens)
         if payload is not None:
             if first_block + payload.num_blocks != num_blocks:
                 raise ValueError(f"{request_id!r}: blocks {first_block}..{first_block + payload.num_blocks} "
-                                 f"do not end at the {num_blocks} its {state.num_computed_tokens} tokens fill")
+                                 f"do not end at the {num_blocks} its {num_kv_tokens} cached tokens fill")
             try:
                 self.receive_kv(request_id, first_block, payload)
             except ValueError:
@@ -260,11 +269,6 @@ class EngineCore:
         if table is None or len(table) < num_blocks:
             self.abort_import(request_id)
             return False
-        request = self._new_request(state.core_request)
-        for token_id in state.output_token_ids:
-            request.append_token(token_id)
-        request.num_computed_tokens = state.num_computed_tokens
-        request.num_preemptions = state.num_preemptions
         if not self.scheduler.add_running(request, self.clock()):
             self.abort_import(request_id)
             return False

@@ -35,7 +35,8 @@ STATS_INTERVAL_S = 0.1
 def core_info(core: EngineCore) -> CoreInfo:
     """What a front end learns once about the core it talks to (its limits, its process)."""
     return CoreInfo(os.getpid(), str(core.runner.model_path), core.max_model_len, core.vocab_size,
-                     tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats())
+                     tuple(core.eos_token_ids), core.scheduler.max_request_tokens, core.stats(),
+                     core.scheduler.streaming)
 
 
 def run_core_process(config: EngineConfig, sock: socket.socket, secret: bytes) -> None:

@@ -42,6 +42,9 @@ class CoreInfo:
     eos_token_ids: tuple[int, ...]
     max_request_tokens: int  # the most tokens one request can hold in the KV pool
     stats: EngineStats
+    # Attention sinks: a request's KV is bounded by its sinks and window, so neither limit above
+    # binds a prompt or its max_tokens.
+    streaming: bool = False
 
 
 @dataclass

@@ -100,7 +100,7 @@ class KVCacheManager:
         # A request asking for its prompt's logprobs must compute every prompt position.
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return prefix
-        num_full = (request.num_tokens - 1) // self.block_size
+        num_full = self._shareable((request.num_tokens - 1) // self.block_size, request)
         hashes = self.block_hashes(request, request.num_tokens - 1)
         for i in range(num_full):
             block_id = self.pool.lookup(hashes[i])
@@ -114,10 +114,16 @@ class KVCacheManager:
                 prefix.tier_hashes.append(block_hash)
         return prefix
 
+    @staticmethod
+    def _shareable(num_blocks: int, request: Request) -> int:
+        """`num_blocks` leading blocks, capped at those the request may share (attention sinks)."""
+        limit = request.shareable_blocks
+        return num_blocks if limit is None else min(num_blocks, limit)
+
     def first_pending_owner(self, request: Request, num_cached_blocks: int) -> str | None:
         """If the request's first uncached block is being computed by another request, that request's id."""
         hashes = self.block_hashes(request, request.num_tokens - 1)
-        if num_cached_blocks < (request.num_tokens - 1) // self.block_size:
+        if num_cached_blocks < self._shareable((request.num_tokens - 1) // self.block_size, request):
             owner = self.pending.get(hashes[num_cached_blocks])
             if owner is not None and owner != request.request_id:
                 return owner
@@ -158,7 +164,7 @@ class KVCacheManager:
                 self.prefix_hits += min(len(table) * self.block_size, request.num_prompt_tokens)
                 self.prefix_tier_hits += min(len(tier_hashes) * self.block_size, request.num_prompt_tokens)
                 hashes = self.block_hashes(request, request.num_tokens)
-                for i in range(len(table), request.num_tokens // self.block_size):
+                for i in range(len(table), self._shareable(request.num_tokens // self.block_size, request)):
                     self.pending.setdefault(hashes[i], request_id)
         else:
             need = self.num_new_blocks(request_id, num_tokens)
@@ -175,7 +181,7 @@ class KVCacheManager:
         request_id = request.request_id
         table = self.block_tables[request_id]
         start = self._num_cached[request_id]
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = self._shareable(request.num_computed_tokens // self.block_size, request)
         if num_full <= start:
             return
         hashes = self.block_hashes(request, request.num_computed_tokens)
@@ -196,6 +202,21 @@ class KVCacheManager:
         for block_hash in self._hashes.pop(request_id, ()):
             if self.pending.get(block_hash) == request_id:
                 del self.pending[block_hash]
+
+    def evict_blocks(self, request: Request, first: int, count: int) -> None:
+        """Attention sinks: free `count` blocks of the request's table from index `first` (the
+        oldest of its window), closing the gap; the runner re-rotates the blocks after them. Only
+        blocks the request alone holds move: it shares none past `shareable_blocks` (asserted)."""
+        table = self.block_tables[request.request_id]
+        limit = request.shareable_blocks
+        assert limit is not None and first >= limit and first + count <= len(table), \
+            f"{request.request_id}: cannot evict blocks {first}..{first + count} of {len(table)}"
+        assert all(self.pool.ref_counts[b] == 1 and self.pool.block_hash[b] is None for b in table[first:]), \
+            f"{request.request_id}: a window block is shared or indexed"
+        evicted = table[first:first + count]
+        del table[first:first + count]
+        # Never indexed (past shareable_blocks), so freed blank: no stale hash can point at them.
+        self.pool.release(evicted[::-1])
 
     # ---- KV received from another engine ---------------------------------------------------
     def reserve(self, owner_id: str, num_blocks: int) -> bool:

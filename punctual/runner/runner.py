@@ -19,8 +19,9 @@ from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, Atte
                                       LayerKVCache, decode_mask)
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
+from punctual.models.kv_shift import KeyShifter
 from punctual.models.registry import architecture, load_arch_config
-from punctual.plan import KVCopyOrders, ModelRunnerOutput, ScheduledRequest, StepPlan
+from punctual.plan import KVCopyOrders, KVEviction, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.runner.allocator import keep_step_buffers_mapped
 from punctual.runner.decode_graphs import DecodeGraphs
 from punctual.runner.kv_transfer import write_blocks
@@ -204,6 +205,7 @@ class ModelRunner:
         self.adapters = (AdapterCache(self.lora_config.max_cpu_loras, self.read_adapter)
                          if self.lora_config is not None else None)
         self.request_adapters: dict[str, LoRARequest] = {}
+        self.key_shifter: KeyShifter | None = None  # attention sinks: built at the first eviction
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", path, self.device, self.dtype,
                     self.num_blocks, self.block_size)
         # Decode steps replayed from CUDA graphs (on CUDA, unless enforce_eager); None: every step eager.
@@ -310,6 +312,8 @@ class ModelRunner:
             self.request_adapters.pop(request_id, None)
             self.sampler.forget(request_id)
             self.guide.forget(request_id)
+        for eviction in plan.kv_evictions:
+            self._evict(eviction)
         for item in plan.scheduled:
             if item.new is not None:
                 if item.new.grammar is not None and item.request_id not in self.guide.matchers:
@@ -325,6 +329,19 @@ class ModelRunner:
             else:
                 self.requests[item.request_id].add_blocks(item.new_block_ids)
 
+    def _evict(self, eviction: KVEviction) -> None:
+        """Attention sinks: drop the evicted blocks from the request's table and move the window's
+        keys to the positions they now have in the cache."""
+        if eviction.in_runner_table:
+            state = self.requests[eviction.request_id]
+            del state.block_ids[eviction.first_block:eviction.first_block + eviction.num_blocks]
+            state.blocks = torch.tensor(state.block_ids, dtype=torch.long)
+        if self.key_shifter is None:
+            self.key_shifter = KeyShifter(self.arch, self.arch.max_positions, self.device)
+        shift = eviction.num_blocks * self.block_size
+        self.key_shifter.shift(self.kv_caches, eviction.window_block_ids,
+                               eviction.first_block * self.block_size + shift, shift)
+
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
@@ -339,8 +356,9 @@ class ModelRunner:
         chunks = []
         for item in plan.scheduled:
             state = self.requests[item.request_id]
-            chunks.append(_Chunk([*item.token_ids, *item.spec_token_ids], item.start_position, state.block_ids,
-                                 state.blocks, item, state))
+            # Attention sinks: the chunk's KV positions, less the tokens evicted before it.
+            chunks.append(_Chunk([*item.token_ids, *item.spec_token_ids], item.start_position - item.position_offset,
+                                 state.block_ids, state.blocks, item, state))
         groups = [[chunks[i] for i in group] for group in split_by_query_length(
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
         ordered = groups[0] + groups[1] + groups[2]
@@ -423,7 +441,7 @@ class ModelRunner:
             if c.num_new_tokens != 1 or not c.item.samples or c.item.spec_token_ids:
                 return None
             prompt = c.state.prompt_token_ids  # kept only where prompt logprobs are asked for
-            if prompt is not None and c.start_position < len(prompt) - 1:
+            if prompt is not None and c.item.start_position < len(prompt) - 1:
                 return None
         input_ids, positions, slots = self._flat_inputs(ordered)
         return self.decode_graphs.run(input_ids, positions, slots, [c.blocks for c in ordered],
@@ -452,12 +470,13 @@ class ModelRunner:
         offset = 0
         for c in ordered:
             prompt = c.state.prompt_token_ids if c.state is not None else None
-            if prompt is not None and c.start_position < len(prompt) - 1:
-                end = min(c.start_position + c.num_new_tokens, len(prompt) - 1)
-                count = end - c.start_position
+            start = c.item.start_position  # in the prompt, not the cache (attention sinks)
+            if prompt is not None and start < len(prompt) - 1:
+                end = min(start + c.num_new_tokens, len(prompt) - 1)
+                count = end - start
                 rows = torch.arange(offset, offset + count, device=self.device)
                 logprobs = torch.log_softmax(self.model.logits(hidden[rows]).float(), dim=-1)
-                targets = prompt[c.start_position + 1:end + 1]
+                targets = prompt[start + 1:end + 1]
                 top_k = c.state.sampling_params.prompt_logprobs
                 output.prompt_logprobs[c.state.request_id] = [
                     Sampler._token_logprobs(logprobs[i], token, top_k) for i, token in enumerate(targets)]

@@ -5,6 +5,18 @@ chunks that fit what is left of the budget, so a long prompt never pauses runnin
 (Sarathi-Serve's stall-free batching). When KV blocks run out, the policy's victim is
 preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it
 already produced, so its output is unchanged.
+
+Attention sinks (StreamingLLM, `streaming_window`): a request's KV holds its first
+ceil(sinks / block) blocks and a recent window of ceil(window / block) blocks. When a step would
+grow it past that, the oldest window blocks are evicted (kv.evict_blocks) and the runner moves
+the remaining window's keys that many positions earlier (plan.kv_evictions): a token's rotary
+position is its index in the cache, not in the text, as in the paper. `num_computed_tokens`
+still counts the request's tokens; `num_evicted_tokens` of them, right after the sinks, are no
+longer in the cache. Once a prompt's KV is full, its chunks are at most a block (each token sees
+at least the window before it, as a decode does). A streamed request preempted for recompute
+recomputes the cache as it was: its sink tokens, then the window's tokens at their cache
+positions (not the evicted ones); the KV of the window differs from the original only in that
+the window's tokens no longer attend to the evicted ones.
 """
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ from typing import Callable, Sequence
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
-from punctual.plan import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepPlan
+from punctual.plan import KVEviction, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepPlan
 from punctual.request import Request, RequestStatus
 from punctual.sched.cost_model import StepCostModel
 from punctual.sched.policies import Admission, SchedulingPolicy, make_policy
@@ -74,6 +86,23 @@ class Scheduler:
         self.lora_slots: list[int] = []
         self.lora_running: dict[int, int] = {}  # adapter -> running requests under it
         self.num_lora_swaps = 0
+        # Attention sinks: the blocks a streamed request's KV keeps (sinks, then the window).
+        block_size = kv_manager.block_size
+        self.streaming = config.streaming
+        self.sink_blocks = -(-config.attention_sinks // block_size)
+        self.stream_blocks = self.sink_blocks + (-(-(config.streaming_window or 0) // block_size))
+        self.stream_tokens = self.stream_blocks * block_size
+        # Where the evicted tokens start (-1 off: no computed count ever equals it).
+        self.sink_tokens = self.sink_blocks * block_size if self.streaming else -1
+        if self.streaming:
+            if self.stream_blocks > kv_manager.num_blocks:
+                raise ValueError(f"attention_sinks + streaming_window need {self.stream_blocks} KV blocks of "
+                                 f"{block_size} tokens per request; the pool has {kv_manager.num_blocks}")
+            max_model_len = limits.max_model_len if limits is not None else None
+            if max_model_len is not None and self.stream_tokens > max_model_len:
+                raise ValueError(f"attention_sinks + streaming_window ({self.stream_tokens} tokens in whole blocks "
+                                 f"of {block_size}) must fit max_model_len ({max_model_len}): cache positions "
+                                 "stay within the model's context")
 
     def _cached_prefix_tokens(self, request: Request) -> int:
         if request.num_computed_tokens:
@@ -92,6 +121,8 @@ class Scheduler:
     @property
     def prompt_limits(self) -> PromptLimits:
         limits = self.limits or PromptLimits(None, None)
+        if self.streaming:  # the KV of a request is bounded by its sinks and window, whatever its length
+            return PromptLimits(limits.vocab_size, None, None)
         return PromptLimits(limits.vocab_size, limits.max_model_len, self.max_request_tokens)
 
     def add_request(self, request: Request, now: float) -> None:
@@ -109,6 +140,14 @@ class Scheduler:
         return self._finished_ids
 
     def _fit_output(self, request: Request) -> None:
+        if self.streaming:
+            # Past max_model_len the limit is max_tokens (the KV stays within the sinks and window);
+            # without one, the context window's room, at least a token (the prompt may exceed it).
+            max_tokens = request.sampling_params.max_tokens
+            request.max_output_tokens = max_tokens if max_tokens is not None else max(1, request.max_output_tokens)
+            if request.num_prompt_tokens + request.max_output_tokens > self.stream_tokens:
+                request.shareable_blocks = self.sink_blocks  # its window will move: share its sinks only
+            return
         # A request alone must always fit, or it would preempt itself forever.
         request.max_output_tokens = min(request.max_output_tokens,
                                         self.max_request_tokens - request.num_prompt_tokens)
@@ -121,7 +160,7 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs or not self._has_slot(request.adapter):
             return False
         table = self.kv.block_tables.get(request.request_id)
-        assert table is not None and len(table) * self.kv.block_size >= request.num_computed_tokens
+        assert table is not None and len(table) * self.kv.block_size >= self.kv_tokens(request)
         self._fit_output(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
@@ -250,13 +289,17 @@ class Scheduler:
                 continue  # no room for more decodes; the pass goes on only to find prompt chunks
             request_id = request.request_id
             table = tables[request_id]  # grown in place by an allocation
-            # The common case first: its next token fits in the blocks it holds.
-            if start < len(table) * block_size or self._allocate_or_preempt(request, 1, plan, now):
+            # The common case first: its next token fits in the blocks it holds (a decode is past
+            # any evicted tokens: its KV position is start less them).
+            if (start - request.num_evicted_tokens < len(table) * block_size
+                    or self._allocate_or_preempt(request, 1, plan, now)):
                 if start == last:  # its newest token: sampled; a decode once it has generated
                     item = ScheduledRequest(request_id, [token_ids[start]], start, (), True,
                                             request.num_output_tokens > 0)
                 else:  # every token computed (its sampled token never came): an empty chunk
                     item = ScheduledRequest(request_id, [], start, (), False, False)
+                if request.num_evicted_tokens:
+                    item.position_offset = request.num_evicted_tokens
                 scheduled.append(item)
                 if attach_now and blocks_sent.get(request_id) != len(table):
                     self._attach_blocks(item)
@@ -275,6 +318,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             num_new = min(request.num_tokens - request.num_computed_tokens, prompt_budget)
+            if request.shareable_blocks is not None and self.streaming:
+                num_new = self._stream_chunk(request, request.num_computed_tokens, num_new)
             if self._allocate_or_preempt(request, num_new, plan, now):
                 plan.scheduled.append(self._plan(request, num_new))
                 prompt_budget -= num_new
@@ -305,10 +350,15 @@ class Scheduler:
             if self.kv.first_pending_owner(request, len(cached_blocks)) is not None:
                 continue  # its next blocks are being computed by another request: reuse them, later
             num_cached = len(cached_blocks) * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            start = num_cached
+            if request.num_evicted_tokens and start == self.sink_tokens:
+                start += request.num_evicted_tokens  # a streamed request's recompute: the window follows the sinks
+            num_new = min(request.num_tokens - start, budget)
+            if request.shareable_blocks is not None and self.streaming:
+                num_new = self._stream_chunk(request, start, num_new)
             if not self.kv.allocate(request, num_cached + num_new, cached_blocks):
                 break  # head of line waits for memory; no overtaking keeps the policy's order
-            request.num_computed_tokens = num_cached
+            request.num_computed_tokens = start
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -354,8 +404,44 @@ class Scheduler:
     def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         is_decode = num_new == 1 and request.num_output_tokens > 0 and start == request.num_tokens - 1
-        return ScheduledRequest(request.request_id, request.token_ids[start:start + num_new], start, (),
+        item = ScheduledRequest(request.request_id, request.token_ids[start:start + num_new], start, (),
                                 samples=start + num_new == request.num_tokens, is_decode=is_decode)
+        if request.num_evicted_tokens:
+            item.position_offset = start - self.kv_tokens(request)
+        return item
+
+    # ---- attention sinks ----------------------------------------------------------------
+    def kv_tokens(self, request: Request) -> int:
+        """The request's computed tokens that its KV holds: all of them, less the evicted ones once
+        past the sinks (a recompute after a preemption fills the sinks first, then jumps the gap)."""
+        computed, evicted = request.num_computed_tokens, request.num_evicted_tokens
+        return computed - evicted if evicted and computed > self.sink_tokens else computed
+
+    def _stream_chunk(self, request: Request, computed: int, num_new: int) -> int:
+        """How many of `num_new` tokens from `computed` a streamed request's chunk may take: up to
+        the sinks' end while it recomputes them, then what fills its KV, then a block a step (one
+        block evicted each)."""
+        evicted = request.num_evicted_tokens
+        if evicted and computed < self.sink_tokens:
+            return min(num_new, self.sink_tokens - computed)
+        room = self.stream_tokens - (computed - evicted)
+        return min(num_new, room if room > 0 else self.kv.block_size)
+
+    def _evict_for(self, request: Request, num_new: int, plan: StepPlan) -> None:
+        """Evict the oldest window blocks that `num_new` more tokens would push the KV past its
+        sinks and window; the plan tells the runner to re-rotate the blocks left after them."""
+        over = self.kv_tokens(request) + num_new - self.stream_tokens
+        if over <= 0:
+            return
+        block_size, request_id, first = self.kv.block_size, request.request_id, self.sink_blocks
+        count = -(-over // block_size)
+        self.kv.evict_blocks(request, first, count)
+        request.num_evicted_tokens += count * block_size
+        known = request_id in self._blocks_sent  # else the runner gets the table, as it is now, when told of it
+        if known:
+            self._blocks_sent[request_id] -= count
+        window = tuple(self.kv.block_tables[request_id][first:])
+        plan.kv_evictions.append(KVEviction(request_id, first, count, window, known))
 
     def _attach_blocks(self, item: ScheduledRequest) -> None:
         """Give the runner the blocks it has not seen: the whole table on admission, else the new tail."""
@@ -394,7 +480,9 @@ class Scheduler:
         self.cost_model.observe(tokens, len(plan.scheduled), seconds, rows)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, plan: StepPlan, now: float) -> bool:
-        while not self.kv.allocate(request, request.num_computed_tokens + num_new):
+        if request.shareable_blocks is not None and self.streaming:
+            self._evict_for(request, num_new, plan)
+        while not self.kv.allocate(request, self.kv_tokens(request) + num_new):
             scheduled_ids = {item.request_id for item in plan.scheduled}  # rare: memory ran out
             candidates = [r for r in self.running if r.request_id not in scheduled_ids]
             # Bound preemptions per request so nothing thrashes: spare the often-preempted if possible.
@@ -403,6 +491,8 @@ class Scheduler:
             self._preempt(victim)
             plan.preempted.append(victim)
             if victim is request:
+                if plan.kv_evictions:  # its blocks are gone: nothing of it to re-rotate
+                    plan.kv_evictions = [e for e in plan.kv_evictions if e.request_id != request.request_id]
                 return False
         return True
 
@@ -433,7 +523,7 @@ class Scheduler:
         # Full blocks to index only when the computed tokens crossed a block boundary (checked
         # here: a call per request per step otherwise).
         indexed = kv.indexed_blocks if kv.enable_prefix_caching else None
-        block_size = kv.block_size
+        block_size, sink_tokens = kv.block_size, self.sink_tokens
         for item in plan.scheduled:
             request_id = item.request_id
             request = requests.get(request_id)
@@ -443,6 +533,8 @@ class Scheduler:
             computed = request.num_computed_tokens + len(item.token_ids)
             if item.spec_token_ids:
                 computed += output.num_accepted(item)
+            if computed == sink_tokens and request.num_evicted_tokens:
+                computed += request.num_evicted_tokens  # a recompute filled the sinks: the window follows
             request.num_computed_tokens = computed
             if indexed is not None and computed // block_size > indexed[request_id]:
                 kv.cache_full_blocks(request)
@@ -505,6 +597,10 @@ class Scheduler:
         assert set(adapters) <= set(self.lora_slots), "a running adapter holds no slot"
         assert set(self._blocks_sent) <= {r.request_id for r in self.running}, "runner state of a request not running"
         for request in self.running:
+            if request.shareable_blocks is not None and self.streaming:
+                table = self.kv.block_tables[request.request_id]
+                assert len(table) <= self.stream_blocks, f"{request.request_id}: {len(table)} blocks past the sinks and window"
+                assert request.num_evicted_tokens % self.kv.block_size == 0
             sent = self._blocks_sent.get(request.request_id)
             assert sent is None or sent == len(self.kv.block_tables[request.request_id]), \
                 f"{request.request_id}: the runner was told of {sent} blocks"

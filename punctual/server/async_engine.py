@@ -156,6 +156,8 @@ class AsyncEngine:
     @property
     def prompt_limits(self) -> PromptLimits:
         info = self.info
+        if info.streaming:  # attention sinks: no context limit (the core's scheduler says the same)
+            return PromptLimits(info.vocab_size, None, None)
         return PromptLimits(info.vocab_size, info.max_model_len, info.max_request_tokens)
 
     @property
