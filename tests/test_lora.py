@@ -277,3 +277,43 @@ def test_a_cold_adapter_is_read_off_the_step_loop(models, tmp_path):
     assert [(a.pin_id, a.ok) for a in core.lora_acks] == [(loras[2].lora_name, True)]
     assert loras[2].lora_int_id in core.runner.adapters
     assert not core.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sgmv_kernel_adds_what_the_pytorch_ops_add(dtype):
+    """torch.ops.punctual.lora_sgmv_ (one call per linear for every adapter of the step) against
+    the per-adapter PyTorch ops: groups of scattered rows, one group over every row, an adapter
+    without the slot, fused parts with their own column and rank ranges, base rows untouched."""
+    from punctual.kernels import cpu_kernels
+    from punctual.lora.weights import LoRAAdapter, LoRALinear, LoRAStep
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(3)
+
+    def lin(in_features, parts):  # parts: [(col_start, cols, rank)]
+        a = torch.randn(sum(r for _, _, r in parts), in_features, generator=gen).to(dtype)
+        packed, r0 = [], 0
+        for col_start, cols, rank in parts:
+            packed.append((col_start, col_start + cols, r0, r0 + rank, torch.randn(cols, rank, generator=gen).to(dtype)))
+            r0 += rank
+        return LoRALinear(a, packed)
+
+    qkv = [(0, 96, 8), (96, 32, 4), (128, 32, 8)]
+    adapters = [LoRAAdapter(None, 8, [{"qkv": lin(48, qkv), "down": lin(80, [(0, 48, 8)])}]),
+                LoRAAdapter(None, 4, [{"qkv": lin(48, [(96, 32, 4)])}]),  # no "down": its rows untouched there
+                LoRAAdapter(None, 16, [{"qkv": lin(48, [(0, 160, 16)]), "down": lin(80, [(0, 48, 16)])}])]
+    rows = [torch.tensor([0, 5, 6]), torch.tensor([2]), torch.tensor([3, 7, 1])]  # row 4: the base model
+    for groups in ([(rows[g], adapters[g]) for g in range(3)], [(None, adapters[2])]):
+        for slot, in_features, out_features in (("qkv", 48, 160), ("down", 80, 48)):
+            x = torch.randn(8, in_features, generator=gen).to(dtype)
+            base = torch.randn(8, out_features, generator=gen).to(dtype)
+            ref = LoRAStep(groups, 8).add(base.clone(), x, 0, slot)
+            got = LoRAStep(groups, 8, kernels).add(base.clone(), x, 0, slot)
+            # bf16: the PyTorch ops round each term to bf16 before adding it, the kernel once after
+            scale = ref.abs().max().item()
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02 * scale, rtol=0.02)
+            torch.testing.assert_close(got, ref, **tol)
+            if len(groups) == 3:
+                assert torch.equal(got[4], base[4])

@@ -161,15 +161,26 @@ def load_adapter(request: LoRARequest, arch: ModelArchConfig, names: WeightNames
 
 class LoRAStep:
     """The adapters of one step and their rows: a list of (rows or None for every row, adapter).
-    Rows of the base model are in no group."""
+    Rows of the base model are in no group.
 
-    __slots__ = ("groups",)
+    With the fused CPU kernels (`kernels`), each linear's terms for every adapter are one call of
+    torch.ops.punctual.lora_sgmv_ (kernels/csrc/lora.h); its arguments are built once per step
+    and set of adapters. Otherwise (CUDA, no kernels) the PyTorch ops below, a few per adapter."""
 
-    def __init__(self, groups: list[tuple[torch.Tensor | None, LoRAAdapter]]):
+    __slots__ = ("groups", "num_rows", "kernels", "_rows", "_parts")
+
+    def __init__(self, groups: list[tuple[torch.Tensor | None, LoRAAdapter]], num_rows: int = 0, kernels=None):
         self.groups = groups
+        self.num_rows = num_rows
+        self.kernels = kernels
+        self._rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # groups -> (rows, offsets)
+        self._parts: dict[tuple, torch.Tensor] = {}  # the parts' ranges -> [P, 5]
 
     def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, slot: str) -> torch.Tensor:
         """out [T, N] (the base linear of x [T, in]) plus each adapter's term on its rows, in place."""
+        if (self.kernels is not None and out.dtype == x.dtype and out.device.type == "cpu"
+                and out.stride(1) == 1 and x.stride(1) == 1):
+            return self._add_fused(out, x, layer, slot)
         for rows, adapter in self.groups:
             lin = adapter.layers[layer].get(slot)
             if lin is None:
@@ -183,3 +194,32 @@ class LoRAStep:
                 else:
                     out[:, col_start:col_end].index_add_(0, rows, delta)
         return out
+
+    def _add_fused(self, out: torch.Tensor, x: torch.Tensor, layer: int, slot: str) -> torch.Tensor:
+        present, a, b, ranges = [], [], [], []
+        for g, (_, adapter) in enumerate(self.groups):
+            lin = adapter.layers[layer].get(slot)
+            if lin is None:
+                continue
+            group = len(present)
+            present.append(g)
+            a.append(lin.a)
+            for col_start, col_end, rank_start, rank_end, part_b in lin.parts:
+                ranges.append((group, col_start, col_end, rank_start, rank_end))
+                b.append(part_b)
+        if not present:
+            return out
+        key = tuple(present)
+        rows_offsets = self._rows.get(key)
+        if rows_offsets is None:
+            every = torch.arange(out.shape[0], dtype=torch.long)
+            chosen = [every if self.groups[g][0] is None else self.groups[g][0] for g in present]
+            offsets = [0]
+            for rows in chosen:
+                offsets.append(offsets[-1] + rows.numel())
+            rows_offsets = self._rows[key] = (torch.cat(chosen), torch.tensor(offsets, dtype=torch.long))
+        parts_key = tuple(ranges)
+        parts = self._parts.get(parts_key)
+        if parts is None:
+            parts = self._parts[parts_key] = torch.tensor(ranges, dtype=torch.long)
+        return self.kernels.lora_sgmv_(out, x, rows_offsets[0], rows_offsets[1], a, parts, b)

@@ -256,7 +256,7 @@ class ModelRunner:
             every = len(indices) == offset  # one adapter for the whole step: no gather, no scatter
             groups.append((None if every else torch.tensor(indices, dtype=torch.long, device=self.device),
                            self.adapters.get(requests[lora_int_id])))
-        return LoRAStep(groups)
+        return LoRAStep(groups, offset, self.model.kernels if self.device.type == "cpu" else None)
 
     def use_decode_graphs(self, max_batch_size: int, capture: bool = True) -> DecodeGraphs:
         """Serve decode steps of up to `max_batch_size` requests from static, bucketed steps: captured

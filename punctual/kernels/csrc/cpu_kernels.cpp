@@ -1442,9 +1442,13 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
   return out;
 }
 
+#include "lora.h"
+
 }  // namespace
 
 TORCH_LIBRARY(punctual, m) {
+  m.def("lora_sgmv_(Tensor(a!) out, Tensor x, Tensor rows, Tensor offsets, Tensor[] a, Tensor parts, Tensor[] b) -> Tensor",
+        lora_sgmv_);
   m.def("pack_bf16(Tensor weight) -> Tensor", pack_bf16);
   m.def("unpack_bf16(Tensor packed) -> Tensor", unpack_bf16);
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias) -> Tensor", linear_bf16);
