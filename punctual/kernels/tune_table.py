@@ -144,6 +144,8 @@ def load_table(cpu: CpuInfo, path: Path = TABLE_PATH) -> KernelTable:
     entry = entries.get(cpu.key)
     if entry is None:
         return default_rules(cpu.features)
+    for kind in entry.keys() - {"measured"}:
+        validate(kind, entry[kind])  # an unknown kind is refused by name too
     missing = [kind for kind in PATHS if kind not in entry]
     if missing:
         raise ValueError(f"kernel table {path}: the entry for {cpu.key!r} has no rule for {', '.join(missing)}")
