@@ -53,7 +53,7 @@ def test_default_rules_follow_the_features():
     amx = default_rules(SAPPHIRE.features)
     assert amx.path("bf16", 1) == "fused" and amx.path("bf16", 16) == "onednn"
     assert amx.path("int8", 1) == "fused" and amx.path("int8", 32) == "int8_gemm"
-    assert amx.path("int4", 1) == "fused" and amx.path("int4", 512) == "dequantize"
+    assert amx.path("int4", 1) == "fused" and amx.path("int4", 513) == "dequantize"
     assert "amx_int8" in amx.source
 
 

@@ -168,7 +168,10 @@ class QuantizedWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
-        path = self.path(x.shape[0])
+        return self.run(self.path(x.shape[0]), x, bias)
+
+    def run(self, path: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear` through `path` (one of self.path's answers; benchmarks/tune_kernels.py times each)."""
         if path == "fused":
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)

@@ -41,13 +41,16 @@ AVX512_RULES: dict[str, Rule] = {
     "int8": ((32, "fused"), (None, "dequantize")),
     "int4": ((512, "fused"), (None, "dequantize")),
 }
-# With AMX, oneDNN's tile GEMM overtakes the small-batch kernels after a handful of rows (they
-# stream the weight once per tile of 4 rows; the tiles take 16 rows per instruction). Starting
-# points until tune_kernels.py measures the CPU: one to eight streams in the kernels.
+# With AMX, oneDNN's tile GEMMs overtake the bf16 and int8 small-batch kernels after a handful of
+# rows (the kernels' time grows with every row past 4; a tile takes 16 rows per instruction): on
+# an AMX Xeon VM, one thread, gate_up 3072x576, rough timings under load, the kernels led at 4 rows
+# and lost at 8. int4 has no tile path (oneDNN's int8 GEMM has no per-group scales along K), and
+# its kernel with int8 activations stayed well ahead of dequantize-then-GEMM up to 128 rows there:
+# the AVX-512 rule. tune_kernels.py replaces these with measured rules per CPU model.
 AMX_RULES: dict[str, Rule] = {
-    "bf16": ((8, "fused"), (None, "onednn")),
-    "int8": ((8, "fused"), (None, "int8_gemm")),
-    "int4": ((16, "fused"), (None, "dequantize")),
+    "bf16": ((4, "fused"), (None, "onednn")),
+    "int8": ((4, "fused"), (None, "int8_gemm")),
+    "int4": AVX512_RULES["int4"],
 }
 
 
