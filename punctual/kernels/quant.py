@@ -197,7 +197,7 @@ class QuantizedWeight:
         plus the bias, rounded once to x's dtype (as linear_int8 rounds)."""
         d = x.abs().amax(dim=1, keepdim=True).float() / 127  # [T, 1]
         inv = torch.where(d > 0, d.reciprocal(), 0.0)  # an all-zero row quantizes to zeros
-        xq = torch.round(x * inv).to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)
+        xq = (x * inv).round_().to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)
         out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.gemm, self.fused_scales, self.gemm_zero_points,
                                                  None, 1.0, 0, torch.float32, "none", [], "")  # [T, N] fp32
         out.mul_(d)
