@@ -116,6 +116,16 @@ def rule_from(totals: dict[str, dict[int, float]], rows_list) -> list[list]:
     return rule
 
 
+def table_json(table: dict) -> str:
+    """The table file's text: one line per rule, so a diff shows which rule changed."""
+    lines = ["{", f'  "about": {json.dumps(table["about"])},', '  "cpus": {']
+    cpus = list(table["cpus"].items())
+    for i, (key, entry) in enumerate(cpus):
+        fields = [f"      {json.dumps(name)}: {json.dumps(value)}" for name, value in entry.items()]
+        lines += [f"    {json.dumps(key)}: {{", ",\n".join(fields), "    }" + ("," if i < len(cpus) - 1 else "")]
+    return "\n".join(lines + ["  }", "}"]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, comma-separated")
@@ -161,10 +171,10 @@ def main() -> None:
             raise SystemExit(f"--write: no rule yet for {', '.join(missing)} on this CPU; tune every kind once")
         for kind in PATHS:
             tune_table.validate(kind, entry[kind])
-        entry["measured"] = (f"benchmarks/tune_kernels.py, {args.threads} threads, rows {args.rows}, "
+        entry["measured"] = (f"benchmarks/tune_kernels.py, threads {args.threads}, rows {args.rows}, "
                              f"torch {torch.__version__}, {datetime.date.today()}")
         table["cpus"][key] = entry
-        path.write_text(json.dumps(table, indent=2) + "\n")
+        path.write_text(table_json(table))
         print(f"\nwrote the rule for {key!r} to {path}")
 
 

@@ -109,6 +109,8 @@ class KernelTable:
 
     def describe(self) -> str:
         def one(rule: Rule) -> str:
+            if len(rule) == 1:
+                return f"{rule[0][1]} at any rows"
             return ", ".join(f"{path} up to {most}" if most is not None else f"{path} above" for most, path in rule)
         return "; ".join(f"{kind}: {one(self.rule(kind))}" for kind in PATHS) + f" ({self.source})"
 
