@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from punctual.kernels.tune_table import KernelTable, kernel_table
 
+NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)  # a byte's low nibble first, then its high one
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 block: a dequantized Q4_1 checkpoint re-quantizes exactly
 # The head's quantization for each: int4 keeps an int8 head, as llama.cpp's quantizer keeps the
 # output tensor at 6-8 bits (on smollm2 an int4 head cost 6.5% perplexity, an int8 one 0.1%: BENCHMARKS.md).
@@ -146,10 +147,12 @@ class QuantizedWeight:
         if self.kind == "int8":
             return (self.data.to(dtype) * self.scales.to(dtype)[:, None])
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n, k // g, g)
+        # Low nibble then high, each step in place: the same roundings as out of place, fewer
+        # passes over N x K (the big-batch path pays this on every call).
+        q = torch.bitwise_right_shift(self.nibbles.unsqueeze(-1), NIBBLE_SHIFTS).bitwise_and_(15).view(n, k // g, g)
         scale = self.scales[..., 0].t().to(dtype)[:, :, None]  # [N, K/g, 1]
         zero = self.scales[..., 1].t().to(dtype)[:, :, None]
-        return ((q.to(dtype) - 8) * scale + zero).view(n, k)
+        return q.to(dtype).sub_(8).mul_(scale).add_(zero).view(n, k)
 
     def path(self, rows: int) -> str:
         """Which path a linear of `rows` rows takes (tune_table.PATHS): the table's rule with the
