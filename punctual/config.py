@@ -43,7 +43,9 @@ class ModelConfig:
     # configuration so numerics never depend on a race at load; off to compare, as benchmarks do.
     fused_attention: bool = True  # every token attends through the fused paged-attention kernel
     decode_stack: bool = True  # decode steps of Llama-layer models run the layer stack in one kernel call
-    int4_int8_activations: bool = True  # int4 kernels quantize activations to int8 (llama.cpp's Q8_0)
+    # int4 kernels quantize activations to int8 (llama.cpp's Q8_0); so do int8 weights' big batches
+    # where the kernel table sends them to the int8 GEMM (kernels/tune_table.py)
+    int4_int8_activations: bool = True
 
 
 @dataclass

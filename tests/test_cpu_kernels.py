@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from punctual import LLM, SamplingParams
 from punctual.kernels import cpu_kernels
+from punctual.kernels.tune_table import default_rules
 from punctual.models.decoder import rms_norm, rotate_half
 from punctual.models.linear import FusedWeight
 
@@ -122,9 +123,9 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
     from tests.hf_models import build_hf_checkpoint
 
     path = model if model.startswith("builtin") else str(build_hf_checkpoint(tmp_path / model, model))
-    # Chunks of at most 16 tokens: every linear runs its small-batch kernel, whose rows do not
-    # depend on the others (int8 and int4 weights take another path for longer chunks).
-    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=16,
+    # Chunks of at most 4 tokens: every linear runs its small-batch kernel, whose rows do not
+    # depend on the others (longer chunks may take another path: with AMX, from 5 rows by default).
+    llm = LLM(path, dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_batched_tokens=4,
               kv_cache_dtype=kv_cache_dtype, int4_int8_activations=int8_activations)
     assert llm.engine.core.runner.kv_quantized == (kv_cache_dtype == "int8")
     model_ = llm.engine.core.runner.model
@@ -144,7 +145,7 @@ def test_decode_stack_is_the_layer_by_layer_path_bit_for_bit(model, quantization
     prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(20, 60))] for _ in range(3)]
     together = [o.outputs[0].token_ids for o in greedy(llm, prompts, 12)]
     alone = greedy(llm, prompts[:1], 12)[0].outputs[0].token_ids
-    assert 1 in rows_compared and 3 in rows_compared, rows_compared
+    assert 1 in rows_compared and 4 in rows_compared, rows_compared  # single decodes, full steps
     assert alone == together[0]
 
 
@@ -172,7 +173,8 @@ def test_decode_stack_does_not_depend_on_its_threads():
 
     model_._run_stack = stack_at_thread_counts
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(5, 40))] for _ in range(5)]
+    # Three streams: decode steps within every CPU's default fused range (AMX's: 4 rows).
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(5, 40))] for _ in range(3)]
     greedy(llm, prompts, 6)
     assert captured and all(captured), captured
 
@@ -249,6 +251,10 @@ def test_batch_invariant_refuses_what_it_cannot_keep():
         LLM("builtin-tiny", dtype="float32", batch_invariant=True, num_kv_blocks=32)
 
 
+# The rule of a CPU with AVX-512 BF16 and no AMX (today's constants), whatever CPU runs the tests.
+AVX512_RULE = default_rules(frozenset({"avx512_bf16", "avx512_vnni"}))
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16])
 def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
     from punctual.kernels.quant import quantize_int8
@@ -258,8 +264,8 @@ def test_int8_linear_is_the_dequantized_product_rounded_once(rows):
     out = ops.linear_int8(x, ops.pack_int8(q.data), q.scales.float(), bias)
     exact = F.linear(x.double(), q.dequantize(torch.float64), bias.double())
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
-    # The engine takes this kernel for int8 weights in small batches.
-    q.attach_fused(ops)
+    # The engine takes this kernel for int8 weights in small batches (up to 32 rows by the AVX-512 rule).
+    q.attach_fused(ops, table=AVX512_RULE)
     assert torch.equal(q.linear(x, bias), out)
 
 
@@ -297,7 +303,7 @@ def test_int4_q8_linear_is_its_int8_activation_math(rows):
     weight, bias, x = randn(960, 576, scale=0.05, seed=17), randn(960, seed=18), randn(130, 576, seed=19)
     x[2, 64:96] = 0  # a group of zeros: scale 0, no NaN
     q = quantize_int4(weight)
-    q.attach_fused(ops)
+    q.attach_fused(ops, table=AVX512_RULE)  # its kernel up to 512 rows
     out = q.linear(x[:rows], bias)  # the engine's path for decodes and prompt chunks: linear_int4_q8
     assert torch.equal(out, ops.linear_int4_q8(x[:rows], q.fused, q.fused_scales, q.fused_zeros, 32, bias))
     # Tightly the same math: one bf16 rounding of fp32 sums (2^-8), far below int8's error (~1e-2).

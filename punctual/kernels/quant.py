@@ -16,6 +16,12 @@ The kernels are GEMV loops: they read half or a quarter of the bytes at one row 
 `dequantize_above_rows` rows (prompt chunks) a linear dequantizes its weight to the model dtype
 and runs one GEMM (4.7 against 13.2 ms for 512 rows of gate_up in int8), with the same
 quantized values; only the rounding of the product changes with the path.
+
+With the fused kernels, which path runs for how many rows is the CPU's kernel table's rule
+(kernels/tune_table.py); the constants below are the rule measured on the AMD EPYC. On a CPU with
+AMX-INT8 (or VNNI) the table may send int8's big batches through `int8_gemm`: each row of x
+quantized to int8 (absmax per row, llama.cpp's Q8 activations) and an int8 x int8 -> int32 GEMM
+in oneDNN on tiles, scaled by row scale x weight scale.
 """
 from __future__ import annotations
 
@@ -24,10 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from punctual.kernels.tune_table import KernelTable, kernel_table
+
+NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)  # a byte's low nibble first, then its high one
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 block: a dequantized Q4_1 checkpoint re-quantizes exactly
 # The head's quantization for each: int4 keeps an int8 head, as llama.cpp's quantizer keeps the
 # output tensor at 6-8 bits (on smollm2 an int4 head cost 6.5% perplexity, an int8 one 0.1%: BENCHMARKS.md).
 HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
+# The thresholds below were measured on the AMD EPYC; with the fused kernels they are its rule in
+# tune_table.AVX512_RULES (a test keeps the two equal), and each CPU runs its own table's rule.
 # Above this many rows the GEMV kernels lose to dequantize-then-GEMM (gate_up, 1 thread, us:
 # int8 kernel 414 / 822 / 3254 against 438 / 616 / 1339 at 16 / 32 / 128 rows; int4's
 # dequantization alone takes 2.0 ms, so its kernel wins up to ~128 rows: 2899 against 3165).
@@ -46,12 +57,12 @@ INT4_Q8_FUSED_MAX_ROWS = 512
 INT4_DEQUANTIZE_ABOVE = 128  # without the fused kernels: torch's int4pack kernel up to here
 
 
-def fused_max_rows(kind: str, int8_activations: bool = True) -> int:
+def fused_max_rows(kind: str, int8_activations: bool = True, table: KernelTable | None = None) -> int:
     """Up to how many rows a quantized linear of `kind` runs its fused kernel (int4: the kernel
-    with int8 activations, or the bf16-widening one)."""
-    if kind == "int8":
-        return INT8_FUSED_MAX_ROWS
-    return INT4_Q8_FUSED_MAX_ROWS if int8_activations else FUSED_MAX_ROWS
+    with int8 activations, or the bf16-widening one), by `table` (default: this CPU's)."""
+    table = table or kernel_table()
+    most = table.fused_max_rows(kind)
+    return most if kind == "int8" or int8_activations else min(most, FUSED_MAX_ROWS)
 
 
 @dataclass
@@ -81,20 +92,31 @@ class QuantizedWeight:
     fused_scales: torch.Tensor | None = None
     fused_zeros: torch.Tensor | None = None
 
-    int8_activations: bool = True  # int4: which fused kernel `fused` is packed for
+    # int4: which fused kernel `fused` is packed for; int8: whether big batches may run int8_gemm.
+    int8_activations: bool = True
+    # The rule of which path runs for how many rows (set with the fused kernels: this CPU's table).
+    table: KernelTable | None = None
+    # int8_gemm's weight: `data` prepacked by oneDNN (qlinear_prepack), where the rule uses it.
+    gemm: torch.Tensor | None = None
+    gemm_zero_points: torch.Tensor | None = None
 
-    def attach_fused(self, kernels, int8_activations: bool = True) -> None:
-        """Pack for the fused kernels. int4 with `int8_activations` runs linear_int4_q8 (each row
-        quantized to int8 per group, integer dot products: 2-3x faster at one row), else
-        linear_int4 (the nibbles widened to bf16, x as it is)."""
+    def attach_fused(self, kernels, int8_activations: bool = True, table: KernelTable | None = None) -> None:
+        """Pack for the fused kernels and the paths `table` (default: this CPU's) sends rows to.
+        int4 with `int8_activations` runs linear_int4_q8 (each row quantized to int8 per group,
+        integer dot products: 2-3x faster at one row), else linear_int4 (the nibbles widened to
+        bf16, x as it is). int8 with `int8_activations` may run big batches through int8_gemm."""
         n, k = self.out_features, self.in_features
         if n % 16 or k % 2:
             return
+        self.table = table or kernel_table()
+        self.int8_activations = int8_activations
         if self.kind == "int8":
             self.fused = kernels.pack_int8(self.data)
             self.fused_scales = self.scales.float().contiguous()
+            if int8_activations and any(path == "int8_gemm" for _, path in self.table.int8):
+                self.gemm = torch.ops.onednn.qlinear_prepack(self.data, None)
+                self.gemm_zero_points = torch.zeros(n, dtype=torch.int64)
             return
-        self.int8_activations = int8_activations
         if int8_activations:
             # Byte j of each output's 4 per 8 inputs: input j in the low nibble, input 4 + j in the high.
             q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n // 16, 16, k // 8, 2, 4)
@@ -109,8 +131,14 @@ class QuantizedWeight:
         return torch.Size((self.out_features, self.in_features))
 
     @property
+    def max_fused_rows(self) -> int:
+        """Up to how many rows this weight runs its fused kernel (0 without one)."""
+        return 0 if self.fused is None else fused_max_rows(self.kind, self.int8_activations, self.table)
+
+    @property
     def nbytes(self) -> int:
-        extra = sum(t.nbytes for t in (self.nibbles, self.fused, self.fused_scales, self.fused_zeros) if t is not None)
+        extra = sum(t.nbytes for t in (self.nibbles, self.fused, self.fused_scales, self.fused_zeros, self.gemm)
+                    if t is not None)
         return self.data.nbytes + self.scales.nbytes + extra
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -119,30 +147,66 @@ class QuantizedWeight:
         if self.kind == "int8":
             return (self.data.to(dtype) * self.scales.to(dtype)[:, None])
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(n, k // g, g)
+        # Low nibble then high, each step in place: the same roundings as out of place, fewer
+        # passes over N x K (the big-batch path pays this on every call).
+        q = torch.bitwise_right_shift(self.nibbles.unsqueeze(-1), NIBBLE_SHIFTS).bitwise_and_(15).view(n, k // g, g)
         scale = self.scales[..., 0].t().to(dtype)[:, :, None]  # [N, K/g, 1]
         zero = self.scales[..., 1].t().to(dtype)[:, :, None]
-        return ((q.to(dtype) - 8) * scale + zero).view(n, k)
+        return q.to(dtype).sub_(8).mul_(scale).add_(zero).view(n, k)
+
+    def path(self, rows: int) -> str:
+        """Which path a linear of `rows` rows takes (tune_table.PATHS): the table's rule with the
+        fused kernels; without them torch's kernel up to the *_DEQUANTIZE_ABOVE constants."""
+        if self.fused is None:
+            above = INT8_DEQUANTIZE_ABOVE if self.kind == "int8" else INT4_DEQUANTIZE_ABOVE
+            return "dequantize" if rows > above else f"{self.kind}pack"
+        if rows <= self.max_fused_rows:
+            return "fused"
+        path = self.table.path(self.kind, rows)
+        if path == "fused":  # int4's bf16-widening kernel stops before the rule's range: as without it
+            path = "dequantize" if rows > INT4_DEQUANTIZE_ABOVE else "int4pack"
+        if path == "int8_gemm" and self.gemm is None:  # without int8 activations
+            path = "dequantize"
+        return path
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] @ W.T (+ bias) -> [T, N] in x's dtype."""
-        rows = x.shape[0]
-        if self.fused is not None and rows <= fused_max_rows(self.kind, self.int8_activations):
+        return self.run(self.path(x.shape[0]), x, bias)
+
+    def run(self, path: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear` through `path` (one of self.path's answers; benchmarks/tune_kernels.py times each)."""
+        if path == "fused":
             if self.kind == "int8":
                 return torch.ops.punctual.linear_int8(x, self.fused, self.fused_scales, bias)
             int4 = torch.ops.punctual.linear_int4_q8 if self.int8_activations else torch.ops.punctual.linear_int4
             return int4(x, self.fused, self.fused_scales, self.fused_zeros, self.group_size, bias)
-        if self.kind == "int8":
-            if rows > INT8_DEQUANTIZE_ABOVE:
-                out = F.linear(x, self.data.to(x.dtype)) * self.scales
-            else:
-                out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.data, self.scales)
-        elif rows > INT4_DEQUANTIZE_ABOVE:
-            out = F.linear(x, self.dequantize(x.dtype))
-        else:
+        if path == "int8_gemm":
+            return self.linear_int8_gemm(x, bias)
+        if path == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.data, self.scales)
+        elif path == "int4pack":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.data, self.group_size,
                                                              self.scales.to(x.dtype))  # GGUF's may be float32
+        elif self.kind == "int8":  # dequantize
+            out = F.linear(x, self.data.to(x.dtype)) * self.scales
+        else:
+            out = F.linear(x, self.dequantize(x.dtype))
         return out if bias is None else out + bias
+
+    def linear_int8_gemm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 weights against x quantized per row: d = max|x| / 127 and q = round_half_even(x * (1 / d)),
+        as the int4 kernel quantizes (quantize_rows_int8, with the row for group); then the exact int32
+        sums of q * data (oneDNN: AMX-INT8 tiles or VNNI), times the weight's scale and d in fp32,
+        plus the bias, rounded once to x's dtype (as linear_int8 rounds)."""
+        d = x.abs().amax(dim=1, keepdim=True).float() / 127  # [T, 1]
+        inv = torch.where(d > 0, d.reciprocal(), 0.0)  # an all-zero row quantizes to zeros
+        xq = (x * inv).round_().to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)
+        out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.gemm, self.fused_scales, self.gemm_zero_points,
+                                                 None, 1.0, 0, torch.float32, "none", [], "")  # [T, N] fp32
+        out.mul_(d)
+        if bias is not None:
+            out.add_(bias)
+        return out.to(x.dtype)
 
 
 def can_quantize(weight: torch.Tensor, kind: str, group_size: int = INT4_GROUP_SIZE) -> bool:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from punctual.kernels import cpu_kernels
+from punctual.kernels import cpu_kernels, tune_table
 from punctual.models.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
-from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, fused_max_rows, quantize
+from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
 from punctual.models.config import ModelArchConfig
 from punctual.models.linear import FusedWeight, LowRankDeltas, Weight, linear, pack_weight, packing_is_exact
 from punctual.models.moe_block import MoEWeights, moe_forward
@@ -50,7 +50,9 @@ class KernelChoices:
     # Llama's; False runs the same kernels layer by layer (to compare).
     decode_stack: bool = True
     # int4's fused kernel quantizes activation rows to int8 (llama.cpp's Q8_0) for integer dot
-    # products; False widens the nibbles to bf16 against x as it is (2-3x slower).
+    # products; False widens the nibbles to bf16 against x as it is (2-3x slower). int8 weights
+    # follow it too: where the kernel table says int8_gemm, big batches quantize their rows to
+    # int8 for oneDNN's int8 GEMM (AMX-INT8); False dequantizes instead.
     int4_int8_activations: bool = True
 
 
@@ -156,6 +158,7 @@ class DecoderModel:
         fused_attention = self.kernels is not None and (kernel_choices.fused_attention or batch_invariant)
         self.attention_kernel = "all" if fused_attention and arch.attn_softcap is None else "none"
         if self.kernels is not None:
+            logger.info("fused CPU kernels: %s", tune_table.summary())
             off = [what for what, on in (("the whole-stack decode kernel", self._stack is not None or not
                                           kernel_choices.decode_stack),
                                          ("the fused attention kernel", self.attention_kernel == "all" or not
@@ -292,7 +295,7 @@ class DecoderModel:
                 if layer.moe is not None:
                     layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant)
             if isinstance(self.lm_head, QuantizedWeight):
-                self.lm_head.attach_fused(self.kernels)
+                self.lm_head.attach_fused(self.kernels, self.choices.int4_int8_activations)
             else:
                 self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, self.batch_invariant)
         elif self.packed:
@@ -322,7 +325,7 @@ class DecoderModel:
                     slots += [weight.fused, weight.fused_scales, weight.fused_zeros, bias]
                     kinds.append(STACK_INT8 if weight.kind == "int8" else int4_kind)
                     groups.append(weight.group_size)
-                    max_rows = min(max_rows, fused_max_rows(weight.kind, weight.int8_activations))
+                    max_rows = min(max_rows, weight.max_fused_rows)
                 else:
                     return None
         return slots, kinds, groups, max_rows

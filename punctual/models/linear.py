@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from punctual.kernels.quant import QuantizedWeight
+from punctual.kernels.tune_table import KernelTable, kernel_table
 
 # Up to this many rows, a linear over a FusedWeight runs the small-batch kernel (it streams the
 # weight once for all rows); more rows (long prompt chunks) go to oneDNN's GEMM. With two output
 # blocks per tile above 4 rows, the kernel is as fast as oneDNN or faster on smollm2's shapes up
 # to 64 rows, and ~1.2x slower at 512 (BENCHMARKS.md section 11). A chunk of more rows has
 # logits that are eager's bit for bit; up to 64 rows they are rounded as the kernel sums.
+# That is the AMD EPYC's rule; each CPU takes its kernel table's (kernels/tune_table.py): with AMX,
+# oneDNN's tile GEMM wins from far fewer rows.
 FUSED_LINEAR_MAX_ROWS = 64
 
 
@@ -34,14 +37,17 @@ class FusedWeight:
     max_rows: float = FUSED_LINEAR_MAX_ROWS  # inf in batch-invariant mode: one summation order for every row
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, kernels, batch_invariant: bool) -> "FusedWeight | torch.Tensor":
+    def from_weight(cls, weight: torch.Tensor, kernels, batch_invariant: bool,
+                    table: KernelTable | None = None) -> "FusedWeight | torch.Tensor":
+        """`table`: the rule of when oneDNN takes over (default: this CPU's kernel table)."""
         if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape
             if batch_invariant:
                 raise ValueError(f"batch_invariant: a weight of shape {tuple(weight.shape)} does not fit the GEMM "
                                  "kernel (out features a multiple of 16, in features even)")
             return pack_weight(weight)
         dense = None if batch_invariant else pack_weight(weight)
-        return cls(kernels.pack_bf16(weight), dense, weight.shape[0], math.inf if batch_invariant else FUSED_LINEAR_MAX_ROWS)
+        max_rows = math.inf if batch_invariant else (table or kernel_table()).fused_max_rows("bf16")
+        return cls(kernels.pack_bf16(weight), dense, weight.shape[0], max_rows)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] <= self.max_rows:

@@ -142,6 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             kv_transfer_int8=args.kv_transfer_dtype == "int8", kv_transport=args.kv_transport)
     cluster.validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if engine_config.model.device in ("auto", "cpu"):  # which kernel the fused CPU paths run per batch size
+        from punctual.kernels import tune_table
+
+        logging.getLogger("punctual.serve").info("%s", tune_table.summary())
     app = build_app(engine_config, server_config, cluster)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
