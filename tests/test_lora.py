@@ -296,7 +296,7 @@ def test_the_sgmv_kernel_adds_what_the_pytorch_ops_add(dtype):
         a = torch.randn(sum(r for _, _, r in parts), in_features, generator=gen).to(dtype)
         packed, r0 = [], 0
         for col_start, cols, rank in parts:
-            packed.append((col_start, col_start + cols, r0, r0 + rank, torch.randn(cols, rank, generator=gen).to(dtype)))
+            packed.append((col_start, col_start + cols, r0, r0 + rank, torch.randn(rank, cols, generator=gen).to(dtype)))
             r0 += rank
         return LoRALinear(a, packed)
 

@@ -70,7 +70,7 @@ def build(verbose: bool = False) -> Path:
         raise KernelsUnavailable("no C++ compiler (g++) on PATH")
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.h")))  # headers too
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), cxx.encode(), " ".join(FLAGS).encode(),
                                      str(abi).encode()])).hexdigest()[:16]

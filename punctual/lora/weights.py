@@ -28,10 +28,11 @@ SLOTS = ("qkv", "o_proj", "gate_up", "down")
 @dataclass
 class LoRALinear:
     """One adapted linear of one layer: A of every part stacked [R, in], and per part the output
-    columns it adds to, its rows of the shrunk activations, and B [columns, r] with the scale folded in."""
+    columns it adds to, its rows of the shrunk activations, and B transposed, [r, columns], with the
+    scale folded in (the expand then runs along contiguous output columns)."""
 
     a: torch.Tensor
-    parts: list[tuple[int, int, int, int, torch.Tensor]]  # (col_start, col_end, rank_start, rank_end, b)
+    parts: list[tuple[int, int, int, int, torch.Tensor]]  # (col_start, col_end, rank_start, rank_end, b.T)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def load_adapter(request: LoRARequest, arch: ModelArchConfig, names: WeightNames
             packed, rank_start = [], 0
             for col_start, cols, a, b in parts:
                 # The scale folded into B in float32, once, not per step.
-                b_scaled = (b.float() * scale).to(device=device, dtype=dtype).contiguous()
+                b_scaled = (b.float() * scale).T.to(device=device, dtype=dtype).contiguous()
                 packed.append((col_start, col_start + cols, rank_start, rank_start + a.shape[0], b_scaled))
                 rank_start += a.shape[0]
             adapted[slot] = LoRALinear(a_all, packed)
@@ -188,7 +189,7 @@ class LoRAStep:
             xs = x if rows is None else x.index_select(0, rows)
             shrunk = xs @ lin.a.T  # [n, R]: every part's A at once
             for col_start, col_end, rank_start, rank_end, b in lin.parts:
-                delta = shrunk[:, rank_start:rank_end] @ b.T  # [n, cols]
+                delta = shrunk[:, rank_start:rank_end] @ b  # [n, cols]
                 if rows is None:
                     out[:, col_start:col_end] += delta
                 else:

@@ -10,12 +10,18 @@
 //
 // Layout: `rows` holds the step's flat token rows grouped by adapter, `offsets` [G + 1] each group's
 // span of `rows`; `a[g]` is group g's A [R_g, in] (every part's A stacked); `parts` [P, 5] int64 is
-// (group, first output column, end column, first rank, end rank) with `b[p]` its B [cols, ranks],
-// the adapter's scale folded in. x, out, a and b share one dtype (float32 or bfloat16); the sums are
+// (group, first output column, end column, first rank, end rank) with `b[p]` its B transposed,
+// [ranks, cols], the adapter's scale folded in. x, out, a and b share one dtype (float32 or bfloat16); the sums are
 // float32, and each output element is rounded once, when its term is added.
 
-template <typename T>
-inline float lora_to_float(T v) { return static_cast<float>(v); }
+// Widen n values to float32: a shift per bf16 value (vectorised), a copy for float32.
+inline void lora_widen(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<uint32_t>(s[k]) << 16;
+}
+inline void lora_widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
 template <typename T>
 void lora_sgmv_impl(at::Tensor& out, const at::Tensor& x, const int64_t* rows, const int64_t* offsets, int64_t groups,
@@ -23,7 +29,7 @@ void lora_sgmv_impl(at::Tensor& out, const at::Tensor& x, const int64_t* rows, c
                     const std::vector<at::Tensor>& b) {
   const int64_t in = x.size(1);
   const int64_t n = offsets[groups];
-  int64_t max_rank = 0;
+  int64_t max_rank = 1;
   std::vector<int64_t> rank_start(groups + 1, 0);  // the (group, rank) pairs, flattened
   for (int64_t g = 0; g < groups; ++g) {
     max_rank = std::max(max_rank, a[g].size(0));
@@ -33,24 +39,18 @@ void lora_sgmv_impl(at::Tensor& out, const at::Tensor& x, const int64_t* rows, c
   const int64_t x_stride = x.stride(0);
   // The step's rows once in float32, in group order: each A row is then dotted with contiguous floats.
   std::vector<float> xs(n * in);
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* src = xp + rows[i] * x_stride;
-      float* dst = xs.data() + i * in;
-      for (int64_t k = 0; k < in; ++k) dst[k] = lora_to_float(src[k]);
-    }
-  });
-  // Shrink: shrunk[i][r] = x_i . A_g[r] for the rows i of group g; one (group, rank) pair per task.
-  std::vector<float> shrunk(n * std::max<int64_t>(max_rank, 1), 0.f);
+  for (int64_t i = 0; i < n; ++i) lora_widen(xp + rows[i] * x_stride, xs.data() + i * in, in);
+  // Shrink: shrunk[i][r] = x_i . A_g[r] for the rows i of group g; tasks over (group, rank) pairs,
+  // so each A row is read once whatever the group's rows.
+  std::vector<float> shrunk(n * max_rank, 0.f);
   const int64_t pairs = rank_start[groups];
-  at::parallel_for(0, pairs, 4, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, pairs, 8, [&](int64_t p0, int64_t p1) {
     std::vector<float> arow(in);
     int64_t g = 0;
     for (int64_t p = p0; p < p1; ++p) {
       while (rank_start[g + 1] <= p) ++g;
       const int64_t r = p - rank_start[g];
-      const T* ap = a[g].data_ptr<T>() + r * in;
-      for (int64_t k = 0; k < in; ++k) arow[k] = lora_to_float(ap[k]);
+      lora_widen(a[g].data_ptr<T>() + r * in, arow.data(), in);
       for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
         const float* xi = xs.data() + i * in;
         float acc = 0.f;
@@ -60,9 +60,9 @@ void lora_sgmv_impl(at::Tensor& out, const at::Tensor& x, const int64_t* rows, c
       }
     }
   });
-  // Expand: out[row, c] += sum_r shrunk[i][r] * B[c][r], a task per (part, block of columns); the
-  // block of B is transposed to float32 once so the sum runs along columns.
-  constexpr int64_t kCols = 64;
+  // Expand: out[row, c] += sum_r shrunk[i][r] * Bt[r][c] (B stored transposed, [ranks, cols]), a
+  // task per (part, block of columns); the block is widened once for all the group's rows.
+  constexpr int64_t kCols = 128;
   std::vector<int64_t> task_start(num_parts + 1, 0);
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t cols = parts[p * 5 + 2] - parts[p * 5 + 1];
@@ -71,29 +71,31 @@ void lora_sgmv_impl(at::Tensor& out, const at::Tensor& x, const int64_t* rows, c
   T* op = out.data_ptr<T>();
   const int64_t out_stride = out.stride(0);
   at::parallel_for(0, task_start[num_parts], 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> bt(kCols * std::max<int64_t>(max_rank, 1));
-    float acc[kCols];
+    std::vector<float> block(kCols * max_rank);
+    alignas(64) float acc[kCols];
+    alignas(64) float dst_f[kCols];
     int64_t p = 0;
     for (int64_t t = t0; t < t1; ++t) {
       while (task_start[p + 1] <= t) ++p;
       const int64_t g = parts[p * 5], col0 = parts[p * 5 + 1], col_end = parts[p * 5 + 2];
       const int64_t r0 = parts[p * 5 + 3], ranks = parts[p * 5 + 4] - r0;
+      const int64_t width = col_end - col0;
       const int64_t c0 = (t - task_start[p]) * kCols;
-      const int64_t cols = std::min(kCols, col_end - col0 - c0);
+      const int64_t cols = std::min(kCols, width - c0);
       const T* bp = b[p].data_ptr<T>();
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t r = 0; r < ranks; ++r) bt[r * kCols + c] = lora_to_float(bp[(c0 + c) * ranks + r]);
+      for (int64_t r = 0; r < ranks; ++r) lora_widen(bp + r * width + c0, block.data() + r * kCols, cols);
       for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
         const float* s = shrunk.data() + i * max_rank + r0;
         for (int64_t c = 0; c < kCols; ++c) acc[c] = 0.f;
         for (int64_t r = 0; r < ranks; ++r) {
           const float sr = s[r];
-          const float* brow = bt.data() + r * kCols;
+          const float* brow = block.data() + r * kCols;
 #pragma omp simd
-          for (int64_t c = 0; c < kCols; ++c) acc[c] += sr * brow[c];
+          for (int64_t c = 0; c < cols; ++c) acc[c] += sr * brow[c];
         }
         T* dst = op + rows[i] * out_stride + col0 + c0;
-        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(lora_to_float(dst[c]) + acc[c]);
+        lora_widen(dst, dst_f, cols);
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(dst_f[c] + acc[c]);
       }
     }
   });
@@ -124,9 +126,9 @@ at::Tensor lora_sgmv_(at::Tensor out, const at::Tensor& x, const at::Tensor& row
     TORCH_CHECK(g >= 0 && g < groups && pp[p * 5 + 1] >= 0 && pp[p * 5 + 2] <= out.size(1) && pp[p * 5 + 3] >= 0 &&
                     pp[p * 5 + 4] <= a_c[g].size(0),
                 "lora_sgmv_: part ", p, " is out of range");
-    TORCH_CHECK(b[p].dim() == 2 && b[p].size(0) == cols && b[p].size(1) == ranks &&
+    TORCH_CHECK(b[p].dim() == 2 && b[p].size(0) == ranks && b[p].size(1) == cols &&
                     b[p].scalar_type() == x.scalar_type(),
-                "lora_sgmv_: part ", p, "'s B must be [", cols, ", ", ranks, "] in x's dtype");
+                "lora_sgmv_: part ", p, "'s B (transposed) must be [", ranks, ", ", cols, "] in x's dtype");
     b_c.push_back(b[p].contiguous());
   }
   const int64_t* rp = rows_c.data_ptr<int64_t>();
