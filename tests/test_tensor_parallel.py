@@ -1,0 +1,139 @@
+"""Tensor parallelism: a model split across rank processes gives the tokens it gives whole, refuses
+a split that does not divide, fails cleanly when a rank dies and leaves no rank behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hf_models import build_hf_checkpoint
+from test_exact_to_transformers import make_prompts
+from punctual import LLM, SamplingParams
+from punctual.runner.tensor_parallel import RankFailure
+from waiting import wait_until
+
+PROMPTS = make_prompts(6, seed=3)
+MAX_NEW = 10
+# float32 KV pools of a few blocks; chunked prefill of 24 tokens puts prompt chunks and decodes in
+# one step, the layout most likely to disagree between ranks if a plan were applied differently.
+ENGINE = dict(dtype="float32", num_kv_blocks=96, block_size=4, max_num_batched_tokens=24, max_num_seqs=4)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie of ours (not yet reaped) has finished all the same.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] == "Z"
+
+
+def greedy(path, size: int) -> tuple[list[list[int]], list[int]]:
+    """Greedy tokens for PROMPTS with `size` ranks, and the pids of ranks 1.. (closed afterwards)."""
+    llm = LLM(str(path), tensor_parallel_size=size, **ENGINE)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                               SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+        llm.engine.core.check_integrity()
+        pids = list(getattr(llm.engine.core.runner, "rank_pids", []))
+    finally:
+        llm.engine.core.close()
+    return [o.outputs[0].token_ids for o in outputs], pids
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "gqa": build_hf_checkpoint(root / "gqa", "llama_gqa"),  # 4 heads, 2 KV heads: both split by 2
+        "mqa": build_hf_checkpoint(root / "mqa", "llama_mqa_untied"),  # 1 KV head, replicated; untied head
+        "phi3": build_hf_checkpoint(root / "phi3", "phi3_partial_rotary"),  # fused qkv and gate_up rows
+        # 6 heads and 3 KV heads over 3 ranks; vocabulary 2048 is not a multiple of 3 (padded slices)
+        "six": build_hf_checkpoint(root / "six", "llama_gqa", num_attention_heads=6, num_key_value_heads=3,
+                                   hidden_size=96, head_dim=16, intermediate_size=192),
+    }
+
+
+@pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), ("phi3", 2), ("six", 3)])
+def test_split_model_gives_the_whole_models_greedy_tokens(models, name, size):
+    whole, _ = greedy(models[name], 1)
+    split, pids = greedy(models[name], size)
+    assert split == whole
+    assert len(pids) == size - 1
+    # close() waits for the ranks: none is left behind.
+    assert all(gone(pid) for pid in pids)
+
+
+def test_kv_pool_per_rank_holds_only_its_heads(models):
+    llm = LLM(str(models["gqa"]), tensor_parallel_size=2, **ENGINE)
+    try:
+        runner = llm.engine.core.runner
+        assert runner.kv_caches[0].k.shape[2] == 1  # 2 KV heads over 2 ranks
+        assert runner.arch.num_heads == 2 and runner.arch.vocab_size == 2048
+    finally:
+        llm.engine.core.close()
+
+
+@pytest.mark.parametrize("size,numbers", [(3, "4 attention heads"), (8, "4 attention heads")])
+def test_a_size_that_does_not_split_the_heads_is_refused(models, size, numbers):
+    with pytest.raises(ValueError, match=f"tensor_parallel_size {size}.*{numbers}"):
+        LLM(str(models["gqa"]), tensor_parallel_size=size, **ENGINE)
+
+
+def test_kv_heads_neither_dividing_nor_divided_are_refused(tmp_path):
+    path = build_hf_checkpoint(tmp_path / "m", "llama_gqa", num_attention_heads=6, num_key_value_heads=2,
+                               hidden_size=96, head_dim=16, intermediate_size=192)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 and the model's 2 KV heads"):
+        LLM(str(path), tensor_parallel_size=3, **ENGINE)
+
+
+def test_bad_sizes_and_combinations_name_the_field():
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1, got 0"):
+        LLM("builtin-tiny", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="threads_per_rank must be an integer >= 1"):
+        LLM("builtin-tiny", tensor_parallel_size=2, threads_per_rank=0)
+    with pytest.raises(ValueError, match="cannot be combined with LoRA"):
+        LLM("builtin-tiny", tensor_parallel_size=2, enable_lora=True)
+
+
+def test_a_dead_rank_fails_the_step_instead_of_hanging(models):
+    llm = LLM(str(models["gqa"]), tensor_parallel_size=2, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+        (pid,) = llm.engine.core.runner.rank_pids
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gone(pid), 10, "rank 1 still alive after SIGKILL")
+        with pytest.raises(RankFailure, match="rank 1"):
+            llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
+        with pytest.raises(RankFailure):  # the group stays failed: no step runs on half a model
+            llm.generate([{"prompt_token_ids": PROMPTS[1]}], params, use_tqdm=False)
+    finally:
+        llm.engine.core.close()
+
+
+def test_sigterm_leaves_no_rank_behind(models):
+    """Rank 0 killed by SIGTERM (no clean-up runs in it): its ranks exit by themselves."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from punctual import LLM
+        llm = LLM({str(models['gqa'])!r}, tensor_parallel_size=2, dtype="float32", num_kv_blocks=16)
+        print(*llm.engine.core.runner.rank_pids, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1 and not gone(pids[0])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        wait_until(lambda: all(gone(pid) for pid in pids), 30, f"rank processes {pids} outlived rank 0")
+    finally:
+        proc.kill()
+        proc.wait()
