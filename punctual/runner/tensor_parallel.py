@@ -94,6 +94,10 @@ class TensorParallelRunner(ModelRunner):
         self._finalizer = weakref.finalize(self, _stop_ranks, list(self.ranks))
         try:
             torch.set_num_threads(self.threads)
+            # Every rank started (a rank that fails to start is reported now, through its pipe,
+            # rather than after the group's rendezvous times out).
+            for rank in self.ranks:
+                self._expect(rank, "started")
             self.group = RankGroup(store, 0, size, COLLECTIVE_TIMEOUT_S)
             super().__init__(model_config, cache_config, max_num_seqs, shared_kv_bytes_per_block, lora_config,
                              tensor_parallel=self.group)
@@ -113,7 +117,7 @@ class TensorParallelRunner(ModelRunner):
 
     def _expect(self, rank: _Rank, kind: str):
         """The rank's next message, which must be `kind`; RankFailure if it died or failed."""
-        if not rank.conn.poll(START_TIMEOUT_S if kind == "ready" else COLLECTIVE_TIMEOUT_S):
+        if not rank.conn.poll(COLLECTIVE_TIMEOUT_S if kind == "stats" else START_TIMEOUT_S):
             raise RankFailure(f"tensor-parallel rank {rank.rank} did not answer ({kind}) in time")
         try:
             got, payload = pickle.loads(rank.conn.recv_bytes())
@@ -218,6 +222,7 @@ def run_rank(rank: int, size: int, store_port: int, model_config: ModelConfig, c
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", store_port, size, False)
+        conn.send_bytes(pickle.dumps(("started", None)))
         group = RankGroup(store, rank, size, COLLECTIVE_TIMEOUT_S)
         runner = ModelRunner(model_config, cache_config, max_num_seqs, tensor_parallel=group)
     except BaseException:
