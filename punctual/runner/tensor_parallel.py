@@ -1,17 +1,17 @@
 """Tensor parallelism on CPUs: one model split across N rank processes on this host.
 
 Rank 0 is the engine core's runner (the scheduler and KV manager run once, beside it); ranks
-1..N-1 are processes it spawns, each holding its shard of the weights and of the KV cache
-(models/sharding.py). Every step, rank 0 sends the step plan to each rank over a pipe (one
+1..N-1 are processes it starts, each holding its shard of the weights and of the KV cache
+(models/sharding.py). Every step, rank 0 sends the step plan to each rank over a socket pair (one
 pickle, written N-1 times: a star, which is what link latency favours at this size; TPI-LLM's
 point), then every rank runs ModelRunner.execute on its shard, meeting at the all-reduces after
 each attention output and MLP and at the gather of the vocabulary's logits (gloo); rank 0
 samples. Everything rank 0's runner does with KV (copies to and from the second tier, writes)
 travels inside the plan, so the ranks apply it too.
 
-Plans go over pipes rather than a collective: a rank waits for the next plan as long as the
-server idles, and a pipe's end-of-file tells it at once that rank 0 is gone. The collectives'
-timeout covers only a rank that stalls mid-step. A dead rank fails the step with RankFailure
+Plans go over those connections rather than a collective: a rank waits for the next plan as long
+as the server idles, and the connection's end-of-file tells it at once that rank 0 is gone. The
+collectives' timeout covers only a rank that stalls mid-step. A dead rank fails the step with RankFailure
 (the core process reports it; the server answers 503); close() and the end of rank 0's process,
 however it ends, leave no rank behind.
 """
@@ -20,11 +20,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import multiprocessing
 import os
 import pickle
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import traceback
 import weakref
 from dataclasses import dataclass
@@ -62,7 +64,7 @@ def default_threads_per_rank(size: int) -> int:
 @dataclass
 class _Rank:
     rank: int
-    process: multiprocessing.process.BaseProcess
+    process: subprocess.Popen
     conn: Connection
 
 
@@ -81,15 +83,11 @@ class TensorParallelRunner(ModelRunner):
         self._threads_before = torch.get_num_threads()
         # Rendezvous: rank 0 serves the store on a free loopback port and hands its number to the ranks.
         store = dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False)
-        context = multiprocessing.get_context("spawn")
         for rank in range(1, size):
-            conn, child_conn = context.Pipe()
-            process = context.Process(target=run_rank, name=f"punctual-tp-rank{rank}", daemon=True,
-                                      args=(rank, size, store.port, model_config, cache_config, max_num_seqs,
-                                            self.threads, child_conn))
-            process.start()
-            child_conn.close()  # the rank's end lives in the rank only: its death closes the pipe here
+            process, conn = _start_rank()
             self.ranks.append(_Rank(rank, process, conn))
+            conn.send_bytes(pickle.dumps((rank, size, store.port, model_config, cache_config, max_num_seqs,
+                                          self.threads)))
         # However rank 0 ends (close(), the interpreter exiting, this object collected), the ranks go.
         self._finalizer = weakref.finalize(self, _stop_ranks, list(self.ranks))
         try:
@@ -131,8 +129,11 @@ class TensorParallelRunner(ModelRunner):
 
     @staticmethod
     def _died(rank: _Rank) -> str:
-        rank.process.join(0.5)
-        return f"tensor-parallel rank {rank.rank} (pid {rank.process.pid}) died (exit code {rank.process.exitcode})"
+        try:
+            code = rank.process.wait(0.5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return f"tensor-parallel rank {rank.rank} (pid {rank.process.pid}) died (exit code {code})"
 
     def _send(self, message: tuple) -> None:
         if self._closed:
@@ -152,7 +153,7 @@ class TensorParallelRunner(ModelRunner):
         try:
             return super().execute(plan)
         except RuntimeError as exc:  # a collective failed: a peer died or stalled past the timeout
-            dead = [self._died(rank) for rank in self.ranks if not rank.process.is_alive()]
+            dead = [self._died(rank) for rank in self.ranks if rank.process.poll() is not None]
             self.close()
             raise RankFailure("; ".join(dead) or f"a tensor-parallel collective failed: {exc}") from exc
 
@@ -177,11 +178,31 @@ def _stop_ranks(ranks: list[_Rank]) -> None:
         except OSError:
             pass  # gone already
     for rank in ranks:
-        rank.process.join(STOP_TIMEOUT_S)
-        if rank.process.is_alive():
+        try:
+            rank.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             rank.process.kill()
-            rank.process.join(STOP_TIMEOUT_S)
+            rank.process.wait(STOP_TIMEOUT_S)
         rank.conn.close()
+
+
+def _start_rank() -> tuple[subprocess.Popen, Connection]:
+    """A fresh interpreter running rank_main, and a connection to it over a socket pair.
+
+    A plain subprocess, not multiprocessing's: the engine core runs in a daemonic process, which
+    multiprocessing forbids to have children (it could not clean them up); these ranks clean up
+    after themselves (_die_with_parent, and the end of file on this connection)."""
+    ours, theirs = socket.socketpair()
+    import punctual  # the ranks import the same package as this process, wherever it lies
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(punctual.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from punctual.runner.tensor_parallel import rank_main; "
+                               "rank_main(int(sys.argv[1]))", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+    theirs.close()  # the rank's end lives in the rank only: its death ends this connection
+    return process, Connection(ours.detach())
 
 
 def _for_ranks(plan: StepPlan) -> StepPlan:
@@ -210,14 +231,26 @@ def _die_with_parent() -> None:
         pass  # elsewhere the pipe's end-of-file is the signal
 
 
-def run_rank(rank: int, size: int, store_port: int, model_config: ModelConfig, cache_config: CacheConfig,
-             max_num_seqs: int, threads: int, conn: Connection) -> None:
-    """Entry point of rank `rank` (>= 1): load the shard, then run each plan rank 0 sends until
-    told to stop or rank 0 is gone."""
+def rank_main(fd: int) -> None:
+    """Entry point of a rank process (>= 1): its arguments come first on the connection `fd`."""
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # rank 0 died before the signal was armed
         return
+    conn = Connection(fd)
+    try:
+        args = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s rank {args[0]} %(levelname)s %(name)s: %(message)s")
+    run_rank(*args, conn)
+
+
+def run_rank(rank: int, size: int, store_port: int, model_config: ModelConfig, cache_config: CacheConfig,
+             max_num_seqs: int, threads: int, conn: Connection) -> None:
+    """Rank `rank` (>= 1): load the shard, then run each plan rank 0 sends until told to stop or
+    rank 0 is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the group; rank 0 decides
     torch.set_num_threads(threads)
     try:
