@@ -193,9 +193,8 @@ def _start_rank() -> tuple[subprocess.Popen, Connection]:
     multiprocessing forbids to have children (it could not clean them up); these ranks clean up
     after themselves (_die_with_parent, and the end of file on this connection)."""
     ours, theirs = socket.socketpair()
-    import punctual  # the ranks import the same package as this process, wherever it lies
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(punctual.__file__)))
+    # The ranks import the same package as this process, wherever it lies (punctual/runner/ here).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from punctual.runner.tensor_parallel import rank_main; "
