@@ -6,7 +6,8 @@ it generates `--tokens` tokens per stream after a short prompt, and reports TPOT
 steps' time per token of one stream), tokens/s over all streams, the all-reduces' share of the
 decode time (timed inside every rank: the time a rank spends inside the collective, waiting for
 its peers included; prefill steps too), the mean time of one layer's pair of all-reduces per step,
-and each rank's peak RSS.
+and each rank's resident memory at the end and its peak (the peak includes the whole checkpoint,
+which every rank reads before it keeps its shard).
 
     python benchmarks/bench_tensor_parallel.py                               # smollm2 bf16: 1x2 vs 3x1
     python benchmarks/bench_tensor_parallel.py --configs 1x2,2x1 --model builtin-tiny --tokens 4 --streams 1,2
@@ -79,9 +80,11 @@ def run_one(args: argparse.Namespace, ranks: int, threads: int) -> dict:
                 row["all_reduce_ms_per_layer"] = spent / steps / num_layers * 1000
             results.append(row)
         if ranks > 1:
-            rss = [s["peak_rss_bytes"] for s in runner.rank_stats()]
+            rss = [(s["rss_bytes"], s["peak_rss_bytes"]) for s in runner.rank_stats()]
         else:
-            rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+            from punctual.runner.tensor_parallel import resident_bytes
+
+            rss = [(resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
     finally:
         core.close()
     return dict(ranks=ranks, threads=threads, rows=results, peak_rss=rss)
@@ -110,7 +113,7 @@ def main() -> None:
     print(f"model {args.model} {args.dtype} quantization {args.quantization}; {args.tokens} tokens per stream "
           f"after {args.prompt_tokens} prompt tokens")
     print(f"{'ranks x threads':>15} {'streams':>7} {'TPOT ms':>8} {'tok/s':>8} {'all-reduce %':>12} "
-          f"{'AR ms/layer':>11}  peak RSS per rank (MiB)")
+          f"{'AR ms/layer':>11}  RSS now/peak per rank (MiB)")
     for config in args.configs.split(","):
         command = [sys.executable, __file__, "--one", config, "--model", args.model, "--dtype", args.dtype,
                    "--quantization", args.quantization, "--streams", ",".join(map(str, args.streams)),
@@ -122,7 +125,7 @@ def main() -> None:
             print(f"{config:>15} failed: {reason}")
             continue
         result = json.loads(lines[-1].removeprefix("RESULT "))
-        rss = " ".join(f"{b / 2**20:.0f}" for b in result["peak_rss"])
+        rss = " ".join(f"{now / 2**20:.0f}/{peak / 2**20:.0f}" for now, peak in result["peak_rss"])
         for row in result["rows"]:
             share = f"{row['all_reduce_share'] * 100:.1f}" if "all_reduce_share" in row else "-"
             per_layer = f"{row['all_reduce_ms_per_layer']:.3f}" if "all_reduce_ms_per_layer" in row else "-"

@@ -218,7 +218,15 @@ def _for_ranks(plan: StepPlan) -> StepPlan:
 def _own_stats(group: RankGroup) -> dict:
     # ru_maxrss is in KiB on Linux.
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(rank=group.rank, pid=os.getpid(), peak_rss_bytes=peak_rss, **group.timings())
+    return dict(rank=group.rank, pid=os.getpid(), peak_rss_bytes=peak_rss, rss_bytes=resident_bytes(),
+                **group.timings())
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (the peak includes the whole checkpoint each rank reads
+    before it keeps its shard)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _die_with_parent() -> None:
