@@ -174,3 +174,19 @@ def test_smollm2_split_in_two_gives_its_greedy_tokens():
 
     # 9 heads and 3 KV heads: 3 ranks split both evenly.
     assert run(3) == run(1)
+
+
+def test_the_plan_sent_to_ranks_is_data_only():
+    """Ranks get the scheduled work; not the scheduler's live Requests, nor a grammar matcher
+    (rank 0 alone samples, and a compiled matcher does not pickle)."""
+    import pickle
+
+    from punctual.plan import NewRequestData, ScheduledRequest, StepPlan
+    from punctual.runner.tensor_parallel import _for_ranks
+
+    new = NewRequestData((1, 2), (), SamplingParams(), grammar=lambda: None)  # a lambda does not pickle
+    plan = StepPlan(scheduled=[ScheduledRequest("a", [1, 2], 0, (0,), True, new=new)], preempted=[lambda: None])
+    sent = pickle.loads(pickle.dumps(_for_ranks(plan)))
+    assert sent.scheduled[0].new.grammar is None and sent.preempted == []
+    assert sent.scheduled[0].token_ids == [1, 2] and sent.scheduled[0].new_block_ids == (0,)
+    assert plan.scheduled[0].new.grammar is not None  # rank 0's plan is untouched

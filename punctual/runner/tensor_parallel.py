@@ -205,14 +205,15 @@ def _start_rank() -> tuple[subprocess.Popen, Connection]:
 
 
 def _for_ranks(plan: StepPlan) -> StepPlan:
-    """The plan as the other ranks take it: without grammar matchers (only rank 0 samples, and
+    """The plan as the other ranks take it: the data their shard's step reads, without the
+    scheduler's live Requests (preempted, rejected) or grammar matchers (only rank 0 samples, and
     a compiled matcher is not data to send)."""
-    if not any(item.new is not None and item.new.grammar is not None for item in plan.scheduled):
-        return plan
-    scheduled = [item if item.new is None or item.new.grammar is None
-                 else dataclasses.replace(item, new=dataclasses.replace(item.new, grammar=None))
-                 for item in plan.scheduled]
-    return dataclasses.replace(plan, scheduled=scheduled)
+    scheduled = plan.scheduled
+    if any(item.new is not None and item.new.grammar is not None for item in scheduled):
+        scheduled = [item if item.new is None or item.new.grammar is None
+                     else dataclasses.replace(item, new=dataclasses.replace(item.new, grammar=None))
+                     for item in scheduled]
+    return dataclasses.replace(plan, scheduled=scheduled, preempted=[], rejected=[])
 
 
 def _own_stats(group: RankGroup) -> dict:
