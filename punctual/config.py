@@ -46,6 +46,10 @@ class ModelConfig:
     # int4 kernels quantize activations to int8 (llama.cpp's Q8_0); so do int8 weights' big batches
     # where the kernel table sends them to the int8 GEMM (kernels/tune_table.py)
     int4_int8_activations: bool = True
+    # Tensor parallelism (CPU): the model's heads, MLP columns and vocabulary split across this many
+    # rank processes on this host (runner/tensor_parallel.py); one scheduler, in rank 0.
+    tensor_parallel_size: int = 1
+    threads_per_rank: int | None = None  # torch threads of each rank; None: this machine's cores / ranks
 
 
 @dataclass
@@ -184,6 +188,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be none|int8|int4, got {self.model.quantization!r}")
         if self.model.batch_invariant and self.model.enforce_eager:
             raise ValueError("batch_invariant runs the fused CPU kernels; it cannot be combined with enforce_eager")
+        self._validate_tensor_parallel()
         if self.model.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size must be >= 0, got {self.model.cuda_graph_max_batch_size}")
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith("cuda:"):
@@ -221,6 +226,25 @@ class EngineConfig:
             raise ValueError("streaming_window (attention sinks) cannot be combined with speculative decoding")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")
+
+
+    def _validate_tensor_parallel(self) -> None:
+        size, threads = self.model.tensor_parallel_size, self.model.threads_per_rank
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads_per_rank must be an integer >= 1, got {threads!r}")
+        if size == 1:
+            return
+        # What a rank's shard cannot do (yet): say so at start-up rather than fail mid-step.
+        refused = [why for why, on in (
+            ("a CUDA device (tensor parallelism runs CPU ranks)", self.model.device.startswith("cuda")),
+            ("LoRA adapters (enable_lora)", self.lora.enable_lora),
+            ("a draft model (speculative_method draft)", self.speculative.speculative_method == "draft"),
+            ("batch_invariant (the all-reduce changes the order of summation)", self.model.batch_invariant))
+            if on]
+        if refused:
+            raise ValueError(f"tensor_parallel_size {size} cannot be combined with {'; '.join(refused)}")
 
 
 ROUTERS = ("cache_aware", "least_loaded", "round_robin")

@@ -35,6 +35,11 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
                                              "(fused kernels, fixed order)")),
     EngineArg("--cuda-graph-max-batch-size", dict(type=int, help="CUDA: decode steps of up to this many requests "
                                                                  "replay captured CUDA graphs (default 64, 0: none)")),
+    EngineArg("--tensor-parallel-size", dict(type=int, help="split the model's heads, MLP columns and vocabulary "
+                                                            "across this many rank processes on this host (CPU; "
+                                                            "default 1)")),
+    EngineArg("--threads-per-rank", dict(type=int, help="torch threads of each tensor-parallel rank (default: "
+                                                        "this machine's cores / --tensor-parallel-size)")),
     EngineArg("--max-num-seqs", dict(type=int, help="sequences per step")),
     EngineArg("--max-num-batched-tokens", dict(type=int, help="token budget per step")),
     EngineArg("--kv-cache-memory", dict(help="bytes for the KV pool, e.g. 2GiB")),

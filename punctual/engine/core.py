@@ -12,6 +12,7 @@ from punctual.engine.stats import EngineStats
 from punctual.kv.manager import KVCacheManager
 from punctual.lora.request import LoRARequest, adapter_id_of
 from punctual.runner.runner import ModelRunner
+from punctual.runner.tensor_parallel import TensorParallelRunner
 from punctual.plan import StepPlan
 from punctual.request import EngineCoreOutput, EngineCoreRequest, MigratedRequest, Request, RequestStatus
 from punctual.sampling_params import SamplingParams
@@ -39,7 +40,9 @@ class EngineCore:
             from punctual.spec_decode.draft import draft_kv_bytes_per_block  # only when asked
 
             draft_bytes = draft_kv_bytes_per_block(spec.speculative_model, config.model, config.cache)
-        self.runner = ModelRunner(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes, config.lora)
+        # Tensor parallel: rank 0's runner, which starts the other ranks and sends them every plan.
+        runner_class = ModelRunner if config.model.tensor_parallel_size == 1 else TensorParallelRunner
+        self.runner = runner_class(config.model, config.cache, config.scheduler.max_num_seqs, draft_bytes, config.lora)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.vocab_size = self.runner.arch.vocab_size
@@ -191,10 +194,15 @@ class EngineCore:
         return None if blocks is None else len(blocks) * self.kv_manager.block_size
 
     # ---- KV that moves between engines (disaggregated prefill, migration) ----------------
+    def _check_kv_movable(self) -> None:
+        if self.config.model.tensor_parallel_size > 1:  # rank 0 holds only its heads' KV
+            raise ValueError("KV transfer between engines is not supported with tensor_parallel_size > 1")
+
     def export_kv(self, request_id: str, first_block: int = 0, last_block: int | None = None,
                   int8: bool = False):
         """Read blocks [first_block, last_block) of a running request's KV (default: up to its
         last full block of computed tokens), between steps. Returns the KVPayload."""
+        self._check_kv_movable()
         from punctual.runner.kv_transfer import read_blocks
 
         request = self.scheduler.requests.get(request_id)
@@ -212,6 +220,7 @@ class EngineCore:
         return its state and the KV of its blocks from `first_block` on (the rest was pre-copied)."""
         from punctual.runner.kv_transfer import read_blocks
 
+        self._check_kv_movable()
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING or request.grammar is not None:
             raise ValueError(f"request {request_id!r} is not a running request that can move")
@@ -232,6 +241,7 @@ class EngineCore:
 
     def reserve_import(self, request_id: str, num_blocks: int) -> bool:
         """Allocate blocks in advance for KV another engine is about to send."""
+        self._check_kv_movable()
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in the engine")
         return self.kv_manager.reserve(request_id, num_blocks)
@@ -437,6 +447,11 @@ class EngineCore:
         spec = self.speculator.stats
         return dict(spec_method=spec.method, spec_proposed_tokens=spec.num_proposed_tokens,
                     spec_accepted_tokens=spec.num_accepted_tokens, spec_verifications=spec.num_verifications)
+
+    def close(self) -> None:
+        """Release what outlives a step: the other tensor-parallel ranks' processes."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     def check_integrity(self) -> None:
         """Every stateful part's invariants; the core process runs it when idle with --check-integrity."""

@@ -59,6 +59,7 @@ def run_core_process(config: EngineConfig, sock: socket.socket, secret: bytes) -
         return
     try:
         CoreLoop(core, channel, config.check_integrity).run()
+        core.close()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front end is gone; nobody is left to answer
     except WireError as exc:  # never executed: the connection (this core's only one) ends here

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from punctual.kernels import cpu_kernels, tune_table
 from punctual.models.attention import AttentionMetadata, DecodeBucket, LayerKVCache, decode_mask, paged_attention
 from punctual.kernels.quant import HEAD_QUANTIZATION, QuantizedWeight, concat_int4, quantize
+from punctual.models.collectives import RankGroup
 from punctual.models.config import ModelArchConfig
 from punctual.models.linear import FusedWeight, LowRankDeltas, Weight, linear, pack_weight, packing_is_exact
 from punctual.models.moe_block import MoEWeights, moe_forward
@@ -116,13 +117,16 @@ ACTIVATIONS = {
 class DecoderModel:
     def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False,
-                 batch_invariant: bool = False, kernel_choices: KernelChoices = KernelChoices()):
+                 batch_invariant: bool = False, kernel_choices: KernelChoices = KernelChoices(),
+                 tensor_parallel: RankGroup | None = None):
         """`quantization` (none | int8 | int4): weight-only, for every linear of the layers (experts
         included), and the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for
         lookups). Unless `enforce_eager`, bf16 on CPU runs the fused kernels where they build
         (cpu_kernels): RMSNorm, RoPE and SiLU give eager's results bit for bit; the small-batch GEMM
         rounds its sums once but adds them in another order than oneDNN. `batch_invariant` runs every
-        linear and every token's attention through the kernels, whose order of summation per row is fixed."""
+        linear and every token's attention through the kernels, whose order of summation per row is fixed.
+        `tensor_parallel`: this rank's group, where `weights` is one rank's shard (models/sharding.py):
+        the row-parallel linears' outputs are all-reduced and the head's vocabulary slices gathered."""
         if quantization != "none" and device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
                              f"device is {device.type}")
@@ -138,6 +142,7 @@ class DecoderModel:
         if not enforce_eager and device.type == "cpu" and dtype == torch.bfloat16:
             self.kernels = cpu_kernels.load()
         self.batch_invariant = batch_invariant
+        self.tp = tensor_parallel
         if batch_invariant:
             if device.type != "cpu" or dtype != torch.bfloat16 or quantization != "none":
                 raise ValueError("batch_invariant runs on CPU in bfloat16 without weight quantization, got "
@@ -152,7 +157,10 @@ class DecoderModel:
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
-                       and arch.in_decode_stack else None)
+                       and arch.in_decode_stack and tensor_parallel is None else None)
+        if tensor_parallel is not None and self.kernels is not None and kernel_choices.decode_stack:
+            logger.info("tensor parallel: the whole-stack decode kernel is off (it cannot all-reduce between "
+                        "layers); decode steps run the fused kernels layer by layer")
         # Which tokens attend through the fused kernel (the runner builds their tables): all or none.
         # Soft-capped scores (Gemma 2) are not in the kernel: those models attend through PyTorch.
         fused_attention = self.kernels is not None and (kernel_choices.fused_attention or batch_invariant)
@@ -441,7 +449,8 @@ class DecoderModel:
              index: int = 0) -> torch.Tensor:
         if layer.moe is not None:
             return moe_forward(x, layer.moe, self.arch.moe, self._dense_mlp)
-        return self._dense_mlp(x, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias, lora, index)
+        out = self._dense_mlp(x, layer.gate_up, layer.gate_up_bias, layer.down, layer.down_bias, lora, index)
+        return out if self.tp is None else self.tp.all_reduce(out)  # each rank's columns: a partial sum
 
     def _dense_mlp(self, x: torch.Tensor, gate_up: Weight, gate_up_bias, down: Weight, down_bias,
                    lora: LowRankDeltas | None = None, index: int = 0) -> torch.Tensor:
@@ -476,6 +485,8 @@ class DecoderModel:
             q, k, v = self._attention_inputs(layer, qkv, tables)
             out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
                                "o_proj")
+            if self.tp is not None:  # each rank's heads give a partial sum of the projection
+                out = self.tp.all_reduce(out)
             if layer.attn_out_norm is not None:
                 out = self._norm(out, layer.attn_out_norm)
             hidden = residual + (out * arch.residual_multiplier if scale_residual else out)
@@ -520,6 +531,8 @@ class DecoderModel:
                 q, k, v = self._attention_inputs(layer, qkv, tables)
             out = self._linear(self._attend(layer, q, k, v, cache, meta), layer.o_proj, layer.o_bias, lora, index,
                                "o_proj")
+            if self.tp is not None:  # each rank's heads give a partial sum of the projection
+                out = self.tp.all_reduce(out)
             if layer.attn_out_norm is not None:
                 out = ops.rms_norm(out, layer.attn_out_norm, eps, None)
             if scale != 1.0:
@@ -536,6 +549,8 @@ class DecoderModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32."""
         logits = linear(hidden, self.lm_head)
+        if self.tp is not None:  # each rank's slice of the vocabulary, padded to equal slices
+            logits = self.tp.all_gather_columns(logits)[:, :self.arch.vocab_size]
         if self.arch.logits_divisor != 1.0:
             logits = logits / self.arch.logits_divisor
         if self.arch.final_softcap is not None:

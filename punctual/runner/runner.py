@@ -17,10 +17,12 @@ from punctual.lora.request import LoRARequest
 from punctual.lora.weights import LoRAAdapter, LoRAStep, load_adapter
 from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
                                       LayerKVCache, decode_mask)
+from punctual.models.collectives import RankGroup
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.kv_shift import KeyShifter
 from punctual.models.registry import architecture, load_arch_config
+from punctual.models.sharding import shard_checkpoint
 from punctual.plan import KVCopyOrders, KVEviction, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.runner.allocator import keep_step_buffers_mapped
 from punctual.runner.decode_graphs import DecodeGraphs
@@ -143,10 +145,13 @@ class _Chunk:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int,
-                 shared_kv_bytes_per_block: int = 0, lora_config: LoRAConfig | None = None):
+                 shared_kv_bytes_per_block: int = 0, lora_config: LoRAConfig | None = None,
+                 tensor_parallel: RankGroup | None = None):
         """`shared_kv_bytes_per_block`: KV bytes another pool (a draft model's) needs beside each
         of this runner's blocks; both come out of the same `kv_cache_memory`. `lora_config`: serve
-        LoRA adapters when it enables them."""
+        LoRA adapters when it enables them. `tensor_parallel`: this process's rank of a group that
+        splits the model (runner/tensor_parallel.py); the runner then holds its rank's shard of the
+        weights and of the KV cache (`arch` is the shard's), and only rank 0 samples."""
         path = resolve_model_path(model_config.model)
         self.arch = load_arch_config(path)
         self.device = pick_device(model_config.device)
@@ -158,9 +163,15 @@ class ModelRunner:
         int4 = model_config.quantization == "int4"
         choices = KernelChoices(model_config.fused_attention, model_config.decode_stack,
                                 model_config.int4_int8_activations)
-        self.model = DecoderModel(self.arch, load_weights(path, self.dtype, int4), self.device, self.dtype,
+        # Sharded: dense weights, split, then quantized (a file's 4-bit blocks do not split by head).
+        weights = load_weights(path, self.dtype, int4 and tensor_parallel is None)
+        if tensor_parallel is not None:
+            self.arch, weights = shard_checkpoint(self.arch, weights, architecture(self.arch.architecture).names,
+                                                  tensor_parallel.rank, tensor_parallel.size)
+        self.samples = tensor_parallel is None or tensor_parallel.rank == 0
+        self.model = DecoderModel(self.arch, weights, self.device, self.dtype,
                                   model_config.quantization, model_config.enforce_eager, model_config.batch_invariant,
-                                  choices)
+                                  choices, tensor_parallel)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_positions, self.arch.max_positions)
         self.block_size = cache_config.block_size
@@ -179,6 +190,8 @@ class ModelRunner:
                                  f"use a bf16 KV cache")
             self.attention_kernel = "none"
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
+        if tensor_parallel is not None:  # one block table for every rank: the pool all of them hold
+            self.num_blocks = tensor_parallel.min_int(self.num_blocks)
         # One block past the pool's: the scratch block, given to no request, where the padded rows of
         # a captured decode step write their K/V (decode_graphs).
         self.scratch_block = self.num_blocks
@@ -387,6 +400,8 @@ class ModelRunner:
             # Every row (a step of decodes): the hidden states as they are, no gather.
             every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
             logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=self.device)])
+        if not self.samples:  # a tensor-parallel rank other than 0: its share of the step is done
+            return output
         if self.guide.matchers:  # structured output: mask only the rows of guided requests
             self.guide.mask(logits, [(row, c.state.request_id, c.item.spec_token_ids) for row, c in plain + spec])
         sampled, logprobs = output.sampled_token_ids, output.logprobs
