@@ -73,6 +73,9 @@ class SimConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ttft_slo_ms: float | None = None  # carried by every request, as the bench sends them
     tpot_slo_ms: float | None = None
+    # Price a replica's repeated decode steps in one go (Scheduler.repeatable_steps) instead of
+    # planning each: the same answers (tests/sim/test_fast_path.py); False plans every step.
+    repeat_decode_steps: bool = True
 
     @property
     def replicas(self) -> int:
@@ -119,6 +122,7 @@ class Simulator:
             raise ValueError("--prefill-replicas/--decode-replicas/--migration: the profile has no KV transfer cost "
                              "(calibrate it again, or derive one with --hardware)")
         self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size, cluster.router_options)
+        self._allow_repeats()
         self.num_moves = self.num_moves_refused = 0
         self.moves: dict[str, int] = {}  # reason -> moves that landed (disaggregation, rebalance, priority)
         self.now = 0.0
@@ -130,6 +134,16 @@ class Simulator:
         self._rebalancing = False  # one rebalancing move at a time, as the cluster client
         self._move_reasons: dict[str, str] = {}  # request id -> why it is moving
         self._held: dict[str, list] = {}  # victim request id -> arrivals waiting for it to make room
+
+    def _allow_repeats(self) -> None:
+        """Runs of repeated steps only where nothing but the replica's own arrivals reads its
+        scheduler between steps (no KV moves), and where the profile prices a step by its
+        features alone (a subclass that prices plans itself sees every plan)."""
+        cluster = self.config.cluster
+        allowed = (self.config.repeat_decode_steps and not cluster.migration and not self.decode_pool
+                   and type(self.profile).step_seconds is StepProfile.step_seconds)
+        for replica in self.replicas:
+            replica.repeat_steps = allowed
 
     def route(self, prompt_token_ids, user) -> int:
         """The replica the cluster's router picks for a request now."""
@@ -165,6 +179,7 @@ class Simulator:
         self.profile = profile
         for replica in self.replicas:
             replica.profile = profile
+        self._allow_repeats()
 
     @property
     def num_steps(self) -> int:
@@ -235,10 +250,14 @@ class Simulator:
             self.now = now
             dirty: dict[int, SimReplica] = {}
             while heap and heap[0][0] == now:
-                _, kind, _, payload = heapq.heappop(heap)
+                _, kind, seq, payload = heapq.heappop(heap)
                 self.num_events += 1
                 if kind == STEP_DONE:
                     replica = replicas[payload]
+                    if seq != replica.step_seq:
+                        continue  # the end of a run that an arrival cut short: its step ends earlier
+                    if replica.run_times is not None:
+                        self._end_repeats(replica, len(replica.run_times) - 2)
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
                     updates = replica.finish_step(now)
                     if updates:  # the front end sees an output update: a step, as the stream sees it
@@ -302,15 +321,47 @@ class Simulator:
             for replica in dirty.values():
                 if replica.busy:
                     continue
-                duration, rejected = replica.start_step(now)
+                end, rejected = replica.start_step(now)
                 for request in rejected:
                     outcome = in_flight.pop(request.request_id)
                     self._forget(outcome, replica)
                     outcome.error = "rejected: the scheduler cannot meet this request's SLO"
                     finish(outcome, now + deliver)
-                if duration is not None:
-                    self._push(now + duration, STEP_DONE, replica.replica_id)
+                if end is not None:
+                    self._push_step_end(end, replica)
         self._in_flight = self._finish = None
+
+    def _push_step_end(self, end: float, replica: SimReplica) -> None:
+        self._push(end, STEP_DONE, replica.replica_id)
+        replica.step_seq = self._seq
+
+    def _end_repeats(self, replica: SimReplica, last: int) -> None:
+        """The replica's run ended, or is cut at step `last`: its steps before `last` ended
+        quietly (a token for every request, nobody finished); deliver their tokens as the
+        STEP_DONE of each would have."""
+        plan, rows = replica.plan, replica.step_sampled_rows
+        ends = replica.end_repeats(last)
+        if not ends:
+            return
+        deliver, per_stream = self.profile.deliver_s, self.profile.deliver_per_stream_s
+        delivered = [end + deliver + per_stream * rows for end in ends]
+        step_s, last_output_at = replica.step_s, replica.last_output_at
+        for at in delivered:
+            step_s, last_output_at = policy.observe_step_gap(step_s, last_output_at, at), at
+        replica.step_s, replica.last_output_at = step_s, last_output_at
+        in_flight = self._in_flight
+        for item in plan.scheduled:
+            in_flight[item.request_id].token_times.extend(delivered)
+
+    def _cut_run(self, replica: SimReplica, now: float) -> None:
+        """A request reaches a replica in a run: the run stops at the step in flight, which its
+        next plan follows, as step by step."""
+        last = replica.step_in_flight(now)
+        more = last < len(replica.run_times) - 2
+        end = replica.run_times[last + 1]
+        self._end_repeats(replica, last)
+        if more:
+            self._push_step_end(end, replica)
 
     # ---- the front end's count of each replica's requests (ClusterClient._loads) ---------------
     @staticmethod
@@ -346,6 +397,8 @@ class Simulator:
         """The replica's core takes the request (`core`: a resumed one, with `num_output` tokens
         already made); False when it answers 400 (the outcome is finished with the error)."""
         request = Request(core or outcome.core, replica.max_model_len)
+        if replica.run_times is not None:
+            self._cut_run(replica, now)
         try:
             replica.add_request(request, now)
         except ValueError as exc:  # the server would answer 400

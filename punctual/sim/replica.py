@@ -8,6 +8,8 @@ end. Generation stops by the scheduler's own logic: requests carry `max_tokens` 
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, StepPlan
@@ -49,6 +51,13 @@ class SimReplica:
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
         self.step_draws = step_stream(replica_id, spread_seed)  # with a profile's spread: each step's ratio to its price
         self.step_sampled_rows = 0.0
+        # Runs of repeated decode steps (Scheduler.repeatable_steps): priced at once, and planned and
+        # ended in one go when the run ends or something reaches the scheduler. Set by the Simulator
+        # where nothing else reads the replica's scheduler between its steps.
+        self.repeat_steps = False
+        self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
+        self._draws_state = None  # the step draws' state after the run's first step, for a cut
+        self.step_seq = 0  # the simulator's event for the end of the step (or run) in flight
 
     @property
     def busy(self) -> bool:
@@ -58,7 +67,9 @@ class SimReplica:
         self.scheduler.add_request(request, now)
 
     def start_step(self, now: float) -> tuple[float | None, list[Request]]:
-        """Plan a step at `now`: (its duration, or None if nothing runs; requests the policy shed)."""
+        """Plan a step at `now`: (when it ends, or None if nothing runs; requests the policy shed).
+        With `repeat_steps`, the step and the repeats of it that follow form a run, and the time
+        is when the run's last step ends."""
         plan = self.scheduler.schedule(now)
         rejected = plan.rejected
         if not plan.scheduled:
@@ -71,7 +82,57 @@ class SimReplica:
         ratios = self.profile.step_ratios
         if ratios is not None:
             seconds *= draw(ratios, self.step_draws.random())
-        return seconds, rejected
+        end = now + seconds
+        if self.repeat_steps and not rejected:
+            repeats = self.scheduler.repeatable_steps(plan, SYNTHETIC_TOKEN)
+            if repeats:
+                end = self._price_repeats(features, now, end, repeats)
+        return end, rejected
+
+    def _price_repeats(self, features: tuple[float, ...], now: float, end: float, repeats: int) -> float:
+        """Each repeat's price as start_step would charge it (its context one token longer per
+        step, its spread drawn in turn); returns the run's end."""
+        _, _, decodes, context, pairs, rows = features
+        predict, ratios = self.profile.predict, self.profile.step_ratios
+        if ratios is not None:
+            self._draws_state = self.step_draws.getstate()
+            random = self.step_draws.random
+        times = [now, end]
+        for step in range(1, repeats + 1):  # whole numbers in floats: the sums are exact
+            seconds = predict((1.0, 0.0, decodes, context + decodes * step, pairs + decodes * step, rows))
+            if ratios is not None:
+                seconds *= draw(ratios, random())
+            end = end + seconds
+            times.append(end)
+        self.run_times = times
+        return end
+
+    def step_in_flight(self, now: float) -> int:
+        """The run's step in flight at `now` (the last one started before it)."""
+        return bisect_left(self.run_times, now, 0, len(self.run_times) - 1) - 1
+
+    def end_repeats(self, last: int) -> list[float]:
+        """The run's steps before step `last` ended quietly: end them and plan step `last`, as
+        step-by-step planning would have; the run is over (step `last` is the step in flight).
+        Returns the ended steps' end times."""
+        times, plan = self.run_times, self.plan
+        self.run_times = None
+        ends = times[1:last + 1]
+        seconds = [end - start for start, end in zip(times, ends)]  # as finish_step: now - step_started
+        self.scheduler.finish_repeated_steps(plan, SYNTHETIC_TOKEN, seconds)
+        self.num_steps += last
+        for step_seconds in seconds:
+            self.busy_s += step_seconds
+        if last < len(times) - 2 and self._draws_state is not None:  # cut short: the later draws are not taken
+            self.step_draws.setstate(self._draws_state)
+            for _ in range(last):
+                self.step_draws.random()
+        self._draws_state = None
+        if last:
+            self.plan = self.scheduler.schedule(times[last])
+            self.step_started = times[last]
+            assert len(self.plan.scheduled) == len(plan.scheduled) and not self.plan.preempted, "a repeat differed"
+        return ends
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None
