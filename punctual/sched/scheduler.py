@@ -490,54 +490,6 @@ class Scheduler:
         del self.requests[request.request_id]
         self.policy.on_finished(request, now)
 
-    # ---- repeating a decode-only step (the simulator's fast path; the engine never calls these) ----
-    # A replica whose every running request decodes, with nothing waiting, plans the same step
-    # over and over until a block fills (the prefix cache indexes it, the next step allocates) or
-    # a request finishes. The simulator charges such repeats without planning each one; these
-    # two methods say how many there are and apply them as the step-by-step calls would.
-    def repeatable_steps(self, plan: StepPlan, token_id: int) -> int:
-        """How many steps after `plan` (just scheduled, not yet run) would repeat it if every
-        token sampled were `token_id` and no request arrived: the same requests, one decode token
-        each, no block allocated, filled or freed, nobody finishing, no policy hook with state to
-        feed. Each of `plan`'s first that-many steps (its own and the repeats) ends quietly. 0
-        when there are none or the policy reads more than the plan (shedding, a prefill cap,
-        per-token accounting)."""
-        if (self.waiting or plan.preempted or plan.rejected or self._on_tokens is not None or self._may_shed
-                or self._reads_decodes or len(plan.scheduled) != len(self.running)):
-            return 0
-        requests, tables, block_size = self.requests, self.kv.block_tables, self.kv.block_size
-        indexed = self.kv.indexed_blocks if self.kv.enable_prefix_caching else None
-        repeats = 1 << 30
-        for item in plan.scheduled:
-            if not item.is_decode or item.spec_token_ids or item.num_spec_reserved:
-                return 0
-            request = requests[item.request_id]
-            start = item.start_position
-            if indexed is not None and start // block_size > indexed[item.request_id]:
-                return 0  # a full block not indexed yet: the step's end indexes it
-            # The step that computes position p fills a block when p + 1 is a multiple of the
-            # block size; the one that computes position len(table) * block_size allocates.
-            repeats = min(repeats, block_size - 1 - start % block_size,
-                          len(tables[item.request_id]) * block_size - 1 - start,
-                          request.tokens_before_finish(token_id))
-            if repeats <= 0:
-                return 0
-        return repeats
-
-    def finish_repeated_steps(self, plan: StepPlan, token_id: int, step_seconds: Sequence[float]) -> None:
-        """End `plan` and the repeats of it that followed (len(step_seconds) steps in all, at most
-        repeatable_steps(plan, token_id)), as record_step_time and update_from_output would after
-        each, every sampled token `token_id`; the step after them is then planned by schedule()."""
-        num_seqs = len(plan.scheduled)
-        observe = self.cost_model.observe
-        for seconds in step_seconds:  # record_step_time of a plan of num_seqs decodes, each sampled
-            observe(num_seqs, num_seqs, seconds, num_seqs)
-        count, requests = len(step_seconds), self.requests
-        for item in plan.scheduled:
-            request = requests[item.request_id]
-            request.num_computed_tokens += count
-            request.extend_tokens(token_id, count)
-
     def check_integrity(self) -> None:
         self.kv.check_integrity()
         assert len(self.running) + len(self.waiting) == len(self.requests)

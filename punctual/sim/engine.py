@@ -122,6 +122,7 @@ class Simulator:
             raise ValueError("--prefill-replicas/--decode-replicas/--migration: the profile has no KV transfer cost "
                              "(calibrate it again, or derive one with --hardware)")
         self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size, cluster.router_options)
+        self._visible: list = []  # (time, 0 end | 1 start, run's event seq, replica id): run ops the router sees
         self._allow_repeats()
         self.num_moves = self.num_moves_refused = 0
         self.moves: dict[str, int] = {}  # reason -> moves that landed (disaggregation, rebalance, priority)
@@ -144,6 +145,7 @@ class Simulator:
                    and type(self.profile).step_seconds is StepProfile.step_seconds)
         for replica in self.replicas:
             replica.repeat_steps = allowed
+        self._router_reads_state = cluster.router != "round_robin"
 
     def route(self, prompt_token_ids, user) -> int:
         """The replica the cluster's router picks for a request now."""
@@ -256,8 +258,9 @@ class Simulator:
                     replica = replicas[payload]
                     if seq != replica.step_seq:
                         continue  # the end of a run that an arrival cut short: its step ends earlier
-                    if replica.run_times is not None:
-                        self._end_repeats(replica, len(replica.run_times) - 2)
+                    if replica.run is not None:
+                        self._catch_up(replica, now, every=True)
+                        replica.end_run()
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
                     updates = replica.finish_step(now)
                     if updates:  # the front end sees an output update: a step, as the stream sees it
@@ -305,8 +308,12 @@ class Simulator:
                                              user=sim_request.user)
                     outcome = Outcome(sim_request, now - admit, prompt_tokens=len(sim_request.prompt_token_ids),
                                       core=core)
-                    index = (self.front.route(sim_request.prompt_token_ids, sim_request.user) if routes is None
-                             else routes[payload])
+                    if routes is None:
+                        if self._router_reads_state:
+                            self._catch_up_visible(now)
+                        index = self.front.route(sim_request.prompt_token_ids, sim_request.user)
+                    else:
+                        index = routes[payload]
                     replica = replicas[index]
                     outcome.replica = index
                     in_flight[request_id] = outcome
@@ -329,38 +336,66 @@ class Simulator:
                     finish(outcome, now + deliver)
                 if end is not None:
                     self._push_step_end(end, replica)
+                    if replica.run is not None:
+                        replica.run_outcomes = [in_flight[i] for i in replica.run.request_ids]
+                        self._push_visible(replica)
         self._in_flight = self._finish = None
 
     def _push_step_end(self, end: float, replica: SimReplica) -> None:
         self._push(end, STEP_DONE, replica.replica_id)
         replica.step_seq = self._seq
 
-    def _end_repeats(self, replica: SimReplica, last: int) -> None:
-        """The replica's run ended, or is cut at step `last`: its steps before `last` ended
-        quietly (a token for every request, nobody finished); deliver their tokens as the
-        STEP_DONE of each would have."""
-        plan, rows = replica.plan, replica.step_sampled_rows
-        ends = replica.end_repeats(last)
-        if not ends:
+    # ---- runs of repeated decode steps (punctual.sched.repeats) -------------------------------------
+    # A replica in a run holds its scheduler where the run began; its ops (step ends, and the
+    # starts that allocate) are applied when something reads it: before the router decides (those
+    # whose blocks the router sees, and everything before them), when a request reaches it, and at
+    # the run's end. The router sees each replica as it is at the decision, as step by step.
+    def _catch_up(self, replica: SimReplica, now: float, every: bool = False) -> None:
+        """Apply the replica's run ops that happened by `now` and deliver their steps' tokens as
+        the STEP_DONE of each would have (a token for each request, nobody finished)."""
+        ended = replica.catch_up(now, every)
+        if not ended:
             return
+        times, rows = replica.run_times, replica.step_sampled_rows
         deliver, per_stream = self.profile.deliver_s, self.profile.deliver_per_stream_s
-        delivered = [end + deliver + per_stream * rows for end in ends]
+        delivered = [times[step + 1] + deliver + per_stream * rows for step in ended]
         step_s, last_output_at = replica.step_s, replica.last_output_at
         for at in delivered:
             step_s, last_output_at = policy.observe_step_gap(step_s, last_output_at, at), at
         replica.step_s, replica.last_output_at = step_s, last_output_at
-        in_flight = self._in_flight
-        for item in plan.scheduled:
-            in_flight[item.request_id].token_times.extend(delivered)
+        for outcome in replica.run_outcomes:
+            outcome.token_times.extend(delivered)
+        replica.on_change(replica.replica_id)
+
+    def _push_visible(self, replica: SimReplica) -> None:
+        """Queue the run's next op that the router would see (at its time: a step's end before
+        an instant's arrivals, a start after them)."""
+        op = replica.run.next_visible_op()
+        if op is not None:
+            heapq.heappush(self._visible, (replica.run_times[op // 2 + 1], op & 1, replica.step_seq,
+                                           replica.replica_id))
+
+    def _catch_up_visible(self, now: float) -> None:
+        """Before a routing decision at `now`: every replica with an op the router sees by then
+        applies its run up to `now`."""
+        visible, replicas = self._visible, self.replicas
+        while visible and (visible[0][0] < now or visible[0][0] == now and visible[0][1] == 0):
+            _, _, seq, replica_id = heapq.heappop(visible)
+            replica = replicas[replica_id]
+            if replica.run is None or replica.step_seq != seq:
+                continue  # that run is over
+            self._catch_up(replica, now)
+            self._push_visible(replica)
 
     def _cut_run(self, replica: SimReplica, now: float) -> None:
-        """A request reaches a replica in a run: the run stops at the step in flight, which its
-        next plan follows, as step by step."""
-        last = replica.step_in_flight(now)
-        more = last < len(replica.run_times) - 2
-        end = replica.run_times[last + 1]
-        self._end_repeats(replica, last)
-        if more:
+        """A request reaches a replica in a run: the run stops at the step in flight, and the
+        replica plans its next step with the newcomer, as step by step."""
+        self._catch_up(replica, now)
+        end = replica.end_run()
+        if end is None:  # its step ended at this instant: it plans after the instant's arrivals
+            replica.step_seq = -1
+            self._push(now, MOVE, ("wake", replica.replica_id))
+        else:
             self._push_step_end(end, replica)
 
     # ---- the front end's count of each replica's requests (ClusterClient._loads) ---------------
@@ -397,7 +432,7 @@ class Simulator:
         """The replica's core takes the request (`core`: a resumed one, with `num_output` tokens
         already made); False when it answers 400 (the outcome is finished with the error)."""
         request = Request(core or outcome.core, replica.max_model_len)
-        if replica.run_times is not None:
+        if replica.run is not None:
             self._cut_run(replica, now)
         try:
             replica.add_request(request, now)

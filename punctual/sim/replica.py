@@ -8,12 +8,13 @@ end. Generation stops by the scheduler's own logic: requests carry `max_tokens` 
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, StepPlan
 from punctual.request import Request
+from punctual.sched.repeats import DecodeRun, decode_run, truncated
 from punctual.sched.scheduler import FinishedUpdate, Scheduler
 from punctual.sim.profile import StepProfile, plan_features
 from punctual.sim.spread import draw, step_stream
@@ -55,7 +56,9 @@ class SimReplica:
         # ended in one go when the run ends or something reaches the scheduler. Set by the Simulator
         # where nothing else reads the replica's scheduler between its steps.
         self.repeat_steps = False
+        self.run: DecodeRun | None = None
         self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
+        self.run_outcomes: list = []  # the simulator's outcomes of the run's requests, in plan order
         self._draws_state = None  # the step draws' state after the run's first step, for a cut
         self.step_seq = 0  # the simulator's event for the end of the step (or run) in flight
 
@@ -83,13 +86,14 @@ class SimReplica:
         if ratios is not None:
             seconds *= draw(ratios, self.step_draws.random())
         end = now + seconds
+        self.run = None
         if self.repeat_steps and not rejected:
-            repeats = self.scheduler.repeatable_steps(plan, SYNTHETIC_TOKEN)
-            if repeats:
-                end = self._price_repeats(features, now, end, repeats)
+            run = decode_run(self.scheduler, plan, SYNTHETIC_TOKEN)
+            if run is not None:
+                end = self._price_repeats(run, features, now, end)
         return end, rejected
 
-    def _price_repeats(self, features: tuple[float, ...], now: float, end: float, repeats: int) -> float:
+    def _price_repeats(self, run: DecodeRun, features: tuple[float, ...], now: float, end: float) -> float:
         """Each repeat's price as start_step would charge it (its context one token longer per
         step, its spread drawn in turn); returns the run's end."""
         _, _, decodes, context, pairs, rows = features
@@ -98,41 +102,68 @@ class SimReplica:
             self._draws_state = self.step_draws.getstate()
             random = self.step_draws.random
         times = [now, end]
-        for step in range(1, repeats + 1):  # whole numbers in floats: the sums are exact
+        for step in range(1, run.steps + 1):  # whole numbers in floats: the sums are exact
             seconds = predict((1.0, 0.0, decodes, context + decodes * step, pairs + decodes * step, rows))
             if ratios is not None:
                 seconds *= draw(ratios, random())
+            if not seconds > 0:  # a step that takes no time would end before its instant's arrivals
+                truncated(run, step - 1)
+                self._rewind_draws(step - 1)
+                break
             end = end + seconds
             times.append(end)
-        self.run_times = times
+        if run.steps == 0:
+            self._draws_state = None
+            return times[1]
+        self.run, self.run_times = run, times
         return end
 
-    def step_in_flight(self, now: float) -> int:
-        """The run's step in flight at `now` (the last one started before it)."""
-        return bisect_left(self.run_times, now, 0, len(self.run_times) - 1) - 1
-
-    def end_repeats(self, last: int) -> list[float]:
-        """The run's steps before step `last` ended quietly: end them and plan step `last`, as
-        step-by-step planning would have; the run is over (step `last` is the step in flight).
-        Returns the ended steps' end times."""
-        times, plan = self.run_times, self.plan
-        self.run_times = None
-        ends = times[1:last + 1]
-        seconds = [end - start for start, end in zip(times, ends)]  # as finish_step: now - step_started
-        self.scheduler.finish_repeated_steps(plan, SYNTHETIC_TOKEN, seconds)
-        self.num_steps += last
-        for step_seconds in seconds:
-            self.busy_s += step_seconds
-        if last < len(times) - 2 and self._draws_state is not None:  # cut short: the later draws are not taken
+    def _rewind_draws(self, started: int) -> None:
+        """The run's draws as if only its first `started` repeats had started."""
+        if self._draws_state is not None:
             self.step_draws.setstate(self._draws_state)
-            for _ in range(last):
+            for _ in range(started):
                 self.step_draws.random()
+
+    def catch_up(self, now: float, every: bool = False) -> range:
+        """Apply the run's ops that happened by `now` (steps end before an instant's arrivals,
+        start after them), or `every` op; returns the steps that ended."""
+        run, times = self.run, self.run_times
+        steps = run.steps
+        if every:
+            ops = 2 * steps
+        else:
+            ops = bisect_right(times, now, 1, steps + 1) - 1 + bisect_left(times, now, 1, steps + 1) - 1
+        first = run.ends_done
+        if ops <= run.done:
+            return range(first, first)
+        run.advance(ops, times)
+        ended = range(first, run.ends_done)
+        for step in ended:
+            self.busy_s += times[step + 1] - times[step]  # as finish_step: now - step_started
+        self.num_steps += len(ended)
+        return ended
+
+    def end_run(self) -> float | None:
+        """The run stops where its applied ops left it: plan the step in flight as schedule()
+        would have at its start (its blocks are allocated already) and return when it ends, or
+        None when the last step ended and the next is not planned yet."""
+        run, times = self.run, self.run_times
+        self.run = self.run_times = None
+        if run.done % 2:  # the step ended at this instant; the next one starts after its arrivals
+            self._rewind_draws(run.ends_done - 1)
+            self._draws_state = None
+            self.plan = None
+            return None
+        step = run.done // 2  # started, not ended
+        if step < run.steps:
+            self._rewind_draws(step)
         self._draws_state = None
-        if last:
-            self.plan = self.scheduler.schedule(times[last])
-            self.step_started = times[last]
-            assert len(self.plan.scheduled) == len(plan.scheduled) and not self.plan.preempted, "a repeat differed"
-        return ends
+        if step:
+            plan = self.scheduler.schedule(times[step])
+            assert len(plan.scheduled) == len(run.requests) and not plan.preempted, "a repeat differed"
+            self.plan, self.step_started = plan, times[step]
+        return times[step + 1]
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None

@@ -11,6 +11,7 @@ from punctual.config import ClusterConfig, SchedulerConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.request import EngineCoreRequest, Request
 from punctual.sampling_params import SamplingParams
+from punctual.sched.repeats import decode_run
 from punctual.sched.scheduler import Scheduler
 from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
@@ -22,57 +23,61 @@ COEFFICIENTS = {"fixed": 0.004, "prefill_tokens": 2e-5, "decode_rows": 2e-4, "co
                 "attention_pairs": 1e-10, "sampled_rows": 3e-5}
 
 
-def _scheduler(num_requests: int) -> Scheduler:
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), KVCacheManager(64, 8))
+def _scheduler(num_requests: int, num_blocks: int) -> Scheduler:
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), KVCacheManager(num_blocks, 4))
     for i in range(num_requests):
-        params = SamplingParams(max_tokens=9 + 5 * i, ignore_eos=True, temperature=0.0)
+        params = SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True, temperature=0.0)
         scheduler.add_request(Request(EngineCoreRequest(f"r{i}", list(range(1, 6 + 3 * i)), params), 1 << 20), 0.0)
     return scheduler
 
 
 def _state(scheduler: Scheduler):
     return ([(r.request_id, list(r.token_ids), r.num_computed_tokens, r.status) for r in scheduler.running],
-            scheduler.cost_model._sums, dict(scheduler.kv.block_tables), scheduler.kv.num_free_blocks)
+            scheduler.cost_model._sums, dict(scheduler.kv.block_tables), scheduler.kv.num_free_blocks,
+            dict(scheduler.kv.indexed_blocks), dict(scheduler.kv.pool.cached))
 
 
-def test_repeated_steps_end_as_step_by_step_updates():
-    step_by_step, repeated = _scheduler(3), _scheduler(3)
+@pytest.mark.parametrize("num_blocks", [64, 14])  # 14: too few for every request's blocks (a run stops short)
+def test_a_decode_run_applies_the_step_by_step_calls(num_blocks):
+    # Block size 4: the runs cross block boundaries (indexing, allocation, evicting cached blocks).
+    step_by_step, repeated = _scheduler(3, num_blocks), _scheduler(3, num_blocks)
     now, seen_repeats = 0.0, 0
-    for _ in range(60):
+    for _ in range(80):
         plan = step_by_step.schedule(now)
-        assert [s.request_id for s in plan.scheduled] == [s.request_id for s in repeated.schedule(now).scheduled]
+        assert [(s.request_id, s.start_position) for s in plan.scheduled] == \
+            [(s.request_id, s.start_position) for s in repeated.schedule(now).scheduled]
         if not plan.scheduled:
             break
-        repeats = repeated.repeatable_steps(plan, SYNTHETIC_TOKEN)
-        assert repeats == step_by_step.repeatable_steps(plan, SYNTHETIC_TOKEN)
-        seconds = [0.01 + 0.001 * k for k in range(repeats + 1)]
-        for k, step_seconds in enumerate(seconds):  # the plan and its repeats, one at a time
-            if k:
-                again = step_by_step.schedule(now)
+        run = decode_run(repeated, plan, SYNTHETIC_TOKEN)
+        steps = run.steps if run is not None else 0
+        times = [now]
+        for step in range(steps + 1):  # the plan and its repeats, one call at a time
+            if step:
+                again = step_by_step.schedule(times[-1])
                 assert [(s.request_id, s.start_position) for s in again.scheduled] == \
-                    [(s.request_id, s.start_position + k) for s in plan.scheduled]  # the plan, k tokens on
+                    [(s.request_id, s.start_position + step) for s in plan.scheduled]  # the plan, steps tokens on
                 assert not again.preempted
-                plan_k = again
+                plan_now = again
             else:
-                plan_k = plan
-            step_by_step.record_step_time(plan_k, step_seconds)
-            updates = step_by_step.update_from_output(plan_k, _sampled(plan_k), now)
-            assert k == repeats or all(reason is None for _, _, reason in updates)  # the repeats end nobody
-            now += step_seconds
-        # The other one ends the plan and its repeats but the last in one go, then the last as usual.
-        repeated.finish_repeated_steps(plan, SYNTHETIC_TOKEN, seconds[:-1])
-        if repeats:
-            last = repeated.schedule(now - seconds[-1])
-            assert [(s.request_id, s.start_position) for s in last.scheduled] == \
-                [(s.request_id, s.start_position + repeats) for s in plan.scheduled]
-        else:
-            last = plan
-        repeated.record_step_time(last, seconds[-1])
-        repeated.update_from_output(last, _sampled(last), now)
-        seen_repeats += repeats
+                plan_now = plan
+            times.append(times[-1] + 0.01 + 0.001 * step)
+            step_by_step.record_step_time(plan_now, times[-1] - times[-2])
+            updates = step_by_step.update_from_output(plan_now, _sampled(plan_now), times[-1])
+            assert step == steps or all(reason is None for _, _, reason in updates)  # the repeats end nobody
+            if run is not None and step < steps and step % 3 == 1:  # applied in goes: as the calls so far
+                run.advance(2 * step + 1, times)  # up to this step's end
+                assert _state(repeated) == _state(step_by_step)
+        last = plan
+        if run is not None:
+            run.advance(2 * steps, times)
+            last = repeated.schedule(times[-2])  # the last repeat, planned as usual (its blocks are there)
+        repeated.record_step_time(last, times[-1] - times[-2])
+        repeated.update_from_output(last, _sampled(last), times[-1])
+        now = times[-1]
+        seen_repeats += steps
         assert _state(repeated) == _state(step_by_step)
         repeated.check_integrity()
-    assert seen_repeats > 10 and not step_by_step.requests  # repeats happened, and everyone finished
+    assert seen_repeats > 20 and not step_by_step.requests  # runs happened, and everyone finished
 
 
 def _sampled(plan):
@@ -97,7 +102,8 @@ def _run(router: str, repeat: bool, spread: bool, prefix_caching: bool = True):
                         duration))
     for replica in sim.replicas:
         replica.scheduler.check_integrity()
-    return (answers, sim.now, sim.num_steps, [(r.busy_s, r.step_s, r.scheduler.cost_model._sums, r.kv.num_free_blocks,
+    holders = {h: sorted(held) for h, held in getattr(sim.front.router, "holders", {}).items()}
+    return (answers, sim.now, sim.num_steps, holders, [(r.busy_s, r.step_s, r.scheduler.cost_model._sums, r.kv.num_free_blocks,
                                                 r.scheduler.num_preemptions) for r in sim.replicas]), sim.num_events
 
 
