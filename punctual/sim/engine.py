@@ -259,6 +259,11 @@ class Simulator:
                     if seq != replica.step_seq:
                         continue  # the end of a run that an arrival cut short: its step ends earlier
                     if replica.run is not None:
+                        if len(replica.run_times) - 2 < replica.run.steps and replica.price_more():
+                            self._push_step_end(replica.run_times[-1], replica)  # the run goes on
+                            if not replica.visible_queued:
+                                self._push_visible(replica)
+                            continue
                         self._catch_up(replica, now, every=True)
                         replica.end_run()
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
@@ -338,6 +343,7 @@ class Simulator:
                     self._push_step_end(end, replica)
                     if replica.run is not None:
                         replica.run_outcomes = [in_flight[i] for i in replica.run.request_ids]
+                        replica.visible_queued = False
                         self._push_visible(replica)
         self._in_flight = self._finish = None
 
@@ -371,19 +377,21 @@ class Simulator:
         """Queue the run's next op that the router would see (at its time: a step's end before
         an instant's arrivals, a start after them)."""
         op = replica.run.next_visible_op()
-        if op is not None:
-            heapq.heappush(self._visible, (replica.run_times[op // 2 + 1], op & 1, replica.step_seq,
-                                           replica.replica_id))
+        times = replica.run_times
+        if op is not None and op // 2 + 1 < len(times):  # priced (else queued once pricing reaches it)
+            heapq.heappush(self._visible, (times[op // 2 + 1], op & 1, replica.run_serial, replica.replica_id))
+            replica.visible_queued = True
 
     def _catch_up_visible(self, now: float) -> None:
         """Before a routing decision at `now`: every replica with an op the router sees by then
         applies its run up to `now`."""
         visible, replicas = self._visible, self.replicas
         while visible and (visible[0][0] < now or visible[0][0] == now and visible[0][1] == 0):
-            _, _, seq, replica_id = heapq.heappop(visible)
+            _, _, serial, replica_id = heapq.heappop(visible)
             replica = replicas[replica_id]
-            if replica.run is None or replica.step_seq != seq:
+            if replica.run is None or replica.run_serial != serial:
                 continue  # that run is over
+            replica.visible_queued = False
             self._catch_up(replica, now)
             self._push_visible(replica)
 

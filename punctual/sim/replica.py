@@ -22,6 +22,7 @@ from punctual.validation import PromptLimits
 
 SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
 SAMPLED = (SYNTHETIC_TOKEN,)
+PRICE_AHEAD = 32  # a run's repeats priced at a time: an arrival that cuts it wastes those priced past it
 
 
 def _ignore(replica_id: int) -> None:
@@ -59,6 +60,9 @@ class SimReplica:
         self.run: DecodeRun | None = None
         self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
         self.run_outcomes: list = []  # the simulator's outcomes of the run's requests, in plan order
+        self.run_serial = 0  # which run this is (the simulator's queue of run ops the router sees)
+        self.visible_queued = False  # the simulator holds this run's next op that the router sees
+        self._run_features: tuple[float, ...] = ()
         self._draws_state = None  # the step draws' state after the run's first step, for a cut
         self.step_seq = 0  # the simulator's event for the end of the step (or run) in flight
 
@@ -94,15 +98,25 @@ class SimReplica:
         return end, rejected
 
     def _price_repeats(self, run: DecodeRun, features: tuple[float, ...], now: float, end: float) -> float:
-        """Each repeat's price as start_step would charge it (its context one token longer per
-        step, its spread drawn in turn); returns the run's end."""
-        _, _, decodes, context, pairs, rows = features
-        predict, ratios = self.profile.predict, self.profile.step_ratios
-        if ratios is not None:
+        """Start the run: its first repeats priced; returns when the last priced one ends."""
+        if self.profile.step_ratios is not None:
             self._draws_state = self.step_draws.getstate()
-            random = self.step_draws.random
-        times = [now, end]
-        for step in range(1, run.steps + 1):  # whole numbers in floats: the sums are exact
+        self.run, self.run_times, self._run_features = run, [now, end], features
+        self.run_serial += 1
+        if not self.price_more():
+            self.run = self.run_times = self._draws_state = None
+        return self.run_times[-1] if self.run is not None else end
+
+    def price_more(self) -> bool:
+        """Price the run's next repeats (PRICE_AHEAD at most) as start_step would charge each
+        (its context one token longer per step, its spread drawn in turn); False if none was left."""
+        run, times = self.run, self.run_times
+        _, _, decodes, context, pairs, rows = self._run_features
+        predict, ratios = self.profile.predict, self.profile.step_ratios
+        random = self.step_draws.random
+        priced = len(times) - 2
+        end = times[-1]
+        for step in range(priced + 1, min(run.steps, priced + PRICE_AHEAD) + 1):  # whole numbers in floats: exact
             seconds = predict((1.0, 0.0, decodes, context + decodes * step, pairs + decodes * step, rows))
             if ratios is not None:
                 seconds *= draw(ratios, random())
@@ -112,11 +126,7 @@ class SimReplica:
                 break
             end = end + seconds
             times.append(end)
-        if run.steps == 0:
-            self._draws_state = None
-            return times[1]
-        self.run, self.run_times = run, times
-        return end
+        return len(times) - 2 > priced
 
     def _rewind_draws(self, started: int) -> None:
         """The run's draws as if only its first `started` repeats had started."""
@@ -129,7 +139,7 @@ class SimReplica:
         """Apply the run's ops that happened by `now` (steps end before an instant's arrivals,
         start after them), or `every` op; returns the steps that ended."""
         run, times = self.run, self.run_times
-        steps = run.steps
+        steps = len(times) - 2  # priced so far
         if every:
             ops = 2 * steps
         else:

@@ -107,9 +107,11 @@ def _run(router: str, repeat: bool, spread: bool, prefix_caching: bool = True):
                                                 r.scheduler.num_preemptions) for r in sim.replicas]), sim.num_events
 
 
-@pytest.mark.parametrize("router, spread, prefix_caching", [("cache_aware", True, True), ("least_loaded", False, True),
-                                                            ("round_robin", True, False)])
-def test_repeated_steps_give_the_step_by_step_answers(router, spread, prefix_caching):
+@pytest.mark.parametrize("router, spread, prefix_caching, price_ahead",
+                         [("cache_aware", True, True, 32), ("cache_aware", True, True, 2),
+                          ("least_loaded", False, True, 3), ("round_robin", True, False, 32)])
+def test_repeated_steps_give_the_step_by_step_answers(router, spread, prefix_caching, price_ahead, monkeypatch):
+    monkeypatch.setattr("punctual.sim.replica.PRICE_AHEAD", price_ahead)  # runs longer than their first pricing
     exact, exact_events = _run(router, False, spread, prefix_caching)
     fast, fast_events = _run(router, True, spread, prefix_caching)
     assert all(error is None for *_, error in exact[0][0][0])
