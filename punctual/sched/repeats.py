@@ -21,7 +21,7 @@ from bisect import bisect_left
 from punctual.plan import StepPlan
 from punctual.sched.scheduler import Scheduler
 
-MAX_RUN_STEPS = 256  # priced ahead: an arrival that cuts the run wastes the rest
+MAX_RUN_STEPS = 32  # priced ahead: an arrival that cuts the run wastes the rest
 
 
 class DecodeRun:
@@ -58,8 +58,9 @@ class DecodeRun:
             self._ends[index] = ends
 
     def advance(self, ops: int, times: list[float]) -> None:
-        """Apply ops up to `ops`; `times`: each step's start, then the last one's end (a step's
-        seconds as finish_step measures them: end - start)."""
+        """Apply ops up to `ops` (then `settle` before the scheduler is read); `times`: each
+        step's start, then the last one's end (a step's seconds as finish_step measures them:
+        end - start)."""
         scheduler = self.scheduler
         kv, observe, requests = scheduler.kv, scheduler.cost_model.observe, self.requests
         num_seqs = len(requests)
@@ -79,8 +80,12 @@ class DecodeRun:
                     assert allocated, "a repeat ran out of blocks"
                     scheduler._blocks_sent[request.request_id] = len(kv.block_tables[request.request_id])
         self.done = ops
+
+    def settle(self) -> None:
+        """Bring every request's tokens to the steps ended (advance brings only those whose
+        blocks it touches: the others are read by nobody until the run stops)."""
         ends = self.ends_done
-        for index in range(num_seqs):
+        for index in range(len(self.requests)):
             self._catch(index, ends)
 
 

@@ -265,7 +265,7 @@ class Simulator:
                                 self._push_visible(replica)
                             continue
                         self._catch_up(replica, now, every=True)
-                        replica.end_run()
+                        self._end_run(replica)
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
                     updates = replica.finish_step(now)
                     if updates:  # the front end sees an output update: a step, as the stream sees it
@@ -369,9 +369,18 @@ class Simulator:
         for at in delivered:
             step_s, last_output_at = policy.observe_step_gap(step_s, last_output_at, at), at
         replica.step_s, replica.last_output_at = step_s, last_output_at
-        for outcome in replica.run_outcomes:
-            outcome.token_times.extend(delivered)
+        replica.run_delivered.extend(delivered)  # read by nobody before the run stops (_end_run)
         replica.on_change(replica.replica_id)
+
+    @staticmethod
+    def _end_run(replica: SimReplica) -> float | None:
+        """The run stops (SimReplica.end_run); its requests get the tokens it delivered."""
+        delivered = replica.run_delivered
+        if delivered:
+            for outcome in replica.run_outcomes:
+                outcome.token_times.extend(delivered)
+        replica.run_delivered = []
+        return replica.end_run()
 
     def _push_visible(self, replica: SimReplica) -> None:
         """Queue the run's next op that the router would see (at its time: a step's end before
@@ -399,7 +408,7 @@ class Simulator:
         """A request reaches a replica in a run: the run stops at the step in flight, and the
         replica plans its next step with the newcomer, as step by step."""
         self._catch_up(replica, now)
-        end = replica.end_run()
+        end = self._end_run(replica)
         if end is None:  # its step ended at this instant: it plans after the instant's arrivals
             replica.step_seq = -1
             self._push(now, MOVE, ("wake", replica.replica_id))

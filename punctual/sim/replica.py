@@ -60,6 +60,7 @@ class SimReplica:
         self.run: DecodeRun | None = None
         self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
         self.run_outcomes: list = []  # the simulator's outcomes of the run's requests, in plan order
+        self.run_delivered: list[float] = []  # when the run's ended steps delivered their tokens (not yet handed over)
         self.run_serial = 0  # which run this is (the simulator's queue of run ops the router sees)
         self.visible_queued = False  # the simulator holds this run's next op that the router sees
         self._run_features: tuple[float, ...] = ()
@@ -160,6 +161,7 @@ class SimReplica:
         None when the last step ended and the next is not planned yet."""
         run, times = self.run, self.run_times
         self.run = self.run_times = None
+        run.settle()
         if run.done % 2:  # the step ended at this instant; the next one starts after its arrivals
             self._rewind_draws(run.ends_done - 1)
             self._draws_state = None

@@ -66,10 +66,12 @@ def test_a_decode_run_applies_the_step_by_step_calls(num_blocks):
             assert step == steps or all(reason is None for _, _, reason in updates)  # the repeats end nobody
             if run is not None and step < steps and step % 3 == 1:  # applied in goes: as the calls so far
                 run.advance(2 * step + 1, times)  # up to this step's end
+                run.settle()
                 assert _state(repeated) == _state(step_by_step)
         last = plan
         if run is not None:
             run.advance(2 * steps, times)
+            run.settle()
             last = repeated.schedule(times[-2])  # the last repeat, planned as usual (its blocks are there)
         repeated.record_step_time(last, times[-1] - times[-2])
         repeated.update_from_output(last, _sampled(last), times[-1])
