@@ -23,6 +23,9 @@ def add_sim_parser(subparsers) -> None:
     run.add_argument("--sim-processes", type=int, default=1,
                      help="split the replicas across this many processes (only with --router round_robin, whose "
                           "choices read no replica state: the results are the same as with one)")
+    run.add_argument("--plan-every-step", action="store_true",
+                     help="plan every step of every replica (the exact path the default is checked against: the "
+                          "same answers, slower); by default a replica's repeated decode steps are priced in runs")
     add_load_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -189,6 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     profile = load_profile(args.profile)
     config = cluster_config(sim_flags(args), profile, plan.slo)
+    if args.plan_every_step:
+        config = dataclasses.replace(config, repeat_decode_steps=False)
     if args.sim_processes < 1:
         raise ValueError(f"--sim-processes must be >= 1, got {args.sim_processes}")
     if args.sim_processes > 1:
