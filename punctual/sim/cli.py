@@ -274,7 +274,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              f"{server.get('prefill_step_s', 0.0) * 1000:.2f} ms per step with prompt tokens, over "
              f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
              f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
-             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
+             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; measured / fitted time by streams in a step: "
+             + (", ".join(f"{label}: {b['time_ratio']:.3f} ({b['num_steps']} steps)"
+                          for label, b in server.get("by_batch", {}).items()) or "-")
+             + f"; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
              f"deliver {frontend['deliver_s'] * 1000:.2f} ms + {profile.deliver_per_stream_s * 1000:.3f} ms per stream")
     profile.save(args.output)
     _log(f"wrote {args.output}")
