@@ -178,6 +178,19 @@ class Request:
             return RequestStatus.FINISHED_LENGTH.value
         return None
 
+    def tokens_before_finish(self, token_id: int) -> int:
+        """How many more `token_id`s append_token would take before one ends the request (the
+        simulator's synthetic tokens: it repeats decode steps that end nobody)."""
+        room = self.max_output_tokens - self.num_output_tokens - 1
+        if token_id in self._stop_ids:
+            room = min(room, self.sampling_params.min_tokens - self.num_output_tokens - 1)
+        return max(0, room)
+
+    def extend_tokens(self, token_id: int, count: int) -> None:
+        """append_token `count` times, for a caller that checked tokens_before_finish >= count."""
+        self.token_ids.extend([token_id] * count)
+        self.num_output_tokens += count
+
     def latency_metrics(self) -> dict:
         """Per-request latency record (ms) and SLO attainment, for the final output."""
         def ms(a: float | None, b: float | None) -> float | None:

@@ -51,6 +51,7 @@ from punctual.sim.trace import (ServerTrace, delivery_line, first_token_path, fi
                                 match_records, median, read_traces)
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
+BATCH_BUCKETS = (("1", 0, 1), ("2-4", 2, 4), ("5-16", 5, 16), ("17+", 17, 1 << 30))  # streams sampled in a step
 
 
 def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, workload: str = "chat",
@@ -152,6 +153,15 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
                 "num_requests": len(trace.adds), "num_between_steps": len(trace.front_end_delays),
                 "num_deliveries": len(deliveries)}
     priced = [fitted.predict(x) for x in trace.rows]
+    # The fit's own error by batch size (streams sampled in a step): measured / fitted time per
+    # bucket. A fit that is right on average can still price the big batches of a busy server
+    # low (TPOT predicted early at high rates) if the calibration's rates rarely made them.
+    by_batch = {}
+    for label, low, high in BATCH_BUCKETS:
+        inside = [i for i, x in enumerate(trace.rows) if low <= x[5] <= high and priced[i] > 0]
+        if inside:
+            by_batch[label] = {"num_steps": len(inside),
+                               "time_ratio": sum(trace.seconds[i] for i in inside) / sum(priced[i] for i in inside)}
     spread = {name: table for name, table in (
         ("step_ratio", quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0])),
         ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
@@ -161,5 +171,5 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
                       "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
-                      **meta}}
+                      "by_batch": by_batch, **meta}}
     return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None)

@@ -23,6 +23,9 @@ def add_sim_parser(subparsers) -> None:
     run.add_argument("--sim-processes", type=int, default=1,
                      help="split the replicas across this many processes (only with --router round_robin, whose "
                           "choices read no replica state: the results are the same as with one)")
+    run.add_argument("--plan-every-step", action="store_true",
+                     help="plan every step of every replica (the exact path the default is checked against: the "
+                          "same answers, slower); by default a replica's repeated decode steps are priced in runs")
     add_load_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -198,6 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     profile = load_profile(args.profile)
     config = cluster_config(sim_flags(args), profile, plan.slo)
+    if args.plan_every_step:
+        config = dataclasses.replace(config, repeat_decode_steps=False)
     if args.sim_processes < 1:
         raise ValueError(f"--sim-processes must be >= 1, got {args.sim_processes}")
     if args.sim_processes > 1:
@@ -281,7 +286,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              f"{server.get('prefill_step_s', 0.0) * 1000:.2f} ms per step with prompt tokens, over "
              f"{server['num_steps']} steps ({server['num_outliers']} left out), median |error| "
              f"{server['median_abs_rel_error']:.1%}, mean {server['mean_step_s'] * 1000:.2f} ms measured, "
-             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
+             f"{server['mean_predicted_s'] * 1000:.2f} ms fitted; measured / fitted time by streams in a step: "
+             + (", ".join(f"{label}: {b['time_ratio']:.3f} ({b['num_steps']} steps)"
+                          for label, b in server.get("by_batch", {}).items()) or "-")
+             + f"; front end: admit {frontend['admit_s'] * 1000:.2f} ms, "
              f"deliver {frontend['deliver_s'] * 1000:.2f} ms + {profile.deliver_per_stream_s * 1000:.3f} ms per stream")
     profile.save(args.output)
     _log(f"wrote {args.output}")

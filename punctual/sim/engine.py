@@ -76,6 +76,10 @@ class SimConfig:
     ttft_slo_ms: float | None = None  # carried by every request, as the bench sends them
     tpot_slo_ms: float | None = None
     lora: SimLoRA | None = None  # LoRA slots, loaded set and their costs; None: no adapters
+    # Price a replica's repeated decode steps in one go (Scheduler.repeatable_steps) instead of
+    # planning each: the same answers (tests/sim/test_fast_path.py); False plans every step.
+    # Off with LoRA (a run does not price adapter groups).
+    repeat_decode_steps: bool = True
 
     @property
     def replicas(self) -> int:
@@ -122,6 +126,8 @@ class Simulator:
             raise ValueError("--prefill-replicas/--decode-replicas/--migration: the profile has no KV transfer cost "
                              "(calibrate it again, or derive one with --hardware)")
         self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size, cluster.router_options)
+        self._visible: list = []  # (time, 0 end | 1 start, run's event seq, replica id): run ops the router sees
+        self._allow_repeats()
         self.num_moves = self.num_moves_refused = 0
         self.moves: dict[str, int] = {}  # reason -> moves that landed (disaggregation, rebalance, priority)
         self.now = 0.0
@@ -134,6 +140,18 @@ class Simulator:
         self._rebalancing = False  # one rebalancing move at a time, as the cluster client
         self._move_reasons: dict[str, str] = {}  # request id -> why it is moving
         self._held: dict[str, list] = {}  # victim request id -> arrivals waiting for it to make room
+
+    def _allow_repeats(self) -> None:
+        """Runs of repeated steps only where nothing but the replica's own arrivals reads its
+        scheduler between steps (no KV moves), and where the profile prices a step by its
+        features alone (a subclass that prices plans itself sees every plan)."""
+        cluster = self.config.cluster
+        allowed = (self.config.repeat_decode_steps and not cluster.migration and not self.decode_pool
+                   and self.config.lora is None
+                   and type(self.profile).step_seconds is StepProfile.step_seconds)
+        for replica in self.replicas:
+            replica.repeat_steps = allowed
+        self._router_reads_state = cluster.router != "round_robin"
 
     def route(self, prompt_token_ids, user, adapter_id: str | None = None) -> int:
         """The replica the cluster's router picks for a request now."""
@@ -179,6 +197,7 @@ class Simulator:
         self.profile = profile
         for replica in self.replicas:
             replica.profile = profile
+        self._allow_repeats()
 
     @property
     def num_steps(self) -> int:
@@ -249,10 +268,20 @@ class Simulator:
             self.now = now
             dirty: dict[int, SimReplica] = {}
             while heap and heap[0][0] == now:
-                _, kind, _, payload = heapq.heappop(heap)
+                _, kind, seq, payload = heapq.heappop(heap)
                 self.num_events += 1
                 if kind == STEP_DONE:
                     replica = replicas[payload]
+                    if seq != replica.step_seq:
+                        continue  # the end of a run that an arrival cut short: its step ends earlier
+                    if replica.run is not None:
+                        if len(replica.run_times) - 2 < replica.run.steps and replica.price_more():
+                            self._push_step_end(replica.run_times[-1], replica)  # the run goes on
+                            if not replica.visible_queued:
+                                self._push_visible(replica)
+                            continue
+                        self._catch_up(replica, now, every=True)
+                        self._end_run(replica)
                     delivered = now + deliver + per_stream * replica.step_sampled_rows
                     updates = replica.finish_step(now)
                     if updates:  # the front end sees an output update: a step, as the stream sees it
@@ -303,10 +332,13 @@ class Simulator:
                                       core=core)
                     if routes is not None:
                         index = routes[payload]
-                    elif lora is None:
-                        index = self.front.route(sim_request.prompt_token_ids, sim_request.user)
                     else:
-                        index = self.front.route(sim_request.prompt_token_ids, sim_request.user, lora.adapter_id)
+                        if self._router_reads_state:
+                            self._catch_up_visible(now)
+                        if lora is None:
+                            index = self.front.route(sim_request.prompt_token_ids, sim_request.user)
+                        else:
+                            index = self.front.route(sim_request.prompt_token_ids, sim_request.user, lora.adapter_id)
                     replica = replicas[index]
                     outcome.replica = index
                     in_flight[request_id] = outcome
@@ -321,15 +353,87 @@ class Simulator:
             for replica in dirty.values():
                 if replica.busy:
                     continue
-                duration, rejected = replica.start_step(now)
+                end, rejected = replica.start_step(now)
                 for request in rejected:
                     outcome = in_flight.pop(request.request_id)
                     self._forget(outcome, replica)
                     outcome.error = "rejected: the scheduler cannot meet this request's SLO"
                     finish(outcome, now + deliver)
-                if duration is not None:
-                    self._push(now + duration, STEP_DONE, replica.replica_id)
+                if end is not None:
+                    self._push_step_end(end, replica)
+                    if replica.run is not None:
+                        replica.run_outcomes = [in_flight[i] for i in replica.run.request_ids]
+                        replica.visible_queued = False
+                        self._push_visible(replica)
         self._in_flight = self._finish = None
+
+    def _push_step_end(self, end: float, replica: SimReplica) -> None:
+        self._push(end, STEP_DONE, replica.replica_id)
+        replica.step_seq = self._seq
+
+    # ---- runs of repeated decode steps (punctual.sched.repeats) -------------------------------------
+    # A replica in a run holds its scheduler where the run began; its ops (step ends, and the
+    # starts that allocate) are applied when something reads it: before the router decides (those
+    # whose blocks the router sees, and everything before them), when a request reaches it, and at
+    # the run's end. The router sees each replica as it is at the decision, as step by step.
+    def _catch_up(self, replica: SimReplica, now: float, every: bool = False) -> None:
+        """Apply the replica's run ops that happened by `now` and deliver their steps' tokens as
+        the STEP_DONE of each would have (a token for each request, nobody finished)."""
+        ended = replica.catch_up(now, every)
+        if not ended:
+            return
+        times, rows = replica.run_times, replica.step_sampled_rows
+        deliver, per_stream = self.profile.deliver_s, self.profile.deliver_per_stream_s
+        delivered = [times[step + 1] + deliver + per_stream * rows for step in ended]
+        step_s, last_output_at = replica.step_s, replica.last_output_at
+        for at in delivered:
+            step_s, last_output_at = policy.observe_step_gap(step_s, last_output_at, at), at
+        replica.step_s, replica.last_output_at = step_s, last_output_at
+        replica.run_delivered.extend(delivered)  # read by nobody before the run stops (_end_run)
+        replica.on_change(replica.replica_id)
+
+    @staticmethod
+    def _end_run(replica: SimReplica) -> float | None:
+        """The run stops (SimReplica.end_run); its requests get the tokens it delivered."""
+        delivered = replica.run_delivered
+        if delivered:
+            for outcome in replica.run_outcomes:
+                outcome.token_times.extend(delivered)
+        replica.run_delivered = []
+        return replica.end_run()
+
+    def _push_visible(self, replica: SimReplica) -> None:
+        """Queue the run's next op that the router would see (at its time: a step's end before
+        an instant's arrivals, a start after them)."""
+        op = replica.run.next_visible_op()
+        times = replica.run_times
+        if op is not None and op // 2 + 1 < len(times):  # priced (else queued once pricing reaches it)
+            heapq.heappush(self._visible, (times[op // 2 + 1], op & 1, replica.run_serial, replica.replica_id))
+            replica.visible_queued = True
+
+    def _catch_up_visible(self, now: float) -> None:
+        """Before a routing decision at `now`: every replica with an op the router sees by then
+        applies its run up to `now`."""
+        visible, replicas = self._visible, self.replicas
+        while visible and (visible[0][0] < now or visible[0][0] == now and visible[0][1] == 0):
+            _, _, serial, replica_id = heapq.heappop(visible)
+            replica = replicas[replica_id]
+            if replica.run is None or replica.run_serial != serial:
+                continue  # that run is over
+            replica.visible_queued = False
+            self._catch_up(replica, now)
+            self._push_visible(replica)
+
+    def _cut_run(self, replica: SimReplica, now: float) -> None:
+        """A request reaches a replica in a run: the run stops at the step in flight, and the
+        replica plans its next step with the newcomer, as step by step."""
+        self._catch_up(replica, now)
+        end = self._end_run(replica)
+        if end is None:  # its step ended at this instant: it plans after the instant's arrivals
+            replica.step_seq = -1
+            self._push(now, MOVE, ("wake", replica.replica_id))
+        else:
+            self._push_step_end(end, replica)
 
     # ---- the front end's count of each replica's requests (ClusterClient._loads) ---------------
     @staticmethod
@@ -365,6 +469,8 @@ class Simulator:
         """The replica's core takes the request (`core`: a resumed one, with `num_output` tokens
         already made); False when it answers 400 (the outcome is finished with the error)."""
         request = Request(core or outcome.core, replica.max_model_len)
+        if replica.run is not None:
+            self._cut_run(replica, now)
         try:
             replica.add_request(request, now)
         except ValueError as exc:  # the server would answer 400

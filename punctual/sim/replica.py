@@ -8,10 +8,13 @@ end. Generation stops by the scheduler's own logic: requests carry `max_tokens` 
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+
 from punctual.config import SchedulerConfig
 from punctual.kv.manager import KVCacheManager
 from punctual.plan import ModelRunnerOutput, StepPlan
 from punctual.request import Request
+from punctual.sched.repeats import DecodeRun, decode_run, truncated
 from punctual.sched.scheduler import FinishedUpdate, Scheduler
 from punctual.sim.lora import AdapterSlots, SimLoRA
 from punctual.sim.profile import StepProfile, plan_features
@@ -20,6 +23,7 @@ from punctual.validation import PromptLimits
 
 SYNTHETIC_TOKEN = 1  # every sampled token; requests stop at max_tokens (ignore_eos), not on content
 SAMPLED = (SYNTHETIC_TOKEN,)
+PRICE_AHEAD = 32  # a run's repeats priced at a time: an arrival that cuts it wastes those priced past it
 
 
 def _ignore(replica_id: int) -> None:
@@ -52,6 +56,19 @@ class SimReplica:
         self.pending_moves: list[tuple] = []  # KV moves out that wait for the step in flight to end
         self.step_draws = step_stream(replica_id, spread_seed)  # with a profile's spread: each step's ratio to its price
         self.step_sampled_rows = 0.0
+        # Runs of repeated decode steps (Scheduler.repeatable_steps): priced at once, and planned and
+        # ended in one go when the run ends or something reaches the scheduler. Set by the Simulator
+        # where nothing else reads the replica's scheduler between its steps.
+        self.repeat_steps = False
+        self.run: DecodeRun | None = None
+        self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
+        self.run_outcomes: list = []  # the simulator's outcomes of the run's requests, in plan order
+        self.run_delivered: list[float] = []  # when the run's ended steps delivered their tokens (not yet handed over)
+        self.run_serial = 0  # which run this is (the simulator's queue of run ops the router sees)
+        self.visible_queued = False  # the simulator holds this run's next op that the router sees
+        self._run_features: tuple[float, ...] = ()
+        self._draws_state = None  # the step draws' state after the run's first step, for a cut
+        self.step_seq = 0  # the simulator's event for the end of the step (or run) in flight
 
     @property
     def busy(self) -> bool:
@@ -66,7 +83,9 @@ class SimReplica:
         self.scheduler.add_request(request, now)
 
     def start_step(self, now: float) -> tuple[float | None, list[Request]]:
-        """Plan a step at `now`: (its duration, or None if nothing runs; requests the policy shed)."""
+        """Plan a step at `now`: (when it ends, or None if nothing runs; requests the policy shed).
+        With `repeat_steps`, the step and the repeats of it that follow form a run, and the time
+        is when the run's last step ends."""
         slotted_before = list(self.scheduler.lora_slots) if self.lora is not None else None
         plan = self.scheduler.schedule(now)
         rejected = plan.rejected
@@ -88,7 +107,92 @@ class SimReplica:
                 if lora is not None:
                     step_adapters[lora.lora_int_id] = lora
             seconds += self.lora.step_cost(slotted_before, self.scheduler.lora_slots, step_adapters)
-        return seconds, rejected
+        end = now + seconds
+        self.run = None
+        if self.repeat_steps and not rejected:
+            run = decode_run(self.scheduler, plan, SYNTHETIC_TOKEN)
+            if run is not None:
+                end = self._price_repeats(run, features, now, end)
+        return end, rejected
+
+    def _price_repeats(self, run: DecodeRun, features: tuple[float, ...], now: float, end: float) -> float:
+        """Start the run: its first repeats priced; returns when the last priced one ends."""
+        if self.profile.step_ratios is not None:
+            self._draws_state = self.step_draws.getstate()
+        self.run, self.run_times, self._run_features = run, [now, end], features
+        self.run_serial += 1
+        if not self.price_more():
+            self.run = self.run_times = self._draws_state = None
+        return self.run_times[-1] if self.run is not None else end
+
+    def price_more(self) -> bool:
+        """Price the run's next repeats (PRICE_AHEAD at most) as start_step would charge each
+        (its context one token longer per step, its spread drawn in turn); False if none was left."""
+        run, times = self.run, self.run_times
+        _, _, decodes, context, pairs, rows = self._run_features
+        predict, ratios = self.profile.predict, self.profile.step_ratios
+        random = self.step_draws.random
+        priced = len(times) - 2
+        end = times[-1]
+        for step in range(priced + 1, min(run.steps, priced + PRICE_AHEAD) + 1):  # whole numbers in floats: exact
+            seconds = predict((1.0, 0.0, decodes, context + decodes * step, pairs + decodes * step, rows))
+            if ratios is not None:
+                seconds *= draw(ratios, random())
+            if not seconds > 0:  # a step that takes no time would end before its instant's arrivals
+                truncated(run, step - 1)
+                self._rewind_draws(step - 1)
+                break
+            end = end + seconds
+            times.append(end)
+        return len(times) - 2 > priced
+
+    def _rewind_draws(self, started: int) -> None:
+        """The run's draws as if only its first `started` repeats had started."""
+        if self._draws_state is not None:
+            self.step_draws.setstate(self._draws_state)
+            for _ in range(started):
+                self.step_draws.random()
+
+    def catch_up(self, now: float, every: bool = False) -> range:
+        """Apply the run's ops that happened by `now` (steps end before an instant's arrivals,
+        start after them), or `every` op; returns the steps that ended."""
+        run, times = self.run, self.run_times
+        steps = len(times) - 2  # priced so far
+        if every:
+            ops = 2 * steps
+        else:
+            ops = bisect_right(times, now, 1, steps + 1) - 1 + bisect_left(times, now, 1, steps + 1) - 1
+        first = run.ends_done
+        if ops <= run.done:
+            return range(first, first)
+        run.advance(ops, times)
+        ended = range(first, run.ends_done)
+        for step in ended:
+            self.busy_s += times[step + 1] - times[step]  # as finish_step: now - step_started
+        self.num_steps += len(ended)
+        return ended
+
+    def end_run(self) -> float | None:
+        """The run stops where its applied ops left it: plan the step in flight as schedule()
+        would have at its start (its blocks are allocated already) and return when it ends, or
+        None when the last step ended and the next is not planned yet."""
+        run, times = self.run, self.run_times
+        self.run = self.run_times = None
+        run.settle()
+        if run.done % 2:  # the step ended at this instant; the next one starts after its arrivals
+            self._rewind_draws(run.ends_done - 1)
+            self._draws_state = None
+            self.plan = None
+            return None
+        step = run.done // 2  # started, not ended
+        if step < run.steps:
+            self._rewind_draws(step)
+        self._draws_state = None
+        if step:
+            plan = self.scheduler.schedule(times[step])
+            assert len(plan.scheduled) == len(run.requests) and not plan.preempted, "a repeat differed"
+            self.plan, self.step_started = plan, times[step]
+        return times[step + 1]
 
     def finish_step(self, now: float) -> list[FinishedUpdate]:
         plan, self.plan = self.plan, None

@@ -120,6 +120,23 @@ def test_serving_overhead_fit_recovers_a_known_one():
     assert len(kept) == len(rows)
 
 
+def test_fit_error_reported_by_batch_size():
+    from punctual.sim.calibrate_server import fit_serving_profile
+    from punctual.sim.trace import ServerTrace
+
+    base = StepProfile("linear", dict(COEFFICIENTS))
+    rows = [(1.0, 0.0, float(d), float(40 * d), float(40 * d), float(d)) for d in (1, 1, 2, 3, 8, 12, 24)] * 5
+    # The server's step grows faster than linearly with the batch: no line fits both ends.
+    seconds = [base.predict(x) * (1 + 0.002 * x[5] ** 2) for x in rows]
+    profile = fit_serving_profile(base, ServerTrace(rows, seconds, [], {}), [], {})
+    by_batch = profile.fit["server"]["by_batch"]
+    assert {label: b["num_steps"] for label, b in by_batch.items()} == {"1": 10, "2-4": 10, "5-16": 10, "17+": 5}
+    inside = [i for i, x in enumerate(rows) if x[5] >= 17]
+    assert by_batch["17+"]["time_ratio"] == pytest.approx(sum(seconds[i] for i in inside) /
+                                                          sum(profile.predict(rows[i]) for i in inside))
+    assert by_batch["17+"]["time_ratio"] > 1.02  # the biggest batches cost more than the fit says
+
+
 def test_prefill_step_cost_in_the_profile(tmp_path):
     """A step with prompt tokens costs "prefill_steps" more; a profile without it (older files) 0."""
     plain = StepProfile("linear", dict(COEFFICIENTS))

@@ -1,0 +1,89 @@
+"""How long `punctual sim run` takes on a big cluster with the default (cache-aware) router and
+with least-loaded (issue 33: 100,000 requests over 100 replicas within 60 s, 1,000,000 over
+1,000 within 10 minutes, on 2 cores).
+
+Each case runs the CLI a user would run, in a subprocess, and prints its wall time and the
+simulator's own line (events, steps, CPU). The profile is a roofline estimate of llama-3-8b on
+an H100 (`punctual sim calibrate llama-3-8b --hardware h100`) unless --profile names one.
+
+    python benchmarks/bench_sim_scale.py                      # 100k / 100 replicas, both routers
+    python benchmarks/bench_sim_scale.py --million            # and 1M / 1,000 replicas
+    python benchmarks/bench_sim_scale.py --exact              # each case also planned step by step
+    python benchmarks/bench_sim_scale.py --scale 0.02         # a smoke run (2,000 requests, 2 replicas)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def cpu_line() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu: unavailable"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    model = fields.get("Model name", "?").strip()
+    flags = fields.get("Flags", "").split()
+    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+    return f"{model} ({os.cpu_count()} CPUs); flags: {' '.join(wanted) or '-'}"
+
+
+def run_case(profile: str, replicas: int, requests: int, rate: float, router: str, exact: bool,
+             out_dir: str) -> tuple[float, str, str]:
+    output = os.path.join(out_dir, f"sim_{router}_{requests}_{replicas}{'_exact' if exact else ''}.json")
+    command = [sys.executable, "-m", "punctual.cli", "sim", "run", "--profile", profile, "--replicas", str(replicas),
+               "--num-requests", str(requests), "--request-rate", f"{rate:g}", "--router", router, "--no-progress",
+               "--output", output] + (["--plan-every-step"] if exact else [])
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    text = done.stdout + done.stderr
+    simulated = next((line for line in text.splitlines() if line.startswith("simulated")), "")
+    summary = next((line for line in text.splitlines() if line.startswith("sim ")), "")
+    return wall, simulated, summary + " | " + " ".join(command[2:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=None, help="step-cost profile (default: an H100 roofline estimate)")
+    parser.add_argument("--routers", default="cache_aware,least_loaded")
+    parser.add_argument("--million", action="store_true", help="also 1,000,000 requests over 1,000 replicas")
+    parser.add_argument("--exact", action="store_true", help="also run each case with --plan-every-step")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink requests, replicas and rate (smoke runs)")
+    args = parser.parse_args()
+    out_dir = tempfile.mkdtemp(prefix="bench_sim_scale_")
+    profile = args.profile
+    if profile is None:
+        profile = os.path.join(out_dir, "h100.json")
+        subprocess.run([sys.executable, "-m", "punctual.cli", "sim", "calibrate", "llama-3-8b", "--hardware", "h100",
+                        "--output", profile], check=True, capture_output=True)
+    cases = [(100, 100_000, 200.0)] + ([(1000, 1_000_000, 2000.0)] if args.million else [])
+    rows = []
+    for replicas, requests, rate in cases:
+        replicas = max(1, round(replicas * args.scale))
+        requests = max(1, round(requests * args.scale))
+        rate = rate * args.scale
+        for router in [r.strip() for r in args.routers.split(",") if r.strip()]:
+            for exact in ([False, True] if args.exact else [False]):
+                wall, simulated, detail = run_case(profile, replicas, requests, rate, router, exact, out_dir)
+                rows.append((f"{requests:,} / {replicas:,}", router, "every step" if exact else "runs", wall,
+                             simulated, detail))
+                print(f"# {detail}\n#   {simulated}", file=sys.stderr, flush=True)
+    print(f"CPU: {cpu_line()}")
+    print(f"{'requests / replicas':<22} {'router':<13} {'planning':<11} {'wall s':>8}  simulator")
+    for size, router, mode, wall, simulated, _ in rows:
+        stats = re.sub(r"^simulated ", "", simulated)
+        print(f"{size:<22} {router:<13} {mode:<11} {wall:>8.1f}  {stats}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
