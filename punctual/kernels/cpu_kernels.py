@@ -47,10 +47,10 @@ ISA_ENV = "PUNCTUAL_KERNELS_ISA"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    source: str        # file under csrc/
-    flags: tuple       # target flags on top of COMMON_FLAGS
-    cpu_flags: tuple   # /proc/cpuinfo flags (x86) or Features (aarch64) the build needs
-    machines: tuple    # platform.machine() values it compiles for
+    source: str                 # file under csrc/
+    flags: tuple[str, ...]      # target flags on top of COMMON_FLAGS
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags (x86) or Features (aarch64) the build needs
+    machines: tuple[str, ...]   # platform.machine() values it compiles for
 
 
 VARIANTS = {
@@ -66,10 +66,6 @@ VARIANTS = {
     "neon": Variant("neon", "cpu_kernels_portable.cpp", ("-ffp-contract=off",), ("asimd",), ("aarch64", "arm64")),
 }
 PREFERENCE = ("avx512", "avx2", "neon")  # the first this CPU has is chosen
-# Kept for callers that name the AVX-512 build's needs.
-REQUIRED_CPU_FLAGS = VARIANTS["avx512"].cpu_flags
-FLAGS = COMMON_FLAGS + list(VARIANTS["avx512"].flags)
-SOURCE = CSRC / VARIANTS["avx512"].source
 
 
 class KernelsUnavailable(RuntimeError):
