@@ -97,13 +97,6 @@ inline void store8(uint16_t* p, v8f x) {
 }
 inline void store8(bf16* p, v8f x) { store8(reinterpret_cast<uint16_t*>(p), x); }
 
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // The lanes' sum in _mm512_reduce_add_ps's tree order over 16 lanes (a: lanes 0-7, b: 8-15).
 inline float reduce_add16(v8f a, v8f b) {
   const v8f s = a + b;
@@ -154,44 +147,47 @@ static const float* bias_fp32(const c10::optional<at::Tensor>& bias, int64_t n, 
 }
 
 // ---- small-M GEMM over the packed [N/16, K/2, 16, 2] layout ----------------------------------
-// 32 weights of a k-pair (16 outputs x 2 inputs) as fp32: even[h], odd[h] hold outputs 8h..8h+7's
-// first and second input. bf16: the high and low halves of each 32-bit pair; int8: converted.
-inline void load_pair(const uint16_t* w, v8f (&even)[2], v8f (&odd)[2]) {
-  for (int h = 0; h < 2; ++h) {
-    v8u u;
-    std::memcpy(&u, w + 16 * h, sizeof u);
-    even[h] = bits_f(u << 16);
-    odd[h] = bits_f(u & 0xFFFF0000u);
-  }
+// A k-pair's weights for outputs 8h..8h+7 (half h of the block) as fp32: `even` their first
+// input, `odd` their second. bf16: the low and high halves of each 32-bit pair; int8: converted.
+inline void load_half(const uint16_t* w, int h, v8f& even, v8f& odd) {
+  v8u u;
+  std::memcpy(&u, w + 16 * h, sizeof u);
+  even = bits_f(u << 16);
+  odd = bits_f(u & 0xFFFF0000u);
 }
-inline void load_pair(const int8_t* w, v8f (&even)[2], v8f (&odd)[2]) {
-  for (int h = 0; h < 2; ++h)
-    for (int j = 0; j < 8; ++j) {
-      even[h][j] = float(w[16 * h + 2 * j]);
-      odd[h][j] = float(w[16 * h + 2 * j + 1]);
-    }
+inline void load_half(const int8_t* w, int h, v8f& even, v8f& odd) {
+  for (int j = 0; j < 8; ++j) {
+    even[j] = float(w[16 * h + 2 * j]);
+    odd[j] = float(w[16 * h + 2 * j + 1]);
+  }
 }
 
 constexpr int kChains = 4;
-// Rows per pass over a block: AVX2 has 16 vector registers, and one row's four chains take 8.
-constexpr int64_t kRowTile = 2;
+// Rows per pass over half a block when there are several: AVX2 has 16 vector registers and a row's
+// four chains over 8 outputs take 4. One row takes the whole block (8 registers) in one pass, so
+// a decode streams each weight once.
+constexpr int64_t kRowTile = 3;
 
-// M rows against one block: chain c takes k-pairs c, c + 4, ...; the leftover pairs go one each
-// to the first chains; the chains add as (0 + 1) + (2 + 3). The AVX-512 build's order.
-template <int M, typename T>
-inline void block_rows(const T* w, const uint32_t* x, int64_t x_stride, int64_t k2, float* out) {
-  v8f acc[M][kChains][2];
+// M rows against H halves of a block from half `first` (H = 2: all 16 outputs): chain c takes
+// k-pairs c, c + 4, ...; the leftover pairs go one each to the first chains; the chains add as
+// (0 + 1) + (2 + 3): the AVX-512 build's order, the same for every output whatever M and H.
+// x: the rows widened to fp32 once per call ([M, K], row stride x_stride), so a pair's two inputs
+// are two broadcasts from memory. out: [M, 16] (a row's 16 outputs, this call's halves written).
+template <int M, int H, typename T>
+inline void block_rows(const T* w, int first, const float* x, int64_t x_stride, int64_t k2, float* out) {
+  v8f acc[M][kChains][H];
   for (int m = 0; m < M; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c][0] = acc[m][c][1] = splat(0.f);
+    for (int c = 0; c < kChains; ++c)
+      for (int h = 0; h < H; ++h) acc[m][c][h] = splat(0.f);
   auto step = [&](int64_t kp, int c) {
     const T* wp = w + kp * 2 * kBlockN;
     __builtin_prefetch(wp + kPrefetchElems);
-    v8f even[2], odd[2];
-    load_pair(wp, even, odd);
+    v8f even[H], odd[H];
+    for (int h = 0; h < H; ++h) load_half(wp, first + h, even[h], odd[h]);
     for (int m = 0; m < M; ++m) {
-      const uint32_t pair = x[m * x_stride + kp];
-      const v8f x_even = splat(bf16_to_float(uint16_t(pair))), x_odd = splat(bf16_to_float(uint16_t(pair >> 16)));
-      for (int h = 0; h < 2; ++h) acc[m][c][h] = fmadd(even[h], x_even, fmadd(odd[h], x_odd, acc[m][c][h]));
+      const float* pair = x + m * x_stride + 2 * kp;
+      const v8f x_even = splat(pair[0]), x_odd = splat(pair[1]);
+      for (int h = 0; h < H; ++h) acc[m][c][h] = fmadd(even[h], x_even, fmadd(odd[h], x_odd, acc[m][c][h]));
     }
   };
   int64_t kp = 0;
@@ -199,22 +195,32 @@ inline void block_rows(const T* w, const uint32_t* x, int64_t x_stride, int64_t 
     for (int c = 0; c < kChains; ++c) step(kp + c, c);
   for (int c = 0; kp < k2; ++kp, ++c) step(kp, c);
   for (int m = 0; m < M; ++m)
-    for (int h = 0; h < 2; ++h)
-      storef(out + m * kBlockN + 8 * h, (acc[m][0][h] + acc[m][1][h]) + (acc[m][2][h] + acc[m][3][h]));
+    for (int h = 0; h < H; ++h)
+      storef(out + m * kBlockN + 8 * (first + h), (acc[m][0][h] + acc[m][1][h]) + (acc[m][2][h] + acc[m][3][h]));
 }
 
 template <typename T, typename Store>
-inline void gemm_blocks(const T* w, int64_t k2, const uint32_t* x, int64_t m_rows, int64_t b0, int64_t b1,
+inline void gemm_blocks(const T* w, int64_t k2, const float* x, int64_t m_rows, int64_t b0, int64_t b1,
                         const Store& store) {
   alignas(64) float sums[kRowTile * kBlockN];
-  const int64_t block_elems = k2 * 2 * kBlockN;
-  for (int64_t b = b0; b < b1; ++b)
+  const int64_t block_elems = k2 * 2 * kBlockN, k = 2 * k2;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* wb = w + b * block_elems;
+    if (m_rows == 1) {
+      block_rows<1, 2>(wb, 0, x, k, k2, sums);
+      store(b, 0, 1, sums);
+      continue;
+    }
     for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
       const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
-      if (rows == 2) block_rows<2>(w + b * block_elems, x + m0 * k2, k2, k2, sums);
-      else block_rows<1>(w + b * block_elems, x + m0 * k2, k2, k2, sums);
+      for (int half = 0; half < 2; ++half) {
+        if (rows == 3) block_rows<3, 1>(wb, half, x + m0 * k, k, k2, sums);
+        else if (rows == 2) block_rows<2, 1>(wb, half, x + m0 * k, k, k2, sums);
+        else block_rows<1, 1>(wb, half, x + m0 * k, k, k2, sums);
+      }
       store(b, m0, rows, sums);
     }
+  }
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -228,7 +234,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   at::Tensor bias32;
   const float* bias_p = bias_fp32(bias, n, "linear_bf16", bias32);
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const at::Tensor x32 = xc.to(at::kFloat);  // widened once: exact
+  const float* xp = x32.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     gemm_blocks(w, k2, xp, m_rows, b0, b1, [&](int64_t b, int64_t m0, int64_t rows, const float* sums) {
@@ -257,7 +264,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* bias_p = bias_fp32(bias, n, "linear_int8", bias32);
   auto out = at::empty({m_rows, n}, x.options());
   const auto* w = packed.data_ptr<int8_t>();
-  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const at::Tensor x32 = xc.to(at::kFloat);  // widened once: exact
+  const float* xp = x32.data_ptr<float>();
   const float* sp = scale32.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
@@ -275,8 +283,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
 
 // int4 weights on bf16 activations (layout and math as cpu_kernels.cpp's linear_int4): nibble
 // q -> q - 8, exact in fp32; a group's four chains, then total += sum * scale + sum(x) * zero.
+constexpr int64_t kRowTileInt4 = 2;
 template <int M>
-inline void block_rows_int4(const uint8_t* w, const float* scale, const float* zero, const uint32_t* x,
+inline void block_rows_int4(const uint8_t* w, const float* scale, const float* zero, const float* x,
                             const float* xsum, int64_t x_stride, int64_t group_pairs, int64_t groups, float* out) {
   v8f total[M][2];
   for (int m = 0; m < M; ++m) total[m][0] = total[m][1] = splat(0.f);
@@ -296,8 +305,8 @@ inline void block_rows_int4(const uint8_t* w, const float* scale, const float* z
         }
       const int c = int(i % 4);
       for (int m = 0; m < M; ++m) {
-        const uint32_t pair = x[m * x_stride + kp0 + i];
-        const v8f x_even = splat(bf16_to_float(uint16_t(pair))), x_odd = splat(bf16_to_float(uint16_t(pair >> 16)));
+        const float* pair = x + m * x_stride + 2 * (kp0 + i);
+        const v8f x_even = splat(pair[0]), x_odd = splat(pair[1]);
         for (int h = 0; h < 2; ++h) acc[m][c][h] = fmadd(even[h], x_even, fmadd(odd[h], x_odd, acc[m][c][h]));
       }
     }
@@ -337,22 +346,23 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
     }
   auto out = at::empty({m_rows, n}, x.options());
   const auto* w = packed.data_ptr<uint8_t>();
-  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr());
+  const at::Tensor x32 = xc.to(at::kFloat);  // widened once: exact
+  const float* xp = x32.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   parallel_range(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    alignas(64) float sums[kRowTile * kBlockN];
+    alignas(64) float sums[kRowTileInt4 * kBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w + b * k2 * kBlockN;
       const float* sb = sp + b * groups * kBlockN;
       const float* zb = zp + b * groups * kBlockN;
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTile) {
-        const int64_t rows = std::min<int64_t>(kRowTile, m_rows - m0);
-        const uint32_t* xr = xp + m0 * k2;
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kRowTileInt4) {
+        const int64_t rows = std::min<int64_t>(kRowTileInt4, m_rows - m0);
+        const float* xr = xp + m0 * k;
         const float* xsr = xsum.data() + m0 * groups;
-        if (rows == 2) block_rows_int4<2>(wb, sb, zb, xr, xsr, k2, group / 2, groups, sums);
-        else block_rows_int4<1>(wb, sb, zb, xr, xsr, k2, group / 2, groups, sums);
+        if (rows == 2) block_rows_int4<2>(wb, sb, zb, xr, xsr, k, group / 2, groups, sums);
+        else block_rows_int4<1>(wb, sb, zb, xr, xsr, k, group / 2, groups, sums);
         for (int h = 0; h < 2; ++h) {
           const v8f bv = bias_p ? loadf(bias_p + b * kBlockN + 8 * h) : splat(0.f);
           for (int64_t m = 0; m < rows; ++m)
