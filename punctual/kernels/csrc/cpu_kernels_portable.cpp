@@ -706,6 +706,26 @@ inline v8f load_kv8(const int8_t* row) {
   return v;
 }
 
+// One query head's probability-weighted sum of V rows, in fp32 (each output a sequence of FMAs over
+// the keys in order), rounded once to bf16. L: the head dim's 8-lane vectors where it is a
+// compile-time 8 or 16 (the sums stay in registers), else 0 (`lanes` of them in `spill`).
+template <int L, typename KT>
+inline void values_head(const float* probs, const KT* v, const int64_t* rows, const float* scales,
+                        const int64_t* srows, int64_t n, int64_t lanes_rt, bool prefetch, v8f* spill, uint16_t* out) {
+  constexpr bool kQuantized = std::is_same<KT, int8_t>::value;
+  const int64_t lanes = L ? L : lanes_rt;
+  v8f local[L ? L : 1];
+  v8f* acc = L ? local : spill;
+  for (int64_t c = 0; c < lanes; ++c) acc[c] = splat(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    if (prefetch && j + kKeysAhead < n) prefetch_row(v + rows[j + kKeysAhead], lanes * 8);
+    const KT* vrow = v + rows[j];
+    const v8f weight = splat(kQuantized ? probs[j] * scales[srows[j]] : probs[j]);
+    for (int64_t c = 0; c < lanes; ++c) acc[c] = fmadd(weight, load_kv8(vrow + c * 8), acc[c]);
+  }
+  for (int64_t c = 0; c < lanes; ++c) store8(out + c * 8, acc[c]);
+}
+
 template <typename KT>
 at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& block_tables, const at::Tensor& seq_of_token,
@@ -741,7 +761,7 @@ at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, 
   parallel_range(0, tokens * kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores, qf(group * dim);
     std::vector<int64_t> rows, srows;
-    std::vector<v8f> acc(group * lanes);
+    std::vector<v8f> acc(lanes);  // values_head's sums where the head dim is not 64 or 128
     int64_t rows_token = -1;
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t t = item / kv_heads, g = item % kv_heads;
@@ -768,8 +788,36 @@ at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, 
       const KT* kg = kp + g * dim;
       const KT* vg = vp + g * dim;
       for (int64_t j = 0; j < std::min<int64_t>(n, kKeysAhead); ++j) prefetch_row(kg + rows[j], dim);
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + kKeysAhead < n) prefetch_row(kg + rows[j + kKeysAhead], dim);
+      // Four keys at a time in four independent chains (one chain would wait on each FMA's
+      // latency); each key's sum is the one-key loop's below, so where a key falls does not matter.
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        for (int64_t i = j + kKeysAhead; i < std::min<int64_t>(n, j + 4 + kKeysAhead); ++i) prefetch_row(kg + rows[i], dim);
+        const KT* k0 = kg + rows[j];
+        const KT* k1 = kg + rows[j + 1];
+        const KT* k2 = kg + rows[j + 2];
+        const KT* k3 = kg + rows[j + 3];
+        float factor[4] = {fscale, fscale, fscale, fscale};
+        if (kQuantized)
+          for (int i = 0; i < 4; ++i) factor[i] = k_scales[srows[j + i] + g] * fscale;
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qf.data() + h * dim;
+          v8f d0 = splat(0.f), d1 = splat(0.f), d2 = splat(0.f), d3 = splat(0.f);
+          for (int64_t c = 0; c < lanes; ++c) {
+            const v8f qv = loadf(qh + c * 8);
+            d0 = fmadd(qv, load_kv8(k0 + c * 8), d0);
+            d1 = fmadd(qv, load_kv8(k1 + c * 8), d1);
+            d2 = fmadd(qv, load_kv8(k2 + c * 8), d2);
+            d3 = fmadd(qv, load_kv8(k3 + c * 8), d3);
+          }
+          float* sh = scores.data() + h * n + j;
+          sh[0] = reduce_add8(d0) * factor[0];
+          sh[1] = reduce_add8(d1) * factor[1];
+          sh[2] = reduce_add8(d2) * factor[2];
+          sh[3] = reduce_add8(d3) * factor[3];
+        }
+      }
+      for (; j < n; ++j) {
         const KT* krow = kg + rows[j];
         const float factor = kQuantized ? k_scales[srows[j] + g] * fscale : fscale;
         for (int64_t h = 0; h < group; ++h) {
@@ -802,21 +850,15 @@ at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, 
         const float inv = 1.f / total;
         for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
       }
-      for (auto& a : acc) a = splat(0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + kKeysAhead < n) prefetch_row(vg + rows[j + kKeysAhead], dim);
-        const KT* vrow = vg + rows[j];
-        const float value_scale = kQuantized ? v_scales[srows[j] + g] : 1.f;
-        for (int64_t c = 0; c < lanes; ++c) {
-          const v8f v = load_kv8(vrow + c * 8);
-          for (int64_t h = 0; h < group; ++h) {
-            const float weight = kQuantized ? scores[h * n + j] * value_scale : scores[h * n + j];
-            acc[h * lanes + c] = fmadd(splat(weight), v, acc[h * lanes + c]);
-          }
-        }
-      }
       uint16_t* og = op + t * heads * dim + g * group * dim;
-      for (int64_t i = 0; i < group * lanes; ++i) store8(og + i * 8, acc[i]);
+      const float* vsg = kQuantized ? v_scales + g : nullptr;
+      for (int64_t h = 0; h < group; ++h) {
+        const float* probs = scores.data() + h * n;
+        uint16_t* oh = og + h * dim;
+        if (dim == 64) values_head<8>(probs, vg, rows.data(), vsg, srows.data(), n, lanes, h == 0, acc.data(), oh);
+        else if (dim == 128) values_head<16>(probs, vg, rows.data(), vsg, srows.data(), n, lanes, h == 0, acc.data(), oh);
+        else values_head<0>(probs, vg, rows.data(), vsg, srows.data(), n, lanes, h == 0, acc.data(), oh);
+      }
     }
   });
   return out;
