@@ -9,6 +9,10 @@ gives medians over rounds and the ratio to the first variant.
     python benchmarks/bench_speed.py                         # smollm2: eager, fused bf16, int8, int4, batch-invariant
     python benchmarks/bench_speed.py --threads 1 --rounds 5  # on a busy machine: less noise
     python benchmarks/bench_speed.py --variants bf16=dtype:bfloat16 int8=quantization:int8
+    PUNCTUAL_KERNELS_ISA=avx2 python benchmarks/bench_speed.py   # the portable AVX2 build against eager
+
+The fused variants run the kernel build this CPU gets (AVX-512 BF16, else AVX2 or NEON), or the one
+PUNCTUAL_KERNELS_ISA names; the table's header says which, with the CPU's model and vector features.
 
 A variant is NAME=key:value,key:value (engine arguments; dtype defaults to bfloat16).
 """
@@ -23,6 +27,28 @@ import torch
 
 DEFAULT_VARIANTS = ("eager=enforce_eager:true", "bf16=dtype:bfloat16", "int8=quantization:int8",
                     "int4=quantization:int4", "invariant=batch_invariant:true")
+
+
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_line() -> str:
+    """The CPU's model name, its vector features that pick a kernel build, and the build loaded."""
+    from punctual.kernels import cpu_kernels
+
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    features = " ".join(f for f in KERNEL_FEATURES if f in flags) or "none of " + " ".join(KERNEL_FEATURES)
+    cpu_kernels.load()
+    build = cpu_kernels.loaded_variant() or f"none ({cpu_kernels.unavailable_reason()})"
+    return f"{model}; features: {features}; fused kernel build: {build}"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -109,6 +135,7 @@ def main() -> None:
     print(f"\n{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads; tok/s, median of "
           f"{args.rounds} interleaved rounds (ratio to {first}); decode: {args.steps} steps after "
           f"{args.prompt_len}-token prompts")
+    print(cpu_line())
     print("| variant | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name, _ in variants:

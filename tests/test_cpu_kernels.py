@@ -7,6 +7,7 @@ like oneDNN, in another order, and gives a row the same result whatever rows sha
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 
 import pytest
@@ -22,6 +23,14 @@ from punctual.models.linear import FusedWeight
 ops = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
 BF16 = torch.bfloat16
+
+
+def test_the_build_loaded_is_the_one_requested():
+    """PUNCTUAL_KERNELS_ISA=avx2 (how tests/test_cpu_kernels_portable.py runs this file) loads the
+    AVX2 build, else the best build this CPU has."""
+    requested = os.environ.get(cpu_kernels.ISA_ENV, "auto") or "auto"
+    expected = cpu_kernels.choose_variant().name if requested == "auto" else requested
+    assert cpu_kernels.loaded_variant() == expected
 
 
 def randn(*shape, scale=1.0, seed=0):
