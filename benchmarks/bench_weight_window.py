@@ -4,6 +4,7 @@ checkpoint ahead of use, TPI-LLM). Each configuration runs in a fresh process, s
 (VmHWM) is its own: start-up included.
 
     python benchmarks/bench_weight_window.py                          # smollm2 bf16: all, 1/2, 1/4
+    python benchmarks/bench_weight_window.py --quantization int8         # int8 linears and head
     python benchmarks/bench_weight_window.py --model builtin-tiny --tokens 4 --fractions 1,0.9  # a smoke run
 
 The fraction is of the model's weights as they sit in memory (with the fused bf16 kernels, a
@@ -46,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
     from punctual.checkpoints.weight_stream import resident_bytes
     from punctual.models.weight_window import WeightWindow
 
-    options = dict(dtype=args.dtype, max_num_seqs=4, kv_cache_memory="64MiB")
+    options = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=4, kv_cache_memory="64MiB")
     if args.budget is not None:
         options["max_weight_memory"] = args.budget
     try:
@@ -75,6 +76,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, budget: int | None) -> dict:
     command = [sys.executable, __file__, "--child", "--model", args.model, "--dtype", args.dtype,
+               "--quantization", args.quantization,
                "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
     if budget is not None:
         command += ["--budget", str(budget)]
@@ -88,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", default="none", help="none | int8 | int4 (the window's layers too)")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fractions", default="0.5,0.25", help="budgets as fractions of the model's weights")
@@ -100,7 +103,7 @@ def main() -> None:
     print(cpu_description())
     whole = run(args, None)
     weights = whole["weights"]
-    print(f"\n{args.model} {args.dtype}, 1 stream, {args.tokens} tokens x {args.rounds} rounds (median); "
+    print(f"\n{args.model} {args.dtype} quantization {args.quantization}, 1 stream, {args.tokens} tokens x {args.rounds} rounds (median); "
           f"weights in memory {weights / 1e6:.0f} MB, {whole['num_layers']} layers")
     print(f"{'max_weight_memory':>22} {'window':>8} {'TPOT ms':>9} {'peak RSS MB':>12}")
     print(f"{'all resident':>22} {'-':>8} {whole['tpot_ms']:9.2f} {whole['peak_rss_mb']:12.0f}")
