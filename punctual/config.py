@@ -50,6 +50,9 @@ class ModelConfig:
     # rank processes on this host (runner/tensor_parallel.py); one scheduler, in rank 0.
     tensor_parallel_size: int = 1
     threads_per_rank: int | None = None  # torch threads of each rank; None: this machine's cores / ranks
+    # Bytes of weights kept resident (e.g. "2GB"); None: all. Beyond it, a sliding window of layers is
+    # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py).
+    max_weight_memory: int | str | None = None
 
 
 @dataclass
@@ -195,6 +198,9 @@ class EngineConfig:
             raise ValueError(f"device must be auto|cpu|cuda, got {self.model.device!r}")
         if self.cache.block_size < 1 or self.cache.block_size > 256:
             raise ValueError(f"block_size must be in [1, 256], got {self.cache.block_size}")
+        self.model.max_weight_memory = parse_size(self.model.max_weight_memory, "max_weight_memory")
+        if self.model.max_weight_memory is not None and self.model.max_weight_memory <= 0:
+            raise ValueError(f"max_weight_memory must be positive, got {self.model.max_weight_memory}")
         self.cache.kv_cache_memory = parse_size(self.cache.kv_cache_memory, "kv_cache_memory")
         if self.cache.kv_cache_memory is not None and self.cache.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")

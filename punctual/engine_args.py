@@ -9,6 +9,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from punctual.config import parse_size
+
+
+def _size(value: str) -> str:
+    """argparse's check of a size flag: the error names the flag (argparse adds it)."""
+    try:
+        parse_size(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("memory size: ")) from None
+    return value
+
 
 @dataclass(frozen=True)
 class EngineArg:
@@ -40,6 +51,9 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
                                                             "default 1)")),
     EngineArg("--threads-per-rank", dict(type=int, help="torch threads of each tensor-parallel rank (default: "
                                                         "this machine's cores / --tensor-parallel-size)")),
+    EngineArg("--max-weight-memory", dict(type=_size, help="bytes of weights kept resident, e.g. 2GB, 512MB, 1.5GiB "
+                                                           "(default: all); beyond it a sliding window of layers is "
+                                                           "read from the checkpoint ahead of use")),
     EngineArg("--max-num-seqs", dict(type=int, help="sequences per step")),
     EngineArg("--max-num-batched-tokens", dict(type=int, help="token budget per step")),
     EngineArg("--kv-cache-memory", dict(help="bytes for the KV pool, e.g. 2GiB")),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,10 +29,14 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+def load_weights(path: Path, dtype: torch.dtype, int4: bool = False,
+                 only: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """The checkpoint's tensors in `dtype`. With `int4`, the 4-bit matrices a converted GGUF file
     keeps beside its dense weights (`<name>.q4`, `.q4_scale`, `.q4_min`) replace those as int4
-    QuantizedWeights; without it the dense weights (exact) are what load."""
+    QuantizedWeights; without it the dense weights (exact) are what load. `only`: the tensors whose
+    names it accepts, each read into memory of its own (pread, not a mapping of the file), so that
+    what the caller drops is freed (a sliding window of layers, checkpoints/weight_stream.py)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
@@ -42,7 +47,12 @@ def load_weights(path: Path, dtype: torch.dtype, int4: bool = False) -> dict[str
     for file in files:
         if file.name == Q4_FILE and not int4:
             continue  # the dense weights are in the checkpoint itself
-        for name, tensor in load_file(str(file)).items():
+        if only is None:
+            tensors = load_file(str(file)).items()
+        else:
+            with safe_open(str(file), framework="pt", backend="pread") as handle:
+                tensors = [(name, handle.get_tensor(name)) for name in handle.keys() if only(name)]
+        for name, tensor in tensors:
             if name.endswith((".q4", ".q4_scale", ".q4_min")):
                 q4[name] = tensor
             else:

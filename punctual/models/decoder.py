@@ -14,6 +14,7 @@ Three ways through a step, the same arithmetic in each:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class DecoderModel:
     def __init__(self, arch: ModelArchConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, quantization: str = "none", enforce_eager: bool = False,
                  batch_invariant: bool = False, kernel_choices: KernelChoices = KernelChoices(),
-                 tensor_parallel: RankGroup | None = None):
+                 tensor_parallel: RankGroup | None = None, resident_layers: bool = True):
         """`quantization` (none | int8 | int4): weight-only, for every linear of the layers (experts
         included), and the head as HEAD_QUANTIZATION says (a tied embedding keeps its plain copy for
         lookups). Unless `enforce_eager`, bf16 on CPU runs the fused kernels where they build
@@ -126,7 +127,9 @@ class DecoderModel:
         rounds its sums once but adds them in another order than oneDNN. `batch_invariant` runs every
         linear and every token's attention through the kernels, whose order of summation per row is fixed.
         `tensor_parallel`: this rank's group, where `weights` is one rank's shard (models/sharding.py):
-        the row-parallel linears' outputs are all-reduced and the head's vocabulary slices gathered."""
+        the row-parallel linears' outputs are all-reduced and the head's vocabulary slices gathered.
+        Without `resident_layers`, no layer is loaded: the owner installs `layers`, a sliding window
+        of them (checkpoints/weight_stream.py), and decodes run layer by layer."""
         if quantization != "none" and device.type != "cpu":
             raise ValueError(f"quantization {quantization!r} runs on CPU only (PyTorch's CPU kernels); "
                              f"device is {device.type}")
@@ -152,12 +155,12 @@ class DecoderModel:
             if not arch.in_decode_stack:
                 raise ValueError(f"batch_invariant runs Llama- and Qwen3-layer models only; {arch.architecture} is not one")
         self.packed = packing_is_exact(dtype, device)
-        self._load(weights, architecture(arch.architecture).names)
+        self._load(weights, architecture(arch.architecture).names, resident_layers)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
-                       and arch.in_decode_stack and tensor_parallel is None else None)
+                       and arch.in_decode_stack and tensor_parallel is None and resident_layers else None)
         if tensor_parallel is not None and self.kernels is not None and kernel_choices.decode_stack:
             logger.info("tensor parallel: the whole-stack decode kernel is off (it cannot all-reduce between "
                         "layers); decode steps run the fused kernels layer by layer")
@@ -168,7 +171,7 @@ class DecoderModel:
         if self.kernels is not None:
             logger.info("fused CPU kernels: %s", tune_table.summary())
             off = [what for what, on in (("the whole-stack decode kernel", self._stack is not None or not
-                                          kernel_choices.decode_stack),
+                                          kernel_choices.decode_stack or not resident_layers),
                                          ("the fused attention kernel", self.attention_kernel == "all" or not
                                           kernel_choices.fused_attention)) if not on]
             if off:
@@ -176,143 +179,172 @@ class DecoderModel:
                             arch.architecture, " and ".join(off))
 
     # ---- weights --------------------------------------------------------------------------
-    def _load(self, weights: dict[str, torch.Tensor], names: WeightNames) -> None:
+    def _take(self, weights: dict, name: str) -> torch.Tensor | QuantizedWeight:
+        if name not in weights:
+            raise KeyError(f"checkpoint is missing tensor {name!r}")
+        weight = weights.pop(name)
+        if isinstance(weight, QuantizedWeight):  # a GGUF file's 4-bit matrix (load_weights)
+            return weight
+        return weight.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _maybe(self, weights: dict, name: str) -> torch.Tensor | QuantizedWeight | None:
+        return self._take(weights, name) if name in weights else None
+
+    def _cat(self, weights: dict, names_: list[str]) -> torch.Tensor | QuantizedWeight | None:
+        tensors = [self._maybe(weights, n) for n in names_]
+        if all(t is None for t in tensors):
+            return None
+        if any(t is None for t in tensors):
+            raise KeyError(f"checkpoint has only some of {names_}")
+        if all(isinstance(t, QuantizedWeight) for t in tensors):
+            return concat_int4(tensors)
+        # Mixed (say 4-bit q and k, a 6-bit v): dense, as the file's values.
+        return torch.cat([t.dequantize(self.dtype) if isinstance(t, QuantizedWeight) else t
+                          for t in tensors]).contiguous()
+
+    def _norm_weight(self, weights: dict, name: str | None) -> torch.Tensor | None:
+        if name is None or name not in weights:
+            return None
+        weight = weights.pop(name)
+        if not self.arch.norm_plus_one:
+            return weight.to(device=self.device, dtype=self.dtype).contiguous()
+        # Gemma scales by (1 + w) in float32; the fused kernels take it rounded to bf16.
+        plus_one = 1.0 + weight.to(device=self.device, dtype=torch.float32)
+        return plus_one.to(self.dtype) if self.kernels is not None else plus_one.contiguous()
+
+    def _load(self, weights: dict[str, torch.Tensor], names: WeightNames, resident_layers: bool = True) -> None:
+        """The weights in the form the step reads. Without `resident_layers`, the embeddings, final
+        norm and head only: the layers come one at a time from load_layer (checkpoints/weight_stream)."""
         arch, device, dtype = self.arch, self.device, self.dtype
-
-        def take(name: str) -> torch.Tensor | QuantizedWeight:
-            if name not in weights:
-                raise KeyError(f"checkpoint is missing tensor {name!r}")
-            weight = weights.pop(name)
-            if isinstance(weight, QuantizedWeight):  # a GGUF file's 4-bit matrix (load_weights)
-                return weight
-            return weight.to(device=device, dtype=dtype).contiguous()
-
-        def maybe(name: str) -> torch.Tensor | QuantizedWeight | None:
-            return take(name) if name in weights else None
-
-        def cat(names_: list[str]) -> torch.Tensor | QuantizedWeight | None:
-            tensors = [maybe(n) for n in names_]
-            if all(t is None for t in tensors):
-                return None
-            if any(t is None for t in tensors):
-                raise KeyError(f"checkpoint has only some of {names_}")
-            if all(isinstance(t, QuantizedWeight) for t in tensors):
-                return concat_int4(tensors)
-            # Mixed (say 4-bit q and k, a 6-bit v): dense, as the file's values.
-            return torch.cat([t.dequantize(dtype) if isinstance(t, QuantizedWeight) else t for t in tensors]).contiguous()
-
-        def norm(name: str | None) -> torch.Tensor | None:
-            if name is None or name not in weights:
-                return None
-            weight = weights.pop(name)
-            if not arch.norm_plus_one:
-                return weight.to(device=device, dtype=dtype).contiguous()
-            # Gemma scales by (1 + w) in float32; the fused kernels take it rounded to bf16.
-            plus_one = 1.0 + weight.to(device=device, dtype=torch.float32)
-            return plus_one.to(dtype) if self.kernels is not None else plus_one.contiguous()
-
-        def required(tensor, what: str, layer: int):
-            if tensor is None:
-                raise KeyError(f"checkpoint is missing the {what} of layer {layer}")
-            return tensor
-
-        self.embed = take(names.embed)
-        self.layers: list[LayerWeights] = []
-        rope_specs: list[RopeSpec] = []
+        self.names = names
+        self.embed = self._take(weights, names.embed)
+        # Every distinct rotary table, in layer order: a layer's index into them needs no weights.
+        self._rope_specs: list[RopeSpec] = []
         for i in range(arch.num_layers):
-            p = names.layer.format(i=i)
-            attn = p + names.attn
-            if names.qkv is not None and attn + names.qkv + ".weight" in weights:
-                qkv, qkv_bias = take(attn + names.qkv + ".weight"), maybe(attn + names.qkv + ".bias")
-            else:
-                qkv = cat([attn + n + ".weight" for n in (names.q, names.k, names.v)])
-                qkv_bias = cat([attn + n + ".bias" for n in (names.q, names.k, names.v)])
-            mlp = next((p + prefix for prefix in names.mlp if any(k.startswith(p + prefix) for k in weights)),
-                       p + names.mlp[0])
-            gate_up = gate_up_bias = down = down_bias = moe = None
-            if arch.moe is not None and arch.moe_layers[i]:
-                moe = MoEWeights.take(weights, mlp, names, arch.moe, take, maybe, i)
-            elif names.gate_up is not None and mlp + names.gate_up + ".weight" in weights:
-                gate_up, gate_up_bias = take(mlp + names.gate_up + ".weight"), maybe(mlp + names.gate_up + ".bias")
-            else:
-                gate_up = cat([mlp + names.gate + ".weight", mlp + names.up + ".weight"])
-                gate_up_bias = cat([mlp + names.gate + ".bias", mlp + names.up + ".bias"])
-            if moe is None:
-                required(gate_up, "MLP gate/up projections", i)
-                down, down_bias = take(mlp + names.down + ".weight"), maybe(mlp + names.down + ".bias")
             spec = arch.rope_of(i)
-            if spec is not None and spec not in rope_specs:
-                rope_specs.append(spec)
-            self.layers.append(LayerWeights(
-                input_norm=required(norm(p + names.input_norm + ".weight"), "input norm", i),
-                qkv=required(qkv, "q/k/v projections", i), qkv_bias=qkv_bias,
-                o_proj=take(attn + names.o + ".weight"), o_bias=maybe(attn + names.o + ".bias"),
-                mlp_norm=required(norm(p + names.mlp_norm + ".weight"), "MLP norm", i),
-                gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias,
-                q_norm=norm(attn + names.q_norm + ".weight") if arch.qk_norm != "none" else None,
-                k_norm=norm(attn + names.k_norm + ".weight") if arch.qk_norm != "none" else None,
-                attn_out_norm=norm(p + names.attn_out_norm + ".weight") if arch.sandwich_norms else None,
-                mlp_out_norm=norm(p + names.mlp_out_norm + ".weight") if arch.sandwich_norms else None,
-                moe=moe, window=arch.window_of(i), rope=None if spec is None else rope_specs.index(spec)))
-            if arch.qk_norm != "none" and (self.layers[-1].q_norm is None or self.layers[-1].k_norm is None):
-                raise KeyError(f"checkpoint is missing the q/k norms of layer {i}")
-            if arch.sandwich_norms and (self.layers[-1].attn_out_norm is None or self.layers[-1].mlp_out_norm is None):
-                raise KeyError(f"checkpoint is missing the attention/MLP output norms of layer {i}")
-        self.norm = required(norm(names.final_norm), "final norm", arch.num_layers)
+            if spec is not None and spec not in self._rope_specs:
+                self._rope_specs.append(spec)
+        self.layers: list[LayerWeights] = ([self._build_layer(i, weights) for i in range(arch.num_layers)]
+                                           if resident_layers else [])
+        self.norm = self._norm_weight(weights, names.final_norm)
+        if self.norm is None:
+            raise KeyError(f"checkpoint is missing the final norm of layer {arch.num_layers}")
         if names.lm_head in weights and not arch.tie_word_embeddings:
-            self.lm_head = take(names.lm_head)
+            self.lm_head = self._take(weights, names.lm_head)
         else:
             self.lm_head = self.embed
         # RoPE tables in float32 over all positions, as transformers computes them per step.
         self.rope_tables = [tuple(t.to(device=device, dtype=dtype) for t in rope_tables(spec, arch.max_positions))
-                            for spec in rope_specs]
+                            for spec in self._rope_specs]
         # Llama's callers (decode_stack, decode graphs) read the one table as cos / sin.
         self.cos, self.sin = self.rope_tables[0] if self.rope_tables else (None, None)
         self._finish_linears()
 
-    def _linear_slots(self):
-        """(owner, attribute) of every linear weight of the layers, experts included."""
-        for layer in self.layers:
-            for name in ("qkv", "o_proj", "gate_up", "down"):
-                if getattr(layer, name) is not None:
-                    yield layer, name
-            if layer.moe is not None:
-                yield from layer.moe.linear_slots()
+    def load_layer(self, index: int, weights: dict[str, torch.Tensor]) -> LayerWeights:
+        """Layer `index` from its checkpoint tensors (popped from `weights`), finished as _load
+        finishes every layer: what a sliding window of layers reads in the background."""
+        layer = self._build_layer(index, weights)
+        self._finish_layer(layer)
+        return layer
+
+    def _build_layer(self, i: int, weights: dict) -> LayerWeights:
+        arch, names = self.arch, self.names
+        take = functools.partial(self._take, weights)
+        maybe = functools.partial(self._maybe, weights)
+        cat = functools.partial(self._cat, weights)
+        norm = functools.partial(self._norm_weight, weights)
+
+        def required(tensor, what: str):
+            if tensor is None:
+                raise KeyError(f"checkpoint is missing the {what} of layer {i}")
+            return tensor
+
+        p = names.layer.format(i=i)
+        attn = p + names.attn
+        if names.qkv is not None and attn + names.qkv + ".weight" in weights:
+            qkv, qkv_bias = take(attn + names.qkv + ".weight"), maybe(attn + names.qkv + ".bias")
+        else:
+            qkv = cat([attn + n + ".weight" for n in (names.q, names.k, names.v)])
+            qkv_bias = cat([attn + n + ".bias" for n in (names.q, names.k, names.v)])
+        mlp = next((p + prefix for prefix in names.mlp if any(k.startswith(p + prefix) for k in weights)),
+                   p + names.mlp[0])
+        gate_up = gate_up_bias = down = down_bias = moe = None
+        if arch.moe is not None and arch.moe_layers[i]:
+            moe = MoEWeights.take(weights, mlp, names, arch.moe, take, maybe, i)
+        elif names.gate_up is not None and mlp + names.gate_up + ".weight" in weights:
+            gate_up, gate_up_bias = take(mlp + names.gate_up + ".weight"), maybe(mlp + names.gate_up + ".bias")
+        else:
+            gate_up = cat([mlp + names.gate + ".weight", mlp + names.up + ".weight"])
+            gate_up_bias = cat([mlp + names.gate + ".bias", mlp + names.up + ".bias"])
+        if moe is None:
+            required(gate_up, "MLP gate/up projections")
+            down, down_bias = take(mlp + names.down + ".weight"), maybe(mlp + names.down + ".bias")
+        spec = arch.rope_of(i)
+        layer = LayerWeights(
+            input_norm=required(norm(p + names.input_norm + ".weight"), "input norm"),
+            qkv=required(qkv, "q/k/v projections"), qkv_bias=qkv_bias,
+            o_proj=take(attn + names.o + ".weight"), o_bias=maybe(attn + names.o + ".bias"),
+            mlp_norm=required(norm(p + names.mlp_norm + ".weight"), "MLP norm"),
+            gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias,
+            q_norm=norm(attn + names.q_norm + ".weight") if arch.qk_norm != "none" else None,
+            k_norm=norm(attn + names.k_norm + ".weight") if arch.qk_norm != "none" else None,
+            attn_out_norm=norm(p + names.attn_out_norm + ".weight") if arch.sandwich_norms else None,
+            mlp_out_norm=norm(p + names.mlp_out_norm + ".weight") if arch.sandwich_norms else None,
+            moe=moe, window=arch.window_of(i), rope=None if spec is None else self._rope_specs.index(spec))
+        if arch.qk_norm != "none" and (layer.q_norm is None or layer.k_norm is None):
+            raise KeyError(f"checkpoint is missing the q/k norms of layer {i}")
+        if arch.sandwich_norms and (layer.attn_out_norm is None or layer.mlp_out_norm is None):
+            raise KeyError(f"checkpoint is missing the attention/MLP output norms of layer {i}")
+        return layer
+
+    @staticmethod
+    def _linear_slots_of(layer: LayerWeights):
+        """(owner, attribute) of every linear weight of a layer, experts included."""
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            if getattr(layer, name) is not None:
+                yield layer, name
+        if layer.moe is not None:
+            yield from layer.moe.linear_slots()
 
     def _finish_linears(self) -> None:
         """Quantize, then put every linear in the form its kernel reads (see models/linear.py).
         A GGUF file's 4-bit layers arrive quantized already and stay as they are."""
+        for layer in self.layers:
+            self._finish_layer(layer)
         quantization = self.quantization
-        slots = list(self._linear_slots())
+        if quantization != "none" and HEAD_QUANTIZATION[quantization] != "none":
+            self.lm_head = quantize(self.lm_head, HEAD_QUANTIZATION[quantization])
+        if self.kernels is not None:  # the fused kernels: int8 / int4 / bf16, small batches
+            if isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head.attach_fused(self.kernels, self.choices.int4_int8_activations)
+            else:
+                self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, self.batch_invariant)
+        elif self.packed:
+            # A tied head stays plain for the embedding lookup; the packed copy is the head's.
+            if not isinstance(self.lm_head, QuantizedWeight):
+                self.lm_head = pack_weight(self.lm_head)
+
+    def _finish_layer(self, layer: LayerWeights) -> None:
+        quantization = self.quantization
+        slots = list(self._linear_slots_of(layer))
         if quantization != "none":
             for owner, name in slots:
                 weight = getattr(owner, name)
                 if not isinstance(weight, QuantizedWeight):
                     setattr(owner, name, quantize(weight, quantization))
-            head = HEAD_QUANTIZATION[quantization]
-            if head != "none":
-                self.lm_head = quantize(self.lm_head, head)
-        if self.kernels is not None:  # the fused kernels: int8 / int4 / bf16, small batches
+        if self.kernels is not None:
             for owner, name in slots:
                 weight = getattr(owner, name)
                 if isinstance(weight, QuantizedWeight):
                     weight.attach_fused(self.kernels, self.choices.int4_int8_activations)
                 else:
                     setattr(owner, name, FusedWeight.from_weight(weight, self.kernels, self.batch_invariant))
-            for layer in self.layers:  # routers: bf16 always (their logits decide), in the small-batch kernel
-                if layer.moe is not None:
-                    layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant)
-            if isinstance(self.lm_head, QuantizedWeight):
-                self.lm_head.attach_fused(self.kernels, self.choices.int4_int8_activations)
-            else:
-                self.lm_head = FusedWeight.from_weight(self.lm_head, self.kernels, self.batch_invariant)
+            if layer.moe is not None:  # routers: bf16 always (their logits decide), in the small-batch kernel
+                layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant)
         elif self.packed:
             for owner, name in slots:
                 if not isinstance(getattr(owner, name), QuantizedWeight):
                     setattr(owner, name, pack_weight(getattr(owner, name)))
-            # A tied head stays plain for the embedding lookup; the packed copy is the head's.
-            if not isinstance(self.lm_head, QuantizedWeight):
-                self.lm_head = pack_weight(self.lm_head)
 
     def _decode_stack_args(self) -> tuple | None:
         """decode_stack's weight arguments (per layer the two norms, the q/k norms or None, four slots per linear,
@@ -478,7 +510,10 @@ class DecoderModel:
         scale_residual = arch.residual_multiplier != 1.0
         hidden = self._embed(input_ids)
         tables = self._step_tables(positions)  # gathered once, not per layer
-        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+        # enumerate over the layers alone: zip's first result tuple would keep layer 0 alive all
+        # pass, one layer more than a sliding window of layers (models/weight_window.py) allows.
+        for index, layer in enumerate(self.layers):
+            cache = kv_caches[index]
             residual = hidden
             x = self._norm(hidden, layer.input_norm)
             qkv = self._linear(x, layer.qkv, layer.qkv_bias, lora, index, "qkv")
@@ -512,7 +547,8 @@ class DecoderModel:
         tables = self._step_tables(positions)
         scale = arch.residual_multiplier
         delta = None  # what the last sublayer adds to the residual stream
-        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+        for index, layer in enumerate(self.layers):  # not zip: see _forward_eager
+            cache = kv_caches[index]
             x = ops.rms_norm(residual if delta is None else delta, layer.input_norm, eps,
                              None if delta is None else residual)
             qkv = self._linear(x, layer.qkv, layer.qkv_bias, lora, index, "qkv")  # adapters before RoPE

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from punctual.checkpoints import weight_stream
 from punctual.checkpoints.loader import load_weights, resolve_model_path
 from punctual.config import CacheConfig, LoRAConfig, ModelConfig
 from punctual.kernels.cpu_kernels import int8_kv_attention_supported
@@ -23,6 +24,7 @@ from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.kv_shift import KeyShifter
 from punctual.models.registry import architecture, load_arch_config
 from punctual.models.sharding import shard_checkpoint
+from punctual.models.weight_window import WeightWindow
 from punctual.plan import KVCopyOrders, KVEviction, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.runner.allocator import keep_step_buffers_mapped
 from punctual.runner.decode_graphs import DecodeGraphs
@@ -163,15 +165,26 @@ class ModelRunner:
         int4 = model_config.quantization == "int4"
         choices = KernelChoices(model_config.fused_attention, model_config.decode_stack,
                                 model_config.int4_int8_activations)
-        # Sharded: dense weights, split, then quantized (a file's 4-bit blocks do not split by head).
-        weights = load_weights(path, self.dtype, int4 and tensor_parallel is None)
-        if tensor_parallel is not None:
-            self.arch, weights = shard_checkpoint(self.arch, weights, architecture(self.arch.architecture).names,
-                                                  tensor_parallel.rank, tensor_parallel.size)
-        self.samples = tensor_parallel is None or tensor_parallel.rank == 0
-        self.model = DecoderModel(self.arch, weights, self.device, self.dtype,
-                                  model_config.quantization, model_config.enforce_eager, model_config.batch_invariant,
-                                  choices, tensor_parallel)
+        if model_config.max_weight_memory is not None and tensor_parallel is not None:
+            raise ValueError("max_weight_memory with tensor_parallel_size > 1 is not supported yet: give each "
+                             "rank the whole budget's share by running without one or the other")
+        if model_config.max_weight_memory is not None:  # a sliding window of layers where they exceed it
+            self.samples = True
+            self.model = weight_stream.load_model(path, self.arch, self.device, self.dtype, int4,
+                                                  int(model_config.max_weight_memory),
+                                                  quantization=model_config.quantization,
+                                                  enforce_eager=model_config.enforce_eager,
+                                                  batch_invariant=model_config.batch_invariant, kernel_choices=choices)
+        else:
+            # Sharded: dense weights, split, then quantized (a file's 4-bit blocks do not split by head).
+            weights = load_weights(path, self.dtype, int4 and tensor_parallel is None)
+            if tensor_parallel is not None:
+                self.arch, weights = shard_checkpoint(self.arch, weights, architecture(self.arch.architecture).names,
+                                                      tensor_parallel.rank, tensor_parallel.size)
+            self.samples = tensor_parallel is None or tensor_parallel.rank == 0
+            self.model = DecoderModel(self.arch, weights, self.device, self.dtype,
+                                      model_config.quantization, model_config.enforce_eager,
+                                      model_config.batch_invariant, choices, tensor_parallel)
         self.model_path = path
         self.max_model_len = min(model_config.max_model_len or self.arch.max_positions, self.arch.max_positions)
         self.block_size = cache_config.block_size
@@ -224,7 +237,9 @@ class ModelRunner:
         # Decode steps replayed from CUDA graphs (on CUDA, unless enforce_eager); None: every step eager.
         self.decode_graphs: DecodeGraphs | None = None
         max_graph_batch = min(model_config.cuda_graph_max_batch_size, max_num_seqs)
-        if self.device.type == "cuda" and not model_config.enforce_eager and max_graph_batch > 0:
+        # A captured graph reads the weights where they were at capture: none under a weight window.
+        windowed = isinstance(self.model.layers, WeightWindow)
+        if self.device.type == "cuda" and not model_config.enforce_eager and max_graph_batch > 0 and not windowed:
             try:
                 self.use_decode_graphs(max_graph_batch)
             except RuntimeError as error:  # a CUDA error or out of memory while capturing
