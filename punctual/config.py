@@ -44,6 +44,12 @@ class ModelConfig:
     fused_attention: bool = True  # every token attends through the fused paged-attention kernel
     decode_stack: bool = True  # decode steps of Llama-layer models run the layer stack in one kernel call
     int4_int8_activations: bool = True  # int4 kernels quantize activations to int8 (llama.cpp's Q8_0)
+    # Query-aware sparse decode attention (Quest): None (dense) | "quest". A decode at a context of
+    # at least sparse_min_context tokens attends, per layer, only over the KV blocks whose key
+    # min/max bound its q.k highest, at most sparse_token_budget tokens (first and last block kept).
+    sparse_attention: str | None = None
+    sparse_token_budget: int = 1024
+    sparse_min_context: int = 2048
 
 
 @dataclass
@@ -199,6 +205,13 @@ class EngineConfig:
         if self.scheduler.slo_overload_action not in ("reject", "best_effort"):
             raise ValueError("slo_overload_action must be reject|best_effort, "
                              f"got {self.scheduler.slo_overload_action!r}")
+        if self.model.sparse_attention not in (None, "quest"):
+            raise ValueError(f"sparse_attention must be quest (or None: dense), got {self.model.sparse_attention!r}")
+        if self.model.sparse_attention is not None and self.model.sparse_token_budget < 2 * self.cache.block_size:
+            raise ValueError(f"sparse_token_budget must be at least two blocks ({2 * self.cache.block_size} tokens: "
+                             f"the first and last are always kept), got {self.model.sparse_token_budget}")
+        if self.model.sparse_min_context < 1:
+            raise ValueError(f"sparse_min_context must be >= 1, got {self.model.sparse_min_context}")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")
 

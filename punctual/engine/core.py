@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 SLOW_STEP_S = 1.0
 
 
+SPARSE_OFF = ("sparse_attention asked for, but this engine attends densely (start it with sparse_attention='quest', "
+              "or --sparse-attention quest)")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
@@ -104,6 +108,8 @@ class EngineCore:
         if core_request.lora_request is not None:
             self.runner.load_adapter(core_request.lora_request)  # read and checked now: a bad adapter is this request's error
         check_logit_bias(core_request.sampling_params.logit_bias, self.prompt_limits)
+        if core_request.sampling_params.sparse_attention and self.config.model.sparse_attention is None:
+            raise ValueError(SPARSE_OFF)
         request = self._new_request(core_request)
         if request.sampling_params.structured is not None:  # held until its grammar compiles (off the step loop)
             self.grammars.add(core_request.request_id, request.sampling_params.structured, request)

@@ -14,6 +14,12 @@ Short queries of 2..MAX_SHORT_QUERY tokens (speculative verification, a draft mo
 get buckets of their own, padded to the longest query of the bucket, never to a prompt chunk
 that shares the step: padded with a 100-token chunk, 20 verifications of 5 tokens took 13.5 ms
 a layer instead of well under 1.
+
+Sparse decodes (Quest, Tang et al. 2024): each KV block keeps the element-wise max and min of its
+keys per KV head (LayerKVCache.summaries, rewritten whenever the step writes into the block). A
+decode scores each block by the upper bound of q.k those give, sum_d max(q_d * max_d, q_d * min_d),
+keeps its first and last blocks and the best others up to a token budget, and attends over that
+shortened block table with the same kernels as a dense decode (keys are stored rotated).
 """
 from __future__ import annotations
 
@@ -57,6 +63,18 @@ class DecodeBucket:
 
 
 @dataclass
+class SparseDecode:
+    """Decode tokens start..end (one-token queries, one sequence each, laid out after the dense
+    decodes) that attend over the blocks quest_select picks in each full-attention layer."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [end - start, max_blocks] long: their whole tables
+    context_lens: torch.Tensor  # [end - start] long: keys each token sees (its position + 1)
+    budget_blocks: int  # blocks attended at most (the token budget // block size, >= 2)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) of each new token
     num_decode_tokens: int  # the first tokens are short queries (decode buckets); prompt chunks follow
@@ -77,6 +95,9 @@ class AttentionMetadata:
     kernel_positions: torch.Tensor | None = None  # [kernel_tokens] long
     kernel_window: int = 0  # sliding window (0: none)
     window: int | None = None  # the sliding window these masks and tables were built for (None: full)
+    # Decodes that attend sparsely (Quest) in these layers; None: every token attends densely. Only
+    # full-attention metadata carries it (a sliding window is short already).
+    sparse: SparseDecode | None = None
     # A model with both full and sliding-window layers (Gemma 2/3): the metadata of its sliding
     # layers; this one is then its full layers'.
     local: "AttentionMetadata | None" = None
@@ -97,7 +118,9 @@ class LayerKVCache:
     """
 
     def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, quantized: bool = False):
+                 device: torch.device, quantized: bool = False, summaries: bool = False):
+        """`summaries`: keep each block's key max and min ([num_blocks, kv_heads, 2, head_dim] in the
+        model dtype, max first) for sparse decode attention."""
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.dtype = dtype
         self.quantized = quantized
@@ -108,6 +131,12 @@ class LayerKVCache:
         if quantized:
             self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
             self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+        self.summaries = (torch.zeros((num_blocks, kv_heads, 2, head_dim), dtype=dtype, device=device)
+                          if summaries else None)
+
+    @staticmethod
+    def summary_bytes_per_block(kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     @staticmethod
     def bytes_per_token(kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
@@ -121,11 +150,39 @@ class LayerKVCache:
         if not self.quantized:
             self.k.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
             self.v.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+        else:
+            for values, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+                q, scale = quantize_int8(values)
+                cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+                scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
+        if self.summaries is not None and slot_mapping.numel():
+            block_size = self.k.shape[1]
+            # A block's keys end at the last slot this step writes in it: the request's tokens are
+            # written in order, and whatever lies past (a rejected speculation, a previous owner's
+            # keys) is not part of it.
+            block_ids, inverse = torch.unique(slot_mapping // block_size, return_inverse=True)
+            fills = torch.zeros_like(block_ids).scatter_reduce_(0, inverse, slot_mapping % block_size + 1, "amax")
+            self._summarize(block_ids, fills)
+
+    def refresh_summaries(self, block_ids: list[int]) -> None:
+        """Recompute the summaries of whole blocks whose keys arrived by copy (the CPU tier, a KV
+        move): a partial last block is summarized again by the next write into it."""
+        if self.summaries is None or not block_ids:
             return
-        for values, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
-            q, scale = quantize_int8(values)
-            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
-            scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        self._summarize(ids, torch.full_like(ids, self.k.shape[1]))
+
+    def _summarize(self, block_ids: torch.Tensor, fills: torch.Tensor) -> None:
+        """summaries[b] = max and min over the first fills[i] keys of block b = block_ids[i]."""
+        block_size = self.k.shape[1]
+        keys = self.k[block_ids]  # [U, block_size, kv_heads, head_dim]
+        if self.quantized:
+            keys = keys.to(torch.float32) * self.k_scale[block_ids].unsqueeze(-1)
+        keys = keys.to(self.summaries.dtype)
+        unfilled = (torch.arange(block_size, device=keys.device)[None, :] >= fills[:, None])[:, :, None, None]
+        high = keys.masked_fill(unfilled, -torch.inf).amax(dim=1)
+        low = keys.masked_fill(unfilled, torch.inf).amin(dim=1)
+        self.summaries[block_ids] = torch.stack((high, low), dim=2)
 
     def gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, nb] block tables -> K, V as [B, kv_heads, nb*block_size, head_dim] in the model dtype."""
@@ -149,6 +206,46 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x32.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
     q = torch.round(x32 / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quest_select(q: torch.Tensor, summaries: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 budget_blocks: int, block_size: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each one-token query attends over (Quest), as a shortened table.
+
+    q: [m, H, D]; summaries: [num_blocks, KVH, 2, D] (max, min); block_tables: [m, W] long;
+    context_lens: [m] long. Each block's upper bound of q.k per query head is
+    sum_d max(q_d * max_d, q_d * min_d) = q+ . max + q- . min; per head the bounds go through a
+    softmax over the sequence's blocks (heads weigh alike, whatever their scale) and a block's
+    score is the sum over the heads, as one table serves every head of the sequence. The first
+    and last (partial) blocks are always kept, then the best up to budget_blocks, in position order.
+    A sequence of at most budget_blocks blocks keeps its table as it is.
+
+    Returns (tables [m, min(W, budget_blocks)], context_lens [m]): the kept blocks, the last one
+    last, and the keys a query sees through them.
+    """
+    m, num_heads, head_dim = q.shape
+    kv_heads = summaries.shape[1]
+    width = block_tables.shape[1]
+    keep = min(width, budget_blocks)
+    num_blocks = (context_lens + block_size - 1) // block_size  # [m]
+    if keep == width:  # every sequence fits the budget
+        return block_tables, context_lens
+    grouped = q.to(torch.float32).view(m, kv_heads, num_heads // kv_heads, head_dim)
+    signed = torch.cat((grouped.clamp(min=0), grouped.clamp(max=0)), dim=-1)  # pairs with (max, min)
+    bounds = summaries[block_tables].to(torch.float32)  # [m, W, KVH, 2, D]
+    bounds = bounds.view(m, width, kv_heads, 2 * head_dim).permute(0, 2, 3, 1)  # [m, KVH, 2D, W]
+    upper = torch.matmul(signed, bounds)  # [m, KVH, G, W]
+    in_sequence = torch.arange(width, device=q.device)[None, :] < num_blocks[:, None]  # [m, W]
+    upper = upper.masked_fill(~in_sequence[:, None, None, :], -torch.inf)
+    score = torch.softmax(upper * (head_dim ** -0.5 if scale is None else scale), dim=-1).sum(dim=(1, 2))
+    score[:, 0] = torch.inf
+    score.scatter_(1, (num_blocks - 1)[:, None], torch.inf)
+    score = score.masked_fill(~in_sequence, -1.0)  # below every real block (scores are >= 0)
+    chosen = score.topk(keep, dim=1).indices.sort(dim=1).values  # [m, keep]: past-the-end ones sort last
+    tables = block_tables.gather(1, chosen)
+    last_offset = (context_lens - 1) % block_size
+    lens = (torch.minimum(num_blocks, torch.full_like(num_blocks, keep)) - 1) * block_size + last_offset + 1
+    return tables, lens
 
 
 def decode_mask(context_lens: torch.Tensor, context: int, window: int | None) -> torch.Tensor:
@@ -226,18 +323,34 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     num_tokens, num_heads, head_dim = q.shape
     parts = []
     nd = meta.num_decode_tokens
+    sparse = meta.sparse if cache.summaries is not None else None
+    selected = None
+    if sparse is not None:
+        selected = quest_select(q[sparse.start:sparse.end], cache.summaries, sparse.block_tables,
+                                sparse.context_lens, sparse.budget_blocks, cache.k.shape[1], scale)
     if meta.kernel_tokens:
         n = meta.kernel_tokens
+        tables, positions = meta.kernel_block_tables, meta.kernel_positions
+        if selected is not None:  # decode i is sequence i: their rows of the tables, their positions
+            tables, positions = tables.clone(), positions.clone()
+            tables[sparse.start:sparse.end, :selected[0].shape[1]] = selected[0]
+            positions[sparse.start:sparse.end] = selected[1] - 1
         parts.append(torch.ops.punctual.paged_attention(
-            q[:n], cache.k, cache.v, meta.kernel_block_tables, meta.kernel_seq_of_token, meta.kernel_positions,
+            q[:n], cache.k, cache.v, tables, meta.kernel_seq_of_token, positions,
             meta.kernel_window, head_dim ** -0.5 if scale is None else scale, *((cache.k_scale, cache.v_scale) if cache.quantized else ())))
+        selected = None
     for bucket in meta.decode_buckets:
+        if selected is not None and bucket.start >= sparse.end:
+            parts.append(_sparse_decode(q, cache, sparse, selected, scale, softcap))
+            selected = None
         k_ctx, v_ctx = cache.gather(bucket.block_tables)
         if bucket.q_len == 1:
             out = decode_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket.mask, scale, softcap)
             parts.append(out.reshape(bucket.end - bucket.start, num_heads * head_dim))
         else:
             parts.append(short_query_attention(q[bucket.start:bucket.end], k_ctx, v_ctx, bucket, scale, softcap))
+    if selected is not None:
+        parts.append(_sparse_decode(q, cache, sparse, selected, scale, softcap))
     if num_tokens > nd:
         q_pre = q[nd:]
         if meta.prefill_fresh_causal:
@@ -256,3 +369,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             out = out.transpose(1, 2).reshape(batch * meta.prefill_max_q, num_heads * head_dim)
             parts.append(out[meta.prefill_pad_index])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _sparse_decode(q: torch.Tensor, cache: LayerKVCache, sparse: SparseDecode,
+                   selected: tuple[torch.Tensor, torch.Tensor], scale: float | None,
+                   softcap: float | None) -> torch.Tensor:
+    """The sparse decodes through PyTorch: gather only the chosen blocks. Returns [m, H * D]."""
+    tables, lens = selected
+    k_ctx, v_ctx = cache.gather(tables)
+    mask = decode_mask(lens, tables.shape[1] * cache.k.shape[1], None)
+    out = decode_attention(q[sparse.start:sparse.end], k_ctx, v_ctx, mask, scale, softcap)
+    return out.reshape(sparse.end - sparse.start, -1)

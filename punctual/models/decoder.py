@@ -149,6 +149,7 @@ class DecoderModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
+        self._logged_sparse_fallback = False
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
                        and arch.in_decode_stack else None)
         # Which tokens attend through the fused kernel (the runner builds their tables): all or none.
@@ -335,6 +336,13 @@ class DecoderModel:
         slots, kinds, groups, max_rows = self._stack
         num_tokens = input_ids.shape[0]
         if meta.kernel_tokens != num_tokens or num_tokens > max_rows:
+            return None
+        if meta.sparse is not None:
+            # decode_stack reads one block table for every layer; Quest picks blocks per layer.
+            if not self._logged_sparse_fallback:
+                logger.info("sparse decodes run the fused kernels layer by layer: the whole-stack kernel takes one "
+                            "block table for all layers, Quest chooses blocks in each")
+                self._logged_sparse_fallback = True
             return None
         quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
         arch = self.arch
