@@ -38,19 +38,19 @@ def selections(monkeypatch):
 
 
 def assert_summaries_match_keys(runner, block_ids: list[int], num_tokens: int) -> None:
-    """Each of the blocks' summary is the max and min of its first keys (all of a full block)."""
+    """Each full block's summary is the max and min of its keys (a partial block, always attended
+    as the last of its sequence, needs none)."""
     bs = runner.block_size
+    assert num_tokens >= bs
     for cache in runner.kv_caches:
-        for index, block in enumerate(block_ids):
-            fill = min(bs, num_tokens - index * bs)
-            if fill <= 0:
-                break
-            keys = cache.k[block, :fill].float()
+        for block in block_ids[:num_tokens // bs]:
+            keys = cache.k[block].float()
             if cache.quantized:
-                keys = keys * cache.k_scale[block, :fill].unsqueeze(-1)
+                keys = keys * cache.k_scale[block].unsqueeze(-1)
             keys = keys.to(cache.summaries.dtype)
-            assert torch.equal(cache.summaries[block, :, 0], keys.amax(0)), (block, fill)
-            assert torch.equal(cache.summaries[block, :, 1], keys.amin(0)), (block, fill)
+            dim = keys.shape[-1]
+            assert torch.equal(cache.summaries[:, block, :dim], keys.amax(0)), (block, fill)
+            assert torch.equal(cache.summaries[:, block, dim:], keys.amin(0)), (block, fill)
 
 
 # ---- off by default ------------------------------------------------------------------------
@@ -87,12 +87,12 @@ def brute_force_selection(q, summaries, table, context_len, budget_blocks, block
     num_blocks = -(-context_len // block_size)
     if num_blocks <= budget_blocks:
         return table[:num_blocks].tolist()
-    num_heads, kv_heads = q.shape[0], summaries.shape[1]
+    num_heads, kv_heads, dim = q.shape[0], summaries.shape[0], q.shape[1]
     group = num_heads // kv_heads
     upper = torch.empty(num_heads, num_blocks)
     for h in range(num_heads):
         for b in range(num_blocks):
-            high, low = summaries[table[b], h // group, 0], summaries[table[b], h // group, 1]
+            high, low = summaries[h // group, table[b], :dim], summaries[h // group, table[b], dim:]
             upper[h, b] = torch.maximum(q[h] * high, q[h] * low).sum()
     score = torch.softmax(upper * scale, dim=-1).sum(0)
     others = sorted(range(1, num_blocks - 1), key=lambda b: -score[b])[:budget_blocks - 2]
@@ -103,8 +103,8 @@ def test_selection_keeps_first_and_last_within_budget_as_brute_force():
     torch.manual_seed(0)
     block_size, budget_blocks, heads, kv_heads, dim = 4, 5, 6, 2, 8
     pool = 64
-    summaries = torch.randn(pool, kv_heads, 2, dim)
-    summaries = torch.stack((summaries.amax(2), summaries.amin(2)), dim=2)  # max >= min
+    pairs = torch.randn(kv_heads, pool, 2, dim)
+    summaries = torch.cat((pairs.amax(2), pairs.amin(2)), dim=-1)  # max >= min
     lens = torch.tensor([9, 30, 80, 21, 47])  # 3 blocks (under budget), 8, 20, 6, 12
     width = int(-(-lens.max() // block_size))
     tables = torch.stack([torch.randperm(pool)[:width] for _ in lens])
@@ -201,12 +201,16 @@ def test_request_field_turns_it_off(checkpoints, selections):
 
 
 # ---- summaries ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_summaries_are_min_max_of_stored_keys(checkpoints, kv_cache_dtype):
+@pytest.mark.parametrize("model,dtype,kv_cache_dtype,min_context", [
+    ("llama_gqa", "float32", "auto", 16), ("llama_gqa", "float32", "int8", 16),
+    # Dense decodes of a bf16 model: the whole-stack kernel writes the keys.
+    ("llama_head64", "bfloat16", "auto", 4096)])
+def test_summaries_are_min_max_of_stored_keys(checkpoints, model, dtype, kv_cache_dtype, min_context):
     """After a prompt in chunks that end mid-block and decode steps that fill blocks one key at a
-    time; and for a second request whose prefix came from the prefix cache."""
-    llm = LLM(str(checkpoints["llama_gqa"]), num_kv_blocks=64, block_size=8, max_num_batched_tokens=13,
-              sparse_attention="quest", sparse_min_context=16, kv_cache_dtype=kv_cache_dtype)
+    time (through the whole-stack kernel in bf16 where it loads); and for a second request whose
+    prefix came from the prefix cache."""
+    llm = LLM(str(checkpoints[model]), dtype=dtype, num_kv_blocks=64, block_size=8, max_num_batched_tokens=13,
+              sparse_attention="quest", sparse_min_context=min_context, kv_cache_dtype=kv_cache_dtype)
     engine, runner = llm.engine, llm.engine.core.runner
     prompts = random_prompts([45, 45])
     prompts[1]["prompt_token_ids"][:40] = prompts[0]["prompt_token_ids"][:40]

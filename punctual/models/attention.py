@@ -16,7 +16,7 @@ that shares the step: padded with a 100-token chunk, 20 verifications of 5 token
 a layer instead of well under 1.
 
 Sparse decodes (Quest, Tang et al. 2024): each KV block keeps the element-wise max and min of its
-keys per KV head (LayerKVCache.summaries, rewritten whenever the step writes into the block). A
+keys per KV head (LayerKVCache.summaries, written by the step whose keys fill the block). A
 decode scores each block by the upper bound of q.k those give, sum_d max(q_d * max_d, q_d * min_d),
 keeps its first and last blocks and the best others up to a token budget, and attends over that
 shortened block table with the same kernels as a dense decode (keys are stored rotated).
@@ -98,6 +98,9 @@ class AttentionMetadata:
     # Decodes that attend sparsely (Quest) in these layers; None: every token attends densely. Only
     # full-attention metadata carries it (a sliding window is short already).
     sparse: SparseDecode | None = None
+    # Blocks this step's keys fill ([U] long; None where no cache keeps summaries): their summaries
+    # are written after the keys, in every layer.
+    filled_blocks: torch.Tensor | None = None
     # A model with both full and sliding-window layers (Gemma 2/3): the metadata of its sliding
     # layers; this one is then its full layers'.
     local: "AttentionMetadata | None" = None
@@ -119,8 +122,10 @@ class LayerKVCache:
 
     def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, quantized: bool = False, summaries: bool = False):
-        """`summaries`: keep each block's key max and min ([num_blocks, kv_heads, 2, head_dim] in the
-        model dtype, max first) for sparse decode attention."""
+        """`summaries`: keep each block's key max and min for sparse decode attention:
+        [kv_heads, num_blocks, 2 * head_dim] in the model dtype, the max's dims first. KV head
+        major, so a step's selection gathers [kv_heads, blocks, 2 * head_dim] rows in one call
+        and multiplies them with no transpose."""
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.dtype = dtype
         self.quantized = quantized
@@ -131,7 +136,7 @@ class LayerKVCache:
         if quantized:
             self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
             self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
-        self.summaries = (torch.zeros((num_blocks, kv_heads, 2, head_dim), dtype=dtype, device=device)
+        self.summaries = (torch.zeros((kv_heads, num_blocks, 2 * head_dim), dtype=dtype, device=device)
                           if summaries else None)
 
     @staticmethod
@@ -150,39 +155,24 @@ class LayerKVCache:
         if not self.quantized:
             self.k.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
             self.v.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
-        else:
-            for values, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
-                q, scale = quantize_int8(values)
-                cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
-                scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
-        if self.summaries is not None and slot_mapping.numel():
-            block_size = self.k.shape[1]
-            # A block's keys end at the last slot this step writes in it: the request's tokens are
-            # written in order, and whatever lies past (a rejected speculation, a previous owner's
-            # keys) is not part of it.
-            block_ids, inverse = torch.unique(slot_mapping // block_size, return_inverse=True)
-            fills = torch.zeros_like(block_ids).scatter_reduce_(0, inverse, slot_mapping % block_size + 1, "amax")
-            self._summarize(block_ids, fills)
-
-    def refresh_summaries(self, block_ids: list[int]) -> None:
-        """Recompute the summaries of whole blocks whose keys arrived by copy (the CPU tier, a KV
-        move): a partial last block is summarized again by the next write into it."""
-        if self.summaries is None or not block_ids:
             return
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
-        self._summarize(ids, torch.full_like(ids, self.k.shape[1]))
+        for values, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, scale = quantize_int8(values)
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
 
-    def _summarize(self, block_ids: torch.Tensor, fills: torch.Tensor) -> None:
-        """summaries[b] = max and min over the first fills[i] keys of block b = block_ids[i]."""
-        block_size = self.k.shape[1]
+    def summarize(self, block_ids: torch.Tensor) -> None:
+        """Write the summaries of these full blocks ([U] long) from their stored keys: the max and
+        min of each dim per KV head. A partial block needs none: it is the last block of its
+        sequence, which a sparse decode always attends to."""
+        if self.summaries is None or not block_ids.numel():
+            return
         keys = self.k[block_ids]  # [U, block_size, kv_heads, head_dim]
         if self.quantized:
             keys = keys.to(torch.float32) * self.k_scale[block_ids].unsqueeze(-1)
         keys = keys.to(self.summaries.dtype)
-        unfilled = (torch.arange(block_size, device=keys.device)[None, :] >= fills[:, None])[:, :, None, None]
-        high = keys.masked_fill(unfilled, -torch.inf).amax(dim=1)
-        low = keys.masked_fill(unfilled, torch.inf).amin(dim=1)
-        self.summaries[block_ids] = torch.stack((high, low), dim=2)
+        bounds = torch.cat((keys.amax(dim=1), keys.amin(dim=1)), dim=-1)  # [U, kv_heads, 2 * head_dim]
+        self.summaries[:, block_ids] = bounds.transpose(0, 1)
 
     def gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, nb] block tables -> K, V as [B, kv_heads, nb*block_size, head_dim] in the model dtype."""
@@ -212,39 +202,40 @@ def quest_select(q: torch.Tensor, summaries: torch.Tensor, block_tables: torch.T
                  budget_blocks: int, block_size: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each one-token query attends over (Quest), as a shortened table.
 
-    q: [m, H, D]; summaries: [num_blocks, KVH, 2, D] (max, min); block_tables: [m, W] long;
-    context_lens: [m] long. Each block's upper bound of q.k per query head is
-    sum_d max(q_d * max_d, q_d * min_d) = q+ . max + q- . min; per head the bounds go through a
-    softmax over the sequence's blocks (heads weigh alike, whatever their scale) and a block's
-    score is the sum over the heads, as one table serves every head of the sequence. The first
-    and last (partial) blocks are always kept, then the best up to budget_blocks, in position order.
-    A sequence of at most budget_blocks blocks keeps its table as it is.
+    q: [m, H, D]; summaries: [KVH, num_blocks, 2D] (each block's key max, then min);
+    block_tables: [m, W] long; context_lens: [m] long. Each block's upper bound of q.k per query
+    head is sum_d max(q_d * max_d, q_d * min_d) = q+ . max + q- . min (one matmul in the
+    summaries' dtype); per head the bounds go through a softmax over the sequence's blocks (heads
+    weigh alike, whatever their scale) and a block's score is the sum over the heads, as one table
+    serves every head of the sequence. The first and last (partial) blocks are always kept, then
+    the best up to budget_blocks, in position order. Sequences of at most budget_blocks blocks
+    keep their tables as they are.
 
     Returns (tables [m, min(W, budget_blocks)], context_lens [m]): the kept blocks, the last one
     last, and the keys a query sees through them.
     """
     m, num_heads, head_dim = q.shape
-    kv_heads = summaries.shape[1]
+    kv_heads = summaries.shape[0]
     width = block_tables.shape[1]
     keep = min(width, budget_blocks)
-    num_blocks = (context_lens + block_size - 1) // block_size  # [m]
     if keep == width:  # every sequence fits the budget
         return block_tables, context_lens
-    grouped = q.to(torch.float32).view(m, kv_heads, num_heads // kv_heads, head_dim)
-    signed = torch.cat((grouped.clamp(min=0), grouped.clamp(max=0)), dim=-1)  # pairs with (max, min)
-    bounds = summaries[block_tables].to(torch.float32)  # [m, W, KVH, 2, D]
-    bounds = bounds.view(m, width, kv_heads, 2 * head_dim).permute(0, 2, 3, 1)  # [m, KVH, 2D, W]
-    upper = torch.matmul(signed, bounds)  # [m, KVH, G, W]
+    num_blocks = (context_lens + block_size - 1) // block_size  # [m]
+    grouped = q.view(m, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # [KVH, m, G, D]
+    signed = torch.cat((grouped.clamp(min=0), grouped.clamp(max=0)), dim=-1).to(summaries.dtype)  # pairs (max, min)
+    bounds = summaries.index_select(1, block_tables.reshape(-1)).view(kv_heads, m, width, 2 * head_dim)
+    upper = torch.matmul(bounds, signed.transpose(-1, -2))  # [KVH, m, W, G]
+    upper = upper.transpose(2, 3).to(torch.float32).contiguous()  # [KVH, m, G, W]: softmax along rows
     in_sequence = torch.arange(width, device=q.device)[None, :] < num_blocks[:, None]  # [m, W]
-    upper = upper.masked_fill(~in_sequence[:, None, None, :], -torch.inf)
-    score = torch.softmax(upper * (head_dim ** -0.5 if scale is None else scale), dim=-1).sum(dim=(1, 2))
+    upper = upper.masked_fill(~in_sequence[None, :, None, :], -torch.inf)
+    score = torch.softmax(upper * (head_dim ** -0.5 if scale is None else scale), dim=-1).sum(dim=(0, 2))  # [m, W]
     score[:, 0] = torch.inf
     score.scatter_(1, (num_blocks - 1)[:, None], torch.inf)
     score = score.masked_fill(~in_sequence, -1.0)  # below every real block (scores are >= 0)
     chosen = score.topk(keep, dim=1).indices.sort(dim=1).values  # [m, keep]: past-the-end ones sort last
     tables = block_tables.gather(1, chosen)
     last_offset = (context_lens - 1) % block_size
-    lens = (torch.minimum(num_blocks, torch.full_like(num_blocks, keep)) - 1) * block_size + last_offset + 1
+    lens = (torch.clamp(num_blocks, max=keep) - 1) * block_size + last_offset + 1
     return tables, lens
 
 

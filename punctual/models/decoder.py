@@ -366,6 +366,9 @@ class DecoderModel:
             if self._stack is not None and lora is None:
                 hidden = self._run_stack(input_ids, positions, meta, kv_caches)
                 if hidden is not None:
+                    if meta.filled_blocks is not None:  # the kernel wrote the keys; summaries after
+                        for cache in kv_caches:
+                            cache.summarize(meta.filled_blocks)
                     return hidden
             return self._forward_fused(input_ids, positions, meta, kv_caches, lora)
         return self._forward_eager(input_ids, positions, meta, kv_caches, lora)
@@ -440,6 +443,8 @@ class DecoderModel:
 
     def _attend(self, layer: LayerWeights, q, k, v, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         cache.write(k, v, meta.slot_mapping)
+        if meta.filled_blocks is not None:
+            cache.summarize(meta.filled_blocks)
         return paged_attention(q, k, v, cache, meta.for_window(layer.window), self.arch.scale, self.arch.attn_softcap)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor, lora: LowRankDeltas | None = None,

@@ -312,9 +312,10 @@ class ModelRunner:
     def _refresh_summaries(self, block_ids: list[int]) -> None:
         """Summaries of blocks whose keys were copied in (computed from the keys: a tier or a peer
         never has to carry them)."""
-        if self.sparse_attention is not None:
+        if self.sparse_attention is not None and block_ids:
+            ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
             for cache in self.kv_caches:
-                cache.refresh_summaries(block_ids)
+                cache.summarize(ids)
 
     # ---- per-request state, from the plans ----------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:
@@ -520,12 +521,22 @@ class ModelRunner:
         windows = self.attention_windows
         meta = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[0],
                                      num_sparse if windows[0] is None else 0)
+        if self.sparse_attention is not None:
+            meta.filled_blocks = self._filled_blocks(decodes + shorts + prefills)
         if len(windows) > 1:
             if self.attention_kernel == "all":  # the same tables; the kernel takes the window
                 meta.local = dataclasses.replace(meta, kernel_window=windows[1], window=windows[1], sparse=None)
             else:
                 meta.local = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[1])
         return meta
+
+    def _filled_blocks(self, chunks: list[_Chunk]) -> torch.Tensor | None:
+        """The blocks whose last slot the chunks write (Python work per block, not per token)."""
+        bs, filled = self.block_size, []
+        for c in chunks:
+            end = c.start_position + c.num_new_tokens
+            filled += c.block_ids[c.start_position // bs:end // bs]  # block b fills at position b*bs + bs-1
+        return torch.tensor(filled, dtype=torch.long, device=self.device) if filled else None
 
     def _sparse_decode(self, items: list[_Chunk], start: int) -> SparseDecode:
         lens = [c.start_position + 1 for c in items]
