@@ -432,10 +432,13 @@ class ModelRunner:
 
     def _partition_sparse(self, decodes: list[_Chunk]) -> tuple[list[_Chunk], int]:
         """The decodes, dense ones first (still by context), then those that attend sparsely: at a
-        context of sparse_min_context or more, unless the request turned it off; and their count."""
+        context of sparse_min_context or more, unless the request turned it off; and their count.
+        None where every such context fits the budget: the selection would keep every block, and
+        the step keeps the whole-stack kernel."""
         sparse = [c.start_position + 1 >= self.sparse_min_context and c.state.sampling_params.sparse_attention
                   is not False for c in decodes]
-        if not any(sparse):
+        budget = self.sparse_budget_blocks * self.block_size
+        if not any(s and c.start_position + 1 > budget for c, s in zip(decodes, sparse)):
             return decodes, 0
         return ([c for c, s in zip(decodes, sparse) if not s] + [c for c, s in zip(decodes, sparse) if s],
                 sum(sparse))
