@@ -208,9 +208,15 @@ def test_request_field_turns_it_off(checkpoints, selections):
     off = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, sparse_attention=False)
     llm.generate(random_prompts([100]), off, use_tqdm=False)
     assert not selections
-    on = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, sparse_attention=True)
-    llm.generate(random_prompts([100]), on, use_tqdm=False)
+    # In one batch: a long request that turned it off, a shorter one that did not (the default).
+    llm.engine.add_request("off", random_prompts([130])[0], off)
+    llm.engine.add_request("on", random_prompts([100], seed=1)[0], SamplingParams(temperature=0, max_tokens=4,
+                                                                                   ignore_eos=True))
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
     assert selections
+    for _, _, _, lens, _ in selections:  # only the one that did not turn it off, at its own context
+        assert lens.tolist() in ([101], [102], [103])
 
 
 # ---- summaries ---------------------------------------------------------------------------------
