@@ -24,16 +24,23 @@ def random_prompts(lengths, seed=0) -> list[dict]:
 
 @pytest.fixture
 def selections(monkeypatch):
-    """Every quest_select call's (blocks kept per sequence, keys each sees, whole tables)."""
-    calls = []
+    """Every layer's selection: (blocks kept per sequence, keys each sees through them, whole
+    tables, whole context lengths, blocks kept)."""
+    calls, whole_lens = [], {}
 
-    def spy(q, summaries, tables, lens, budget_blocks, block_size, scale=None):
-        chosen, chosen_lens = real(q, summaries, tables, lens, budget_blocks, block_size, scale)
-        calls.append((chosen, chosen_lens, tables, lens, budget_blocks))
-        return chosen, chosen_lens
+    def spy_step(tables, lens, budget_blocks, block_size):
+        step = real_step(tables, lens, budget_blocks, block_size)
+        whole_lens[id(step)] = lens
+        return step
 
-    real = attention.quest_select
-    monkeypatch.setattr(attention, "quest_select", spy)
+    def spy_choose(q, summaries, step, scale=None):
+        chosen = real_choose(q, summaries, step, scale)
+        calls.append((chosen, step.context_lens, step.block_tables, whole_lens[id(step)], step.keep))
+        return chosen
+
+    real_step, real_choose = attention.quest_step, attention.quest_choose
+    monkeypatch.setattr(attention, "quest_step", spy_step)
+    monkeypatch.setattr(attention, "quest_choose", spy_choose)
     return calls
 
 

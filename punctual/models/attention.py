@@ -72,6 +72,23 @@ class SparseDecode:
     block_tables: torch.Tensor  # [end - start, max_blocks] long: their whole tables
     context_lens: torch.Tensor  # [end - start] long: keys each token sees (its position + 1)
     budget_blocks: int  # blocks attended at most (the token budget // block size, >= 2)
+    # Built by the first layer that selects, kept for the others (quest_step; None: all kept).
+    _step: QuestStep | None = field(default=None, repr=False)
+    _stepped: bool = field(default=False, repr=False)
+    _kernel_positions: torch.Tensor | None = field(default=None, repr=False)
+
+    def step(self, block_size: int) -> QuestStep | None:
+        if not self._stepped:
+            self._step = quest_step(self.block_tables, self.context_lens, self.budget_blocks, block_size)
+            self._stepped = True
+        return self._step
+
+    def kernel_positions(self, positions: torch.Tensor, step: QuestStep) -> torch.Tensor:
+        """The kernel's positions with each sparse token's last key where its kept blocks end."""
+        if self._kernel_positions is None:
+            self._kernel_positions = positions.clone()
+            self._kernel_positions[self.start:self.end] = step.context_lens - 1
+        return self._kernel_positions
 
 
 @dataclass
@@ -199,45 +216,71 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@dataclass
+class QuestStep:
+    """What a step's selection needs that is the same in every layer (built once a step)."""
+
+    block_tables: torch.Tensor  # [m, W] long
+    flat_ids: torch.Tensor  # [m * W] long: the tables' block ids in a row
+    keep: int  # blocks kept per sequence, < W
+    bias: torch.Tensor  # [m, 1, W] float32: 0 for the sequence's blocks, -inf past its end (before the softmax)
+    force: torch.Tensor  # [m, W] float32: +inf for the first and last blocks, -1 past the end, else 0
+    context_lens: torch.Tensor  # [m] long: the keys each query sees through the kept blocks
+
+
+def quest_step(block_tables: torch.Tensor, context_lens: torch.Tensor, budget_blocks: int,
+               block_size: int) -> QuestStep | None:
+    """None where every sequence fits the budget (each keeps its table as it is)."""
+    width = block_tables.shape[1]
+    keep = min(width, budget_blocks)
+    if keep == width:
+        return None
+    num_blocks = (context_lens + block_size - 1) // block_size  # [m]
+    past_end = torch.arange(width, device=block_tables.device)[None, :] >= num_blocks[:, None]  # [m, W]
+    bias = torch.zeros(past_end.shape, dtype=torch.float32, device=block_tables.device).masked_fill_(past_end, -torch.inf)
+    force = torch.zeros_like(bias).masked_fill_(past_end, -1.0)  # below every real block (scores are >= 0)
+    force[:, 0] = torch.inf
+    force.scatter_(1, (num_blocks - 1)[:, None], torch.inf)
+    lens = (torch.clamp(num_blocks, max=keep) - 1) * block_size + (context_lens - 1) % block_size + 1
+    return QuestStep(block_tables, block_tables.reshape(-1), keep, bias[:, None, :], force, lens)
+
+
+def quest_choose(q: torch.Tensor, summaries: torch.Tensor, step: QuestStep, scale: float | None = None) -> torch.Tensor:
+    """One layer's kept blocks: [m, keep] block ids in position order, the last block last.
+
+    q: [m, H, D]; summaries: [KVH, num_blocks, 2D] (each block's key max, then min). Each block's
+    upper bound of q.k per query head is sum_d max(q_d * max_d, q_d * min_d) = q+ . max + q- . min
+    (one matmul in the summaries' dtype); per head the bounds go through a softmax over the
+    sequence's blocks (heads weigh alike, whatever their scale) and a block's score is the sum
+    over the heads, as one table serves every head of the sequence. The first and last (partial)
+    blocks are always kept, then the best others."""
+    m, num_heads, head_dim = q.shape
+    kv_heads, width = summaries.shape[0], step.block_tables.shape[1]
+    q = q * (head_dim ** -0.5 if scale is None else scale)  # the softmax's scale, on the few query rows
+    grouped = q.view(m, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # [KVH, m, G, D]
+    signed = torch.cat((grouped.clamp(min=0), grouped.clamp(max=0)), dim=-1).to(summaries.dtype)  # pairs (max, min)
+    bounds = summaries.index_select(1, step.flat_ids).view(kv_heads, m, width, 2 * head_dim)
+    upper = torch.matmul(bounds, signed.transpose(-1, -2))  # [KVH, m, W, G]
+    upper = upper.transpose(2, 3).to(torch.float32) + step.bias  # [KVH, m, G, W]: softmax along rows
+    score = torch.softmax(upper, dim=-1).sum(dim=(0, 2)) + step.force  # [m, W]
+    chosen = score.topk(step.keep, dim=1).indices.sort(dim=1).values  # past-the-end ones sort last
+    return step.block_tables.gather(1, chosen)
+
+
 def quest_select(q: torch.Tensor, summaries: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  budget_blocks: int, block_size: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks each one-token query attends over (Quest), as a shortened table.
-
-    q: [m, H, D]; summaries: [KVH, num_blocks, 2D] (each block's key max, then min);
-    block_tables: [m, W] long; context_lens: [m] long. Each block's upper bound of q.k per query
-    head is sum_d max(q_d * max_d, q_d * min_d) = q+ . max + q- . min (one matmul in the
-    summaries' dtype); per head the bounds go through a softmax over the sequence's blocks (heads
-    weigh alike, whatever their scale) and a block's score is the sum over the heads, as one table
-    serves every head of the sequence. The first and last (partial) blocks are always kept, then
-    the best up to budget_blocks, in position order. Sequences of at most budget_blocks blocks
+    """The blocks each one-token query attends over (Quest), as a shortened table: the first and
+    last blocks, then the best bounded others (quest_choose), up to budget_blocks in all.
+    block_tables: [m, W] long; context_lens: [m] long. Sequences of at most budget_blocks blocks
     keep their tables as they are.
 
     Returns (tables [m, min(W, budget_blocks)], context_lens [m]): the kept blocks, the last one
     last, and the keys a query sees through them.
     """
-    m, num_heads, head_dim = q.shape
-    kv_heads = summaries.shape[0]
-    width = block_tables.shape[1]
-    keep = min(width, budget_blocks)
-    if keep == width:  # every sequence fits the budget
+    step = quest_step(block_tables, context_lens, budget_blocks, block_size)
+    if step is None:
         return block_tables, context_lens
-    num_blocks = (context_lens + block_size - 1) // block_size  # [m]
-    grouped = q.view(m, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # [KVH, m, G, D]
-    signed = torch.cat((grouped.clamp(min=0), grouped.clamp(max=0)), dim=-1).to(summaries.dtype)  # pairs (max, min)
-    bounds = summaries.index_select(1, block_tables.reshape(-1)).view(kv_heads, m, width, 2 * head_dim)
-    upper = torch.matmul(bounds, signed.transpose(-1, -2))  # [KVH, m, W, G]
-    upper = upper.transpose(2, 3).to(torch.float32).contiguous()  # [KVH, m, G, W]: softmax along rows
-    in_sequence = torch.arange(width, device=q.device)[None, :] < num_blocks[:, None]  # [m, W]
-    upper = upper.masked_fill(~in_sequence[None, :, None, :], -torch.inf)
-    score = torch.softmax(upper * (head_dim ** -0.5 if scale is None else scale), dim=-1).sum(dim=(0, 2))  # [m, W]
-    score[:, 0] = torch.inf
-    score.scatter_(1, (num_blocks - 1)[:, None], torch.inf)
-    score = score.masked_fill(~in_sequence, -1.0)  # below every real block (scores are >= 0)
-    chosen = score.topk(keep, dim=1).indices.sort(dim=1).values  # [m, keep]: past-the-end ones sort last
-    tables = block_tables.gather(1, chosen)
-    last_offset = (context_lens - 1) % block_size
-    lens = (torch.clamp(num_blocks, max=keep) - 1) * block_size + last_offset + 1
-    return tables, lens
+    return quest_choose(q, summaries, step, scale), step.context_lens
 
 
 def decode_mask(context_lens: torch.Tensor, context: int, window: int | None) -> torch.Tensor:
@@ -316,17 +359,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     parts = []
     nd = meta.num_decode_tokens
     sparse = meta.sparse if cache.summaries is not None else None
-    selected = None
+    step = selected = None
     if sparse is not None:
-        selected = quest_select(q[sparse.start:sparse.end], cache.summaries, sparse.block_tables,
-                                sparse.context_lens, sparse.budget_blocks, cache.k.shape[1], scale)
+        step = sparse.step(cache.k.shape[1])
+        selected = ((sparse.block_tables, sparse.context_lens) if step is None else
+                    (quest_choose(q[sparse.start:sparse.end], cache.summaries, step, scale), step.context_lens))
     if meta.kernel_tokens:
         n = meta.kernel_tokens
         tables, positions = meta.kernel_block_tables, meta.kernel_positions
-        if selected is not None:  # decode i is sequence i: their rows of the tables, their positions
-            tables, positions = tables.clone(), positions.clone()
-            tables[sparse.start:sparse.end, :selected[0].shape[1]] = selected[0]
-            positions[sparse.start:sparse.end] = selected[1] - 1
+        if step is not None:  # decode i is sequence i: their rows of the tables, their positions
+            tables = tables.clone()
+            tables[sparse.start:sparse.end, :step.keep] = selected[0]
+            positions = sparse.kernel_positions(positions, step)
         parts.append(torch.ops.punctual.paged_attention(
             q[:n], cache.k, cache.v, tables, meta.kernel_seq_of_token, positions,
             meta.kernel_window, head_dim ** -0.5 if scale is None else scale, *((cache.k_scale, cache.v_scale) if cache.quantized else ())))
