@@ -274,3 +274,24 @@ def test_blocks_restored_from_the_tier_are_summarized(checkpoints):
     while engine.has_unfinished_requests():
         engine.step()
     llm.engine.core.check_integrity()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_blocks_received_from_a_peer_are_summarized(kv_cache_dtype):
+    """KV written into the pool by a move (disaggregated prefill, migration) gets its summaries
+    from the keys it brings: the sender need not carry them."""
+    from punctual.plan import KVCopyOrders
+    from punctual.runner.kv_transfer import read_blocks
+
+    def runner():
+        return LLM("builtin-tiny", num_kv_blocks=16, block_size=4, sparse_attention="quest",
+                   sparse_token_budget=8, kv_cache_dtype=kv_cache_dtype).engine.core.runner
+
+    sender, receiver = runner(), runner()
+    torch.manual_seed(2)
+    for cache in sender.kv_caches:
+        cache.write(torch.randn(8, *cache.k.shape[2:]), torch.randn(8, *cache.k.shape[2:]), torch.arange(4, 12))
+    payload = read_blocks(sender.kv_caches, [1, 2], kv_cache_dtype == "int8")
+    receiver.copy_kv(KVCopyOrders(writes=[((5, 9), payload)]))
+    assert_summaries_match_keys(receiver, [5, 9], 8)
+    assert all(bool(cache.summaries[:, [5, 9]].any()) for cache in receiver.kv_caches)
