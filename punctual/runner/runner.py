@@ -215,7 +215,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         max_graph_batch = min(model_config.cuda_graph_max_batch_size, max_num_seqs)
         if self.sparse_attention is not None and self.device.type == "cuda" and max_graph_batch > 0:
-            # The summaries' update sizes itself by the blocks a step touches: not capturable.
+            # A step writes the summaries of the blocks it fills, a number that varies: not capturable.
             logger.info("sparse_attention %s: decode steps run eagerly (no CUDA graphs)", self.sparse_attention)
             max_graph_batch = 0
         if self.device.type == "cuda" and not model_config.enforce_eager and max_graph_batch > 0:
@@ -433,8 +433,8 @@ class ModelRunner:
     def _partition_sparse(self, decodes: list[_Chunk]) -> tuple[list[_Chunk], int]:
         """The decodes, dense ones first (still by context), then those that attend sparsely: at a
         context of sparse_min_context or more, unless the request turned it off; and their count.
-        None where every such context fits the budget: the selection would keep every block, and
-        the step keeps the whole-stack kernel."""
+        No sparse decode where every such context fits the budget: the selection would keep every
+        block, and the step keeps the whole-stack kernel."""
         sparse = [c.start_position + 1 >= self.sparse_min_context and c.state.sampling_params.sparse_attention
                   is not False for c in decodes]
         budget = self.sparse_budget_blocks * self.block_size
@@ -541,7 +541,8 @@ class ModelRunner:
             filled += c.block_ids[c.start_position // bs:end // bs]  # block b fills at position b*bs + bs-1
         return torch.tensor(filled, dtype=torch.long, device=self.device) if filled else None
 
-    def _sparse_decode(self, items: list[_Chunk], start: int) -> SparseDecode:
+    def _sparse_metadata(self, items: list[_Chunk], start: int) -> SparseDecode:
+        """The sparse decodes (tokens start.. of the step): their whole tables and contexts."""
         lens = [c.start_position + 1 for c in items]
         tables, _ = self._padded_tables(items, lens)
         return SparseDecode(start, start + len(items), tables, torch.tensor(lens, device=self.device),
@@ -551,7 +552,7 @@ class ModelRunner:
                          slots: torch.Tensor, positions: torch.Tensor, window: int | None,
                          num_sparse: int = 0) -> AttentionMetadata:
         num_dense = len(decodes) - num_sparse
-        sparse = self._sparse_decode(decodes[num_dense:], num_dense) if num_sparse else None
+        sparse = self._sparse_metadata(decodes[num_dense:], num_dense) if num_sparse else None
         if self.attention_kernel == "all":
             meta = self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
             meta.sparse = sparse
