@@ -53,6 +53,12 @@ class ModelConfig:
     # Bytes of weights kept resident (e.g. "2GB"); None: all. Beyond it, a sliding window of layers is
     # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py).
     max_weight_memory: int | str | None = None
+    # Query-aware sparse decode attention (Quest): None (dense) | "quest". A decode at a context of
+    # at least sparse_min_context tokens attends, per layer, only over the KV blocks whose key
+    # min/max bound its q.k highest, at most sparse_token_budget tokens (first and last block kept).
+    sparse_attention: str | None = None
+    sparse_token_budget: int = 1024
+    sparse_min_context: int = 2048
 
 
 @dataclass
@@ -230,6 +236,16 @@ class EngineConfig:
                              "kept beside the sinks")
         if self.scheduler.streaming and self.speculative.enabled:
             raise ValueError("streaming_window (attention sinks) cannot be combined with speculative decoding")
+        if self.model.sparse_attention not in (None, "quest"):
+            raise ValueError(f"sparse_attention must be quest (or None: dense), got {self.model.sparse_attention!r}")
+        if self.model.sparse_attention is not None and self.model.sparse_token_budget < 2 * self.cache.block_size:
+            raise ValueError(f"sparse_token_budget must be at least two blocks ({2 * self.cache.block_size} tokens: "
+                             f"the first and last are always kept), got {self.model.sparse_token_budget}")
+        if self.model.sparse_attention is not None and self.scheduler.streaming:
+            raise ValueError("sparse_attention cannot be combined with streaming_window (attention sinks) yet: "
+                             "re-rotating a window's keys would leave its blocks' key summaries stale")
+        if self.model.sparse_min_context < 1:
+            raise ValueError(f"sparse_min_context must be >= 1, got {self.model.sparse_min_context}")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.cache.num_kv_blocks}")
 

@@ -84,6 +84,13 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("--streaming-window", dict(type=int, help="StreamingLLM: keep the most recent W tokens (whole "
                                                         "blocks) and evict older ones past the sinks, so a "
                                                         "request may run past --max-model-len (off by default)")),
+    EngineArg("--sparse-attention", dict(choices=["quest"],
+                                         help="sparse decode attention (Quest): each long decode attends only over "
+                                              "the KV blocks its query scores highest (off by default)")),
+    EngineArg("--sparse-token-budget", dict(type=int, help="quest: tokens a decode attends per layer (default 1024; "
+                                                           "the first and last blocks are always kept)")),
+    EngineArg("--sparse-min-context", dict(type=int, help="quest: below this context attention stays dense "
+                                                          "(default 2048)")),
     EngineArg("--enable-lora", dict(action="store_true", default=None,
                                     help="serve LoRA adapters (PEFT format) of the model, batched with it in every step")),
     EngineArg("--max-loras", dict(type=int, help="distinct LoRA adapters in one step (default 1)")),

@@ -43,6 +43,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # Constrain the output to a JSON schema, regex, choice or grammar (compiled in the core).
     structured: StructuredOutput | None = None
+    # Punctual's extension: sparse decode attention for this request (None: the engine's setting,
+    # on where the engine enables it; True where the engine has it off is refused).
+    sparse_attention: bool | None = None
     # Filled by the front end, not the user: the tokens that end generation (EOS and friends).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -99,6 +102,8 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "must be a non-negative integer")
+        if self.sparse_attention is not None and not isinstance(self.sparse_attention, bool):
+            raise bad("sparse_attention", "must be true, false or None")
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
                 raise ValueError(f"logit_bias may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens, "

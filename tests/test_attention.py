@@ -19,7 +19,8 @@ def metadata_builder(window: int | None, attention_kernel: str = "none"):
     """The runner's metadata methods on a stand-in holding only what they read."""
     fake = types.SimpleNamespace(
         arch=types.SimpleNamespace(sliding_window=window, num_heads=HEADS, num_kv_heads=KV_HEADS),
-        device=torch.device("cpu"), block_size=BLOCK, attention_kernel=attention_kernel, attention_windows=[window])
+        device=torch.device("cpu"), block_size=BLOCK, attention_kernel=attention_kernel, attention_windows=[window],
+        sparse_attention=None)
     for name in ("_metadata", "_window_metadata", "_kernel_metadata", "_chunk_mask", "_decode_mask", "_pad_index",
                  "_padded_tables"):
         setattr(fake, name, types.MethodType(getattr(ModelRunner, name), fake))

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 SLOW_STEP_S = 1.0
 
 
+SPARSE_OFF = ("sparse_attention asked for, but this engine attends densely (start it with sparse_attention='quest', "
+              "or --sparse-attention quest)")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
@@ -117,6 +121,8 @@ class EngineCore:
         if lora is not None and not read_later:
             self.runner.load_adapter(lora)  # read and checked now: a bad adapter is this request's error
         check_logit_bias(core_request.sampling_params.logit_bias, self.prompt_limits)
+        if core_request.sampling_params.sparse_attention and self.config.model.sparse_attention is None:
+            raise ValueError(SPARSE_OFF)
         request = self._new_request(core_request)
         if read_later:  # queued once its adapter is read (off the step loop); a bad one is rejected then
             self.adapter_loads.add_request(core_request.request_id, lora, request)

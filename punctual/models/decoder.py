@@ -159,6 +159,7 @@ class DecoderModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
+        self._logged_sparse_fallback = False
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
                        and arch.in_decode_stack and tensor_parallel is None and resident_layers else None)
         if tensor_parallel is not None and self.kernels is not None and kernel_choices.decode_stack:
@@ -379,6 +380,13 @@ class DecoderModel:
         num_tokens = input_ids.shape[0]
         if meta.kernel_tokens != num_tokens or num_tokens > max_rows:
             return None
+        if meta.sparse is not None:
+            # decode_stack reads one block table for every layer; Quest picks blocks per layer.
+            if not self._logged_sparse_fallback:
+                logger.info("sparse decodes run the fused kernels layer by layer: the whole-stack kernel takes one "
+                            "block table for all layers, Quest chooses blocks in each")
+                self._logged_sparse_fallback = True
+            return None
         quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
         arch = self.arch
         # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
@@ -401,6 +409,9 @@ class DecoderModel:
             if self._stack is not None and lora is None:
                 hidden = self._run_stack(input_ids, positions, meta, kv_caches)
                 if hidden is not None:
+                    if meta.filled_blocks is not None:  # the kernel wrote the keys; summaries after
+                        for cache in kv_caches:
+                            cache.summarize(meta.filled_blocks)
                     return hidden
             return self._forward_fused(input_ids, positions, meta, kv_caches, lora)
         return self._forward_eager(input_ids, positions, meta, kv_caches, lora)
@@ -475,6 +486,8 @@ class DecoderModel:
 
     def _attend(self, layer: LayerWeights, q, k, v, cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         cache.write(k, v, meta.slot_mapping)
+        if meta.filled_blocks is not None:
+            cache.summarize(meta.filled_blocks)
         return paged_attention(q, k, v, cache, meta.for_window(layer.window), self.arch.scale, self.arch.attn_softcap)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor, lora: LowRankDeltas | None = None,

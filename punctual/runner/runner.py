@@ -17,7 +17,7 @@ from punctual.lora.cache import AdapterCache
 from punctual.lora.request import LoRARequest
 from punctual.lora.weights import LoRAAdapter, LoRAStep, load_adapter
 from punctual.models.attention import (MAX_DECODE_BUCKETS, MAX_SHORT_QUERY, AttentionMetadata, DecodeBucket,
-                                      LayerKVCache, decode_mask)
+                                      LayerKVCache, SparseDecode, decode_mask)
 from punctual.models.collectives import RankGroup
 from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
@@ -202,6 +202,10 @@ class ModelRunner:
                                  f"dim {self.arch.head_dim} and {self.arch.num_heads} / {self.arch.num_kv_heads}; "
                                  f"use a bf16 KV cache")
             self.attention_kernel = "none"
+        # Quest: decodes from sparse_min_context tokens on attend over at most budget_blocks blocks.
+        self.sparse_attention = model_config.sparse_attention
+        self.sparse_budget_blocks = model_config.sparse_token_budget // self.block_size
+        self.sparse_min_context = model_config.sparse_min_context
         self.num_blocks = self._num_blocks(cache_config, max_num_seqs, shared_kv_bytes_per_block)
         if tensor_parallel is not None:  # one block table for every rank: the pool all of them hold
             self.num_blocks = tensor_parallel.min_int(self.num_blocks)
@@ -209,7 +213,8 @@ class ModelRunner:
         # a captured decode step write their K/V (decode_graphs).
         self.scratch_block = self.num_blocks
         self.kv_caches = [LayerKVCache(self.num_blocks + 1, self.block_size, self.arch.num_kv_heads,
-                                       self.arch.head_dim, self.dtype, self.device, self.kv_quantized)
+                                       self.arch.head_dim, self.dtype, self.device, self.kv_quantized,
+                                       summaries=self.sparse_attention is not None)
                           for _ in range(self.arch.num_layers)]
         self.tier_store = None
         if cache_config.kv_tier_memory and cache_config.enable_prefix_caching:
@@ -237,6 +242,10 @@ class ModelRunner:
         # Decode steps replayed from CUDA graphs (on CUDA, unless enforce_eager); None: every step eager.
         self.decode_graphs: DecodeGraphs | None = None
         max_graph_batch = min(model_config.cuda_graph_max_batch_size, max_num_seqs)
+        if self.sparse_attention is not None and self.device.type == "cuda" and max_graph_batch > 0:
+            # A step writes the summaries of the blocks it fills, a number that varies: not capturable.
+            logger.info("sparse_attention %s: decode steps run eagerly (no CUDA graphs)", self.sparse_attention)
+            max_graph_batch = 0
         # A captured graph reads the weights where they were at capture: none under a weight window.
         windowed = isinstance(self.model.layers, WeightWindow)
         if self.device.type == "cuda" and not model_config.enforce_eager and max_graph_batch > 0 and not windowed:
@@ -299,7 +308,9 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         per_token = LayerKVCache.bytes_per_token(self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
                                                  self.kv_quantized)
-        return self.arch.num_layers * self.block_size * per_token
+        summary = (LayerKVCache.summary_bytes_per_block(self.arch.num_kv_heads, self.arch.head_dim, self.dtype)
+                   if self.sparse_attention is not None else 0)
+        return self.arch.num_layers * (self.block_size * per_token + summary)
 
     def _num_blocks(self, cache: CacheConfig, max_num_seqs: int, shared_bytes_per_block: int) -> int:
         if cache.num_kv_blocks is not None:
@@ -330,8 +341,18 @@ class ModelRunner:
         if copies.swap_in:
             slots, blocks = zip(*copies.swap_in)
             self.tier_store.copy_in(self.kv_caches, list(slots), list(blocks))
+            self._refresh_summaries(list(blocks))
         for block_ids, payload in copies.writes:
             write_blocks(self.kv_caches, list(block_ids), payload)
+            self._refresh_summaries(list(block_ids))
+
+    def _refresh_summaries(self, block_ids: list[int]) -> None:
+        """Summaries of blocks whose keys were copied in (computed from the keys: a tier or a peer
+        never has to carry them)."""
+        if self.sparse_attention is not None and block_ids:
+            ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            for cache in self.kv_caches:
+                cache.summarize(ids)
 
     # ---- per-request state, from the plans ----------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:
@@ -389,13 +410,16 @@ class ModelRunner:
                                  state.block_ids, state.blocks, item, state))
         groups = [[chunks[i] for i in group] for group in split_by_query_length(
             [c.num_new_tokens for c in chunks], [c.start_position for c in chunks])]
+        num_sparse = 0
+        if self.sparse_attention is not None:
+            groups[0], num_sparse = self._partition_sparse(groups[0])
         ordered = groups[0] + groups[1] + groups[2]
         lora = self._lora_step(ordered)
         # None unless a captured decode step takes this one (captured without adapters).
-        logits = self._replay_decode(ordered) if lora is None else None
+        logits = self._replay_decode(ordered) if lora is None and not num_sparse else None
         if logits is None:
             input_ids, positions, slots = self._flat_inputs(ordered)
-            meta = self._metadata(*groups, slots, positions)
+            meta = self._metadata(*groups, slots, positions, num_sparse)
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches, lora)
             self._prompt_logprobs(ordered, hidden, output)
 
@@ -460,6 +484,19 @@ class ModelRunner:
         if self.guide.matchers:  # roll back the proposals masking consumed; consume the kept tokens
             self.guide.advance(sampled)
         return output
+
+    def _partition_sparse(self, decodes: list[_Chunk]) -> tuple[list[_Chunk], int]:
+        """The decodes, dense ones first (still by context), then those that attend sparsely: at a
+        context of sparse_min_context or more, unless the request turned it off; and their count.
+        No sparse decode where every such context fits the budget: the selection would keep every
+        block, and the step keeps the whole-stack kernel."""
+        sparse = [c.start_position + 1 >= self.sparse_min_context and c.state.sampling_params.sparse_attention
+                  is not False for c in decodes]
+        budget = self.sparse_budget_blocks * self.block_size
+        if not any(s and c.start_position + 1 > budget for c, s in zip(decodes, sparse)):
+            return decodes, 0
+        return ([c for c, s in zip(decodes, sparse) if not s] + [c for c, s in zip(decodes, sparse) if s],
+                sum(sparse))
 
     def _replay_decode(self, ordered: list[_Chunk]) -> torch.Tensor | None:
         """The step's logits [len(ordered), vocab] from a captured decode step, or None where the
@@ -534,26 +571,50 @@ class ModelRunner:
         return tables.to(self.device), max_blocks * bs
 
     def _metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
-                  slots: torch.Tensor, positions: torch.Tensor) -> AttentionMetadata:
+                  slots: torch.Tensor, positions: torch.Tensor, num_sparse: int = 0) -> AttentionMetadata:
         """Attention metadata for tokens laid out as decodes, short queries, then prompt chunks
         (the first two each sorted by the context they reach); `slots` and `positions` are
         _flat_inputs' for that layout. A model with full and sliding-window layers gets the
-        sliding layers' metadata as its `local`."""
+        sliding layers' metadata as its `local`. The last `num_sparse` decodes attend sparsely in
+        the full-attention layers (Quest), densely in sliding-window ones."""
         windows = self.attention_windows
-        meta = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[0])
+        meta = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[0],
+                                     num_sparse if windows[0] is None else 0)
+        if self.sparse_attention is not None:
+            meta.filled_blocks = self._filled_blocks(decodes + shorts + prefills)
         if len(windows) > 1:
             if self.attention_kernel == "all":  # the same tables; the kernel takes the window
-                meta.local = dataclasses.replace(meta, kernel_window=windows[1], window=windows[1])
+                meta.local = dataclasses.replace(meta, kernel_window=windows[1], window=windows[1], sparse=None)
             else:
                 meta.local = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[1])
         return meta
 
+    def _filled_blocks(self, chunks: list[_Chunk]) -> torch.Tensor | None:
+        """The blocks whose last slot the chunks write (Python work per block, not per token)."""
+        bs, filled = self.block_size, []
+        for c in chunks:
+            end = c.start_position + c.num_new_tokens
+            filled += c.block_ids[c.start_position // bs:end // bs]  # block b fills at position b*bs + bs-1
+        return torch.tensor(filled, dtype=torch.long, device=self.device) if filled else None
+
+    def _sparse_metadata(self, items: list[_Chunk], start: int) -> SparseDecode:
+        """The sparse decodes (tokens start.. of the step): their whole tables and contexts."""
+        lens = [c.start_position + 1 for c in items]
+        tables, _ = self._padded_tables(items, lens)
+        return SparseDecode(start, start + len(items), tables, torch.tensor(lens, device=self.device),
+                            self.sparse_budget_blocks)
+
     def _window_metadata(self, decodes: list[_Chunk], shorts: list[_Chunk], prefills: list[_Chunk],
-                         slots: torch.Tensor, positions: torch.Tensor, window: int | None) -> AttentionMetadata:
+                         slots: torch.Tensor, positions: torch.Tensor, window: int | None,
+                         num_sparse: int = 0) -> AttentionMetadata:
+        num_dense = len(decodes) - num_sparse
+        sparse = self._sparse_metadata(decodes[num_dense:], num_dense) if num_sparse else None
         if self.attention_kernel == "all":
-            return self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
+            meta = self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
+            meta.sparse = sparse
+            return meta
         buckets = []
-        for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes]):
+        for start, end in decode_bucket_bounds([s.start_position + 1 for s in decodes[:num_dense]]):
             items = decodes[start:end]
             ctx_lens = [s.start_position + 1 for s in items]
             tables, ctx = self._padded_tables(items, ctx_lens)
@@ -588,7 +649,7 @@ class ModelRunner:
         return AttentionMetadata(
             slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh,
-            window=window)
+            window=window, sparse=sparse)
 
     def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor,
                          window: int | None) -> AttentionMetadata:

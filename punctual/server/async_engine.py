@@ -86,6 +86,7 @@ class AsyncEngine:
         # Pins and unpins waiting for the core's answer, in the order they were sent.
         self._pin_waiters: list[asyncio.Future] = []
         self.lora_enabled = config.lora.enable_lora
+        self.sparse_attention = config.model.sparse_attention  # None: dense only
         # LoRA adapters a request may name as its model: name -> request; each load gets a new id,
         # so a name loaded again from another path never meets the old one's cached KV.
         self.loras: dict[str, LoRARequest] = {}

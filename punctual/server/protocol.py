@@ -118,6 +118,9 @@ class GenerationRequest(BaseModel):
     # vLLM's extension: only requests with the same salt share prefix-cache blocks (a server that
     # isolates by API key or user replaces it with the tenant's).
     cache_salt: str | None = Field(default=None, min_length=1)
+    # Punctual's extension: sparse decode attention (Quest) for this request; None: the server's
+    # setting. true on a server started without --sparse-attention is a 400.
+    sparse_attention: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -160,7 +163,8 @@ class GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens,
-            prompt_logprobs=self.requested_prompt_logprobs(), logit_bias=self.token_logit_bias())
+            prompt_logprobs=self.requested_prompt_logprobs(), logit_bias=self.token_logit_bias(),
+            sparse_attention=self.sparse_attention)
 
     def token_logit_bias(self) -> dict[int, float] | None:
         """logit_bias with its JSON string keys as token ids; ValueError naming the field for a key

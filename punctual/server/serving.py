@@ -207,6 +207,9 @@ class OpenAIServing:
             params = body.sampling_params(self.engine.generation_defaults)
         except ValueError as exc:
             raise from_value_error(exc, self.param_names(body)) from None
+        if params.sparse_attention and self.engine.sparse_attention is None:
+            raise bad_request("sparse_attention is true, but this server attends densely (start it with "
+                              "--sparse-attention quest)", "sparse_attention")
         prompts = self.build_prompts(body)
         for _, token_ids in prompts:
             self.check_prompt(token_ids, params)

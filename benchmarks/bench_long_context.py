@@ -1,0 +1,145 @@
+"""Long-context decode: dense attention against Quest sparse decode attention at several token
+budgets: decode TPOT at each context and stream count, and passkey retrieval.
+
+    python benchmarks/bench_long_context.py                                   # ~3 min: 1 stream
+    python benchmarks/bench_long_context.py --streams 1,16                    # the full table (longer)
+    python benchmarks/bench_long_context.py --model builtin-tiny --contexts 256 --budgets 64 \
+        --tokens 4 --passkey-contexts 256 --depths 50                          # a smoke run
+
+One engine with --sparse-attention quest serves every variant, so each context is prefilled once
+and found in the prefix cache after: the dense rows ask for `sparse_attention: false` per request
+(the field a user compares with), and the budget is changed on the runner between rounds (the
+engine flag --sparse-token-budget, set once per server, is what it stands for). The min context is
+1 here, so every listed context is measured through the sparse path (a server's default, 2048,
+keeps shorter contexts dense).
+
+TPOT: prompts of real text (standard-library documentation, punctual.bench.corpus), a distinct
+one per stream (no KV shared between streams), the core's per-request TPOT (ms, median over the
+streams). Passkey: a number hidden at a depth of the context in a repeated English paragraph,
+then the question; retrieved when the greedy answer contains it. Only decodes are sparse: the
+answer's first token comes from the (dense) prompt pass, the others from sparse decodes.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+
+PARAGRAPH = ("The village sat at the edge of a wide valley, where the river turned slowly towards the sea. "
+             "In the mornings the farmers walked to their fields along the old stone road, and in the "
+             "evenings they gathered in the square to talk about the weather, the harvest and the news "
+             "from the town beyond the hills. Nothing much changed from one year to the next. ")
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def machine() -> str:
+    """lscpu's model name and the vector flags that decide the kernels."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu unavailable"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx512", "amx", "avx2"))]
+    return f"{fields.get('Model name', '?').strip()}; flags: {' '.join(flags) or 'none of avx2/avx512/amx'}"
+
+
+def text_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` distinct prompts of `length` tokens of real prose."""
+    from punctual.bench.corpus import documents
+
+    ids: list[int] = []
+    for doc in documents():
+        ids += tokenizer.encode(doc)
+        if len(ids) >= length + count * 997:
+            break
+    while len(ids) < length + count * 997:  # a small corpus: around again
+        ids += ids
+    return [ids[i * 997:i * 997 + length] for i in range(count)]  # shifted: distinct from the first block on
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
+    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = tokenizer.encode(QUESTION)
+    filler_ids = tokenizer.encode(PARAGRAPH * (length // 40 + 2))
+    room = length - len(needle) - len(question)
+    filler = filler_ids[:room]
+    at = int(room * depth)
+    return filler[:at] + needle + filler[at:] + question
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--contexts", default="1024,2048,4096,8192", help="prompt tokens, comma separated")
+    parser.add_argument("--streams", default="1", help="concurrent streams, comma separated (e.g. 1,16)")
+    parser.add_argument("--budgets", default="512,1024,2048", help="Quest token budgets, comma separated")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per stream for TPOT")
+    parser.add_argument("--passkey-contexts", default="2048,4096", help="comma separated; empty: skip")
+    parser.add_argument("--depths", default="10,30,50,70,90", help="passkey depths in percent")
+    parser.add_argument("--passkey-trials", type=int, default=1, help="keys per context and depth")
+    args = parser.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    contexts, streams, budgets = ints(args.contexts), ints(args.streams), ints(args.budgets)
+    passkey_contexts, depths = ints(args.passkey_contexts), ints(args.depths)
+
+    import torch
+
+    from punctual import LLM, SamplingParams
+
+    block_size = 16
+    longest = max(contexts + passkey_contexts) + args.tokens + 64
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, block_size=block_size,
+              max_model_len=longest, num_kv_blocks=(max(streams) + 2) * -(-longest // block_size) + 64,
+              max_num_seqs=max(streams), max_num_batched_tokens=2048,
+              sparse_attention="quest", sparse_token_budget=min(budgets), sparse_min_context=1)
+    runner, tokenizer = llm.engine.core.runner, llm.get_tokenizer()
+    variants = [("dense", None)] + [(f"quest {b}", b) for b in budgets]
+
+    def run(prompts: list[list[int]], budget: int | None, max_tokens: int):
+        if budget is not None:
+            runner.sparse_budget_blocks = budget // block_size
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                sparse_attention=budget is not None)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    print(f"{args.model} {args.dtype} quantization {args.quantization}, {torch.get_num_threads()} threads")
+    print(machine())
+    print("\ndecode TPOT (ms, median over streams; x: dense / quest)")
+    header = f"{'context':>8} {'streams':>7} " + " ".join(f"{name:>16}" for name, _ in variants)
+    print(header)
+    room = runner.max_model_len - args.tokens - 8  # a prompt plus its output fits the model's context
+    for num_streams in streams:
+        for context in (min(c, room) for c in contexts):
+            prompts = text_prompts(tokenizer, num_streams, context)
+            run(prompts, None, 1)  # prefill once: every variant below finds the prompts cached
+            cells, dense_ms = [], None
+            for name, budget in variants:
+                outs = run(prompts, budget, args.tokens)
+                ms = statistics.median(o.outputs[0].metrics["tpot_ms"] for o in outs)
+                dense_ms = ms if budget is None else dense_ms
+                cells.append(f"{ms:8.2f}" + ("" if budget is None else f" ({dense_ms / ms:4.2f}x)"))
+            print(f"{context:>8} {num_streams:>7} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+
+    if passkey_contexts:
+        print("\npasskey retrieval (retrieved / tried)")
+        print(f"{'context':>8} " + " ".join(f"{name:>12}" for name, _ in variants))
+        rng = random.Random(0)
+        for context in (min(c, room) for c in passkey_contexts):
+            found = {name: 0 for name, _ in variants}
+            tried = 0
+            for depth in depths:
+                for _ in range(args.passkey_trials):
+                    key = rng.randrange(10000, 100000)
+                    prompt = passkey_prompt(tokenizer, context, depth / 100, key)
+                    tried += 1
+                    for name, budget in variants:
+                        text = run([prompt], budget, 8)[0].outputs[0].text
+                        found[name] += str(key) in text
+            print(f"{context:>8} " + " ".join(f"{f'{found[name]}/{tried}':>12}" for name, _ in variants), flush=True)
+
+
+if __name__ == "__main__":
+    main()
