@@ -280,6 +280,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         profile.save(args.output)
         _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
         return 0
+    if args.link_latency_us is not None or args.link_profile or args.machine_memory:
+        raise ValueError("--link-latency-us, --link-profile, --machine-memory: only with --hardware")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

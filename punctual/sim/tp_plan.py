@@ -108,7 +108,8 @@ def plan_tensor_parallel(config: TPPlanConfig) -> int:
             for _, _, tried in answers for p in tried]
     link = answers[0][0]
     print(f"{config.model} on {config.hardware} machines ({hw.memory_bytes / 2**30:.0f} GiB each, "
-          f"{config.quantization} weights, KV {config.kv_cache_dtype}), {config.streams} stream(s) at "
+          f"{config.dtype if config.quantization == 'none' else config.quantization} weights, KV "
+          f"{config.kv_cache_dtype}), {config.streams} stream(s) at "
           f"{config.context_len} tokens of context, TPOT {config.tpot_slo_ms:g} ms, {config.allreduce} all-reduce, "
           f"links of {link.bytes_per_s * 8 / 1e9:.4g} Gbit/s ({link.source}); an ESTIMATE (roofline):")
     print(table(["link latency us", "machines", "weights/machine GB", "fits", "TPOT ms", "of it collectives ms",
@@ -134,8 +135,10 @@ def why_not(config: TPPlanConfig, link: Link, sizes: list[int]) -> str:
     said = (f"the fastest that fits, {fastest['ranks']} machine(s), takes {fastest['tpot_ms']:.0f} ms a token, "
             f"{fastest['collectives_ms']:.0f} ms of it in collectives")
     if fastest["collectives_ms"] >= config.tpot_slo_ms / 2:
-        return (said + " (each step's all-reduces, 2 per layer, pay the link's latency whatever the group's size, "
-                "and more machines only add traffic: a link of lower latency is what helps)")
+        rounds = "2 rounds each whatever the group's size" if config.allreduce == "star" else \
+            "2 (N - 1) rounds each"
+        return (said + f" (2 all-reduces per layer, {rounds}, each round paying the link's latency; more "
+                "machines only add traffic: a link of lower latency is what helps)")
     return said + " (compute and memory bandwidth bound: more machines, or fewer bytes per weight, are what help)"
 
 
