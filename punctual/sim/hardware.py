@@ -137,7 +137,8 @@ def roofline_profile(model: str, hardware: str, dtype: str = "auto", tensor_para
     hw = hardware_preset(hardware, memory_bytes)
     shape = model_shape(model)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, hw.dtype_bytes)
-    if tensor_parallel_size != 1 or (quantization or "none") != "none" or (kv_cache_dtype or "auto") != "auto":
+    if (tensor_parallel_size != 1 or link is not None or (quantization or "none") != "none"
+            or (kv_cache_dtype or "auto") != "auto"):
         return rank_profile(model, shape, hardware, hw, dtype_bytes, tensor_parallel_size, link, quantization,
                             kv_cache_dtype)
     costs = model_costs(shape, dtype_bytes)

@@ -47,7 +47,7 @@ class Roofline:
     bytes_fixed: float = 0.0  # bytes read once per step: the weights
     bytes_per: tuple[float, ...] = (0.0,) * 5
     # Tensor parallelism (punctual/sim/tensor_parallel.py; 0 for one rank): the layers' all-reduces
-    # per step with any rows, and per row (prefill token or decode row); the logit gather per step
+    # per step with any rows, and per row (prefill token or decode row); the logit all-gather per step
     # with sampled rows, and per sampled row. Collectives sit between matmuls: added, not overlapped.
     allreduce_fixed_s: float = 0.0
     allreduce_per_row_s: float = 0.0

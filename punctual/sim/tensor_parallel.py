@@ -4,8 +4,8 @@ Each rank holds 1/N of the layer weights and of the LM head (Megatron's split, a
 punctual/models/sharding.py does it: the embedding stays whole on every rank), 1/N of the KV
 (its KV heads; one replicated head each where the ranks outnumber them) and does 1/N of the
 FLOPs. Every layer all-reduces the step's hidden states twice (after o_proj and after the MLP:
-rows x hidden x activation bytes each), and the vocabulary's logit slices are gathered to rank 0,
-which samples. The collectives sit between the layers' matmuls, so they add to the step's time
+rows x hidden x activation bytes each), and the vocabulary's logit slices are all-gathered (as
+the engine's decoder does: every rank receives every slice). The collectives sit between the layers' matmuls, so they add to the step's time
 rather than hide under it.
 
 A message costs `latency_s + bytes / bytes_per_s` on one rank's link. Two all-reduces:
@@ -15,8 +15,9 @@ A message costs `latency_s + bytes / bytes_per_s` on one rank's link. Two all-re
 - ring (NCCL's, gloo's for large tensors): reduce-scatter then all-gather, 2 (N - 1) rounds of
   bytes / N each: 2 (N - 1) x (latency + bytes / (N x bandwidth)). Less traffic on any link,
   but N - 1 times the latency: it wins only when bandwidth, not latency, bounds the step.
-The logit gather is one round into rank 0 on a star (latency + (N - 1) x slice bytes /
-bandwidth), N - 1 rounds of one slice on a ring.
+The logit all-gather on a star: the slices into the hub (latency + (N - 1) x slice / bandwidth),
+then the whole row of logits out to each other rank (latency + (N - 1) x N x slice / bandwidth);
+on a ring, N - 1 rounds of one slice (latency + slice / bandwidth each).
 """
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ class Link:
         return rounds * self.latency_s, rounds / (ranks * self.bytes_per_s)
 
     def gather_terms(self, ranks: int) -> tuple[float, float]:
-        """(seconds per gather to rank 0, seconds per byte of one rank's slice)."""
+        """(seconds per all-gather, seconds per byte of one rank's slice) across `ranks`."""
         if ranks <= 1:
             return 0.0, 0.0
-        return (1 if self.algorithm == "star" else ranks - 1) * self.latency_s, (ranks - 1) / self.bytes_per_s
+        if self.algorithm == "star":
+            return 2 * self.latency_s, (ranks - 1) * (ranks + 1) / self.bytes_per_s
+        return (ranks - 1) * self.latency_s, (ranks - 1) / self.bytes_per_s
 
     def allreduce_seconds(self, nbytes: float, ranks: int) -> float:
         fixed, per_byte = self.allreduce_terms(ranks)
@@ -96,7 +99,7 @@ class RankCosts:
     attention_flops_per_pair: float
     head_flops_per_row: float
     allreduce_bytes_per_row: float  # one all-reduce's bytes per row of the step
-    gather_bytes_per_row: float  # one rank's logit slice per sampled row
+    gather_bytes_per_row: float  # one rank's logit slice per sampled row (all-gathered)
     num_allreduces: int  # per step with any rows
 
 

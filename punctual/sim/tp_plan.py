@@ -117,7 +117,7 @@ def plan_tensor_parallel(config: TPPlanConfig) -> int:
     for link, best, _ in answers:
         if best is not None:
             print(f"link latency {link.latency_s * 1e6:.4g} us: {best['ranks']} machine(s), TPOT "
-                  f"{best['tpot_ms']:.0f} ms ({best['collectives_ms']:.0f} ms of it all-reduces and the logit "
+                  f"{best['tpot_ms']:.0f} ms ({best['collectives_ms']:.0f} ms of it all-reduces and the logit all-"
                   "gather)")
         else:
             print(f"link latency {link.latency_s * 1e6:.4g} us: no group of {', '.join(map(str, sizes))} machines "
