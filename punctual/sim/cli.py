@@ -38,6 +38,13 @@ def add_sim_parser(subparsers) -> None:
     calibrate.add_argument("--hardware", default=None,
                            help="derive a roofline estimate for this machine instead of measuring: "
                                 + ", ".join(_hardware_names()))
+    link = calibrate.add_argument_group("with --hardware and --tensor-parallel-size N > 1: one rank of N machines")
+    link.add_argument("--link-latency-us", type=float, default=None, help="one message between machines, us")
+    link.add_argument("--link-gbps", type=float, default=10.0, help="each machine's link, Gbit/s")
+    link.add_argument("--link-profile", default=None,
+                      help="a measured link (benchmarks/bench_allreduce.py --output) instead of the two above")
+    link.add_argument("--allreduce", choices=["star", "ring"], default="star")
+    link.add_argument("--machine-memory", default=None, help="each machine's memory (default: the preset's)")
     calibrate.add_argument("--max-prompt", type=int, default=512, help="longest prompt chunk profiled")
     calibrate.add_argument("--max-batch", type=int, default=32, help="largest decode batch profiled")
     calibrate.add_argument("--repeats", type=int, default=1, help="times each shape is profiled")
@@ -68,11 +75,31 @@ def add_sim_parser(subparsers) -> None:
 
     plan = sub.add_parser("plan", help="search replicas, token budget and policy for the cheapest "
                                        "configuration that meets the SLOs at a target rate")
-    plan.add_argument("--profile", required=True)
+    plan.add_argument("--profile", default=None, help="step-cost profile to simulate (or --hardware)")
     plan.add_argument("--workload", default="chat")
-    plan.add_argument("--request-rate", type=float, required=True, help="target requests per second")
-    plan.add_argument("--ttft-slo-ms", type=float, required=True)
+    plan.add_argument("--request-rate", type=float, default=None, help="target requests per second (with --profile)")
+    plan.add_argument("--ttft-slo-ms", type=float, default=None, help="with --profile")
     plan.add_argument("--tpot-slo-ms", type=float, required=True)
+    tp = plan.add_argument_group("tensor parallelism (--hardware instead of --profile): the fewest machines per "
+                                 "link latency whose decode step meets --tpot-slo-ms (a roofline ESTIMATE)")
+    tp.add_argument("--hardware", default=None, help="each machine: " + ", ".join(_hardware_names()))
+    tp.add_argument("--model", default=None, help="a known shape (" + ", ".join(_known_shapes()) + ") or a "
+                                                  "checkpoint directory")
+    tp.add_argument("--machine-memory", default=None, help="each machine's memory (e.g. 32GiB; default: the preset's)")
+    tp.add_argument("--tensor-parallel-sizes", default="1,2,4,8,16,32,64", help="group sizes to try")
+    tp.add_argument("--link-latency-us", default="50,200,1000",
+                    help="comma-separated latencies of one message between machines, microseconds")
+    tp.add_argument("--link-gbps", type=float, default=10.0, help="each machine's link, Gbit/s")
+    tp.add_argument("--link-profile", default=None,
+                    help="a measured link (benchmarks/bench_allreduce.py --output): its latency and bandwidth "
+                         "replace --link-latency-us and --link-gbps")
+    tp.add_argument("--allreduce", choices=["star", "ring"], default="star",
+                    help="star: 2 rounds through a hub (TPI-LLM's; latency-bound links); ring: 2(N-1) rounds")
+    tp.add_argument("--streams", type=int, default=1, help="the load: streams decoding at once")
+    tp.add_argument("--context-len", type=int, default=1024, help="tokens of context of each stream")
+    tp.add_argument("--quantization", choices=["none", "int8", "int4"], default="none", help="weights (none: --dtype)")
+    tp.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    tp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     plan.add_argument("--attainment-target", type=float, default=0.9)
     plan.add_argument("--num-requests", type=int, default=None,
                       help="requests simulated per candidate (default: 60 s of traffic, 500 to 20000)")
@@ -237,12 +264,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.hardware:
+        from punctual.config import parse_size
         from punctual.sim.hardware import roofline_profile
+        from punctual.sim.tensor_parallel import Link, load_link
 
-        profile = roofline_profile(args.model, args.hardware, dtype=args.dtype)
+        link = None
+        if args.link_profile:
+            link = load_link(args.link_profile, args.allreduce)
+        elif args.link_latency_us is not None:
+            link = Link(args.link_latency_us / 1e6, args.link_gbps * 1e9 / 8, args.allreduce)
+        profile = roofline_profile(args.model, args.hardware, dtype=args.dtype,
+                                   tensor_parallel_size=args.tensor_parallel_size or 1, link=link,
+                                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                                   memory_bytes=parse_size(args.machine_memory, "--machine-memory"))
         profile.save(args.output)
         _log(f"wrote {args.output}: an ESTIMATE for {args.model} on {args.hardware} (roofline, not measured)")
         return 0
+    if args.link_latency_us is not None or args.link_profile or args.machine_memory:
+        raise ValueError("--link-latency-us, --link-profile, --machine-memory: only with --hardware")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -296,8 +335,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _items(text: str, kind, flag: str) -> tuple:
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: a comma-separated list of numbers, got {text!r}") from None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from punctual.sim.planner import PlanConfig, plan_capacity
+
+    if args.hardware:
+        if args.profile:
+            raise ValueError("--profile and --hardware: give one (a profile to simulate, or machines to estimate)")
+        if not args.model:
+            raise ValueError("--hardware: name the --model (a known shape or a checkpoint directory)")
+        from punctual.config import parse_size
+        from punctual.sim.tp_plan import TPPlanConfig, plan_tensor_parallel
+
+        return plan_tensor_parallel(TPPlanConfig(
+            args.model, args.hardware, args.tpot_slo_ms,
+            tensor_parallel_sizes=_items(args.tensor_parallel_sizes, int, "--tensor-parallel-sizes"),
+            link_latencies_us=_items(args.link_latency_us, float, "--link-latency-us"), link_gbps=args.link_gbps,
+            link_profile=args.link_profile, allreduce=args.allreduce, streams=args.streams,
+            context_len=args.context_len, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+            dtype=args.dtype, machine_memory=parse_size(args.machine_memory, "--machine-memory")))
+    missing = [flag for flag, value in (("--profile", args.profile), ("--request-rate", args.request_rate),
+                                        ("--ttft-slo-ms", args.ttft_slo_ms)) if value is None]
+    if missing:
+        raise ValueError(f"sim plan: {', '.join(missing)} required (or --hardware and --model for a "
+                         "tensor-parallel estimate)")
 
     def items(text: str, kind):
         return tuple(kind(x.strip()) for x in text.split(",") if x.strip())

@@ -7,7 +7,8 @@ virtual seconds. Two kinds, one interface:
   fixed + prefill_tokens + decode_rows + context_tokens + attention_pairs + sampled_rows, each
   with a least-squares coefficient in seconds per unit.
 - roofline (derived by `--hardware` for a machine not at hand; an estimate):
-  overhead + max(FLOPs / (peak FLOP/s x efficiency), bytes / (bandwidth x efficiency)).
+  overhead + max(FLOPs / (peak FLOP/s x efficiency), bytes / (bandwidth x efficiency)), plus,
+  for one rank of a tensor-parallel group, its all-reduces and logit gather on the link.
 
 Features of a plan, summed over its scheduled requests:
   prefill_tokens   prompt work (prompt chunks, recomputation after a preemption)
@@ -45,6 +46,13 @@ class Roofline:
     flops_per: tuple[float, ...] = (0.0,) * 5
     bytes_fixed: float = 0.0  # bytes read once per step: the weights
     bytes_per: tuple[float, ...] = (0.0,) * 5
+    # Tensor parallelism (punctual/sim/tensor_parallel.py; 0 for one rank): the layers' all-reduces
+    # per step with any rows, and per row (prefill token or decode row); the logit all-gather per step
+    # with sampled rows, and per sampled row. Collectives sit between matmuls: added, not overlapped.
+    allreduce_fixed_s: float = 0.0
+    allreduce_per_row_s: float = 0.0
+    gather_fixed_s: float = 0.0
+    gather_per_row_s: float = 0.0
 
     def predict(self, x: tuple[float, ...]) -> float:
         _, x1, x2, x3, x4, x5 = x
@@ -52,8 +60,15 @@ class Roofline:
         b1, b2, b3, b4, b5 = self.bytes_per
         flops = f1 * x1 + f2 * x2 + f3 * x3 + f4 * x4 + f5 * x5
         moved = self.bytes_fixed + b1 * x1 + b2 * x2 + b3 * x3 + b4 * x4 + b5 * x5
-        return self.overhead_s + max(flops / (self.peak_flops * self.flops_efficiency),
-                                     moved / (self.memory_bandwidth * self.bandwidth_efficiency))
+        return (self.overhead_s + max(flops / (self.peak_flops * self.flops_efficiency),
+                                      moved / (self.memory_bandwidth * self.bandwidth_efficiency))
+                + self.collective_seconds(x))
+
+    def collective_seconds(self, x: tuple[float, ...]) -> float:
+        """The step's time in tensor-parallel collectives (0 on one rank)."""
+        rows, sampled = x[1] + x[2], x[5]
+        return ((self.allreduce_fixed_s + self.allreduce_per_row_s * rows if rows else 0.0)
+                + (self.gather_fixed_s + self.gather_per_row_s * sampled if sampled else 0.0))
 
 
 @dataclass
@@ -117,7 +132,11 @@ class StepProfile:
         if self.roofline is not None:
             roof = self.roofline
             roofline = replace(roof, peak_flops=roof.peak_flops / factor, overhead_s=roof.overhead_s * factor,
-                               memory_bandwidth=roof.memory_bandwidth / factor)
+                               memory_bandwidth=roof.memory_bandwidth / factor,
+                               allreduce_fixed_s=roof.allreduce_fixed_s * factor,
+                               allreduce_per_row_s=roof.allreduce_per_row_s * factor,
+                               gather_fixed_s=roof.gather_fixed_s * factor,
+                               gather_per_row_s=roof.gather_per_row_s * factor)
             return replace(self, roofline=roofline)
         return replace(self, coefficients={name: value * factor for name, value in self.coefficients.items()})
 
