@@ -36,6 +36,8 @@ class DecodeRun:
         self.allocs = allocs  # step -> requests that allocate a block at that step's start
         # The ops that change what the router sees (indexed blocks, free blocks), in order.
         self.visible_ops = sorted([2 * step for step in fills] + [2 * step - 1 for step in allocs])
+        # Each block the run allocates, by its op, in the order the pool hands them out.
+        self.alloc_ops = [op for step in sorted(allocs) for op in [2 * step - 1] * len(allocs[step])]
         self.done = 0  # ops applied
         self._ends = [0] * len(self.requests)  # step ends applied to each request (its tokens)
 
@@ -43,10 +45,10 @@ class DecodeRun:
     def ends_done(self) -> int:
         return (self.done + 1) // 2
 
-    def next_visible_op(self) -> int | None:
-        ops = self.visible_ops
-        position = bisect_left(ops, self.done)
-        return ops[position] if position < len(ops) else None
+    def blocks_taken(self, first: int, last: int) -> int:
+        """Blocks the ops in [first, last) allocate (one per request past its table)."""
+        ops = self.alloc_ops
+        return bisect_left(ops, last) - bisect_left(ops, first) if last > first else 0
 
     def _catch(self, index: int, ends: int) -> None:
         """Bring one request's tokens to `ends` step ends."""
@@ -157,3 +159,4 @@ def truncated(run: DecodeRun, steps: int) -> None:
     run.fills = {step: f for step, f in run.fills.items() if step < steps}
     run.allocs = {step: a for step, a in run.allocs.items() if step <= steps}
     run.visible_ops = [op for op in run.visible_ops if op < 2 * steps]
+    run.alloc_ops = [op for op in run.alloc_ops if op < 2 * steps]
