@@ -43,7 +43,10 @@ def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100), interpolating linearly between the nearest ranks."""
     if not values:
         raise ValueError("percentile of no values")
-    ordered = sorted(values)
+    return _ranked(sorted(values), q)
+
+
+def _ranked(ordered: list[float], q: float) -> float:
     position = (len(ordered) - 1) * q / 100
     low, high = math.floor(position), math.ceil(position)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -54,8 +57,10 @@ def distribution_ms(values_s: list[float]) -> dict | None:
     if not values_s:
         return None
     ms = [v * 1000 for v in values_s]
-    return {"mean": sum(ms) / len(ms), "median": percentile(ms, 50), "p90": percentile(ms, 90),
-            "p99": percentile(ms, 99), "count": len(ms)}
+    mean = sum(ms) / len(ms)  # summed in the given order, before the sort
+    ms.sort()  # once for the three ranks: a simulated 100k-request run has tens of millions of gaps
+    return {"mean": mean, "median": _ranked(ms, 50), "p90": _ranked(ms, 90), "p99": _ranked(ms, 99),
+            "count": len(ms)}
 
 
 def meets_slo(record: RequestRecord, slo: SLO) -> bool:

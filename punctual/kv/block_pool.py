@@ -14,6 +14,7 @@ import hashlib
 import struct
 from collections import OrderedDict
 from functools import lru_cache
+from itertools import islice
 from typing import Callable, Sequence
 
 # A block's identity in the prefix cache: a SHA-256 digest (32 bytes) by default, or a 64-bit
@@ -142,6 +143,11 @@ class BlockPool:
             self.ref_counts[block_id] = 1
             blocks.append(block_id)
         return blocks
+
+    def next_free(self, count: int) -> list[int]:
+        """The blocks the next `count` allocations take, in order, if nothing is freed meanwhile
+        (read-only)."""
+        return list(islice(self._free, count))
 
     def touch(self, block_ids: list[int]) -> None:
         """One more owner of each block (a prefix-cache hit); a free cached block leaves the queue."""

@@ -81,6 +81,25 @@ class StepCostModel:
         self.num_observations += 1
         self._stale = self.num_observations >= self.min_observations
 
+    def observe_steps(self, batched_tokens: int, num_seqs: int, durations, sampled_rows: int | None = None) -> None:
+        """`observe` once per duration, in order, for steps of one shape (the simulator's runs of
+        repeated decode steps): the same sums, bit for bit, without a call per step."""
+        rows = num_seqs if sampled_rows is None else sampled_rows
+        t, q, r = float(batched_tokens), float(num_seqs), float(rows)
+        d = self.decay
+        tt, tq, tr, qq, qr, rr = t * t, t * q, t * r, q * q, q * r, r * r
+        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14 = self._sums
+        count = 0
+        for y in durations:
+            s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = (s0 * d + 1.0, s1 * d + t, s2 * d + q, s3 * d + r, s4 * d + tt,
+                                                      s5 * d + tq, s6 * d + tr, s7 * d + qq, s8 * d + qr, s9 * d + rr)
+            s10, s11, s12, s13, s14 = s10 * d + y, s11 * d + t * y, s12 * d + q * y, s13 * d + r * y, s14 * d + 1.0
+            count += 1
+        if count:
+            self._sums = [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14]
+            self.num_observations += count
+            self._stale = self.num_observations >= self.min_observations
+
     def _refit(self) -> None:
         self._stale = False
         s = self._sums

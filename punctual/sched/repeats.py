@@ -36,6 +36,8 @@ class DecodeRun:
         self.allocs = allocs  # step -> requests that allocate a block at that step's start
         # The ops that change what the router sees (indexed blocks, free blocks), in order.
         self.visible_ops = sorted([2 * step for step in fills] + [2 * step - 1 for step in allocs])
+        # Each block the run allocates, by its op, in the order the pool hands them out.
+        self.alloc_ops = [op for step in sorted(allocs) for op in [2 * step - 1] * len(allocs[step])]
         self.done = 0  # ops applied
         self._ends = [0] * len(self.requests)  # step ends applied to each request (its tokens)
 
@@ -43,10 +45,10 @@ class DecodeRun:
     def ends_done(self) -> int:
         return (self.done + 1) // 2
 
-    def next_visible_op(self) -> int | None:
-        ops = self.visible_ops
-        position = bisect_left(ops, self.done)
-        return ops[position] if position < len(ops) else None
+    def blocks_taken(self, first: int, last: int) -> int:
+        """Blocks the ops in [first, last) allocate (one per request past its table)."""
+        ops = self.alloc_ops
+        return bisect_left(ops, last) - bisect_left(ops, first) if last > first else 0
 
     def _catch(self, index: int, ends: int) -> None:
         """Bring one request's tokens to `ends` step ends."""
@@ -60,21 +62,32 @@ class DecodeRun:
     def advance(self, ops: int, times: list[float]) -> None:
         """Apply ops up to `ops` (then `settle` before the scheduler is read); `times`: each
         step's start, then the last one's end (a step's seconds as finish_step measures them:
-        end - start)."""
+        end - start). The cost model and the KV manager share no state, so the step ends'
+        observations go in one call and only the ops that touch blocks are visited, in order."""
+        done = self.done
+        if ops <= done:
+            return
         scheduler = self.scheduler
-        kv, observe, requests = scheduler.kv, scheduler.cost_model.observe, self.requests
+        kv, requests = scheduler.kv, self.requests
         num_seqs = len(requests)
-        for op in range(self.done, ops):
-            step = op >> 1
-            if not op & 1:  # step `step` ends
-                observe(num_seqs, num_seqs, times[step + 1] - times[step], num_seqs)
-                for index in self.fills.get(step, ()):
+        first_end, last_end = (done + 1) >> 1, (ops + 1) >> 1  # steps whose ends are ops in [done, ops)
+        if last_end > first_end:
+            scheduler.cost_model.observe_steps(num_seqs, num_seqs, [times[step + 1] - times[step] for step in
+                                                                    range(first_end, last_end)], num_seqs)
+        if ops >> 1 > done >> 1:  # a step starts: schedule() clears its per-step memo
+            scheduler._prefix_memo.clear()
+        visible = self.visible_ops
+        for position in range(bisect_left(visible, done), bisect_left(visible, ops)):
+            op = visible[position]
+            if not op & 1:  # step `op // 2` ends: blocks its tokens filled are indexed
+                step = op >> 1
+                for index in self.fills[step]:
                     self._catch(index, step + 1)
                     kv.cache_full_blocks(requests[index])
-            else:  # step `step + 1` starts: schedule() clears its per-step memo, allocates in plan order
-                scheduler._prefix_memo.clear()
-                for index in self.allocs.get(step + 1, ()):
-                    self._catch(index, step + 1)
+            else:  # step `op // 2 + 1` starts: requests past their tables allocate, in plan order
+                step = (op >> 1) + 1
+                for index in self.allocs[step]:
+                    self._catch(index, step)
                     request = requests[index]
                     allocated = kv.allocate(request, request.num_computed_tokens + 1)
                     assert allocated, "a repeat ran out of blocks"
@@ -146,3 +159,4 @@ def truncated(run: DecodeRun, steps: int) -> None:
     run.fills = {step: f for step, f in run.fills.items() if step < steps}
     run.allocs = {step: a for step, a in run.allocs.items() if step <= steps}
     run.visible_ops = [op for op in run.visible_ops if op < 2 * steps]
+    run.alloc_ops = [op for op in run.alloc_ops if op < 2 * steps]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+from bisect import bisect_left
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -152,6 +153,9 @@ class Simulator:
         for replica in self.replicas:
             replica.repeat_steps = allowed
         self._router_reads_state = cluster.router != "round_robin"
+        reads_blocks = self.front.reads_blocks
+        for replica in self.replicas:
+            replica.router_reads_blocks = reads_blocks
 
     def route(self, prompt_token_ids, user, adapter_id: str | None = None) -> int:
         """The replica the cluster's router picks for a request now."""
@@ -405,10 +409,14 @@ class Simulator:
     def _push_visible(self, replica: SimReplica) -> None:
         """Queue the run's next op that the router would see (at its time: a step's end before
         an instant's arrivals, a start after them)."""
-        op = replica.run.next_visible_op()
+        run, ops = replica.run, replica.watched_ops
+        position = bisect_left(ops, max(run.done, replica.told))
+        if position == len(ops):
+            return
+        op = ops[position]
         times = replica.run_times
-        if op is not None and op // 2 + 1 < len(times):  # priced (else queued once pricing reaches it)
-            heapq.heappush(self._visible, (times[op // 2 + 1], op & 1, replica.run_serial, replica.replica_id))
+        if op < 2 * run.steps and op // 2 + 1 < len(times):  # priced (else queued once pricing reaches it)
+            heapq.heappush(self._visible, (times[op // 2 + 1], op & 1, replica.run_serial, replica.replica_id, op))
             replica.visible_queued = True
 
     def _catch_up_visible(self, now: float) -> None:
@@ -416,12 +424,16 @@ class Simulator:
         applies its run up to `now`."""
         visible, replicas = self._visible, self.replicas
         while visible and (visible[0][0] < now or visible[0][0] == now and visible[0][1] == 0):
-            _, _, serial, replica_id = heapq.heappop(visible)
+            _, _, serial, replica_id, op = heapq.heappop(visible)
             replica = replicas[replica_id]
             if replica.run is None or replica.run_serial != serial:
                 continue  # that run is over
             replica.visible_queued = False
-            self._catch_up(replica, now)
+            if op in replica.apply_ops:
+                self._catch_up(replica, now)
+            elif op >= replica.run.done:  # an allocation that evicts nothing: only its free block count
+                replica.told = op + 1
+                replica.on_change(replica_id)
             self._push_visible(replica)
 
     def _cut_run(self, replica: SimReplica, now: float) -> None:

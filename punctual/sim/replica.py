@@ -69,6 +69,15 @@ class SimReplica:
         self._run_features: tuple[float, ...] = ()
         self._draws_state = None  # the step draws' state after the run's first step, for a cut
         self.step_seq = 0  # the simulator's event for the end of the step (or run) in flight
+        # What the router sees of a run (set by the Simulator): with `router_reads_blocks` (it takes
+        # the prefix cache's block events), the ops that index blocks and those whose allocation
+        # evicts a cached block must be applied before it decides; an allocation otherwise changes
+        # only the free-block count, which the router is told (`told`: ops counted in it, applied
+        # or not) without applying it.
+        self.router_reads_blocks = True
+        self.watched_ops: list[int] = []  # the run's ops that change what the router sees, in order
+        self.apply_ops: set[int] = set()  # of those, the ones applied before it decides
+        self.told = 0
 
     @property
     def busy(self) -> bool:
@@ -121,9 +130,29 @@ class SimReplica:
             self._draws_state = self.step_draws.getstate()
         self.run, self.run_times, self._run_features = run, [now, end], features
         self.run_serial += 1
+        self.told = 0
+        if self.router_reads_blocks:
+            # The k-th block the run allocates is the k-th free block now (nothing is freed in a run).
+            hashes = self.kv.pool.block_hash
+            taken = self.kv.pool.next_free(len(run.alloc_ops))
+            self.watched_ops = run.visible_ops
+            self.apply_ops = {2 * step for step in run.fills}
+            self.apply_ops.update(op for op, block in zip(run.alloc_ops, taken) if hashes[block] is not None)
+        else:
+            self.watched_ops = sorted(set(run.alloc_ops))
+            self.apply_ops = set()
         if not self.price_more():
             self.run = self.run_times = self._draws_state = None
         return self.run_times[-1] if self.run is not None else end
+
+    def kv_blocks_free(self) -> int:
+        """Free KV blocks as the router sees them: those of the run's allocations it was told of
+        (`told`) are taken, applied or not."""
+        free = self.kv.num_free_blocks
+        run = self.run
+        if run is not None and self.told > run.done:
+            free -= run.blocks_taken(run.done, self.told)
+        return free
 
     def price_more(self) -> bool:
         """Price the run's next repeats (PRICE_AHEAD at most) as start_step would charge each

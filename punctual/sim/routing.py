@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from punctual.cluster.router import ReplicaLoad, make_router
+from punctual.cluster.router import ReplicaLoad, Router, make_router
 from punctual.sim.replica import SimReplica
 
 
@@ -34,6 +34,13 @@ class FrontEnd:
             replica.on_change = self.changed.add
             self._watch(replica)
 
+    @property
+    def reads_blocks(self) -> bool:
+        """Whether the router takes the replicas' block events (else only their loads)."""
+        kind = type(self.router)
+        return (kind.on_blocks_stored is not Router.on_blocks_stored
+                or kind.on_blocks_evicted is not Router.on_blocks_evicted)
+
     def _watch(self, replica: SimReplica) -> None:
         """Tell the router of the blocks the replica's prefix cache indexes and evicts, as a core's
         updates do (blocks_stored, blocks_evicted)."""
@@ -50,15 +57,14 @@ class FrontEnd:
 
     def load(self, replica: SimReplica) -> ReplicaLoad:
         """What the cluster client's `_loads` reports for this replica."""
-        kv = replica.kv
         return ReplicaLoad(replica.replica_id, replica.replica_id in self.routable, replica.front_running,
-                           replica.front_waiting, replica.front_queued, kv.num_blocks - kv.num_used_blocks,
-                           kv.num_blocks, replica.adapters)
+                           replica.front_waiting, replica.front_queued, replica.kv_blocks_free(),
+                           replica.kv.num_blocks, replica.adapters)
 
     def loads(self, roles: set[str] | None = None) -> list[ReplicaLoad]:
         """Every replica's load, healthy where its role is in `roles` (None: all), as `_loads(roles)`."""
         return [ReplicaLoad(r.replica_id, roles is None or r.role in roles, r.front_running, r.front_waiting,
-                            r.front_queued, r.kv.num_blocks - r.kv.num_used_blocks, r.kv.num_blocks, r.adapters)
+                            r.front_queued, r.kv_blocks_free(), r.kv.num_blocks, r.adapters)
                 for r in self.replicas]
 
     def route(self, prompt_token_ids: Sequence[int], user: str | None, adapter_id: str | None = None) -> int:

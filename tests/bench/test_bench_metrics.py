@@ -39,6 +39,14 @@ def test_distribution_in_milliseconds():
     assert distribution_ms([]) is None
 
 
+def test_distribution_ranks_unsorted_values_as_percentile_does():
+    values = [0.3, 0.01, 0.25, 0.7, 0.02, 0.5, 0.11]
+    stats = distribution_ms(values)
+    ms = [v * 1000 for v in values]
+    assert (stats["median"], stats["p90"], stats["p99"]) == (percentile(ms, 50), percentile(ms, 90), percentile(ms, 99))
+    assert stats["mean"] == sum(ms) / len(ms) and values[0] == 0.3  # the caller's list is left as it was
+
+
 def test_tpot_and_itl_from_token_times():
     r = record([0.5, 0.6, 0.8, 1.1], e2e=1.1)
     assert r.tpot_s == pytest.approx((1.1 - 0.5) / 3)

@@ -128,3 +128,41 @@ def test_a_profile_that_prices_plans_itself_sees_every_plan():
 
     sim = Simulator(SimConfig(SchedulerConfig(), 100), Pricing("linear", dict(COEFFICIENTS)))
     assert not any(isinstance(r, SimReplica) and r.repeat_steps for r in sim.replicas)
+
+
+def test_observing_a_run_of_steps_at_once_gives_the_sums_of_one_call_per_step():
+    from punctual.sched.cost_model import StepCostModel
+
+    one_by_one, at_once = StepCostModel(), StepCostModel()
+    for model in (one_by_one, at_once):
+        model.observe(40, 3, 0.031, 3)  # a prefill before the run: the sums do not start at zero
+    durations = [0.01 + 0.0007 * (i % 5) + 1e-9 * i for i in range(12)]  # fewer, then more than min_observations
+    for seconds in durations[:5]:
+        one_by_one.observe(6, 6, seconds, 6)
+    at_once.observe_steps(6, 6, durations[:5], 6)
+    assert at_once._sums == one_by_one._sums and at_once._stale == one_by_one._stale  # not yet fitted
+    for seconds in durations[5:]:
+        one_by_one.observe(6, 6, seconds, 6)
+    at_once.observe_steps(6, 6, durations[5:], 6)
+    at_once.observe_steps(6, 6, [], 6)  # nothing observed: nothing changes
+    assert at_once._sums == one_by_one._sums and at_once.num_observations == one_by_one.num_observations == 13
+    assert at_once.coefficients() == one_by_one.coefficients() != StepCostModel().coefficients()
+
+
+def test_the_router_counts_a_runs_allocations_without_applying_them(monkeypatch):
+    # least_loaded reads free blocks, not block events: an allocation in a run is told to it (the
+    # free count it sees) without the replica applying it, and every answer stays the same.
+    from punctual.sim.routing import FrontEnd
+
+    told_only = []
+    load = FrontEnd.load
+
+    def counting_load(self, replica):
+        told_only.append(replica.kv_blocks_free() != replica.kv.num_free_blocks)
+        return load(self, replica)
+    monkeypatch.setattr(FrontEnd, "load", counting_load)
+    fast, _ = _run("least_loaded", True, True)
+    assert any(told_only)
+    monkeypatch.setattr(FrontEnd, "load", load)
+    exact, _ = _run("least_loaded", False, True)
+    assert fast == exact
