@@ -209,6 +209,10 @@ def main() -> None:
                      "num_requests": args.num_requests, "runs": args.runs}
     bandwidth = measure_bandwidth_gbs()
     bytes_per_token = weight_bytes(model)
+    from punctual.kernels import cpu_kernels, tune_table
+
+    cpu_kernels.load()
+    results["machine"] = {"kernels": tune_table.summary(), "kernel_build": cpu_kernels.loaded_variant()}
     results["bandwidth_gbs"] = bandwidth
     results["weight_bytes_per_token"] = bytes_per_token
     results["bandwidth_limit_tok_s"] = bandwidth * 1e9 / bytes_per_token

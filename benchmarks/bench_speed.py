@@ -48,7 +48,10 @@ def cpu_line() -> str:
     features = " ".join(f for f in KERNEL_FEATURES if f in flags) or "none of " + " ".join(KERNEL_FEATURES)
     cpu_kernels.load()
     build = cpu_kernels.loaded_variant() or f"none ({cpu_kernels.unavailable_reason()})"
-    return f"{model}; features: {features}; fused kernel build: {build}"
+    from punctual.kernels import tune_table
+
+    return (f"{model}; features: {features}; fused kernel build: {build}; "
+            f"kernel table: {tune_table.kernel_table().describe()}")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
