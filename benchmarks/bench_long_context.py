@@ -1,5 +1,6 @@
 """Long-context decode: dense attention against Quest sparse decode attention at several token
-budgets: decode TPOT at each context and stream count, and passkey retrieval.
+budgets: decode TPOT at each context and stream count, passkey retrieval, and the perplexity of
+text decoded one token at a time (teacher forced) after a long context.
 
     python benchmarks/bench_long_context.py                                   # ~3 min: 1 stream
     python benchmarks/bench_long_context.py --streams 1,16                    # the full table (longer)
@@ -18,10 +19,13 @@ one per stream (no KV shared between streams), the core's per-request TPOT (ms, 
 streams). Passkey: a number hidden at a depth of the context in a repeated English paragraph,
 then the question; retrieved when the greedy answer contains it. Only decodes are sparse: the
 answer's first token comes from the (dense) prompt pass, the others from sparse decodes.
+Perplexity: the corpus text after --perplexity-contexts tokens, each next token fed as a decode
+(the sampler swapped for one that returns the text's token and records its log-probability).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import subprocess
@@ -80,6 +84,11 @@ def main() -> None:
     parser.add_argument("--passkey-contexts", default="2048,4096", help="comma separated; empty: skip")
     parser.add_argument("--depths", default="10,30,50,70,90", help="passkey depths in percent")
     parser.add_argument("--passkey-trials", type=int, default=1, help="keys per context and depth")
+    parser.add_argument("--perplexity-contexts", default="4096,8000",
+                        help="perplexity of the next --perplexity-tokens after this many tokens of text, "
+                             "comma separated; empty: skip")
+    parser.add_argument("--perplexity-tokens", type=int, default=128,
+                        help="tokens scored one decode at a time (teacher forced) after each context")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     contexts, streams, budgets = ints(args.contexts), ints(args.streams), ints(args.budgets)
@@ -139,6 +148,42 @@ def main() -> None:
                         text = run([prompt], budget, 8)[0].outputs[0].text
                         found[name] += str(key) in text
             print(f"{context:>8} " + " ".join(f"{f'{found[name]}/{tried}':>12}" for name, _ in variants), flush=True)
+
+    perplexity_contexts = ints(args.perplexity_contexts)
+    if perplexity_contexts:
+        # Quest applies to decodes only, so the text is scored one decode at a time: the sampler
+        # is replaced by one that returns the text's next token and records its log-probability
+        # under the step's logits (teacher forcing); dense and Quest see the same tokens.
+        print(f"\nperplexity of {args.perplexity_tokens} tokens decoded one at a time after the context "
+              "(x: quest / dense)")
+        print(f"{'context':>8} " + " ".join(f"{name:>16}" for name, _ in variants))
+        sampler = runner.sampler
+        original = sampler.sample
+        for context in (min(c, room - args.perplexity_tokens) for c in perplexity_contexts):
+            text = text_prompts(tokenizer, 1, context + args.perplexity_tokens + 1)[0]
+            prompt, target = text[:context], text[context:context + args.perplexity_tokens]
+            cells, dense_ppl = [], None
+            for name, budget in variants:
+                nll: list[float] = []
+
+                def forced(logits, states, nll=nll):
+                    assert len(states) == 1, "one stream at a time"
+                    position = len(nll)
+                    token = target[min(position, len(target) - 1)]
+                    nll.append(-torch.log_softmax(logits[0].float(), dim=-1)[token].item())
+                    return [token], [None]
+
+                sampler.sample = forced
+                try:
+                    run([prompt], budget, len(target))
+                finally:
+                    sampler.sample = original
+                # The first scored token comes from the prompt's last position (a prefill): the
+                # rest from decodes, where Quest acts.
+                ppl = math.exp(statistics.fmean(nll[:len(target)]))
+                dense_ppl = ppl if budget is None else dense_ppl
+                cells.append(f"{ppl:8.3f}" + ("" if budget is None else f" ({ppl / dense_ppl:5.3f}x)"))
+            print(f"{context:>8} " + " ".join(f"{c:>16}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
