@@ -46,14 +46,15 @@ def cache_root() -> Path:
     return punctual_cache_root() / "layers"
 
 
-def cache_key(path: Path, dtype: torch.dtype, int4: bool, kernels: bool, options: dict) -> str:
+def cache_key(path: Path, device: torch.device, dtype: torch.dtype, int4: bool, kernels: bool,
+              options: dict) -> str:
     """A digest of what decides a finished layer's bytes. A file rewritten in place changes its
     mtime (and usually its size): the key changes, and the layers are finished anew."""
     path = path.resolve()
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
     parts = {
         "format": FORMAT_VERSION, "torch": torch.__version__, "path": str(path), "files": files,
-        "dtype": str(dtype), "int4": int4, "options": sorted((k, repr(v)) for k, v in options.items()),
+        "device": device.type, "dtype": str(dtype), "int4": int4, "options": sorted((k, repr(v)) for k, v in options.items()),
         "kernels": [cpu_kernels.loaded_variant(), repr(kernel_table())] if kernels else None,
     }
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
@@ -135,8 +136,8 @@ def write_layer(file: Path, layer: LayerWeights, key: str, index: int) -> None:
         partial.unlink(missing_ok=True)
 
 
-def read_layer(file: Path, key: str, index: int) -> LayerWeights:
-    """The layer written by write_layer. Raises (OSError, ValueError, ...) where the file is
+def read_layer(file: Path, key: str, index: int, device: torch.device) -> LayerWeights:
+    """The layer written by write_layer, on `device`. Raises (OSError, ValueError, ...) where the file is
     missing, truncated, corrupt or written under another key."""
     from safetensors import safe_open
 
@@ -145,6 +146,8 @@ def read_layer(file: Path, key: str, index: int) -> LayerWeights:
         if meta.get("key") != key or meta.get("layer") != str(index) or META not in meta:
             raise ValueError(f"{file} is not layer {index} of this cache")
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if device.type != "cpu":
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     layer = _decode(json.loads(meta[META]), tensors)
     if not isinstance(layer, LayerWeights):
         raise ValueError(f"{file} does not hold a layer")
@@ -160,8 +163,8 @@ class CachedLayers:
     time. A cache that cannot be written (a read-only disk, a layer it cannot encode) is turned
     off with a warning: every read then converts, as without a cache."""
 
-    def __init__(self, directory: Path, key: str, convert):
-        self.directory, self.key, self.convert = directory, key, convert
+    def __init__(self, directory: Path, key: str, device: torch.device, convert):
+        self.directory, self.key, self.device, self.convert = directory, key, device, convert
         self.enabled = True
         self._warned: set[int] = set()
 
@@ -171,7 +174,7 @@ class CachedLayers:
         if not self.enabled or not file.exists():
             return None
         try:
-            return read_layer(file, self.key, index)
+            return read_layer(file, self.key, index, self.device)
         except Exception:  # noqa: BLE001 - rebuilt by the caller: any fault of the file is the same fault
             return None
 
@@ -201,7 +204,7 @@ class CachedLayers:
         if self.enabled:
             file = layer_file(self.directory, index)
             try:
-                return read_layer(file, self.key, index)
+                return read_layer(file, self.key, index, self.device)
             except Exception as error:  # noqa: BLE001 - missing, truncated, corrupt: rebuilt alike
                 if index not in self._warned:
                     self._warned.add(index)

@@ -89,8 +89,8 @@ def load_model(path: Path, arch: ModelArchConfig, device: torch.device, dtype: t
     fixed = resident_bytes([model.embed, model.norm, model.lm_head, model.rope_tables])
     convert = lambda index: model.load_layer(  # noqa: E731
         index, load_weights(path, dtype, int4, only=lambda name: layer_of(name) == index))
-    key = layer_cache.cache_key(path, dtype, int4, model.kernels is not None, model_options)
-    cache = layer_cache.CachedLayers(layer_cache.cache_dir(path, key), key, convert)
+    key = layer_cache.cache_key(path, device, dtype, int4, model.kernels is not None, model_options)
+    cache = layer_cache.CachedLayers(layer_cache.cache_dir(path, key), key, device, convert)
     # Layer 0 read once to measure what a layer costs finished (packing may hold two layouts); the
     # others scaled by their share of the checkpoint's elements (MoE and dense layers differ).
     first_layer = cache.cached(0)
