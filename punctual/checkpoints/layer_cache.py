@@ -5,7 +5,7 @@ q/k/v and gate/up, quantization, the kernels' packing) costs far more than readi
 so each layer is finished once, at start-up, and written as it will be used: one safetensors
 file per layer, its tensors plus the structure (which dataclass holds which tensor) as JSON in
 the file's metadata. Reading one back is reading its bytes (pread into memory of its own, so
-dropping the layer frees it); nothing is unpickled, and only the classes below are rebuilt.
+dropping the layer frees it, the GIL released while it reads); nothing is unpickled, and only the classes below are rebuilt.
 
 Files live in PUNCTUAL_CACHE/layers/<model>-<key>/, the key over everything that changes the
 finished bytes: the checkpoint's path and its files' sizes and mtimes, dtype, quantization and
@@ -136,16 +136,56 @@ def write_layer(file: Path, layer: LayerWeights, key: str, index: int) -> None:
         partial.unlink(missing_ok=True)
 
 
-def read_layer(file: Path, key: str, index: int, device: torch.device) -> LayerWeights:
-    """The layer written by write_layer, on `device`. Raises (OSError, ValueError, ...) where the file is
-    missing, truncated, corrupt or written under another key."""
-    from safetensors import safe_open
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
-    with safe_open(str(file), framework="pt", backend="pread") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("key") != key or meta.get("layer") != str(index) or META not in meta:
-            raise ValueError(f"{file} is not layer {index} of this cache")
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+
+def _read_safetensors(file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, its data read in one call into one fresh buffer
+    that the tensors view: file.readinto releases the GIL, so the window's thread reads while the
+    step computes (safetensors' own reader holds it), and the buffer is freed with the last view."""
+    with open(file, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file} is truncated")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise ValueError(f"{file} is truncated (its header runs past the end)")
+        header = json.loads(handle.read(header_len))
+        data_len = size - 8 - header_len
+        buffer = torch.empty(data_len, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < data_len:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{file} is truncated")
+            done += got
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, entry in header.items():
+        dtype, (start, end) = _DTYPES[entry["dtype"]], entry["data_offsets"]
+        shape = entry["shape"]
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        count = 1
+        for dim in shape:
+            count *= dim
+        if not 0 <= start <= end <= data_len or end - start != count * itemsize:
+            raise ValueError(f"{file}: tensor {name} lies outside the file")
+        raw = buffer[start:end]
+        if start % itemsize:  # safetensors aligns its tensors; a copy where one is not
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(shape)
+    return metadata, tensors
+
+
+def read_layer(file: Path, key: str, index: int, device: torch.device) -> LayerWeights:
+    """The layer written by write_layer, on `device`. Raises (OSError, ValueError, ...) where the
+    file is missing, truncated, corrupt or written under another key."""
+    meta, tensors = _read_safetensors(file)
+    if meta.get("key") != key or meta.get("layer") != str(index) or META not in meta:
+        raise ValueError(f"{file} is not layer {index} of this cache")
     if device.type != "cpu":
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     layer = _decode(json.loads(meta[META]), tensors)

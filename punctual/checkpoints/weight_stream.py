@@ -30,10 +30,12 @@ MB = 1e6
 
 
 def resident_bytes(obj, seen: set | None = None) -> int:
-    """Bytes of the tensors `obj` holds (dataclasses, lists and tuples walked), each storage once."""
+    """Bytes of the tensors `obj` holds (dataclasses, lists and tuples walked), each storage once
+    (a cached layer's tensors view one buffer: counted once, whole)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        key = obj.data_ptr() if obj.layout == torch.strided else id(obj)  # mkldnn tensors have no data_ptr
+        # mkldnn tensors have no data_ptr
+        key = obj.untyped_storage().data_ptr() if obj.layout == torch.strided else id(obj)
         if key in seen:
             return 0
         seen.add(key)
