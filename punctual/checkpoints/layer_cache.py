@@ -4,12 +4,14 @@ A windowed step reads every layer again. Finishing a layer from the checkpoint (
 q/k/v and gate/up, quantization, the kernels' packing) costs far more than reading its bytes,
 so each layer is finished once, at start-up, and written as it will be used: one safetensors
 file per layer, its tensors plus the structure (which dataclass holds which tensor) as JSON in
-the file's metadata. Reading one back is reading its bytes (pread into memory of its own, so
-dropping the layer frees it, the GIL released while it reads); nothing is unpickled, and only the classes below are rebuilt.
+the file's metadata. Reading one back is reading its bytes (one read into memory of its own, so
+dropping the layer frees it, the GIL released while it reads); nothing is unpickled, and only
+the classes below are rebuilt.
 
 Files live in PUNCTUAL_CACHE/layers/<model>-<key>/, the key over everything that changes the
-finished bytes: the checkpoint's path and its files' sizes and mtimes, dtype, quantization and
-the other model options, the kernels' variant and table, torch's version and FORMAT_VERSION.
+finished bytes: the checkpoint's path and its files' sizes and mtimes, device, dtype,
+quantization and the other model options, the kernels' build and table, torch's version and
+FORMAT_VERSION. Folders of older keys stay until deleted by hand.
 """
 from __future__ import annotations
 
@@ -54,10 +56,19 @@ def cache_key(path: Path, device: torch.device, dtype: torch.dtype, int4: bool, 
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
     parts = {
         "format": FORMAT_VERSION, "torch": torch.__version__, "path": str(path), "files": files,
-        "device": device.type, "dtype": str(dtype), "int4": int4, "options": sorted((k, repr(v)) for k, v in options.items()),
-        "kernels": [cpu_kernels.loaded_variant(), repr(kernel_table())] if kernels else None,
+        "device": device.type, "dtype": str(dtype), "int4": int4,
+        "options": sorted((k, repr(v)) for k, v in options.items()),
+        "kernels": [_kernels_build(), repr(kernel_table())] if kernels else None,
     }
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def _kernels_build() -> str | None:
+    """The loaded kernels' build (variant and a digest of their sources): their packed layouts."""
+    try:
+        return cpu_kernels.build(variant=cpu_kernels.choose_variant()).parent.name  # built already: no compile
+    except (cpu_kernels.KernelsUnavailable, ValueError):
+        return cpu_kernels.loaded_variant()
 
 
 def cache_dir(path: Path, key: str) -> Path:
