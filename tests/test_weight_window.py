@@ -204,3 +204,33 @@ def test_the_window_never_holds_more_than_its_size():
         window.close()
     with pytest.raises(ValueError, match="2 to 6 layers"):
         WeightWindow(6, 1, Layer)
+
+
+def test_a_cache_file_rebuilds_only_punctuals_own_classes(tmp_path):
+    """The structure is JSON naming a few dataclasses: a file naming any other class is refused
+    (then rebuilt from the checkpoint), never imported or called."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from punctual.models.decoder import LayerWeights
+    from punctual.models.linear import FusedWeight
+
+    weight = torch.randn(32, 8)
+    layer = LayerWeights(input_norm=torch.ones(8), qkv=weight, qkv_bias=None, o_proj=weight[:8].clone(), o_bias=None,
+                         mlp_norm=torch.ones(8), gate_up=FusedWeight(weight, weight, 32, float("inf")),
+                         gate_up_bias=None, down=weight[8:16], down_bias=None, window=4)
+    file = tmp_path / "layer-0000.safetensors"
+    layer_cache.write_layer(file, layer, "key", 0)
+    back = layer_cache.read_layer(file, "key", 0, torch.device("cpu"))
+    assert torch.equal(back.down, layer.down) and back.gate_up.max_rows == float("inf") and back.window == 4
+    assert back.qkv.data_ptr() == back.gate_up.packed.data_ptr()  # one tensor written once, shared again
+    with pytest.raises(ValueError, match="not layer 1"):
+        layer_cache.read_layer(file, "key", 1, torch.device("cpu"))
+    _, tensors = layer_cache._read_safetensors(file)
+    tree = {"class": "Popen", "fields": {"args": "true"}}
+    save_file({k: v.clone() for k, v in tensors.items()}, str(file),
+              metadata={layer_cache.META: json.dumps(tree), "key": "key", "layer": "0"})
+    with pytest.raises(KeyError, match="Popen"):
+        layer_cache.read_layer(file, "key", 0, torch.device("cpu"))
