@@ -1,7 +1,8 @@
 """TPOT and peak resident memory of one decode stream with every weight resident against
---max-weight-memory at fractions of the model's weights (a sliding window of layers read from the
-checkpoint ahead of use, TPI-LLM). Each configuration runs in a fresh process, so its peak RSS
-(VmHWM) is its own: start-up included.
+--max-weight-memory at fractions of the model's weights (a sliding window of layers read ahead
+of use, TPI-LLM, from the finished-layer cache the first windowed start-up writes under
+PUNCTUAL_CACHE/layers). Each configuration runs in a fresh process, so its peak RSS (VmHWM) is its
+own: start-up included.
 
     python benchmarks/bench_weight_window.py                          # smollm2 bf16: all, 1/2, 1/4
     python benchmarks/bench_weight_window.py --quantization int8         # int8 linears and head

@@ -96,7 +96,8 @@ class QuantizedWeight:
     int8_activations: bool = True
     # The rule of which path runs for how many rows (set with the fused kernels: this CPU's table).
     table: KernelTable | None = None
-    # int8_gemm's weight: `data` prepacked by oneDNN (qlinear_prepack), where the rule uses it.
+    # int8_gemm's weight: `data` prepacked by oneDNN (qlinear_prepack), where the rule uses it
+    # (None until the first big batch where the layer came from a weight window's cache).
     gemm: torch.Tensor | None = None
     gemm_zero_points: torch.Tensor | None = None
 
@@ -165,7 +166,7 @@ class QuantizedWeight:
         path = self.table.path(self.kind, rows)
         if path == "fused":  # int4's bf16-widening kernel stops before the rule's range: as without it
             path = "dequantize" if rows > INT4_DEQUANTIZE_ABOVE else "int4pack"
-        if path == "int8_gemm" and self.gemm is None:  # without int8 activations
+        if path == "int8_gemm" and not self.int8_activations:
             path = "dequantize"
         return path
 
@@ -198,6 +199,8 @@ class QuantizedWeight:
         as the int4 kernel quantizes (quantize_rows_int8, with the row for group); then the exact int32
         sums of q * data (oneDNN: AMX-INT8 tiles or VNNI), times the weight's scale and d in fp32,
         plus the bias, rounded once to x's dtype (as linear_int8 rounds)."""
+        if self.gemm is None:  # a layer read from the weight window's cache, which cannot hold oneDNN's layout
+            self.gemm = torch.ops.onednn.qlinear_prepack(self.data, None)
         d = x.abs().amax(dim=1, keepdim=True).float() / 127  # [T, 1]
         inv = torch.where(d > 0, d.reciprocal(), 0.0)  # an all-zero row quantizes to zeros
         xq = (x * inv).round_().to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)

@@ -243,9 +243,11 @@ class DecoderModel:
 
     def load_layer(self, index: int, weights: dict[str, torch.Tensor]) -> LayerWeights:
         """Layer `index` from its checkpoint tensors (popped from `weights`), finished as _load
-        finishes every layer: what a sliding window of layers reads in the background."""
+        finishes every layer but with plain tensors where oneDNN's opaque layout would be (they
+        compute the same bits, see packing_is_exact): what a sliding window of layers caches on
+        disk (checkpoints/layer_cache.py) and reads in the background."""
         layer = self._build_layer(index, weights)
-        self._finish_layer(layer)
+        self._finish_layer(layer, plain_dense=True)
         return layer
 
     def _build_layer(self, i: int, weights: dict) -> LayerWeights:
@@ -325,7 +327,7 @@ class DecoderModel:
             if not isinstance(self.lm_head, QuantizedWeight):
                 self.lm_head = pack_weight(self.lm_head)
 
-    def _finish_layer(self, layer: LayerWeights) -> None:
+    def _finish_layer(self, layer: LayerWeights, plain_dense: bool = False) -> None:
         quantization = self.quantization
         slots = list(self._linear_slots_of(layer))
         if quantization != "none":
@@ -339,10 +341,12 @@ class DecoderModel:
                 if isinstance(weight, QuantizedWeight):
                     weight.attach_fused(self.kernels, self.choices.int4_int8_activations)
                 else:
-                    setattr(owner, name, FusedWeight.from_weight(weight, self.kernels, self.batch_invariant))
+                    setattr(owner, name, FusedWeight.from_weight(weight, self.kernels, self.batch_invariant,
+                                                                 plain_dense=plain_dense))
             if layer.moe is not None:  # routers: bf16 always (their logits decide), in the small-batch kernel
-                layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant)
-        elif self.packed:
+                layer.moe.router = FusedWeight.from_weight(layer.moe.router, self.kernels, self.batch_invariant,
+                                                           plain_dense=plain_dense)
+        elif self.packed and not plain_dense:
             for owner, name in slots:
                 if not isinstance(getattr(owner, name), QuantizedWeight):
                     setattr(owner, name, pack_weight(getattr(owner, name)))

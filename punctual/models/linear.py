@@ -29,29 +29,35 @@ FUSED_LINEAR_MAX_ROWS = 64
 @dataclass
 class FusedWeight:
     """A bf16 linear weight for the fused CPU kernels: `packed` in the small-batch kernel's layout,
-    `dense` in oneDNN's (for prompt chunks). Both hold the same bf16 values."""
+    `dense` in oneDNN's (for prompt chunks), or plain [out, in] under a weight window (`plain_dense`:
+    its layers are cached on disk, and oneDNN's opaque layout cannot be written; F.linear gives the
+    packed path's results bit for bit, see packing_is_exact). Both hold the same bf16 values."""
 
     packed: torch.Tensor
-    dense: torch.Tensor
+    dense: torch.Tensor | None  # None in batch-invariant mode: every row runs the packed kernel
     out_features: int
     max_rows: float = FUSED_LINEAR_MAX_ROWS  # inf in batch-invariant mode: one summation order for every row
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, kernels, batch_invariant: bool,
-                    table: KernelTable | None = None) -> "FusedWeight | torch.Tensor":
-        """`table`: the rule of when oneDNN takes over (default: this CPU's kernel table)."""
+                    table: KernelTable | None = None, plain_dense: bool = False) -> "FusedWeight | torch.Tensor":
+        """`table`: the rule of when oneDNN takes over (default: this CPU's kernel table).
+        `plain_dense`: keep `dense` (or a weight the kernel cannot take) as the plain tensor."""
+        pack = (lambda w: w) if plain_dense else pack_weight  # noqa: E731
         if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape
             if batch_invariant:
                 raise ValueError(f"batch_invariant: a weight of shape {tuple(weight.shape)} does not fit the GEMM "
                                  "kernel (out features a multiple of 16, in features even)")
-            return pack_weight(weight)
-        dense = None if batch_invariant else pack_weight(weight)
+            return pack(weight)
+        dense = None if batch_invariant else pack(weight)
         max_rows = math.inf if batch_invariant else (table or kernel_table()).fused_max_rows("bf16")
         return cls(kernels.pack_bf16(weight), dense, weight.shape[0], max_rows)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] <= self.max_rows:
             return torch.ops.punctual.linear_bf16(x, self.packed, bias)
+        if not self.dense.is_mkldnn:
+            return F.linear(x, self.dense, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.dense, bias, "none", [], "")
 
 
