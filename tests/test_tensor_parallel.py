@@ -14,7 +14,7 @@ import pytest
 from hf_models import build_hf_checkpoint
 from test_exact_to_transformers import make_prompts
 from punctual import LLM, SamplingParams
-from punctual.runner.tensor_parallel import RankFailure
+from punctual.runner.tensor_parallel import ALL_REDUCE_ENV, RankFailure
 from waiting import wait_until
 
 PROMPTS = make_prompts(6, seed=3)
@@ -34,17 +34,19 @@ def gone(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] == "Z"
 
 
-def greedy(path, size: int) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens for PROMPTS with `size` ranks, and the pids of ranks 1.. (closed afterwards)."""
+def greedy(path, size: int) -> tuple[list[list[int]], list[int], list[str]]:
+    """Greedy tokens for PROMPTS with `size` ranks, the pids of ranks 1.. and each rank's all-reduce
+    (shm or gloo; closed afterwards)."""
     llm = LLM(str(path), tensor_parallel_size=size, **ENGINE)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                                SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
         llm.engine.core.check_integrity()
         pids = list(getattr(llm.engine.core.runner, "rank_pids", []))
+        kinds = [stats["all_reduce"] for stats in llm.engine.core.runner.rank_stats()] if size > 1 else []
     finally:
         llm.engine.core.close()
-    return [o.outputs[0].token_ids for o in outputs], pids
+    return [o.outputs[0].token_ids for o in outputs], pids, kinds
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,10 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), pytest.param("phi3", 2, marks=pytest.mark.slow),
                                        pytest.param("six", 3, marks=pytest.mark.slow)])
 def test_split_model_gives_the_whole_models_greedy_tokens(models, name, size):
-    whole, _ = greedy(models[name], 1)
-    split, pids = greedy(models[name], size)
+    whole, _, _ = greedy(models[name], 1)
+    split, pids, kinds = greedy(models[name], size)
     assert split == whole
+    assert kinds == ["shm"] * size  # ranks on one host reduce through shared memory by default
     assert len(pids) == size - 1
     # close() waits for the ranks: none is left behind.
     assert all(gone(pid) for pid in pids)
@@ -160,6 +163,19 @@ def test_each_rank_reads_only_its_rows_and_columns_of_a_split_tensor(models, mon
             assert counts == [numel // arch.num_kv_heads] * size, tensor_name
         else:
             assert sum(counts) == numel, tensor_name
+
+
+def test_gloo_all_reduce_when_asked_gives_the_same_tokens(models, monkeypatch):
+    monkeypatch.setenv(ALL_REDUCE_ENV, "gloo")
+    whole, _, _ = greedy(models["gqa"], 1)
+    split, _, kinds = greedy(models["gqa"], 2)
+    assert split == whole and kinds == ["gloo", "gloo"]
+
+
+def test_an_unknown_all_reduce_is_refused(models, monkeypatch):
+    monkeypatch.setenv(ALL_REDUCE_ENV, "nccl")
+    with pytest.raises(ValueError, match=f"{ALL_REDUCE_ENV} must be 'shm' or 'gloo', got 'nccl'"):
+        LLM(str(models["gqa"]), tensor_parallel_size=2, **ENGINE)
 
 
 def prompt_logprobs(path, size: int, **engine_args) -> list[list[float]]:
