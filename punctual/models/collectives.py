@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 SHM_SLOT_BYTES = 4 << 20  # per rank and per set of slots: a decode step's [tokens, hidden] fits many times
 SHM_DIR = "/dev/shm"
 _LINE = 64  # bytes: each counter on its own cache line (neighbours' writes would bounce one line)
-_SPINS = 2000  # waits this long (~ms) spin before yielding the core to the peer they wait for
+# Spins (about a microsecond each) before each further check yields the core: a yield costs a system
+# call where the core is free, and gives it to the late peer where ranks outnumber free cores.
+_SPINS = 100
 _CHECK_EVERY = 64  # yields between checks of the peers' health and the deadline
 
 
