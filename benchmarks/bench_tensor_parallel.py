@@ -6,10 +6,12 @@ it generates `--tokens` tokens per stream after a short prompt, and reports TPOT
 steps' time per token of one stream), tokens/s over all streams, the all-reduces' share of the
 decode time (timed inside every rank: the time a rank spends inside the collective, waiting for
 its peers included; prefill steps too), the mean time of one layer's pair of all-reduces per step,
-and each rank's resident memory at the end and its peak (the peak includes the whole checkpoint,
-which every rank reads before it keeps its shard).
+and each rank's resident memory at the end and its peak (each rank reads only its shard of the
+split tensors, plus the replicated ones whole). `--all-reduce shm,gloo` runs each split
+configuration with either all-reduce (the shared-memory one, the default, and gloo's alone).
 
     python benchmarks/bench_tensor_parallel.py                               # smollm2 bf16: 1x2 vs 3x1
+    python benchmarks/bench_tensor_parallel.py --all-reduce shm,gloo         # the same, both all-reduces
     python benchmarks/bench_tensor_parallel.py --configs 1x2,2x1 --model builtin-tiny --tokens 4 --streams 1,2
 
 smollm2 has 9 attention heads and 3 KV heads: it splits across 3 ranks, not 2 (a size that does
@@ -79,15 +81,18 @@ def run_one(args: argparse.Namespace, ranks: int, threads: int) -> dict:
                 row["all_reduce_share"] = spent / seconds
                 row["all_reduce_ms_per_layer"] = spent / steps / num_layers * 1000
             results.append(row)
+        all_reduce = "-"
         if ranks > 1:
-            rss = [(s["rss_bytes"], s["peak_rss_bytes"]) for s in runner.rank_stats()]
+            stats = runner.rank_stats()
+            rss = [(s["rss_bytes"], s["peak_rss_bytes"]) for s in stats]
+            all_reduce = stats[0]["all_reduce"]  # what the group runs (gloo where shared memory could not be set up)
         else:
             from punctual.runner.tensor_parallel import resident_bytes
 
             rss = [(resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
     finally:
         core.close()
-    return dict(ranks=ranks, threads=threads, rows=results, peak_rss=rss)
+    return dict(ranks=ranks, threads=threads, all_reduce=all_reduce, rows=results, peak_rss=rss)
 
 
 def main() -> None:
@@ -99,9 +104,14 @@ def main() -> None:
     parser.add_argument("--streams", default="1,32", help="concurrent decode streams, comma-separated")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per stream")
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--all-reduce", default="shm",
+                        help="the split configurations' all-reduce, comma-separated: shm (shared memory), gloo")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
+    all_reduces = args.all_reduce.split(",")
+    if not set(all_reduces) <= {"shm", "gloo"}:
+        parser.error(f"--all-reduce takes shm and/or gloo, got {args.all_reduce!r}")
     if args.tokens < 2:
         parser.error("--tokens must be >= 2 (one prefill token, then decodes)")
     if args.one:
@@ -112,25 +122,33 @@ def main() -> None:
     print(cpu_line())
     print(f"model {args.model} {args.dtype} quantization {args.quantization}; {args.tokens} tokens per stream "
           f"after {args.prompt_tokens} prompt tokens")
-    print(f"{'ranks x threads':>15} {'streams':>7} {'TPOT ms':>8} {'tok/s':>8} {'all-reduce %':>12} "
+    print(f"{'ranks x threads':>15} {'AR':>4} {'streams':>7} {'TPOT ms':>8} {'tok/s':>8} {'all-reduce %':>12} "
           f"{'AR ms/layer':>11}  RSS now/peak per rank (MiB)")
     for config in args.configs.split(","):
-        command = [sys.executable, __file__, "--one", config, "--model", args.model, "--dtype", args.dtype,
-                   "--quantization", args.quantization, "--streams", ",".join(map(str, args.streams)),
-                   "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"{config:>15} failed: {reason}")
-            continue
-        result = json.loads(lines[-1].removeprefix("RESULT "))
-        rss = " ".join(f"{now / 2**20:.0f}/{peak / 2**20:.0f}" for now, peak in result["peak_rss"])
-        for row in result["rows"]:
-            share = f"{row['all_reduce_share'] * 100:.1f}" if "all_reduce_share" in row else "-"
-            per_layer = f"{row['all_reduce_ms_per_layer']:.3f}" if "all_reduce_ms_per_layer" in row else "-"
-            print(f"{config:>15} {row['streams']:>7} {row['tpot_ms']:>8.2f} {row['tok_s']:>8.1f} {share:>12} "
-                  f"{per_layer:>11}  {rss}")
+        split = int(config.split("x")[0]) > 1
+        for all_reduce in all_reduces if split else ["-"]:
+            command = [sys.executable, __file__, "--one", config, "--model", args.model, "--dtype", args.dtype,
+                       "--quantization", args.quantization, "--streams", ",".join(map(str, args.streams)),
+                       "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
+            # The punctual beside this script (not another checkout an installed path points at);
+            # the ranks inherit the all-reduce's variable, which rank 0 reads (runner/tensor_parallel.py).
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            if split:
+                env["PUNCTUAL_TP_ALL_REDUCE"] = all_reduce
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"{config:>15} {all_reduce:>4} failed: {reason}")
+                continue
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            rss = " ".join(f"{now / 2**20:.0f}/{peak / 2**20:.0f}" for now, peak in result["peak_rss"])
+            for row in result["rows"]:
+                share = f"{row['all_reduce_share'] * 100:.1f}" if "all_reduce_share" in row else "-"
+                per_layer = f"{row['all_reduce_ms_per_layer']:.3f}" if "all_reduce_ms_per_layer" in row else "-"
+                print(f"{config:>15} {result['all_reduce']:>4} {row['streams']:>7} {row['tpot_ms']:>8.2f} "
+                      f"{row['tok_s']:>8.1f} {share:>12} {per_layer:>11}  {rss}")
 
 
 if __name__ == "__main__":

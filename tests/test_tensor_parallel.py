@@ -14,7 +14,7 @@ import pytest
 from hf_models import build_hf_checkpoint
 from test_exact_to_transformers import make_prompts
 from punctual import LLM, SamplingParams
-from punctual.runner.tensor_parallel import RankFailure
+from punctual.runner.tensor_parallel import ALL_REDUCE_ENV, RankFailure
 from waiting import wait_until
 
 PROMPTS = make_prompts(6, seed=3)
@@ -34,17 +34,19 @@ def gone(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] == "Z"
 
 
-def greedy(path, size: int) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens for PROMPTS with `size` ranks, and the pids of ranks 1.. (closed afterwards)."""
+def greedy(path, size: int) -> tuple[list[list[int]], list[int], list[str]]:
+    """Greedy tokens for PROMPTS with `size` ranks, the pids of ranks 1.. and each rank's all-reduce
+    (shm or gloo; closed afterwards)."""
     llm = LLM(str(path), tensor_parallel_size=size, **ENGINE)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                                SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
         llm.engine.core.check_integrity()
         pids = list(getattr(llm.engine.core.runner, "rank_pids", []))
+        kinds = [stats["all_reduce"] for stats in llm.engine.core.runner.rank_stats()] if size > 1 else []
     finally:
         llm.engine.core.close()
-    return [o.outputs[0].token_ids for o in outputs], pids
+    return [o.outputs[0].token_ids for o in outputs], pids, kinds
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +67,115 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), pytest.param("phi3", 2, marks=pytest.mark.slow),
                                        pytest.param("six", 3, marks=pytest.mark.slow)])
 def test_split_model_gives_the_whole_models_greedy_tokens(models, name, size):
-    whole, _ = greedy(models[name], 1)
-    split, pids = greedy(models[name], size)
+    whole, _, _ = greedy(models[name], 1)
+    split, pids, kinds = greedy(models[name], size)
     assert split == whole
+    assert kinds == ["shm"] * size  # ranks on one host reduce through shared memory by default
     assert len(pids) == size - 1
     # close() waits for the ranks: none is left behind.
     assert all(gone(pid) for pid in pids)
+
+
+class RecordingCheckpoint:
+    """safetensors.safe_open, noting each tensor it hands out: (name, shape) for a whole tensor,
+    for an indexed part of a lazy slice its part's shape (the bytes a rank reads)."""
+
+    def __init__(self, real_open, reads: list, whole: list):
+        self.real_open, self.reads, self.whole = real_open, reads, whole
+
+    def __call__(self, *args, **kwargs):
+        handle = self.real_open(*args, **kwargs)
+        reads, whole = self.reads, self.whole
+
+        class Part:
+            def __init__(self, name):
+                self.name, self.inner = name, handle.get_slice(name)
+
+            def get_shape(self):
+                return self.inner.get_shape()
+
+            def __getitem__(self, index):
+                piece = self.inner[index]
+                reads.append((self.name, tuple(piece.shape)))
+                return piece
+
+        class File:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return handle.keys()
+
+            def get_tensor(self, name):
+                whole.append(name)
+                return handle.get_tensor(name)
+
+            def get_slice(self, name):
+                return Part(name)
+
+        return File()
+
+
+@pytest.mark.parametrize("name,size", [("gqa", 2), ("mqa", 2), ("phi3", 2), ("six", 3)])
+def test_each_rank_reads_only_its_rows_and_columns_of_a_split_tensor(models, monkeypatch, name, size):
+    """A rank reads its shard tensor by tensor from the files: never a split tensor's whole shape,
+    each element of it once across the group (the replicated KV heads once per rank), and the
+    tensors it keeps are those of the whole checkpoint split in memory."""
+    import safetensors
+    import torch
+
+    from punctual.checkpoints.loader import load_shard, load_weights
+    from punctual.models.registry import architecture, load_arch_config
+    from punctual.models.sharding import shard_checkpoint, shard_plan
+
+    path = models[name]
+    arch = load_arch_config(path)
+    names = architecture(arch.architecture).names
+    checkpoint = load_weights(path, torch.float32)
+    reads, whole = [], []
+    monkeypatch.setattr(safetensors, "safe_open", RecordingCheckpoint(safetensors.safe_open, reads, whole))
+    elements_read: dict[str, list[int]] = {}
+
+    def replicated(tensor_name: str) -> bool:  # a KV head that several ranks hold
+        return arch.num_kv_heads < size and any(f".{n}." in tensor_name for n in (names.k, names.v))
+
+    for rank in range(size):
+        reads.clear()
+        whole.clear()
+        shard_arch, shard = load_shard(path, torch.float32, arch, names, rank, size)
+        expected_arch, expected = shard_checkpoint(arch, dict(checkpoint), names, rank, size)
+        assert shard_arch == expected_arch and shard.keys() == expected.keys()
+        assert all(torch.equal(shard[n], expected[n]) for n in shard)
+        split = {n for n in shard_plan(arch, names, rank, size) if n in checkpoint}
+        assert split and not split & set(whole)  # no split tensor handed out whole
+        for tensor_name, shape in reads:
+            # (One KV head replicated on every rank is the whole of k_proj and v_proj: mqa's.)
+            if not (replicated(tensor_name) and arch.num_kv_heads == 1):
+                assert shape != tuple(checkpoint[tensor_name].shape), tensor_name
+            elements_read.setdefault(tensor_name, []).append(torch.Size(shape).numel())
+    for tensor_name, counts in elements_read.items():
+        numel = checkpoint[tensor_name].numel()
+        if replicated(tensor_name):
+            assert counts == [numel // arch.num_kv_heads] * size, tensor_name
+        else:
+            assert sum(counts) == numel, tensor_name
+
+
+def test_gloo_all_reduce_when_asked_gives_the_same_tokens(models, monkeypatch):
+    monkeypatch.setenv(ALL_REDUCE_ENV, "gloo")
+    whole, _, _ = greedy(models["gqa"], 1)
+    split, _, kinds = greedy(models["gqa"], 2)
+    assert split == whole and kinds == ["gloo", "gloo"]
+
+
+def test_an_unknown_all_reduce_is_refused(models, monkeypatch):
+    monkeypatch.setenv(ALL_REDUCE_ENV, "nccl")
+    with pytest.raises(ValueError, match=f"{ALL_REDUCE_ENV} must be 'shm' or 'gloo', got 'nccl'"):
+        LLM(str(models["gqa"]), tensor_parallel_size=2, **ENGINE)
 
 
 def prompt_logprobs(path, size: int, **engine_args) -> list[list[float]]:

@@ -9,6 +9,9 @@ import torch
 from punctual.checkpoints.builtin import builtin_path, is_builtin
 from punctual.checkpoints.gguf import Q4_FILE, SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
 from punctual.kernels.quant import QuantizedWeight, int4_weight
+from punctual.models.config import ModelArchConfig
+from punctual.models.sharding import finish_shard, shard_plan
+from punctual.models.spec import WeightNames
 
 
 def resolve_model_path(model: str) -> Path:
@@ -65,3 +68,28 @@ def load_weights(path: Path, dtype: torch.dtype, int4: bool = False,
         # The kernels' form: W = (q - 8) * scale + zero, zero the value of q = 8.
         weights[name] = int4_weight(q, scale, minimum + 8 * scale)
     return weights
+
+
+def load_shard(path: Path, dtype: torch.dtype, arch: ModelArchConfig, names: WeightNames, rank: int,
+               size: int) -> tuple[ModelArchConfig, dict[str, torch.Tensor]]:
+    """(rank's architecture, rank's tensors in `dtype`) of a tensor-parallel split, read tensor by
+    tensor: a split tensor's rows and columns through safetensors' get_slice (a memory-mapped view,
+    of which only the rank's part is copied), so a rank never holds a whole split tensor and its
+    peak memory is its shard plus the replicated parts. Dense weights only (a GGUF file's 4-bit
+    blocks do not split by head: its converted dense checkpoint is split, then quantized)."""
+    from safetensors import safe_open
+
+    files = [file for file in sorted(path.glob("*.safetensors")) if file.name != Q4_FILE]
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
+    plan = shard_plan(arch, names, rank, size)
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name in plan:
+                    view = handle.get_slice(name)
+                    weights[name] = plan[name].take(view, view.get_shape(), dtype)
+                else:  # kept whole: a lazy view of the file, as load_weights gives
+                    weights[name] = handle.get_tensor(name).to(dtype)
+    return finish_shard(arch, weights, names, rank, size)

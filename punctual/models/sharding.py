@@ -11,6 +11,8 @@ needs every row, and a vocab-split lookup would cost a third collective per step
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -58,10 +60,38 @@ def vocab_slice(vocab_size: int, rank: int, size: int) -> tuple[int, int, int]:
     return start, min(start + rows, vocab_size), rows
 
 
-def shard_checkpoint(arch: ModelArchConfig, weights: dict[str, torch.Tensor], names: WeightNames,
-                     rank: int, size: int) -> tuple[ModelArchConfig, dict[str, torch.Tensor]]:
-    """(rank's architecture, rank's tensors), from the whole checkpoint's (dense tensors; quantize
-    after sharding). Tensors other than the split ones pass through (norms, embedding)."""
+@dataclass(frozen=True)
+class TensorShard:
+    """The part of one checkpoint tensor a rank keeps: the row ranges `rows` (stacked in order) of
+    the columns `columns`, then `pad_rows` rows of zeros; `zeros`: nothing of it, zeros of its
+    whole shape (a row-parallel bias on ranks past 0)."""
+
+    rows: tuple[slice, ...] = (slice(None),)
+    columns: slice | None = None
+    pad_rows: int = 0
+    zeros: bool = False
+
+    def take(self, view, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """The shard as a tensor of its own in `dtype`, read through `view`: the whole tensor, or
+        a lazy handle on it (safetensors' get_slice) that reads only the indexed part."""
+        if self.zeros:
+            return torch.zeros(tuple(shape), dtype=dtype)
+        pieces = [view[part] if self.columns is None else view[part, self.columns] for part in self.rows]
+        num_rows = sum(piece.shape[0] for piece in pieces)
+        # One copy per piece (converting the dtype as it goes): the result owns its memory, so
+        # nothing keeps the whole tensor (or its memory-mapped pages) alive.
+        out = torch.empty((num_rows + self.pad_rows, *pieces[0].shape[1:]), dtype=dtype)
+        at = 0
+        for piece in pieces:
+            out[at:at + piece.shape[0]].copy_(piece)
+            at += piece.shape[0]
+        out[at:].zero_()
+        return out
+
+
+def shard_plan(arch: ModelArchConfig, names: WeightNames, rank: int, size: int) -> dict[str, TensorShard]:
+    """Checkpoint name -> what rank keeps of it, for every tensor that is split (the others, norms
+    and the embedding, are kept whole). A tied head is not in it: finish_shard slices the embedding."""
     check_tensor_parallel_size(arch, size)
     head_dim = arch.head_dim
     q_rows = arch.num_heads // size * head_dim
@@ -75,50 +105,60 @@ def shard_checkpoint(arch: ModelArchConfig, weights: dict[str, torch.Tensor], na
     inter = arch.intermediate_size // size
     mlp_part = slice(rank * inter, (rank + 1) * inter)
     q_size, kv_size = arch.num_heads * head_dim, arch.num_kv_heads * head_dim
-    out = dict(weights)
+    plan: dict[str, TensorShard] = {}
 
-    def rows(name: str, part: slice) -> None:
-        if name in out:
-            out[name] = out[name][part].contiguous()
-
-    def columns(name: str, part: slice) -> None:
-        if name in out:
-            out[name] = out[name][:, part].contiguous()
-
-    def stacked_rows(name: str, sizes: list[int], parts: list[slice]) -> None:
-        if name in out:
-            pieces = out[name].split(sizes, dim=0)
-            out[name] = torch.cat([piece[part] for piece, part in zip(pieces, parts)]).contiguous()
-
-    def first_rank_only(name: str) -> None:
-        # A row-parallel linear's bias is added once: by rank 0, before the all-reduce.
-        if name in out and rank != 0:
-            out[name] = torch.zeros_like(out[name])
+    def stacked(sizes: list[int], parts: list[slice]) -> TensorShard:
+        """Rows of a fused projection: each part taken from its own block of rows."""
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        return TensorShard(rows=tuple(slice(o + p.start, o + p.stop) for o, p in zip(offsets, parts)))
 
     for i in range(arch.num_layers):
         attn = names.layer.format(i=i) + names.attn
         for suffix in (".weight", ".bias"):
-            rows(attn + names.q + suffix, q_part)
-            rows(attn + names.k + suffix, kv_part)
-            rows(attn + names.v + suffix, kv_part)
+            plan[attn + names.q + suffix] = TensorShard(rows=(q_part,))
+            plan[attn + names.k + suffix] = TensorShard(rows=(kv_part,))
+            plan[attn + names.v + suffix] = TensorShard(rows=(kv_part,))
             if names.qkv is not None:
-                stacked_rows(attn + names.qkv + suffix, [q_size, kv_size, kv_size], [q_part, kv_part, kv_part])
-        columns(attn + names.o + ".weight", q_part)
-        first_rank_only(attn + names.o + ".bias")
+                plan[attn + names.qkv + suffix] = stacked([q_size, kv_size, kv_size], [q_part, kv_part, kv_part])
+        plan[attn + names.o + ".weight"] = TensorShard(columns=q_part)
+        if rank != 0:  # a row-parallel linear's bias is added once: by rank 0, before the all-reduce
+            plan[attn + names.o + ".bias"] = TensorShard(zeros=True)
         for prefix in names.mlp:
             mlp = names.layer.format(i=i) + prefix
             for suffix in (".weight", ".bias"):
-                rows(mlp + names.gate + suffix, mlp_part)
-                rows(mlp + names.up + suffix, mlp_part)
+                plan[mlp + names.gate + suffix] = TensorShard(rows=(mlp_part,))
+                plan[mlp + names.up + suffix] = TensorShard(rows=(mlp_part,))
                 if names.gate_up is not None:
-                    stacked_rows(mlp + names.gate_up + suffix, [arch.intermediate_size] * 2, [mlp_part] * 2)
-            columns(mlp + names.down + ".weight", mlp_part)
-            first_rank_only(mlp + names.down + ".bias")
+                    plan[mlp + names.gate_up + suffix] = stacked([arch.intermediate_size] * 2, [mlp_part] * 2)
+            plan[mlp + names.down + ".weight"] = TensorShard(columns=mlp_part)
+            if rank != 0:
+                plan[mlp + names.down + ".bias"] = TensorShard(zeros=True)
+    if not arch.tie_word_embeddings:
+        plan[names.lm_head] = _head_shard(arch.vocab_size, rank, size)
+    return plan
 
-    head = out.get(names.lm_head) if not arch.tie_word_embeddings else None
-    head = out[names.embed] if head is None else head
-    start, end, padded = vocab_slice(arch.vocab_size, rank, size)
-    piece = head.new_zeros(padded, head.shape[1])
-    piece[:end - start] = head[start:end]
-    out[names.lm_head] = piece
-    return shard_arch(arch, rank, size), out
+
+def _head_shard(vocab_size: int, rank: int, size: int) -> TensorShard:
+    start, end, padded = vocab_slice(vocab_size, rank, size)
+    return TensorShard(rows=(slice(start, end),), pad_rows=padded - (end - start))
+
+
+def finish_shard(arch: ModelArchConfig, weights: dict[str, torch.Tensor], names: WeightNames, rank: int,
+                 size: int) -> tuple[ModelArchConfig, dict[str, torch.Tensor]]:
+    """(rank's architecture, rank's tensors) from the tensors shard_plan's rows and columns were
+    read into: the head's vocabulary slice comes from the embedding where the model ties them (or
+    its checkpoint has no head)."""
+    if arch.tie_word_embeddings or names.lm_head not in weights:
+        embed = weights[names.embed]
+        weights[names.lm_head] = _head_shard(arch.vocab_size, rank, size).take(embed, embed.shape, embed.dtype)
+    return shard_arch(arch, rank, size), weights
+
+
+def shard_checkpoint(arch: ModelArchConfig, weights: dict[str, torch.Tensor], names: WeightNames,
+                     rank: int, size: int) -> tuple[ModelArchConfig, dict[str, torch.Tensor]]:
+    """(rank's architecture, rank's tensors), from the whole checkpoint's in memory (dense tensors;
+    quantize after sharding). checkpoints/loader.load_shard reads the same shard from the files."""
+    plan = shard_plan(arch, names, rank, size)
+    out = {name: plan[name].take(tensor, tensor.shape, tensor.dtype) if name in plan else tensor
+           for name, tensor in weights.items()}
+    return finish_shard(arch, out, names, rank, size)

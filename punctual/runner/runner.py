@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from punctual.checkpoints import weight_stream
-from punctual.checkpoints.loader import load_weights, resolve_model_path
+from punctual.checkpoints.loader import load_shard, load_weights, resolve_model_path
 from punctual.config import CacheConfig, LoRAConfig, ModelConfig
 from punctual.kernels.cpu_kernels import int8_kv_attention_supported
 from punctual.lora.cache import AdapterCache
@@ -23,7 +23,6 @@ from punctual.models.config import ModelArchConfig
 from punctual.models.decoder import DecoderModel, KernelChoices
 from punctual.models.kv_shift import KeyShifter
 from punctual.models.registry import architecture, load_arch_config
-from punctual.models.sharding import shard_checkpoint
 from punctual.models.weight_window import WeightWindow
 from punctual.plan import KVCopyOrders, KVEviction, ModelRunnerOutput, ScheduledRequest, StepPlan
 from punctual.runner.allocator import keep_step_buffers_mapped
@@ -176,11 +175,11 @@ class ModelRunner:
                                                   enforce_eager=model_config.enforce_eager,
                                                   batch_invariant=model_config.batch_invariant, kernel_choices=choices)
         else:
-            # Sharded: dense weights, split, then quantized (a file's 4-bit blocks do not split by head).
-            weights = load_weights(path, self.dtype, int4 and tensor_parallel is None)
-            if tensor_parallel is not None:
-                self.arch, weights = shard_checkpoint(self.arch, weights, architecture(self.arch.architecture).names,
-                                                      tensor_parallel.rank, tensor_parallel.size)
+            if tensor_parallel is None:
+                weights = load_weights(path, self.dtype, int4)
+            else:  # the rank's rows and columns only, read from the files; dense, quantized after the split
+                self.arch, weights = load_shard(path, self.dtype, self.arch, architecture(self.arch.architecture).names,
+                                                tensor_parallel.rank, tensor_parallel.size)
             self.samples = tensor_parallel is None or tensor_parallel.rank == 0
             self.model = DecoderModel(self.arch, weights, self.device, self.dtype,
                                       model_config.quantization, model_config.enforce_eager,

@@ -5,7 +5,8 @@ Rank 0 is the engine core's runner (the scheduler and KV manager run once, besid
 (models/sharding.py). Every step, rank 0 sends the step plan to each rank over a socket pair (one
 pickle, written N-1 times: a star, which is what link latency favours at this size; TPI-LLM's
 point), then every rank runs ModelRunner.execute on its shard, meeting at the all-reduces after
-each attention output and MLP and at the gather of the vocabulary's logits (gloo); rank 0
+each attention output and MLP and at the gather of the vocabulary's logits (through a shared-memory
+buffer, or gloo with PUNCTUAL_TP_ALL_REDUCE=gloo and for tensors larger than its slots); rank 0
 samples. Everything rank 0's runner does with KV (copies to and from the second tier, writes)
 travels inside the plan, so the ranks apply it too.
 
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 600.0  # a rank's model load
 STOP_TIMEOUT_S = 5.0
+# "shm" (default): the all-reduces between the ranks go through shared memory; "gloo": through
+# gloo's loopback TCP alone (to compare the two; models/collectives.py).
+ALL_REDUCE_ENV = "PUNCTUAL_TP_ALL_REDUCE"
 
 
 class RankFailure(RuntimeError):
@@ -75,6 +79,9 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int,
                  shared_kv_bytes_per_block: int = 0, lora_config: LoRAConfig | None = None):
         size = model_config.tensor_parallel_size
+        all_reduce = os.environ.get(ALL_REDUCE_ENV, "shm")
+        if all_reduce not in ("shm", "gloo"):
+            raise ValueError(f"{ALL_REDUCE_ENV} must be 'shm' or 'gloo', got {all_reduce!r}")
         # Refused before any process starts: the numbers that do not split, named.
         check_tensor_parallel_size(load_arch_config(resolve_model_path(model_config.model)), size)
         self.threads = model_config.threads_per_rank or default_threads_per_rank(size)
@@ -96,7 +103,9 @@ class TensorParallelRunner(ModelRunner):
             # rather than after the group's rendezvous times out).
             for rank in self.ranks:
                 self._expect(rank, "started")
-            self.group = RankGroup(store, 0, size, COLLECTIVE_TIMEOUT_S)
+            # A rank that dies mid-step fails rank 0's shared-memory wait at once (gloo's sees the socket close).
+            self.group = RankGroup(store, 0, size, COLLECTIVE_TIMEOUT_S, all_reduce,
+                                   peers_alive=lambda: all(rank.process.poll() is None for rank in self.ranks))
             super().__init__(model_config, cache_config, max_num_seqs, shared_kv_bytes_per_block, lora_config,
                              tensor_parallel=self.group)
             for rank in self.ranks:
@@ -104,9 +113,10 @@ class TensorParallelRunner(ModelRunner):
         except BaseException:
             self.close()
             raise
-        logger.info("tensor parallel: %d ranks (pids %s), %d threads each; rank 0's shard: %d of %d heads, "
-                    "%d KV heads", size, [os.getpid()] + self.rank_pids, self.threads, self.arch.num_heads,
-                    self.arch.num_heads * size, self.arch.num_kv_heads)
+        logger.info("tensor parallel: %d ranks (pids %s), %d threads each, %s all-reduce; rank 0's shard: %d of %d "
+                    "heads, %d KV heads", size, [os.getpid()] + self.rank_pids, self.threads,
+                    self.group.all_reduce_kind, self.arch.num_heads, self.arch.num_heads * size,
+                    self.arch.num_kv_heads)
 
     @property
     def rank_pids(self) -> list[int]:
@@ -224,8 +234,7 @@ def _own_stats(group: RankGroup) -> dict:
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now (the peak includes the whole checkpoint each rank reads
-    before it keeps its shard)."""
+    """This process's resident memory now."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -261,10 +270,13 @@ def run_rank(rank: int, size: int, store_port: int, model_config: ModelConfig, c
     rank 0 is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the group; rank 0 decides
     torch.set_num_threads(threads)
+    parent = os.getppid()
     try:
         store = dist.TCPStore("127.0.0.1", store_port, size, False)
         conn.send_bytes(pickle.dumps(("started", None)))
-        group = RankGroup(store, rank, size, COLLECTIVE_TIMEOUT_S)
+        # Rank 0 chooses the all-reduce; a peer's death reaches this rank through rank 0 (the
+        # exchange's abort flag, or this process's death with its parent's).
+        group = RankGroup(store, rank, size, COLLECTIVE_TIMEOUT_S, None, peers_alive=lambda: os.getppid() == parent)
         runner = ModelRunner(model_config, cache_config, max_num_seqs, tensor_parallel=group)
     except BaseException:
         conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
