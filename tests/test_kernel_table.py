@@ -161,3 +161,17 @@ def test_int8_model_answers_through_the_int8_gemm(monkeypatch):
     assert sum(a == b for a, b in zip(*firsts)) / len(firsts[0]) >= 0.9
     out = quantized.generate(inputs[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_a_forced_portable_build_takes_the_table_of_the_cpu_without_avx512_and_amx(monkeypatch):
+    """PUNCTUAL_KERNELS_ISA=avx2 on an AMX machine: the rule (and the table's key) is that of the
+    same CPU without the features the portable build cannot use, as on an AVX2-only machine."""
+    amx = tune_table.CpuInfo("Xeon", frozenset({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx2"}))
+    monkeypatch.setattr(tune_table, "read_cpu_info", lambda: amx)
+    for isa, expected in (("avx2", frozenset({"avx2"})), ("", amx.features), ("avx512", amx.features)):
+        monkeypatch.setenv("PUNCTUAL_KERNELS_ISA", isa)
+        tune_table.cpu_info.cache_clear()
+        assert tune_table.cpu_info().features == expected
+    tune_table.cpu_info.cache_clear()
+    monkeypatch.delenv("PUNCTUAL_KERNELS_ISA")
+    assert tune_table.default_rules(frozenset({"avx2"})).describe() != tune_table.default_rules(amx.features).describe()

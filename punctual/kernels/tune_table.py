@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,10 +159,20 @@ def load_table(cpu: CpuInfo, path: Path = TABLE_PATH) -> KernelTable:
     return KernelTable(**rules, source=f"measured: {entry.get('measured', 'tune_kernels.py')}")
 
 
+# Features a portable kernel build cannot use: with PUNCTUAL_KERNELS_ISA=avx2 (or neon) forced on a
+# CPU that has them, the table is that of the CPU without them (with ONEDNN_MAX_CPU_ISA=AVX2 too,
+# oneDNN's GEMMs match: how an AVX2-only machine is emulated and tuned on an AVX-512 one).
+BEYOND_PORTABLE = frozenset({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"})
+
+
 @functools.cache
 def cpu_info() -> CpuInfo:
-    """This CPU's model and features (read once per process)."""
-    return read_cpu_info()
+    """This CPU's model and features (read once per process), less those a forced portable
+    kernel build leaves unused."""
+    cpu = read_cpu_info()
+    if os.environ.get("PUNCTUAL_KERNELS_ISA", "").lower() in ("avx2", "neon"):
+        return CpuInfo(cpu.model, cpu.features - BEYOND_PORTABLE)
+    return cpu
 
 
 @functools.cache
