@@ -27,7 +27,7 @@ import torch
 from punctual.kernels import cpu_kernels, tune_table
 from punctual.kernels.quant import quantize_int4, quantize_int8
 from punctual.kernels.tune_table import PATHS, KernelTable
-from punctual.models.linear import pack_weight
+from punctual.models.linear import bf16_packing_available, pack_weight
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LAYER_SHAPES = ((576, 576), (1536, 576), (576, 1536))  # (out, in)
@@ -69,7 +69,11 @@ def candidates(kind: str, n: int, k: int, ops) -> dict:
     """path -> fn(x) for one weight of `kind` and shape [n, k]."""
     weight = (torch.randn(n, k) * 0.05).bfloat16()
     if kind == "bf16":
-        packed, dense = ops.pack_bf16(weight), pack_weight(weight)
+        packed = ops.pack_bf16(weight)
+        if not bf16_packing_available():  # as FusedWeight does: a plain weight through F.linear
+            return {"fused": lambda x: ops.linear_bf16(x, packed, None),
+                    "onednn": lambda x: torch.nn.functional.linear(x, weight)}
+        dense = pack_weight(weight)
         return {"fused": lambda x: ops.linear_bf16(x, packed, None),
                 "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")}
     q = quantize_int8(weight) if kind == "int8" else quantize_int4(weight)

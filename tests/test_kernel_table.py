@@ -175,3 +175,12 @@ def test_a_forced_portable_build_takes_the_table_of_the_cpu_without_avx512_and_a
     tune_table.cpu_info.cache_clear()
     monkeypatch.delenv("PUNCTUAL_KERNELS_ISA")
     assert tune_table.default_rules(frozenset({"avx2"})).describe() != tune_table.default_rules(amx.features).describe()
+
+
+def test_a_cpu_without_avx512_bf16_defaults_to_the_portable_rule():
+    """An AVX2-only CPU not in the table: the portable kernel for bf16 at every row count (oneDNN's
+    bf16 GEMM without AVX-512 was 3.5x slower on prompts), torch's int8pack / int4pack kernels."""
+    avx2 = tune_table.default_rules(frozenset({"avx2"}))
+    assert avx2.path("bf16", 1) == avx2.path("bf16", 4096) == "fused"
+    assert avx2.path("int8", 1) == "int8pack" and avx2.path("int8", 512) == "int8_gemm"
+    assert avx2.path("int4", 512) == "int4pack"

@@ -54,6 +54,17 @@ AMX_RULES: dict[str, Rule] = {
     "int4": AVX512_RULES["int4"],
 }
 
+# Without AVX-512 BF16 (the portable kernel build: AVX2, NEON), measured on the AMX Xeon with the
+# AVX2 build forced and oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2; BENCHMARKS.md, this round):
+# oneDNN's bf16 GEMM without AVX-512 is slower than the portable kernel at every row count
+# (a 512-token prompt 110 against 385 tok/s), int8 goes through torch's int8pack kernel up to 64 rows
+# and the int8 GEMM above, int4 through torch's int4pack kernel.
+PORTABLE_RULES: dict[str, Rule] = {
+    "bf16": ((None, "fused"),),
+    "int8": ((64, "int8pack"), (None, "int8_gemm")),
+    "int4": ((None, "int4pack"),),
+}
+
 
 @dataclass(frozen=True)
 class CpuInfo:
@@ -136,7 +147,7 @@ def validate(kind: str, rule) -> Rule:
 
 def default_rules(features: frozenset[str]) -> KernelTable:
     """The rule for a CPU not in the table, from its features alone."""
-    rules = dict(AVX512_RULES)
+    rules = dict(AVX512_RULES if "avx512_bf16" in features else PORTABLE_RULES)
     if "amx_bf16" in features:
         rules.update(bf16=AMX_RULES["bf16"], int4=AMX_RULES["int4"])
     if "amx_int8" in features:

@@ -6,6 +6,7 @@ oneDNN's for long prompt chunks); bf16 on a CPU without them: oneDNN's blocked l
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +44,9 @@ class FusedWeight:
                     table: KernelTable | None = None, plain_dense: bool = False) -> "FusedWeight | torch.Tensor":
         """`table`: the rule of when oneDNN takes over (default: this CPU's kernel table).
         `plain_dense`: keep `dense` (or a weight the kernel cannot take) as the plain tensor."""
-        pack = (lambda w: w) if plain_dense else pack_weight  # noqa: E731
+        # Plain where oneDNN cannot pack bf16 (a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT,
+        # e.g. AVX2-only: the portable kernel build's CPUs): F.linear then, the same results.
+        pack = pack_weight if not plain_dense and bf16_packing_available() else (lambda w: w)  # noqa: E731
         if weight.shape[0] % 16 or weight.shape[1] % 2:  # the kernel's block shape
             if batch_invariant:
                 raise ValueError(f"batch_invariant: a weight of shape {tuple(weight.shape)} does not fit the GEMM "
@@ -110,3 +113,9 @@ def packing_is_exact(dtype: torch.dtype, device: torch.device) -> bool:
         return True
     except (RuntimeError, AttributeError):  # no oneDNN in this build
         return False
+
+
+@functools.cache
+def bf16_packing_available() -> bool:
+    """Whether this CPU's oneDNN packs bf16 weights (exactly): see packing_is_exact."""
+    return packing_is_exact(torch.bfloat16, torch.device("cpu"))
