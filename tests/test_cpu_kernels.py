@@ -25,6 +25,20 @@ pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavaila
 BF16 = torch.bfloat16
 
 
+
+@pytest.fixture(autouse=True)
+def avx512_rule(monkeypatch):
+    """These tests check the kernels' paths against each other at the row counts the AVX-512 rule
+    sends to them; a CPU's measured table (AMX: small-batch kernels to 1-4 rows) would route
+    some rows elsewhere."""
+    from punctual.kernels import tune_table
+
+    monkeypatch.setenv("PUNCTUAL_KERNEL_RULES", "avx512")
+    tune_table.kernel_table.cache_clear()
+    yield
+    tune_table.kernel_table.cache_clear()
+
+
 def test_the_build_loaded_is_the_one_requested():
     """PUNCTUAL_KERNELS_ISA=avx2 (how tests/test_cpu_kernels_portable.py runs this file) loads the
     AVX2 build, else the best build this CPU has."""

@@ -62,7 +62,7 @@ def test_the_avx2_build_has_no_avx512_instruction(avx2_build):
 
 
 def run_child(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PUNCTUAL_KERNELS_ISA="avx2")
+    env = dict(os.environ, PUNCTUAL_KERNELS_ISA="avx2", PUNCTUAL_KERNEL_RULES="avx512")  # the paths the parity tests check
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

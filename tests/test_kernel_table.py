@@ -184,3 +184,17 @@ def test_a_cpu_without_avx512_bf16_defaults_to_the_portable_rule():
     assert avx2.path("bf16", 1) == avx2.path("bf16", 4096) == "fused"
     assert avx2.path("int8", 1) == "int8pack" and avx2.path("int8", 512) == "int8_gemm"
     assert avx2.path("int4", 512) == "int4pack"
+
+
+def test_a_named_rule_can_be_pinned_and_a_bad_name_is_refused(monkeypatch):
+    monkeypatch.setenv("PUNCTUAL_KERNEL_RULES", "portable")
+    tune_table.kernel_table.cache_clear()
+    try:
+        assert tune_table.kernel_table().path("bf16", 512) == "fused"
+        monkeypatch.setenv("PUNCTUAL_KERNEL_RULES", "fastest")
+        tune_table.kernel_table.cache_clear()
+        with pytest.raises(ValueError, match="PUNCTUAL_KERNEL_RULES must be one of avx512, amx, portable"):
+            tune_table.kernel_table()
+    finally:
+        monkeypatch.delenv("PUNCTUAL_KERNEL_RULES")
+        tune_table.kernel_table.cache_clear()

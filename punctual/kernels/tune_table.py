@@ -186,9 +186,18 @@ def cpu_info() -> CpuInfo:
     return cpu
 
 
+NAMED_RULES = {"avx512": AVX512_RULES, "amx": AMX_RULES, "portable": PORTABLE_RULES}
+
+
 @functools.cache
 def kernel_table() -> KernelTable:
-    """This CPU's kernel table (read once per process)."""
+    """This CPU's kernel table (read once per process), or the named rule PUNCTUAL_KERNEL_RULES
+    asks for (avx512 | amx | portable: to compare rules, or to pin one, as the kernel tests do)."""
+    forced = os.environ.get("PUNCTUAL_KERNEL_RULES", "")
+    if forced:
+        if forced not in NAMED_RULES:
+            raise ValueError(f"PUNCTUAL_KERNEL_RULES must be one of {', '.join(NAMED_RULES)}, got {forced!r}")
+        return KernelTable(**NAMED_RULES[forced], source=f"PUNCTUAL_KERNEL_RULES={forced}")
     return load_table(cpu_info())
 
 
