@@ -8,22 +8,11 @@ the link latency per message and bandwidth fitted for `punctual sim plan --link-
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 
 from punctual.sim.calibrate_link import DEFAULT_SIZES, measure_allreduce, save_link
+from punctual.bench.machine import cpu_line
 
 
-def cpu_line() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu: unavailable"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    model = fields.get("Model name", "?").strip()
-    flags = fields.get("Flags", "").split()
-    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{model} ({os.cpu_count()} CPUs); flags: {' '.join(wanted) or '-'}"
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import argparse
 import math
 import random
 import statistics
-import subprocess
+from punctual.bench.machine import cpu_line
 
 PARAGRAPH = ("The village sat at the edge of a wide valley, where the river turned slowly towards the sea. "
              "In the mornings the farmers walked to their fields along the old stone road, and in the "
@@ -37,15 +37,6 @@ PARAGRAPH = ("The village sat at the edge of a wide valley, where the river turn
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def machine() -> str:
-    """lscpu's model name and the vector flags that decide the kernels."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx512", "amx", "avx2"))]
-    return f"{fields.get('Model name', '?').strip()}; flags: {' '.join(flags) or 'none of avx2/avx512/amx'}"
 
 
 def text_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -115,7 +106,7 @@ def main() -> None:
         return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
     print(f"{args.model} {args.dtype} quantization {args.quantization}, {torch.get_num_threads()} threads")
-    print(machine())
+    print(cpu_line())
     print("\ndecode TPOT (ms, median over streams; x: dense / quest)")
     header = f"{'context':>8} {'streams':>7} " + " ".join(f"{name:>16}" for name, _ in variants)
     print(header)

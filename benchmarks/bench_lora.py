@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,18 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from punctual.bench.machine import cpu_line  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return f"{fields.get('Model name', '?').strip()} | flags: {' '.join(flags)} | torch threads: " \
-           f"{__import__('torch').get_num_threads()}"
 
 
 def build_adapters(base: Path, out: Path, count: int, rank: int) -> tuple[list[Path], Path]:
@@ -205,7 +197,7 @@ def main() -> None:
         base = gguf_checkpoint(smollm2_file())
     else:
         base = Path(args.model)
-    print(f"machine: {machine()}")
+    print(f"machine: {cpu_line()} | torch threads: {__import__('torch').get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         started = time.perf_counter()
         adapters, merged = build_adapters(base, Path(tmp), max(args.adapters), args.rank)

@@ -24,18 +24,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import time
+from punctual.bench.machine import cpu_line
 
 
-def cpu_description() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return f"{fields.get('Model name', '?').strip()} ({' '.join(flags)})"
 
 
 def long_text(tokenizer, num_tokens: int) -> list[int]:
@@ -85,7 +77,7 @@ def main() -> None:
         f"sinks {args.sinks}+{args.window}": dict(attention_sinks=args.sinks, streaming_window=args.window),
         f"window {args.sinks + args.window}": dict(attention_sinks=0, streaming_window=args.sinks + args.window),
     }
-    print(f"{args.model} on {cpu_description()}")
+    print(f"{args.model} on {cpu_line()}")
     print(f"{len(tokens)} tokens of standard-library documentation; dense up to the context ({context})")
     results = {}
     for name, kwargs in variants.items():

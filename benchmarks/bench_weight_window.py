@@ -23,15 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from punctual.bench.machine import cpu_line
 
 
-def cpu_description() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}\nflags: {fields.get('Flags', '?').strip()}"
 
 
 def status_kb(key: str) -> int:
@@ -101,7 +95,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(cpu_description())
+    print(cpu_line())
     whole = run(args, None)
     weights = whole["weights"]
     print(f"\n{args.model} {args.dtype} quantization {args.quantization}, 1 stream, {args.tokens} tokens x {args.rounds} rounds (median); "
