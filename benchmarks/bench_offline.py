@@ -5,6 +5,10 @@
 2. Offline throughput (output tokens/s) for N requests with ShareGPT-like lengths (lognormal,
    mean prompt ~160 and mean output ~200 tokens), Punctual's continuous batching against
    transformers' static batches (left-padded, each batch runs to its longest output).
+3. With --step-kinds: where the throughput run's time went, per kind of step (steps carrying
+   prompt chunks, decode-only steps by batch size): each step's wall time, the runner's share of
+   it, and the step's own bound (its FLOPs at the matmul peak or its weight + KV bytes at the
+   bandwidth, whichever is slower), so a shortfall against the step bound has a measured reason.
 
     python benchmarks/bench_offline.py --model builtin --dtype bfloat16 --runs 3
 """
@@ -147,6 +151,78 @@ def hf_single_stream(model, vocab: int, new_tokens: int) -> float:
     return (new_tokens - 1) / (time.perf_counter() - start - prefill)
 
 
+STEP_KINDS = ("prompt chunks", "decode 1-4", "decode 5-16", "decode 17-64", "decode 65+")
+
+
+def step_kind(plan) -> str:
+    if plan.num_prompt_tokens:
+        return STEP_KINDS[0]
+    rows = len(plan.scheduled)
+    return next(kind for kind, top in zip(STEP_KINDS[1:], (4, 16, 64, math.inf)) if rows <= top)
+
+
+class StepKindRecorder:
+    """Times every engine step and its runner call, and prices the step's own bound: installed on
+    one engine core for the throughput run (instance attributes shadow the methods)."""
+
+    def __init__(self, core, arch, peak_gflops: float, bandwidth_gbs: float, weights: int, kv_bytes_per_token: int):
+        self.core, self.rows = core, []
+        linear, attention, head = token_flops(arch)
+        runner_execute, core_step = core.runner.execute, core.step
+        self._last = None
+
+        def execute(plan):
+            start = time.perf_counter()
+            out = runner_execute(plan)
+            elapsed = time.perf_counter() - start
+            if plan.scheduled:
+                tokens = plan.num_batched_tokens
+                # Token i of a chunk starting at position s attends to s + i + 1 positions.
+                attended = sum(len(s.token_ids) * s.start_position + len(s.token_ids) * (len(s.token_ids) + 1) // 2
+                               for s in plan.scheduled)
+                contexts = sum(s.start_position + len(s.token_ids) for s in plan.scheduled)
+                flops = tokens * linear + attended * attention + plan.num_sampled_rows * head
+                data = weights + kv_bytes_per_token * contexts
+                bound = max(flops / (peak_gflops * 1e9), data / (bandwidth_gbs * 1e9))
+                self._last = [step_kind(plan), elapsed, bound, flops / (peak_gflops * 1e9) >= data / (bandwidth_gbs * 1e9)]
+            return out
+
+        def step():
+            self._last = None
+            start = time.perf_counter()
+            outputs = core_step()
+            if self._last is not None:
+                self.rows.append((*self._last, time.perf_counter() - start))
+            return outputs
+
+        core.runner.execute, core.step = execute, step
+
+    def uninstall(self) -> None:
+        del self.core.runner.execute, self.core.step
+
+    def table(self) -> list[dict]:
+        out = []
+        for kind in STEP_KINDS:
+            rows = [r for r in self.rows if r[0] == kind]
+            if not rows:
+                continue
+            step_s, runner_s, bound_s = (sum(r[i] for r in rows) for i in (4, 1, 2))
+            out.append({"kind": kind, "steps": len(rows), "step_s": step_s, "runner_s": runner_s, "bound_s": bound_s,
+                        "compute_bound_steps": sum(r[3] for r in rows),
+                        "fraction_of_bound": bound_s / step_s, "runner_fraction_of_bound": bound_s / runner_s})
+        return out
+
+
+def print_step_kinds(table: list[dict]) -> None:
+    total = sum(r["step_s"] for r in table)
+    print("| step kind | steps | share of time | step s | runner s | outside runner | bound s | bound/step | bound/runner | compute-bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['kind']} | {r['steps']} | {100 * r['step_s'] / total:.0f}% | {r['step_s']:.2f} | {r['runner_s']:.2f} "
+              f"| {100 * (1 - r['runner_s'] / r['step_s']):.0f}% | {r['bound_s']:.2f} | {100 * r['fraction_of_bound']:.0f}% "
+              f"| {100 * r['runner_fraction_of_bound']:.0f}% | {r['compute_bound_steps']}/{r['steps']} |", flush=True)
+
+
 def punctual_throughput(llm, workload, vocab: int) -> float:
     from punctual import SamplingParams
 
@@ -193,6 +269,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true", help="plain PyTorch ops (no fused CPU kernels)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or int8")
+    parser.add_argument("--step-kinds", action="store_true",
+                        help="after the throughput runs, one more run timed step by step: time and bound per step kind")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -212,7 +290,9 @@ def main() -> None:
     from punctual.kernels import cpu_kernels, tune_table
 
     cpu_kernels.load()
-    results["machine"] = {"kernels": tune_table.summary(), "kernel_build": cpu_kernels.loaded_variant()}
+    from punctual.bench.machine import cpu_line
+
+    results["machine"] = {"cpu": cpu_line(), "kernels": tune_table.summary(), "kernel_build": cpu_kernels.loaded_variant()}
     results["bandwidth_gbs"] = bandwidth
     results["weight_bytes_per_token"] = bytes_per_token
     results["bandwidth_limit_tok_s"] = bandwidth * 1e9 / bytes_per_token
@@ -258,6 +338,12 @@ def main() -> None:
         results["step_bound_s"] = bound
         results["roofline_fraction_reachable"] = gflop / peak / bound
         results["punctual_fraction_of_step_bound"] = bound / elapsed
+        if args.step_kinds:
+            recorder = StepKindRecorder(llm.engine.core, arch, peak, bandwidth, bytes_per_token, kv_bytes)
+            punctual_throughput(llm, workload, vocab)
+            recorder.uninstall()
+            results["step_kinds"] = recorder.table()
+            print_step_kinds(results["step_kinds"])
         print(f"step-by-step bound (each step at the slower of its FLOPs and its weight + KV bytes): {bound:.2f} s, "
               f"so at most {100 * gflop / peak / bound:.0f}% of the roofline is reachable on this workload; "
               f"Punctual is at {100 * bound / elapsed:.0f}% of that bound", flush=True)
