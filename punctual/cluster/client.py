@@ -15,7 +15,6 @@ over TCP), and are dispatched here to the part whose job they concern:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Callable
 
 from punctual.cluster.failover import Failover
@@ -111,11 +110,7 @@ class ClusterClient:
         reports = [s for s in self.replica_stats.values()]
         if not reports:
             return None
-        total = {}
-        for f in dataclasses.fields(EngineStats):
-            values = [getattr(s, f.name) for s in reports]
-            total[f.name] = sum(values) if all(isinstance(v, int) for v in values) else values[0]
-        return EngineStats(**total)
+        return EngineStats.merged(reports)
 
     @property
     def replica_stats(self) -> dict[str, EngineStats]:

@@ -4,7 +4,7 @@ Pure Python: the front end imports it without torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -42,6 +42,33 @@ class EngineStats:
     # The adapters it holds (LoRARequest.adapter_id), in its slots or its loaded set: the router
     # sends an adapter's requests where it is already held.
     lora_adapters: list[str] = field(default_factory=list)
+
+    @classmethod
+    def merged(cls, reports: list["EngineStats"]) -> "EngineStats":
+        """A cluster's totals over its replicas' reports: counters and gauges summed, per-adapter
+        counts summed by name, the adapters held joined, flags true when any replica's is, and
+        the rank correlation averaged over the replicas that have one."""
+        total = {}
+        for f in fields(cls):
+            values = [getattr(s, f.name) for s in reports]
+            known = [v for v in values if v is not None]
+            if all(isinstance(v, bool) for v in values):
+                total[f.name] = any(values)
+            elif all(isinstance(v, int) for v in values):
+                total[f.name] = sum(values)
+            elif all(isinstance(v, dict) for v in values):
+                merged: dict = {}
+                for v in values:
+                    for key, count in v.items():
+                        merged[key] = merged.get(key, 0) + count
+                total[f.name] = merged
+            elif all(isinstance(v, list) for v in values):
+                total[f.name] = sorted({item for v in values for item in v})
+            elif known and all(isinstance(v, float) for v in known):
+                total[f.name] = sum(known) / len(known)
+            else:  # a name every replica shares (the speculative method)
+                total[f.name] = known[0] if known else None
+        return cls(**total)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

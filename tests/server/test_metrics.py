@@ -32,3 +32,18 @@ def test_no_speculation_metrics_when_it_is_off():
     text = scrape(base_stats())
     assert "punctual_spec_" not in text
     assert "punctual_num_requests_running 1.0" in text
+
+
+def test_cluster_totals_merge_every_replicas_lists_and_per_adapter_counts():
+    """A cluster's /metrics sums the replicas: per-adapter counts by name and the adapters held
+    come from every replica, not the first one's alone."""
+    a = base_stats(lora_enabled=True, lora_running={"x": 2}, lora_adapters=["x"], output_length_rank_correlation=0.5)
+    b = base_stats(lora_enabled=False, lora_running={"x": 1, "y": 4}, lora_adapters=["y", "x"],
+               output_length_rank_correlation=None, spec_method="ngram")
+    total = EngineStats.merged([a, b])
+    assert total.num_running == 2 and total.kv_blocks_total == 20 and total.generation_tokens == 24
+    assert total.lora_running == {"x": 3, "y": 4}
+    assert total.lora_adapters == ["x", "y"]
+    assert total.lora_enabled is True
+    assert total.output_length_rank_correlation == 0.5
+    assert total.spec_method == "ngram"
