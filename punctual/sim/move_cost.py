@@ -45,5 +45,11 @@ def learned_kv_transfer(moves: list[dict], bytes_per_block: float, min_observati
     per_block_s = max(float(estimate["per_block_s"]), 1e-12)  # a zero slope: bandwidth beyond measuring
     return {"fixed_s": float(estimate["fixed_s"]), "bytes_per_s": bytes_per_block / per_block_s,
             "source": "learned by the served cluster over its KV moves' copy rounds (GET /admin/migrations)",
+            "learned_from_cluster": True,
             "num_moves": len(landed), "num_rounds": estimate["observations"],
             "per_block_s": float(estimate["per_block_s"])}
+
+
+def learned_from_cluster(kv_transfer: dict | None) -> bool:
+    """Whether a profile's kv_transfer is a served cluster's (`learned_kv_transfer`), not an offline copy's."""
+    return bool((kv_transfer or {}).get("learned_from_cluster"))

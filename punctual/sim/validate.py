@@ -157,6 +157,7 @@ def errors(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
 def validate(args: ValidateConfig, log: Callable[[str], None] = print) -> int:
     from punctual.bench.cli import plan_from_args
     from punctual.bench.sweep import goodputs
+    from punctual.sim.move_cost import learned_from_cluster
     from punctual.sim.probe import check_reference
     from punctual.sim.profile import load_profile
 
@@ -169,6 +170,10 @@ def validate(args: ValidateConfig, log: Callable[[str], None] = print) -> int:
         log(f"profile: front end admit {profile.admit_s * 1000:.1f} ms, deliver {profile.deliver_s * 1000:.1f} ms; "
             f"serving loop {server['scale']:.2f} x offline + {server['overhead_s'] * 1000:.1f} ms per step + "
             f"{server.get('prefill_step_s', 0.0) * 1000:.1f} ms per step with prompt tokens")
+    if args.prefill_replicas and not learned_from_cluster(profile.kv_transfer):
+        log("note: this profile's KV transfer cost was not learned from a served cluster's moves (an offline "
+            "copy has no object store or command round trips: far cheaper than a served move); calibrate with "
+            "`--server --prefill-replicas P --decode-replicas D`")
     if args.rescale_per_point:  # before the real side runs: a profile without a probe cannot be rescaled
         reference = check_reference(profile.speed_probe)
         log(f"rescaling per point: the profile's speed probe took {reference['token_s'] * 1000:.2f} ms per token")

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from punctual.engine.stats import EngineStats
-from punctual.sim.move_cost import learned_kv_transfer
+from punctual.sim.move_cost import learned_from_cluster, learned_kv_transfer
 from punctual.sim.validate_cluster import (WatchedServer, move_rows, parse_replica_metrics, price_move,
                                            requests_per_replica, routing_rows)
 from tests.sim.test_speed_rescale import plan_and_config, served_profile, validate_args
@@ -139,6 +139,7 @@ def test_learned_transfer_cost_prices_blocks_as_the_cluster_learned_them():
              {"ok": True, "estimate": estimate}, {"ok": False, "estimate": {**estimate, "fixed_s": 2.0}}]
     learned = learned_kv_transfer(moves, block_bytes)
     assert learned["num_moves"] == 2
+    assert learned_from_cluster(learned) and not learned_from_cluster(KV_TRANSFER) and not learned_from_cluster(None)
     profile = dataclasses.replace(pd_profile(), kv_transfer=learned)
     for blocks in (0, 1, 40):  # the latest landed move's fit, per block through the profile's own bytes
         assert profile.transfer_seconds(blocks, 16) == pytest.approx(0.012 + 0.0005 * blocks)
@@ -210,3 +211,32 @@ def test_simulated_prefill_decode_pair_moves_every_request_to_the_decode_replica
     assert (replicas[0]["requests"], replicas[1]["requests"]) == (8, 0)  # prompts only to the prefill replica
     multi_token = sum(1 for r in point["records"] if r["output_len"] > 1)
     assert point["cluster"]["moves"]["disaggregation"] == multi_token
+
+
+@pytest.mark.slow  # a Ray cluster of two builtin-tiny replicas started and loaded: about a minute
+@pytest.mark.parametrize("shape", ["cache_aware", "prefill_decode"])
+def test_validate_reads_a_real_clusters_routing(tmp_path, shape):
+    """The real path at its smallest: `sim validate` starts a two-replica cluster, and each point's
+    per-replica requests (from the replicas' traces) add up to the point's requests on both sides;
+    the prefix caches' lookups come from /metrics; with prefill/decode every prompt goes to the
+    prefill replica and the moves that landed are read from /admin/migrations."""
+    from punctual.sim.validate import validate
+
+    pd = shape == "prefill_decode"
+    profile = pd_profile()
+    args = validate_args(tmp_path, profile, workload="chat" if pd else "shared-prefix", sweep_rates="4",
+                         num_requests=6, model="builtin-tiny", sim_repeats=1, startup_timeout=300.0,
+                         replicas=1 if pd else 2, prefill_replicas=int(pd), decode_replicas=int(pd))
+    assert validate(args, log=lambda _: None) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    routing = out["cluster"]["routing"]
+    assert [r["replica"] for r in routing] == [0, 1]
+    assert sum(r["requests_real"] for r in routing) == sum(r["requests_sim"] for r in routing) == 6
+    measured = out["measured"][0]["cluster"]["replicas"]
+    if pd:
+        assert [r["requests_real"] for r in routing] == [6, 0]
+        (moves,) = out["cluster"]["moves"]
+        assert 1 <= moves["moves_real"] <= 6 and moves["transfer_ms_real"] > 0
+    else:
+        assert sum(r["prefix_cache_queries"] for r in measured.values()) > 0
+        assert sum(r["prefix_cache_hits"] for r in measured.values()) > 0  # the shared documents, warmed up
