@@ -27,6 +27,7 @@ from typing import Callable
 from punctual.bench.report import table
 from punctual.sim.sizing import SimFlags, cluster_config
 
+TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # the simulator's promise (issue 33): |error| over the points above
 POINTS = (("TTFT p50", "ttft_ms", "median"), ("TTFT p90", "ttft_ms", "p90"),
           ("TPOT p50", "tpot_ms", "median"), ("TPOT p90", "tpot_ms", "p90"))
 
@@ -196,7 +197,9 @@ def validate(args: ValidateConfig, log: Callable[[str], None] = print) -> int:
                          + ([f"x{r['speed_scale']:.3f}"] if scales else []) for r in rows]))
     valid = [abs(r["error"]) for r in rows if r["error"] is not None]
     good_real, good_sim = goodputs(real_runs, plan.target), goodputs(sim_runs, plan.target)
-    print(f"\n|error| median {statistics.median(valid):.0%}, worst {max(valid):.0%} over {len(valid)} points")
+    met = statistics.median(valid) <= TARGET_MEDIAN and max(valid) <= TARGET_WORST
+    print(f"\n|error| median {statistics.median(valid):.0%}, worst {max(valid):.0%} over {len(valid)} points "
+          f"({'within' if met else 'outside'} the targets: median {TARGET_MEDIAN:.0%}, worst {TARGET_WORST:.0%})")
     rates = sorted(plan.rates)
     for workload in plan.workloads:
         real_g = good_real.get("punctual", {}).get(workload, {}).get("goodput")

@@ -166,7 +166,7 @@ def test_pd_flags_reach_both_sides_and_bad_combinations_name_the_flags(tmp_path)
         cluster_serve_args(1, 1, "cache_aware", 0, 2)
 
 
-def test_simulated_cluster_reports_where_the_shipped_router_sent_each_points_requests(tmp_path):
+def test_simulated_cluster_reports_where_the_shipped_router_sent_each_points_requests(tmp_path, capsys):
     """Two replicas under cache_aware on shared-prefix: every measured request is routed once
     (warm-ups left out), and the prefix caches hit; against itself the comparison reads zero."""
     from punctual.sim.validate import simulate, validate
@@ -191,6 +191,8 @@ def test_simulated_cluster_reports_where_the_shipped_router_sent_each_points_req
     out = json.loads((tmp_path / "out.json").read_text())
     routing = out["cluster"]["routing"]
     assert len(routing) == 2 * 2 and all(r["share_error"] == 0 for r in routing)
+    printed = capsys.readouterr().out
+    assert "within the targets" in printed and "hit rate real" in printed
     assert all(r["hit_rate_real"] == r["hit_rate_sim"] for r in routing)
 
 
