@@ -71,7 +71,7 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
     trace_path = workdir / "steps.jsonl"
     cluster_args = cluster_serve_args(replicas, threads_per_replica, router, prefill_replicas, decode_replicas)
     options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args) + cluster_args)
-    if threads is not None and replicas == 1:  # the server runs with the threads the offline profile had
+    if threads is not None and replicas == 1 and not prefill_replicas:  # the server runs with the threads the offline profile had
         options = dataclasses.replace(options, threads=threads)
     spec = punctual_peer(model, free_port(), options)
     spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: str(trace_path)})

@@ -301,6 +301,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if (args.replicas != 1 or args.prefill_replicas or args.decode_replicas) and not args.server:
         raise ValueError("--replicas/--prefill-replicas/--decode-replicas: only with --server (the offline profile "
                          "is one replica's: use --threads)")
+    from punctual.sim.validate import check_pd_flags
+
+    check_pd_flags(args.prefill_replicas, args.decode_replicas, args.replicas)
     if args.base_profile:
         if not args.server:
             raise ValueError("--base-profile: only with --server")

@@ -88,7 +88,7 @@ def engine_flags(serve_args: str, profile, replicas: int = 1, router: str = "cac
     replicas = replicas or 1
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
-    _check_pd(prefill_replicas, decode_replicas, replicas)
+    check_pd_flags(prefill_replicas, decode_replicas, replicas)
     if prefill_replicas:
         replicas = prefill_replicas + decode_replicas
     fields = {f.name for f in dataclasses.fields(SimFlags)}
@@ -98,7 +98,8 @@ def engine_flags(serve_args: str, profile, replicas: int = 1, router: str = "cac
                     prefill_replicas=prefill_replicas, decode_replicas=decode_replicas)
 
 
-def _check_pd(prefill_replicas: int, decode_replicas: int, replicas: int = 1) -> None:
+def check_pd_flags(prefill_replicas: int, decode_replicas: int, replicas: int = 1) -> None:
+    """Prefill/decode pools as `punctual serve` takes them: both or neither, and not with --replicas."""
     if (prefill_replicas or decode_replicas) and (prefill_replicas < 1 or decode_replicas < 1):
         raise ValueError("--prefill-replicas and --decode-replicas must both be >= 1 when either is set, "
                          f"got {prefill_replicas} and {decode_replicas}")
@@ -121,7 +122,7 @@ def cluster_serve_args(replicas: int, threads_per_replica: int, router: str, pre
     side; with prefill/decode, its pools in place of --replicas (`replicas` is then their sum or 1)."""
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
-    _check_pd(prefill_replicas, decode_replicas)
+    check_pd_flags(prefill_replicas, decode_replicas)
     if prefill_replicas:
         return ("--prefill-replicas", str(prefill_replicas), "--decode-replicas", str(decode_replicas),
                 "--threads-per-replica", str(threads_per_replica), "--router", router)
