@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from punctual.engine.trace import TRACE_ENV
+from punctual.sim.move_cost import learned_kv_transfer, migrations
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
 from punctual.sim.spread import quantile_table
@@ -58,8 +59,8 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
                      rates: tuple[float, ...] = (1.0, 2.0), num_requests: int = 30, sequential: int = 12,
                      seed: int = 0, length_scale: float = 0.25, max_num_seqs: int = 32,
                      startup_timeout: float = 600.0, threads: int | None = None, replicas: int = 1,
-                     threads_per_replica: int = 1, router: str = "cache_aware",
-                     log: Callable[[str], None] = print) -> StepProfile:
+                     threads_per_replica: int = 1, router: str = "cache_aware", prefill_replicas: int = 0,
+                     decode_replicas: int = 0, log: Callable[[str], None] = print) -> StepProfile:
     from punctual.bench import loadgen
     from punctual.bench.arrivals import arrival_offsets
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
@@ -68,9 +69,9 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
 
     workdir = Path(tempfile.mkdtemp(prefix="punctual-calibrate-server-"))
     trace_path = workdir / "steps.jsonl"
-    cluster_args = cluster_serve_args(replicas, threads_per_replica, router)
+    cluster_args = cluster_serve_args(replicas, threads_per_replica, router, prefill_replicas, decode_replicas)
     options = PeerOptions(max_num_seqs=max_num_seqs, punctual_args=tuple(serve_args) + cluster_args)
-    if threads is not None and replicas == 1:  # the server runs with the threads the offline profile had
+    if threads is not None and replicas == 1 and not prefill_replicas:  # the server runs with the threads the offline profile had
         options = dataclasses.replace(options, threads=threads)
     spec = punctual_peer(model, free_port(), options)
     spec = dataclasses.replace(spec, env={**spec.env, TRACE_ENV: str(trace_path)})
@@ -90,6 +91,7 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
             loaded.append(loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed),
                                       progress=False))
             probes.append(run_probe(endpoint))
+        moves = migrations(endpoint.base_url) if prefill_replicas else []  # prefill/decode: what its moves cost
         time.sleep(0.5)  # the core writes its trace when it goes idle
     trace = read_traces(str(trace_path))  # a cluster's replicas: one file each
     log(f"calibrate --server: {len(trace.rows)} steps, {len(trace.adds)} requests traced in "
@@ -111,14 +113,27 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         if path is not None and path["deliver_s"] is not None:
             deliveries.append((path["streams"], path["deliver_s"]))
     meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
-    if replicas > 1:
-        meta.update(replicas=replicas, threads_per_replica=threads_per_replica, router=router)
+    if replicas > 1 or prefill_replicas:
+        meta.update(replicas=replicas, threads_per_replica=threads_per_replica, router=router,
+                    prefill_replicas=prefill_replicas, decode_replicas=decode_replicas)
     profile = fit_serving_profile(base, trace, deliveries, meta)
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
         + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
-    return dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)},
-                               speed_probe=speed_probe)
+    profile = dataclasses.replace(profile, engine={**base.engine, "serve_args": list(serve_args)},
+                                  speed_probe=speed_probe)
+    if prefill_replicas:
+        block_size = base.engine.get("block_size") or 16
+        learned = learned_kv_transfer(moves, base.model.get("kv_bytes_per_token", 0) * block_size)
+        if learned is None:
+            log(f"calibrate --server: {len(moves)} KV moves, too few to learn their cost; the profile keeps "
+                "the offline kv_transfer")
+        else:
+            log(f"calibrate --server: KV moves cost {learned['fixed_s'] * 1000:.2f} ms + "
+                f"{learned['per_block_s'] * 1000:.3f} ms per block per copy round, over {learned['num_moves']} moves "
+                "(the cluster's own fit; the profile's kv_transfer now)")
+            profile = dataclasses.replace(profile, kv_transfer=learned)
+    return profile
 
 
 def fit_delivery(deliveries: list[tuple[float, float]]) -> tuple[float, float]:

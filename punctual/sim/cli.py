@@ -68,6 +68,10 @@ def add_sim_parser(subparsers) -> None:
     server.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
     server.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                         help="with --replicas: the cluster's router")
+    server.add_argument("--prefill-replicas", type=int, default=0,
+                        help="with --server: fit on a prefill/decode cluster (`serve --prefill-replicas P "
+                             "--decode-replicas D`), and take the KV transfer cost its moves learned")
+    server.add_argument("--decode-replicas", type=int, default=0, help="with --prefill-replicas")
     from punctual.engine_args import add_engine_args
 
     add_engine_args(calibrate)
@@ -153,6 +157,12 @@ def add_sim_parser(subparsers) -> None:
     validate.add_argument("--threads-per-replica", type=int, default=1, help="with --replicas: each replica's threads")
     validate.add_argument("--router", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                           help="with --replicas: the cluster's router, run by both sides")
+    validate.add_argument("--prefill-replicas", type=int, default=0,
+                          help="validate prefill/decode disaggregation: the server runs `--prefill-replicas P "
+                               "--decode-replicas D` on Ray (in place of --replicas), the simulator the same pools "
+                               "(calibrate with --server and the same two flags, so the profile prices the "
+                               "cluster's KV moves)")
+    validate.add_argument("--decode-replicas", type=int, default=0, help="with --prefill-replicas")
     validate.add_argument("--rescale-per-point", action="store_true",
                           help="probe the server's speed right before each point (a fixed request, ~2 s) and "
                                "scale that point's simulated step costs by the probe's seconds per token over "
@@ -288,8 +298,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.replicas != 1 and not args.server:
-        raise ValueError("--replicas: only with --server (the offline profile is one replica's: use --threads)")
+    if (args.replicas != 1 or args.prefill_replicas or args.decode_replicas) and not args.server:
+        raise ValueError("--replicas/--prefill-replicas/--decode-replicas: only with --server (the offline profile "
+                         "is one replica's: use --threads)")
+    from punctual.sim.validate import check_pd_flags
+
+    check_pd_flags(args.prefill_replicas, args.decode_replicas, args.replicas)
     if args.base_profile:
         if not args.server:
             raise ValueError("--base-profile: only with --server")
@@ -318,7 +332,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    num_requests=args.server_requests, length_scale=args.server_length_scale,
                                    max_num_seqs=flags.max_num_seqs or 32, threads=args.threads,
                                    replicas=args.replicas, threads_per_replica=args.threads_per_replica,
-                                   router=args.router, log=_log)
+                                   router=args.router, prefill_replicas=args.prefill_replicas,
+                                   decode_replicas=args.decode_replicas, log=_log)
         server, frontend = profile.fit["server"], profile.frontend
         _log(f"serving loop: step = {server['scale']:.3f} x offline + {server['overhead_s'] * 1000:.2f} ms + "
              f"{server['per_row_s'] * 1000:.3f} ms per sampled row + "
