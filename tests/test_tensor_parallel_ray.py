@@ -97,6 +97,7 @@ def actor_gone(actor) -> bool:
     return False
 
 
+@pytest.mark.slow  # a local Ray instance (its start takes seconds)
 def test_ranks_placed_by_ray_give_the_whole_models_tokens_and_leave_nothing(local_ray, gqa, whole):
     llm = LLM(str(gqa), tensor_parallel_size=2, tensor_parallel_backend="ray", **ENGINE)
     runner = llm.engine.core.runner
@@ -116,6 +117,7 @@ def test_ranks_placed_by_ray_give_the_whole_models_tokens_and_leave_nothing(loca
     wait_until(lambda: ray.available_resources().get("CPU") == CPUS, 30, "the ranks' CPUs were not released")
 
 
+@pytest.mark.slow  # a local Ray instance (its start takes seconds)
 def test_a_killed_rank_actor_fails_the_group_cleanly(local_ray, gqa):
     llm = LLM(str(gqa), tensor_parallel_size=2, tensor_parallel_backend="ray", **ENGINE)
     try:
@@ -132,6 +134,7 @@ def test_a_killed_rank_actor_fails_the_group_cleanly(local_ray, gqa):
     wait_until(lambda: ray.available_resources().get("CPU") == CPUS, 30, "the ranks' CPUs were not released")
 
 
+@pytest.mark.slow  # a local Ray instance (its start takes seconds)
 def test_ranks_needing_more_cpus_than_ray_has_are_refused(local_ray, gqa):
     with pytest.raises(ValueError, match=f"need 1 x 8 = 8 Ray CPUs.*has {CPUS}"):
         LLM(str(gqa), tensor_parallel_size=2, tensor_parallel_backend="ray", threads_per_rank=8, **ENGINE)
@@ -153,20 +156,30 @@ def children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def cluster_client(path, replicas: int):
+def cluster_client(path, replicas: int, ray_address: str | None = None):
     from punctual.cluster.client import ClusterClient
     from punctual.config import ClusterConfig, EngineConfig
 
     config = EngineConfig.from_kwargs(str(path), tensor_parallel_size=2, **ENGINE)
-    return ClusterClient(config, ClusterConfig(replicas=replicas))
+    return ClusterClient(config, ClusterConfig(replicas=replicas, ray_address=ray_address))
 
 
-def test_two_replicas_of_two_ranks_give_the_whole_models_tokens(local_ray, gqa, whole):
+def placement_groups() -> dict[str, str]:
+    """Name -> state of this cluster's placement groups (removed ones included)."""
+    return {g["name"]: g["state"] for g in ray.util.placement_group_table().values() if g["name"]}
+
+
+@pytest.mark.slow
+# None: a local cluster, each replica's ranks its own subprocesses; "auto": as on a cluster joined by
+# address (the test's Ray), each replica and its ranks in a placement group, the ranks Ray actors.
+@pytest.mark.parametrize("ray_address", [None, "auto"])
+def test_two_replicas_of_two_ranks_give_the_whole_models_tokens(local_ray, gqa, whole, ray_address):
     from punctual.request import EngineCoreRequest
 
-    client = cluster_client(gqa, 2)
+    client = cluster_client(gqa, 2, ray_address)
     tokens: dict[str, list[int]] = {}
     ranks: list[list[int]] = []
+    groups: dict[str, str] = {}
 
     async def main():
         client.start()
@@ -189,17 +202,25 @@ def test_two_replicas_of_two_ranks_give_the_whole_models_tokens(local_ray, gqa, 
             # Each replica's actor reserved its group's CPUs (2 ranks x 1 thread) and runs its rank 1 beside it.
             assert ray.available_resources().get("CPU", 0) == 0
             ranks.extend([pid for pid, cmd in children(r.pid) if "rank_main" in cmd] for r in client.replicas)
+            groups.update(placement_groups())
         finally:
             await client.shutdown()
             await client.replica_set.stop_actors()
 
     asyncio.run(main())
     assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == whole
-    assert [len(pids) for pids in ranks] == [1, 1]
+    if ray_address is None:
+        assert [len(pids) for pids in ranks] == [1, 1] and "CREATED" not in groups.values()
+    else:  # the ranks are Ray actors, not the replicas' children, in one placement group per replica
+        assert ranks == [[], []]
+        assert sorted(state for name, state in groups.items() if name.startswith("punctual-tp-")) == ["CREATED"] * 2
+        wait_until(lambda: all(placement_groups()[name] == "REMOVED" for name in groups), 30,
+                   "a replica's placement group outlived the cluster")
     wait_until(lambda: all(gone(pid) for pids in ranks for pid in pids), 30, "a replica's rank outlived its actor")
     wait_until(lambda: ray.available_resources().get("CPU") == CPUS, 30, "the replicas' CPUs were not released")
 
 
+@pytest.mark.slow  # a local Ray instance (its start takes seconds)
 def test_a_cluster_needing_more_cpus_than_ray_has_is_refused(local_ray, gqa):
     client = cluster_client(gqa, 3)
     with pytest.raises(RuntimeError, match=f"3 replicas of 2 CPUs each .* need 6 Ray CPUs; the Ray cluster has {CPUS}"):

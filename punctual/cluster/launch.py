@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 from punctual.config import ClusterConfig, EngineConfig
 from punctual.engine.trace import TRACE_ENV, replica_trace_path
@@ -44,7 +45,8 @@ def replica_resources(engine_config: EngineConfig, cluster: ClusterConfig) -> tu
     all). A tensor-parallel replica is a group of tensor_parallel_size ranks of threads_per_rank CPUs
     (default: threads_per_replica): its actor reserves them all when its ranks are its own
     subprocesses; on a cluster joined by address (ray_address) the ranks are Ray actors placed by Ray
-    (runner/tp_ray.py), each reserving its own, and the replica's actor only rank 0's."""
+    (runner/tp_ray.py): the replica's actor takes bundle 0 of its group's placement group (made
+    here, one bundle per rank), its ranks the others."""
     model = engine_config.model
     if model.tensor_parallel_size == 1:
         return engine_config, cluster.threads_per_replica, cluster.threads_per_replica
@@ -77,6 +79,8 @@ class RayReplicas:
         self.engine_config = engine_config
         self.cluster = cluster
         self.actors: list = []
+        self.groups: list = []  # one placement group per replica whose ranks Ray places
+        self.name = uuid.uuid4().hex[:8]  # this cluster's, in its placement groups' names
         self.started_ray = False
         # The replicas' wire secret, made here at start-up: it reaches each replica as an argument
         # of its actor's constructor (through Ray, never a command line or an environment).
@@ -118,12 +122,30 @@ class RayReplicas:
         for replica_id in range(cluster.replicas):
             options = dict(num_cpus=actor_cpus, num_gpus=cluster.num_gpus_per_replica,
                            max_restarts=cluster.max_restarts)
+            if engine_config.model.tensor_parallel_backend == "ray":
+                # The group's bundles live as long as the cluster: a replica that Ray restarts finds
+                # its ranks' CPUs again (a group the replica made itself would outlive its process).
+                options["scheduling_strategy"] = self._rank_group(engine_config, replica_id)
             if trace:  # `punctual sim calibrate --server --replicas N`: one step trace per replica
                 options["runtime_env"] = {"env_vars": {TRACE_ENV: replica_trace_path(trace, replica_id)}}
             # With tensor parallelism rank 0 sets its own threads (threads_per_rank).
             self.actors.append(actor_class.options(**options).remote(
                 engine_config, engine_config.model.threads_per_rank or cluster.threads_per_replica, host, self.secret))
         self.ray = ray
+
+    def _rank_group(self, engine_config: EngineConfig, replica_id: int):
+        """A PACK placement group of one bundle per rank (threads_per_rank CPUs each) for the replica;
+        the scheduling strategy that puts its actor, rank 0, in bundle 0."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from punctual.runner.tp_ray import GROUP_NAME_PREFIX
+
+        model = engine_config.model
+        group = placement_group([{"CPU": model.threads_per_rank}] * model.tensor_parallel_size, strategy="PACK",
+                                name=f"{GROUP_NAME_PREFIX}{self.name}-{replica_id}")
+        self.groups.append(group)
+        return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
 
     @staticmethod
     def restore_signal_handlers() -> None:
@@ -168,6 +190,13 @@ class RayReplicas:
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            try:
+                remove_placement_group(group)
             except Exception:  # already gone
                 pass
         if self.started_ray:

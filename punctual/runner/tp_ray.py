@@ -2,12 +2,14 @@
 (tensor_parallel_backend "ray"; runner/tensor_parallel.py is rank 0 and the rank's loop).
 
 Placement: one placement group, one bundle of threads_per_rank CPUs per rank, strategy PACK:
-Ray puts the ranks on as few nodes as their CPUs allow (rank 0's own, where it has room), so they
-share a host's shared-memory all-reduce where they can and cross hosts (gloo) only where one node
-lacks the CPUs. Rank 0 is the engine core's process: its CPUs are its own (a replica actor's
-reservation, or the host's). Ray only places the processes: the rendezvous is rank 0's torch
-TCPStore on its node's address (Ray's own idea of it, the one the other nodes reach) and a free
-port; the collectives are torch's gloo.
+Ray puts the ranks on as few nodes as their CPUs allow, so they share a host's shared-memory
+all-reduce where they can and cross hosts (gloo) only where one node lacks the CPUs. A replica of
+a cluster runs in bundle 0 of its group's placement group, which the cluster's launcher made (and
+removes; a restarted replica finds it again, its old ranks' bundles free); ranks 1..N-1 take
+bundles 1..N-1. An engine outside such a group (LLM(..., tensor_parallel_backend="ray") after
+ray.init) makes a group of N-1 bundles for its ranks and removes it on close. Ray only places the
+processes: the rendezvous is rank 0's torch TCPStore on its node's address (Ray's own idea of it,
+the one the other nodes reach) and a free port; the collectives are torch's gloo.
 
 Plans: each rank connects to rank 0's listener on that address, answers its HMAC challenge with
 the group's secret (made here, handed to the rank through Ray's actor arguments, never a command
@@ -37,6 +39,20 @@ logger = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0  # Ray reserving the ranks' bundles (CPUs free somewhere in the cluster)
 HANDSHAKE_TIMEOUT_S = 10.0  # a connected rank proving the secret and naming itself
 CONNECT_TIMEOUT_S = 60.0  # a rank reaching rank 0's listener
+# The names of the placement groups a cluster's launcher makes for its replicas (bundle 0: the replica).
+GROUP_NAME_PREFIX = "punctual-tp-"
+
+
+def replica_group(size: int):
+    """The placement group this process (a replica's actor) was placed in by the cluster's launcher
+    for its `size` ranks, or None."""
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is None or group.bundle_count != size:
+        return None
+    name = ray.util.placement_group_table(group).get("name") or ""
+    return group if name.startswith(GROUP_NAME_PREFIX) else None
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -145,12 +161,15 @@ def start_ray_ranks(size: int, threads: int, rank_args: tuple, timeout_s: float)
     if not ray.is_initialized():
         raise ValueError("tensor_parallel_backend 'ray' needs this process connected to Ray: a replica of a "
                          "cluster started with --ray-address, or ray.init() before the engine")
-    need = threads * (size - 1)
     total = ray.cluster_resources().get("CPU", 0)
-    if need > total:
-        raise ValueError(f"tensor parallel: ranks 1..{size - 1} need {size - 1} x {threads} = {need} Ray CPUs "
-                         f"(threads_per_rank each), the Ray cluster has {total:g}")
-    group = placement_group([{"CPU": threads}] * (size - 1), strategy="PACK")
+    group = replica_group(size)
+    owned = group is None  # else the launcher's: bundle 0 is this replica's, and the launcher removes it
+    if owned:
+        need = threads * (size - 1)
+        if need > total:
+            raise ValueError(f"tensor parallel: ranks 1..{size - 1} need {size - 1} x {threads} = {need} Ray CPUs "
+                             f"(threads_per_rank each), the Ray cluster has {total:g}")
+        group = placement_group([{"CPU": threads}] * (size - 1), strategy="PACK")
     actors: list = []
 
     def release() -> None:
@@ -159,10 +178,11 @@ def start_ray_ranks(size: int, threads: int, rank_args: tuple, timeout_s: float)
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - gone already, or Ray shut down
                 pass
-        try:
-            remove_placement_group(group)
-        except Exception:  # noqa: BLE001
-            pass
+        if owned:
+            try:
+                remove_placement_group(group)
+            except Exception:  # noqa: BLE001
+                pass
 
     try:
         try:
@@ -178,7 +198,7 @@ def start_ray_ranks(size: int, threads: int, rank_args: tuple, timeout_s: float)
         with socket.create_server((host, 0)) as listener:
             refs = []
             for rank in range(1, size):
-                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank - 1)
+                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank - owned)
                 actors.append(actor_class.options(num_cpus=threads, max_restarts=0,
                                                   scheduling_strategy=strategy).remote())
                 refs.append(actors[-1].run.remote(rank, size, host, store.port, listener.getsockname()[1], secret,
