@@ -93,7 +93,8 @@ class TensorParallelRunner(ModelRunner):
             from punctual.runner.tp_ray import start_ray_ranks
 
             store, host, self.ranks, self._on_stop = start_ray_ranks(
-                size, self.threads, (model_config, cache_config, max_num_seqs, self.threads), START_TIMEOUT_S)
+                size, self.threads, run_rank, (model_config, cache_config, max_num_seqs, self.threads),
+                START_TIMEOUT_S)
         else:
             # Rendezvous: rank 0 serves the store on a free loopback port and hands its number to the ranks.
             store = dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False)

@@ -68,11 +68,10 @@ def peer_closed(sock: socket.socket) -> bool:
 class RankActor:
     """A rank's process as a Ray actor (ray.remote wraps this plain class): run() is its life."""
 
-    def run(self, rank: int, size: int, rank0_host: str, store_port: int, plan_port: int, secret: bytes,
+    def run(self, run_rank, rank: int, size: int, rank0_host: str, store_port: int, plan_port: int, secret: bytes,
             model_config, cache_config, max_num_seqs: int, threads: int) -> None:
+        """`run_rank`: the rank's life once connected (runner/tensor_parallel.py's, passed by reference)."""
         import ray
-
-        from punctual.runner.tensor_parallel import run_rank
 
         logging.basicConfig(level=logging.WARNING,
                             format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
@@ -150,9 +149,11 @@ class RayRank:
         self.channel.sock.close()
 
 
-def start_ray_ranks(size: int, threads: int, rank_args: tuple, timeout_s: float):
+def start_ray_ranks(size: int, threads: int, run_rank, rank_args: tuple, timeout_s: float):
     """Place ranks 1..size-1 (threads CPUs each) and wait until each has connected and named
-    itself. `rank_args`: (model_config, cache_config, max_num_seqs, threads) for run_rank.
+    itself. `run_rank(rank, size, store_port, *rank_args, conn, ...)`: a rank's loop, and
+    `rank_args` (model_config, cache_config, max_num_seqs, threads) its arguments. RuntimeError
+    if a rank fails before it joined.
     Returns (the store, rank 0's address, the RayRanks in rank order, what releases them)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -201,7 +202,7 @@ def start_ray_ranks(size: int, threads: int, rank_args: tuple, timeout_s: float)
                 strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank - owned)
                 actors.append(actor_class.options(num_cpus=threads, max_restarts=0,
                                                   scheduling_strategy=strategy).remote())
-                refs.append(actors[-1].run.remote(rank, size, host, store.port, listener.getsockname()[1], secret,
+                refs.append(actors[-1].run.remote(run_rank, rank, size, host, store.port, listener.getsockname()[1], secret,
                                                   *rank_args))
             ranks = _accept(listener, secret, actors, refs, timeout_s)
     except BaseException:
@@ -216,8 +217,6 @@ def _accept(listener: socket.socket, secret: bytes, actors: list, refs: list, ti
     """Every rank's authenticated connection, in rank order; RuntimeError if a rank failed first."""
     import ray
 
-    from punctual.runner.tensor_parallel import RankFailure
-
     deadline = time.monotonic() + timeout_s
     ranks: dict[int, RayRank] = {}
     listener.settimeout(0.2)
@@ -228,10 +227,10 @@ def _accept(listener: socket.socket, secret: bytes, actors: list, refs: list, ti
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the actor's error, as Ray reports it
-                raise RankFailure(f"tensor-parallel rank {rank} failed to start: {exc}") from exc
-            raise RankFailure(f"tensor-parallel rank {rank} ended before it connected")
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {exc}") from exc
+            raise RuntimeError(f"tensor-parallel rank {rank} ended before it connected")
         if time.monotonic() > deadline:
-            raise RankFailure(f"tensor-parallel ranks {sorted(set(range(1, len(refs) + 1)) - set(ranks))} did not "
+            raise RuntimeError(f"tensor-parallel ranks {sorted(set(range(1, len(refs) + 1)) - set(ranks))} did not "
                               f"connect to rank 0 in {timeout_s:g} s")
         try:
             sock, peer = listener.accept()
