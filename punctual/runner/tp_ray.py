@@ -202,8 +202,8 @@ def start_ray_ranks(size: int, threads: int, run_rank, rank_args: tuple, timeout
                 strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank - owned)
                 actors.append(actor_class.options(num_cpus=threads, max_restarts=0,
                                                   scheduling_strategy=strategy).remote())
-                refs.append(actors[-1].run.remote(run_rank, rank, size, host, store.port, listener.getsockname()[1], secret,
-                                                  *rank_args))
+                refs.append(actors[-1].run.remote(run_rank, rank, size, host, store.port, listener.getsockname()[1],
+                                                  secret, *rank_args))
             ranks = _accept(listener, secret, actors, refs, timeout_s)
     except BaseException:
         release()
