@@ -50,6 +50,10 @@ class ModelConfig:
     # rank processes on this host (runner/tensor_parallel.py); one scheduler, in rank 0.
     tensor_parallel_size: int = 1
     threads_per_rank: int | None = None  # torch threads of each rank; None: this machine's cores / ranks
+    # Where ranks 1..N-1 run: "local" (subprocesses of rank 0, this host) or "ray" (Ray actors, placed
+    # by a placement group on the cluster this process is connected to; runner/tp_ray.py). A cluster
+    # joined with --ray-address sets "ray" for its replicas.
+    tensor_parallel_backend: str = "local"
     # Bytes of weights kept resident (e.g. "2GB"); None: all. Beyond it, a sliding window of layers is
     # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py).
     max_weight_memory: int | str | None = None
@@ -256,6 +260,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads_per_rank must be an integer >= 1, got {threads!r}")
+        if self.model.tensor_parallel_backend not in ("local", "ray"):
+            raise ValueError(f"tensor_parallel_backend must be local|ray, got {self.model.tensor_parallel_backend!r}")
         if size == 1:
             return
         # What a rank's shard cannot do (yet): say so at start-up rather than fail mid-step.

@@ -47,10 +47,12 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("--cuda-graph-max-batch-size", dict(type=int, help="CUDA: decode steps of up to this many requests "
                                                                  "replay captured CUDA graphs (default 64, 0: none)")),
     EngineArg("--tensor-parallel-size", dict(type=int, help="split the model's heads, MLP columns and vocabulary "
-                                                            "across this many rank processes on this host (CPU; "
+                                                            "across this many rank processes on this host, or "
+                                                            "placed by Ray with --replicas and --ray-address (CPU; "
                                                             "default 1)")),
     EngineArg("--threads-per-rank", dict(type=int, help="torch threads of each tensor-parallel rank (default: "
-                                                        "this machine's cores / --tensor-parallel-size)")),
+                                                        "this machine's cores / --tensor-parallel-size; with "
+                                                        "--replicas: --threads-per-replica)")),
     EngineArg("--max-weight-memory", dict(type=_size, help="bytes of weights kept resident, e.g. 2GB, 512MB, 1.5GiB "
                                                            "(default: all); beyond it a sliding window of layers is "
                                                            "read from the checkpoint ahead of use")),

@@ -143,17 +143,26 @@ class RankGroup:
     after `timeout_s`, never hang for good."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout_s: float, all_reduce: str | None = "shm",
-                 peers_alive: Callable[[], bool] | None = None, shm_slot_bytes: int = SHM_SLOT_BYTES):
+                 peers_alive: Callable[[], bool] | None = None, shm_slot_bytes: int = SHM_SLOT_BYTES,
+                 host: str | None = None):
         """`all_reduce` (rank 0's choice; the other ranks pass None and follow it): "shm" for the
         shared-memory exchange where it can be set up, "gloo" for gloo alone. `peers_alive`: False
         once a peer process is known dead (a shared-memory wait then fails at once, rather than
-        after `timeout_s`, which gloo does by itself when the peer's socket closes)."""
+        after `timeout_s`, which gloo does by itself when the peer's socket closes). `host`: the
+        address gloo binds here, one the other ranks reach (ranks on several hosts); None: gloo's
+        default (this host's name, or loopback)."""
         if rank == 0 and all_reduce not in ("shm", "gloo"):
             raise ValueError(f"all_reduce must be 'shm' or 'gloo', got {all_reduce!r}")
         self.rank = rank
         self.size = size
         prefixed = dist.PrefixStore("punctual-tp", store)
-        self.group = dist.ProcessGroupGloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
+        if host is None:
+            self.group = dist.ProcessGroupGloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
+        else:  # the hostname may resolve to loopback, which the other hosts cannot reach
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            options._timeout = datetime.timedelta(seconds=timeout_s)
+            self.group = dist.ProcessGroupGloo(prefixed, rank, size, options)
         self.shm = self._shared_memory(prefixed, all_reduce, shm_slot_bytes, timeout_s, peers_alive)
         self.all_reduce_kind = "gloo" if self.shm is None else "shm"
         # Seconds spent inside the collectives and their count, for the benchmark's share of step time.
@@ -164,8 +173,8 @@ class RankGroup:
 
     def _shared_memory(self, store: dist.Store, all_reduce: str | None, slot_bytes: int, timeout_s: float,
                        peers_alive) -> SharedMemoryExchange | None:
-        """The exchange every rank maps, or None (gloo alone) as rank 0 decides. Every rank is on
-        this host: the group's store listens on loopback (runner/tensor_parallel.py)."""
+        """The exchange every rank maps, or None (gloo alone) as rank 0 decides; rank 0 asks for
+        it only when every rank runs on its host (runner/tensor_parallel.py)."""
         if self.size == 1:
             return None
         if self.rank == 0:

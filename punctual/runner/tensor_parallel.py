@@ -1,4 +1,4 @@
-"""Tensor parallelism on CPUs: one model split across N rank processes on this host.
+"""Tensor parallelism on CPUs: one model split across N rank processes, on this host or placed by Ray.
 
 Rank 0 is the engine core's runner (the scheduler and KV manager run once, beside it); ranks
 1..N-1 are processes it starts, each holding its shard of the weights and of the KV cache
@@ -15,6 +15,12 @@ as the server idles, and the connection's end-of-file tells it at once that rank
 collectives' timeout covers only a rank that stalls mid-step. A dead rank fails the step with RankFailure
 (the core process reports it; the server answers 503); close() and the end of rank 0's process,
 however it ends, leave no rank behind.
+
+With tensor_parallel_backend "ray" (a replica of a cluster joined with --ray-address, or an engine
+in a process connected to Ray) ranks 1..N-1 are Ray actors instead (runner/tp_ray.py): the plans
+go over an authenticated TCP connection in the wire format (runner/rank_wire.py), the rendezvous
+on rank 0's node address, and the all-reduce through shared memory only where every rank shares
+rank 0's host.
 """
 from __future__ import annotations
 
@@ -28,9 +34,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 import weakref
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
@@ -65,13 +71,6 @@ def default_threads_per_rank(size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // size)
 
 
-@dataclass
-class _Rank:
-    rank: int
-    process: subprocess.Popen
-    conn: Connection
-
-
 class TensorParallelRunner(ModelRunner):
     """Rank 0 of `model_config.tensor_parallel_size`: a ModelRunner over its shard that starts the
     other ranks and sends them every step's plan. The rest of the engine sees a ModelRunner."""
@@ -85,27 +84,40 @@ class TensorParallelRunner(ModelRunner):
         # Refused before any process starts: the numbers that do not split, named.
         check_tensor_parallel_size(load_arch_config(resolve_model_path(model_config.model)), size)
         self.threads = model_config.threads_per_rank or default_threads_per_rank(size)
-        self.ranks: list[_Rank] = []
+        self.ranks: list = []  # LocalRank or tp_ray.RayRank, ranks 1..N-1 in order
         self._closed = False
         self._threads_before = torch.get_num_threads()
-        # Rendezvous: rank 0 serves the store on a free loopback port and hands its number to the ranks.
-        store = dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False)
-        for rank in range(1, size):
-            process, conn = _start_rank()
-            self.ranks.append(_Rank(rank, process, conn))
-            conn.send_bytes(pickle.dumps((rank, size, store.port, model_config, cache_config, max_num_seqs,
-                                          self.threads)))
+        self._on_stop = None  # what else the ranks' end releases (Ray: their placement group)
+        host = None  # the address gloo binds on this rank: None (loopback) for local ranks
+        if model_config.tensor_parallel_backend == "ray":
+            from punctual.runner.tp_ray import start_ray_ranks
+
+            store, host, self.ranks, self._on_stop = start_ray_ranks(
+                size, self.threads, run_rank, (model_config, cache_config, max_num_seqs, self.threads),
+                START_TIMEOUT_S)
+        else:
+            # Rendezvous: rank 0 serves the store on a free loopback port and hands its number to the ranks.
+            store = dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False)
+            for rank in range(1, size):
+                process, conn = _start_rank()
+                self.ranks.append(LocalRank(rank, process, conn))
+                conn.send_bytes(pickle.dumps((rank, size, store.port, model_config, cache_config, max_num_seqs,
+                                              self.threads)))
         # However rank 0 ends (close(), the interpreter exiting, this object collected), the ranks go.
-        self._finalizer = weakref.finalize(self, _stop_ranks, list(self.ranks))
+        self._finalizer = weakref.finalize(self, _stop_ranks, list(self.ranks), self._on_stop)
         try:
             torch.set_num_threads(self.threads)
             # Every rank started (a rank that fails to start is reported now, through its pipe,
             # rather than after the group's rendezvous times out).
-            for rank in self.ranks:
-                self._expect(rank, "started")
+            started = [self._expect(rank, "started") for rank in self.ranks]
+            if host is not None and all_reduce == "shm":
+                nodes = {payload["node_id"] for payload in started} | {_ray_node_id()}
+                if len(nodes) > 1:  # shared memory joins one host's processes only
+                    logger.info("tensor parallel: ranks on %d hosts: gloo all-reduce", len(nodes))
+                    all_reduce = "gloo"
             # A rank that dies mid-step fails rank 0's shared-memory wait at once (gloo's sees the socket close).
             self.group = RankGroup(store, 0, size, COLLECTIVE_TIMEOUT_S, all_reduce,
-                                   peers_alive=lambda: all(rank.process.poll() is None for rank in self.ranks))
+                                   peers_alive=lambda: all(rank.alive() for rank in self.ranks), host=host)
             super().__init__(model_config, cache_config, max_num_seqs, shared_kv_bytes_per_block, lora_config,
                              tensor_parallel=self.group)
             for rank in self.ranks:
@@ -113,48 +125,41 @@ class TensorParallelRunner(ModelRunner):
         except BaseException:
             self.close()
             raise
-        logger.info("tensor parallel: %d ranks (pids %s), %d threads each, %s all-reduce; rank 0's shard: %d of %d "
-                    "heads, %d KV heads", size, [os.getpid()] + self.rank_pids, self.threads,
+        logger.info("tensor parallel: %d ranks (%s, pids %s), %d threads each, %s all-reduce; rank 0's shard: %d of %d "
+                    "heads, %d KV heads", size, model_config.tensor_parallel_backend, [os.getpid()] + self.rank_pids,
+                    self.threads,
                     self.group.all_reduce_kind, self.arch.num_heads, self.arch.num_heads * size,
                     self.arch.num_kv_heads)
 
     @property
     def rank_pids(self) -> list[int]:
         """The process ids of ranks 1..N-1."""
-        return [rank.process.pid for rank in self.ranks]
+        return [rank.pid for rank in self.ranks]
 
-    def _expect(self, rank: _Rank, kind: str):
+    def _expect(self, rank, kind: str):
         """The rank's next message, which must be `kind`; RankFailure if it died or failed."""
-        if not rank.conn.poll(COLLECTIVE_TIMEOUT_S if kind == "stats" else START_TIMEOUT_S):
+        if not rank.poll(COLLECTIVE_TIMEOUT_S if kind == "stats" else START_TIMEOUT_S):
             raise RankFailure(f"tensor-parallel rank {rank.rank} did not answer ({kind}) in time")
         try:
-            got, payload = pickle.loads(rank.conn.recv_bytes())
+            got, payload = rank.recv()
         except (EOFError, OSError) as exc:
-            raise RankFailure(self._died(rank)) from exc
+            raise RankFailure(rank.died()) from exc
         if got == "error":
             raise RankFailure(f"tensor-parallel rank {rank.rank} failed:\n{payload}")
         if got != kind:
             raise RankFailure(f"tensor-parallel rank {rank.rank} answered {got!r}, expected {kind!r}")
         return payload
 
-    @staticmethod
-    def _died(rank: _Rank) -> str:
-        try:
-            code = rank.process.wait(0.5)
-        except subprocess.TimeoutExpired:
-            code = None
-        return f"tensor-parallel rank {rank.rank} (pid {rank.process.pid}) died (exit code {code})"
-
     def _send(self, message: tuple) -> None:
         if self._closed:
             raise RankFailure("the tensor-parallel group is closed (a rank failed, or the engine shut down)")
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = self.ranks[0].encode(*message) if self.ranks else b""  # encoded once, sent N - 1 times
         for rank in self.ranks:
             try:
-                rank.conn.send_bytes(data)
+                rank.send_encoded(data)
             except OSError as exc:  # a broken pipe: the rank is gone
                 self.close()
-                raise RankFailure(self._died(rank)) from exc
+                raise RankFailure(rank.died()) from exc
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
@@ -163,7 +168,7 @@ class TensorParallelRunner(ModelRunner):
         try:
             return super().execute(plan)
         except RuntimeError as exc:  # a collective failed: a peer died or stalled past the timeout
-            dead = [self._died(rank) for rank in self.ranks if rank.process.poll() is not None]
+            dead = [rank.died() for rank in self.ranks if not rank.alive()]
             self.close()
             raise RankFailure("; ".join(dead) or f"a tensor-parallel collective failed: {exc}") from exc
 
@@ -181,19 +186,62 @@ class TensorParallelRunner(ModelRunner):
         torch.set_num_threads(self._threads_before)
 
 
-def _stop_ranks(ranks: list[_Rank]) -> None:
+def _stop_ranks(ranks: list, on_stop=None) -> None:
     for rank in ranks:
+        rank.request_stop()
+    for rank in ranks:
+        rank.wait_or_kill(STOP_TIMEOUT_S)
+    if on_stop is not None:
+        on_stop()
+
+
+class LocalRank:
+    """Rank 0's end of a rank process it started on this host: a socket pair to its own child, so
+    pickle here reads only what that child (this program) wrote."""
+
+    def __init__(self, rank: int, process: subprocess.Popen, conn: Connection):
+        self.rank, self.process, self.conn = rank, process, conn
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @staticmethod
+    def encode(kind: str, payload=None) -> bytes:
+        return pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def send_encoded(self, data: bytes) -> None:
+        self.conn.send_bytes(data)
+
+    def poll(self, timeout_s: float) -> bool:
+        return self.conn.poll(timeout_s)
+
+    def recv(self) -> tuple[str, object]:
+        return pickle.loads(self.conn.recv_bytes())
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def died(self) -> str:
         try:
-            rank.conn.send_bytes(pickle.dumps(("stop", None)))
+            code = self.process.wait(0.5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return f"tensor-parallel rank {self.rank} (pid {self.process.pid}) died (exit code {code})"
+
+    def request_stop(self) -> None:
+        try:
+            self.conn.send_bytes(self.encode("stop"))
         except OSError:
             pass  # gone already
-    for rank in ranks:
+
+    def wait_or_kill(self, timeout_s: float) -> None:
         try:
-            rank.process.wait(STOP_TIMEOUT_S)
+            self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            rank.process.kill()
-            rank.process.wait(STOP_TIMEOUT_S)
-        rank.conn.close()
+            self.process.kill()
+            self.process.wait(timeout_s)
+        self.conn.close()
 
 
 def _start_rank() -> tuple[subprocess.Popen, Connection]:
@@ -212,6 +260,12 @@ def _start_rank() -> tuple[subprocess.Popen, Connection]:
         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
     theirs.close()  # the rank's end lives in the rank only: its death ends this connection
     return process, Connection(ours.detach())
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _for_ranks(plan: StepPlan) -> StepPlan:
@@ -249,7 +303,7 @@ def _die_with_parent() -> None:
 
 
 def rank_main(fd: int) -> None:
-    """Entry point of a rank process (>= 1): its arguments come first on the connection `fd`."""
+    """Entry point of a local rank process (>= 1): its arguments come first on the connection `fd`."""
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # rank 0 died before the signal was armed
@@ -261,36 +315,53 @@ def rank_main(fd: int) -> None:
         return
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s rank {args[0]} %(levelname)s %(name)s: %(message)s")
-    run_rank(*args, conn)
+    # A peer's death reaches this rank through rank 0 (the exchange's abort flag, or this
+    # process's death with its parent's).
+    run_rank(*args, _PipeEnd(conn), peers_alive=lambda: os.getppid() == parent)
+
+
+class _PipeEnd:
+    """A local rank's end of its socket pair to rank 0 (pickle: both ends are this program)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def send(self, kind: str, payload=None) -> None:
+        self.conn.send_bytes(pickle.dumps((kind, payload)))
+
+    def recv(self) -> tuple[str, object]:
+        return pickle.loads(self.conn.recv_bytes())
 
 
 def run_rank(rank: int, size: int, store_port: int, model_config: ModelConfig, cache_config: CacheConfig,
-             max_num_seqs: int, threads: int, conn: Connection) -> None:
+             max_num_seqs: int, threads: int, conn, *, store_host: str = "127.0.0.1", host: str | None = None,
+             peers_alive=None, started: dict | None = None) -> None:
     """Rank `rank` (>= 1): load the shard, then run each plan rank 0 sends until told to stop or
-    rank 0 is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the group; rank 0 decides
+    rank 0 is gone. `conn`: its link to rank 0 (send(kind, payload), recv()); `store_host`: where
+    rank 0's store listens; `host`: the address gloo binds here (None: gloo's default); `peers_alive`:
+    False once rank 0 is known gone; `started`: what the "started" report tells rank 0 (Ray: the node)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the group; rank 0 decides
     torch.set_num_threads(threads)
-    parent = os.getppid()
     try:
-        store = dist.TCPStore("127.0.0.1", store_port, size, False)
-        conn.send_bytes(pickle.dumps(("started", None)))
-        # Rank 0 chooses the all-reduce; a peer's death reaches this rank through rank 0 (the
-        # exchange's abort flag, or this process's death with its parent's).
-        group = RankGroup(store, rank, size, COLLECTIVE_TIMEOUT_S, None, peers_alive=lambda: os.getppid() == parent)
+        store = dist.TCPStore(store_host, store_port, size, False)
+        conn.send("started", started)
+        # Rank 0 chooses the all-reduce.
+        group = RankGroup(store, rank, size, COLLECTIVE_TIMEOUT_S, None, peers_alive=peers_alive, host=host)
         runner = ModelRunner(model_config, cache_config, max_num_seqs, tensor_parallel=group)
     except BaseException:
-        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        conn.send("error", traceback.format_exc())
         return
-    conn.send_bytes(pickle.dumps(("ready", None)))
+    conn.send("ready")
     while True:
         try:
-            kind, payload = pickle.loads(conn.recv_bytes())
+            kind, payload = conn.recv()
         except (EOFError, OSError):
             return  # rank 0 is gone
         if kind == "stop":
             return
         if kind == "stats":
-            conn.send_bytes(pickle.dumps(("stats", _own_stats(group))))
+            conn.send("stats", _own_stats(group))
             continue
         try:
             runner.execute(payload)

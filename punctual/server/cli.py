@@ -41,7 +41,8 @@ def add_serve_parser(subparsers) -> None:
     cluster = serve.add_argument_group("replicas (Ray)")
     cluster.add_argument("--replicas", type=int, default=1,
                          help="engine replicas, each a Ray actor with its own process; every engine flag applies to each")
-    cluster.add_argument("--threads-per-replica", type=int, default=1, help="CPU threads (Ray CPUs) of each replica")
+    cluster.add_argument("--threads-per-replica", type=int, default=1, help="CPU threads (Ray CPUs) of each replica (with --tensor-parallel-size N: of each of its N ranks, "
+                              "unless --threads-per-rank)")
     cluster.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs of each replica (1 on a GPU node)")
     cluster.add_argument("--ray-address", default=None,
                          help="join this Ray cluster (e.g. auto, or ray://head:10001); default: a local Ray "
