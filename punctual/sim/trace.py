@@ -21,6 +21,9 @@ class ServerTrace:
     first_token_sent: dict[str, float]  # request id -> when the step with its first token was sent
     first_token_step: dict[str, int] = field(default_factory=dict)  # request id -> that step's index
     planned: list[float] = field(default_factory=list)  # per step, when it was planned
+    # Per step, the requests that sampled a token in it (None: a trace written before the core
+    # recorded them).
+    sampled: list[list[str] | None] = field(default_factory=list)
 
     @property
     def admit_delays(self) -> list[float]:
@@ -52,6 +55,7 @@ def read_traces(path: str) -> ServerTrace:
         merged.rows += trace.rows
         merged.seconds += trace.seconds
         merged.planned += trace.planned
+        merged.sampled += trace.sampled
         merged.adds += trace.adds
         merged.first_token_sent.update(trace.first_token_sent)
         merged.first_token_step.update({rid: offset + i for rid, i in trace.first_token_step.items()})
@@ -82,7 +86,8 @@ def read_trace(path: str) -> ServerTrace:
         for request_id in step["first"]:
             first.setdefault(request_id, step["sent"])
             first_step.setdefault(request_id, i)
-    return ServerTrace(rows, seconds, adds, first, first_step, [step["planned"] for step in steps])
+    return ServerTrace(rows, seconds, adds, first, first_step, [step["planned"] for step in steps],
+                       [step.get("sampled") for step in steps])
 
 
 def first_token_path(trace: ServerTrace, add: dict, client_ttft_s: float | None) -> dict | None:
