@@ -30,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True)
     parser.add_argument("--measured", required=True, help="`sim validate --output` JSON of the real runs")
-    parser.add_argument("--server-trace", required=True, help="the trace `sim validate --server-trace` wrote")
+    parser.add_argument("--server-trace", default=None,
+                        help="the trace `sim validate --server-trace` wrote (without it: the client's side only)")
     parser.add_argument("--workload", default="chat")
     parser.add_argument("--sweep-rates", default="2,4,8")
     parser.add_argument("--num-requests", type=int, default=48)
@@ -63,12 +64,14 @@ def main() -> None:
     real_runs = json.loads(Path(args.measured).read_text())["measured"]
     scales = point_scales(real_runs, profile) if args.rescale_per_point else [1.0] * len(real_runs)
 
-    trace = read_traces(args.server_trace)
-    real_steps = diagnose.trace_steps(trace)
-    cursor, real_ids = 0, []
-    for run in real_runs:
-        matched, cursor = match_records(trace.adds, run["records"], cursor)
-        real_ids.append([add["add"] for add in matched if add is not None])
+    real_steps, real_ids = None, [None] * len(real_runs)
+    if args.server_trace:
+        trace = read_traces(args.server_trace)
+        real_steps = diagnose.trace_steps(trace)
+        cursor, real_ids = 0, []
+        for run in real_runs:
+            matched, cursor = match_records(trace.adds, run["records"], cursor)
+            real_ids.append([add["add"] for add in matched if add is not None])
 
     simulator = Simulator(sim_config, profile)
     sim_steps = diagnose.record_steps(simulator)
@@ -95,11 +98,23 @@ def main() -> None:
     for real, sim, ids, ids_sim, scale in zip(real_runs, sim_runs, real_ids, sim_ids, scales):
         label = f"{real['workload']} {real['rate']:g}/s"
         priced = profile.scaled(scale).predict
-        rows.append(diagnose.table_rows(label, "server", diagnose.decode_breakdown(real_steps, ids, priced),
-                                        diagnose.client_tpots(real["records"])))
+        breakdown = diagnose.decode_breakdown(real_steps, ids, priced) if real_steps is not None else None
+        rows.append(diagnose.table_rows(label, "server", breakdown, diagnose.client_tpots(real["records"])))
         rows.append(diagnose.table_rows(label, "sim", diagnose.decode_breakdown(sim_steps, ids_sim, priced),
                                         diagnose.client_tpots(sim["records"])))
     print(table(diagnose.HEADER, rows))
+    print("\nsim / real TPOT, request by request, by the streams it decoded beside on the server:")
+    pooled_real, pooled_sim, pooled_streams = [], [], {}
+    for point, (real, sim) in enumerate(zip(real_runs, sim_runs)):
+        print(f"  {real['workload']} {real['rate']:g}/s: "
+              + diagnose.describe_ratios(diagnose.tpot_ratio_by_streams(real["records"], sim["records"])))
+        # pooled: every point's requests (indices made distinct), each counted beside its own point's
+        streams = diagnose.concurrent_streams([r for r in real["records"] if r.get("tpot_s")])
+        pooled_streams.update({(point, index): count for index, count in streams.items()})
+        pooled_real += [{**r, "index": (point, r["index"])} for r in real["records"]]
+        pooled_sim += [{**r, "index": (point, r["index"])} for r in sim["records"]]
+    print("  all points: " + diagnose.describe_ratios(
+        diagnose.tpot_ratio_by_streams(pooled_real, pooled_sim, pooled_streams)))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,45 @@ def client_tpots(records: list[dict]) -> dict | None:
             "fewer_chunks_than_tokens": short / len(bench)}
 
 
+STREAM_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-7", 4, 7), ("8-15", 8, 15), ("16+", 16, 1 << 30))
+
+
+def concurrent_streams(records: list[dict]) -> dict[int, int]:
+    """Record index -> how many of the records were decoding (between their first token and
+    their end) at the middle of its own decode phase, itself included: the batch it decoded in,
+    as the client saw it."""
+    spans = {r["index"]: (r["sent_s"] + r["ttft_s"], r["sent_s"] + r["e2e_s"]) for r in records
+             if r.get("ttft_s") is not None and r.get("e2e_s") is not None}
+    out = {}
+    for index, (start, end) in spans.items():
+        middle = (start + end) / 2
+        out[index] = sum(1 for a, b in spans.values() if a <= middle <= b)
+    return out
+
+
+def tpot_ratio_by_streams(real_records: list[dict], sim_records: list[dict],
+                          streams: dict | None = None) -> dict[str, dict]:
+    """The simulator's TPOT over the server's, request by request (same index), by the streams
+    the request decoded beside on the server (`concurrent_streams`, or `streams` given by index):
+    {bucket: {"num_requests", "median_ratio"}}. A ratio that falls as streams grow is a
+    per-stream cost the profile lacks; one level at every bucket, the machine's speed (or the
+    fixed cost)."""
+    sim = {r["index"]: r["tpot_s"] for r in sim_records if r.get("tpot_s")}
+    real = {r["index"]: r["tpot_s"] for r in real_records if r.get("tpot_s")}
+    if streams is None:
+        streams = concurrent_streams([r for r in real_records if r.get("tpot_s")])
+    out = {}
+    for label, low, high in STREAM_BUCKETS:
+        ratios = [sim[i] / real[i] for i in real if i in sim and low <= streams.get(i, 0) <= high]
+        if ratios:
+            out[label] = {"num_requests": len(ratios), "median_ratio": statistics.median(ratios)}
+    return out
+
+
+def describe_ratios(by_streams: dict[str, dict]) -> str:
+    return ", ".join(f"{label}: x{b['median_ratio']:.3f} ({b['num_requests']})" for label, b in by_streams.items())
+
+
 COLUMNS = (("requests", "num_requests", "{:.0f}"), ("tokens/req", "tokens", "{:.0f}"),
            ("steps/token", "steps_per_token", "{:.3f}"), ("mixed", "mixed_share", "{:.1%}"),
            ("rows", "rows", "{:.1f}"), ("decode ms", "decode_step_ms", "{:.2f}"),

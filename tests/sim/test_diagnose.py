@@ -95,3 +95,20 @@ def test_record_steps_needs_every_step():
     with pytest.raises(ValueError, match="repeat_decode_steps"):
         diagnose.record_steps(Simulator(config, StepProfile("linear", dict(COEFFICIENTS))))
     assert dataclasses.replace(config, repeat_decode_steps=False).repeat_decode_steps is False
+
+
+def test_tpot_ratio_by_the_streams_a_request_decoded_beside():
+    def record(index, sent, ttft, e2e, tpot):
+        return {"index": index, "sent_s": sent, "ttft_s": ttft, "e2e_s": e2e, "tpot_s": tpot}
+
+    # 0 decodes alone (0.1-1.0 s); 1, 2 and 3 together (10.1-11 s); 4 failed
+    real = [record(0, 0.0, 0.1, 1.0, 0.010), record(1, 10.0, 0.1, 1.0, 0.020), record(2, 10.0, 0.1, 1.1, 0.020),
+            record(3, 10.05, 0.1, 1.0, 0.020), {"index": 4, "sent_s": 12.0, "ttft_s": None, "e2e_s": None,
+                                                 "tpot_s": None}]
+    sim = [record(0, 0.0, 0.1, 1.0, 0.009), record(1, 10.0, 0.1, 1.0, 0.015), record(2, 10.0, 0.1, 1.1, 0.016),
+           record(3, 10.05, 0.1, 1.0, 0.014), record(4, 12.0, 0.1, 1.0, 0.010)]
+    assert diagnose.concurrent_streams(real[:4]) == {0: 1, 1: 3, 2: 3, 3: 3}
+    by_streams = diagnose.tpot_ratio_by_streams(real, sim)
+    assert by_streams == {"1": {"num_requests": 1, "median_ratio": pytest.approx(0.9)},
+                          "2-3": {"num_requests": 3, "median_ratio": pytest.approx(0.75)}}
+    assert diagnose.describe_ratios(by_streams) == "1: x0.900 (1), 2-3: x0.750 (3)"
