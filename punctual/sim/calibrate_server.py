@@ -53,7 +53,7 @@ from typing import Callable
 from punctual.engine.trace import TRACE_ENV
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.spread import quantile_table, unit_mean
+from punctual.sim.spread import quantile_table, with_mean
 from punctual.sim.trace import (ServerTrace, delivery_line, first_token_path, fit_serving_overhead,
                                 match_records, median, read_traces, step_weights)
 
@@ -205,8 +205,14 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
         if inside:
             by_kind[kind] = residuals_by_batch([trace.rows[i] for i in inside], [trace.seconds[i] for i in inside],
                                                [priced[i] for i in inside])
+    # The draws average what every traced step cost over its price, weighted as the fit (1 but for
+    # the wild steps it left out): a draw is independent of the step's streams, so the simulator's
+    # steps then cost what the server's did in the mean a TPOT takes.
+    weights = step_weights(trace.rows)
+    overall = (sum(w * s for w, s, p in zip(weights, trace.seconds, priced) if p > 0)
+               / max(1e-12, sum(w * p for w, p in zip(weights, priced) if p > 0)))
     spread = {name: table for name, table in (
-        ("step_ratio", unit_mean(quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0]))),
+        ("step_ratio", with_mean(quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0]), overall)),
         ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
