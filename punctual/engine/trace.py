@@ -3,8 +3,8 @@ and `punctual sim validate --server-trace` (sim/trace.py reads it back).
 
 With `PUNCTUAL_STEP_TRACE=FILE` in its environment, the core process of `punctual serve` writes
 one JSON line per step (the plan's features, when it was planned, when its outputs were sent,
-which requests got their first token) and per request taken in (the front end's arrival stamp
-and the time the core received it). The step's cost as the simulator must charge it is the
+which requests got their first token, which sampled one) and per request taken in (the front
+end's arrival stamp and the time the core received it). The step's cost as the simulator must charge it is the
 serving loop's period, from one plan to the next (scheduling, the model, the update, sending the
 outputs and taking in new requests, on cores the front end shares), not the model call alone.
 
@@ -56,8 +56,11 @@ class StepTrace:
         if plan is None or not plan.scheduled:
             return
         first = [o.request_id for o in outputs if o.first_token_time is not None]
+        # Who sampled a token in it: a reader follows each request's decode steps (how many, of
+        # which kind) to compare with the simulator's (`punctual.sim.diagnose`).
+        sampled = [item.request_id for item in plan.scheduled if item.samples]
         self._write({"step": plan_features(plan), "planned": self.planned, "sent": time.monotonic(),
-                     "idle_before": idle_before, "first": first})
+                     "idle_before": idle_before, "first": first, "sampled": sampled})
 
     def _write(self, record: dict) -> None:
         self.lines.append(json.dumps(record))

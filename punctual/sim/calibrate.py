@@ -80,8 +80,12 @@ def calibrate(model: str, engine_kwargs: dict, max_prompt: int = 512, max_batch:
     started = time.perf_counter()
     run([(32, 4), (64, 4)], measured=False)  # warm-up: first-call allocations stay out of the fit
     prompts = sorted({p for p in (16, 64, 128, 256, 384, 512, 768, 1024, 1536) if p <= max_prompt} | {max_prompt})
-    batches = sorted({b for b in (1, 8) if b <= max_batch} | {max_batch})
-    contexts = sorted({c for c in (32, 256) if c <= max_prompt})
+    # Every power of two up to the largest batch: a CPU's linears switch kernels by rows (on an AMX
+    # Xeon the small-batch kernel up to 4 rows, oneDNN's 16-row tiles above), so a step's cost is
+    # not one line through 1, 8 and 32 rows; and decodes over the longest prompt too, whose KV
+    # reads a busy server's long contexts pay.
+    batches = sorted({b for b in (1, 2, 4, 8, 16) if b <= max_batch} | {max_batch})
+    contexts = sorted({c for c in (32, 256) if c <= max_prompt} | {max_prompt})
     block_size = config.cache.block_size  # a prefix of whole blocks is what the cache can hit
     prefixes = sorted({p // block_size * block_size for p in (256, 1024) if block_size <= p <= max_prompt - 64})
     for _ in range(repeats):

@@ -16,9 +16,16 @@ are measured from the server's own record (`punctual.engine.trace`, written by i
   and sends every stream's token of a step: a quiet smollm2 trace, 3.5 ms + 0.4 ms per stream);
 - the step loop: the serving loop's period per step over every traced step (under load, so
   contention is in the fit), fitted as the offline prediction x scale + a fixed overhead + a
-  cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`);
-  the profile's coefficients are multiplied by the scale, the overhead added to the fixed cost,
-  the row cost to sampled rows, the prefill-step cost kept as "prefill_steps".
+  cost per sampled row + a cost per step that carries prompt tokens (`trace.fit_serving_overhead`,
+  each step weighted by the streams it serves, as TPOT weighs it); the profile's coefficients are
+  multiplied by the scale, the overhead added to the fixed cost, the row cost to sampled rows,
+  the prefill-step cost kept as "prefill_steps". Its error is reported by kind (decode-only,
+  with prompt tokens) and streams per step ("by_kind", "by_batch").
+- the load that makes those steps: requests one at a time, open-loop `rates`, and (`saturate`)
+  a closed loop of max_num_seqs clients per replica. Open-loop rates make big batches only on
+  a machine slow enough for them; without the closed loop the per-stream cost was fitted from
+  one- to three-stream steps (every quiet AMD profile: 0-0.3 ms per row) and the simulator's
+  TPOT fell further behind the more streams a request shared its steps with.
 - the speed probe (`punctual.sim.probe`): a fixed request's seconds per token after the
   one-at-a-time phase and after each rate, their mean kept as the profile's `speed_probe`, the
   machine's speed while the steps above were traced (`sim validate --rescale-per-point`
@@ -47,9 +54,9 @@ from punctual.engine.trace import TRACE_ENV
 from punctual.sim.move_cost import learned_kv_transfer, migrations
 from punctual.sim.probe import calibration_probe, run_probe
 from punctual.sim.profile import PREFILL_STEPS, StepProfile
-from punctual.sim.spread import quantile_table
+from punctual.sim.spread import quantile_table, with_mean
 from punctual.sim.trace import (ServerTrace, delivery_line, first_token_path, fit_serving_overhead,
-                                match_records, median, read_traces)
+                                match_records, median, read_traces, step_weights)
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 BATCH_BUCKETS = (("1", 0, 1), ("2-4", 2, 4), ("5-16", 5, 16), ("17+", 17, 1 << 30))  # streams sampled in a step
@@ -60,7 +67,8 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
                      seed: int = 0, length_scale: float = 0.25, max_num_seqs: int = 32,
                      startup_timeout: float = 600.0, threads: int | None = None, replicas: int = 1,
                      threads_per_replica: int = 1, router: str = "cache_aware", prefill_replicas: int = 0,
-                     decode_replicas: int = 0, log: Callable[[str], None] = print) -> StepProfile:
+                     decode_replicas: int = 0, saturate: bool = True,
+                     log: Callable[[str], None] = print) -> StepProfile:
     from punctual.bench import loadgen
     from punctual.bench.arrivals import arrival_offsets
     from punctual.bench.peers import PeerOptions, free_port, punctual_peer, running
@@ -91,6 +99,11 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
             loaded.append(loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed),
                                       progress=False))
             probes.append(run_probe(endpoint))
+        saturated_clients = max_num_seqs * max(replicas, decode_replicas) if saturate else 0
+        if saturated_clients:  # batches up to the engine's largest, whatever this machine's speed
+            requests = generate_workload(workload, 2 * saturated_clients, seed, length_scale, next(salt))
+            loaded.append(loadgen.run(endpoint, requests, concurrency=saturated_clients, progress=False))
+            probes.append(run_probe(endpoint))
         moves = migrations(endpoint.base_url) if prefill_replicas else []  # prefill/decode: what its moves cost
         time.sleep(0.5)  # the core writes its trace when it goes idle
     trace = read_traces(str(trace_path))  # a cluster's replicas: one file each
@@ -112,11 +125,14 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
         path = first_token_path(trace, add, record.ttft_s) if record.ok else None
         if path is not None and path["deliver_s"] is not None:
             deliveries.append((path["streams"], path["deliver_s"]))
-    meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale}
+    meta = {"workload": workload, "rates": list(rates), "length_scale": length_scale,
+            "saturated_clients": saturated_clients}
     if replicas > 1 or prefill_replicas:
         meta.update(replicas=replicas, threads_per_replica=threads_per_replica, router=router,
                     prefill_replicas=prefill_replicas, decode_replicas=decode_replicas)
     profile = fit_serving_profile(base, trace, deliveries, meta)
+    log("calibrate --server: fitted / traced step time, weighted by streams, by kind and streams per step "
+        "(steps): " + describe_residuals(profile.fit["server"]))
     speed_probe = calibration_probe(probes)
     log(f"calibrate --server: speed probe {speed_probe['token_s'] * 1000:.2f} ms per token (rounds "
         + ", ".join(f"{t * 1000:.2f}" for t in speed_probe["rounds_token_s"]) + ")")
@@ -148,6 +164,31 @@ def fit_delivery(deliveries: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, median([d for _, d in deliveries])), 0.0
 
 
+def residuals_by_batch(rows, seconds, priced) -> dict:
+    """The fit's own error per bucket of streams sampled in a step: steps, measured / fitted time
+    ("time_ratio"), and the same weighted by each step's streams ("tpot_ratio": what a mean TPOT
+    over those steps would be off by). 1.0 is a fit right there."""
+    weights = step_weights(rows)
+    out = {}
+    for label, low, high in BATCH_BUCKETS:
+        inside = [i for i, x in enumerate(rows) if low <= x[5] <= high and priced[i] > 0]
+        if inside:
+            out[label] = {"num_steps": len(inside),
+                          "time_ratio": sum(seconds[i] for i in inside) / sum(priced[i] for i in inside),
+                          "tpot_ratio": (sum(weights[i] * seconds[i] for i in inside)
+                                         / sum(weights[i] * priced[i] for i in inside))}
+    return out
+
+
+def describe_residuals(server_fit: dict) -> str:
+    """One line of the fit's error by kind and streams, for the log."""
+    parts = []
+    for kind, buckets in server_fit.get("by_kind", {}).items():
+        parts.append(f"{kind}: " + ", ".join(f"{label} x{b['tpot_ratio']:.3f} ({b['num_steps']})"
+                                             for label, b in buckets.items()))
+    return "; ".join(parts) or "-"
+
+
 def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[tuple[float, float]],
                         meta: dict) -> StepProfile:
     """`base` with the serving path fitted onto it from a server's trace and the delivery delays
@@ -171,14 +212,23 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
     # The fit's own error by batch size (streams sampled in a step): measured / fitted time per
     # bucket. A fit that is right on average can still price the big batches of a busy server
     # low (TPOT predicted early at high rates) if the calibration's rates rarely made them.
-    by_batch = {}
-    for label, low, high in BATCH_BUCKETS:
-        inside = [i for i, x in enumerate(trace.rows) if low <= x[5] <= high and priced[i] > 0]
+    by_batch = residuals_by_batch(trace.rows, trace.seconds, priced)
+    # And by kind: decode-only steps, and steps that also ran prompt tokens (a prompt chunk beside
+    # the decodes costs more than its tokens: the front end admits that request meanwhile).
+    by_kind = {}
+    for kind, mixed in (("decode", False), ("mixed", True)):
+        inside = [i for i, x in enumerate(trace.rows) if (x[1] > 0) == mixed]
         if inside:
-            by_batch[label] = {"num_steps": len(inside),
-                               "time_ratio": sum(trace.seconds[i] for i in inside) / sum(priced[i] for i in inside)}
+            by_kind[kind] = residuals_by_batch([trace.rows[i] for i in inside], [trace.seconds[i] for i in inside],
+                                               [priced[i] for i in inside])
+    # The draws average what every traced step cost over its price, weighted as the fit (1 but for
+    # the wild steps it left out): a draw is independent of the step's streams, so the simulator's
+    # steps then cost what the server's did in the mean a TPOT takes.
+    weights = step_weights(trace.rows)
+    overall = (sum(w * s for w, s, p in zip(weights, trace.seconds, priced) if p > 0)
+               / max(1e-12, sum(w * p for w, p in zip(weights, priced) if p > 0)))
     spread = {name: table for name, table in (
-        ("step_ratio", quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0])),
+        ("step_ratio", with_mean(quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0]), overall)),
         ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
@@ -186,5 +236,5 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
                       "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
-                      "by_batch": by_batch, **meta}}
+                      "by_batch": by_batch, "by_kind": by_kind, **meta}}
     return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None)

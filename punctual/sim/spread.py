@@ -8,7 +8,9 @@ ran a prompt step 20-40% over its fit.
 
 `calibrate --server` keeps two distributions from the server's own trace, as quantile tables
 (QUANTILES points from the 0th to the 100th percentile):
-  step_ratio  each traced step's time over the fitted profile's price for it
+  step_ratio  each traced step's time over the fitted profile's price for it, scaled to average
+              what the steps cost over their price (`with_mean`: the fit prices the mean, the
+              table only the scatter)
   admit_s     the front end's delay (HTTP arrival -> the core has the request) of requests that
               found the core between steps (one that arrives mid-step also waits for that step,
               which the simulator charges itself)
@@ -37,6 +39,21 @@ def quantile_table(samples: list[float], points: int = QUANTILES) -> list[float]
         return None
     ordered = sorted(samples)  # every sample a quantile table point: draw interpolates between them
     return [draw(ordered, i / (points - 1)) for i in range(points)]
+
+
+def draw_mean(table: list[float]) -> float:
+    """The mean of `draw(table, u)` over u uniform in [0, 1): the trapezoids between its points."""
+    return (table[0] / 2 + sum(table[1:-1]) + table[-1] / 2) / (len(table) - 1)
+
+
+def with_mean(table: list[float] | None, mean: float = 1.0) -> list[float] | None:
+    """A ratio table scaled so that its draws average `mean`: the fit sets a step's mean price,
+    the spread only how steps scatter around it (unscaled, quiet smollm2 profiles' step-ratio
+    tables averaged 1.02-1.06, so the simulator charged every step that much over its fit)."""
+    if table is None:
+        return None
+    current = draw_mean(table)
+    return [value * mean / current for value in table] if current > 0 else table
 
 
 def draw(table: list[float], u: float) -> float:

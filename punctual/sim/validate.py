@@ -196,6 +196,13 @@ def validate(args: ValidateConfig, log: Callable[[str], None] = print) -> int:
     print(table(header, [[r["workload"], f"{r['rate']:g}", r["metric"], _ms(r["measured_ms"]), _ms(r["simulated_ms"]),
                           "-" if r["error"] is None else f"{r['error']:+.0%}"]
                          + ([f"x{r['speed_scale']:.3f}"] if scales else []) for r in rows]))
+    from punctual.sim.diagnose import describe_ratios, tpot_ratio_by_streams
+
+    for real, sim in zip(real_runs, sim_runs):  # a ratio that falls as streams grow: a per-stream cost missed
+        by_streams = tpot_ratio_by_streams(real.get("records") or [], sim.get("records") or [])
+        if by_streams:
+            print(f"sim / real TPOT by streams decoding together, {real['workload']} {real['rate']:g} req/s: "
+                  + describe_ratios(by_streams))
     valid = [abs(r["error"]) for r in rows if r["error"] is not None]
     good_real, good_sim = goodputs(real_runs, plan.target), goodputs(sim_runs, plan.target)
     met = statistics.median(valid) <= TARGET_MEDIAN and max(valid) <= TARGET_WORST

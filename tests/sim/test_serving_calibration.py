@@ -271,3 +271,82 @@ def test_delivery_grows_with_the_streams_of_its_step():
         assert [t - b.sent for t in b.token_times] == pytest.approx([t - a.sent + 0.001 for t in a.token_times])
     together = [b.token_times[0] - a.token_times[0] for a, b in zip(simulate(plain, 0.0), simulate(streamed, 0.0))]
     assert max(together) > 0.0015  # sent at once: first tokens in steps of several streams
+
+
+def test_fitted_profile_prices_each_kind_of_step_as_tpot_weighs_it():
+    """A trace of mostly single-stream steps (the one-at-a-time phase), scattered by interference,
+    and a few busy ones that pay the front end's cost per stream: the fit must be right where
+    TPOT looks, each step weighted by its streams. The fitted profile's streams-weighted mean
+    price equals the traced one for decode-only steps and for steps with prompt tokens (an
+    unweighted fit matches the plain means instead, which the single-stream steps set)."""
+    from punctual.sim.calibrate_server import fit_serving_profile
+    from punctual.sim.trace import ServerTrace
+
+    base = StepProfile("linear", dict(COEFFICIENTS))
+    decode = [(1.0, 0.0, float(d), float(60 * d), float(60 * d), float(d)) for d in [1] * 40 + [2, 4, 8, 16, 24, 30]]
+    mixed = [(1.0, float(p), float(d), float(60 * d + p), float(60 * d + p * p / 2), float(d + 1))
+             for p, d in [(64, 0), (128, 1), (32, 6), (200, 20), (16, 28)] * 2]
+    rows = decode + mixed
+    scatter = [1.0, 0.95, 1.3, 1.05, 0.9]  # interference on the short steps only
+    seconds = [(base.predict(x) * 1.1 + 0.001 + 0.0006 * x[5] + 0.004 * (x[1] > 0))
+               * (scatter[i % len(scatter)] if x[5] == 1 else 1.0) for i, x in enumerate(rows)]
+    profile = fit_serving_profile(base, ServerTrace(rows, seconds, [], {}), [], {})
+    server = profile.fit["server"]
+    for kind, steps in (("decode", decode), ("mixed", mixed)):
+        traced = sum(max(1.0, x[5]) * s for x, s in zip(rows, seconds) if x in steps)
+        priced = sum(max(1.0, x[5]) * profile.predict(x) for x in steps)
+        assert priced == pytest.approx(traced, rel=1e-6), kind
+        unweighted = sum(profile.predict(x) for x in steps) / sum(s for x, s in zip(rows, seconds) if x in steps)
+        assert unweighted != pytest.approx(1.0, rel=1e-3), kind  # the weights did something
+    assert server["per_row_s"] == pytest.approx(0.0006, rel=0.2)
+    assert set(server["by_kind"]) == {"decode", "mixed"}
+    assert server["by_kind"]["decode"]["17+"]["num_steps"] == 2
+    assert server["by_kind"]["decode"]["17+"]["tpot_ratio"] == pytest.approx(1.0, rel=0.03)
+
+
+class _BusyServer(StepProfile):
+    """A server whose step costs more per stream the more streams it serves (a front end and
+    clients sharing the cores, caches shared by more streams): no line in the streams fits it."""
+
+    def predict(self, x):
+        return super().predict(x) * 1.05 + 0.001 + 0.0004 * x[5] + 0.00004 * x[5] ** 2
+
+
+def test_a_calibration_with_full_batches_prices_a_busy_servers_tpot():
+    """The trace of a calibration that only ran requests one at a time and at a low rate (batches
+    of 1-3) fits a per-stream cost that a busy server's TPOT outgrows: simulated, that server's
+    TPOT comes out early, as the issue's did at 2-8 req/s. With the closed loop of max_num_seqs
+    clients that `calibrate --server` ends with, the fit sees full batches and the busy TPOT holds."""
+    from punctual.sim import diagnose
+    from punctual.sim.calibrate_server import fit_serving_profile
+    from punctual.sim.trace import ServerTrace
+
+    base = StepProfile("linear", dict(COEFFICIENTS))
+    server = _BusyServer("linear", dict(COEFFICIENTS))
+    scheduler = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128)
+
+    def simulator(profile):
+        return Simulator(SimConfig(scheduler, 800, repeat_decode_steps=False), profile)
+
+    def calibration_trace(closed_loop: bool) -> ServerTrace:
+        traced = simulator(server)
+        steps = diagnose.record_steps(traced)
+        traced.run(to_sim_requests(generate_workload("chat", 8, 1, 0.1)), concurrency=1)
+        traced.run(to_sim_requests(generate_workload("chat", 20, 2, 0.1)), offsets=[i * 0.5 for i in range(20)])
+        if closed_loop:
+            traced.run(to_sim_requests(generate_workload("chat", 32, 3, 0.1)), concurrency=16)
+        return ServerTrace([s.features for s in steps], [s.end - s.start for s in steps], [], {})
+
+    def busy_tpot(profile) -> float:
+        outcomes, _ = simulator(profile).run(to_sim_requests(generate_workload("chat", 40, 5, 0.1)),
+                                             offsets=[i * 0.02 for i in range(40)])
+        tpots = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1) for o in outcomes
+                 if len(o.token_times) > 1]
+        return sum(tpots) / len(tpots)
+
+    real = busy_tpot(server)
+    low_load = fit_serving_profile(base, calibration_trace(False), [], {})
+    full = fit_serving_profile(base, calibration_trace(True), [], {})
+    assert busy_tpot(low_load) / real < 0.9
+    assert busy_tpot(full) / real == pytest.approx(1.0, abs=0.03)
+    assert full.fit["server"]["by_kind"]["decode"]["5-16"]["tpot_ratio"] == pytest.approx(1.0, abs=0.05)

@@ -14,7 +14,7 @@ from punctual.config import ClusterConfig
 from punctual.sim.engine import SimConfig, Simulator
 from punctual.sim.loadgen import to_sim_requests
 from punctual.sim.profile import StepProfile
-from punctual.sim.spread import MIN_SAMPLES, draw, quantile_table, uniform
+from punctual.sim.spread import MIN_SAMPLES, draw, draw_mean, quantile_table, uniform
 from punctual.sim.trace import ServerTrace
 
 COEFFICIENTS = {"fixed": 0.01, "prefill_tokens": 2e-4, "decode_rows": 5e-4, "context_tokens": 1e-6,
@@ -94,7 +94,13 @@ def test_calibration_keeps_the_spread_of_its_trace(tmp_path):
     trace = ServerTrace(rows, seconds, adds, first_token_sent={})
     profile = fit_serving_profile(base, trace, [(1.0, 0.003)] * 5, {})
     ratios = profile.step_ratios
-    assert ratios == pytest.approx(quantile_table([s / profile.predict(x) for x, s in zip(rows, seconds)]))
+    table = quantile_table([s / profile.predict(x) for x, s in zip(rows, seconds)])
+    # the table's shape, its draws averaging what the steps cost over their price in the mean a
+    # TPOT takes (streams-weighted): the fit already prices that mean, so the draws must not add to it
+    overall = (sum(max(1, x[5]) * s for x, s in zip(rows, seconds))
+               / sum(max(1, x[5]) * profile.predict(x) for x in rows))
+    assert ratios == pytest.approx([r * overall / draw_mean(table) for r in table])
+    assert draw_mean(ratios) == pytest.approx(overall) and draw_mean(table) != pytest.approx(overall, rel=1e-3)
     assert len(ratios) == 21 and ratios[-1] / ratios[10] > 2.5  # the slow sixth is in the tail
     assert profile.admit_quantiles[0] == pytest.approx(0.001) and profile.admit_quantiles[-1] == pytest.approx(0.05)
     profile.save(tmp_path / "p.json")
