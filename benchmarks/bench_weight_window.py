@@ -14,7 +14,8 @@ layers is refused, and the table says so.
 
 --peers llama.cpp adds llama.cpp's llama-server reading the checkpoint's GGUF (--llama-cpp-type,
 bf16 by default: the same weights at the same precision, converted from the same checkpoint) through
-mmap under the same budget in bytes. llama.cpp has no weight budget of its own (its mapped weights
+mmap under the same budget in bytes (and, in a row of its own, under the same fraction of its own
+weights: Punctual's bf16 weights in memory are about twice the GGUF). llama.cpp has no weight budget of its own (its mapped weights
 are page cache the kernel evicts under pressure), so each configuration of both systems runs in a
 fresh cgroup-v1 memory group (punctual/bench/cgroup.py; page cache is charged to the group, so
 mapped weight pages beyond its limit are evicted and read again). The limit of a group is
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace, budget: int | None, group=None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+MIB = 2**20  # the comparison's unit: VmHWM and the cgroup files count in KiB and bytes
 PROMPT = "Tell me a long story about a dragon who lived in the mountains and " * 4  # the child's prompt
 
 
@@ -156,7 +159,7 @@ def llama_cpp_run(args: argparse.Namespace, limit: int | None, name: str) -> dic
             return {"killed": f"{type(error).__name__}: {str(error)[-300:]} (OOM kills in the group: "
                               f"{group.oom_kills})"}
         return {"tpot_ms": statistics.median(tpots), "peak_rss_mb": peak_kb / 1024,
-                "group_peak_mb": group.max_usage_bytes / 2**20, "gguf": spec.command[spec.command.index("-m") + 1]}
+                "group_peak_mb": group.max_usage_bytes / MIB, "gguf": spec.command[spec.command.index("-m") + 1]}
 
 
 def compare_with_llama_cpp(args: argparse.Namespace) -> None:
@@ -169,6 +172,8 @@ def compare_with_llama_cpp(args: argparse.Namespace) -> None:
     if not memory_controller_writable():
         raise SystemExit("--peers llama.cpp needs a writable cgroup-v1 memory controller at /sys/fs/cgroup/memory "
                          "(root): without a memory limit llama.cpp's mapped weights all stay resident")
+    # SIGTERM unwinds like Ctrl-C, so every child is stopped and every group removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     checkpoint = resolve_model_path(args.model)
     inputs = [checkpoint, cache_root() / "layers"]  # Punctual's checkpoint and its finished-layer cache
     prefix = f"punctual-weight-window-{os.getpid()}"
@@ -179,7 +184,7 @@ def compare_with_llama_cpp(args: argparse.Namespace) -> None:
         dropped &= evict_inputs(inputs)
         with MemoryCgroup(f"{prefix}-punctual-{label}", limit_bytes=limit) as group:
             result = run(args, budget, group)
-            result["group_peak_mb"] = group.max_usage_bytes / 2**20
+            result["group_peak_mb"] = group.max_usage_bytes / MIB
         return result
 
     def llama_run(limit: int | None, label: str, gguf: Path | None) -> dict:
@@ -190,23 +195,23 @@ def compare_with_llama_cpp(args: argparse.Namespace) -> None:
     print(cpu_line())
     whole = punctual_run(None, None, "whole")
     weights = whole["weights"]
-    punctual_overhead = whole["peak_rss_mb"] * 2**20 - weights
+    punctual_overhead = whole["peak_rss_mb"] * MIB - weights
     llama_whole = llama_run(None, "whole", None)
     if "killed" in llama_whole:
         raise SystemExit(f"llama.cpp did not run with no limit: {llama_whole['killed']}")
     gguf = Path(llama_whole["gguf"])
     gguf_bytes = gguf.stat().st_size
-    llama_overhead = llama_whole["peak_rss_mb"] * 2**20 - gguf_bytes
+    llama_overhead = llama_whole["peak_rss_mb"] * MIB - gguf_bytes
     print(f"\n{args.model}, 1 stream, {args.tokens} tokens x {args.rounds} rounds (median), {args.threads} threads; "
-          f"Punctual {args.dtype} quantization {args.quantization}: weights in memory {weights / 1e6:.0f} MB, "
-          f"{whole['num_layers']} layers; llama.cpp: {gguf.name} ({gguf_bytes / 1e6:.0f} MB, mmap)")
+          f"Punctual {args.dtype} quantization {args.quantization}: weights in memory {weights / MIB:.0f} MiB, "
+          f"{whole['num_layers']} layers; llama.cpp: {gguf.name} ({gguf_bytes / MIB:.0f} MiB, mmap)")
     print(f"cgroup limit = budget + non-weight overhead (VmHWM with every weight resident - weight bytes): "
-          f"Punctual {punctual_overhead / 1e6:.0f} MB, llama.cpp {llama_overhead / 1e6:.0f} MB")
-    print(f"| budget | system | cgroup limit MB | window | TPOT ms | VmHWM MB | cgroup peak MB |")
+          f"Punctual {punctual_overhead / MIB:.0f} MiB, llama.cpp {llama_overhead / MIB:.0f} MiB")
+    print("| budget | system | cgroup limit MiB | window | TPOT ms | VmHWM MiB | cgroup peak MiB |")
     print("|---|---|---|---|---|---|---|")
 
     def row(label: str, system: str, limit: int | None, result: dict) -> None:
-        limit_mb = "none" if limit is None else f"{limit / 1e6:.0f}"
+        limit_mb = "none" if limit is None else f"{limit / MIB:.0f}"
         if "refused" in result or "killed" in result:
             reason = result.get("refused") or result["killed"]
             print(f"| {label} | {system} | {limit_mb} | {'refused' if 'refused' in result else 'failed'}: "
@@ -222,11 +227,17 @@ def compare_with_llama_cpp(args: argparse.Namespace) -> None:
     row("all resident", f"llama.cpp {args.llama_cpp_type}", None, llama_whole)
     for fraction in (float(f) for f in args.fractions.split(",")):
         budget = int(weights * fraction)
-        label = f"{fraction:g} ({budget / 1e6:.0f} MB; {budget / gguf_bytes:.2f} of the GGUF)"
+        label = f"{fraction:g} ({budget / MIB:.0f} MiB; {budget / gguf_bytes:.2f} of the GGUF)"
         limit = int(budget + punctual_overhead)
         row(label, "punctual", limit, punctual_run(budget, limit, f"{fraction:g}"))
         limit = int(budget + llama_overhead)
         row(label, f"llama.cpp {args.llama_cpp_type}", limit, llama_run(limit, f"{fraction:g}", gguf))
+        # Punctual holds bf16 linears in two layouts, so the same bytes can be most of the GGUF:
+        # llama.cpp at the same fraction of its own weights too.
+        own = int(gguf_bytes * fraction)
+        limit = int(own + llama_overhead)
+        row(f"{fraction:g} of the GGUF ({own / MIB:.0f} MiB)", f"llama.cpp {args.llama_cpp_type}", limit,
+            llama_run(limit, f"{fraction:g}-own", gguf))
     if not dropped:
         print("(/proc/sys/vm/drop_caches was refused: only the files each run reads were evicted)")
 
