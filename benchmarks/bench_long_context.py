@@ -253,10 +253,13 @@ def through_the_api(args: argparse.Namespace, tokenizer) -> None:
                           punctual_args=("--dtype", args.dtype, "--quantization", args.quantization,
                                          "--max-model-len", str(model_len)))
     # The same prompts for both systems, built once (the corpus is tokenized from its start each time).
-    # TTFT prompts start far into the corpus (no prefix shared with the TPOT prompts, nor with each
-    # other: each is shifted by 997 tokens); one more than --ttft-trials, for a warm-up.
+    # TPOT prompts start at multiples of 997 tokens (at most 15 x 997 for 16 streams); TTFT prompts
+    # start after those and each 997 tokens after the last (the corpus is about 62k smollm2 tokens),
+    # so no TTFT prompt shares its first block with any other prompt: nothing is found cached.
+    # One more than --ttft-trials per context, for a warm-up.
     tpot_prompts = {(n, c): text_prompts(tokenizer, n, c) for n in streams for c in contexts}
-    ttft_prompts = {c: text_prompts(tokenizer, args.ttft_trials + 1, c, start=200_003 + i * 50_021)
+    first_ttft = max(streams) * 997 + 58
+    ttft_prompts = {c: text_prompts(tokenizer, args.ttft_trials + 1, c, start=first_ttft + i * (args.ttft_trials + 1) * 997)
                     for i, c in enumerate(contexts)}
     systems = ["punctual", f"llama.cpp:{args.llama_cpp_type}"]
     logs = Path(tempfile.mkdtemp(prefix="long-context-peers-"))
