@@ -21,11 +21,28 @@ then the question; retrieved when the greedy answer contains it. Only decodes ar
 answer's first token comes from the (dense) prompt pass, the others from sparse decodes.
 Perplexity: the corpus text after --perplexity-contexts tokens, each next token fed as a decode
 (the sampler swapped for one that returns the text's token and records its log-probability).
+
+--peers llama.cpp adds, in the same run after the tables above (the in-process engine is freed
+first), a comparison through each server's OpenAI-compatible API, measured the same way for both
+(punctual.bench.loadgen: streamed /v1/completions with token-id prompts, max_tokens + ignore_eos):
+Punctual dense (`punctual serve`, no sparse attention) against llama.cpp's llama-server reading the
+checkpoint converted to GGUF (--llama-cpp-type, bf16 by default: the same weights and precision),
+with -np = the most streams and -c = streams x the model's context, so every slot holds a whole
+context. Each server runs alone, with --server-threads threads.
+  decode TPOT: the same prompts as above, sent once with max_tokens 1 (Punctual's prefix cache and
+    llama.cpp's slots then hold them), then again with --tokens: (end - first token) / (tokens - 1)
+    per stream as the client sees it, median over the streams;
+  TTFT: one request at a time, prompts of each context that share no prefix with anything sent
+    before, the first streamed token; median of --ttft-trials after one warm-up request.
+
+    python benchmarks/bench_long_context.py --streams 1,16 --peers llama.cpp   # everything (long)
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import os
 import random
 import statistics
 from punctual.bench.machine import cpu_line
@@ -39,18 +56,19 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 
-def text_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """`count` distinct prompts of `length` tokens of real prose."""
+def text_prompts(tokenizer, count: int, length: int, start: int = 0) -> list[list[int]]:
+    """`count` distinct prompts of `length` tokens of real prose, from token `start` of the corpus on."""
     from punctual.bench.corpus import documents
 
+    end = start + length + count * 997
     ids: list[int] = []
     for doc in documents():
         ids += tokenizer.encode(doc)
-        if len(ids) >= length + count * 997:
+        if len(ids) >= end:
             break
-    while len(ids) < length + count * 997:  # a small corpus: around again
+    while len(ids) < end:  # a small corpus: around again
         ids += ids
-    return [ids[i * 997:i * 997 + length] for i in range(count)]  # shifted: distinct from the first block on
+    return [ids[start + i * 997:start + i * 997 + length] for i in range(count)]  # shifted: distinct from the first block on
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
@@ -80,8 +98,30 @@ def main() -> None:
                              "comma separated; empty: skip")
     parser.add_argument("--perplexity-tokens", type=int, default=128,
                         help="tokens scored one decode at a time (teacher forced) after each context")
+    parser.add_argument("--peers", default="", help="llama.cpp: also decode TPOT and TTFT through each server's "
+                        "API, Punctual dense against llama-server, in the same run (see above)")
+    parser.add_argument("--llama-cpp-type", default="bf16",
+                        help="the GGUF llama.cpp serves: bf16 | f16 | f32 (converted from the checkpoint) | q4_0 ...")
+    parser.add_argument("--ttft-trials", type=int, default=3, help="TTFT requests per context (median)")
+    parser.add_argument("--server-threads", type=int, default=os.cpu_count() or 1,
+                        help="compute threads of each server (--peers)")
     args = parser.parse_args()
-    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    if args.peers and args.peers != "llama.cpp":
+        parser.error(f"--peers: only llama.cpp is supported, got {args.peers!r}")
+    if args.ttft_trials < 1:
+        parser.error(f"--ttft-trials: must be at least 1, got {args.ttft_trials}")
+    tokenizer = in_process(args)
+    if args.peers:
+        gc.collect()  # the in-process engine's weights and KV pool go before the servers start
+        through_the_api(args, tokenizer)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def in_process(args: argparse.Namespace):
+    """The tables through `LLM` (module docstring); returns the tokenizer, the engine freed."""
     contexts, streams, budgets = ints(args.contexts), ints(args.streams), ints(args.budgets)
     passkey_contexts, depths = ints(args.passkey_contexts), ints(args.depths)
 
@@ -175,6 +215,100 @@ def main() -> None:
                 dense_ppl = ppl if budget is None else dense_ppl
                 cells.append(f"{ppl:8.3f}" + ("" if budget is None else f" ({ppl / dense_ppl:5.3f}x)"))
             print(f"{context:>8} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+    return tokenizer
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """K and V of one token over every layer, in bf16: what a server's KV pool needs per token."""
+    import json
+
+    from punctual.checkpoints.loader import resolve_model_path
+
+    config = json.loads((resolve_model_path(model) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * kv_heads * head_dim * 2
+
+
+def through_the_api(args: argparse.Namespace, tokenizer) -> None:
+    """Punctual dense and llama.cpp, each as a server, measured the same way through the API."""
+    import tempfile
+    from pathlib import Path
+
+    from punctual.bench.loadgen import run as send
+    from punctual.bench.peers import PeerOptions, peer_spec, running
+    from punctual.bench.workloads import BenchRequest
+    from punctual.checkpoints.loader import resolve_model_path
+    from punctual.models.registry import load_arch_config
+
+    streams = ints(args.streams)
+    most = max(streams)
+    model_len = load_arch_config(resolve_model_path(args.model)).max_position_embeddings  # smollm2: 8192
+    room = model_len - args.tokens - 8  # a prompt plus its output fits the model's context
+    contexts = [min(c, room) for c in ints(args.contexts)]
+    # Every stream may hold a whole context at once, plus the TTFT prompts in the prefix cache.
+    kv_mib = -(-(most + 2) * model_len * kv_bytes_per_token(args.model) * 11 // 10 // 2**20)
+    options = PeerOptions(max_num_seqs=most, threads=args.server_threads, kv_cache_memory=f"{kv_mib}MiB",
+                          slot_context=model_len,
+                          punctual_args=("--dtype", args.dtype, "--quantization", args.quantization,
+                                         "--max-model-len", str(model_len)))
+    # The same prompts for both systems, built once (the corpus is tokenized from its start each time).
+    # TPOT prompts start at multiples of 997 tokens (at most 15 x 997 for 16 streams); TTFT prompts
+    # start after those and each 997 tokens after the last (the corpus is about 62k smollm2 tokens),
+    # so no TTFT prompt shares its first block with any other prompt: nothing is found cached.
+    # One more than --ttft-trials per context, for a warm-up.
+    tpot_prompts = {(n, c): text_prompts(tokenizer, n, c) for n in streams for c in contexts}
+    first_ttft = max(streams) * 997 + 58
+    ttft_prompts = {c: text_prompts(tokenizer, args.ttft_trials + 1, c, start=first_ttft + i * (args.ttft_trials + 1) * 997)
+                    for i, c in enumerate(contexts)}
+    systems = ["punctual", f"llama.cpp:{args.llama_cpp_type}"]
+    logs = Path(tempfile.mkdtemp(prefix="long-context-peers-"))
+    tpot: dict[tuple[str, int, int], float] = {}
+    ttft: dict[tuple[str, int], float] = {}
+    for system in systems:
+        spec = peer_spec(system, args.model, options)
+        print(f"\n{system}: starting ({' '.join(spec.command[:2])} ...; log {logs})", flush=True)
+        with running(spec, logs / f"{system.replace(':', '-')}.log") as endpoint:
+            def completions(prompts: list[list[int]], max_tokens: int, concurrency: int):
+                requests = [BenchRequest(p, len(p), max_tokens) for p in prompts]
+                records = send(endpoint, requests, concurrency=concurrency, progress=False, timeout_s=3600).records
+                failed = [r.error for r in records if not r.ok]
+                if failed:
+                    raise SystemExit(f"{system}: {len(failed)} of {len(records)} requests failed: {failed[0]}")
+                return records
+
+            for num_streams in streams:
+                for context in contexts:
+                    prompts = tpot_prompts[num_streams, context]
+                    completions(prompts, 1, num_streams)  # prefill once: the timed round finds them cached
+                    records = completions(prompts, args.tokens, num_streams)
+                    tpot[system, num_streams, context] = statistics.median(r.tpot_s for r in records) * 1e3
+                    print(f"  TPOT {context:>5} tokens x {num_streams:>2} streams: "
+                          f"{tpot[system, num_streams, context]:8.2f} ms", flush=True)
+            for context in contexts:
+                prompts = ttft_prompts[context]
+                completions(prompts[:1], 1, 1)  # warm-up at this length
+                records = [completions([p], 1, 1)[0] for p in prompts[1:]]
+                ttft[system, context] = statistics.median(r.ttft_s for r in records) * 1e3
+                print(f"  TTFT {context:>5} tokens: {ttft[system, context]:8.1f} ms", flush=True)
+
+    print(f"\n{args.model} through the API ({args.dtype} quantization {args.quantization}; llama.cpp "
+          f"{args.llama_cpp_type} GGUF), {args.server_threads} threads each, {args.tokens} tokens per stream")
+    print(cpu_line())
+    punctual, llama = systems
+    print("\ndecode TPOT (ms, median over streams; x: llama.cpp / Punctual, above 1: Punctual faster)")
+    print("| context | streams | Punctual dense | llama.cpp | x |")
+    print("|---|---|---|---|---|")
+    for num_streams in streams:
+        for context in contexts:
+            ours, theirs = tpot[punctual, num_streams, context], tpot[llama, num_streams, context]
+            print(f"| {context} | {num_streams} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+    print(f"\nTTFT (ms, one request at a time, median of {args.ttft_trials}; x: llama.cpp / Punctual)")
+    print("| prompt tokens | Punctual | llama.cpp | x |")
+    print("|---|---|---|---|")
+    for context in contexts:
+        ours, theirs = ttft[punctual, context], ttft[llama, context]
+        print(f"| {context} | {ours:.0f} | {theirs:.0f} | {theirs / ours:.2f}x |")
 
 
 if __name__ == "__main__":
