@@ -51,7 +51,7 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     threads_per_rank: int | None = None  # torch threads of each rank; None: this machine's cores / ranks
     # Bytes of weights kept resident (e.g. "2GB"); None: all. Beyond it, a sliding window of layers is
-    # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py).
+    # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py). Per rank under TP.
     max_weight_memory: int | str | None = None
     # Query-aware sparse decode attention (Quest): None (dense) | "quest". A decode at a context of
     # at least sparse_min_context tokens attends, per layer, only over the KV blocks whose key
