@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +40,12 @@ def models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def layer_cache_root(tmp_path, monkeypatch):
     """Every rank's finished-layer cache under this test's folder: the other ranks are processes
-    of their own, so the place goes through the environment they inherit."""
+    of their own, so the place goes through the environment they inherit. The kernels' builds stay
+    shared (a fresh folder would compile them again, for a minute)."""
+    kernels = Path(os.environ["PUNCTUAL_CACHE"]) / "kernels"  # conftest sets it
+    kernels.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(kernels, target_is_directory=True)
     monkeypatch.setenv("PUNCTUAL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "layers"
 
@@ -95,12 +102,45 @@ def test_a_split_model_under_a_per_rank_budget_gives_the_whole_models_tokens(mod
         assert not list(folder.glob(".*.tmp"))
 
 
+def smallest_budget(path, **engine) -> int:
+    """The per-rank budget named by the refusal of one far too small."""
+    with pytest.raises(ValueError, match="too small for rank 0's shard") as refused:
+        LLM(str(path), tensor_parallel_size=SIZE, max_weight_memory=1000, **engine)
+    return int(float(re.search(r"give at least ([0-9.]+) MB per rank", str(refused.value)).group(1)) * 1e6)
+
+
 def test_a_per_rank_budget_below_a_shards_head_and_two_layers_is_refused(models):
     fixed, layer = shard_sizes(models["gqa"])
     smallest = f"{math.ceil((fixed + 2 * layer) / 1e5) / 10:.1f} MB per rank"  # rounded up: a budget that fits
     with pytest.raises(ValueError, match=rf"max_weight_memory of .* too small for rank 0's shard .*per rank"
                                          rf".*give at least {re.escape(smallest)}"):
         LLM(str(models["gqa"]), tensor_parallel_size=SIZE, max_weight_memory=fixed + int(1.5 * layer), **ENGINE)
+    # The budget it names starts, with a window of the shard's layers.
+    llm = LLM(str(models["gqa"]), tensor_parallel_size=SIZE, max_weight_memory=smallest_budget(models["gqa"], **ENGINE),
+              **ENGINE)
+    try:
+        assert isinstance(llm.engine.core.runner.model.layers, WeightWindow)
+    finally:
+        llm.engine.core.close()
+
+
+@pytest.mark.slow
+def test_a_bf16_int8_split_window_gives_the_split_resident_models_tokens(models):
+    """bf16 with the fused kernels and int8 linears: each rank's cached layers compute what its
+    resident shard computes (a 150-token prompt takes the plain weights a cached layer keeps)."""
+    engine = {**ENGINE, "dtype": "bfloat16", "quantization": "int8"}
+    prompts = PROMPTS + [[(7 * i) % 2000 + 3 for i in range(150)]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = []
+    for budget in (None, smallest_budget(models["gqa"], **engine)):
+        llm = LLM(str(models["gqa"]), tensor_parallel_size=SIZE, max_weight_memory=budget, **engine)
+        try:
+            assert isinstance(llm.engine.core.runner.model.layers, list if budget is None else WeightWindow)
+            tokens.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                          params, use_tqdm=False)])
+        finally:
+            llm.engine.core.close()
+    assert tokens[0] == tokens[1]
 
 
 def test_writers_of_one_layer_file_at_once_each_leave_it_whole(tmp_path, monkeypatch):
@@ -122,7 +162,7 @@ def test_writers_of_one_layer_file_at_once_each_leave_it_whole(tmp_path, monkeyp
     layer = LayerWeights(input_norm=torch.ones(8), qkv=weight, qkv_bias=None, o_proj=weight[:8].clone(), o_bias=None,
                          mlp_norm=torch.ones(8), gate_up=weight, gate_up_bias=None, down=weight[:8].clone(),
                          down_bias=None)
-    file = tmp_path / "layer-0000.safetensors"
+    file = tmp_path / "layers" / "layer-0000.safetensors"
     errors = []
 
     def write():
@@ -137,4 +177,4 @@ def test_writers_of_one_layer_file_at_once_each_leave_it_whole(tmp_path, monkeyp
         writer.join(timeout=60)
     assert errors == []
     assert torch.equal(layer_cache.read_layer(file, "key", 0, torch.device("cpu")).qkv, weight)
-    assert [f.name for f in tmp_path.iterdir()] == [file.name]  # no partial file left
+    assert [f.name for f in file.parent.iterdir()] == [file.name]  # no partial file left
