@@ -96,11 +96,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default="none", help="none | int8 | int4 (the window's layers too)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model across this many ranks: weights, budgets and peak RSS per rank")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fractions", default="0.5,0.25", help="budgets as fractions of the model's weights")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1,
-                        help="split the model across this many ranks: weights, budgets and peak RSS per rank")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

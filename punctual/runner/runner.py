@@ -167,6 +167,10 @@ class ModelRunner:
         self.samples = tensor_parallel is None or tensor_parallel.rank == 0
         if model_config.max_weight_memory is not None:  # a sliding window of layers where they exceed it
             # With tensor parallelism, of the rank's shard and within the rank's budget (it is per rank).
+            if tensor_parallel is not None and tensor_parallel.rank > 0:
+                # A rank process shows warnings only (runner/tensor_parallel.py); its window's size and
+                # layer cache are its own, so each rank reports them as rank 0 does.
+                logging.getLogger(weight_stream.__name__).setLevel(logging.INFO)
             self.model = weight_stream.load_model(path, self.arch, self.device, self.dtype, int4,
                                                   int(model_config.max_weight_memory), tensor_parallel,
                                                   quantization=model_config.quantization,

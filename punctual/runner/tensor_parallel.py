@@ -261,8 +261,6 @@ def rank_main(fd: int) -> None:
         return
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s rank {args[0]} %(levelname)s %(name)s: %(message)s")
-    # Each rank's own weight budget: its window's size and layer cache, logged as rank 0 logs its own.
-    logging.getLogger("punctual.checkpoints.weight_stream").setLevel(logging.INFO)
     run_rank(*args, conn)
 
 
