@@ -7,6 +7,10 @@ own: start-up included.
     python benchmarks/bench_weight_window.py                          # smollm2 bf16: all, 1/2, 1/4
     python benchmarks/bench_weight_window.py --quantization int8         # int8 linears and head
     python benchmarks/bench_weight_window.py --model builtin-tiny --tokens 4 --fractions 1,0.9  # a smoke run
+    python benchmarks/bench_weight_window.py --tensor-parallel-size 3  # smollm2 over 3 ranks
+
+With --tensor-parallel-size N, the weights, fractions and budgets are one rank's (the budget is per
+rank), and the peak RSS is the largest of the ranks' own.
 
 The fraction is of the model's weights as they sit in memory (with the fused bf16 kernels, a
 layer's linears are held in two layouts); a budget below the embeddings, final norm, head and two
@@ -68,6 +72,8 @@ def child(args: argparse.Namespace) -> None:
     options = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=4, kv_cache_memory="64MiB")
     if args.budget is not None:
         options["max_weight_memory"] = args.budget
+    if args.tensor_parallel_size > 1:  # rank 0's shard below: the window and weights are per rank
+        options["tensor_parallel_size"] = args.tensor_parallel_size
     try:
         llm = LLM(args.model, **options)
     except ValueError as error:
@@ -88,13 +94,17 @@ def child(args: argparse.Namespace) -> None:
 
     seconds(2)  # warm-up
     tpots = [(seconds(args.tokens) - seconds(1)) / (args.tokens - 1) * 1000 for _ in range(args.rounds)]
-    print(json.dumps({"tpot_ms": statistics.median(tpots), "peak_rss_mb": status_kb("VmHWM") / 1024,
+    peak_rss_mb = status_kb("VmHWM") / 1024
+    if args.tensor_parallel_size > 1:  # each rank's own peak (rank 0 is this process): the largest
+        peak_rss_mb = max(stats["peak_rss_bytes"] / 2**20 for stats in llm.engine.core.runner.rank_stats())
+        llm.engine.core.close()
+    print(json.dumps({"tpot_ms": statistics.median(tpots), "peak_rss_mb": peak_rss_mb,
                       "window": window, "num_layers": len(model.layers), "weights": weights}))
 
 
 def run(args: argparse.Namespace, budget: int | None, group=None) -> dict:
     command = [sys.executable, __file__, "--child", "--model", args.model, "--dtype", args.dtype,
-               "--quantization", args.quantization,
+               "--quantization", args.quantization, "--tensor-parallel-size", str(args.tensor_parallel_size),
                "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
     if budget is not None:
         command += ["--budget", str(budget)]
@@ -247,6 +257,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default="none", help="none | int8 | int4 (the window's layers too)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model across this many ranks: weights, budgets and peak RSS per rank")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fractions", default="0.5,0.25", help="budgets as fractions of the model's weights")
@@ -270,7 +282,9 @@ def main() -> None:
     whole = run(args, None)
     weights = whole["weights"]
     print(f"\n{args.model} {args.dtype} quantization {args.quantization}, 1 stream, {args.tokens} tokens x {args.rounds} rounds (median); "
-          f"weights in memory {weights / 1e6:.0f} MB, {whole['num_layers']} layers")
+          f"weights in memory {weights / 1e6:.0f} MB, {whole['num_layers']} layers"
+          + (f"; {args.tensor_parallel_size} ranks: weights, budgets and peak RSS per rank (the largest)"
+             if args.tensor_parallel_size > 1 else ""))
     print(f"{'max_weight_memory':>22} {'window':>8} {'TPOT ms':>9} {'peak RSS MB':>12}")
     print(f"{'all resident':>22} {'-':>8} {whole['tpot_ms']:9.2f} {whole['peak_rss_mb']:12.0f}")
     for fraction in (float(f) for f in args.fractions.split(",")):

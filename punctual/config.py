@@ -55,7 +55,7 @@ class ModelConfig:
     # joined with --ray-address sets "ray" for its replicas.
     tensor_parallel_backend: str = "local"
     # Bytes of weights kept resident (e.g. "2GB"); None: all. Beyond it, a sliding window of layers is
-    # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py).
+    # read from the checkpoint ahead of use (TPI-LLM; checkpoints/weight_stream.py). Per rank under TP.
     max_weight_memory: int | str | None = None
     # Query-aware sparse decode attention (Quest): None (dense) | "quest". A decode at a context of
     # at least sparse_min_context tokens attends, per layer, only over the KV blocks whose key

@@ -55,7 +55,8 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
                                                         "--replicas: --threads-per-replica)")),
     EngineArg("--max-weight-memory", dict(type=_size, help="bytes of weights kept resident, e.g. 2GB, 512MB, 1.5GiB "
                                                            "(default: all); beyond it a sliding window of layers is "
-                                                           "read from the checkpoint ahead of use")),
+                                                           "read from the checkpoint ahead of use; per rank with "
+                                                           "--tensor-parallel-size")),
     EngineArg("--max-num-seqs", dict(type=int, help="sequences per step")),
     EngineArg("--max-num-batched-tokens", dict(type=int, help="token budget per step")),
     EngineArg("--kv-cache-memory", dict(help="bytes for the KV pool, e.g. 2GiB")),

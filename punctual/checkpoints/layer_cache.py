@@ -8,10 +8,13 @@ the file's metadata. Reading one back is reading its bytes (one read into memory
 dropping the layer frees it, the GIL released while it reads); nothing is unpickled, and only
 the classes below are rebuilt.
 
-Files live in PUNCTUAL_CACHE/layers/<model>-<key>/, the key over everything that changes the
-finished bytes: the checkpoint's path and its files' sizes and mtimes, device, dtype,
-quantization and the other model options, the kernels' build and table, torch's version and
-FORMAT_VERSION. Folders of older keys stay until deleted by hand.
+Files live in PUNCTUAL_CACHE/layers/<model>-<key>/ (<model>-tp<rank>of<N>-<key>/ for one rank's
+shard under tensor parallelism: each rank its own folder), the key over everything that changes
+the finished bytes: the checkpoint's path and its files' sizes and mtimes, device, dtype,
+quantization and the other model options, the tensor-parallel shard, the kernels' build and table,
+torch's version and FORMAT_VERSION. Folders of older keys stay until deleted by hand. Every file is
+written under a name of its own and renamed into place, so processes that start together on one
+folder (the ranks of a group, two servers) each see a layer's file whole or not at all.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -49,9 +53,10 @@ def cache_root() -> Path:
 
 
 def cache_key(path: Path, device: torch.device, dtype: torch.dtype, int4: bool, kernels: bool,
-              options: dict) -> str:
+              options: dict, shard: tuple[int, int] | None = None) -> str:
     """A digest of what decides a finished layer's bytes. A file rewritten in place changes its
-    mtime (and usually its size): the key changes, and the layers are finished anew."""
+    mtime (and usually its size): the key changes, and the layers are finished anew. `shard`:
+    (rank, tensor_parallel_size) where the layers are one rank's shard."""
     path = path.resolve()
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
     parts = {
@@ -60,6 +65,8 @@ def cache_key(path: Path, device: torch.device, dtype: torch.dtype, int4: bool, 
         "options": sorted((k, repr(v)) for k, v in options.items()),
         "kernels": [_kernels_build(), repr(kernel_table())] if kernels else None,
     }
+    if shard is not None:  # absent for a whole model: its keys (and folders) stay as they were
+        parts["shard"] = list(shard)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -71,8 +78,10 @@ def _kernels_build() -> str | None:
         return cpu_kernels.loaded_variant()
 
 
-def cache_dir(path: Path, key: str) -> Path:
-    return cache_root() / f"{path.resolve().name}-{key}"
+def cache_dir(path: Path, key: str, shard: tuple[int, int] | None = None) -> Path:
+    """The folder of a key's layers; a rank's shard (rank, size) is named in it, for whoever lists them."""
+    label = "" if shard is None else f"-tp{shard[0]}of{shard[1]}"
+    return cache_root() / f"{path.resolve().name}{label}-{key}"
 
 
 def layer_file(directory: Path, index: int) -> Path:
@@ -133,13 +142,14 @@ def _decode(tree, tensors: dict):
 
 
 def write_layer(file: Path, layer: LayerWeights, key: str, index: int) -> None:
-    """Write atomically (a temporary file renamed): a file that exists is whole."""
+    """Write atomically (a temporary file of this process and thread, renamed): a file that exists
+    is whole, whichever of several writers of it renames last."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(layer, tensors, {}, "layer")
     file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    partial = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         save_file(tensors, str(partial), metadata={META: json.dumps(tree), "key": key, "layer": str(index)})
         os.replace(partial, file)

@@ -10,7 +10,7 @@ from punctual.checkpoints.builtin import builtin_path, is_builtin
 from punctual.checkpoints.gguf import Q4_FILE, SMOLLM2, gguf_checkpoint, is_gguf_file, smollm2_file
 from punctual.kernels.quant import QuantizedWeight, int4_weight
 from punctual.models.config import ModelArchConfig
-from punctual.models.sharding import finish_shard, shard_plan
+from punctual.models.sharding import TensorShard, finish_shard, shard_plan
 from punctual.models.spec import WeightNames
 
 
@@ -77,19 +77,31 @@ def load_shard(path: Path, dtype: torch.dtype, arch: ModelArchConfig, names: Wei
     of which only the rank's part is copied), so a rank never holds a whole split tensor and its
     peak memory is its shard plus the replicated parts. Dense weights only (a GGUF file's 4-bit
     blocks do not split by head: its converted dense checkpoint is split, then quantized)."""
+    weights = read_shard(path, dtype, shard_plan(arch, names, rank, size))
+    return finish_shard(arch, weights, names, rank, size)
+
+
+def read_shard(path: Path, dtype: torch.dtype, plan: dict[str, TensorShard],
+               only: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a rank keeps (`plan`: shard_plan's) in `dtype`, as read for load_shard, before
+    finish_shard. `only`: the tensors whose names it accepts, each in memory of its own (pread,
+    not a mapping of the file), so that what the caller drops is freed (one layer of a rank's
+    sliding window, checkpoints/weight_stream.py)."""
     from safetensors import safe_open
 
     files = [file for file in sorted(path.glob("*.safetensors")) if file.name != Q4_FILE]
     if not files:
         raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
-    plan = shard_plan(arch, names, rank, size)
+    options = {} if only is None else {"backend": "pread"}
     weights: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with safe_open(str(file), framework="pt", **options) as handle:
             for name in handle.keys():
+                if only is not None and not only(name):
+                    continue
                 if name in plan:
                     view = handle.get_slice(name)
                     weights[name] = plan[name].take(view, view.get_shape(), dtype)
                 else:  # kept whole: a lazy view of the file, as load_weights gives
                     weights[name] = handle.get_tensor(name).to(dtype)
-    return finish_shard(arch, weights, names, rank, size)
+    return weights

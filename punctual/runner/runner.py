@@ -164,23 +164,25 @@ class ModelRunner:
         int4 = model_config.quantization == "int4"
         choices = KernelChoices(model_config.fused_attention, model_config.decode_stack,
                                 model_config.int4_int8_activations)
-        if model_config.max_weight_memory is not None and tensor_parallel is not None:
-            raise ValueError("max_weight_memory with tensor_parallel_size > 1 is not supported yet: give each "
-                             "rank the whole budget's share by running without one or the other")
+        self.samples = tensor_parallel is None or tensor_parallel.rank == 0
         if model_config.max_weight_memory is not None:  # a sliding window of layers where they exceed it
-            self.samples = True
+            # With tensor parallelism, of the rank's shard and within the rank's budget (it is per rank).
+            if tensor_parallel is not None and tensor_parallel.rank > 0:
+                # A rank process shows warnings only (runner/tensor_parallel.py); its window's size and
+                # layer cache are its own, so each rank reports them as rank 0 does.
+                logging.getLogger(weight_stream.__name__).setLevel(logging.INFO)
             self.model = weight_stream.load_model(path, self.arch, self.device, self.dtype, int4,
-                                                  int(model_config.max_weight_memory),
+                                                  int(model_config.max_weight_memory), tensor_parallel,
                                                   quantization=model_config.quantization,
                                                   enforce_eager=model_config.enforce_eager,
                                                   batch_invariant=model_config.batch_invariant, kernel_choices=choices)
+            self.arch = self.model.arch  # the shard's, under tensor parallelism
         else:
             if tensor_parallel is None:
                 weights = load_weights(path, self.dtype, int4)
             else:  # the rank's rows and columns only, read from the files; dense, quantized after the split
                 self.arch, weights = load_shard(path, self.dtype, self.arch, architecture(self.arch.architecture).names,
                                                 tensor_parallel.rank, tensor_parallel.size)
-            self.samples = tensor_parallel is None or tensor_parallel.rank == 0
             self.model = DecoderModel(self.arch, weights, self.device, self.dtype,
                                       model_config.quantization, model_config.enforce_eager,
                                       model_config.batch_invariant, choices, tensor_parallel)
