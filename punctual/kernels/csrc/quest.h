@@ -33,15 +33,29 @@ inline float quest_round_bf16(float x) {  // to nearest even, as c10::BFloat16 r
   return x;
 }
 
-// a . b over n fp32 values (n a multiple of 16) in 16 independent lanes, then a fixed tree: the
-// same order in every build (the compiler's vectors of 16 or 8 lanes add lane by lane).
-inline float quest_dot(const float* a, const float* b, int64_t n) {
-  float acc[16] = {};
-  for (int64_t i = 0; i < n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
-  for (int width = 8; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  return acc[0];
+// 16 fp32 lanes as GCC's generic vectors: one zmm in the AVX-512 build, two ymm in the AVX2 one,
+// four q registers on NEON; lane by lane the same arithmetic in each.
+typedef float QuestF16 __attribute__((vector_size(64)));
+typedef uint16_t QuestH16 __attribute__((vector_size(32)));
+typedef uint32_t QuestU16 __attribute__((vector_size(64)));
+typedef float QuestF8 __attribute__((vector_size(32)));
+typedef float QuestF4 __attribute__((vector_size(16)));
+
+inline QuestF16 quest_load_bf16(const uint16_t* p) {  // 16 bf16 values, widened exactly
+  QuestH16 half;
+  std::memcpy(&half, p, sizeof half);
+  const QuestU16 wide = __builtin_convertvector(half, QuestU16) << 16;
+  QuestF16 x;
+  std::memcpy(&x, &wide, sizeof x);
+  return x;
+}
+
+// The sum of a vector's 16 lanes in a fixed tree (lane l plus lane l + 8, then l + 4, ...).
+inline float quest_lane_sum(QuestF16 v) {
+  const QuestF8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const QuestF4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 // For queries i in [0, m) (one token each: q row i at q + i * q_row, H heads of D bf16 values)
@@ -71,11 +85,12 @@ void quest_choose_rows(const uint16_t* q, int64_t q_row, int64_t m, int64_t head
   if (count == 0) return;
   TORCH_CHECK(budget <= out_width, "quest: a budget of ", budget, " blocks beyond the table's ", out_width);
   // Each query head's q * scale in bf16 as (positive part, negative part): [count, H, 2D] fp32.
-  std::vector<float> signed_q(count * heads * two_d);
+  const int64_t chunks = two_d / 16;
+  std::vector<QuestF16> signed_q(count * heads * chunks);
   for (int64_t j = 0; j < count; ++j)
     for (int64_t h = 0; h < heads; ++h) {
       const uint16_t* row = q + picked[j] * q_row + h * dim;
-      float* dst = signed_q.data() + (j * heads + h) * two_d;
+      float* dst = reinterpret_cast<float*>(signed_q.data() + (j * heads + h) * chunks);
       for (int64_t d = 0; d < dim; ++d) {
         const float x = quest_round_bf16(quest_bf16_value(row[d]) * scale);
         dst[d] = x > 0.f ? x : 0.f;
@@ -88,7 +103,7 @@ void quest_choose_rows(const uint16_t* q, int64_t q_row, int64_t m, int64_t head
   const int64_t spans = (most + kSpan - 1) / kSpan;
   std::vector<float> bounds(count * heads * most);
   parallel_range(0, count * kv_heads * spans, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> summary(two_d);
+    std::vector<QuestF16> acc(group);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t j = item / (kv_heads * spans), kv = item / spans % kv_heads, span = item % spans;
       const int64_t* table = tables + rows_of[picked[j]] * width;
@@ -101,13 +116,16 @@ void quest_choose_rows(const uint16_t* q, int64_t q_row, int64_t m, int64_t head
           const char* ahead = reinterpret_cast<const char*>(head_summaries + table[b + 4] * two_d);
           for (int64_t byte = 0; byte < two_d * 2; byte += 64) __builtin_prefetch(ahead + byte);
         }
+        // Each head's 16 lanes of partial sums (a bf16 product is exact in fp32: FMA or not, the same).
         const uint16_t* row = head_summaries + block * two_d;
-        for (int64_t d = 0; d < two_d; ++d) summary[d] = quest_bf16_value(row[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kv * group + g;
-          bounds[(j * heads + h) * most + b] =
-              quest_round_bf16(quest_dot(signed_q.data() + (j * heads + h) * two_d, summary.data(), two_d));
+        const QuestF16* qs = signed_q.data() + (j * heads + kv * group) * chunks;
+        for (int64_t g = 0; g < group; ++g) acc[g] = QuestF16{};
+        for (int64_t c = 0; c < chunks; ++c) {
+          const QuestF16 bound = quest_load_bf16(row + 16 * c);
+          for (int64_t g = 0; g < group; ++g) acc[g] += qs[g * chunks + c] * bound;
         }
+        for (int64_t g = 0; g < group; ++g)
+          bounds[(j * heads + kv * group + g) * most + b] = quest_round_bf16(quest_lane_sum(acc[g]));
       }
     }
   });
