@@ -58,6 +58,45 @@ inline float quest_lane_sum(QuestF16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// One block's bounds for the G query heads of a KV head, each rounded to bf16: out[g * stride].
+// qs: the heads' signed queries, `chunks` vectors each. G fixed (1..8) keeps the accumulators in
+// registers; G = 0 takes `group` heads one after another. Each head's sum runs in the same order
+// either way.
+template <int G>
+void quest_block_bounds(const uint16_t* row, const QuestF16* qs, int64_t chunks, int64_t group, float* out,
+                        int64_t stride) {
+  if constexpr (G > 0) {
+    QuestF16 acc[G] = {};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const QuestF16 bound = quest_load_bf16(row + 16 * c);
+      for (int g = 0; g < G; ++g) acc[g] += qs[g * chunks + c] * bound;
+    }
+    for (int g = 0; g < G; ++g) out[g * stride] = quest_round_bf16(quest_lane_sum(acc[g]));
+  } else {
+    for (int64_t g = 0; g < group; ++g) {
+      QuestF16 acc = {};
+      for (int64_t c = 0; c < chunks; ++c) acc += qs[g * chunks + c] * quest_load_bf16(row + 16 * c);
+      out[g * stride] = quest_round_bf16(quest_lane_sum(acc));
+    }
+  }
+}
+
+using QuestBoundsFn = void (*)(const uint16_t*, const QuestF16*, int64_t, int64_t, float*, int64_t);
+
+inline QuestBoundsFn quest_bounds_kernel(int64_t group) {
+  switch (group) {
+    case 1: return quest_block_bounds<1>;
+    case 2: return quest_block_bounds<2>;
+    case 3: return quest_block_bounds<3>;
+    case 4: return quest_block_bounds<4>;
+    case 5: return quest_block_bounds<5>;
+    case 6: return quest_block_bounds<6>;
+    case 7: return quest_block_bounds<7>;
+    case 8: return quest_block_bounds<8>;
+    default: return quest_block_bounds<0>;
+  }
+}
+
 // For queries i in [0, m) (one token each: q row i at q + i * q_row, H heads of D bf16 values)
 // whose sequence's table is tables[rows_of[i]] (`width` entries) and which see context_lens[i]
 // keys: where a sequence has more than `budget` blocks, writes the `budget` blocks it attends
@@ -102,8 +141,8 @@ void quest_choose_rows(const uint16_t* q, int64_t q_row, int64_t m, int64_t head
   constexpr int64_t kSpan = 64;
   const int64_t spans = (most + kSpan - 1) / kSpan;
   std::vector<float> bounds(count * heads * most);
+  const QuestBoundsFn block_bounds = quest_bounds_kernel(group);
   parallel_range(0, count * kv_heads * spans, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<QuestF16> acc(group);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t j = item / (kv_heads * spans), kv = item / spans % kv_heads, span = item % spans;
       const int64_t* table = tables + rows_of[picked[j]] * width;
@@ -117,15 +156,8 @@ void quest_choose_rows(const uint16_t* q, int64_t q_row, int64_t m, int64_t head
           for (int64_t byte = 0; byte < two_d * 2; byte += 64) __builtin_prefetch(ahead + byte);
         }
         // Each head's 16 lanes of partial sums (a bf16 product is exact in fp32: FMA or not, the same).
-        const uint16_t* row = head_summaries + block * two_d;
-        const QuestF16* qs = signed_q.data() + (j * heads + kv * group) * chunks;
-        for (int64_t g = 0; g < group; ++g) acc[g] = QuestF16{};
-        for (int64_t c = 0; c < chunks; ++c) {
-          const QuestF16 bound = quest_load_bf16(row + 16 * c);
-          for (int64_t g = 0; g < group; ++g) acc[g] += qs[g * chunks + c] * bound;
-        }
-        for (int64_t g = 0; g < group; ++g)
-          bounds[(j * heads + kv * group + g) * most + b] = quest_round_bf16(quest_lane_sum(acc[g]));
+        block_bounds(head_summaries + block * two_d, signed_q.data() + (j * heads + kv * group) * chunks, chunks,
+                     group, bounds.data() + (j * heads + kv * group) * most + b, most);
       }
     }
   });
