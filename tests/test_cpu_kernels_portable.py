@@ -69,7 +69,8 @@ def run_child(args: list[str], timeout: int = 600) -> subprocess.CompletedProces
 # The kernel parity tests the AVX2 build runs here (the whole of tests/test_cpu_kernels.py takes
 # minutes on a shared machine: `PUNCTUAL_KERNELS_ISA=avx2 python -m pytest tests/test_cpu_kernels.py`
 # runs all of it): every kernel against eager or its exact math, decode_stack against the
-# layer-by-layer path (bf16, and int8 weights with an int8 KV cache), and greedy tokens against eager.
+# layer-by-layer path (bf16, and int8 weights with an int8 KV cache, and Quest's sparse decodes,
+# whose block selection is also checked against PyTorch's), and greedy tokens against eager.
 PARITY_TESTS = [
     "tests/test_cpu_kernels.py::" + name for name in (
         "test_the_build_loaded_is_the_one_requested", "test_rms_norm_is_eagers_bit_for_bit",
@@ -83,7 +84,9 @@ PARITY_TESTS = [
         "test_decode_stack_does_not_depend_on_its_threads")
 ] + ["tests/test_attention.py::test_fused_kernel_attention_matches_dense",
      "tests/test_attention.py::test_fused_kernel_names_an_int8_cache_it_cannot_read",
-     "tests/test_lora.py::test_the_sgmv_kernel_adds_what_the_pytorch_ops_add"]
+     "tests/test_lora.py::test_the_sgmv_kernel_adds_what_the_pytorch_ops_add",
+     "tests/test_sparse_attention.py::test_kernel_selection_is_the_references",
+     "tests/test_sparse_attention.py::test_whole_stack_kernel_selects_as_the_pytorch_reference"]
 
 
 def test_the_avx2_build_passes_the_kernel_parity_tests(avx2_build):

@@ -101,8 +101,9 @@ def brute_force_selection(q, summaries, table, context_len, budget_blocks, block
         for b in range(num_blocks):
             high, low = summaries[h // group, table[b], :dim], summaries[h // group, table[b], dim:]
             upper[h, b] = torch.maximum(q[h] * high, q[h] * low).sum()
-    score = torch.softmax(upper * scale, dim=-1).sum(0)
-    others = sorted(range(1, num_blocks - 1), key=lambda b: -score[b])[:budget_blocks - 2]
+    # The last block (kept anyway, maybe partial) stays out of the softmax; ties go to the earlier block.
+    score = torch.softmax(upper[:, :-1] * scale, dim=-1).sum(0)
+    others = sorted(range(1, num_blocks - 1), key=lambda b: (-score[b], b))[:budget_blocks - 2]
     return [table[b].item() for b in sorted([0, num_blocks - 1, *others])]
 
 
@@ -167,24 +168,112 @@ def test_sparse_attention_is_dense_attention_over_the_chosen_blocks():
             torch.testing.assert_close(out[i].float().view(heads, dim), expected, atol=tolerance, rtol=tolerance)
 
 
+needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="the fused CPU kernels do not build here")
+
+
+def random_selection_case(seed, lens, width, heads, kv_heads, dim, pool, ties=False):
+    """bf16 queries and summaries (max >= min) over random tables; with `ties`, every block's
+    summary the same, so that every score ties and the earlier blocks must win."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randn(kv_heads, 1 if ties else pool, 2, dim, generator=g).expand(kv_heads, pool, 2, dim)
+    summaries = torch.cat((pairs.amax(2), pairs.amin(2)), dim=-1).to(torch.bfloat16).contiguous()
+    tables = torch.stack([torch.randperm(pool, generator=g)[:width] for _ in lens])
+    q = torch.randn(len(lens), heads, dim, generator=g).to(torch.bfloat16)
+    return q, summaries, tables, torch.tensor(lens)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size,budget,ties", [
+    (4, 2, 64, 16, 8, False), (9, 3, 64, 16, 4, False), (6, 2, 32, 4, 5, False), (8, 1, 128, 8, 2, False),
+    (4, 2, 64, 16, 6, True)])
+def test_kernel_selection_is_the_references(heads, kv_heads, dim, block_size, budget, ties):
+    """The fused kernel's selection (csrc/quest.h, what decode_stack runs in every layer) is
+    quest_select's: the same blocks, in the same order, and the same keys seen; a tie goes to the
+    earlier block in both."""
+    ops = cpu_kernels.load()
+    lens = [1, 3 * block_size, 20 * block_size + 3, 70 * block_size, 9 * block_size - 1]  # within the budget, and not
+    width = -(-max(lens) // block_size)
+    q, summaries, tables, context = random_selection_case(7, lens, width, heads, kv_heads, dim, pool=200, ties=ties)
+    scale = dim ** -0.5
+    expected = quest_select(q, summaries, tables, context, budget, block_size, scale)
+    got = ops.quest_select(q, summaries, tables, context, budget, block_size, scale)
+    assert torch.equal(got[1], expected[1])
+    for i, n in enumerate(context.tolist()):  # past its own blocks a short table holds any block
+        kept = min(budget, -(-n // block_size))
+        assert torch.equal(got[0][i, :kept], expected[0][i, :kept]), i
+    if ties:  # the first budget - 1 blocks and the last
+        assert got[0][3].tolist() == tables[3, :budget - 1].tolist() + [tables[3, 69].item()]
+    # Strided q rows (decode_stack hands the kernel its rows of the fused qkv) select the same.
+    wide = torch.cat((q.view(len(lens), -1), torch.zeros(len(lens), 3 * dim, dtype=q.dtype)), dim=1)
+    strided = wide[:, :heads * dim].view(len(lens), heads, dim)
+    assert torch.equal(ops.quest_select(strided, summaries, tables, context, budget, block_size, scale)[0], got[0])
+
+
 # ---- end to end ------------------------------------------------------------------------------
+def sparse_stack_steps(llm) -> list[int]:
+    """Wraps the whole-stack kernel's runner: the number of sparse decodes of each step it took."""
+    model = llm.engine.core.runner.model
+    run_stack, steps = model._run_stack, []
+
+    def counted(input_ids, positions, meta, kv_caches):
+        hidden = run_stack(input_ids, positions, meta, kv_caches)
+        if hidden is not None and meta.sparse is not None:
+            steps.append(meta.sparse.end - meta.sparse.start)
+        return hidden
+
+    model._run_stack = counted
+    return steps
+
+
 @pytest.mark.parametrize("model,dtype", [("llama_gqa", "float32"), ("llama_head64", "bfloat16")])
 def test_budget_covering_the_context_equals_dense(checkpoints, selections, model, dtype):
     """Requests whose contexts fit the budget, decoded in the same steps as one that does not:
     they go through the selection (which keeps all their blocks) and give dense output exactly.
-    float32 through PyTorch; bf16 with head dim 64 through the fused kernels (layer by layer:
-    the whole-stack kernel takes one table for every layer)."""
+    float32 through PyTorch; bf16 with head dim 64 through the whole-stack kernel where the
+    kernels build (it selects in C++)."""
     prompts = random_prompts([400, 150, 60, 20])
     dense = LLM(str(checkpoints[model]), dtype=dtype, num_kv_blocks=96, max_num_batched_tokens=64)
     quest = LLM(str(checkpoints[model]), dtype=dtype, num_kv_blocks=96, max_num_batched_tokens=64,
                 sparse_attention="quest", sparse_token_budget=256, sparse_min_context=32)
+    stack_steps = sparse_stack_steps(quest) if quest.engine.core.runner.model._stack is not None else None
     expected = [o.outputs[0].token_ids for o in dense.generate(prompts, GREEDY, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in quest.generate(prompts, GREEDY, use_tqdm=False)]
     assert got[1:] == expected[1:]
     assert len(set(map(tuple, expected))) > 1 and len(set(expected[1])) > 1  # not a degenerate model
     # The sparse path ran beside the long prompt, for the three prompts past sparse_min_context.
-    assert selections and max(len(lens) for _, _, _, lens, _ in selections) == 3
+    if stack_steps is None:
+        assert selections and max(len(lens) for _, _, _, lens, _ in selections) == 3
+    else:
+        assert stack_steps and max(stack_steps) == 3
     quest.engine.core.check_integrity()
+
+
+@needs_kernels
+def test_whole_stack_kernel_selects_as_the_pytorch_reference(checkpoints):
+    """bf16 decodes that leave blocks out, through the whole-stack kernel (selection in C++): each
+    step's hidden states are those of the layer-by-layer path (the fused kernels, the selection
+    in PyTorch) bit for bit, and the greedy tokens those of a server without the whole-stack kernel."""
+    prompts = random_prompts([300, 170, 90], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kwargs = dict(dtype="bfloat16", num_kv_blocks=96, block_size=16, sparse_attention="quest",
+                  sparse_token_budget=64, sparse_min_context=64)
+    fused = LLM(str(checkpoints["llama_head64"]), **kwargs)
+    model = fused.engine.core.runner.model
+    assert model._stack is not None
+    run_stack, compared = model._run_stack, []
+
+    def stack_and_layers(input_ids, positions, meta, kv_caches):
+        hidden = run_stack(input_ids, positions, meta, kv_caches)
+        if hidden is not None and meta.sparse is not None:
+            assert torch.equal(hidden, model._forward_fused(input_ids, positions, meta, kv_caches))
+            compared.append(meta.sparse.end - meta.sparse.start)
+        return hidden
+
+    model._run_stack = stack_and_layers
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params, use_tqdm=False)]
+    assert compared and max(compared) == 3  # all three leave blocks out (a budget of 4 blocks)
+    layered = LLM(str(checkpoints["llama_head64"]), decode_stack=False, **kwargs)
+    assert got == [o.outputs[0].token_ids for o in layered.generate(prompts, params, use_tqdm=False)]
 
 
 def test_contexts_within_the_budget_attend_densely(checkpoints, selections):

@@ -236,11 +236,16 @@ def quest_step(block_tables: torch.Tensor, context_lens: torch.Tensor, budget_bl
     if keep == width:
         return None
     num_blocks = (context_lens + block_size - 1) // block_size  # [m]
-    past_end = torch.arange(width, device=block_tables.device)[None, :] >= num_blocks[:, None]  # [m, W]
+    columns = torch.arange(width, device=block_tables.device)[None, :]
+    past_end = columns >= num_blocks[:, None]  # [m, W]
     bias = torch.zeros(past_end.shape, dtype=torch.float32, device=block_tables.device).masked_fill_(past_end, -torch.inf)
     force = torch.zeros_like(bias).masked_fill_(past_end, -1.0)  # below every real block (scores are >= 0)
     force[:, 0] = torch.inf
     force.scatter_(1, (num_blocks - 1)[:, None], torch.inf)
+    # The last block stays out of the softmax where blocks are left out: kept anyway, and a partial
+    # block has no summary yet (its slot holds a stale one, or one this step's keys have not
+    # updated where the fused kernel writes summaries after the step).
+    bias.masked_fill_((columns == (num_blocks - 1)[:, None]) & (num_blocks > keep)[:, None], -torch.inf)
     lens = (torch.clamp(num_blocks, max=keep) - 1) * block_size + (context_lens - 1) % block_size + 1
     return QuestStep(block_tables, block_tables.reshape(-1), keep, bias[:, None, :], force, lens)
 
@@ -253,7 +258,8 @@ def quest_choose(q: torch.Tensor, summaries: torch.Tensor, step: QuestStep, scal
     (one matmul in the summaries' dtype); per head the bounds go through a softmax over the
     sequence's blocks (heads weigh alike, whatever their scale) and a block's score is the sum
     over the heads, as one table serves every head of the sequence. The first and last (partial)
-    blocks are always kept, then the best others."""
+    blocks are always kept, then the best others, a tie to the earlier block. The fused kernel
+    (csrc/quest.h, inside decode_stack) computes the same, rounding where this rounds."""
     m, num_heads, head_dim = q.shape
     kv_heads, width = summaries.shape[0], step.block_tables.shape[1]
     q = q * (head_dim ** -0.5 if scale is None else scale)  # the softmax's scale, on the few query rows
@@ -263,7 +269,10 @@ def quest_choose(q: torch.Tensor, summaries: torch.Tensor, step: QuestStep, scal
     upper = torch.matmul(bounds, signed.transpose(-1, -2))  # [KVH, m, W, G]
     upper = upper.transpose(2, 3).to(torch.float32) + step.bias  # [KVH, m, G, W]: softmax along rows
     score = torch.softmax(upper, dim=-1).sum(dim=(0, 2)) + step.force  # [m, W]
-    chosen = score.topk(step.keep, dim=1).indices.sort(dim=1).values  # past-the-end ones sort last
+    # The best `keep`, a tie to the earlier block (a stable sort; topk's order among ties is
+    # unspecified), as the fused kernel breaks it (csrc/quest.h). Past-the-end ones sort last.
+    best = score.sort(dim=1, descending=True, stable=True).indices[:, :step.keep]
+    chosen = best.sort(dim=1).values
     return step.block_tables.gather(1, chosen)
 
 

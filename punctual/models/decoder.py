@@ -159,7 +159,6 @@ class DecoderModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         # The layer stack as one kernel call (decode_stack) where every linear has a fused kernel.
-        self._logged_sparse_fallback = False
         self._stack = (self._decode_stack_args() if self.kernels is not None and kernel_choices.decode_stack
                        and arch.in_decode_stack and tensor_parallel is None and resident_layers else None)
         if tensor_parallel is not None and self.kernels is not None and kernel_choices.decode_stack:
@@ -384,15 +383,12 @@ class DecoderModel:
         num_tokens = input_ids.shape[0]
         if meta.kernel_tokens != num_tokens or num_tokens > max_rows:
             return None
-        if meta.sparse is not None:
-            # decode_stack reads one block table for every layer; Quest picks blocks per layer.
-            if not self._logged_sparse_fallback:
-                logger.info("sparse decodes run the fused kernels layer by layer: the whole-stack kernel takes one "
-                            "block table for all layers, Quest chooses blocks in each")
-                self._logged_sparse_fallback = True
-            return None
         quantized = bool(kv_caches) and kv_caches[0].quantized  # int8 caches: their scales too
         arch = self.arch
+        # Quest: the kernel picks each sparse decode's blocks per layer from the summaries (quest.h).
+        sparse = meta.sparse if kv_caches and kv_caches[0].summaries is not None else None
+        sparse_args = (([c.summaries for c in kv_caches], sparse.start, sparse.end, sparse.budget_blocks)
+                       if sparse is not None else ([], 0, 0, 0))
         # One positions tensor for RoPE and attention: with every token in the kernel's metadata,
         # its kernel_positions are this tensor (the runner hands the same one to both).
         return self.kernels.decode_stack(
@@ -400,7 +396,7 @@ class DecoderModel:
             [c.k for c in kv_caches], [c.v for c in kv_caches], meta.slot_mapping, meta.kernel_block_tables,
             meta.kernel_seq_of_token, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps,
             meta.kernel_window, arch.scale, [c.k_scale for c in kv_caches] if quantized else [],
-            [c.v_scale for c in kv_caches] if quantized else [])
+            [c.v_scale for c in kv_caches] if quantized else [], *sparse_args)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -1115,6 +1115,32 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// A row of n fp32 scores into its softmax, in place (paged_attention's loop; Quest's selection).
+void softmax_(float* sc, int64_t n) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+  __m512 peak_v = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < full; j += 16) peak_v = _mm512_max_ps(peak_v, _mm512_loadu_ps(sc + j));
+  if (tail) peak_v = _mm512_mask_max_ps(peak_v, tail, peak_v, _mm512_maskz_loadu_ps(tail, sc + full));
+  const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(peak_v));
+  __m512 total_v = _mm512_setzero_ps();
+  for (int64_t j = 0; j < full; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), peak));
+    _mm512_storeu_ps(sc + j, e);
+    total_v = _mm512_add_ps(total_v, e);
+  }
+  if (tail) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + full), peak));
+    _mm512_mask_storeu_ps(sc + full, tail, e);
+    total_v = _mm512_mask_add_ps(total_v, tail, total_v, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total_v));
+  for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(sc + j, _mm512_mul_ps(_mm512_loadu_ps(sc + j), inv));
+  if (tail) _mm512_mask_storeu_ps(sc + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + full), inv));
+}
+
+#include "quest.h"
+
 #include "stack.h"
 
 #include "lora.h"
@@ -1143,5 +1169,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("decode_stack(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos, Tensor sin, Tensor?[] weights, "
         "int[] kinds, int[] groups, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor seq_of_token, int heads, int kv_heads, int head_dim, float eps, int window, "
-        "float scale, Tensor[] k_scales, Tensor[] v_scales) -> Tensor", decode_stack);
+        "float scale, Tensor[] k_scales, Tensor[] v_scales, Tensor[] summaries, int sparse_start, "
+        "int sparse_end, int budget_blocks) -> Tensor", decode_stack);
+  m.def("quest_select(Tensor q, Tensor summaries, Tensor block_tables, Tensor context_lens, int budget_blocks, "
+        "int block_size, float scale) -> (Tensor, Tensor)", quest_select);
 }

@@ -935,6 +935,33 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// A row of n fp32 scores into its softmax, in place (paged_attention's loop; Quest's selection).
+void softmax_(float* sc, int64_t n) {
+  float peak = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) peak = std::max(peak, sc[j]);
+  const int64_t full = n / 8 * 8;
+  v8f total_v = splat(0.f);
+  for (int64_t j = 0; j < full; j += 8) {
+    const v8f e = exp8(loadf(sc + j) - splat(peak));
+    storef(sc + j, e);
+    total_v += e;
+  }
+  float total = reduce_add8(total_v);
+  if (full < n) {
+    v8f rest = splat(-INFINITY);
+    for (int64_t j = full; j < n; ++j) rest[j - full] = sc[j];
+    const v8f e = exp8(rest - splat(peak));
+    for (int64_t j = full; j < n; ++j) {
+      sc[j] = e[j - full];
+      total += sc[j];
+    }
+  }
+  const float inv = 1.f / total;
+  for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+}
+
+#include "quest.h"
+
 #include "stack.h"
 
 #include "lora.h"
@@ -963,5 +990,8 @@ TORCH_LIBRARY(punctual, m) {
   m.def("decode_stack(Tensor input_ids, Tensor positions, Tensor embed, Tensor cos, Tensor sin, Tensor?[] weights, "
         "int[] kinds, int[] groups, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor seq_of_token, int heads, int kv_heads, int head_dim, float eps, int window, "
-        "float scale, Tensor[] k_scales, Tensor[] v_scales) -> Tensor", decode_stack);
+        "float scale, Tensor[] k_scales, Tensor[] v_scales, Tensor[] summaries, int sparse_start, "
+        "int sparse_end, int budget_blocks) -> Tensor", decode_stack);
+  m.def("quest_select(Tensor q, Tensor summaries, Tensor block_tables, Tensor context_lens, int budget_blocks, "
+        "int block_size, float scale) -> (Tensor, Tensor)", quest_select);
 }

@@ -77,13 +77,20 @@ void write_kv_int8(const at::Tensor& qkv, int64_t q_size, int64_t kv_heads, int6
 // down as four slots each (kind-dependent tensors, then the bias), kinds and groups one per
 // linear; caches one K and one V per layer (bf16, or int8 with one K and one V scale tensor per
 // layer in k_scales, v_scales; empty for bf16). Returns the final norm's output [T, hidden].
+//
+// Sparse decodes (Quest): tokens [sparse_start, sparse_end) are one-token decodes whose
+// sequences attend in each layer over at most budget_blocks blocks, picked by quest_choose_rows
+// from that layer's summaries (one [KVH, blocks, 2D] bf16 tensor per layer; empty, with
+// sparse_start == sparse_end, where no decode is sparse). RoPE keeps their true positions; the
+// attention reads a per-layer copy of their table rows and the position of their last key there.
 at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed,
                         const at::Tensor& cos_table, const at::Tensor& sin_table,
                         const c10::List<c10::optional<at::Tensor>>& weight_list, at::IntArrayRef kinds,
                         at::IntArrayRef groups, const at::Tensor& final_norm, at::TensorList k_caches,
                         at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                         const at::Tensor& seq_of_token, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                        double eps, int64_t window, double scale, at::TensorList k_scales, at::TensorList v_scales) {
+                        double eps, int64_t window, double scale, at::TensorList k_scales, at::TensorList v_scales,
+                        at::TensorList summaries, int64_t sparse_start, int64_t sparse_end, int64_t budget_blocks) {
   const int threads = at::get_num_threads();
   // The layers, run by the leader (or alone, with one thread).
   auto run_layers = [&]() -> at::Tensor {
@@ -107,6 +114,27 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
     at::Tensor residual = embed.index_select(0, input_ids);
     const at::Tensor cos = cos_table.index_select(0, positions), sin = sin_table.index_select(0, positions);
     at::Tensor delta;
+    // Quest: the tables and positions the attention reads, the sparse rows rewritten per layer.
+    const bool sparse = sparse_end > sparse_start;
+    at::Tensor tables = block_tables, attention_positions = positions;
+    std::vector<int64_t> sparse_rows, sparse_lens;
+    if (sparse) {
+      TORCH_CHECK(static_cast<int64_t>(summaries.size()) == layers && window == 0 && sparse_start >= 0 &&
+                  sparse_end <= tokens && block_tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  seq_of_token.scalar_type() == at::kLong, "decode_stack: sparse decodes need one summaries tensor per "
+                  "layer, full attention, int64 tables and positions, and tokens within the step");
+      tables = block_tables.contiguous().clone();
+      attention_positions = positions.contiguous().clone();
+      const int64_t* seq = seq_of_token.contiguous().data_ptr<int64_t>();
+      int64_t* at_pos = attention_positions.data_ptr<int64_t>();
+      const int64_t block_size = k_caches[0].size(1);
+      for (int64_t t = sparse_start; t < sparse_end; ++t) {
+        sparse_rows.push_back(seq[t]);
+        sparse_lens.push_back(at_pos[t] + 1);
+        at_pos[t] = quest_context(at_pos[t] + 1, budget_blocks, block_size) - 1;
+      }
+    }
+    const at::Tensor whole_tables = sparse ? block_tables.contiguous() : block_tables;
     for (int64_t layer = 0; layer < layers; ++layer) {
       const size_t base = 20 * layer;
       const int64_t* kind = kinds.data() + 4 * layer;
@@ -137,7 +165,19 @@ at::Tensor decode_stack(const at::Tensor& input_ids, const at::Tensor& positions
         write_kv(qkv, q_size, kv_size, k_cache, v_cache, slots);
       }
       const at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, heads, head_dim});
-      at::Tensor attn = paged_attention(q, k_cache, v_cache, block_tables, seq_of_token, positions, window, scale,
+      if (sparse) {
+        const at::Tensor& layer_summaries = summaries[layer];
+        TORCH_CHECK(layer_summaries.dim() == 3 && layer_summaries.scalar_type() == at::kBFloat16 &&
+                    layer_summaries.is_contiguous() && layer_summaries.size(0) == kv_heads &&
+                    layer_summaries.size(2) == 2 * head_dim, "decode_stack: bf16 summaries [KVH, blocks, 2D]");
+        quest_choose_rows(reinterpret_cast<const uint16_t*>(qkv.data_ptr()) + sparse_start * qkv.stride(0),
+                          qkv.stride(0), sparse_end - sparse_start, heads, kv_heads, head_dim, float(scale),
+                          reinterpret_cast<const uint16_t*>(layer_summaries.data_ptr()), layer_summaries.size(1),
+                          whole_tables.data_ptr<int64_t>(), whole_tables.size(1), sparse_rows.data(),
+                          sparse_lens.data(), budget_blocks, k_cache.size(1), tables.data_ptr<int64_t>(),
+                          tables.size(1));
+      }
+      at::Tensor attn = paged_attention(q, k_cache, v_cache, tables, seq_of_token, attention_positions, window, scale,
                                         k_scale, v_scale);
       x = rms_norm(stack_linear(attn, w, base + 8, kind[1], group[1]), *w[base + 1], eps, residual);
       delta = stack_linear(silu_mul(stack_linear(x, w, base + 12, kind[2], group[2])), w, base + 16, kind[3], group[3]);
