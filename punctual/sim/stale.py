@@ -152,7 +152,11 @@ def window_start(time: float, staleness_s: float) -> float:
     if staleness_s <= 0:
         return time
     boundary = math.floor(time / staleness_s) * staleness_s
-    return boundary if boundary <= time else boundary - staleness_s
+    if boundary > time:  # the division rounded up
+        boundary -= staleness_s
+    elif boundary + staleness_s <= time:  # or down
+        boundary += staleness_s
+    return boundary
 
 
 class StaleRouterSimulator:
@@ -265,8 +269,8 @@ class StaleRouterSimulator:
             self.num_windows += 1
             outgoing = [[] for _ in range(shards)]
             end = boundary + self.staleness_s
-            while position < len(order) and (arrivals[order[position]] < end or
-                                             arrivals[order[position]] == boundary):
+            first = position
+            while position < len(order) and (position == first or arrivals[order[position]] < end):
                 i = order[position]
                 request = sim_requests[i]
                 replica_id = self._route(request.prompt_token_ids, request.user)
