@@ -48,6 +48,12 @@ class _BlockEvents:
         self.events.extend((False, gid, h) for h in block_hashes)
 
 
+class _TakenOnce(dict):
+    """The shard's pending requests for Simulator._loop, which reads each once, at its arrival."""
+
+    __getitem__ = dict.pop
+
+
 class _Shard:
     """A worker's replicas and the run in progress on them."""
 
@@ -77,7 +83,10 @@ class _Shard:
         simulator.now, simulator._run_id = start, run_id
         self.sender = SimSender(simulator, keep_token_times, slo)
         self.stats, self.records = StreamedStats(), []
-        self.requests, self.routes, self.admits = [], [], []
+        # Position -> request, taken out as it arrives: a shard holds only those not yet arrived
+        # (its outcome holds a request in flight), not a million prompts to the run's end.
+        self.requests, self.routes, self.admits = _TakenOnce(), [], []
+        self.num_requests = 0
         self.in_flight = {}
         self.start_s, self.last_finish = start, start
         self._gc = _long_lived_objects_frozen()
@@ -92,8 +101,9 @@ class _Shard:
         """Take the arrivals (each at its own time, on its replica) and run to `until` (None: the end)."""
         simulator = self.simulator
         for index, prompt, output_len, user, prompt_len, arrival, admit, local in arrivals:
-            position = len(self.requests)
-            self.requests.append(SimRequest(index, prompt, output_len, user, prompt_len))
+            position = self.num_requests
+            self.num_requests += 1
+            self.requests[position] = SimRequest(index, prompt, output_len, user, prompt_len)
             self.routes.append(local)
             self.admits.append(admit)
             simulator._push(arrival, ARRIVAL, position)
@@ -236,15 +246,15 @@ class StaleRouterSimulator:
         self._changed.add(replica_id)
         return replica_id
 
-    def _admit_delays(self, requests: list[SimRequest]) -> list[float]:
-        """Simulator._admit_delays, for this run."""
+    def _admit_delays(self, count: int) -> list[float]:
+        """Simulator._admit_delays, for this run's requests 0..count-1."""
         table = self.profile.admit_quantiles
         if table is None:
-            return [self.profile.admit_s] * len(requests)
-        return [draw(table, uniform(request_key(self._run_id, r.index, self.spread_seed))) for r in requests]
+            return [self.profile.admit_s] * count
+        return [draw(table, uniform(request_key(self._run_id, index, self.spread_seed))) for index in range(count)]
 
     def run_shards(self, requests, offsets, concurrency, keep_token_times, slo):
-        from punctual.sim.loadgen import StreamedStats, to_sim_requests
+        from punctual.sim.loadgen import StreamedStats, token_ids
 
         if concurrency is not None:
             if concurrency < len(requests):
@@ -254,11 +264,10 @@ class StaleRouterSimulator:
         if len(offsets) != len(requests):
             raise ValueError(f"offsets: {len(offsets)} for {len(requests)} requests")
         self._run_id += 1
-        sim_requests = to_sim_requests(requests)
-        admits = self._admit_delays(sim_requests)
+        admits = self._admit_delays(len(requests))
         start = self.now
         arrivals = [start + offset + admit for offset, admit in zip(offsets, admits)]
-        order = sorted(range(len(sim_requests)), key=lambda i: (arrivals[i], i))  # the one-process heap's order
+        order = sorted(range(len(requests)), key=lambda i: (arrivals[i], i))  # the one-process heap's order
         shards = self.num_shards
         self._exchange([("start", self._run_id, start, keep_token_times, slo)] * shards)
         outgoing: list[list[tuple]] = [[] for _ in range(shards)]
@@ -272,11 +281,11 @@ class StaleRouterSimulator:
             first = position
             while position < len(order) and (position == first or arrivals[order[position]] < end):
                 i = order[position]
-                request = sim_requests[i]
-                replica_id = self._route(request.prompt_token_ids, request.user)
-                outgoing[replica_id % shards].append((request.index, request.prompt_token_ids, request.output_len,
-                                                      request.user, request.prompt_len, arrivals[i], admits[i],
-                                                      replica_id // shards))
+                request = requests[i]
+                prompt = token_ids(request.prompt)  # here, not all up front: a million prompts are gigabytes
+                replica_id = self._route(prompt, request.user)
+                outgoing[replica_id % shards].append((i, prompt, request.output_len, request.user, request.prompt_len,
+                                                      arrivals[i], admits[i], replica_id // shards))
                 position += 1
         answers = self._exchange([("finish", outgoing[s]) for s in range(shards)])
         self._take([answer[0] for answer in answers])  # the state the next run starts from
