@@ -79,3 +79,21 @@ def test_window_start_survives_rounding():
     for t in (0.06, 0.3, 0.7, 1.1, 0.1 * 3):
         b = window_start(t, 0.02)
         assert b <= t < b + 0.02
+
+
+def test_sim_processes_flag():
+    """auto: one per CPU on a big open-loop cluster, one process where requests couple replicas;
+    a count must be a whole number >= 1."""
+    import os
+
+    from punctual.sim.cli import AUTO_MIN_REPLICAS, sim_processes
+
+    big, small = _config("cache_aware", AUTO_MIN_REPLICAS), _config("cache_aware", AUTO_MIN_REPLICAS - 1)
+    assert sim_processes("auto", big, None, 0) == len(os.sched_getaffinity(0))
+    assert sim_processes("auto", small, None, 0) == 1
+    assert sim_processes("auto", big, 8, 0) == 1  # a closed loop
+    assert sim_processes("auto", big, None, 4) == 1  # adapters
+    assert sim_processes("3", small, None, 0) == 3
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="--sim-processes"):
+            sim_processes(bad, big, None, 0)
