@@ -10,6 +10,11 @@ an H100 (`punctual sim calibrate llama-3-8b --hardware h100`) unless --profile n
     python benchmarks/bench_sim_scale.py --million            # and 1M / 1,000 replicas
     python benchmarks/bench_sim_scale.py --exact              # each case also planned step by step
     python benchmarks/bench_sim_scale.py --scale 0.02         # a smoke run (2,000 requests, 2 replicas)
+    python benchmarks/bench_sim_scale.py --sim-processes 1    # the exact router in one process
+
+With the CLI's defaults (`--sim-processes auto`: one process per CPU from 32 replicas on) the
+routers that read replica state decide on state up to `--sim-staleness-ms` (10) late
+(punctual/sim/stale.py); --sim-processes 1 times the one-process exact router.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ from punctual.bench.machine import cpu_line
 
 
 def run_case(profile: str, replicas: int, requests: int, rate: float, router: str,
-             exact: bool) -> tuple[float, str, str]:
+             exact: bool, processes: str | None = None) -> tuple[float, str, str]:
     # No --output: the issue's command writes no JSON (an indented JSON of a 100k-request run
     # takes pure-Python encoding time that is not the simulator's).
     command = [sys.executable, "-m", "punctual.cli", "sim", "run", "--profile", profile, "--replicas", str(replicas),
-               "--num-requests", str(requests), "--request-rate", f"{rate:g}", "--router", router, "--no-progress"] + (["--plan-every-step"] if exact else [])
+               "--num-requests", str(requests), "--request-rate", f"{rate:g}", "--router", router, "--no-progress"] + (["--plan-every-step"] if exact else []) + \
+              (["--sim-processes", processes] if processes else [])
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -39,6 +45,8 @@ def run_case(profile: str, replicas: int, requests: int, rate: float, router: st
     text = done.stdout + done.stderr
     simulated = next((line for line in text.splitlines() if line.startswith("simulated")), "")
     summary = next((line for line in text.splitlines() if line.startswith("sim ")), "")
+    split = next((line for line in text.splitlines() if " processes: " in line), "")
+    simulated += f" [{split}]" if split else ""
     return wall, simulated, summary + " | " + " ".join(command[2:])
 
 
@@ -49,6 +57,7 @@ def main() -> int:
     parser.add_argument("--million", action="store_true", help="also 1,000,000 requests over 1,000 replicas")
     parser.add_argument("--exact", action="store_true", help="also run each case with --plan-every-step")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink requests, replicas and rate (smoke runs)")
+    parser.add_argument("--sim-processes", default=None, help="passed to sim run (default: its own, auto)")
     args = parser.parse_args()
     out_dir = tempfile.mkdtemp(prefix="bench_sim_scale_")
     profile = args.profile
@@ -64,7 +73,8 @@ def main() -> int:
         rate = rate * args.scale
         for router in [r.strip() for r in args.routers.split(",") if r.strip()]:
             for exact in ([False, True] if args.exact else [False]):
-                wall, simulated, detail = run_case(profile, replicas, requests, rate, router, exact)
+                wall, simulated, detail = run_case(profile, replicas, requests, rate, router, exact,
+                                                   args.sim_processes)
                 rows.append((f"{requests:,} / {replicas:,}", router, "every step" if exact else "runs", wall,
                              simulated, detail))
                 print(f"# {detail}\n#   {simulated}", file=sys.stderr, flush=True)

@@ -8,6 +8,9 @@ import time
 
 from punctual.sim.sizing import SimFlags, cluster_config
 
+AUTO_MIN_REPLICAS = 32  # below this a run takes seconds: one process, exact routing
+DEFAULT_STALENESS_MS = 10.0  # about one decode step of an 8B model on a GPU (sim/stale.py; measured in the report)
+
 
 def add_sim_parser(subparsers) -> None:
     from punctual.bench.cli import add_load_args
@@ -20,9 +23,16 @@ def add_sim_parser(subparsers) -> None:
     run = sub.add_parser("run", help="simulate `punctual bench` against a cluster; same report, JSON and plots")
     run.add_argument("--profile", required=True, help="step-cost profile (JSON from `punctual sim calibrate`)")
     add_cluster_args(run)
-    run.add_argument("--sim-processes", type=int, default=1,
-                     help="split the replicas across this many processes (only with --router round_robin, whose "
-                          "choices read no replica state: the results are the same as with one)")
+    run.add_argument("--sim-processes", default="auto",
+                     help="split the replicas across this many processes; auto: one per CPU from "
+                          f"{AUTO_MIN_REPLICAS} replicas on (open loop, no --migration, prefill/decode or "
+                          "adapters), else 1. round_robin reads no replica state: the same results as one process; "
+                          "cache_aware and least_loaded then decide on state up to --sim-staleness-ms late")
+    run.add_argument("--sim-staleness-ms", type=float, default=DEFAULT_STALENESS_MS,
+                     help="with --sim-processes > 1 and a router that reads replica state: the shards publish "
+                          "their replicas' loads and prefix-cache events every this many virtual ms and the "
+                          "router decides each arrival on the last publication (0: at every arrival instant, "
+                          "the same results as one process, slower)")
     run.add_argument("--plan-every-step", action="store_true",
                      help="plan every step of every replica (the exact path the default is checked against: the "
                           "same answers, slower); by default a replica's repeated decode steps are priced in runs")
@@ -240,29 +250,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = cluster_config(sim_flags(args), profile, plan.slo)
     if args.plan_every_step:
         config = dataclasses.replace(config, repeat_decode_steps=False)
-    if args.sim_processes < 1:
-        raise ValueError(f"--sim-processes must be >= 1, got {args.sim_processes}")
-    if args.sim_processes > 1:
+    processes = sim_processes(args.sim_processes, config, plan.concurrency, args.num_adapters)
+    if processes > 1 and config.cluster.router == "round_robin":
         from punctual.sim.shards import ShardedSimulator
 
-        simulator = ShardedSimulator(config, profile, args.sim_processes)
+        simulator = ShardedSimulator(config, profile, processes)
+    elif processes > 1:
+        from punctual.sim.stale import StaleRouterSimulator
+
+        simulator = StaleRouterSimulator(config, profile, processes, args.sim_staleness_ms / 1000)
     else:
         simulator = Simulator(config, profile)
-    if args.num_adapters and args.sim_processes > 1:
-        raise ValueError("--num-adapters: not with --sim-processes > 1 (round robin splits ignore adapters)")
+    if args.num_adapters and processes > 1:
+        raise ValueError("--num-adapters: not with --sim-processes > 1 (run adapters in one process)")
     sender = SimSender(simulator, keep_token_times=plan.keep_records, slo=plan.slo,
                        num_adapters=args.num_adapters, adapter_zipf=args.adapter_zipf)
     started, cpu = time.perf_counter(), time.process_time()
     try:
         runs = bench_endpoint(Endpoint("sim://"), plan, system="sim", progress=False, log=_log, send=sender)
     finally:
-        if args.sim_processes > 1:
+        if processes > 1:
             simulator.close()
     sender.patch(runs)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     _log(f"simulated {simulator.now:.1f} virtual s on {config.replicas} replica(s): "
          f"{simulator.num_events} events, {simulator.num_steps} steps in {wall:.1f} s wall, "
          f"{cpu:.1f} s CPU in this process ({simulator.num_events / wall:,.0f} events/s)" if wall > 0 else "")
+    if getattr(simulator, "num_windows", 0):
+        _log(f"{processes} processes: the {config.cluster.router} router decided on replica state up to "
+             f"{args.sim_staleness_ms:g} ms late ({simulator.num_windows} windows)")
     if getattr(simulator, "decode_pool", None):
         _log(f"prefill/decode: {simulator.moves.get('disaggregation', 0)} requests moved their KV to the decode "
              f"pool")
@@ -270,6 +286,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log(f"KV moves: {', '.join(f'{n} {reason}' for reason, n in sorted(simulator.moves.items())) or 'none'} "
              f"landed; {simulator.num_moves_refused} refused or called off (no room, or the request ended first)")
     return finish(args, plan, runs, {})
+
+
+def sim_processes(flag: str, config, concurrency: int | None, num_adapters: int) -> int:
+    """--sim-processes as a count: a number, or auto (one per CPU on a big open-loop cluster
+    whose requests stay on their replica)."""
+    import os
+
+    if flag != "auto":
+        try:
+            processes = int(flag)
+        except ValueError:
+            raise ValueError(f"--sim-processes must be a number or auto, got {flag!r}") from None
+        if processes < 1:
+            raise ValueError(f"--sim-processes must be >= 1, got {processes}")
+        return processes
+    cluster = config.cluster
+    if (cluster.replicas < AUTO_MIN_REPLICAS or cluster.prefill_replicas or cluster.migration or num_adapters
+            or config.lora is not None or concurrency is not None):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -141,6 +141,7 @@ class Simulator:
         self._rebalancing = False  # one rebalancing move at a time, as the cluster client
         self._move_reasons: dict[str, str] = {}  # request id -> why it is moving
         self._held: dict[str, list] = {}  # victim request id -> arrivals waiting for it to make room
+        self._paused: tuple[float, dict] | None = None  # _loop(until=...): the instant it stopped in, its dirty replicas
 
     def _allow_repeats(self) -> None:
         """Runs of repeated steps only where nothing but the replica's own arrivals reads its
@@ -258,8 +259,12 @@ class Simulator:
         return outcomes, last_finish - start
 
     def _loop(self, requests: list[SimRequest], in_flight: dict[str, Outcome], finish: Callable,
-              routes: list[int] | None, admit_of: Callable[[int], float], deliver: float) -> None:
-        """Pop events in time order until none is left."""
+              routes: list[int] | None, admit_of: Callable[[int], float], deliver: float,
+              until: float | None = None) -> None:
+        """Pop events in time order until none is left, or with `until`, pause at that instant
+        once its step ends are applied and before anything is taken in or planned there (a shard
+        of sim/stale.py: its router decides that instant's arrivals first); the next call goes
+        on with that instant."""
         heap, replicas = self._heap, self.replicas
         config = self.config
         migration = config.cluster.migration
@@ -267,11 +272,20 @@ class Simulator:
         per_stream = self.profile.deliver_per_stream_s
         prefix = f"{self._run_id}-"
         self._in_flight, self._finish = in_flight, finish
-        while heap:
-            now = heap[0][0]
+        paused, self._paused = self._paused, None
+        while heap or paused is not None:
+            if paused is not None:  # the instant a pause left: its arrivals, then its planning
+                now, dirty = paused
+                paused = None
+            else:
+                now = heap[0][0]
+                if until is not None and now > until:
+                    break
+                dirty: dict[int, SimReplica] = {}
             self.now = now
-            dirty: dict[int, SimReplica] = {}
             while heap and heap[0][0] == now:
+                if until is not None and now == until and heap[0][1] != STEP_DONE:
+                    break
                 _, kind, seq, payload = heapq.heappop(heap)
                 self.num_events += 1
                 if kind == STEP_DONE:
@@ -354,6 +368,9 @@ class Simulator:
                         continue
                     self._send(outcome, replica, now)
                     dirty[index] = replica
+            if until is not None and now == until:
+                self._paused = (now, dirty)
+                break
             for replica in dirty.values():
                 if replica.busy:
                     continue

@@ -1,6 +1,7 @@
 """A cluster split across worker processes: each simulates a fixed share of the replicas.
 
-Only for routing that reads no replica state (round_robin): then which replica a request goes
+Only for routing that reads no replica state (round_robin; the routers that read it shard under
+sim/stale.py, on state a window late): then which replica a request goes
 to is known before it is simulated, and the shards never need each other's clocks, so they run
 in parallel and their answers are exactly the one-process simulator's. Shard s owns replicas
 s, s + S, s + 2S, ... (global ids); a worker keeps its replicas (prefix caches, cost models)

@@ -183,7 +183,7 @@ def test_split_across_processes_gives_the_same_runs(profile_path, tmp_path):
         runs.append(json.loads(out.read_text())["runs"])
     assert runs[0] == runs[1]
     assert main(sim_argv(profile_path, tmp_path / "x.json", "--replicas", "2", "--router", "least_loaded",
-                         "--sim-processes", "2")) != 0
+                         "--concurrency", "4", "--sim-processes", "2")) != 0  # a closed loop couples the replicas
 
 
 @pytest.mark.parametrize("spread", [False, True])
