@@ -67,11 +67,14 @@ QUESTIONS = (
     "Why do we have leap years?",
 )
 
+# Modules whose documentation does not change with what else is imported: `inspect` was one of
+# them until torch was seen to replace inspect.getfile on import, which made a workload's text
+# depend on whether the tool that generated it had imported torch.
 DOCUMENT_MODULES = (
     "argparse", "difflib", "statistics", "textwrap", "heapq", "json", "csv", "fractions", "decimal", "collections",
     "functools", "itertools", "pathlib", "logging", "unittest", "email", "http.client", "asyncio", "threading",
     "datetime", "calendar", "random", "re", "string", "shutil", "subprocess", "zipfile", "tarfile", "sqlite3",
-    "urllib.parse", "enum", "dataclasses", "typing", "contextlib", "inspect", "pickle", "socket", "codecs",
+    "urllib.parse", "enum", "dataclasses", "typing", "contextlib", "shlex", "pickle", "socket", "codecs",
 )
 
 SOURCE_FILES = (

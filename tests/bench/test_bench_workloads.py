@@ -182,3 +182,18 @@ def test_salt_changes_words_but_not_lengths(name):
     if name == "shared-prefix":  # the shared documents stay shared across salts
         prefix = lambda r: r.prompt.split("\n\n")[0]  # noqa: E731
         assert {prefix(r) for r in a} == {prefix(r) for r in b}
+
+
+def test_text_does_not_depend_on_what_else_is_imported():
+    """`punctual bench` (no torch) and an in-process benchmark or the simulator's validation
+    (torch imported) must cut the same prompts from the same seed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hashlib\n"
+            "if sys.argv[1] == 'torch':\n    import torch\n"
+            "from punctual.bench import corpus\n"
+            "print(hashlib.sha256('\\x00'.join(corpus.documents()).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code, first], capture_output=True, text=True,
+                              check=True).stdout for first in ("plain", "torch")}
+    assert len(digests) == 1
