@@ -941,6 +941,8 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 }  // namespace
 
+#include "gemm_prep.h"
+
 TORCH_LIBRARY(punctual, m) {
   m.def("lora_sgmv_(Tensor(a!) out, Tensor x, Tensor rows, Tensor offsets, Tensor[] a, Tensor parts, Tensor[] b) -> Tensor",
         lora_sgmv_);
