@@ -142,33 +142,41 @@ at::Tensor dequantize_int4(const at::Tensor& nibbles, const at::Tensor& scales, 
   const int64_t groups = k / group;
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == groups && scales.size(1) == n && scales.size(2) == 2,
               "dequantize_int4: scales must be [K/group, N, 2]");
-  // [N, K/g, 2] in bf16: one output row's groups side by side.
-  const auto sz = scales.to(at::kBFloat16).permute({1, 0, 2}).contiguous();
+  // Read in place (a permuted copy cost a third of the pass): fp32 ones rounded to bf16 as read.
+  const auto sc = scales.contiguous();
+  const bool fp32 = sc.scalar_type() == at::kFloat;
+  TORCH_CHECK(fp32 || sc.scalar_type() == at::kBFloat16, "dequantize_int4: scales must be bf16 or fp32");
+  const auto* s32 = fp32 ? sc.data_ptr<float>() : nullptr;
+  const auto* s16 = fp32 ? nullptr : reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  const auto scale_at = [&](int64_t i) {
+    return fp32 ? static_cast<float>(c10::BFloat16(s32[i])) : bf16_bits_to_float(s16[i]);
+  };
   auto out = at::empty({n, k}, nibbles.options().dtype(at::kBFloat16));
   const auto* np = nibbles.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(sz.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t r = n0; r < n1; ++r)
       for (int64_t g = 0; g < groups; ++g) {
-        const float s = bf16_bits_to_float(sp[(r * groups + g) * 2]);
-        const float z = bf16_bits_to_float(sp[(r * groups + g) * 2 + 1]);
+        const float s = scale_at((g * n + r) * 2);
+        const float z = scale_at((g * n + r) * 2 + 1);
         const uint8_t* src = np + r * k / 2 + g * group / 2;
         uint16_t* dst = op + r * k + g * group;
         int64_t i = 0;
 #if defined(__AVX512BF16__)
-        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z), eight = _mm512_set1_ps(8.f);
-        // 16 outputs from 8 bytes: byte j -> lanes 2j (low nibble) and 2j + 1 (high).
-        for (; i + 16 <= group; i += 16) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i / 2)));
-          const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-          const __m512i spread = _mm512_permutexvar_epi32(idx, bytes);
-          const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-          const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(spread, shifts), _mm512_set1_epi32(15));
-          const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), eight), sv);  // exact in fp32 (4 by 8 bits)
-          const __m512 tr = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(t)), 16));  // rounded to bf16
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(tr, zv)));
+        // The group's 16 possible values, computed with the roundings below, then looked up: 32
+        // nibbles -> 32 bf16 per vpermw (a quarter of the instructions of computing each one).
+        const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_set_epi32(
+            15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), _mm512_set1_ps(8.f)), _mm512_set1_ps(s));  // exact
+        const __m512 rounded = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(scaled)), 16));  // to bf16
+        const __m512i lut =
+            _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(rounded, _mm512_set1_ps(z))));
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        for (; i + 32 <= group; i += 32) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i / 2));
+          const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+          const __m256i idx8 = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+          _mm512_storeu_si512(dst + i, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx8), lut));
         }
 #endif
         for (; i < group; ++i) {
