@@ -21,7 +21,9 @@ With the fused kernels, which path runs for how many rows is the CPU's kernel ta
 (kernels/tune_table.py); the constants below are the rule measured on the AMD EPYC. On a CPU with
 AMX-INT8 (or VNNI) the table may send int8's big batches through `int8_gemm`: each row of x
 quantized to int8 (absmax per row, llama.cpp's Q8 activations) and an int8 x int8 -> int32 GEMM
-in oneDNN on tiles, scaled by row scale x weight scale.
+in oneDNN on tiles, scaled by row scale x weight scale (the quantizing and the scaling one C++ pass
+each: csrc/gemm_prep.h's linear_int8_gemm); and int4's prompt chunks may dequantize in one C++ pass
+(dequantize_int4) for oneDNN's bf16 GEMM.
 """
 from __future__ import annotations
 
