@@ -86,7 +86,10 @@ PARITY_TESTS = [
      "tests/test_attention.py::test_fused_kernel_names_an_int8_cache_it_cannot_read",
      "tests/test_lora.py::test_the_sgmv_kernel_adds_what_the_pytorch_ops_add",
      "tests/test_sparse_attention.py::test_kernel_selection_is_the_references",
-     "tests/test_sparse_attention.py::test_whole_stack_kernel_selects_as_the_pytorch_reference"]
+     "tests/test_sparse_attention.py::test_whole_stack_kernel_selects_as_the_pytorch_reference",
+     # csrc/gemm_prep.h's plain loops (the AVX-512 build takes intrinsics): the PyTorch steps bit for bit.
+     "tests/test_kernel_table.py::test_int8_gemm_op_is_the_pytorch_steps_bit_for_bit",
+     "tests/test_kernel_table.py::test_dequantize_int4_op_is_dequantize_bit_for_bit"]
 
 
 def test_the_avx2_build_passes_the_kernel_parity_tests(avx2_build):

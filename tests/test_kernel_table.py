@@ -143,6 +143,43 @@ def test_int8_gemm_is_the_int8_activation_math():
 
 @needs_kernels
 @needs_int8_gemm
+@pytest.mark.parametrize("rows,k", [(1, 256), (40, 256), (33, 200), (300, 72)])  # k % 32, k % 16: vector tails
+def test_int8_gemm_op_is_the_pytorch_steps_bit_for_bit(rows, k):
+    """linear_int8_gemm (C++: quantize rows, oneDNN's GEMM, scale and bias in one pass) gives what the
+    PyTorch ops of int8_gemm_torch give, bit for bit, with and without a bias."""
+    gen = torch.Generator().manual_seed(rows + k)
+    q = quantize_int8((torch.randn(96, k, generator=gen) * 0.05).bfloat16())
+    q.attach_fused(ops, table=INT8_GEMM_RULE)
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8).bfloat16()
+    x[rows // 2] = 0  # an all-zero row: scale 0, the output is the bias
+    bias = torch.randn(96, generator=gen).bfloat16()
+    for b in (bias, None):
+        out = ops.linear_int8_gemm(x, q.gemm, q.fused_scales, q.gemm_zero_points, b)
+        assert torch.equal(out, quant.int8_gemm_torch(x, q.gemm, q.fused_scales, q.gemm_zero_points, b))
+    # The model's int8_gemm path takes the op.
+    assert torch.equal(q.run("int8_gemm", x, bias), quant.int8_gemm_torch(x, q.gemm, q.fused_scales, q.gemm_zero_points, bias))
+    with pytest.raises(RuntimeError, match="bias has 95 values, expected 96"):
+        ops.linear_int8_gemm(x, q.gemm, q.fused_scales, q.gemm_zero_points, bias[:95])
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])  # float32: a GGUF file's exact scales
+def test_dequantize_int4_op_is_dequantize_bit_for_bit(scale_dtype):
+    """The C++ dequantize_int4 gives QuantizedWeight.dequantize(bfloat16), its roundings included,
+    and the dequantize path's linear is F.linear over it."""
+    gen = torch.Generator().manual_seed(11)
+    q = quant.quantize_int4((torch.randn(48, 96, generator=gen) * 0.05).bfloat16())
+    q.scales = q.scales.to(scale_dtype) * (1 + torch.rand(q.scales.shape, generator=gen) / 100).to(scale_dtype)
+    dense = ops.dequantize_int4(q.nibbles, q.scales, q.group_size)
+    assert torch.equal(dense, q.dequantize(torch.bfloat16))
+    x = torch.randn(9, 96, generator=gen).bfloat16()
+    assert torch.equal(q.run("dequantize", x), F.linear(x, q.dequantize(torch.bfloat16)))
+    with pytest.raises(RuntimeError, match="groups of 40 do not divide 96"):
+        ops.dequantize_int4(q.nibbles, q.scales, 40)
+
+
+@needs_kernels
+@needs_int8_gemm
 def test_int8_model_answers_through_the_int8_gemm(monkeypatch):
     monkeypatch.setattr(quant, "kernel_table", lambda: INT8_GEMM_RULE)
     calls = []

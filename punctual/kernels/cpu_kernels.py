@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SHARED_HEADERS = ("team.h", "quest.h", "stack.h", "lora.h")  # included by both sources: part of every build's key
+SHARED_HEADERS = ("team.h", "quest.h", "stack.h", "lora.h", "gemm_prep.h")  # included by both sources: part of every build's key
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w"]
 ISA_ENV = "PUNCTUAL_KERNELS_ISA"
 

@@ -21,7 +21,9 @@ With the fused kernels, which path runs for how many rows is the CPU's kernel ta
 (kernels/tune_table.py); the constants below are the rule measured on the AMD EPYC. On a CPU with
 AMX-INT8 (or VNNI) the table may send int8's big batches through `int8_gemm`: each row of x
 quantized to int8 (absmax per row, llama.cpp's Q8 activations) and an int8 x int8 -> int32 GEMM
-in oneDNN on tiles, scaled by row scale x weight scale.
+in oneDNN on tiles, scaled by row scale x weight scale (the quantizing and the scaling one C++ pass
+each: csrc/gemm_prep.h's linear_int8_gemm); and int4's prompt chunks may dequantize in one C++ pass
+(dequantize_int4) for oneDNN's bf16 GEMM.
 """
 from __future__ import annotations
 
@@ -190,6 +192,10 @@ class QuantizedWeight:
                                                              self.scales.to(x.dtype))  # GGUF's may be float32
         elif self.kind == "int8":  # dequantize
             out = F.linear(x, self.data.to(x.dtype)) * self.scales
+        elif x.dtype == torch.bfloat16 and hasattr(torch.ops.punctual, "dequantize_int4"):
+            # QuantizedWeight.dequantize's roundings in one C++ pass (3-14x faster than its ops): the
+            # bf16 weight is a scratch that oneDNN's GEMM reads at once.
+            out = F.linear(x, torch.ops.punctual.dequantize_int4(self.nibbles, self.scales, self.group_size))
         else:
             out = F.linear(x, self.dequantize(x.dtype))
         return out if bias is None else out + bias
@@ -201,15 +207,27 @@ class QuantizedWeight:
         plus the bias, rounded once to x's dtype (as linear_int8 rounds)."""
         if self.gemm is None:  # a layer read from the weight window's cache, which cannot hold oneDNN's layout
             self.gemm = torch.ops.onednn.qlinear_prepack(self.data, None)
-        d = x.abs().amax(dim=1, keepdim=True).float() / 127  # [T, 1]
-        inv = torch.where(d > 0, d.reciprocal(), 0.0)  # an all-zero row quantizes to zeros
-        xq = (x * inv).round_().to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)
-        out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.gemm, self.fused_scales, self.gemm_zero_points,
-                                                 None, 1.0, 0, torch.float32, "none", [], "")  # [T, N] fp32
-        out.mul_(d)
-        if bias is not None:
-            out.add_(bias)
-        return out.to(x.dtype)
+        if x.dtype == torch.bfloat16 and hasattr(torch.ops.punctual, "linear_int8_gemm"):
+            # The same steps in C++ (csrc/gemm_prep.h), bit for bit: one pass to quantize x, one to scale
+            # the GEMM's fp32 out, in place of ~8 PyTorch ops over the whole tensor (a 512-row chunk
+            # of smollm2's linears ran 2.5-4x faster, as fast as oneDNN's bf16 GEMM).
+            return torch.ops.punctual.linear_int8_gemm(x, self.gemm, self.fused_scales, self.gemm_zero_points, bias)
+        return int8_gemm_torch(x, self.gemm, self.fused_scales, self.gemm_zero_points, bias)
+
+
+def int8_gemm_torch(x: torch.Tensor, gemm: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """QuantizedWeight.linear_int8_gemm in PyTorch ops (where the kernels' op is missing, and what it
+    is checked against): `gemm` the int8 weight prepacked by oneDNN, `scales` its fp32 scales."""
+    d = x.abs().amax(dim=1, keepdim=True).float() / 127  # [T, 1]
+    inv = torch.where(d > 0, d.reciprocal(), 0.0)  # an all-zero row quantizes to zeros
+    xq = (x * inv).round_().to(torch.int8)  # [T, K]; x * inv in fp32 (type promotion)
+    out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, gemm, scales, zero_points,
+                                             None, 1.0, 0, torch.float32, "none", [], "")  # [T, N] fp32
+    out.mul_(d)
+    if bias is not None:
+        out.add_(bias)
+    return out.to(x.dtype)
 
 
 def can_quantize(weight: torch.Tensor, kind: str, group_size: int = INT4_GROUP_SIZE) -> bool:

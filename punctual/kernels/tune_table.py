@@ -10,10 +10,10 @@ A rule is, per weight kind (bf16 | int8 | int4), ranges of rows and the path eac
 oneDNN. Paths per kind:
   bf16: fused (the small-batch kernel) | onednn (oneDNN's GEMM on its packed weight; AMX where present)
   int8: fused (int8 weights widened to bf16 in registers) | int8pack (torch's int8 GEMV kernel)
-        | dequantize (to bf16, one GEMM) | int8_gemm (rows quantized to int8, int8 x int8 -> int32
-        GEMM in oneDNN: AMX-INT8 or VNNI)
+        | dequantize (to bf16, one GEMM) | int8_gemm (rows quantized to int8 in C++, int8 x int8 -> int32
+        GEMM in oneDNN: AMX-INT8 or VNNI, scaled to bf16 in C++; csrc/gemm_prep.h)
   int4: fused (int8 activations, or bf16 without them) | int4pack (torch's int4 kernel)
-        | dequantize (to bf16, one GEMM)
+        | dequantize (to bf16 in one C++ pass, then oneDNN's bf16 GEMM: AMX where present)
 """
 from __future__ import annotations
 
@@ -45,13 +45,14 @@ AVX512_RULES: dict[str, Rule] = {
 # With AMX, oneDNN's tile GEMMs overtake the bf16 and int8 small-batch kernels after a handful of
 # rows (the kernels' time grows with every row past 4; a tile takes 16 rows per instruction): on
 # an AMX Xeon VM, one thread, gate_up 3072x576, rough timings under load, the kernels led at 4 rows
-# and lost at 8. int4 has no tile path (oneDNN's int8 GEMM has no per-group scales along K), and
-# its kernel with int8 activations stayed well ahead of dequantize-then-GEMM up to 128 rows there:
-# the AVX-512 rule. tune_kernels.py replaces these with measured rules per CPU model.
+# and lost at 8. int4 has no tile path of its own (oneDNN's int8 GEMM has no per-group scales along
+# K): its kernel with int8 activations up to 64 rows, then the weight dequantized in one C++ pass
+# (dequantize_int4) for oneDNN's bf16 tiles, which led from ~128 rows on that VM (one thread, under
+# load). tune_kernels.py replaces these with measured rules per CPU model.
 AMX_RULES: dict[str, Rule] = {
     "bf16": ((4, "fused"), (None, "onednn")),
     "int8": ((4, "fused"), (None, "int8_gemm")),
-    "int4": AVX512_RULES["int4"],
+    "int4": ((64, "fused"), (None, "dequantize")),
 }
 
 # Without AVX-512 BF16 (the portable kernel build: AVX2, NEON), measured on the AMX Xeon with the

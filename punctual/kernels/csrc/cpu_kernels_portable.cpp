@@ -968,6 +968,8 @@ void softmax_(float* sc, int64_t n) {
 
 }  // namespace
 
+#include "gemm_prep.h"
+
 TORCH_LIBRARY(punctual, m) {
   m.def("lora_sgmv_(Tensor(a!) out, Tensor x, Tensor rows, Tensor offsets, Tensor[] a, Tensor parts, Tensor[] b) -> Tensor",
         lora_sgmv_);
