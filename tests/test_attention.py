@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from punctual.models.attention import MAX_SHORT_QUERY, LayerKVCache, paged_attention, quantize_int8
-from punctual.runner.runner import ModelRunner, TokenChunk, split_by_query_length
+from punctual.runner.runner import PROMPT_SDPA_MIN_ROWS, ModelRunner, TokenChunk, split_by_query_length
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
 
-def metadata_builder(window: int | None, attention_kernel: str = "none"):
-    """The runner's metadata methods on a stand-in holding only what they read."""
+def metadata_builder(window: int | None, attention_kernel: str = "none", batch_invariant: bool = True):
+    """The runner's metadata methods on a stand-in holding only what they read. batch_invariant
+    (the default here) keeps every token in the kernel where attention_kernel is "all"; without it,
+    prompt chunks of PROMPT_SDPA_MIN_ROWS or more attend through SDPA."""
     fake = types.SimpleNamespace(
         arch=types.SimpleNamespace(sliding_window=window, num_heads=HEADS, num_kv_heads=KV_HEADS),
         device=torch.device("cpu"), block_size=BLOCK, attention_kernel=attention_kernel, attention_windows=[window],
-        sparse_attention=None)
-    for name in ("_metadata", "_window_metadata", "_kernel_metadata", "_chunk_mask", "_decode_mask", "_pad_index",
-                 "_padded_tables"):
+        sparse_attention=None, batch_invariant=batch_invariant)
+    for name in ("_metadata", "_window_metadata", "_kernel_metadata", "_prefill_metadata", "_prompts_through_sdpa",
+                 "_chunk_mask", "_decode_mask", "_pad_index", "_padded_tables"):
         setattr(fake, name, types.MethodType(getattr(ModelRunner, name), fake))
     return fake
 
@@ -65,6 +67,17 @@ def test_fused_kernel_attention_matches_dense(window, head_dim):
 
 
 @pytest.mark.parametrize("window", [None, 6])
+def test_long_prompt_chunks_attend_through_sdpa_beside_the_kernel(window):
+    """Decodes and short queries through the fused kernel, prompt chunks of PROMPT_SDPA_MIN_ROWS
+    or more through SDPA, in one step: every token still matches dense attention."""
+    from punctual.kernels import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    check_mixed_query_lengths(window, "all", torch.bfloat16, 64, 2e-2, long_chunks=True, batch_invariant=False)
+
+
+@pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("attention_kernel", ["none", "all"])
 def test_int8_cache_attention_matches_dense_over_its_dequantized_values(window, attention_kernel):
     """An int8 cache, read by the torch path (dequantized on gather) or by the fused kernel (its
@@ -94,12 +107,14 @@ def test_fused_kernel_names_an_int8_cache_it_cannot_read():
 
 
 def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype, head_dim: int, tolerance: float,
-                              quantized: bool = False):
+                              quantized: bool = False, long_chunks: bool = False, batch_invariant: bool = True):
     rng = random.Random(0)
     torch.manual_seed(0)
     # (context already cached, new query tokens): decodes, short queries of several lengths, chunks.
     shapes = [(9, 1), (30, 1), (3, 1), (12, 2), (40, 5), (7, 3), (0, MAX_SHORT_QUERY), (21, 5),
               (0, 23), (17, MAX_SHORT_QUERY + 4)]
+    if long_chunks:  # prompt chunks at least PROMPT_SDPA_MIN_ROWS long
+        shapes += [(50, PROMPT_SDPA_MIN_ROWS + 6), (0, PROMPT_SDPA_MIN_ROWS)]
     num_blocks = sum(-(-(c + n) // BLOCK) for c, n in shapes) + 1
     cache = LayerKVCache(num_blocks, BLOCK, KV_HEADS, head_dim, dtype, torch.device("cpu"), quantized)
     free = list(range(1, num_blocks))
@@ -126,15 +141,18 @@ def check_mixed_query_lengths(window, attention_kernel: str, dtype: torch.dtype,
                                                 chunks[i].start_position + chunks[i].num_new_tokens)])
     positions = torch.tensor([p for i in order for p in range(chunks[i].start_position,
                                                                chunks[i].start_position + chunks[i].num_new_tokens)])
-    meta = metadata_builder(window, attention_kernel)._metadata(*[[chunks[i] for i in group] for group in groups],
-                                                                slot_mapping, positions)
+    meta = metadata_builder(window, attention_kernel, batch_invariant)._metadata(
+        *[[chunks[i] for i in group] for group in groups], slot_mapping, positions)
+    if long_chunks and attention_kernel == "all" and not batch_invariant:  # both paths in this step
+        assert 0 < meta.kernel_tokens < len(positions) and meta.prefill_max_q >= PROMPT_SDPA_MIN_ROWS
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([full_k[i][chunks[i].start_position:] for i in order])
     v_new = torch.cat([full_v[i][chunks[i].start_position:] for i in order])
     cache.write(k_new, v_new, slot_mapping)
     out = paged_attention(q, k_new, v_new, cache, meta)
-    kernel_tokens = {"none": 0, "all": out.shape[0]}[attention_kernel]
-    assert meta.kernel_tokens == kernel_tokens
+    if not (long_chunks and not batch_invariant):
+        kernel_tokens = {"none": 0, "all": out.shape[0]}[attention_kernel]
+        assert meta.kernel_tokens == kernel_tokens
 
     row = 0
     for i in order:

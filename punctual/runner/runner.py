@@ -35,6 +35,9 @@ from punctual.structured.guide import Guide
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Prompt chunks of at least this many tokens attend through SDPA even where the fused attention
+# kernel takes decodes (ModelRunner._prompts_through_sdpa).
+PROMPT_SDPA_MIN_ROWS = 64
 
 
 def pick_device(name: str) -> torch.device:
@@ -193,6 +196,7 @@ class ModelRunner:
         # Tokens that attend through the fused kernel: it reads a bf16 cache, and an int8 one for the
         # head shapes its specialised loops take.
         self.attention_kernel = self.model.attention_kernel
+        self.batch_invariant = model_config.batch_invariant
         # The layers' attention windows, full (None) first: one metadata each per step.
         self.attention_windows = self.arch.attention_windows
         if self.kv_quantized and not int8_kv_attention_supported(self.arch.head_dim, self.arch.num_heads,
@@ -584,7 +588,7 @@ class ModelRunner:
         if self.sparse_attention is not None:
             meta.filled_blocks = self._filled_blocks(decodes + shorts + prefills)
         if len(windows) > 1:
-            if self.attention_kernel == "all":  # the same tables; the kernel takes the window
+            if self.attention_kernel == "all" and not self._prompts_through_sdpa(prefills):  # the kernel takes the window
                 meta.local = dataclasses.replace(meta, kernel_window=windows[1], window=windows[1], sparse=None)
             else:
                 meta.local = self._window_metadata(decodes, shorts, prefills, slots, positions, windows[1])
@@ -611,7 +615,18 @@ class ModelRunner:
         num_dense = len(decodes) - num_sparse
         sparse = self._sparse_metadata(decodes[num_dense:], num_dense) if num_sparse else None
         if self.attention_kernel == "all":
-            meta = self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
+            if not self._prompts_through_sdpa(prefills):
+                meta = self._kernel_metadata(decodes + shorts + prefills, slots, positions, window)
+                meta.sparse = sparse
+                return meta
+            # Decodes and short queries through the kernel, prompt chunks through SDPA (below).
+            num_kernel = sum(c.num_new_tokens for c in decodes + shorts)
+            meta = self._prefill_metadata(prefills, slots, num_kernel, window)
+            if num_kernel:
+                kernel = self._kernel_metadata(decodes + shorts, slots, positions[:num_kernel], window)
+                meta.kernel_tokens, meta.kernel_block_tables = kernel.kernel_tokens, kernel.kernel_block_tables
+                meta.kernel_seq_of_token, meta.kernel_positions = kernel.kernel_seq_of_token, kernel.kernel_positions
+                meta.kernel_window = kernel.kernel_window
             meta.sparse = sparse
             return meta
         buckets = []
@@ -637,6 +652,21 @@ class ModelRunner:
             buckets.append(DecodeBucket(token, token + sum(q_lens), tables, short_mask, q_len, pad_index))
             token += sum(q_lens)
 
+        meta = self._prefill_metadata(prefills, slots, token, window)
+        meta.decode_buckets, meta.sparse = buckets, sparse
+        return meta
+
+    def _prompts_through_sdpa(self, prefills: list[_Chunk]) -> bool:
+        """Whether this step's prompt chunks attend through PyTorch's SDPA although the fused kernel
+        takes every other token: the kernel walks keys one query row at a time, which suits decodes
+        and short queries but took 39 s for an 8,152-token smollm2 prompt (2,048-token chunks)
+        where SDPA's tiled kernels take a few. batch_invariant keeps every token in the kernel."""
+        return (not self.batch_invariant and bool(prefills)
+                and max(c.num_new_tokens for c in prefills) >= PROMPT_SDPA_MIN_ROWS)
+
+    def _prefill_metadata(self, prefills: list[_Chunk], slots: torch.Tensor, num_before: int,
+                          window: int | None) -> AttentionMetadata:
+        """Metadata for prompt chunks attending through SDPA after `num_before` other tokens."""
         prefill_tables = prefill_mask = pad_index = None
         max_q, fresh = 0, False
         if prefills:
@@ -648,9 +678,9 @@ class ModelRunner:
                 prefill_tables, ctx = self._padded_tables(prefills, [a + b for a, b in zip(starts, q_lens)])
                 prefill_mask, pad_index = self._chunk_mask(starts, q_lens, ctx, window), self._pad_index(q_lens)
         return AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=token, decode_buckets=buckets, prefill_block_tables=prefill_tables,
+            slot_mapping=slots, num_decode_tokens=num_before, decode_buckets=[], prefill_block_tables=prefill_tables,
             prefill_mask=prefill_mask, prefill_pad_index=pad_index, prefill_max_q=max_q, prefill_fresh_causal=fresh,
-            window=window, sparse=sparse)
+            window=window)
 
     def _kernel_metadata(self, items: list[_Chunk], slots: torch.Tensor, positions: torch.Tensor,
                          window: int | None) -> AttentionMetadata:
