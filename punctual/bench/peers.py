@@ -6,6 +6,7 @@ PeerUnavailable with the reason, and a comparison goes on without it.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -163,12 +164,21 @@ def running(spec: PeerSpec, log_path: Path, startup_timeout_s: float = 600.0) ->
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, **spec.env}, start_new_session=True)
+                                   env={**os.environ, **spec.env}, start_new_session=True,
+                                   preexec_fn=_terminate_with_parent)
         try:
             wait_healthy(spec, process, log_path, startup_timeout_s)
             yield spec.endpoint()
         finally:
             stop(process)
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the benchmark that started it dies. A bench
+    killed by `timeout` runs no finally blocks, and its llama-server once kept serving the dead
+    client's queue for 20 minutes, under the next benchmarks' timings."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_healthy(spec: PeerSpec, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
