@@ -223,10 +223,10 @@ def print_step_kinds(table: list[dict]) -> None:
               f"| {100 * r['runner_fraction_of_bound']:.0f}% | {r['compute_bound_steps']}/{r['steps']} |", flush=True)
 
 
-def punctual_throughput(llm, workload, vocab: int) -> float:
+def punctual_throughput(llm, workload, vocab: int, seed: int = 1) -> float:
     from punctual import SamplingParams
 
-    rng = random.Random(1)
+    rng = random.Random(seed)
     prompts = [{"prompt_token_ids": random_prompt(p, vocab, rng)} for p, _ in workload]
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in workload]
     start = time.perf_counter()
@@ -340,7 +340,7 @@ def main() -> None:
         results["punctual_fraction_of_step_bound"] = bound / elapsed
         if args.step_kinds:
             recorder = StepKindRecorder(llm.engine.core, arch, peak, bandwidth, bytes_per_token, kv_bytes)
-            punctual_throughput(llm, workload, vocab)
+            punctual_throughput(llm, workload, vocab, seed=2)  # other prompts: none in the prefix cache
             recorder.uninstall()
             results["step_kinds"] = recorder.table()
             print_step_kinds(results["step_kinds"])
