@@ -26,6 +26,7 @@
 #include <vector>
 
 namespace {
+void softmax_(float* sc, int64_t n);  // below: a row of scores into its softmax, in place
 
 using bf16 = c10::BFloat16;
 
@@ -990,27 +991,7 @@ at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, 
         }
       }
       for (int64_t h = 0; h < group; ++h) {
-        float* sc = scores.data() + h * n;
-        const int64_t full = n / 16 * 16;
-        const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
-        __m512 peak_v = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < full; j += 16) peak_v = _mm512_max_ps(peak_v, _mm512_loadu_ps(sc + j));
-        if (tail) peak_v = _mm512_mask_max_ps(peak_v, tail, peak_v, _mm512_maskz_loadu_ps(tail, sc + full));
-        const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(peak_v));
-        __m512 total_v = _mm512_setzero_ps();
-        for (int64_t j = 0; j < full; j += 16) {
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), peak));
-          _mm512_storeu_ps(sc + j, e);
-          total_v = _mm512_add_ps(total_v, e);
-        }
-        if (tail) {
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + full), peak));
-          _mm512_mask_storeu_ps(sc + full, tail, e);
-          total_v = _mm512_mask_add_ps(total_v, tail, total_v, e);
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total_v));
-        for (int64_t j = 0; j < full; j += 16) _mm512_storeu_ps(sc + j, _mm512_mul_ps(_mm512_loadu_ps(sc + j), inv));
-        if (tail) _mm512_mask_storeu_ps(sc + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sc + full), inv));
+        softmax_(scores.data() + h * n, n);
       }
       uint16_t* og = op + t * heads * dim + g * group * dim;
       if (fast.second) {
@@ -1115,7 +1096,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-// A row of n fp32 scores into its softmax, in place (paged_attention's loop; Quest's selection).
+// A row of n fp32 scores into its softmax, in place (paged_attention's rows; Quest's selection).
 void softmax_(float* sc, int64_t n) {
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);

@@ -34,6 +34,7 @@
 #include <vector>
 
 namespace {
+void softmax_(float* sc, int64_t n);  // below: a row of scores into its softmax, in place
 
 using bf16 = c10::BFloat16;
 
@@ -827,28 +828,7 @@ at::Tensor paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, 
         }
       }
       for (int64_t h = 0; h < group; ++h) {
-        float* sc = scores.data() + h * n;
-        float peak = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) peak = std::max(peak, sc[j]);
-        const int64_t full = n / 8 * 8;
-        v8f total_v = splat(0.f);
-        for (int64_t j = 0; j < full; j += 8) {
-          const v8f e = exp8(loadf(sc + j) - splat(peak));
-          storef(sc + j, e);
-          total_v += e;
-        }
-        float total = reduce_add8(total_v);
-        if (full < n) {
-          v8f rest = splat(-INFINITY);
-          for (int64_t j = full; j < n; ++j) rest[j - full] = sc[j];
-          const v8f e = exp8(rest - splat(peak));
-          for (int64_t j = full; j < n; ++j) {
-            sc[j] = e[j - full];
-            total += sc[j];
-          }
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+        softmax_(scores.data() + h * n, n);
       }
       uint16_t* og = op + t * heads * dim + g * group * dim;
       const float* vsg = kQuantized ? v_scales + g : nullptr;
@@ -935,7 +915,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-// A row of n fp32 scores into its softmax, in place (paged_attention's loop; Quest's selection).
+// A row of n fp32 scores into its softmax, in place (paged_attention's rows; Quest's selection).
 void softmax_(float* sc, int64_t n) {
   float peak = -INFINITY;
   for (int64_t j = 0; j < n; ++j) peak = std::max(peak, sc[j]);
