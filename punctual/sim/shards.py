@@ -121,31 +121,43 @@ class ShardedSimulator:
         self._next += len(requests)
         for connection, *command in zip(self._connections, items, shard_offsets, routes):
             connection.send((self.now, *command, keep_token_times, slo))
-        from punctual.sim.loadgen import StreamedStats
-
-        records, stats, duration = [], StreamedStats(), 0.0
-        now = self.now
-        self.num_events = self.num_steps = 0
+        answers = []
         for connection in self._connections:
             answer = connection.recv()
             if answer[0] != "ok":
                 raise RuntimeError(f"a simulator shard failed:\n{answer[1]}")
-            _, shard_records, shard_stats, shard_duration, shard_now, events, steps = answer
-            records.extend(shard_records)
-            stats.merge(shard_stats)
-            duration = max(duration, shard_duration)
-            now = max(now, shard_now)
-            self.num_events += events
-            self.num_steps += steps
-        self.now = now
-        records.sort(key=lambda r: r.index)
-        return records, stats, duration
+            answers.append(answer)
+        return merge_shard_runs(self, answers)
 
     def close(self) -> None:
-        for connection in self._connections:
-            try:
-                connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for process in self._processes:
-            process.join(5)
+        close_shards(self._connections, self._processes)
+
+
+def merge_shard_runs(simulator, answers: list[tuple]) -> tuple[list, "StreamedStats", float]:
+    """One run's records, stats and duration from its shards' answers (tag, records, stats,
+    duration, clock, events, steps), in arrival order; the simulator's clock and counts follow."""
+    from punctual.sim.loadgen import StreamedStats
+
+    records, stats, duration, now = [], StreamedStats(), 0.0, simulator.now
+    simulator.num_events = simulator.num_steps = 0
+    for _, shard_records, shard_stats, shard_duration, shard_now, events, steps in answers:
+        records.extend(shard_records)
+        stats.merge(shard_stats)
+        duration = max(duration, shard_duration)
+        now = max(now, shard_now)
+        simulator.num_events += events
+        simulator.num_steps += steps
+    simulator.now = now
+    records.sort(key=lambda r: r.index)
+    return records, stats, duration
+
+
+def close_shards(connections, processes) -> None:
+    """Tell every worker to stop (one already gone is fine) and wait a little for each."""
+    for connection in connections:
+        try:
+            connection.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+    for process in processes:
+        process.join(5)

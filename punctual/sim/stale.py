@@ -28,6 +28,7 @@ import traceback
 from punctual.cluster.router import ReplicaLoad, make_router
 from punctual.sim.engine import ARRIVAL, SimConfig, SimRequest, Simulator, _long_lived_objects_frozen
 from punctual.sim.profile import StepProfile
+from punctual.sim.shards import close_shards, merge_shard_runs
 from punctual.sim.spread import draw, request_key, step_stream, uniform
 
 
@@ -254,7 +255,7 @@ class StaleRouterSimulator:
         return [draw(table, uniform(request_key(self._run_id, index, self.spread_seed))) for index in range(count)]
 
     def run_shards(self, requests, offsets, concurrency, keep_token_times, slo):
-        from punctual.sim.loadgen import StreamedStats, token_ids
+        from punctual.sim.loadgen import token_ids
 
         if concurrency is not None:
             if concurrency < len(requests):
@@ -289,24 +290,7 @@ class StaleRouterSimulator:
                 position += 1
         answers = self._exchange([("finish", outgoing[s]) for s in range(shards)])
         self._take([answer[0] for answer in answers])  # the state the next run starts from
-        records, stats, duration, now = [], StreamedStats(), 0.0, self.now
-        self.num_events = self.num_steps = 0
-        for _, shard_records, shard_stats, shard_duration, shard_now, events, steps in answers:
-            records.extend(shard_records)
-            stats.merge(shard_stats)
-            duration = max(duration, shard_duration)
-            now = max(now, shard_now)
-            self.num_events += events
-            self.num_steps += steps
-        self.now = now
-        records.sort(key=lambda r: r.index)
-        return records, stats, duration
+        return merge_shard_runs(self, answers)
 
     def close(self) -> None:
-        for connection in self._connections:
-            try:
-                connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for process in self._processes:
-            process.join(5)
+        close_shards(self._connections, self._processes)
