@@ -60,6 +60,11 @@ from punctual.sim.trace import (ServerTrace, delivery_line, first_token_path, fi
 
 CALIBRATION_SALT = 1000  # above any salt a bench run uses
 BATCH_BUCKETS = (("1", 0, 1), ("2-4", 2, 4), ("5-16", 5, 16), ("17+", 17, 1 << 30))  # streams sampled in a step
+# The row factors' buckets (streams sampled in a step): powers of two, the sizes at which a
+# kernel dispatch table changes kernel; a bucket needs this many decode-only steps of its own.
+ROW_BUCKETS = ((1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 1 << 30))
+ROW_BUCKET_TOP = 1 << 20  # the last bucket's high end as written (JSON keeps it readable)
+ROW_BUCKET_MIN_STEPS = 20
 
 
 def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, workload: str = "chat",
@@ -199,7 +204,11 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
     coefficients["fixed"] = coefficients.get("fixed", 0.0) + serving["overhead_s"]
     coefficients["sampled_rows"] = coefficients.get("sampled_rows", 0.0) + serving["per_row_s"]
     coefficients[PREFILL_STEPS] = coefficients.get(PREFILL_STEPS, 0.0) + serving["prefill_step_s"]
-    fitted = StepProfile("linear", coefficients)
+    row_factors = fit_row_factors(StepProfile("linear", coefficients), trace.rows, trace.seconds, kept)
+    if row_factors is not None:
+        coefficients[PREFILL_STEPS] = refit_prefill_step(StepProfile("linear", coefficients, row_factors=row_factors),
+                                                         trace.rows, trace.seconds, kept)
+    fitted = StepProfile("linear", coefficients, row_factors=row_factors)
     errors = sorted(abs(fitted.predict(trace.rows[i]) - trace.seconds[i]) / trace.seconds[i] for i in kept)
     admit = median(trace.front_end_delays)
     if admit is None:  # every request arrived mid-step (not with the one-at-a-time phase): an upper bound
@@ -236,5 +245,39 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
                       "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
                       "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
-                      "by_batch": by_batch, "by_kind": by_kind, **meta}}
-    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None)
+                      "by_batch": by_batch, "by_kind": by_kind, "row_factors": row_factors, **meta}}
+    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None,
+                               row_factors=row_factors)
+
+
+def fit_row_factors(linear: StepProfile, rows: list[tuple[float, ...]], seconds: list[float], kept: list[int],
+                    min_steps: int = ROW_BUCKET_MIN_STEPS) -> list[list] | None:
+    """Each ROW_BUCKETS bucket's factor on the linear price: its decode-only steps' measured time
+    over their price, weighted by streams as the fit is (what a mean TPOT over those steps is off
+    by). A bucket with fewer than `min_steps` such steps keeps the line's price (factor 1: the
+    least-squares fit over every step is the best guess there); None when no bucket has enough.
+    The prefill-step term is not in the price: decode-only steps have none."""
+    weights = step_weights(rows)
+    fitted: list[float | None] = []
+    for low, high in ROW_BUCKETS:
+        inside = [i for i in kept if rows[i][1] == 0 and low <= rows[i][5] <= high]
+        priced = sum(weights[i] * linear.predict(rows[i]) for i in inside)
+        fitted.append(sum(weights[i] * seconds[i] for i in inside) / priced
+                      if len(inside) >= min_steps and priced > 0 else None)
+    if all(f is None for f in fitted):
+        return None
+    factors = [1.0 if f is None else f for f in fitted]
+    return [[low, min(high, ROW_BUCKET_TOP), round(factor, 6)] for (low, high), factor in zip(ROW_BUCKETS, factors)]
+
+
+def refit_prefill_step(profile: StepProfile, rows: list[tuple[float, ...]], seconds: list[float],
+                       kept: list[int]) -> float:
+    """The prefill-step term again once the row factors price the rest: the streams-weighted mean
+    of what steps with prompt tokens cost beyond their price without the term (none negative)."""
+    weights = step_weights(rows)
+    inside = [i for i in kept if rows[i][1] > 0]
+    if not inside:
+        return 0.0
+    term = profile.coefficients.get(PREFILL_STEPS, 0.0)
+    extra = sum(weights[i] * (seconds[i] - (profile.predict(rows[i]) - term)) for i in inside)
+    return max(0.0, extra / sum(weights[i] for i in inside))

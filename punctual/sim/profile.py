@@ -20,6 +20,12 @@ Features of a plan, summed over its scheduled requests:
 A linear profile from `calibrate --server` may carry one more coefficient, "prefill_steps":
 seconds added to a step with any prompt tokens (in a server, such a step runs while the front
 end sets up the new request's stream on the same cores). Absent: 0.
+
+It may also carry `row_factors`, [[low, high, factor], ...] by the streams sampled in a step: the
+linear price (all but "prefill_steps") times the factor of the step's bucket. A line in the
+features cannot follow the engine's kernels, whose cost jumps where a dispatch table sends a
+batch of another size to another kernel (on an AMX Xeon: the fused kernel up to 4 rows, oneDNN
+above); the served steps of each bucket set its factor. Absent: 1 everywhere.
 """
 from __future__ import annotations
 
@@ -100,6 +106,9 @@ class StepProfile:
     # from `calibrate --server`): {"step_ratio": quantiles of measured / priced, "admit_s": quantiles
     # of the admit delay}, either may be absent. None: the simulator charges the fit exactly.
     spread: dict | None = None
+    # The linear price's factor by streams sampled in a step, [[low, high, factor], ...] (see the
+    # module's text; `calibrate --server`). None: 1 for every step.
+    row_factors: list | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -110,12 +119,17 @@ class StepProfile:
         self._prefill_step = float(self.coefficients.get(PREFILL_STEPS, 0.0))
         spread = self.spread or {}
         self._step_ratios, self._admit_quantiles = spread.get("step_ratio"), spread.get("admit_s")
+        self._row_factor = row_factor_table(self.row_factors) if self.row_factors else None
 
     def predict(self, x: tuple[float, ...]) -> float:
         if self.roofline is not None:
             return self.roofline.predict(x)
         c = self._coef
         seconds = c[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4] + c[5] * x[5]
+        factors = self._row_factor
+        if factors is not None:
+            rows = int(x[5])
+            seconds *= factors[rows] if rows < len(factors) else factors[-1]
         if x[1]:
             seconds += self._prefill_step
         return max(0.0, seconds)
@@ -189,6 +203,8 @@ class StepProfile:
             out["speed_probe"] = self.speed_probe
         if self.spread is not None:
             out["spread"] = self.spread
+        if self.row_factors is not None:
+            out["row_factors"] = self.row_factors
         if self.roofline is not None:
             out["roofline"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.roofline).items()}
         return out
@@ -205,11 +221,29 @@ class StepProfile:
                    num_kv_blocks=data.get("num_kv_blocks"), kv_memory_bytes=data.get("kv_memory_bytes"),
                    estimate=bool(data.get("estimate")), fit=data.get("fit", {}), engine=data.get("engine", {}),
                    frontend=data.get("frontend", {}), kv_transfer=data.get("kv_transfer"),
-                   speed_probe=data.get("speed_probe"), spread=data.get("spread"))
+                   speed_probe=data.get("speed_probe"), spread=data.get("spread"),
+                   row_factors=data.get("row_factors"))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def row_factor_table(row_factors: list) -> tuple[float, ...]:
+    """The factor for each count of sampled rows 0..the last bucket's low end (a count past the
+    table takes its last entry); a count no bucket covers takes 1."""
+    try:
+        buckets = [(int(low), int(high), float(factor)) for low, high, factor in row_factors]
+    except (TypeError, ValueError):
+        raise ValueError(f"row_factors: expected [[low, high, factor], ...], got {row_factors!r}") from None
+    if any(factor <= 0 or low > high or low < 0 for low, high, factor in buckets):
+        raise ValueError(f"row_factors: each bucket needs 0 <= low <= high and a positive factor: {row_factors!r}")
+    last = max(low for low, _, _ in buckets)
+    table = [1.0] * (last + 1)
+    for low, high, factor in buckets:
+        for rows in range(low, min(high, last) + 1):
+            table[rows] = factor
+    return tuple(table)
 
 
 def load_profile(path: str | Path) -> StepProfile:
