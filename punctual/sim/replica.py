@@ -33,9 +33,9 @@ def _ignore(replica_id: int) -> None:
 class SimReplica:
     def __init__(self, replica_id: int, scheduler_config: SchedulerConfig, num_kv_blocks: int, block_size: int,
                  profile: StepProfile, enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 spread_seed: int = 0, lora: SimLoRA | None = None):
+                 spread_seed: int = 0, lora: SimLoRA | None = None, hash_algo: str = "sha256"):
         self.replica_id = replica_id
-        self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching, hash_algo=hash_algo)
         self.scheduler = Scheduler(scheduler_config, self.kv, PromptLimits(None, max_model_len),
                                    max_loras=None if lora is None else lora.max_loras)
         self.lora = None if lora is None else AdapterSlots(lora)
@@ -78,6 +78,17 @@ class SimReplica:
         self.watched_ops: list[int] = []  # the run's ops that change what the router sees, in order
         self.apply_ops: set[int] = set()  # of those, the ones applied before it decides
         self.told = 0
+        # What this run's prompts look up (set by the Simulator per run, as ints: Python's hash of
+        # each block hash; None: every block may be looked up). `lookup_hashes`: every block hash in
+        # some prompt's lookup chain; `lookup_parents`: those some chain goes on from. Indexing or
+        # evicting a block whose hash no lookup reaches changes nothing a routing decision reads,
+        # so such ops wait for the replica's next catch-up instead of running before each
+        # decision. A request whose last full prompt block is not a parent is sealed: every block
+        # with an output token has such a hash (a chain that matched one would have matched its
+        # parent first), though the hash itself is not known before the tokens exist.
+        self.lookup_hashes: set | None = None
+        self.lookup_parents: set | None = None
+        self.untold_blocks: set = set()  # cached here, held back from the router (FrontEnd._watch)
 
     @property
     def busy(self) -> bool:
@@ -135,15 +146,36 @@ class SimReplica:
             # The k-th block the run allocates is the k-th free block now (nothing is freed in a run).
             hashes = self.kv.pool.block_hash
             taken = self.kv.pool.next_free(len(run.alloc_ops))
-            self.watched_ops = run.visible_ops
-            self.apply_ops = {2 * step for step in run.fills}
-            self.apply_ops.update(op for op, block in zip(run.alloc_ops, taken) if hashes[block] is not None)
+            if self.lookup_parents is None:
+                self.watched_ops = run.visible_ops
+                self.apply_ops = {2 * step for step in run.fills}
+                self.apply_ops.update(op for op, block in zip(run.alloc_ops, taken) if hashes[block] is not None)
+            else:
+                sealed = self._sealed(run)
+                looked_up = self.lookup_hashes
+                self.apply_ops = {2 * step for step, indices in run.fills.items()
+                                  if not all(sealed[i] for i in indices)}
+                self.apply_ops.update(op for op, block in zip(run.alloc_ops, taken)
+                                      if hashes[block] is not None and hash(hashes[block]) in looked_up)
+                # Sealed fills change neither the free count nor anything looked up: not watched.
+                self.watched_ops = sorted(self.apply_ops.union(run.alloc_ops))
         else:
             self.watched_ops = sorted(set(run.alloc_ops))
             self.apply_ops = set()
         if not self.price_more():
             self.run = self.run_times = self._draws_state = None
         return self.run_times[-1] if self.run is not None else end
+
+    def _sealed(self, run: DecodeRun) -> list[bool]:
+        """Which of the run's requests are sealed (see `lookup_parents`)."""
+        kv, parents = self.kv, self.lookup_parents
+        block_size = kv.block_size
+        out = []
+        for request in run.requests:
+            first = request.num_prompt_tokens // block_size  # the first block with an output token
+            out.append(first > 0 and request.cache_salt is None and request.lora_request is None
+                       and hash(kv.block_hashes(request, first * block_size)[first - 1]) not in parents)
+        return out
 
     def kv_blocks_free(self) -> int:
         """Free KV blocks as the router sees them: those of the run's allocations it was told of
@@ -182,15 +214,18 @@ class SimReplica:
             for _ in range(started):
                 self.step_draws.random()
 
+    def ops_by(self, now: float) -> int:
+        """How many of the run's priced ops happened by `now` (steps end before an instant's
+        arrivals and start after them)."""
+        times = self.run_times
+        steps = len(times) - 2  # priced so far
+        return bisect_right(times, now, 1, steps + 1) - 1 + bisect_left(times, now, 1, steps + 1) - 1
+
     def catch_up(self, now: float, every: bool = False) -> range:
         """Apply the run's ops that happened by `now` (steps end before an instant's arrivals,
         start after them), or `every` op; returns the steps that ended."""
         run, times = self.run, self.run_times
-        steps = len(times) - 2  # priced so far
-        if every:
-            ops = 2 * steps
-        else:
-            ops = bisect_right(times, now, 1, steps + 1) - 1 + bisect_left(times, now, 1, steps + 1) - 1
+        ops = 2 * (len(times) - 2) if every else self.ops_by(now)
         first = run.ends_done
         if ops <= run.done:
             return range(first, first)

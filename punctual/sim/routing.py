@@ -45,15 +45,46 @@ class FrontEnd:
         """Tell the router of the blocks the replica's prefix cache indexes and evicts, as a core's
         updates do (blocks_stored, blocks_evicted)."""
         pool, router, rid = replica.kv.pool, self.router, replica.replica_id
-        cache = pool.cache
+        cache, untold = pool.cache, replica.untold_blocks
 
         def cache_and_tell(block_id, block_hash):
             fresh = block_hash not in pool.cached
             cache(block_id, block_hash)
             if fresh and pool.cached.get(block_hash) == block_id:
-                router.on_blocks_stored(rid, [block_hash])
+                looked_up = replica.lookup_hashes
+                if looked_up is None or hash(block_hash) in looked_up:
+                    router.on_blocks_stored(rid, [block_hash])
+                else:  # no prompt of this run looks it up: held back (tell_untold)
+                    untold.add(block_hash)
+
+        def evict_and_tell(block_id, block_hash):
+            untold.discard(block_hash)
+            router.on_blocks_evicted(rid, [block_hash])  # the router may hold it from its own record
         pool.cache = cache_and_tell
-        pool.on_evict = lambda block_id, block_hash: router.on_blocks_evicted(rid, [block_hash])
+        pool.on_evict = evict_and_tell
+
+    def tell_untold(self) -> None:
+        """Before a run: tell the router of the held-back blocks that some prompt of the run looks
+        up (SimReplica.lookup_hashes; None: all of them). A router told only of blocks that some
+        prompt can look up decides as one told of every block, and holds a fraction of them:
+        under a decode-heavy load most cached blocks hold output tokens no prompt reaches."""
+        for replica in self.replicas:
+            untold = replica.untold_blocks
+            if not untold:
+                continue
+            looked_up = replica.lookup_hashes
+            tell = list(untold) if looked_up is None else [h for h in untold if hash(h) in looked_up]
+            if tell:
+                untold.difference_update(tell)
+                self.router.on_blocks_stored(replica.replica_id, tell)
+
+    def held_blocks(self) -> dict:
+        """block hash -> the replicas the router holds it on, counting the blocks held back from it."""
+        holders = {h: set(held) for h, held in getattr(self.router, "holders", {}).items()}
+        for replica in self.replicas:
+            for block_hash in replica.untold_blocks:
+                holders.setdefault(block_hash, set()).add(replica.replica_id)
+        return holders
 
     def load(self, replica: SimReplica) -> ReplicaLoad:
         """What the cluster client's `_loads` reports for this replica."""

@@ -109,7 +109,7 @@ def _record_decisions(sim):
         in_flight = sim._in_flight
         return [([(i, in_flight[i].started, in_flight[i].prompt_tokens, len(in_flight[i].token_times),
                    in_flight[i].request.output_len, in_flight[i].migrating) for i in sorted(r.front_ids)],
-                 r.kv.num_blocks - r.kv.num_used_blocks, r.kv.num_blocks, r.step_s) for r in sim.replicas]
+                 r.kv_blocks_free(), r.kv.num_blocks, r.step_s) for r in sim.replicas]
 
     route, to_decode, rebalance, start_move = front.route, sim._to_decode, sim._maybe_rebalance, sim._start_move
     moves = []
@@ -150,7 +150,8 @@ def _replay(log, cluster, profile, block_size, monkeypatch):
     from punctual.cluster.migration import TransferCost
 
     monkeypatch.setattr(punctual.cluster.launch, "RayReplicas", InProcessReplicas)
-    client = ClusterClient(EngineConfig.from_kwargs("builtin-tiny", block_size=block_size), cluster)
+    client = ClusterClient(EngineConfig.from_kwargs("builtin-tiny", block_size=block_size,
+                                                    prefix_caching_hash_algo=SimConfig.hash_algo), cluster)
     client.replica_set.info = SimpleNamespace(max_model_len=1 << 30)
     per_block = block_size * profile.model["kv_bytes_per_token"] / profile.kv_transfer["bytes_per_s"]
     for transport in ("relay", "object-store", "direct"):

@@ -104,7 +104,7 @@ def _run(router: str, repeat: bool, spread: bool, prefix_caching: bool = True):
                         duration))
     for replica in sim.replicas:
         replica.scheduler.check_integrity()
-    holders = {h: sorted(held) for h, held in getattr(sim.front.router, "holders", {}).items()}
+    holders = {h: sorted(held) for h, held in sim.front.held_blocks().items()}
     return (answers, sim.now, sim.num_steps, holders, [(r.busy_s, r.step_s, r.scheduler.cost_model._sums, r.kv.num_free_blocks,
                                                 r.scheduler.num_preemptions) for r in sim.replicas]), sim.num_events
 
@@ -165,4 +165,23 @@ def test_the_router_counts_a_runs_allocations_without_applying_them(monkeypatch)
     assert any(told_only)
     monkeypatch.setattr(FrontEnd, "load", load)
     exact, _ = _run("least_loaded", False, True)
+    assert fast == exact
+
+
+def test_blocks_no_prompt_looks_up_wait_for_the_next_catch_up(monkeypatch):
+    """Under cache_aware a run's block fills are applied before each routing decision only where
+    some prompt of the run could look the block up: a request whose last full prompt block no
+    prompt goes on from is sealed, and its fills wait. Some are sealed here, not all, and every
+    answer (outcomes, clock, steps, the router's holders at the end) is the step-by-step one."""
+    sealed = []
+    original = SimReplica._sealed
+
+    def recording(self, run):
+        out = original(self, run)
+        sealed.extend(out)
+        return out
+    monkeypatch.setattr(SimReplica, "_sealed", recording)
+    fast, _ = _run("cache_aware", True, True)
+    assert any(sealed) and not all(sealed)
+    exact, _ = _run("cache_aware", False, True)
     assert fast == exact
