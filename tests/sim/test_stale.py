@@ -86,10 +86,11 @@ def test_sim_processes_flag():
     a count must be a whole number >= 1."""
     import os
 
-    from punctual.sim.cli import AUTO_MIN_REPLICAS, sim_processes
+    from punctual.sim.cli import AUTO_MIN_CPUS, AUTO_MIN_REPLICAS, sim_processes
 
     big, small = _config("cache_aware", AUTO_MIN_REPLICAS), _config("cache_aware", AUTO_MIN_REPLICAS - 1)
-    assert sim_processes("auto", big, None, 0) == len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0))
+    assert sim_processes("auto", big, None, 0) == (cpus if cpus >= AUTO_MIN_CPUS else 1)
     assert sim_processes("auto", small, None, 0) == 1
     assert sim_processes("auto", big, 8, 0) == 1  # a closed loop
     assert sim_processes("auto", big, None, 4) == 1  # adapters
