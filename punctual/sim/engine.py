@@ -271,9 +271,9 @@ class Simulator:
     def _seal_unreachable_blocks(self, requests: list[SimRequest] | None) -> None:
         """Tell each replica which block hashes this run's prompts look up and go on from
         (SimReplica.lookup_hashes, lookup_parents), so the blocks no routing decision can look up
-        wait for its next catch-up; None (every block watched) unless the router here reads block events, runs of repeated
-        steps are on, and the router and the replicas hash alike. As ints (Python's hash of each
-        digest): a collision only seals less."""
+        wait for its next catch-up; None (every block watched) unless the router here reads block
+        events, runs of repeated steps are on, and the router and the replicas hash alike. As ints
+        (Python's hash of each block hash): a collision only seals less."""
         looked_up = parents = None
         router = self.front.router
         if (requests is not None and self._router_reads_state and self.front.reads_blocks

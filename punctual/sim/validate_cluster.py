@@ -185,6 +185,24 @@ def routing_rows(real_runs: list[dict], sim_runs: list[dict]) -> list[dict]:
     return rows
 
 
+def balance_errors(routing: list[dict]) -> dict[tuple[str, float], float]:
+    """Per point, how far the spread of requests over the replicas differs, whichever replica
+    took which share: the largest gap between the k-th largest share on each side. Identical
+    replicas are interchangeable: a router that puts a hot prefix on replica 1 where the real
+    one chose replica 0 (a tie broken the other way) spreads the load as it does."""
+    points: dict[tuple[str, float], tuple[list[int], list[int]]] = {}
+    for row in routing:
+        real, sim = points.setdefault((row["workload"], row["rate"]), ([], []))
+        real.append(row["requests_real"])
+        sim.append(row["requests_sim"])
+    out = {}
+    for key, (real, sim) in points.items():
+        total_real, total_sim = sum(real) or 1, sum(sim) or 1
+        out[key] = max(abs(s / total_sim - r / total_real)
+                       for r, s in zip(sorted(real, reverse=True), sorted(sim, reverse=True)))
+    return out
+
+
 def move_rows(real_runs: list[dict], sim_runs: list[dict], profile, block_size: int) -> list[dict]:
     """Prefill/decode: per point, the KV moves that landed (real, simulated) and what a real move's
     copies took on average against the profile's price of the same blocks (`price_error`)."""
@@ -223,10 +241,13 @@ def print_cluster(real_runs: list[dict], sim_runs: list[dict], profile, block_si
     shares = [abs(r["share_error"]) for r in routing if r["share_error"] is not None]
     gaps = [abs(r["hit_rate_sim"] - r["hit_rate_real"]) for r in routing
             if r["hit_rate_real"] is not None and r["hit_rate_sim"] is not None]
+    balance = balance_errors(routing)
     if shares:
-        log(f"routing: requests' share per replica off by {max(shares):.0%} of a point's requests at worst; "
+        log(f"routing: requests' share per replica off by {max(shares):.0%} of a point's requests at worst "
+            f"({max(balance.values()):.0%} with the replicas ranked by their share on each side); "
             + (f"prefix-cache hit rate off by {max(gaps) * 100:.0f} points at worst" if gaps else "no prefix lookups"))
-    out = {"routing": routing}
+    out = {"routing": routing, "balance_error": [{"workload": w, "rate": r, "error": e}
+                                                 for (w, r), e in balance.items()]}
     if any(run["cluster"]["moves"] for run in real_runs) or any(run["cluster"]["moves"] for run in sim_runs):
         moves = move_rows(real_runs, sim_runs, profile, block_size)
         print(table(["workload", "rate", "moves real", "sim", "copy ms real", "priced", "error"],

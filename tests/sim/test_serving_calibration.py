@@ -391,3 +391,30 @@ def test_row_factors_follow_a_kernel_tables_jump():
     assert [again.predict(x) for x in rows] == [profile.predict(x) for x in rows]
     with pytest.raises(ValueError, match="row_factors"):
         StepProfile("linear", dict(COEFFICIENTS), row_factors=[[4, 1, 1.0]])
+
+
+def test_delivery_is_fitted_without_the_closed_loops_queue(tmp_path):
+    """The closed loop that ends `calibrate --server` has hundreds of clients on the server's cores:
+    its first tokens wait for the load generator, so its delivery delays are left out of the
+    front end's fit (its steps are kept). The one-at-a-time and open-loop requests' are in."""
+    from punctual.bench.loadgen import LoadResult, RequestRecord
+    from punctual.sim.calibrate_server import delivery_samples
+
+    lines, t = [], 1.0
+    for name, prompt, streams in (("warm", 9, 1.0), ("alone", 5, 1.0), ("open", 6, 2.0), ("closed", 7, 3.0)):
+        lines.append({"add": name, "arrival": t, "received": t + 0.002, "prompt_tokens": prompt, "max_tokens": 4})
+        lines.append({"step": [1.0, float(prompt), streams - 1, 20.0, 40.0, streams], "planned": t + 0.003,
+                      "sent": t + 0.020, "idle_before": True, "first": [name]})
+        t += 1.0
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    trace = read_trace(str(path))
+
+    def record(prompt, deliver, sent):  # the client's TTFT: the core's send after arrival + the delivery
+        return RequestRecord(0, prompt, 4, sent_s=sent, ttft_s=0.020 + deliver, prompt_tokens=prompt)
+    alone, open_loop, closed = [record(5, 0.004, 0.0)], [record(6, 0.006, 0.0)], [record(7, 0.090, 0.0)]
+    phases = [LoadResult(open_loop, 1.0), LoadResult(closed, 1.0)]
+    kept = delivery_samples(trace, alone, phases, 1, closed_loop=True)
+    assert [(s, round(d, 6)) for s, d in kept] == [(1.0, 0.004), (2.0, 0.006)]
+    every = delivery_samples(trace, alone, phases, 1, closed_loop=False)  # no closed loop: all are open-loop
+    assert [round(d, 6) for _, d in every] == [0.004, 0.006, 0.09]

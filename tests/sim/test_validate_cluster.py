@@ -115,6 +115,20 @@ def test_routing_rows_compare_each_replicas_share_and_hit_rate():
         routing_rows(real, [run({0: sim[0]["cluster"]["replicas"]["0"]})])
 
 
+def test_balance_error_ranks_the_replicas_on_each_side():
+    """A hot prefix put on replica 1 in the simulation and on replica 0 for real spreads the load
+    alike: the balance error ranks the shares (60/0 against 0/60 is 0), the share error does not."""
+    from punctual.sim.validate_cluster import balance_errors
+
+    real = [run({0: {"requests": 60}, 1: {"requests": 0}}), run({0: {"requests": 41}, 1: {"requests": 19}}, rate=0.5)]
+    sim = [run({0: {"requests": 0}, 1: {"requests": 60}}), run({0: {"requests": 17}, 1: {"requests": 43}}, rate=0.5)]
+    rows = routing_rows(real, sim)
+    assert max(abs(r["share_error"]) for r in rows) == pytest.approx(1.0)
+    balance = balance_errors(rows)
+    assert balance[("shared-prefix", 1.0)] == 0.0
+    assert balance[("shared-prefix", 0.5)] == pytest.approx(2 / 60)
+
+
 def test_move_rows_price_the_real_moves_at_the_profiles_transfer_cost():
     profile = pd_profile()
     block_bytes = 16 * MODEL["kv_bytes_per_token"]
@@ -145,6 +159,25 @@ def test_learned_transfer_cost_prices_blocks_as_the_cluster_learned_them():
         assert profile.transfer_seconds(blocks, 16) == pytest.approx(0.012 + 0.0005 * blocks)
     assert learned_kv_transfer([{"ok": True, "estimate": {**estimate, "observations": 2}}], block_bytes) is None
     assert learned_kv_transfer([], block_bytes) is None
+
+
+def test_learned_transfer_cost_splits_rounds_from_bytes_with_the_offline_bandwidth():
+    """Moves of one size cannot separate a copy round's fixed cost from its bytes: with the
+    offline copy's bandwidth for the bytes, the fixed part per round is what the moves took
+    beyond them, and a longer move is priced as the cluster ran it (not 39 ms a block)."""
+    block_bytes = 16 * MODEL["kv_bytes_per_token"]
+    offline = {"fixed_s": 0.0015, "bytes_per_s": block_bytes / 0.0004}  # 0.4 ms a block in-process
+    degenerate = {"fixed_s": 0.0, "per_block_s": 0.039, "observations": 300}
+    moves = [{"ok": True, "precopy_blocks": 1, "final_blocks": 1, "transfer_s": 0.1008 + jitter,
+              "estimate": degenerate} for jitter in (-0.01, 0.0, 0.0, 0.02)]
+    moves.append({"ok": False, "precopy_blocks": 0, "final_blocks": 0, "transfer_s": 5.0})  # refused: not counted
+    learned = learned_kv_transfer(moves, block_bytes, offline=offline)
+    assert learned["fixed_s"] == pytest.approx(0.05)  # (100.8 ms - 2 x 0.4 ms) / 2 rounds
+    profile = dataclasses.replace(pd_profile(), kv_transfer=learned)
+    long_move = {"precopy_blocks": 16, "final_blocks": 1}
+    assert price_move(profile, long_move, 16) == pytest.approx(0.05 * 2 + 0.0004 * 17)
+    assert learned_kv_transfer(moves[:2], block_bytes, offline=offline) is None  # too few landed
+    assert learned_kv_transfer(moves, block_bytes)["per_block_s"] == 0.039  # without it: the cluster's estimate
 
 
 def test_pd_flags_reach_both_sides_and_bad_combinations_name_the_flags(tmp_path):
