@@ -104,12 +104,15 @@ def calibrate_server(base: StepProfile, model: str, serve_args: list[str], *, wo
             loaded.append(loadgen.run(endpoint, requests, offsets=arrival_offsets(len(requests), rate, 1.0, seed),
                                       progress=False))
             probes.append(run_probe(endpoint))
+        # Prefill/decode: what its moves cost, under the open-loop load a validation runs. The
+        # closed loop's moves queue behind one another at the prefill replica (222 ms a copy round
+        # against 50 ms at 0.5-2 req/s), so they are not the price of a move.
+        moves = migrations(endpoint.base_url) if prefill_replicas else []
         saturated_clients = max_num_seqs * max(replicas, decode_replicas) if saturate else 0
         if saturated_clients:  # batches up to the engine's largest, whatever this machine's speed
             requests = generate_workload(workload, 2 * saturated_clients, seed, length_scale, next(salt))
             loaded.append(loadgen.run(endpoint, requests, concurrency=saturated_clients, progress=False))
             probes.append(run_probe(endpoint))
-        moves = migrations(endpoint.base_url) if prefill_replicas else []  # prefill/decode: what its moves cost
         time.sleep(0.5)  # the core writes its trace when it goes idle
     trace = read_traces(str(trace_path))  # a cluster's replicas: one file each
     log(f"calibrate --server: {len(trace.rows)} steps, {len(trace.adds)} requests traced in "
@@ -300,155 +303,3 @@ def refit_prefill_step(profile: StepProfile, rows: list[tuple[float, ...]], seco
     middle = len(extras) // 2
     return max(0.0, extras[middle] if len(extras) % 2 else (extras[middle - 1] + extras[middle]) / 2)
 
-
-def delivery_samples(trace: ServerTrace, alone: list, loaded: list, num_warm: int,
-                     closed_loop: bool) -> list[tuple[float, float]]:
-    """(streams in the first token's step, delivery delay) of the traced requests: the
-    one-at-a-time ones (`alone`, after `num_warm` warm-ups) by place, the loaded phases' (each a
-    LoadResult, the closed loop last when `closed_loop`) matched by their lengths, probes in
-    between skipped. Not the closed loop's: its max_num_seqs x replicas clients share the cores
-    with the server, and a first token waits for the load generator to read it (a 2-replica
-    smollm2 cluster's 256 clients fitted 52 ms of delivery where the open-loop requests took
-    3-10 ms, and the simulator's TTFT came out 40-70% late). Its steps are still fitted."""
-    matched = list(zip(alone, trace.adds[num_warm:num_warm + len(alone)]))
-    cursor = num_warm + len(alone)
-    for phase, result in enumerate(loaded):
-        adds, cursor = match_records(trace.adds, [r.to_json() for r in result.records], cursor)
-        if not (closed_loop and phase == len(loaded) - 1):
-            matched += [(record, add) for record, add in zip(result.records, adds) if add is not None]
-    deliveries = []
-    for record, add in matched:
-        path = first_token_path(trace, add, record.ttft_s) if record.ok else None
-        if path is not None and path["deliver_s"] is not None:
-            deliveries.append((path["streams"], path["deliver_s"]))
-    return deliveries
-
-
-def fit_delivery(deliveries: list[tuple[float, float]]) -> tuple[float, float]:
-    """(fixed, per stream) seconds of deliver = fixed + per_stream x streams over (streams, delay)
-    pairs (`trace.delivery_line`); where the data cannot show a positive slope (one stream count,
-    or a negative fit), no slope and the median as the fixed part."""
-    if not deliveries:
-        return 0.0, 0.0
-    line = delivery_line(deliveries)
-    if line is not None and line[1] > 0 and line[0] >= 0:
-        return line
-    return max(0.0, median([d for _, d in deliveries])), 0.0
-
-
-def residuals_by_batch(rows, seconds, priced) -> dict:
-    """The fit's own error per bucket of streams sampled in a step: steps, measured / fitted time
-    ("time_ratio"), and the same weighted by each step's streams ("tpot_ratio": what a mean TPOT
-    over those steps would be off by). 1.0 is a fit right there."""
-    weights = step_weights(rows)
-    out = {}
-    for label, low, high in BATCH_BUCKETS:
-        inside = [i for i, x in enumerate(rows) if low <= x[5] <= high and priced[i] > 0]
-        if inside:
-            out[label] = {"num_steps": len(inside),
-                          "time_ratio": sum(seconds[i] for i in inside) / sum(priced[i] for i in inside),
-                          "tpot_ratio": (sum(weights[i] * seconds[i] for i in inside)
-                                         / sum(weights[i] * priced[i] for i in inside))}
-    return out
-
-
-def describe_residuals(server_fit: dict) -> str:
-    """One line of the fit's error by kind and streams, for the log."""
-    parts = []
-    for kind, buckets in server_fit.get("by_kind", {}).items():
-        parts.append(f"{kind}: " + ", ".join(f"{label} x{b['tpot_ratio']:.3f} ({b['num_steps']})"
-                                             for label, b in buckets.items()))
-    return "; ".join(parts) or "-"
-
-
-def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[tuple[float, float]],
-                        meta: dict) -> StepProfile:
-    """`base` with the serving path fitted onto it from a server's trace and the delivery delays
-    of traced requests as (streams in the first token's step, the client's TTFT - the core's
-    first-token send - arrival)."""
-    serving, kept = fit_serving_overhead(base.predict, trace.rows, trace.seconds)
-    coefficients = {name: value * serving["scale"] for name, value in base.coefficients.items()}
-    coefficients["fixed"] = coefficients.get("fixed", 0.0) + serving["overhead_s"]
-    coefficients["sampled_rows"] = coefficients.get("sampled_rows", 0.0) + serving["per_row_s"]
-    coefficients[PREFILL_STEPS] = coefficients.get(PREFILL_STEPS, 0.0) + serving["prefill_step_s"]
-    row_factors = fit_row_factors(StepProfile("linear", coefficients), trace.rows, trace.seconds, kept)
-    if row_factors is not None:
-        coefficients[PREFILL_STEPS] = refit_prefill_step(StepProfile("linear", coefficients, row_factors=row_factors),
-                                                         trace.rows, trace.seconds, kept)
-    fitted = StepProfile("linear", coefficients, row_factors=row_factors)
-    errors = sorted(abs(fitted.predict(trace.rows[i]) - trace.seconds[i]) / trace.seconds[i] for i in kept)
-    admit = median(trace.front_end_delays)
-    if admit is None:  # every request arrived mid-step (not with the one-at-a-time phase): an upper bound
-        admit = median(trace.admit_delays)
-    deliver, per_stream = fit_delivery(deliveries)
-    frontend = {"admit_s": max(0.0, admit or 0.0), "deliver_s": deliver, "deliver_per_stream_s": per_stream,
-                "num_requests": len(trace.adds), "num_between_steps": len(trace.front_end_delays),
-                "num_deliveries": len(deliveries)}
-    priced = [fitted.predict(x) for x in trace.rows]
-    # The fit's own error by batch size (streams sampled in a step): measured / fitted time per
-    # bucket. A fit that is right on average can still price the big batches of a busy server
-    # low (TPOT predicted early at high rates) if the calibration's rates rarely made them.
-    by_batch = residuals_by_batch(trace.rows, trace.seconds, priced)
-    # And by kind: decode-only steps, and steps that also ran prompt tokens (a prompt chunk beside
-    # the decodes costs more than its tokens: the front end admits that request meanwhile).
-    by_kind = {}
-    for kind, mixed in (("decode", False), ("mixed", True)):
-        inside = [i for i, x in enumerate(trace.rows) if (x[1] > 0) == mixed]
-        if inside:
-            by_kind[kind] = residuals_by_batch([trace.rows[i] for i in inside], [trace.seconds[i] for i in inside],
-                                               [priced[i] for i in inside])
-    # The draws average what every traced step cost over its price, weighted as the fit (1 but for
-    # the wild steps it left out): a draw is independent of the step's streams, so the simulator's
-    # steps then cost what the server's did in the mean a TPOT takes.
-    weights = step_weights(trace.rows)
-    overall = (sum(w * s for w, s, p in zip(weights, trace.seconds, priced) if p > 0)
-               / max(1e-12, sum(w * p for w, p in zip(weights, priced) if p > 0)))
-    spread = {name: table for name, table in (
-        ("step_ratio", with_mean(quantile_table([s / p for s, p in zip(trace.seconds, priced) if p > 0]), overall)),
-        ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
-    fit = {**base.fit, "offline_coefficients": base.coefficients,
-           "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
-                      "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
-                      "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
-                      "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
-                      "p90_abs_rel_error": errors[int(len(errors) * 0.9)] if errors else None,
-                      "by_batch": by_batch, "by_kind": by_kind, "row_factors": row_factors, **meta}}
-    return dataclasses.replace(base, coefficients=coefficients, frontend=frontend, fit=fit, spread=spread or None,
-                               row_factors=row_factors)
-
-
-def fit_row_factors(linear: StepProfile, rows: list[tuple[float, ...]], seconds: list[float], kept: list[int],
-                    min_steps: int = ROW_BUCKET_MIN_STEPS) -> list[list] | None:
-    """Each ROW_BUCKETS bucket's factor on the linear price: its decode-only steps' measured time
-    over their price, weighted by streams as the fit is (what a mean TPOT over those steps is off
-    by). A bucket with fewer than `min_steps` such steps keeps the line's price (factor 1: the
-    least-squares fit over every step is the best guess there); None when no bucket has enough.
-    The prefill-step term is not in the price: decode-only steps have none."""
-    weights = step_weights(rows)
-    fitted: list[float | None] = []
-    for low, high in ROW_BUCKETS:
-        inside = [i for i in kept if rows[i][1] == 0 and low <= rows[i][5] <= high]
-        priced = sum(weights[i] * linear.predict(rows[i]) for i in inside)
-        fitted.append(sum(weights[i] * seconds[i] for i in inside) / priced
-                      if len(inside) >= min_steps and priced > 0 else None)
-    if all(f is None for f in fitted):
-        return None
-    factors = [1.0 if f is None else f for f in fitted]
-    return [[low, min(high, ROW_BUCKET_TOP), round(factor, 6)] for (low, high), factor in zip(ROW_BUCKETS, factors)]
-
-
-def refit_prefill_step(profile: StepProfile, rows: list[tuple[float, ...]], seconds: list[float],
-                       kept: list[int]) -> float:
-    """The prefill-step term again once the row factors price the rest: the streams-weighted mean
-    of what steps with prompt tokens cost beyond their price without the term (none negative)."""
-    weights = step_weights(rows)
-    inside = [i for i in kept if rows[i][1] > 0]
-    if not inside:
-        return 0.0
-    term = profile.coefficients.get(PREFILL_STEPS, 0.0)
-    import os
-    if os.environ.get("PFX_MEDIAN"):
-        extras = sorted(seconds[i] - (profile.predict(rows[i]) - term) for i in inside)
-        return max(0.0, extras[len(extras) // 2])
-    extra = sum(weights[i] * (seconds[i] - (profile.predict(rows[i]) - term)) for i in inside)
-    return max(0.0, extra / sum(weights[i] for i in inside))
