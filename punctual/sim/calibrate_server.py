@@ -257,6 +257,9 @@ def fit_serving_profile(base: StepProfile, trace: ServerTrace, deliveries: list[
         ("admit_s", quantile_table(trace.front_end_delays))) if table is not None}
     fit = {**base.fit, "offline_coefficients": base.coefficients,
            "server": {"num_steps": len(trace.rows), "num_outliers": len(trace.rows) - len(kept), **serving,
+                      # the term as priced (refitted after the row factors), not the line's first fit
+                      "prefill_step_s": (coefficients.get(PREFILL_STEPS, 0.0)
+                                         - base.coefficients.get(PREFILL_STEPS, 0.0)),
                       "mean_step_s": sum(trace.seconds[i] for i in kept) / len(kept),  # the steps fitted
                       "mean_predicted_s": sum(fitted.predict(trace.rows[i]) for i in kept) / len(kept),
                       "median_abs_rel_error": errors[len(errors) // 2] if errors else None,
