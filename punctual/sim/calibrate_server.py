@@ -302,7 +302,5 @@ def refit_prefill_step(profile: StepProfile, rows: list[tuple[float, ...]], seco
     if not inside:
         return 0.0
     term = profile.coefficients.get(PREFILL_STEPS, 0.0)
-    extras = sorted(seconds[i] - (profile.predict(rows[i]) - term) for i in inside)
-    middle = len(extras) // 2
-    return max(0.0, extras[middle] if len(extras) % 2 else (extras[middle - 1] + extras[middle]) / 2)
+    return max(0.0, median([seconds[i] - (profile.predict(rows[i]) - term) for i in inside]))
 

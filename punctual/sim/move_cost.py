@@ -11,6 +11,7 @@ decode handoff (and its choice of decode replica) is priced as the cluster paid 
 from __future__ import annotations
 
 import json
+import statistics
 import urllib.request
 from typing import Callable
 
@@ -53,10 +54,9 @@ def learned_kv_transfer(moves: list[dict], bytes_per_block: float, min_observati
         if len(timed) < min_observations:
             return None
         per_block_s = bytes_per_block / float(offline["bytes_per_s"])
-        per_round = sorted((m["transfer_s"] - per_block_s * (m.get("precopy_blocks", 0) + m.get("final_blocks", 0)))
-                           / (2 if m.get("precopy_blocks") else 1) for m in timed)
-        middle = len(per_round) // 2
-        fixed = per_round[middle] if len(per_round) % 2 else (per_round[middle - 1] + per_round[middle]) / 2
+        fixed = statistics.median(
+            (m["transfer_s"] - per_block_s * (m.get("precopy_blocks", 0) + m.get("final_blocks", 0)))
+            / (2 if m.get("precopy_blocks") else 1) for m in timed)
         return {**common, "fixed_s": max(0.0, fixed), "bytes_per_s": float(offline["bytes_per_s"]),
                 "per_block_s": per_block_s, "fit": "fixed per round from the moves, bytes at the offline bandwidth"}
     landed = [m for m in landed if m.get("estimate")]
