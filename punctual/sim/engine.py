@@ -93,6 +93,11 @@ class SimConfig:
     def replicas(self) -> int:
         return self.cluster.replicas
 
+    @property
+    def router_options(self) -> dict:
+        """The cluster's router options, the router hashing blocks as the replicas do."""
+        return {"hash_algo": self.hash_algo, **self.cluster.router_options}
+
 
 @contextmanager
 def _long_lived_objects_frozen():
@@ -134,8 +139,7 @@ class Simulator:
         if (self.decode_pool or cluster.migration) and profile.kv_transfer is None:
             raise ValueError("--prefill-replicas/--decode-replicas/--migration: the profile has no KV transfer cost "
                              "(calibrate it again, or derive one with --hardware)")
-        self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size,
-                              {"hash_algo": config.hash_algo, **cluster.router_options})
+        self.front = FrontEnd(cluster.router, self.replicas, self.entry, config.block_size, config.router_options)
         self._visible: list = []  # (time, 0 end | 1 start, run's event seq, replica id): run ops the router sees
         self._allow_repeats()
         self.num_moves = self.num_moves_refused = 0

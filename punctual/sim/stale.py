@@ -186,8 +186,7 @@ class StaleRouterSimulator:
         if not staleness_s >= 0:
             raise ValueError(f"--sim-staleness-ms must be >= 0, got {staleness_s * 1000:g}")
         try:
-            self.router = make_router(cluster.router, config.block_size,
-                                      **{"hash_algo": config.hash_algo, **cluster.router_options})
+            self.router = make_router(cluster.router, config.block_size, **config.router_options)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"--router: {exc}") from None
         processes = min(processes, config.replicas)
