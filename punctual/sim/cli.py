@@ -27,8 +27,9 @@ def add_sim_parser(subparsers) -> None:
     run.add_argument("--sim-processes", default="auto",
                      help="split the replicas across this many processes; auto: one per CPU from "
                           f"{AUTO_MIN_REPLICAS} replicas on, on a machine of {AUTO_MIN_CPUS}+ CPUs (open loop, "
-                          "no --migration, prefill/decode or adapters), else 1. round_robin reads no replica state: the same results as one process; "
-                          "cache_aware and least_loaded then decide on state up to --sim-staleness-ms late")
+                          "no --migration, prefill/decode or adapters), else 1. round_robin reads no replica "
+                          "state: the same results as one process; cache_aware and least_loaded then decide on "
+                          "state up to --sim-staleness-ms late")
     run.add_argument("--sim-staleness-ms", type=float, default=DEFAULT_STALENESS_MS,
                      help="with --sim-processes > 1 and a router that reads replica state: the shards publish "
                           "their replicas' loads and prefix-cache events every this many virtual ms and the "
