@@ -9,7 +9,7 @@ import time
 from punctual.sim.sizing import SimFlags, cluster_config
 
 AUTO_MIN_REPLICAS = 32  # below this a run takes seconds: one process, exact routing
-AUTO_MIN_CPUS = 4  # auto splits only on a machine with at least this many CPUs
+AUTO_MIN_CPUS = 2  # auto splits only on a machine with at least this many CPUs
 DEFAULT_STALENESS_MS = 10.0  # about one decode step of an 8B model on a GPU (sim/stale.py; measured in the report)
 
 
@@ -32,9 +32,10 @@ def add_sim_parser(subparsers) -> None:
                           "state up to --sim-staleness-ms late")
     run.add_argument("--sim-staleness-ms", type=float, default=DEFAULT_STALENESS_MS,
                      help="with --sim-processes > 1 and a router that reads replica state: the shards publish "
-                          "their replicas' loads and prefix-cache events every this many virtual ms and the "
-                          "router decides each arrival on the last publication (0: at every arrival instant, "
-                          "the same results as one process, slower)")
+                          "their replicas' loads and prefix-cache events every half this many virtual ms and "
+                          "the router decides each arrival on the publication before the last one, while the "
+                          "shards go on (so on state half to all of this old); 0: at every arrival instant, the "
+                          "same results as one process, slower")
     run.add_argument("--plan-every-step", action="store_true",
                      help="plan every step of every replica (the exact path the default is checked against: the "
                           "same answers, slower); by default a replica's repeated decode steps are priced in runs")
@@ -313,8 +314,8 @@ def sim_processes(flag: str, config, concurrency: int | None, num_adapters: int)
             or config.lora is not None or concurrency is not None):
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # The router runs in the parent, between the shards' windows: on 2 CPUs the split was slower
-    # than one process (50,000 requests over 100 replicas, cache_aware: 77.5 against 55.7 s).
+    # The router decides a window ahead while the shards simulate (sim/stale.py): on 2 CPUs the
+    # split ran 100,000 requests over 100 replicas (cache_aware) in 140.8 s against 184.8 s.
     return cpus if cpus >= AUTO_MIN_CPUS else 1
 
 

@@ -99,6 +99,21 @@ class SimConfig:
         return {"hash_algo": self.hash_algo, **self.cluster.router_options}
 
 
+def lookup_sets(prompts, block_size: int, algo: str) -> tuple[set, set]:
+    """What a run's prompts look up in the prefix caches, from (prompt token ids, adapter index
+    or None) pairs: every block hash of some prompt's lookup chain, and those some chain goes on
+    from (SimReplica.lookup_hashes, lookup_parents). As ints (Python's hash of each block hash):
+    a collision only seals less."""
+    looked_up, parents = set(), set()
+    for tokens, adapter in prompts:
+        adapter_id = None if adapter is None else sim_adapter(adapter).adapter_id
+        chain = [hash(h) for h in prompt_block_hashes(tokens, block_size, None, algo, adapter_id)
+                 [:(len(tokens) - 1) // block_size]]
+        looked_up.update(chain)
+        parents.update(chain[:-1])
+    return looked_up, parents
+
+
 @contextmanager
 def _long_lived_objects_frozen():
     """A run allocates millions of short-lived, acyclic objects (plans, updates, token lists)
@@ -276,22 +291,17 @@ class Simulator:
         """Tell each replica which block hashes this run's prompts look up and go on from
         (SimReplica.lookup_hashes, lookup_parents), so the blocks no routing decision can look up
         wait for its next catch-up; None (every block watched) unless the router here reads block
-        events, runs of repeated steps are on, and the router and the replicas hash alike. As ints
-        (Python's hash of each block hash): a collision only seals less."""
-        looked_up = parents = None
+        events, runs of repeated steps are on, and the router and the replicas hash alike."""
         router = self.front.router
-        if (requests is not None and self._router_reads_state and self.front.reads_blocks
-                and self.replicas[0].repeat_steps
-                and all(r.kv.hash_algo == getattr(router, "hash_algo", None) for r in self.replicas)):
-            block_size, algo = self.config.block_size, router.hash_algo
-            looked_up, parents = set(), set()
-            for request in requests:
-                tokens = request.prompt_token_ids
-                adapter = None if request.adapter is None else sim_adapter(request.adapter).adapter_id
-                chain = [hash(h) for h in prompt_block_hashes(tokens, block_size, None, algo, adapter)
-                         [:(len(tokens) - 1) // block_size]]
-                looked_up.update(chain)
-                parents.update(chain[:-1])
+        sealing = (requests is not None and self._router_reads_state and self.front.reads_blocks
+                   and all(r.kv.hash_algo == getattr(router, "hash_algo", None) for r in self.replicas))
+        self.set_lookups(lookup_sets(((r.prompt_token_ids, r.adapter) for r in requests), self.config.block_size,
+                                     router.hash_algo) if sealing else None)
+
+    def set_lookups(self, lookups: tuple[set, set] | None) -> None:
+        """A run's `lookup_sets` (None: every block may be looked up) for every replica; runs of
+        repeated steps only (step by step, every op is applied as it happens anyway)."""
+        looked_up, parents = lookups if lookups is not None and self.replicas[0].repeat_steps else (None, None)
         for replica in self.replicas:
             replica.lookup_hashes, replica.lookup_parents = looked_up, parents
         self.front.tell_untold()

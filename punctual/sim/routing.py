@@ -17,6 +17,12 @@ from punctual.cluster.router import ReplicaLoad, Router, make_router
 from punctual.sim.replica import SimReplica
 
 
+def reads_blocks(router: Router) -> bool:
+    """Whether `router` takes the replicas' block events (else only their loads)."""
+    kind = type(router)
+    return kind.on_blocks_stored is not Router.on_blocks_stored or kind.on_blocks_evicted is not Router.on_blocks_evicted
+
+
 class FrontEnd:
     """The cluster client's routing, over simulated replicas. `routable`: the replicas that take
     arrivals (under prefill/decode, the prefill pool; the decode pool is unhealthy to the router)."""
@@ -37,9 +43,7 @@ class FrontEnd:
     @property
     def reads_blocks(self) -> bool:
         """Whether the router takes the replicas' block events (else only their loads)."""
-        kind = type(self.router)
-        return (kind.on_blocks_stored is not Router.on_blocks_stored
-                or kind.on_blocks_evicted is not Router.on_blocks_evicted)
+        return reads_blocks(self.router)
 
     def _watch(self, replica: SimReplica) -> None:
         """Tell the router of the blocks the replica's prefix cache indexes and evicts, as a core's

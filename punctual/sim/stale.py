@@ -2,32 +2,41 @@
 
 The routers that read replica state (cache_aware, least_loaded) couple every replica to every
 decision, so the shards of sim/shards.py cannot run them. Here the router lives in the parent
-and the shards meet it at window boundaries in virtual time: every arrival in the window
-[b, b + staleness) is routed on the replicas' state as the shards published it at b (their loads
-as the cluster client counts them, their free KV blocks, and the prefix-cache block events up to
-b), plus the router's own bookkeeping of what it routed since (its optimistic load, the
-front end's queued counts, cache_aware's record of the prompt blocks it sent). A decision
-therefore reads state at most `staleness` seconds old; nothing else differs from one process.
-A real front end reads its replicas' reports late too (they arrive after each step).
+and the shards meet it at window boundaries in virtual time. Windows are half the staleness
+long: the arrivals of the window [b, b + w) are routed on the replicas' state as the shards
+published it at b - w (their loads as the cluster client counts them, their free KV blocks, and
+the prefix-cache block events up to b - w), plus the router's own bookkeeping of what it routed
+since (its optimistic load, the front end's queued counts, cache_aware's record of the prompt
+blocks it sent). So the router decides a window while the shards simulate the one before, and
+the shards always hold their next command: nobody waits unless the router is slower than the
+shards. A decision reads state between half the staleness and all of it old; nothing else
+differs from one process, and which state a decision reads does not depend on the processes'
+timing. A real front end reads its replicas' reports late too (they arrive after each step).
 
 With staleness 0 a window is one arrival instant: the shards stop there after its step ends,
 before anything is taken in or planned, publish, and the router decides on exactly what the
 one-process simulator's router sees, so the answers are the same (tests/sim/test_stale.py).
+The shards wait while it decides.
 
 Shard s owns replicas s, s + S, s + 2S, ... (global ids), as in sim/shards.py; a worker keeps its
-replicas from one run to the next. One round trip per window and shard: the window's arrivals
-go out, the state at the next boundary comes back; windows without arrivals are skipped.
+replicas from one run to the next. One command and one answer per window and shard: the
+arrivals routed so far go out with the next boundary, the state at that boundary comes back;
+windows without arrivals are skipped. The shards' replicas know which blocks the run's prompts
+look up (Simulator.set_lookups), as one process's do, so the blocks no prompt reaches are
+neither applied at every window's end nor sent to the router.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 import multiprocessing
 import traceback
 
 from punctual.cluster.router import ReplicaLoad, make_router
-from punctual.sim.engine import ARRIVAL, SimConfig, SimRequest, Simulator, _long_lived_objects_frozen
+from punctual.sim.engine import ARRIVAL, SimConfig, SimRequest, Simulator, _long_lived_objects_frozen, lookup_sets
 from punctual.sim.profile import StepProfile
+from punctual.sim.routing import reads_blocks
 from punctual.sim.shards import close_shards, merge_shard_runs
 from punctual.sim.spread import draw, request_key, step_stream, uniform
 
@@ -77,11 +86,12 @@ class _Shard:
             if self.reads_blocks:
                 front._watch(replica)
 
-    def start(self, run_id: int, start: float, keep_token_times: bool, slo) -> None:
+    def start(self, run_id: int, start: float, keep_token_times: bool, slo, lookups: tuple[set, set] | None) -> None:
         from punctual.sim.loadgen import SimSender, StreamedStats
 
         simulator = self.simulator
         simulator.now, simulator._run_id = start, run_id
+        simulator.set_lookups(lookups)  # the blocks no prompt of the run looks up wait for catch-ups
         self.sender = SimSender(simulator, keep_token_times, slo)
         self.stats, self.records = StreamedStats(), []
         # Position -> request, taken out as it arrives: a shard holds only those not yet arrived
@@ -196,10 +206,14 @@ class StaleRouterSimulator:
         self.now = 0.0
         self.num_events = self.num_steps = 0
         self.num_windows = 0
+        self.max_lateness_s = 0.0  # the oldest state a decision read, from its arrival (pipelined windows)
         self._run_id = 0
         total = config.num_kv_blocks
         # The router's view of each replica, as the shards last published it plus what it routed since.
         self._loads = [[0, 0, 0, total] for _ in range(config.replicas)]  # running, waiting, queued, free
+        # Requests routed to a replica for later than the last report (not counted in it): waiting
+        # there, with their prompt tokens queued, in the router's view.
+        self._pending: dict[int, list[int]] = {}
         self._changed: set[int] = set(range(config.replicas))
         context = multiprocessing.get_context("fork")
         self._connections, self._processes = [], []
@@ -215,6 +229,9 @@ class StaleRouterSimulator:
     def _exchange(self, commands: list[tuple]) -> list[tuple]:
         for connection, command in zip(self._connections, commands):
             connection.send(command)
+        return self._answers()
+
+    def _answers(self) -> list[tuple]:
         answers = []
         for connection in self._connections:
             answer = connection.recv()
@@ -236,16 +253,33 @@ class StaleRouterSimulator:
 
     def _route(self, prompt: tuple[int, ...], user: str | None) -> int:
         """FrontEnd.route on the published view; the request counts as queued there at once."""
-        loads, total = self._loads, self.config.num_kv_blocks
-        changed = [ReplicaLoad(gid, True, *loads[gid][:3], loads[gid][3], total) for gid in self._changed]
+        loads, pending, total = self._loads, self._pending, self.config.num_kv_blocks
+        changed = []
+        for gid in self._changed:
+            running, waiting, queued, free = loads[gid]
+            routed, tokens = pending.get(gid, (0, 0))
+            changed.append(ReplicaLoad(gid, True, running, waiting + routed, queued + tokens, free, total))
         self._changed.clear()
         replica_id = self.router.route(prompt, user, changed, changed_only=True)
         self.router.on_request_routed(replica_id, len(prompt))
-        view = loads[replica_id]
-        view[1] += 1
-        view[2] += len(prompt)
-        self._changed.add(replica_id)
+        self._add_pending([(replica_id, len(prompt))])
         return replica_id
+
+    def _add_pending(self, routed) -> None:
+        pending, changed = self._pending, self._changed
+        for replica_id, tokens in routed:
+            entry = pending.setdefault(replica_id, [0, 0])
+            entry[0] += 1
+            entry[1] += tokens
+            changed.add(replica_id)
+
+    def _reported(self, answers: list[tuple], uncounted=()) -> None:
+        """Take the shards' reports; of the requests routed so far, only `uncounted` ((replica,
+        prompt tokens) pairs) come after the reports' time, and still count as routed there."""
+        self._changed.update(self._pending)
+        self._pending = {}
+        self._take(answers)
+        self._add_pending(uncounted)
 
     def _admit_delays(self, count: int) -> list[float]:
         """Simulator._admit_delays, for this run's requests 0..count-1."""
@@ -253,6 +287,85 @@ class StaleRouterSimulator:
         if table is None:
             return [self.profile.admit_s] * count
         return [draw(table, uniform(request_key(self._run_id, index, self.spread_seed))) for index in range(count)]
+
+    def _route_window(self, requests, arrivals, admits, order, position: int, end: float,
+                      outgoing: list[list[tuple]]) -> int:
+        """Route the arrivals from `position` on that come before `end` (at least one) into each
+        shard's `outgoing`; returns the position after them."""
+        from punctual.sim.loadgen import token_ids
+
+        shards, first = self.num_shards, position
+        self._last_routes = routes = []  # (replica, prompt tokens) of each, in order
+        while position < len(order) and (position == first or arrivals[order[position]] < end):
+            i = order[position]
+            request = requests[i]
+            prompt = token_ids(request.prompt)  # here, not all up front: a million prompts are gigabytes
+            replica_id = self._route(prompt, request.user)
+            routes.append((replica_id, len(prompt)))
+            outgoing[replica_id % shards].append((i, prompt, request.output_len, request.user, request.prompt_len,
+                                                  arrivals[i], admits[i], replica_id // shards))
+            position += 1
+        return position
+
+    def _windows(self, requests, arrivals, admits, order) -> list[list[tuple]]:
+        """Each window's arrivals routed on the state at its start (staleness 0: each arrival
+        instant, exactly the one-process router's view): the shards wait while the router decides."""
+        shards = self.num_shards
+        outgoing: list[list[tuple]] = [[] for _ in range(shards)]
+        position = 0
+        while position < len(order):
+            boundary = window_start(arrivals[order[position]], self.staleness_s)
+            self._reported(self._exchange([("window", outgoing[s], boundary) for s in range(shards)]))
+            self.num_windows += 1
+            outgoing = [[] for _ in range(shards)]
+            position = self._route_window(requests, arrivals, admits, order, position,
+                                          boundary + self.staleness_s, outgoing)
+        return outgoing
+
+    def _pipelined_windows(self, requests, arrivals, admits, order, start: float) -> list[list[tuple]]:
+        """The router decides while the shards simulate. Windows are half the staleness long;
+        the arrivals of window [b, b + w) are routed on the state at b - w, while the shards run
+        on to b. The shards always hold the next window's command, so none waits for the router
+        or for the other: the router waits only for the state it reads. A decision reads state
+        between one and two windows (up to `staleness`) old, and which state it reads does not
+        depend on the processes' timing: the answers are deterministic."""
+        shards, width = self.num_shards, self.staleness_s / 2
+        outgoing: list[list[tuple]] = [[] for _ in range(shards)]
+        routed: deque = deque()  # (arrival, replica, prompt tokens) of the requests routed, not yet in a report
+        issued: deque = deque()  # the targets of the commands not answered yet, in order
+        last = held = start  # the last target sent; the time of the state the router holds
+
+        def issue(target: float) -> None:
+            nonlocal outgoing, last
+            for connection, shard_outgoing in zip(self._connections, outgoing):
+                connection.send(("window", shard_outgoing, target))
+            outgoing = [[] for _ in range(shards)]
+            issued.append(target)
+            last = target
+
+        position = 0
+        while position < len(order):
+            boundary = window_start(arrivals[order[position]], width)
+            state_at = max(start, boundary - width)
+            if state_at > last:  # arrivals are far apart: the state it reads is a target of its own
+                issue(state_at)
+            if boundary > last:  # the shards' next work, while the router decides
+                issue(boundary)
+            while held < state_at:
+                held = issued.popleft()
+                while routed and routed[0][0] < held:
+                    routed.popleft()
+                # The requests routed for `held` or later are not in the reports: still pending.
+                self._reported(self._answers(), [(replica, tokens) for _, replica, tokens in routed])
+                self.num_windows += 1
+            first = position
+            position = self._route_window(requests, arrivals, admits, order, position, boundary + width, outgoing)
+            self.max_lateness_s = max(self.max_lateness_s, arrivals[order[position - 1]] - held)
+            routed.extend((arrivals[order[p]], *self._last_routes[p - first]) for p in range(first, position))
+        for _ in issued:  # the answers not read yet, then the last window goes out with "finish"
+            self._reported(self._answers())
+            self.num_windows += 1
+        return outgoing
 
     def run_shards(self, requests, offsets, concurrency, keep_token_times, slo):
         from punctual.sim.loadgen import token_ids
@@ -270,26 +383,19 @@ class StaleRouterSimulator:
         arrivals = [start + offset + admit for offset, admit in zip(offsets, admits)]
         order = sorted(range(len(requests)), key=lambda i: (arrivals[i], i))  # the one-process heap's order
         shards = self.num_shards
-        self._exchange([("start", self._run_id, start, keep_token_times, slo)] * shards)
-        outgoing: list[list[tuple]] = [[] for _ in range(shards)]
-        position = 0
-        while position < len(order):
-            boundary = window_start(arrivals[order[position]], self.staleness_s)
-            self._take(self._exchange([("window", outgoing[s], boundary) for s in range(shards)]))
-            self.num_windows += 1
-            outgoing = [[] for _ in range(shards)]
-            end = boundary + self.staleness_s
-            first = position
-            while position < len(order) and (position == first or arrivals[order[position]] < end):
-                i = order[position]
-                request = requests[i]
-                prompt = token_ids(request.prompt)  # here, not all up front: a million prompts are gigabytes
-                replica_id = self._route(prompt, request.user)
-                outgoing[replica_id % shards].append((i, prompt, request.output_len, request.user, request.prompt_len,
-                                                      arrivals[i], admits[i], replica_id // shards))
-                position += 1
+        # What the run's prompts look up, as the one-process Simulator tells its replicas
+        # (Simulator._seal_unreachable_blocks); the prompts are made again at routing, one at a time.
+        lookups = None
+        if reads_blocks(self.router):
+            lookups = lookup_sets(((token_ids(r.prompt), None) for r in requests), self.config.block_size,
+                                  self.router.hash_algo)
+        self._exchange([("start", self._run_id, start, keep_token_times, slo, lookups)] * shards)
+        if self.staleness_s > 0:
+            outgoing = self._pipelined_windows(requests, arrivals, admits, order, start)
+        else:
+            outgoing = self._windows(requests, arrivals, admits, order)
         answers = self._exchange([("finish", outgoing[s]) for s in range(shards)])
-        self._take([answer[0] for answer in answers])  # the state the next run starts from
+        self._reported([answer[0] for answer in answers])  # the state the next run starts from
         return merge_shard_runs(self, answers)
 
     def close(self) -> None:

@@ -74,6 +74,22 @@ def test_a_window_late_stays_close_to_one_process(router):
     assert late != exact
 
 
+def test_pipelined_windows_read_state_within_the_staleness_and_repeat():
+    """With staleness > 0 the router decides one window ahead of the shards: every decision reads
+    state at most the staleness old (and at least half of it), and which state it reads does not
+    depend on the processes' timing, so two runs answer alike."""
+    requests = generate_workload("chat", 120, 1, 0.2)
+    offsets = [i * 0.013 for i in range(len(requests))]
+    offsets[40:] = [offsets[39] + 0.5 + i * 0.013 for i in range(len(requests) - 40)]  # a gap: a window of its own
+    answers = []
+    for _ in range(2):
+        simulator = StaleRouterSimulator(_config("cache_aware", 4), profile(), 2, 0.02)
+        answers.append(_runs(simulator, requests, offsets, runs=1))  # closes it
+        assert 0.01 <= simulator.max_lateness_s <= 0.02
+    assert all(r.error is None for r in answers[0][0][0].records)
+    assert answers[0] == answers[1]
+
+
 def test_window_start_survives_rounding():
     """0.06 / 0.02 rounds below 3: the window of 0.06 still starts at 0.06 and holds it."""
     for t in (0.06, 0.3, 0.7, 1.1, 0.1 * 3):
