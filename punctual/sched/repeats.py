@@ -21,7 +21,7 @@ from bisect import bisect_left
 from punctual.plan import StepPlan
 from punctual.sched.scheduler import Scheduler
 
-MAX_RUN_STEPS = 32  # priced ahead: an arrival that cuts the run wastes the rest
+MAX_RUN_STEPS = 128  # the longest run planned at once: its repeats are priced PRICE_AHEAD at a time (sim/replica.py)
 
 
 class DecodeRun:
