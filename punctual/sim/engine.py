@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+from array import array
 from bisect import bisect_left
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ class Outcome:
 
     request: SimRequest
     sent: float  # virtual time of the send
-    token_times: list[float] = field(default_factory=list)  # absolute virtual times of each token
+    # Absolute virtual times of each token, as doubles: numpy reads them in one copy when the
+    # request is recorded (a list's floats, scattered over the heap, are read one by one).
+    token_times: array = field(default_factory=lambda: array("d"))
     finished: float | None = None
     error: str | None = None
     prompt_tokens: int = 0
@@ -468,7 +471,7 @@ class Simulator:
         if delivered:
             for outcome in replica.run_outcomes:
                 outcome.token_times.extend(delivered)
-        replica.run_delivered = []
+        replica.run_delivered = array("d")
         return replica.end_run()
 
     def _push_visible(self, replica: SimReplica) -> None:

@@ -8,6 +8,7 @@ end. Generation stops by the scheduler's own logic: requests carry `max_tokens` 
 """
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
 
 from punctual.config import SchedulerConfig
@@ -63,7 +64,9 @@ class SimReplica:
         self.run: DecodeRun | None = None
         self.run_times: list[float] | None = None  # the run's steps' starts, then its last step's end
         self.run_outcomes: list = []  # the simulator's outcomes of the run's requests, in plan order
-        self.run_delivered: list[float] = []  # when the run's ended steps delivered their tokens (not yet handed over)
+        # When the run's ended steps delivered their tokens (not yet handed over): doubles, copied
+        # into each request's token times at once (Outcome.token_times).
+        self.run_delivered = array("d")
         self.run_serial = 0  # which run this is (the simulator's queue of run ops the router sees)
         self.visible_queued = False  # the simulator holds this run's next op that the router sees
         self._run_features: tuple[float, ...] = ()
