@@ -58,6 +58,9 @@ class MigratedRequest:
     num_computed_tokens: int
     num_preemptions: int = 0
     num_evicted_tokens: int = 0  # attention sinks: tokens the KV no longer holds (after the sinks)
+    # When its first token was made (the source's clock, as arrival_time is the front end's): the
+    # target goes on from a request that has one, and reports no first token of its own.
+    first_token_time: float | None = None
 
 
 @dataclass

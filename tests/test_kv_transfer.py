@@ -43,11 +43,20 @@ def test_disaggregated_prefill_is_identical(reference):
         prefill.add_request(EngineCoreRequest(rid, prompt, PARAMS))
     while any(not tokens.get(rid) for rid in PROMPTS):  # until every prompt is prefilled
         run(prefill, tokens, steps=1)
+    firsts = {}
     for rid in PROMPTS:
+        firsts[rid] = prefill.scheduler.requests[rid].first_token_time
         state, payload = prefill.migrate_out(rid)
+        assert state.first_token_time == firsts[rid] is not None
         assert decode.reserve_import(rid, 0) and decode.commit_import(state, 0, payload)
     assert prefill.kv_manager.num_used_blocks == 0 and not prefill.has_unfinished_requests()
-    run(decode, tokens)
+    # The decode core goes on from requests that have their first token: it reports none of its own
+    # (its step trace and stats would otherwise time a second first token).
+    while decode.has_unfinished_requests():
+        for out in decode.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            assert out.first_token_time is None
+    decode.check_integrity()
     assert tokens == reference
     prefill.check_integrity()
     assert decode.kv_manager.num_used_blocks == 0

@@ -239,7 +239,7 @@ class EngineCore:
                                          request.tpot_slo_ms, request.user, request.cache_salt, request.tenant,
                                          request.lora_request)
         state = MigratedRequest(core_request, request.output_token_ids, request.num_computed_tokens,
-                                request.num_preemptions, request.num_evicted_tokens)
+                                request.num_preemptions, request.num_evicted_tokens, request.first_token_time)
         self.scheduler.detach(request_id, self.clock())
         if self.speculator is not None:
             self.speculator.forget(request_id)
@@ -270,6 +270,7 @@ class EngineCore:
         request.num_computed_tokens = state.num_computed_tokens
         request.num_preemptions = state.num_preemptions
         request.num_evicted_tokens = state.num_evicted_tokens
+        request.first_token_time = state.first_token_time
         num_kv_tokens = self.scheduler.kv_tokens(request)
         num_blocks = self.kv_manager.blocks_for(num_kv_tokens)
         if payload is not None:

@@ -42,7 +42,8 @@ def read_traces(path: str) -> ServerTrace:
     """Every trace written for `path` (`trace_paths`), as one: each core's steps keep their own
     periods (a step lasts until that core plans its next), then the steps are concatenated with
     the first-token indices shifted to match; requests are in the order the cores received them
-    (one clock: time.monotonic is the machine's, whatever the process)."""
+    (one clock: time.monotonic is the machine's, whatever the process); a request's first token
+    is the earliest any core reported."""
     paths = trace_paths(path)
     if not paths:
         raise FileNotFoundError(f"no step trace was written to {path} (nor {replica_trace_path(path, 0)}, ...)")
@@ -57,8 +58,12 @@ def read_traces(path: str) -> ServerTrace:
         merged.planned += trace.planned
         merged.sampled += trace.sampled
         merged.adds += trace.adds
-        merged.first_token_sent.update(trace.first_token_sent)
-        merged.first_token_step.update({rid: offset + i for rid, i in trace.first_token_step.items()})
+        # A request that moved (prefill/decode, migration) has its first token where it was made:
+        # the earliest (a target core that did not know the request had one reported its own).
+        for request_id, sent in trace.first_token_sent.items():
+            if sent < merged.first_token_sent.get(request_id, float("inf")):
+                merged.first_token_sent[request_id] = sent
+                merged.first_token_step[request_id] = offset + trace.first_token_step[request_id]
     merged.adds.sort(key=lambda a: a["received"])
     return merged
 

@@ -107,6 +107,25 @@ def test_a_clusters_traces_read_as_one(tmp_path):
         read_traces(str(tmp_path / "none.jsonl"))
 
 
+def test_a_moved_requests_first_token_is_where_it_was_made(tmp_path):
+    """Prefill/decode: the decode core of a trace written before it knew a moved request had its
+    first token also reports one, later; the merged trace keeps the prefill core's (the earliest),
+    whichever file comes last, so the delivery delay is measured from the step that made it."""
+    def step(planned, sent, first=(), idle=False):
+        return {"step": [1, 8, 0, 8, 36, 1], "planned": planned, "sent": sent, "idle_before": idle,
+                "first": list(first)}
+
+    base = str(tmp_path / "steps.jsonl")
+    files = {0: [{"add": "a", "arrival": 1.0, "received": 1.1}, step(1.2, 1.3, ["a"], True)],
+             1: [step(1.6, 1.7, ["a"], True), step(1.7, 1.8)]}
+    for replica, records in files.items():
+        Path(replica_trace_path(base, replica)).write_text("".join(json.dumps(r) + "\n" for r in records))
+    trace = read_traces(base)
+    assert trace.first_token_sent == {"a": 1.3} and trace.first_token_step == {"a": 0}
+    path = first_token_path(trace, trace.adds[0], client_ttft_s=0.35)
+    assert path["deliver_s"] == pytest.approx(0.05) and path["step_prefill_tokens"] == 8
+
+
 def test_serving_overhead_fit_recovers_a_known_one():
     base = StepProfile("linear", dict(COEFFICIENTS))
     rows = [(1.0, float(p), float(d), float(c), float(c * 2), float(d + (p > 0))) for p, d, c in
