@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 import multiprocessing
 import traceback
+from collections import deque
 
 from punctual.cluster.router import ReplicaLoad, make_router
 from punctual.sim.engine import ARRIVAL, SimConfig, SimRequest, Simulator, _long_lived_objects_frozen, lookup_sets
@@ -289,27 +289,28 @@ class StaleRouterSimulator:
         return [draw(table, uniform(request_key(self._run_id, index, self.spread_seed))) for index in range(count)]
 
     def _route_window(self, requests, arrivals, admits, order, position: int, end: float,
-                      outgoing: list[list[tuple]]) -> int:
+                      outgoing: list[list[tuple]]) -> tuple[int, list[tuple[float, int, int]]]:
         """Route the arrivals from `position` on that come before `end` (at least one) into each
-        shard's `outgoing`; returns the position after them."""
+        shard's `outgoing`; returns the position after them, and (arrival, replica, prompt
+        tokens) of each in order."""
         from punctual.sim.loadgen import token_ids
 
         shards, first = self.num_shards, position
-        self._last_routes = routes = []  # (replica, prompt tokens) of each, in order
+        routes = []
         while position < len(order) and (position == first or arrivals[order[position]] < end):
             i = order[position]
             request = requests[i]
             prompt = token_ids(request.prompt)  # here, not all up front: a million prompts are gigabytes
             replica_id = self._route(prompt, request.user)
-            routes.append((replica_id, len(prompt)))
+            routes.append((arrivals[i], replica_id, len(prompt)))
             outgoing[replica_id % shards].append((i, prompt, request.output_len, request.user, request.prompt_len,
                                                   arrivals[i], admits[i], replica_id // shards))
             position += 1
-        return position
+        return position, routes
 
     def _windows(self, requests, arrivals, admits, order) -> list[list[tuple]]:
-        """Each window's arrivals routed on the state at its start (staleness 0: each arrival
-        instant, exactly the one-process router's view): the shards wait while the router decides."""
+        """Staleness 0: each arrival instant's arrivals routed on the state at that instant,
+        exactly the one-process router's view; the shards wait while the router decides."""
         shards = self.num_shards
         outgoing: list[list[tuple]] = [[] for _ in range(shards)]
         position = 0
@@ -318,8 +319,8 @@ class StaleRouterSimulator:
             self._reported(self._exchange([("window", outgoing[s], boundary) for s in range(shards)]))
             self.num_windows += 1
             outgoing = [[] for _ in range(shards)]
-            position = self._route_window(requests, arrivals, admits, order, position,
-                                          boundary + self.staleness_s, outgoing)
+            position, _ = self._route_window(requests, arrivals, admits, order, position,
+                                             boundary + self.staleness_s, outgoing)
         return outgoing
 
     def _pipelined_windows(self, requests, arrivals, admits, order, start: float) -> list[list[tuple]]:
@@ -358,10 +359,10 @@ class StaleRouterSimulator:
                 # The requests routed for `held` or later are not in the reports: still pending.
                 self._reported(self._answers(), [(replica, tokens) for _, replica, tokens in routed])
                 self.num_windows += 1
-            first = position
-            position = self._route_window(requests, arrivals, admits, order, position, boundary + width, outgoing)
-            self.max_lateness_s = max(self.max_lateness_s, arrivals[order[position - 1]] - held)
-            routed.extend((arrivals[order[p]], *self._last_routes[p - first]) for p in range(first, position))
+            position, routes = self._route_window(requests, arrivals, admits, order, position, boundary + width,
+                                                  outgoing)
+            self.max_lateness_s = max(self.max_lateness_s, routes[-1][0] - held)
+            routed.extend(routes)
         for _ in issued:  # the answers not read yet, then the last window goes out with "finish"
             self._reported(self._answers())
             self.num_windows += 1
