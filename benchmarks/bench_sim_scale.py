@@ -11,6 +11,9 @@ an H100 (`punctual sim calibrate llama-3-8b --hardware h100`) unless --profile n
     python benchmarks/bench_sim_scale.py --exact              # each case also planned step by step
     python benchmarks/bench_sim_scale.py --scale 0.02         # a smoke run (2,000 requests, 2 replicas)
     python benchmarks/bench_sim_scale.py --sim-processes 1    # the exact router in one process
+    python benchmarks/bench_sim_scale.py --against-one-process --repeats 2
+                                    # each case, then the same in one process, back to back: a ratio
+                                    # that a shared machine's drift between cases does not move
 
 With the CLI's defaults (`--sim-processes auto`: one process per CPU from 32 replicas on) the
 routers that read replica state decide on state up to `--sim-staleness-ms` (10) late
@@ -58,6 +61,9 @@ def main() -> int:
     parser.add_argument("--exact", action="store_true", help="also run each case with --plan-every-step")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink requests, replicas and rate (smoke runs)")
     parser.add_argument("--sim-processes", default=None, help="passed to sim run (default: its own, auto)")
+    parser.add_argument("--against-one-process", action="store_true",
+                        help="run each case again with --sim-processes 1 right after it, and print the ratio")
+    parser.add_argument("--repeats", type=int, default=1, help="times each case (and its pair) runs, in turn")
     args = parser.parse_args()
     out_dir = tempfile.mkdtemp(prefix="bench_sim_scale_")
     profile = args.profile
@@ -66,23 +72,32 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "punctual.cli", "sim", "calibrate", "llama-3-8b", "--hardware", "h100",
                         "--output", profile], check=True, capture_output=True)
     cases = [(100, 100_000, 200.0)] + ([(1000, 1_000_000, 2000.0)] if args.million else [])
-    rows = []
+    rows, pairs = [], []
     for replicas, requests, rate in cases:
         replicas = max(1, round(replicas * args.scale))
         requests = max(1, round(requests * args.scale))
         rate = rate * args.scale
         for router in [r.strip() for r in args.routers.split(",") if r.strip()]:
             for exact in ([False, True] if args.exact else [False]):
-                wall, simulated, detail = run_case(profile, replicas, requests, rate, router, exact,
-                                                   args.sim_processes)
-                rows.append((f"{requests:,} / {replicas:,}", router, "every step" if exact else "runs", wall,
-                             simulated, detail))
-                print(f"# {detail}\n#   {simulated}", file=sys.stderr, flush=True)
+                for _ in range(args.repeats):
+                    wall, simulated, detail = run_case(profile, replicas, requests, rate, router, exact,
+                                                       args.sim_processes)
+                    rows.append((f"{requests:,} / {replicas:,}", router, "every step" if exact else "runs", wall,
+                                 simulated, detail))
+                    print(f"# {detail}\n#   {simulated}", file=sys.stderr, flush=True)
+                    if args.against_one_process:
+                        one, simulated, detail = run_case(profile, replicas, requests, rate, router, exact, "1")
+                        rows.append((f"{requests:,} / {replicas:,}", router, "one process", one, simulated, detail))
+                        print(f"# {detail}\n#   {simulated}\n#   one process / as given: {one / wall:.2f}x",
+                              file=sys.stderr, flush=True)
+                        pairs.append((router, wall, one))
     print(f"CPU: {cpu_line()}")
     print(f"{'requests / replicas':<22} {'router':<13} {'planning':<11} {'wall s':>8}  simulator")
     for size, router, mode, wall, simulated, _ in rows:
         stats = re.sub(r"^simulated ", "", simulated)
         print(f"{size:<22} {router:<13} {mode:<11} {wall:>8.1f}  {stats}")
+    for router, wall, one in pairs:
+        print(f"{router}: {wall:.1f} s as given, {one:.1f} s in one process right after: {one / wall:.2f}x")
     return 0
 
 
