@@ -315,8 +315,9 @@ def sim_processes(flag: str, config, concurrency: int | None, num_adapters: int)
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # The router decides a window ahead while the shards simulate (sim/stale.py): on 2 CPUs the
-    # split ran 100,000 requests over 100 replicas (cache_aware) in 101.9 s against 127.9 s, back
-    # to back; it spends ~25% more CPU in all, so it breaks even where the second CPU is busy.
+    # split ran 100,000 requests over 100 replicas (cache_aware) 1.08-1.26x faster than one process
+    # in back-to-back pairs; it spends ~25% more CPU in all, so it breaks even where the second
+    # CPU is busy.
     return cpus if cpus >= AUTO_MIN_CPUS else 1
 
 
