@@ -43,11 +43,10 @@ def test_disaggregated_prefill_is_identical(reference):
         prefill.add_request(EngineCoreRequest(rid, prompt, PARAMS))
     while any(not tokens.get(rid) for rid in PROMPTS):  # until every prompt is prefilled
         run(prefill, tokens, steps=1)
-    firsts = {}
     for rid in PROMPTS:
-        firsts[rid] = prefill.scheduler.requests[rid].first_token_time
+        first_token_time = prefill.scheduler.requests[rid].first_token_time
         state, payload = prefill.migrate_out(rid)
-        assert state.first_token_time == firsts[rid] is not None
+        assert state.first_token_time == first_token_time is not None
         assert decode.reserve_import(rid, 0) and decode.commit_import(state, 0, payload)
     assert prefill.kv_manager.num_used_blocks == 0 and not prefill.has_unfinished_requests()
     # The decode core goes on from requests that have their first token: it reports none of its own

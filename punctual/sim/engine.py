@@ -297,6 +297,7 @@ class Simulator:
         events, runs of repeated steps are on, and the router and the replicas hash alike."""
         router = self.front.router
         sealing = (requests is not None and self._router_reads_state and self.front.reads_blocks
+                   and self.replicas[0].repeat_steps
                    and all(r.kv.hash_algo == getattr(router, "hash_algo", None) for r in self.replicas))
         self.set_lookups(lookup_sets(((r.prompt_token_ids, r.adapter) for r in requests), self.config.block_size,
                                      router.hash_algo) if sealing else None)

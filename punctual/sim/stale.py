@@ -386,8 +386,9 @@ class StaleRouterSimulator:
         shards = self.num_shards
         # What the run's prompts look up, as the one-process Simulator tells its replicas
         # (Simulator._seal_unreachable_blocks); the prompts are made again at routing, one at a time.
+        # Only for runs of repeated steps: planned step by step, the shards apply every op anyway.
         lookups = None
-        if reads_blocks(self.router):
+        if reads_blocks(self.router) and self.config.repeat_decode_steps:
             lookups = lookup_sets(((token_ids(r.prompt), None) for r in requests), self.config.block_size,
                                   self.router.hash_algo)
         self._exchange([("start", self._run_id, start, keep_token_times, slo, lookups)] * shards)
